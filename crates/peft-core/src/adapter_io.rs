@@ -1,0 +1,137 @@
+//! The Hugging Face PEFT adapter folder: `adapter_config.json` + `adapter_model.safetensors`.
+//!
+//! The config is kept as JSON so that keys written by newer PEFT versions survive a load and
+//! a save; each method deserialises the fields it knows from it. Tensor keys carry no adapter
+//! name (`base_model.model.<module>.lora_A.weight`); an adapter not named `default` lives in a
+//! sub-folder named after it, as Python PEFT writes it.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::tensors::{TensorMap, write_atomic};
+use crate::{PeftError, Result};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Prefix of every adapter tensor key (`PeftModel.base_model.model`).
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// An adapter as stored on disk.
+#[derive(Debug, Clone)]
+pub struct AdapterFiles {
+    /// The parsed `adapter_config.json`.
+    pub config: Value,
+    /// The tensors of `adapter_model.safetensors`, keys as stored.
+    pub tensors: TensorMap,
+    /// The folder it was read from.
+    pub dir: PathBuf,
+}
+
+impl AdapterFiles {
+    /// The `peft_type` of the config (`LORA`, `IA3`, ...).
+    pub fn peft_type(&self) -> Result<&str> {
+        self.config
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                PeftError::format(self.dir.join(CONFIG_FILE), "missing string field `peft_type`")
+            })
+    }
+
+    /// Fail unless the adapter is of `expected` type.
+    pub fn expect_type(&self, expected: &str) -> Result<()> {
+        let found = self.peft_type()?;
+        if found != expected {
+            return Err(PeftError::format(
+                self.dir.join(CONFIG_FILE),
+                format!("adapter is `{found}`, expected `{expected}`"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Folder of adapter `name` under `root` (the root itself for `default`).
+pub fn adapter_dir(root: &Path, name: &str) -> PathBuf {
+    if name == "default" {
+        root.to_path_buf()
+    } else {
+        root.join(name)
+    }
+}
+
+/// Read an adapter folder.
+pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
+    let config: Value = serde_json::from_str(&text)
+        .map_err(|e| PeftError::format(&config_path, format!("invalid JSON: {e}")))?;
+    if !config.is_object() {
+        return Err(PeftError::format(&config_path, "expected a JSON object"));
+    }
+    let weights = dir.join(WEIGHTS_FILE);
+    let tensors = if weights.exists() {
+        TensorMap::read_safetensors(&weights)?
+    } else if dir.join("adapter_model.bin").exists() {
+        return Err(PeftError::format(
+            dir.join("adapter_model.bin"),
+            "pickled PyTorch adapters are not supported; re-save it with safe_serialization=True",
+        ));
+    } else {
+        return Err(PeftError::io(
+            &weights,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights not found"),
+        ));
+    };
+    let files = AdapterFiles {
+        config,
+        tensors,
+        dir: dir.to_path_buf(),
+    };
+    files.peft_type()?;
+    Ok(files)
+}
+
+/// Write an adapter folder: weights first, then the config, each atomically.
+pub fn save_adapter(dir: &Path, config: &Value, tensors: &TensorMap) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+    tensors.write_safetensors(&dir.join(WEIGHTS_FILE))?;
+    let text = serde_json::to_string_pretty(config)
+        .map_err(|e| PeftError::Other(format!("cannot serialise adapter config: {e}")))?;
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensors::HostTensor;
+
+    #[test]
+    fn round_trip_keeps_unknown_config_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({"peft_type": "LORA", "r": 4, "some_future_key": [1, 2]});
+        let mut t = TensorMap::new();
+        t.insert("base_model.model.x.lora_A.weight", HostTensor::new(vec![1, 2], vec![1., 2.]));
+        save_adapter(dir.path(), &config, &t).unwrap();
+        let back = load_adapter(dir.path()).unwrap();
+        assert_eq!(back.config, config);
+        assert_eq!(back.tensors, t);
+        back.expect_type("LORA").unwrap();
+        let err = back.expect_type("IA3").unwrap_err().to_string();
+        assert!(err.contains("LORA") && err.contains("IA3"), "{err}");
+    }
+
+    #[test]
+    fn missing_peft_type_and_missing_files_are_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_adapter(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(CONFIG_FILE), "{err}");
+        std::fs::write(dir.path().join(CONFIG_FILE), "{\"r\": 8}").unwrap();
+        TensorMap::new()
+            .write_safetensors(&dir.path().join(WEIGHTS_FILE))
+            .unwrap();
+        let err = load_adapter(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("peft_type"), "{err}");
+    }
+}

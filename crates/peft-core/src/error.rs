@@ -1,0 +1,70 @@
+//! The one error type of the workspace: every failure a user can cause names its file, key,
+//! option or shape.
+
+use std::path::PathBuf;
+
+/// Result alias used across the peft crates.
+pub type Result<T, E = PeftError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while loading, adapting, training or saving.
+#[derive(Debug, thiserror::Error)]
+pub enum PeftError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file exists but its content is not what the format requires.
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+    /// A tensor the model or adapter needs is absent from a file.
+    #[error("{path}: missing tensor `{key}`")]
+    MissingTensor { path: PathBuf, key: String },
+    /// A tensor has the wrong shape.
+    #[error("{path}: tensor `{key}` has shape {actual:?}, expected {expected:?}")]
+    Shape {
+        path: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    /// A tensor has a dtype we cannot use here.
+    #[error("{path}: tensor `{key}` has unsupported dtype {dtype}")]
+    Dtype {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Target modules matched no module of the model.
+    #[error("target modules {targets} matched no module of the model; modules that exist: {available}")]
+    NoTargetMatch { targets: String, available: String },
+    /// An operation referred to an adapter that is not there.
+    #[error("no adapter named `{0}`")]
+    UnknownAdapter(String),
+    /// Anything else, with a message that says what.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl PeftError {
+    /// Wrap an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A format error for `path`.
+    pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Format {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}

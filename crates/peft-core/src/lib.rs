@@ -1,0 +1,25 @@
+//! # peft-core
+//!
+//! What every parameter-efficient fine-tuning method of the workspace shares:
+//!
+//! - [`error`]: one error type, naming the file, key, option or shape at fault.
+//! - [`target`]: which modules a method adapts, with Hugging Face PEFT semantics
+//!   (`target_modules` list/regex/`"all-linear"`, `exclude_modules`, `layers_to_transform`,
+//!   `rank_pattern`/`alpha_pattern`).
+//! - [`tensors`]: a named-tensor map read from and written to safetensors files
+//!   (f32/f16/bf16), with atomic writes.
+//! - [`adapter_io`]: the Hugging Face PEFT adapter folder (`adapter_config.json` +
+//!   `adapter_model.safetensors`).
+//! - [`params`]: the trainable-parameter report and helpers for frozen parameters.
+//! - [`linear`]: the frozen dense linear every tunable linear slot starts from.
+//! - [`tuner`]: the contract a method implements on a model.
+
+pub mod adapter_io;
+pub mod linear;
+pub mod error;
+pub mod params;
+pub mod target;
+pub mod tensors;
+pub mod tuner;
+
+pub use error::{PeftError, Result};

@@ -1,0 +1,302 @@
+//! Which modules a method adapts, with the semantics of Hugging Face PEFT 0.21
+//! (`check_target_module_exists`, `get_pattern_key`), so a config written for Python PEFT
+//! selects the same modules here.
+//!
+//! Module paths are the Hugging Face ones (`model.layers.3.self_attn.q_proj`).
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::{PeftError, Result};
+
+/// `target_modules` / `exclude_modules` as Hugging Face writes them: a list of names (suffix
+/// match on the module path), one string (a regex that must match the whole path), or the
+/// shorthand `"all-linear"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModuleSelector {
+    List(Vec<String>),
+    Pattern(String),
+}
+
+impl ModuleSelector {
+    /// `"all-linear"` (case-insensitive), as Hugging Face accepts it.
+    pub fn is_all_linear(&self) -> bool {
+        matches!(self, ModuleSelector::Pattern(p) if p.eq_ignore_ascii_case("all-linear"))
+    }
+
+    /// Whether `path` is selected (suffix match for a list, full regex match for a string).
+    /// `"all-linear"` is resolved by [`TargetSpec::matches`], which knows the module kind.
+    pub fn matches(&self, path: &str) -> Result<bool> {
+        Ok(match self {
+            ModuleSelector::List(names) => names.iter().any(|n| suffix_match(path, n)),
+            ModuleSelector::Pattern(p) => full_regex(p)?.is_match(path),
+        })
+    }
+}
+
+impl std::fmt::Display for ModuleSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModuleSelector::List(l) => write!(f, "{l:?}"),
+            ModuleSelector::Pattern(p) => write!(f, "\"{p}\""),
+        }
+    }
+}
+
+/// `layers_to_transform`: one index or a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerIndices {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl LayerIndices {
+    fn contains(&self, idx: usize) -> bool {
+        match self {
+            LayerIndices::One(i) => *i == idx,
+            LayerIndices::Many(v) => v.contains(&idx),
+        }
+    }
+    fn is_empty(&self) -> bool {
+        matches!(self, LayerIndices::Many(v) if v.is_empty())
+    }
+}
+
+/// `layers_pattern`: one name or a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayersPattern {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// What a module slot is, for `"all-linear"` (which takes linear layers but not the output
+/// head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    Linear,
+    /// The language-model head or classifier: never taken by `"all-linear"`.
+    OutputHead,
+    Embedding,
+}
+
+/// The target part of an adapter config.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TargetSpec {
+    pub target_modules: Option<ModuleSelector>,
+    pub exclude_modules: Option<ModuleSelector>,
+    pub layers_to_transform: Option<LayerIndices>,
+    pub layers_pattern: Option<LayersPattern>,
+    /// Modules trained and saved whole (never adapted).
+    pub modules_to_save: Vec<String>,
+}
+
+impl TargetSpec {
+    /// Whether the module at `path` (of `kind`) is adapted.
+    pub fn matches(&self, path: &str, kind: ModuleKind) -> Result<bool> {
+        if let Some(ex) = &self.exclude_modules
+            && ex.matches(path)?
+        {
+            return Ok(false);
+        }
+        for m in &self.modules_to_save {
+            if Regex::new(&format!(r"(^|.*\.){m}($|\..*)"))
+                .map_err(|e| PeftError::Config(format!("modules_to_save `{m}`: {e}")))?
+                .is_match(path)
+            {
+                return Ok(false);
+            }
+        }
+        let Some(targets) = &self.target_modules else {
+            return Ok(false);
+        };
+        if targets.is_all_linear() {
+            return Ok(kind == ModuleKind::Linear && self.layer_allowed(path)?);
+        }
+        match targets {
+            ModuleSelector::Pattern(p) => Ok(full_regex(p)?.is_match(path)),
+            ModuleSelector::List(_) => Ok(targets.matches(path)? && self.layer_allowed(path)?),
+        }
+    }
+
+    /// Resolve the targets against the module paths of a model; an empty selection is an
+    /// error listing what exists.
+    pub fn select<'a>(
+        &self,
+        modules: impl IntoIterator<Item = (&'a str, ModuleKind)> + Clone,
+    ) -> Result<Vec<String>> {
+        let mut selected = Vec::new();
+        for (path, kind) in modules.clone() {
+            if self.matches(path, kind)? {
+                selected.push(path.to_string());
+            }
+        }
+        if selected.is_empty() {
+            let available: Vec<&str> = modules.into_iter().map(|(p, _)| p).collect();
+            let shown = if available.len() > 12 {
+                format!("{} ... ({} in all)", available[..12].join(", "), available.len())
+            } else {
+                available.join(", ")
+            };
+            return Err(PeftError::NoTargetMatch {
+                targets: self
+                    .target_modules
+                    .as_ref()
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "(none)".into()),
+                available: shown,
+            });
+        }
+        Ok(selected)
+    }
+
+    /// `layers_to_transform` filter: Hugging Face reads the first numbered segment after a
+    /// `layers_pattern` name (or after any name when no pattern is given).
+    fn layer_allowed(&self, path: &str) -> Result<bool> {
+        let Some(indices) = &self.layers_to_transform else {
+            return Ok(true);
+        };
+        if indices.is_empty() {
+            return Ok(true);
+        }
+        let patterns: Vec<String> = match &self.layers_pattern {
+            None => vec![],
+            Some(LayersPattern::One(p)) if p.is_empty() => vec![],
+            Some(LayersPattern::One(p)) => vec![p.clone()],
+            Some(LayersPattern::Many(v)) => v.clone(),
+        };
+        let idx = if patterns.is_empty() {
+            Regex::new(r"^.*?\.[^.]*\.(\d+)\.")
+                .unwrap()
+                .captures(path)
+                .map(|c| c[1].to_string())
+        } else {
+            let mut found = None;
+            for p in &patterns {
+                let re = Regex::new(&format!(r"^(?:.*?\.)?{p}\.(\d+)\."))
+                    .map_err(|e| PeftError::Config(format!("layers_pattern `{p}`: {e}")))?;
+                if let Some(c) = re.captures(path) {
+                    found = Some(c[1].to_string());
+                    break;
+                }
+            }
+            found
+        };
+        Ok(idx
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| indices.contains(i)))
+    }
+}
+
+/// Hugging Face `get_pattern_key`: the first key of `patterns` that matches the end of
+/// `path` at a dot boundary (`(.*\.)?(key)$`), for `rank_pattern` and `alpha_pattern`.
+pub fn pattern_value<'a, T>(patterns: &'a BTreeMap<String, T>, path: &str) -> Result<Option<&'a T>> {
+    for (key, value) in patterns {
+        let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+            .map_err(|e| PeftError::Config(format!("pattern `{key}`: {e}")))?;
+        if re.is_match(path) {
+            return Ok(Some(value));
+        }
+    }
+    Ok(None)
+}
+
+fn suffix_match(path: &str, name: &str) -> bool {
+    path == name || (path.len() > name.len() && path.ends_with(name) && path.as_bytes()[path.len() - name.len() - 1] == b'.')
+}
+
+fn full_regex(pattern: &str) -> Result<Regex> {
+    Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| PeftError::Config(format!("target regex `{pattern}`: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(v: &[&str]) -> Option<ModuleSelector> {
+        Some(ModuleSelector::List(v.iter().map(|s| s.to_string()).collect()))
+    }
+
+    #[test]
+    fn list_is_a_suffix_match_on_dot_boundaries() {
+        let spec = TargetSpec {
+            target_modules: list(&["q_proj", "v_proj"]),
+            ..Default::default()
+        };
+        assert!(spec.matches("model.layers.0.self_attn.q_proj", ModuleKind::Linear).unwrap());
+        assert!(!spec.matches("model.layers.0.self_attn.xq_proj", ModuleKind::Linear).unwrap());
+        assert!(!spec.matches("model.layers.0.self_attn.k_proj", ModuleKind::Linear).unwrap());
+    }
+
+    #[test]
+    fn string_is_a_full_regex_match() {
+        let spec = TargetSpec {
+            target_modules: Some(ModuleSelector::Pattern(r".*\.1\.self_attn\.(q|v)_proj".into())),
+            ..Default::default()
+        };
+        assert!(spec.matches("model.layers.1.self_attn.v_proj", ModuleKind::Linear).unwrap());
+        assert!(!spec.matches("model.layers.11.self_attn.v_proj", ModuleKind::Linear).unwrap());
+        assert!(!spec.matches("model.layers.1.self_attn.v_proj.x", ModuleKind::Linear).unwrap());
+    }
+
+    #[test]
+    fn all_linear_skips_the_output_head() {
+        let spec = TargetSpec {
+            target_modules: Some(ModuleSelector::Pattern("all-linear".into())),
+            ..Default::default()
+        };
+        assert!(spec.matches("model.layers.0.mlp.up_proj", ModuleKind::Linear).unwrap());
+        assert!(!spec.matches("lm_head", ModuleKind::OutputHead).unwrap());
+    }
+
+    #[test]
+    fn exclude_and_layers_to_transform() {
+        let spec = TargetSpec {
+            target_modules: list(&["q_proj", "v_proj"]),
+            exclude_modules: list(&["v_proj"]),
+            layers_to_transform: Some(LayerIndices::Many(vec![1])),
+            layers_pattern: Some(LayersPattern::One("layers".into())),
+            ..Default::default()
+        };
+        assert!(!spec.matches("model.layers.0.self_attn.q_proj", ModuleKind::Linear).unwrap());
+        assert!(spec.matches("model.layers.1.self_attn.q_proj", ModuleKind::Linear).unwrap());
+        assert!(!spec.matches("model.layers.1.self_attn.v_proj", ModuleKind::Linear).unwrap());
+    }
+
+    #[test]
+    fn no_match_lists_what_exists() {
+        let spec = TargetSpec {
+            target_modules: list(&["nope"]),
+            ..Default::default()
+        };
+        let err = spec
+            .select([("model.layers.0.mlp.up_proj", ModuleKind::Linear)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope") && err.contains("model.layers.0.mlp.up_proj"), "{err}");
+    }
+
+    #[test]
+    fn pattern_value_matches_at_dot_boundaries() {
+        let mut p = BTreeMap::new();
+        p.insert("layers.0.self_attn.q_proj".to_string(), 4usize);
+        assert_eq!(pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(), Some(&4));
+        assert_eq!(pattern_value(&p, "model.layers.10.self_attn.q_proj").unwrap(), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn suffix_match_agrees_with_the_python_rule(prefix in "[a-z]{0,3}(\\.[a-z0-9]{1,3}){0,3}", name in "[a-z_]{1,6}") {
+            let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+            proptest::prop_assert!(suffix_match(&path, &name));
+            let glued = format!("{prefix}{name}");
+            let python = glued == name || glued.ends_with(&format!(".{name}"));
+            proptest::prop_assert_eq!(suffix_match(&glued, &name), python);
+        }
+    }
+}

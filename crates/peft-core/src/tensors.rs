@@ -1,0 +1,333 @@
+//! Host-side named tensors and their safetensors files.
+//!
+//! Checkpoints and adapters move through [`TensorMap`]: an ordered map from a Hugging Face key
+//! to an f32 [`HostTensor`] that remembers the dtype it was stored in, so that a file we
+//! re-save keeps its dtype. Writes go to a temporary file that is renamed into place, so a
+//! failure never leaves half a file behind.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::{PeftError, Result};
+
+/// Storage dtypes we read and write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl StoredDtype {
+    fn to_safetensors(self) -> Dtype {
+        match self {
+            StoredDtype::F32 => Dtype::F32,
+            StoredDtype::F16 => Dtype::F16,
+            StoredDtype::BF16 => Dtype::BF16,
+        }
+    }
+
+    /// Name as written in safetensors headers (`F32`, `F16`, `BF16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            StoredDtype::F32 => "F32",
+            StoredDtype::F16 => "F16",
+            StoredDtype::BF16 => "BF16",
+        }
+    }
+}
+
+/// A tensor on the host: row-major f32 values, its shape and the dtype it is stored in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+    pub dtype: StoredDtype,
+}
+
+impl HostTensor {
+    /// An f32 tensor.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape {shape:?} does not fit {} values",
+            data.len()
+        );
+        Self {
+            shape,
+            data,
+            dtype: StoredDtype::F32,
+        }
+    }
+
+    /// Read a device tensor back to the host.
+    pub fn from_tensor<const D: usize>(tensor: Tensor<D>) -> Self {
+        let shape = tensor.dims().to_vec();
+        let data = tensor
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 tensor data");
+        Self::new(shape, data)
+    }
+
+    /// Upload to `device` as a rank-`D` tensor; panics if the rank differs (checked by callers).
+    pub fn to_tensor<const D: usize>(&self, device: &Device) -> Tensor<D> {
+        assert_eq!(self.shape.len(), D, "rank mismatch");
+        Tensor::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device)
+    }
+
+    /// The transpose of a rank-2 tensor (Hugging Face `[out, in]` <-> burn `[in, out]`).
+    pub fn transposed(&self) -> Self {
+        assert_eq!(self.shape.len(), 2, "transpose needs a matrix");
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        let mut out = vec![0f32; self.data.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                out[c * rows + r] = self.data[r * cols + c];
+            }
+        }
+        Self {
+            shape: vec![cols, rows],
+            data: out,
+            dtype: self.dtype,
+        }
+    }
+
+    /// Same values, stored as `dtype` when written.
+    pub fn with_dtype(mut self, dtype: StoredDtype) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        match self.dtype {
+            StoredDtype::F32 => self.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            StoredDtype::F16 => self
+                .data
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            StoredDtype::BF16 => self
+                .data
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        }
+    }
+}
+
+/// Named tensors in key order, as a safetensors file holds them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TensorMap {
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+impl TensorMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&mut self, key: impl Into<String>, tensor: HostTensor) {
+        self.tensors.insert(key.into(), tensor);
+    }
+
+    pub fn get(&self, key: &str) -> Option<&HostTensor> {
+        self.tensors.get(key)
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<HostTensor> {
+        self.tensors.remove(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    /// Take `key`, checking its shape; `path` names the file in errors.
+    pub fn take_shaped(&mut self, path: &Path, key: &str, expected: &[usize]) -> Result<HostTensor> {
+        let tensor = self.remove(key).ok_or_else(|| PeftError::MissingTensor {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+        })?;
+        if tensor.shape != expected {
+            return Err(PeftError::Shape {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                expected: expected.to_vec(),
+                actual: tensor.shape,
+            });
+        }
+        Ok(tensor)
+    }
+
+    /// Read a safetensors file, converting f16/bf16 to f32 (other dtypes are an error naming
+    /// the tensor).
+    pub fn read_safetensors(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| PeftError::io(path, e))?;
+        Self::from_safetensors_bytes(path, &bytes)
+    }
+
+    /// Parse safetensors bytes; `path` is only used in error messages.
+    pub fn from_safetensors_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| PeftError::format(path, format!("not a valid safetensors file: {e}")))?;
+        let mut map = TensorMap::new();
+        for (key, view) in st.tensors() {
+            let raw = view.data();
+            let (data, dtype) = match view.dtype() {
+                Dtype::F32 => (
+                    raw.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                    StoredDtype::F32,
+                ),
+                Dtype::F16 => (
+                    raw.chunks_exact(2)
+                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                        .collect(),
+                    StoredDtype::F16,
+                ),
+                Dtype::BF16 => (
+                    raw.chunks_exact(2)
+                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                        .collect(),
+                    StoredDtype::BF16,
+                ),
+                other => {
+                    return Err(PeftError::Dtype {
+                        path: path.to_path_buf(),
+                        key,
+                        dtype: format!("{other:?}"),
+                    });
+                }
+            };
+            map.insert(
+                key,
+                HostTensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                    dtype,
+                },
+            );
+        }
+        Ok(map)
+    }
+
+    /// Serialise to safetensors bytes with `metadata` (Hugging Face writes `{"format":"pt"}`).
+    pub fn to_safetensors_bytes(&self, metadata: &[(&str, &str)]) -> Result<Vec<u8>> {
+        let buffers: Vec<(String, Vec<u8>, &HostTensor)> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_bytes(), t))
+            .collect();
+        let views = buffers
+            .iter()
+            .map(|(k, bytes, t)| {
+                safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), bytes)
+                    .map(|v| (k.clone(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| PeftError::Other(format!("cannot build safetensors view: {e}")))?;
+        let metadata = Some(
+            metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        safetensors::serialize(views, metadata)
+            .map_err(|e| PeftError::Other(format!("cannot serialise safetensors: {e}")))
+    }
+
+    /// Write a safetensors file atomically with `{"format":"pt"}` metadata.
+    pub fn write_safetensors(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_safetensors_bytes(&[("format", "pt")])?;
+        write_atomic(path, &bytes)
+    }
+}
+
+/// Write `bytes` to `path` through a temporary file in the same folder and a rename, so
+/// readers never see half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(PeftError::io(path, e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safetensors_round_trip_keeps_values_and_dtypes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let mut map = TensorMap::new();
+        map.insert("a", HostTensor::new(vec![2, 3], vec![1., 2., 3., 4., 5., 6.]));
+        map.insert(
+            "b",
+            HostTensor::new(vec![2], vec![0.5, -2.0]).with_dtype(StoredDtype::BF16),
+        );
+        map.write_safetensors(&path).unwrap();
+        let back = TensorMap::read_safetensors(&path).unwrap();
+        assert_eq!(back, map);
+    }
+
+    #[test]
+    fn corrupt_file_is_a_format_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        std::fs::write(&path, b"not safetensors").unwrap();
+        let err = TensorMap::read_safetensors(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn wrong_shape_names_the_key() {
+        let mut map = TensorMap::new();
+        map.insert("w", HostTensor::new(vec![2, 2], vec![0.; 4]));
+        let err = map
+            .take_shaped(Path::new("f.safetensors"), "w", &[4, 2])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`w`") && err.contains("[2, 2]") && err.contains("[4, 2]"), "{err}");
+    }
+
+    #[test]
+    fn transpose_is_an_involution() {
+        let t = HostTensor::new(vec![2, 3], vec![1., 2., 3., 4., 5., 6.]);
+        assert_eq!(t.transposed().data, vec![1., 4., 2., 5., 3., 6.]);
+        assert_eq!(t.transposed().transposed(), t);
+    }
+}

@@ -1,0 +1,62 @@
+//! The contract every PEFT method implements on a model, and the addressing a model offers.
+//!
+//! A model exposes its tunable modules by Hugging Face path ([`ModuleHost`]); a method
+//! ([`Tuner`]) turns a config into adapted modules, hands out its tensors under Hugging Face
+//! PEFT keys, loads them back, and merges where the method allows. Methods that do not touch
+//! linear layers (soft prompts, prefixes, bottleneck adapters) implement the same trait over
+//! the slots a model gives them (input embeddings, attention key/values, sub-layer outputs).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::adapter_io::{AdapterFiles, adapter_dir, load_adapter, save_adapter};
+use crate::target::ModuleKind;
+use crate::tensors::TensorMap;
+use crate::{PeftError, Result};
+
+/// A model whose modules can be addressed by Hugging Face path.
+pub trait ModuleHost {
+    /// Paths and kinds of the modules a method may target, in model order.
+    fn module_paths(&self) -> Vec<(String, ModuleKind)>;
+}
+
+/// A parameter-efficient fine-tuning method applied to models of type `M`.
+pub trait Tuner<M> {
+    /// Hugging Face `peft_type` (`LORA`, `IA3`, `PROMPT_TUNING`, ...).
+    fn peft_type(&self) -> &'static str;
+
+    /// The `adapter_config.json` content.
+    fn config_json(&self) -> Value;
+
+    /// Add adapter `name` to `model`; the base stays frozen, the adapter is trainable.
+    fn apply(&self, model: M, name: &str) -> Result<M>;
+
+    /// The tensors of adapter `name`, keyed as Hugging Face PEFT saves them.
+    fn state(&self, model: &M, name: &str) -> Result<TensorMap>;
+
+    /// Load tensors (saved by [`Tuner::state`] or by Python PEFT) into adapter `name`, which
+    /// [`Tuner::apply`] has created. Every key must be used; `path` names the file in errors.
+    fn load_state(&self, model: M, name: &str, tensors: TensorMap, path: &Path) -> Result<M>;
+
+    /// Fold adapter `name` into the base weights; methods that cannot merge say so.
+    fn merge(&self, model: M, name: &str) -> Result<M> {
+        let _ = (model, name);
+        Err(PeftError::Other(format!(
+            "{} adapters cannot be merged into the base weights",
+            self.peft_type()
+        )))
+    }
+
+    /// Save adapter `name` under `root` in the Hugging Face layout.
+    fn save(&self, model: &M, name: &str, root: &Path) -> Result<()> {
+        save_adapter(&adapter_dir(root, name), &self.config_json(), &self.state(model, name)?)
+    }
+}
+
+/// Read an adapter folder and check it is of `peft_type`.
+pub fn read_adapter(dir: &Path, peft_type: &str) -> Result<AdapterFiles> {
+    let files = load_adapter(dir)?;
+    files.expect_type(peft_type)?;
+    Ok(files)
+}
