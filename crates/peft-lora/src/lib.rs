@@ -1,1 +1,30 @@
+//! # peft-lora
+//!
+//! LoRA (Hu et al., 2021) for burn models: `y = base(x) + s · B(A(dropout(x)))` computed on
+//! the side path, so training never rebuilds the dense weight.
+//!
+//! - [`LoraLinear`]: a frozen linear with any number of named LoRA adapters; use it directly
+//!   in your own burn model.
+//! - [`LoraConfig`]: the Hugging Face PEFT `LoraConfig` (same JSON fields; unknown ones kept).
+//! - [`LoraHost`] + [`peft_core::tuner::Tuner`]: whole-model LoRA on any model that exposes
+//!   its linear slots by Hugging Face path (the `peft-models` architectures do).
+//!
+//! ```
+//! use burn::tensor::{Device, Tensor, Distribution};
+//! use peft_lora::{LoraLinear, LoraInit};
+//!
+//! let device = Device::flex();
+//! let base = Tensor::<2>::random([16, 8], Distribution::Default, &device);
+//! let mut layer = LoraLinear::new(base, None);
+//! layer.add_adapter("default", 4, 8.0, false, 0.0, LoraInit::Default);
+//! let y = layer.forward(Tensor::<3>::ones([2, 3, 16], &device));
+//! assert_eq!(y.dims(), [2, 3, 8]);
+//! ```
 
+mod config;
+mod layer;
+mod model;
+
+pub use config::{InitLoraWeights, LoraConfig};
+pub use layer::{LoraAdapter, LoraInit, LoraLinear};
+pub use model::{LoraHost, merge_and_unload_state, unmerge_all};

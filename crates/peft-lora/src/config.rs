@@ -1,0 +1,215 @@
+//! `LoraConfig` with the field names and defaults of Hugging Face PEFT 0.21.
+
+use std::collections::BTreeMap;
+
+use peft_core::target::{LayerIndices, LayersPattern, ModuleSelector, TargetSpec};
+use peft_core::{PeftError, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::layer::LoraInit;
+
+/// `init_lora_weights`: `true`, `false` or a method name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitLoraWeights {
+    Flag(bool),
+    Method(String),
+}
+
+impl Default for InitLoraWeights {
+    fn default() -> Self {
+        InitLoraWeights::Flag(true)
+    }
+}
+
+impl InitLoraWeights {
+    pub fn to_init(&self) -> Result<LoraInit> {
+        match self {
+            InitLoraWeights::Flag(true) => Ok(LoraInit::Default),
+            InitLoraWeights::Flag(false) => Ok(LoraInit::Random),
+            InitLoraWeights::Method(m) if m == "gaussian" => Ok(LoraInit::Gaussian),
+            InitLoraWeights::Method(m) => Err(PeftError::Config(format!(
+                "init_lora_weights = \"{m}\" is not supported (use true, false or \"gaussian\")"
+            ))),
+        }
+    }
+}
+
+fn lora_type() -> String {
+    "LORA".into()
+}
+fn eight() -> usize {
+    8
+}
+fn eight_f() -> f64 {
+    8.0
+}
+fn none_bias() -> String {
+    "none".into()
+}
+
+/// Hugging Face PEFT `LoraConfig`. Keys this crate does not know are kept in `extra` and
+/// written back on save.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    #[serde(default = "lora_type")]
+    pub peft_type: String,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    #[serde(default = "eight")]
+    pub r: usize,
+    #[serde(default = "eight_f")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub target_modules: Option<ModuleSelector>,
+    #[serde(default)]
+    pub exclude_modules: Option<ModuleSelector>,
+    /// `none`, `all` or `lora_only`.
+    #[serde(default = "none_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub init_lora_weights: InitLoraWeights,
+    #[serde(default)]
+    pub layers_to_transform: Option<LayerIndices>,
+    #[serde(default)]
+    pub layers_pattern: Option<LayersPattern>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// Fields of newer PEFT versions, kept as they are.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults")
+    }
+}
+
+impl LoraConfig {
+    /// A config with rank `r`, `lora_alpha` and a list of target module names.
+    pub fn new(r: usize, lora_alpha: f64, targets: &[&str]) -> Self {
+        Self {
+            r,
+            lora_alpha,
+            target_modules: Some(ModuleSelector::List(targets.iter().map(|s| s.to_string()).collect())),
+            ..Default::default()
+        }
+    }
+
+    /// Parse an `adapter_config.json` value; fields of other methods are an error.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self> {
+        let config: Self = serde_json::from_value(value.clone())
+            .map_err(|e| PeftError::Config(format!("adapter_config.json: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check the values a user can get wrong.
+    pub fn validate(&self) -> Result<()> {
+        if self.peft_type != "LORA" {
+            return Err(PeftError::Config(format!(
+                "peft_type is `{}`, this is a LoRA config (`LORA`)",
+                self.peft_type
+            )));
+        }
+        if self.r == 0 {
+            return Err(PeftError::Config("r must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(PeftError::Config(format!("lora_dropout {} is not in [0, 1)", self.lora_dropout)));
+        }
+        if !["none", "all", "lora_only"].contains(&self.bias.as_str()) {
+            return Err(PeftError::Config(format!(
+                "bias = \"{}\": expected \"none\", \"all\" or \"lora_only\"",
+                self.bias
+            )));
+        }
+        if self.use_dora {
+            return Err(PeftError::Config("use_dora: DoRA is not implemented yet".into()));
+        }
+        if self.fan_in_fan_out {
+            return Err(PeftError::Config(
+                "fan_in_fan_out = true (GPT-2 Conv1D layers) is not supported by these models".into(),
+            ));
+        }
+        if self.target_modules.is_none() {
+            return Err(PeftError::Config(
+                "target_modules is required (a list of module names, a regex, or \"all-linear\")".into(),
+            ));
+        }
+        if self.rank_pattern.values().any(|r| *r == 0) {
+            return Err(PeftError::Config("rank_pattern ranks must be positive".into()));
+        }
+        self.init_lora_weights.to_init()?;
+        Ok(())
+    }
+
+    /// The target part of the config.
+    pub fn target_spec(&self) -> TargetSpec {
+        TargetSpec {
+            target_modules: self.target_modules.clone(),
+            exclude_modules: self.exclude_modules.clone(),
+            layers_to_transform: self.layers_to_transform.clone(),
+            layers_pattern: self.layers_pattern.clone(),
+            modules_to_save: self.modules_to_save.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Rank and alpha for the module at `path` (`rank_pattern`/`alpha_pattern` win).
+    pub fn rank_alpha(&self, path: &str) -> Result<(usize, f64)> {
+        let r = peft_core::target::pattern_value(&self.rank_pattern, path)?.copied().unwrap_or(self.r);
+        let alpha = peft_core::target::pattern_value(&self.alpha_pattern, path)?
+            .copied()
+            .unwrap_or(self.lora_alpha);
+        Ok((r, alpha))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hugging_face_defaults_and_unknown_keys() {
+        let json = serde_json::json!({
+            "peft_type": "LORA", "target_modules": ["q_proj"], "a_new_field": {"x": 1}
+        });
+        let c = LoraConfig::from_json(&json).unwrap();
+        assert_eq!((c.r, c.lora_alpha, c.bias.as_str()), (8, 8.0, "none"));
+        let back = serde_json::to_value(&c).unwrap();
+        assert_eq!(back["a_new_field"], serde_json::json!({"x": 1}));
+    }
+
+    #[test]
+    fn another_method_is_refused() {
+        let json = serde_json::json!({"peft_type": "IA3", "target_modules": ["k_proj"]});
+        let err = LoraConfig::from_json(&json).unwrap_err().to_string();
+        assert!(err.contains("IA3"), "{err}");
+    }
+
+    #[test]
+    fn rank_pattern_wins() {
+        let mut c = LoraConfig::new(8, 16.0, &["q_proj"]);
+        c.rank_pattern.insert("layers.1.self_attn.q_proj".into(), 2);
+        c.alpha_pattern.insert("q_proj".into(), 4.0);
+        assert_eq!(c.rank_alpha("model.layers.1.self_attn.q_proj").unwrap(), (2, 4.0));
+        assert_eq!(c.rank_alpha("model.layers.0.self_attn.q_proj").unwrap(), (8, 4.0));
+    }
+}

@@ -1,0 +1,182 @@
+//! LoRA on a whole model: the [`Tuner`] implementation over any [`LoraHost`].
+
+use std::path::Path;
+
+use peft_core::adapter_io::KEY_PREFIX;
+use peft_core::params::{frozen, trainable};
+use peft_core::tensors::{HostTensor, TensorMap};
+use peft_core::tuner::{ModuleHost, Tuner};
+use peft_core::{PeftError, Result};
+
+use crate::config::LoraConfig;
+use crate::layer::LoraLinear;
+
+/// A model whose linear layers are [`LoraLinear`] slots addressed by Hugging Face path.
+pub trait LoraHost: ModuleHost {
+    /// The linear slot at `path`.
+    fn lora_slot_mut(&mut self, path: &str) -> Option<&mut LoraLinear>;
+    /// Every linear slot with its path.
+    fn lora_slots(&self) -> Vec<(String, &LoraLinear)>;
+}
+
+fn slot<'a, M: LoraHost>(model: &'a mut M, path: &str) -> Result<&'a mut LoraLinear> {
+    model
+        .lora_slot_mut(path)
+        .ok_or_else(|| PeftError::Other(format!("model has no linear module `{path}`")))
+}
+
+/// Paths of the slots that hold adapter `name`.
+fn adapted_paths<M: LoraHost>(model: &M, name: &str) -> Vec<String> {
+    model
+        .lora_slots()
+        .into_iter()
+        .filter(|(_, s)| s.adapter(name).is_some())
+        .map(|(p, _)| p)
+        .collect()
+}
+
+impl<M: LoraHost> Tuner<M> for LoraConfig {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("LoraConfig serialises")
+    }
+
+    fn apply(&self, mut model: M, name: &str) -> Result<M> {
+        self.validate()?;
+        let init = self.init_lora_weights.to_init()?;
+        let modules = model.module_paths();
+        let targets = self
+            .target_spec()
+            .select(modules.iter().map(|(p, k)| (p.as_str(), *k)))?;
+        for path in &targets {
+            let (r, alpha) = self.rank_alpha(path)?;
+            slot(&mut model, path)?.add_adapter(name, r, alpha, self.use_rslora, self.lora_dropout, init);
+        }
+        // bias = "all" trains every bias, "lora_only" those of adapted layers.
+        if self.bias != "none" {
+            let paths: Vec<String> = if self.bias == "all" {
+                model.lora_slots().into_iter().map(|(p, _)| p).collect()
+            } else {
+                targets.clone()
+            };
+            for path in paths {
+                let s = slot(&mut model, &path)?;
+                if let Some(b) = s.base.bias.take() {
+                    s.base.bias = Some(trainable(b.val().detach()));
+                }
+            }
+        }
+        Ok(model)
+    }
+
+    fn state(&self, model: &M, name: &str) -> Result<TensorMap> {
+        let mut out = TensorMap::new();
+        for (path, s) in model.lora_slots() {
+            if let Some(adapter) = s.adapter(name) {
+                out.insert(
+                    format!("{KEY_PREFIX}{path}.lora_A.weight"),
+                    HostTensor::from_tensor(adapter.a.val()).transposed(),
+                );
+                out.insert(
+                    format!("{KEY_PREFIX}{path}.lora_B.weight"),
+                    HostTensor::from_tensor(adapter.b.val()).transposed(),
+                );
+            }
+            let save_bias = match self.bias.as_str() {
+                "all" => true,
+                "lora_only" => s.adapter(name).is_some(),
+                _ => false,
+            };
+            if save_bias && let Some(b) = &s.base.bias {
+                out.insert(format!("{KEY_PREFIX}{path}.bias"), HostTensor::from_tensor(b.val()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn load_state(&self, mut model: M, name: &str, mut tensors: TensorMap, file: &Path) -> Result<M> {
+        for path in adapted_paths(&model, name) {
+            let s = slot(&mut model, &path)?;
+            let adapter = s.adapter(name).expect("adapted");
+            let (d_in, d_out, r) = (s.base.d_input(), s.base.d_output(), adapter.rank());
+            let device = s.base.weight.device();
+            let a = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.lora_A.weight"), &[r, d_in])?;
+            let b = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.lora_B.weight"), &[d_out, r])?;
+            s.set_weights(name, a.transposed().to_tensor(&device), b.transposed().to_tensor(&device))?;
+        }
+        if self.bias != "none" {
+            for (path, _) in model.module_paths() {
+                let key = format!("{KEY_PREFIX}{path}.bias");
+                if tensors.get(&key).is_none() {
+                    continue;
+                }
+                let Some(s) = model.lora_slot_mut(&path) else { continue };
+                let Some(bias) = &s.base.bias else { continue };
+                let device = bias.device();
+                let b = tensors.take_shaped(file, &key, &[s.base.d_output()])?;
+                s.base.bias = Some(trainable(b.to_tensor(&device)));
+            }
+        }
+        if !tensors.is_empty() {
+            let left: Vec<&String> = tensors.keys().take(5).collect();
+            return Err(PeftError::format(
+                file,
+                format!(
+                    "{} tensors do not belong to any adapted module of this model (first: {left:?}); \
+                     is the adapter for another base model?",
+                    tensors.len()
+                ),
+            ));
+        }
+        Ok(model)
+    }
+
+    fn merge(&self, mut model: M, name: &str) -> Result<M> {
+        let paths = adapted_paths(&model, name);
+        if paths.is_empty() {
+            return Err(PeftError::UnknownAdapter(name.into()));
+        }
+        for path in paths {
+            slot(&mut model, &path)?.merge(name)?;
+        }
+        Ok(model)
+    }
+}
+
+/// Unmerge every merged adapter of the model.
+pub fn unmerge_all<M: LoraHost>(mut model: M) -> Result<M> {
+    let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
+    for path in paths {
+        let s = slot(&mut model, &path)?;
+        for name in s.merged.clone() {
+            s.unmerge(&name)?;
+        }
+    }
+    Ok(model)
+}
+
+/// Merge the active adapters and drop all adapters: the model becomes a plain one whose
+/// linear weights include the updates.
+pub fn merge_and_unload_state<M: LoraHost>(mut model: M) -> Result<M> {
+    let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
+    for path in paths {
+        let s = slot(&mut model, &path)?;
+        if !s.disabled {
+            for name in s.active.clone() {
+                s.merge(&name)?;
+            }
+        }
+        s.adapters.clear();
+        s.names.clear();
+        s.active.clear();
+        s.merged.clear();
+        s.disabled = false;
+        if let Some(b) = s.base.bias.take() {
+            s.base.bias = Some(frozen(b.val().detach()));
+        }
+    }
+    Ok(model)
+}
