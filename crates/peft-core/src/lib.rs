@@ -12,10 +12,12 @@
 //!   `adapter_model.safetensors`).
 //! - [`params`]: the trainable-parameter report and helpers for frozen parameters.
 //! - [`linear`]: the frozen dense linear every tunable linear slot starts from.
+//! - [`optim`]: global-norm gradient clipping and the learning-rate schedule.
 //! - [`tuner`]: the contract a method implements on a model.
 
 pub mod adapter_io;
 pub mod linear;
+pub mod optim;
 pub mod error;
 pub mod params;
 pub mod target;

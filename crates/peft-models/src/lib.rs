@@ -1,1 +1,19 @@
+//! # peft-models
+//!
+//! Reference architectures every PEFT method plugs into, built from tunable slots and
+//! addressed by Hugging Face module paths:
+//!
+//! - [`llama`]: Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU, tied/untied head, KV cache).
+//! - [`load`]: from a Hugging Face folder (config.json + safetensors, f32/f16/bf16) or a GGUF
+//!   file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized at load).
+//! - [`tokenizer`]: `tokenizers`-crate tokenizer from tokenizer.json or GGUF, chat template.
+//! - [`generate`]: greedy generation with the KV cache.
+//! - [`train`]: the causal-LM training loop (AdamW, schedule, accumulation, clipping).
 
+pub mod config;
+pub mod generate;
+pub mod gguf;
+pub mod llama;
+pub mod load;
+pub mod tokenizer;
+pub mod train;

@@ -1,0 +1,394 @@
+//! A Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied
+//! head, KV cache) whose fields carry the Hugging Face module names, so a module's burn path
+//! is the path users know (`model.layers.3.self_attn.q_proj`).
+//!
+//! Every linear projection is a [`LinearSlot`]: a frozen base with room for adapters.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use peft_core::linear::FrozenLinear;
+use peft_core::params::frozen;
+use peft_core::target::ModuleKind;
+use peft_core::tensors::{HostTensor, TensorMap};
+use peft_core::tuner::ModuleHost;
+use peft_core::{PeftError, Result};
+use peft_lora::{LoraHost, LoraLinear};
+
+use crate::config::LlamaConfig;
+
+/// A tunable linear projection (today: a frozen base with LoRA adapters).
+pub type LinearSlot = LoraLinear;
+
+/// Root-mean-square layer norm with a learned scale.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let rms = x.clone().powi_scalar(2).mean_dim(2).add_scalar(self.eps).sqrt();
+        x.div(rms).mul(self.weight.val().unsqueeze::<3>())
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: LinearSlot,
+    pub k_proj: LinearSlot,
+    pub v_proj: LinearSlot,
+    pub o_proj: LinearSlot,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: LinearSlot,
+    pub up_proj: LinearSlot,
+    pub down_proj: LinearSlot,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+/// The embeddings, decoder stack and final norm (Hugging Face `LlamaModel`).
+#[derive(Module, Debug)]
+pub struct LlamaModel {
+    /// `[vocab, hidden]`, frozen.
+    pub embed_tokens: Param<Tensor<2>>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+}
+
+/// A causal language model (Hugging Face `LlamaForCausalLM`).
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM {
+    pub model: LlamaModel,
+    /// `None` when the head is tied to the input embeddings.
+    pub lm_head: Option<LinearSlot>,
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+/// Keys and values of the positions seen so far, one entry per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// RoPE tables `[1, 1, seq, head_dim]` for positions `start..start+seq` (Hugging Face layout:
+/// the two halves of a head rotate together).
+fn rope_tables(start: usize, seq: usize, head_dim: usize, theta: f64, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(seq * head_dim);
+    let mut sin = Vec::with_capacity(seq * head_dim);
+    for p in start..start + seq {
+        for i in 0..head_dim {
+            let inv = 1.0 / (theta as f32).powf((2 * (i % half)) as f32 / head_dim as f32);
+            let angle = p as f32 * inv;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    let shape = [1, 1, seq, head_dim];
+    (
+        Tensor::from_data(TensorData::new(cos, shape), device),
+        Tensor::from_data(TensorData::new(sin, shape), device),
+    )
+}
+
+fn apply_rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.clone().narrow(3, d / 2, d / 2);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: (Tensor<4>, Tensor<4>),
+        mask: Option<Tensor<4, Bool>>,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, d]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, s, kvh, d]).swap_dims(1, 2);
+        let q = apply_rope(q, rope.0.clone(), rope.1.clone());
+        let mut k = apply_rope(k, rope.0, rope.1);
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let t = k.dims()[2];
+        let rep = h / kvh;
+        let (k, v) = if rep > 1 {
+            (
+                k.unsqueeze_dim::<5>(2).expand([b, kvh, rep, t, d]).reshape([b, h, t, d]),
+                v.unsqueeze_dim::<5>(2).expand([b, kvh, rep, t, d]).reshape([b, h, t, d]),
+            )
+        } else {
+            (k, v)
+        };
+        let mut scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
+        if let Some(mask) = mask {
+            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+        }
+        let out = softmax(scores, 3).matmul(v);
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+    }
+}
+
+impl LlamaForCausalLM {
+    /// Build from Hugging Face-named tensors; every tensor must be used and have its shape.
+    pub fn from_tensors(config: LlamaConfig, mut t: TensorMap, source: &Path, device: &Device) -> Result<Self> {
+        let (hd, kvh, h) = (config.head_dim(), config.kv_heads(), config.num_attention_heads);
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize, bias: bool| -> Result<LinearSlot> {
+            let w = t.take_shaped(source, &format!("{name}.weight"), &[out, inp])?;
+            let b = if bias { Some(t.take_shaped(source, &format!("{name}.bias"), &[out])?) } else { None };
+            Ok(LinearSlot::from_base(FrozenLinear::from_hf(&w, b.as_ref(), device)))
+        };
+        let norm = |t: &mut TensorMap, name: &str| -> Result<RmsNorm> {
+            let w = t.take_shaped(source, &format!("{name}.weight"), &[hidden])?;
+            Ok(RmsNorm { weight: frozen(w.to_tensor(device)), eps: config.rms_norm_eps })
+        };
+        let embed = t.take_shaped(source, "model.embed_tokens.weight", &[config.vocab_size, hidden])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let ab = config.attention_bias;
+            let mb = config.mlp_bias;
+            layers.push(DecoderLayer {
+                self_attn: Attention {
+                    q_proj: linear(&mut t, &format!("{p}.self_attn.q_proj"), h * hd, hidden, ab)?,
+                    k_proj: linear(&mut t, &format!("{p}.self_attn.k_proj"), kvh * hd, hidden, ab)?,
+                    v_proj: linear(&mut t, &format!("{p}.self_attn.v_proj"), kvh * hd, hidden, ab)?,
+                    o_proj: linear(&mut t, &format!("{p}.self_attn.o_proj"), hidden, h * hd, ab)?,
+                    n_heads: h,
+                    n_kv_heads: kvh,
+                    head_dim: hd,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(&mut t, &format!("{p}.mlp.gate_proj"), inter, hidden, mb)?,
+                    up_proj: linear(&mut t, &format!("{p}.mlp.up_proj"), inter, hidden, mb)?,
+                    down_proj: linear(&mut t, &format!("{p}.mlp.down_proj"), hidden, inter, mb)?,
+                },
+                input_layernorm: norm(&mut t, &format!("{p}.input_layernorm"))?,
+                post_attention_layernorm: norm(&mut t, &format!("{p}.post_attention_layernorm"))?,
+            });
+        }
+        let final_norm = norm(&mut t, "model.norm")?;
+        // Checkpoints of tied models sometimes still carry a copy of the head.
+        let lm_head = if config.tie_word_embeddings {
+            t.remove("lm_head.weight");
+            None
+        } else {
+            Some(linear(&mut t, "lm_head", config.vocab_size, hidden, false)?)
+        };
+        t.tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+        if !t.is_empty() {
+            let left: Vec<&String> = t.keys().take(5).collect();
+            return Err(PeftError::format(
+                source,
+                format!("{} tensors are not part of a Llama model (first: {left:?})", t.len()),
+            ));
+        }
+        Ok(Self {
+            model: LlamaModel { embed_tokens: frozen(embed.to_tensor(device)), layers, norm: final_norm },
+            lm_head,
+            config,
+        })
+    }
+
+    /// Every weight under its Hugging Face key (what `save_pretrained` writes).
+    pub fn to_tensors(&self) -> TensorMap {
+        let mut t = TensorMap::new();
+        let linear = |t: &mut TensorMap, name: String, l: &LinearSlot| {
+            t.insert(format!("{name}.weight"), l.base.weight_hf());
+            if let Some(b) = &l.base.bias {
+                t.insert(format!("{name}.bias"), HostTensor::from_tensor(b.val()));
+            }
+        };
+        t.insert("model.embed_tokens.weight", HostTensor::from_tensor(self.model.embed_tokens.val()));
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            linear(&mut t, format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj);
+            linear(&mut t, format!("{p}.self_attn.k_proj"), &l.self_attn.k_proj);
+            linear(&mut t, format!("{p}.self_attn.v_proj"), &l.self_attn.v_proj);
+            linear(&mut t, format!("{p}.self_attn.o_proj"), &l.self_attn.o_proj);
+            linear(&mut t, format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj);
+            linear(&mut t, format!("{p}.mlp.up_proj"), &l.mlp.up_proj);
+            linear(&mut t, format!("{p}.mlp.down_proj"), &l.mlp.down_proj);
+            t.insert(format!("{p}.input_layernorm.weight"), HostTensor::from_tensor(l.input_layernorm.weight.val()));
+            t.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                HostTensor::from_tensor(l.post_attention_layernorm.weight.val()),
+            );
+        }
+        t.insert("model.norm.weight", HostTensor::from_tensor(self.model.norm.weight.val()));
+        if let Some(head) = &self.lm_head {
+            linear(&mut t, "lm_head".into(), head);
+        }
+        t
+    }
+
+    pub fn device(&self) -> Device {
+        self.model.embed_tokens.device()
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`. With a cache, the tokens
+    /// continue the cached positions and the cache is extended.
+    pub fn forward(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let h = self.hidden_states(tokens, cache);
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => burn::tensor::module::linear(h, self.model.embed_tokens.val().transpose(), None),
+        }
+    }
+
+    /// Final hidden states `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, tokens: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let device = tokens.device();
+        let [_, s] = tokens.dims();
+        let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if let Some(c) = cache.as_mut()
+            && c.layers.len() != self.model.layers.len()
+        {
+            c.layers = vec![None; self.model.layers.len()];
+        }
+        let cfg = &self.config;
+        let rope = rope_tables(start, s, cfg.head_dim(), cfg.rope_theta, &device);
+        // Query i (absolute position start+i) sees keys 0..=start+i.
+        let mask = (s > 1).then(|| {
+            Tensor::<2, Bool>::tril_mask([s, start + s], start as i64, &device).unsqueeze::<4>()
+        });
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), tokens);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let a = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), rope.clone(), mask.clone(), slot);
+            x = x + a;
+            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Mean cross-entropy of predicting `tokens[:, t+1]` from `tokens[:, ..=t]`, counting only
+    /// positions where `loss_mask[:, t+1]` is 1 (e.g. answer tokens, not padding).
+    pub fn causal_lm_loss(&self, tokens: Tensor<2, Int>, loss_mask: Tensor<2>) -> Tensor<1> {
+        let [b, s] = tokens.dims();
+        let logits = self.forward(tokens.clone().narrow(1, 0, s - 1), None);
+        let targets = tokens.narrow(1, 1, s - 1);
+        let mask = loss_mask.narrow(1, 1, s - 1);
+        let logp = log_softmax(logits, 2);
+        let picked = logp.gather(2, targets.reshape([b, s - 1, 1])).reshape([b, s - 1]);
+        let count = mask.clone().sum().clamp_min(1.0);
+        picked.mul(mask).sum().neg().div(count)
+    }
+}
+
+/// The Hugging Face path and kind of every linear slot, in model order.
+fn slot_paths(m: &LlamaForCausalLM) -> Vec<(String, ModuleKind)> {
+    let mut out = Vec::new();
+    for i in 0..m.model.layers.len() {
+        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            out.push((format!("model.layers.{i}.self_attn.{n}"), ModuleKind::Linear));
+        }
+        for n in ["gate_proj", "up_proj", "down_proj"] {
+            out.push((format!("model.layers.{i}.mlp.{n}"), ModuleKind::Linear));
+        }
+    }
+    if m.lm_head.is_some() {
+        out.push(("lm_head".into(), ModuleKind::OutputHead));
+    }
+    out
+}
+
+impl ModuleHost for LlamaForCausalLM {
+    fn module_paths(&self) -> Vec<(String, ModuleKind)> {
+        slot_paths(self)
+    }
+}
+
+impl LoraHost for LlamaForCausalLM {
+    fn lora_slot_mut(&mut self, path: &str) -> Option<&mut LoraLinear> {
+        if path == "lm_head" {
+            return self.lm_head.as_mut();
+        }
+        let rest = path.strip_prefix("model.layers.")?;
+        let (idx, rest) = rest.split_once('.')?;
+        let layer = self.model.layers.get_mut(idx.parse::<usize>().ok()?)?;
+        Some(match rest {
+            "self_attn.q_proj" => &mut layer.self_attn.q_proj,
+            "self_attn.k_proj" => &mut layer.self_attn.k_proj,
+            "self_attn.v_proj" => &mut layer.self_attn.v_proj,
+            "self_attn.o_proj" => &mut layer.self_attn.o_proj,
+            "mlp.gate_proj" => &mut layer.mlp.gate_proj,
+            "mlp.up_proj" => &mut layer.mlp.up_proj,
+            "mlp.down_proj" => &mut layer.mlp.down_proj,
+            _ => return None,
+        })
+    }
+
+    fn lora_slots(&self) -> Vec<(String, &LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let a = &l.self_attn;
+            for (n, s) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+                out.push((format!("model.layers.{i}.self_attn.{n}"), s));
+            }
+            for (n, s) in [("gate_proj", &l.mlp.gate_proj), ("up_proj", &l.mlp.up_proj), ("down_proj", &l.mlp.down_proj)] {
+                out.push((format!("model.layers.{i}.mlp.{n}"), s));
+            }
+        }
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head".into(), h));
+        }
+        out
+    }
+}
