@@ -48,6 +48,23 @@ fn none_bias() -> String {
     "none".into()
 }
 
+/// Python writes `lora_alpha: 16`, not `16.0`: keep whole numbers integral in the JSON.
+fn as_number(v: f64) -> serde_json::Value {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        serde_json::Value::from(v as i64)
+    } else {
+        serde_json::Value::from(v)
+    }
+}
+
+fn whole_as_int<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    as_number(*v).serialize(s)
+}
+
+fn whole_map_as_int<S: serde::Serializer>(m: &BTreeMap<String, f64>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    m.iter().map(|(k, v)| (k.clone(), as_number(*v))).collect::<BTreeMap<_, _>>().serialize(s)
+}
+
 /// Hugging Face PEFT `LoraConfig`. Keys this crate does not know are kept in `extra` and
 /// written back on save.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,7 +75,7 @@ pub struct LoraConfig {
     pub task_type: Option<String>,
     #[serde(default = "eight")]
     pub r: usize,
-    #[serde(default = "eight_f")]
+    #[serde(default = "eight_f", serialize_with = "whole_as_int")]
     pub lora_alpha: f64,
     #[serde(default)]
     pub lora_dropout: f64,
@@ -81,7 +98,7 @@ pub struct LoraConfig {
     pub layers_pattern: Option<LayersPattern>,
     #[serde(default)]
     pub rank_pattern: BTreeMap<String, usize>,
-    #[serde(default)]
+    #[serde(default, serialize_with = "whole_map_as_int")]
     pub alpha_pattern: BTreeMap<String, f64>,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,

@@ -25,6 +25,15 @@ fn slot<'a, M: LoraHost>(model: &'a mut M, path: &str) -> Result<&'a mut LoraLin
         .ok_or_else(|| PeftError::Other(format!("model has no linear module `{path}`")))
 }
 
+/// Key of a trained bias: Python PEFT wraps adapted layers, so theirs sit under `base_layer`.
+fn bias_key(path: &str, adapted: bool) -> String {
+    if adapted {
+        format!("{KEY_PREFIX}{path}.base_layer.bias")
+    } else {
+        format!("{KEY_PREFIX}{path}.bias")
+    }
+}
+
 /// Paths of the slots that hold adapter `name`.
 fn adapted_paths<M: LoraHost>(model: &M, name: &str) -> Vec<String> {
     model
@@ -91,7 +100,7 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
                 _ => false,
             };
             if save_bias && let Some(b) = &s.base.bias {
-                out.insert(format!("{KEY_PREFIX}{path}.bias"), HostTensor::from_tensor(b.val()));
+                out.insert(bias_key(&path, s.adapter(name).is_some()), HostTensor::from_tensor(b.val()));
             }
         }
         Ok(out)
@@ -109,11 +118,11 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
         }
         if self.bias != "none" {
             for (path, _) in model.module_paths() {
-                let key = format!("{KEY_PREFIX}{path}.bias");
+                let Some(s) = model.lora_slot_mut(&path) else { continue };
+                let key = bias_key(&path, s.adapter(name).is_some());
                 if tensors.get(&key).is_none() {
                     continue;
                 }
-                let Some(s) = model.lora_slot_mut(&path) else { continue };
                 let Some(bias) = &s.base.bias else { continue };
                 let device = bias.device();
                 let b = tensors.take_shaped(file, &key, &[s.base.d_output()])?;

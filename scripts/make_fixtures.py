@@ -1,0 +1,142 @@
+"""Reference fixtures from Hugging Face transformers + PEFT (versions in shared DESIGN.md).
+
+    scripts/make_fixtures.sh                 # write fixtures/
+    scripts/make_fixtures.sh --verify DIR    # load a Rust-saved adapter folder in Python PEFT
+
+fixtures/lora_tiny/: a small random Llama saved with save_pretrained, and for each case an
+adapter saved by PEFT with the inputs and the logits PEFT computes.
+fixtures/smollm2/: prompt token ids and logits of SmolLM2-135M-Instruct loaded from the GGUF
+by transformers.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+from safetensors.torch import save_file, load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "fixtures")
+GGUF = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+PROMPT = "What is the capital of France?"
+
+
+def tiny_base(bias: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1 if bias else 0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        attention_bias=bias, mlp_bias=bias,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)  # make the norm scales matter
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+CASES = {
+    "list_rslora": dict(base="plain", cfg=dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               use_rslora=True)),
+    "regex_patterns": dict(base="plain", cfg=dict(r=4, lora_alpha=16, target_modules=r".*\.(q|k)_proj",
+                                                  rank_pattern={"layers.1.self_attn.q_proj": 2},
+                                                  alpha_pattern={"k_proj": 3})),
+    "all_linear_bias_all": dict(base="bias", cfg=dict(r=2, lora_alpha=4, target_modules="all-linear", bias="all")),
+    "layers_bias_lora_only": dict(base="bias", cfg=dict(r=3, lora_alpha=6, target_modules=["up_proj", "down_proj"],
+                                                        layers_to_transform=[1], layers_pattern="layers",
+                                                        bias="lora_only")),
+}
+
+
+def make_tiny():
+    from peft import LoraConfig, get_peft_model
+
+    out = os.path.join(FIX, "lora_tiny")
+    shutil.rmtree(out, ignore_errors=True)
+    bases = {"plain": tiny_base(False), "bias": tiny_base(True)}
+    for name, model in bases.items():
+        model.save_pretrained(os.path.join(out, f"base_{name}"), safe_serialization=True)
+    torch.manual_seed(123)
+    input_ids = torch.randint(0, 128, (2, 7))
+    for case, spec in CASES.items():
+        base = tiny_base(spec["base"] == "bias")
+        torch.manual_seed(1000 + list(CASES).index(case))
+        # init_lora_weights=False: B is random too, so the adapter changes the output.
+        model = get_peft_model(base, LoraConfig(init_lora_weights=False, **spec["cfg"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad and n.endswith(".bias"):
+                    p.add_(torch.randn_like(p) * 0.1)  # trained biases differ from the base
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=input_ids).logits
+        d = os.path.join(out, case)
+        model.save_pretrained(os.path.join(d, "adapter"))
+        save_file({"input_ids": input_ids.to(torch.int64).contiguous(), "logits": logits.contiguous()},
+                  os.path.join(d, "expected.safetensors"))
+        with open(os.path.join(d, "case.json"), "w") as f:
+            json.dump({"base": f"base_{spec['base']}"}, f)
+        print(case, "->", d, tuple(logits.shape))
+
+
+def make_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.exists(GGUF):
+        sys.exit(f"{GGUF} missing: run `cargo xtask fetch` first")
+    d, f = os.path.split(GGUF)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    gen = model.generate(ids, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    out = os.path.join(FIX, "smollm2")
+    os.makedirs(out, exist_ok=True)
+    # Every position's first 2048 logits and the full last row keep the file small.
+    save_file({"input_ids": ids[0].to(torch.int64).contiguous(),
+               "logits_head": logits[:, :2048].contiguous(),
+               "logits_last": logits[-1].contiguous()},
+              os.path.join(out, "reference.safetensors"))
+    with open(os.path.join(out, "reference.json"), "w") as fh:
+        json.dump({"chat_text": text, "greedy_answer": answer}, fh, indent=1)
+    print("smollm2:", ids.shape[1], "tokens; answer:", repr(answer))
+
+
+def verify(adapter_dir, case):
+    """Load an adapter folder written by Rust into Python PEFT and compare logits."""
+    from peft import PeftModel
+
+    spec = CASES[case]
+    base = tiny_base(spec["base"] == "bias")
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    exp = load_file(os.path.join(FIX, "lora_tiny", case, "expected.safetensors"))
+    with torch.no_grad():
+        logits = model(input_ids=exp["input_ids"]).logits
+    err = (logits - exp["logits"]).abs().max().item()
+    print(f"{case}: Python PEFT loaded {adapter_dir}; max |logits - expected| = {err:.2e}")
+    return err < 1e-5
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--verify", nargs=2, metavar=("ADAPTER_DIR", "CASE"))
+    ap.add_argument("--only", choices=["tiny", "smollm2"])
+    a = ap.parse_args()
+    if a.verify:
+        sys.exit(0 if verify(*a.verify) else 1)
+    if a.only in (None, "tiny"):
+        make_tiny()
+    if a.only in (None, "smollm2"):
+        make_smollm2()
