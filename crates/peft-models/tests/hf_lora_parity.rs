@@ -77,6 +77,10 @@ fn saved_adapter_has_the_python_keys_shapes_dtypes_and_config() {
         let (model, config) = adapted(case, &device);
         let out = tempfile::tempdir().unwrap();
         config.save(&model, "default", out.path()).unwrap();
+        // scripts/make_fixtures.sh --verify loads these in Python PEFT.
+        if let Ok(dir) = std::env::var("PEFT_EXPORT_DIR") {
+            config.save(&model, "default", &Path::new(&dir).join(case)).unwrap();
+        }
         let ours = load_adapter(out.path()).unwrap();
         let theirs = load_adapter(&fixtures().join(case).join("adapter")).unwrap();
         let ours_keys: Vec<_> = ours.tensors.keys().collect();
