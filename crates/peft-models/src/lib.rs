@@ -8,9 +8,13 @@
 //!   file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized at load).
 //! - [`tokenizer`]: `tokenizers`-crate tokenizer from tokenizer.json or GGUF, chat template.
 //! - [`generate`]: greedy generation with the KV cache.
+//! - [`assets`]: models and data fetched from the Python package registry.
+//! - [`data`]: question/answer pairs (chatterbot corpus).
 //! - [`train`]: the causal-LM training loop (AdamW, schedule, accumulation, clipping).
 
+pub mod assets;
 pub mod config;
+pub mod data;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
