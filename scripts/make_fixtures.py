@@ -56,6 +56,28 @@ CASES = {
 }
 
 
+WORDS = ("the a an is are was be to of and in on at for with what who where when why how you i it "
+         "this that do does can will not yes no hello hi good bad day night cat dog sun moon red blue green "
+         "one two three four five big small hot cold fast slow happy sad like love eat drink run walk talk "
+         "read write book tree water fire earth air music song game play work home city country france paris "
+         "capital name my your his her our their time today tomorrow yesterday please thanks sorry ok sure "
+         "question answer think know see look come go make take give get find tell ask help try "
+         "keep feel need want use new old long short first last").split()
+
+
+def tiny_tokenizer(path):
+    """A word-level tokenizer over the tiny model's 128 ids, so CLI tests can run on text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS[: 128 - len(vocab)]:
+        vocab[w] = len(vocab)
+    assert len(vocab) == 128, len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(path)
+
+
 def make_tiny():
     from peft import LoraConfig, get_peft_model
 
@@ -64,6 +86,7 @@ def make_tiny():
     bases = {"plain": tiny_base(False), "bias": tiny_base(True)}
     for name, model in bases.items():
         model.save_pretrained(os.path.join(out, f"base_{name}"), safe_serialization=True)
+        tiny_tokenizer(os.path.join(out, f"base_{name}", "tokenizer.json"))
     torch.manual_seed(123)
     input_ids = torch.randint(0, 128, (2, 7))
     for case, spec in CASES.items():

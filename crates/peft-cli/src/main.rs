@@ -1,1 +1,248 @@
-fn main(){}
+//! `peft`: parameter-efficient fine-tuning from the command line.
+
+mod data;
+mod plot;
+mod train;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
+use peft_core::tuner::Tuner;
+use peft_lora::{LoraConfig, LoraHost, merge_and_unload_state};
+use peft_models::generate::greedy;
+use peft_models::load::{LoadedModel, load_causal_lm};
+
+#[derive(Parser)]
+#[command(name = "peft", version, about = "Parameter-efficient fine-tuning of transformer models")]
+struct Cli {
+    /// Compute device: cpu, wgpu or cuda (wgpu/cuda need the matching cargo feature).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune a model with an adapter.
+    Train(train::TrainArgs),
+    /// Loss and perplexity of a model (with optional adapter) on a data file.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        max_len: usize,
+    },
+    /// Answer a prompt greedily, with or without adapters.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapter folder(s); with several, --use picks the active one.
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
+        /// Name of the adapter to use (the folder name) when several are loaded.
+        #[arg(long = "use")]
+        use_adapter: Option<String>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Send the prompt as is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Merge an adapter into the base and write a Hugging Face model folder.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Describe an adapter or model folder (or a .gguf file).
+    Inspect { path: PathBuf },
+    /// Convert a GGUF model to a Hugging Face safetensors folder.
+    Convert {
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        overwrite: bool,
+    },
+}
+
+fn device(name: &str) -> Result<burn::tensor::Device> {
+    Ok(peft_core::device::device_by_name(name)?)
+}
+
+/// Load `model` and the LoRA adapters in `adapters` (each under its folder name).
+fn load_with_adapters(model: &Path, adapters: &[PathBuf], dev: &burn::tensor::Device) -> Result<(LoadedModel, Vec<String>)> {
+    let mut loaded = load_causal_lm(model, dev)?;
+    let mut names = Vec::new();
+    for dir in adapters {
+        let files = load_adapter(dir)?;
+        let config = LoraConfig::from_json(&files.config).with_context(|| format!("{}", dir.display()))?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into());
+        let m = config.apply(loaded.model, &name)?;
+        loaded.model = config.load_state(m, &name, files.tensors, &dir.join(WEIGHTS_FILE))?;
+        names.push(name);
+    }
+    Ok((loaded, names))
+}
+
+fn activate(model: &mut peft_models::llama::LlamaForCausalLM, name: &str) -> Result<()> {
+    let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
+    for p in paths {
+        let slot = model.lora_slot_mut(&p).expect("slot");
+        let active: &[&str] = if slot.adapter(name).is_some() { &[name] } else { &[] };
+        slot.set_active(active)?;
+    }
+    Ok(())
+}
+
+fn refuse_existing(out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() {
+        if !overwrite {
+            bail!("output folder {} exists; pass --overwrite to replace it", out.display());
+        }
+        std::fs::remove_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// Write a Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+fn write_hf_folder(loaded: &LoadedModel, out: &Path) -> Result<()> {
+    let tmp = out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let mut config = serde_json::to_value(&loaded.model.config)?;
+    config["model_type"] = "llama".into();
+    config["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    loaded.model.to_tensors().write_safetensors(&tmp.join("model.safetensors"))?;
+    loaded
+        .tokenizer
+        .inner
+        .save(tmp.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("cannot write tokenizer.json: {e}"))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("{}", out.display()))?;
+    Ok(())
+}
+
+fn inspect(path: &Path) -> Result<()> {
+    if path.join(peft_core::adapter_io::CONFIG_FILE).exists() {
+        let files = load_adapter(path)?;
+        let c = &files.config;
+        println!("adapter: {}", path.display());
+        println!("method: {}", files.peft_type()?);
+        println!("base model: {}", c["base_model_name_or_path"].as_str().unwrap_or("(not recorded)"));
+        println!("targets: {}", c["target_modules"]);
+        println!("rank: {}  alpha: {}  rsLoRA: {}", c["r"], c["lora_alpha"], c["use_rslora"]);
+        let params: usize = files.tensors.tensors.values().map(|t| t.data.len()).sum();
+        let modules = files.tensors.keys().filter(|k| k.ends_with("lora_A.weight")).count();
+        println!("adapted modules: {modules}");
+        println!("parameters: {params}");
+        let size = std::fs::metadata(path.join(WEIGHTS_FILE)).map(|m| m.len()).unwrap_or(0);
+        println!("size: {:.2} MB", size as f64 / 1e6);
+        return Ok(());
+    }
+    let loaded = load_causal_lm(path, &burn::tensor::Device::flex())?;
+    let c = &loaded.model.config;
+    let params: usize = loaded.model.to_tensors().tensors.values().map(|t| t.data.len()).sum();
+    println!("model: {}", path.display());
+    println!("architecture: Llama ({} layers, hidden {}, FFN {}, {} heads / {} KV heads, vocab {}, tied head: {})",
+        c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.kv_heads(), c.vocab_size, c.tie_word_embeddings);
+    println!("parameters: {params}");
+    println!("linear modules: {}", loaded.model.lora_slots().len());
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train::run(args, &cli.device),
+        Command::Eval { model, adapter, data, max_len } => {
+            let dev = device(&cli.device)?;
+            let (loaded, _) = load_with_adapters(&model, adapter.as_slice(), &dev)?;
+            let examples = data::read_examples(&data, &loaded.tokenizer, max_len)?;
+            let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
+            let loss = peft_models::train::eval_loss(&loaded.model, &examples, 8, pad);
+            println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "examples": examples.len()}));
+            Ok(())
+        }
+        Command::Generate { model, adapter, use_adapter, prompt, max_new_tokens, raw } => {
+            let dev = device(&cli.device)?;
+            let (mut loaded, names) = load_with_adapters(&model, &adapter, &dev)?;
+            if let Some(name) = &use_adapter {
+                if !names.contains(name) {
+                    bail!("--use {name}: no such adapter (loaded: {})", names.join(", "));
+                }
+                activate(&mut loaded.model, name)?;
+            } else if names.len() > 1 {
+                bail!("several adapters loaded ({}); pick one with --use", names.join(", "));
+            }
+            let text = if raw { prompt } else { loaded.tokenizer.chat_prompt(&prompt) };
+            let ids = loaded.tokenizer.encode(&text)?;
+            let out = greedy(&loaded.model, &ids, max_new_tokens, &loaded.tokenizer.eos_ids);
+            println!("{}", loaded.tokenizer.decode(&out)?);
+            Ok(())
+        }
+        Command::Merge { model, adapter, out, overwrite } => {
+            refuse_existing(&out, overwrite)?;
+            let dev = device(&cli.device)?;
+            let (mut loaded, _) = load_with_adapters(&model, std::slice::from_ref(&adapter), &dev)?;
+            loaded.model = merge_and_unload_state(loaded.model)?;
+            write_hf_folder(&loaded, &out)?;
+            eprintln!("merged model written to {}", out.display());
+            Ok(())
+        }
+        Command::Inspect { path } => inspect(&path),
+        Command::Convert { input, out, overwrite } => {
+            if input.extension().is_none_or(|e| e != "gguf") {
+                bail!("{}: expected a .gguf file", input.display());
+            }
+            refuse_existing(&out, overwrite)?;
+            let loaded = load_causal_lm(&input, &burn::tensor::Device::flex())?;
+            write_hf_folder(&loaded, &out)?;
+            eprintln!("Hugging Face folder written to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn main() {
+    // A panic is a bug, but the user still gets one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        eprintln!("error: internal error: {msg}");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) {
+                print!("{e}");
+                std::process::exit(0);
+            }
+            let first = e.to_string().lines().next().unwrap_or_default().to_string();
+            eprintln!("{first}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

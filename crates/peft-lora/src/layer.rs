@@ -265,6 +265,24 @@ mod tests {
     }
 
     #[test]
+    fn init_variants_follow_hugging_face() {
+        let device = Device::flex();
+        device.seed(3);
+        let mut l = LoraLinear::new(Tensor::zeros([400, 300], &device), None);
+        l.add_adapter("g", 4, 8.0, false, 0.0, LoraInit::Gaussian);
+        l.add_adapter("k", 4, 8.0, false, 0.0, LoraInit::Default);
+        let g = l.adapter("g").unwrap();
+        let std: f32 = g.a.val().powi_scalar(2).mean().sqrt().into_scalar();
+        assert!((std - 0.25).abs() < 0.01, "gaussian A std {std}, expected 1/r");
+        let k = l.adapter("k").unwrap();
+        let max: f32 = k.a.val().abs().max().into_scalar();
+        assert!(max <= 1.0 / 20.0 && max > 0.045, "kaiming-uniform bound 1/sqrt(in): {max}");
+        for a in [g, k] {
+            assert_eq!(a.b.val().abs().sum().into_scalar::<f32>(), 0.0, "B starts at zero");
+        }
+    }
+
+    #[test]
     fn rslora_scale() {
         let device = Device::flex();
         let mut l = layer(&device);
@@ -282,5 +300,33 @@ mod tests {
         assert!(l.base.weight.val().grad(&grads).is_none());
         let a = l.adapter("a").unwrap();
         assert!(a.a.val().grad(&grads).is_some() && a.b.val().grad(&grads).is_some());
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// For any shape, rank, alpha and rsLoRA flag: merged output == side-path output, and
+        /// unmerging gives the base weight back.
+        #[test]
+        fn merge_is_exact(d_in in 1usize..24, d_out in 1usize..24, r in 1usize..8, alpha in 0.5f64..64.0, rs in any::<bool>(), seed in any::<u64>()) {
+            let device = Device::flex();
+            device.seed(seed);
+            let w = Tensor::<2>::random([d_in, d_out], Distribution::Default, &device);
+            let mut l = LoraLinear::new(w.clone(), None);
+            l.add_adapter("x", r, alpha, rs, 0.0, LoraInit::Random);
+            let x = Tensor::<2>::random([3, d_in], Distribution::Default, &device);
+            let side: TensorData = l.forward(x.clone()).into_data();
+            l.merge("x").unwrap();
+            let merged = l.forward(x).into_data();
+            merged.assert_approx_eq::<f32>(&side, burn::tensor::Tolerance::absolute(1e-4));
+            l.unmerge("x").unwrap();
+            l.base.weight.val().into_data().assert_approx_eq::<f32>(&w.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+        }
     }
 }

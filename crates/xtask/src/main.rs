@@ -1,1 +1,139 @@
-fn main(){}
+//! Project tasks.
+//!
+//! - `cargo xtask demo`: fetch SmolLM2 and the chatterbot corpus, LoRA-fine-tune on CPU with a
+//!   progress bar, save a Hugging Face PEFT adapter, print answers before and after.
+//! - `cargo xtask test`: fetch what the tests need, run the workspace tests, the wgpu test
+//!   (through lavapipe when no GPU is present) and the CUDA type-check.
+//! - `cargo xtask fetch`: only fetch the model and data into `models/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use peft_core::params::ParamReport;
+use peft_core::tuner::Tuner;
+use peft_lora::LoraConfig;
+use peft_models::assets::{CHATTERBOT_EN, SMOLLM2};
+use peft_models::data::{chatterbot_pairs, split_every};
+use peft_models::generate::greedy;
+use peft_models::load::{LoadedModel, load_causal_lm};
+use peft_models::train::{TrainConfig, chat_example, eval_loss, train};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("PEFT_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("models"))
+}
+
+fn fetch() -> Result<(PathBuf, PathBuf)> {
+    let dir = models_dir();
+    Ok((SMOLLM2.ensure(&dir)?, CHATTERBOT_EN.ensure(&dir)?))
+}
+
+fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
+    eprintln!("+ cargo {}", args.join(" "));
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args).current_dir(workspace_root());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let status = cmd.status().context("running cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    fetch()?;
+    let models = models_dir();
+    let models = models.to_str().context("models path is not UTF-8")?;
+    let env = [("PEFT_MODELS_DIR", models)];
+    cargo(&["test", "--workspace", "--all-targets"], &env)?;
+    cargo(&["test", "--workspace", "--doc"], &env)?;
+    if args.iter().any(|a| a == "--no-gpu-backends") {
+        return Ok(());
+    }
+    // The LoRA layer on wgpu (Vulkan; lavapipe runs it on the CPU where no GPU is present).
+    cargo(&["test", "-p", "peft-lora", "--features", "wgpu", "--test", "wgpu"], &env)?;
+    // CUDA cannot be built offline (cubecl-cuda downloads LLVM); type-check it instead.
+    cargo(&["check", "-p", "peft-models", "--features", "cuda"], &[("DOCS_RS", "1")])?;
+    Ok(())
+}
+
+const QUESTIONS: [&str; 3] = ["What is AI?", "Do you like sports?", "Tell me a joke."];
+
+fn answers(m: &LoadedModel, label: &str) -> Result<()> {
+    println!("\n{label}");
+    for q in QUESTIONS {
+        let prompt = m.tokenizer.encode(&m.tokenizer.chat_prompt(q))?;
+        let out = greedy(&m.model, &prompt, 40, &m.tokenizer.eos_ids);
+        println!("  Q: {q}\n  A: {}", m.tokenizer.decode(&out)?.trim());
+    }
+    Ok(())
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    let steps: usize = match args.iter().position(|a| a == "--steps") {
+        Some(i) => args.get(i + 1).context("--steps needs a number")?.parse().context("--steps")?,
+        None => 60,
+    };
+    let out = workspace_root().join("target/demo-adapter");
+    let (gguf, corpus) = fetch()?;
+    let device = Device::flex().autodiff();
+    device.seed(0);
+    let t = Instant::now();
+    let loaded = load_causal_lm(&gguf, &device)?;
+    println!("loaded {} in {:.1?}", gguf.display(), t.elapsed());
+    answers(&loaded, "Before fine-tuning:")?;
+
+    let LoadedModel { model, tokenizer } = loaded;
+    let (train_pairs, held) = split_every(chatterbot_pairs(&corpus)?, 10);
+    let examples = |pairs: &[peft_models::data::QaPair]| -> Result<Vec<_>> {
+        Ok(pairs.iter().map(|p| chat_example(&tokenizer, &p.question, &p.answer, 96)).collect::<Result<_, _>>()?)
+    };
+    let train_set = examples(&train_pairs)?;
+    let held_set = examples(&held[..held.len().min(48)])?;
+    let pad = tokenizer.eos_ids[0];
+
+    let config = LoraConfig::new(8, 16.0, &["q_proj", "k_proj", "v_proj", "o_proj"]);
+    let model = config.apply(model, "default")?;
+    println!("\nLoRA r=8 on q,k,v,o: {}", ParamReport::of(&model));
+    let before = eval_loss(&model, &held_set, 8, pad);
+    let cfg = TrainConfig { learning_rate: 1e-3, steps, batch_size: 8, warmup_steps: 5, ..Default::default() };
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("template"),
+    );
+    let started = Instant::now();
+    let mut tokens = 0usize;
+    let model = train(model, &train_set, &cfg, pad, |r| {
+        tokens += r.tokens;
+        let tps = tokens as f64 / started.elapsed().as_secs_f64();
+        bar.set_message(format!("loss {:.3} lr {:.1e} {:.0} tok/s", r.loss, r.learning_rate, tps));
+        bar.inc(1);
+    });
+    bar.finish();
+    let after = eval_loss(&model, &held_set, 8, pad);
+    println!("held-out loss: {before:.3} -> {after:.3} ({} pairs)", held_set.len());
+    config.save(&model, "default", &out)?;
+    println!("adapter saved (Hugging Face PEFT format) to {}", out.display());
+    answers(&LoadedModel { model, tokenizer }, "After fine-tuning:")?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("demo") => demo(&args[1..]),
+        Some("test") => test(&args[1..]),
+        Some("fetch") => fetch().map(|(m, d)| println!("{}\n{}", m.display(), d.display())),
+        _ => bail!("usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] | fetch>"),
+    }
+}

@@ -1,0 +1,291 @@
+//! `peft train`: LoRA fine-tuning from the command line or a TOML run file, with a progress
+//! bar, a metrics log, a loss curve, atomic checkpoints and exact resume.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
+use peft_core::params::ParamReport;
+use peft_core::target::ModuleSelector;
+use peft_core::train::{StepReport, TrainConfig, Trainer};
+use peft_core::tuner::Tuner;
+use peft_lora::LoraConfig;
+use peft_models::load::load_causal_lm;
+use peft_models::train::{Example, eval_loss, lm_batch_loss};
+use serde::Deserialize;
+
+use crate::data::read_examples;
+use crate::plot::plot_loss;
+
+/// Options of `peft train`; every one can also come from `--config run.toml` (flags win).
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainArgs {
+    /// TOML file with any of these options (same names, `_` for `-`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Hugging Face model folder or .gguf file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Fine-tuning method.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Training data: .jsonl file or chatterbot YAML folder.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out data (default: every 10th example of --data).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Output folder (adapter, checkpoint, metrics.jsonl, loss.svg).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// LoRA rank [default: 16].
+    #[arg(long)]
+    pub r: Option<usize>,
+    /// LoRA alpha [default: 32].
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// LoRA dropout [default: 0].
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Target modules: names (suffix match), one regex, or all-linear [default: q_proj,v_proj].
+    #[arg(long, value_delimiter = ',')]
+    pub target: Option<Vec<String>>,
+    /// Use rsLoRA scaling (alpha / sqrt(r)).
+    #[arg(long)]
+    pub rslora: Option<bool>,
+    /// Optimizer steps [default: 100].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Peak learning rate [default: 2e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Examples per micro-batch [default: 8].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Warmup steps [default: 10].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Clip the global gradient norm to this [default: 1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// AdamW weight decay [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Longest sequence in tokens [default: 256].
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Seed of initialisation and data order [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Checkpoint every N steps [default: 25].
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Replace an existing output folder.
+    #[arg(long, default_value_t = false)]
+    #[serde(default)]
+    pub overwrite: bool,
+    /// Continue from the output folder's checkpoint.
+    #[arg(long, default_value_t = false)]
+    #[serde(default)]
+    pub resume: bool,
+    /// Stop after this many steps, as an interruption would (for testing resume).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub stop_after: Option<usize>,
+}
+
+macro_rules! merge {
+    ($cli:ident, $file:ident, $($f:ident),*) => { $( if $cli.$f.is_none() { $cli.$f = $file.$f.take(); } )* };
+}
+
+impl TrainArgs {
+    /// Fill options not given on the command line from `--config`.
+    fn with_config_file(mut self) -> Result<Self> {
+        let Some(path) = &self.config else { return Ok(self) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let mut file: TrainArgs =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        merge!(self, file, model, method, data, eval_data, out, r, alpha, dropout, target, rslora, steps, lr,
+            batch_size, grad_accum, warmup, max_grad_norm, weight_decay, max_len, seed, save_every);
+        self.overwrite |= file.overwrite;
+        self.resume |= file.resume;
+        Ok(self)
+    }
+}
+
+fn lora_config(a: &TrainArgs) -> Result<LoraConfig> {
+    let targets = a.target.clone().unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]);
+    let selector = if targets.len() == 1 && (targets[0] == "all-linear" || targets[0].contains(['*', '(', '|', '\\'])) {
+        ModuleSelector::Pattern(targets[0].clone())
+    } else {
+        ModuleSelector::List(targets)
+    };
+    let config = LoraConfig {
+        r: a.r.unwrap_or(16),
+        lora_alpha: a.alpha.unwrap_or(32.0),
+        lora_dropout: a.dropout.unwrap_or(0.0),
+        use_rslora: a.rslora.unwrap_or(false),
+        target_modules: Some(selector),
+        task_type: Some("CAUSAL_LM".into()),
+        base_model_name_or_path: a.model.as_ref().map(|p| p.display().to_string()),
+        ..Default::default()
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+const CHECKPOINT: &str = "checkpoint";
+
+/// Replace `out/checkpoint` atomically: build it beside, then swap names.
+fn save_checkpoint(out: &Path, trainer: &Trainer<peft_models::llama::LlamaForCausalLM>, config: &LoraConfig) -> Result<()> {
+    let tmp = out.join(".checkpoint.tmp");
+    let old = out.join(".checkpoint.old");
+    let dest = out.join(CHECKPOINT);
+    let _ = std::fs::remove_dir_all(&tmp);
+    config.save(trainer.model(), "default", &tmp)?;
+    trainer.save_state(&tmp)?;
+    if dest.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(&dest, &old).with_context(|| format!("{}", dest.display()))?;
+    }
+    std::fs::rename(&tmp, &dest).with_context(|| format!("{}", dest.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// The checkpoint to resume from (a crash between the two renames leaves `.checkpoint.old`).
+fn find_checkpoint(out: &Path) -> Option<PathBuf> {
+    [CHECKPOINT, ".checkpoint.old"].iter().map(|n| out.join(n)).find(|p| p.join("trainer_state.json").exists())
+}
+
+/// Keep the metrics lines of steps before `step` (a resumed run rewrites the rest).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| (s as usize) < step)
+        })
+        .collect();
+    std::fs::write(path, kept.iter().map(|l| format!("{l}\n")).collect::<String>())
+        .with_context(|| format!("{}", path.display()))
+}
+
+pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
+    let a = args.with_config_file()?;
+    let method = a.method.clone().unwrap_or_else(|| "lora".into());
+    if method != "lora" {
+        bail!("unknown method `{method}` (supported: lora)");
+    }
+    let model_path = a.model.clone().context("--model is required (a Hugging Face folder or a .gguf file)")?;
+    let data_path = a.data.clone().context("--data is required (a .jsonl file or a chatterbot YAML folder)")?;
+    let out = a.out.clone().context("--out is required")?;
+    let lora = lora_config(&a)?;
+    let resume_from = if a.resume {
+        Some(find_checkpoint(&out).with_context(|| format!("--resume: no checkpoint in {}", out.display()))?)
+    } else {
+        if out.exists() && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
+            if !a.overwrite {
+                bail!("output folder {} exists; pass --overwrite to replace it or --resume to continue", out.display());
+            }
+            std::fs::remove_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+        }
+        None
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+
+    let config = TrainConfig {
+        learning_rate: a.lr.unwrap_or(2e-4),
+        weight_decay: a.weight_decay.unwrap_or(0.0),
+        warmup_steps: a.warmup.unwrap_or(10),
+        steps: a.steps.unwrap_or(100),
+        batch_size: a.batch_size.unwrap_or(8),
+        grad_accum: a.grad_accum.unwrap_or(1),
+        max_grad_norm: Some(a.max_grad_norm.unwrap_or(1.0)),
+        seed: a.seed.unwrap_or(42),
+    };
+    let device = peft_core::device::device_by_name(device_name)?.autodiff();
+    device.seed(config.seed);
+    eprintln!("loading {}", model_path.display());
+    let loaded = load_causal_lm(&model_path, &device)?;
+    let tok = loaded.tokenizer;
+    let max_len = a.max_len.unwrap_or(256);
+    let mut train_set = read_examples(&data_path, &tok, max_len)?;
+    let eval_set: Vec<Example> = match &a.eval_data {
+        Some(p) => read_examples(p, &tok, max_len)?,
+        None if train_set.len() >= 10 => {
+            let held: Vec<Example> = train_set.iter().skip(9).step_by(10).cloned().collect();
+            train_set = train_set.into_iter().enumerate().filter(|(i, _)| i % 10 != 9).map(|(_, e)| e).collect();
+            held
+        }
+        None => Vec::new(),
+    };
+    let pad = tok.eos_ids.first().copied().unwrap_or(0);
+
+    let mut model = lora.apply(loaded.model, "default")?;
+    eprintln!("{} examples for training, {} held out; {}", train_set.len(), eval_set.len(), ParamReport::of(&model));
+    if let Some(ckpt) = &resume_from {
+        let files = load_adapter(ckpt)?;
+        model = lora.load_state(model, "default", files.tensors, &ckpt.join(WEIGHTS_FILE))?;
+    }
+    let mut trainer = Trainer::new(model, config.clone());
+    if let Some(ckpt) = &resume_from {
+        trainer = trainer.load_state(ckpt)?;
+        eprintln!("resuming at step {}", trainer.state().step);
+    }
+    let metrics_path = out.join("metrics.jsonl");
+    truncate_metrics(&metrics_path, trainer.state().step)?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("{}", metrics_path.display()))?;
+
+    let save_every = a.save_every.unwrap_or(25).max(1);
+    let bar = ProgressBar::new(config.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"),
+    );
+    bar.set_position(trainer.state().step as u64);
+    let started = Instant::now();
+    let mut tokens = 0usize;
+    while !trainer.is_done() {
+        if a.stop_after.is_some_and(|n| trainer.state().step >= n) {
+            bar.abandon_with_message("stopped (--stop-after)");
+            return Ok(());
+        }
+        let report: StepReport = trainer.step(&train_set, |m, b| lm_batch_loss(m, b, pad));
+        tokens += report.tokens;
+        let tps = tokens as f64 / started.elapsed().as_secs_f64();
+        bar.set_message(format!("loss {:.3} lr {:.1e} {:.0} tok/s", report.loss, report.learning_rate, tps));
+        bar.inc(1);
+        let mut line = serde_json::to_value(report)?;
+        line["tokens_per_s"] = tps.into();
+        let step_done = trainer.state().step;
+        if (step_done % save_every == 0 || trainer.is_done()) && !eval_set.is_empty() {
+            line["eval_loss"] = eval_loss(trainer.model(), &eval_set, config.batch_size, pad).into();
+        }
+        writeln!(metrics, "{line}").with_context(|| format!("{}", metrics_path.display()))?;
+        if step_done % save_every == 0 || trainer.is_done() {
+            save_checkpoint(&out, &trainer, &lora)?;
+        }
+    }
+    bar.finish();
+    let model = trainer.into_model();
+    lora.save(&model, "default", &out)?;
+    plot_loss(&metrics_path, &out.join("loss.svg"))?;
+    eprintln!("adapter, metrics.jsonl and loss.svg written to {}", out.display());
+    Ok(())
+}

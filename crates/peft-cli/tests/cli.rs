@@ -1,0 +1,145 @@
+//! The `peft` binary end to end on the tiny Llama fixture (word-level tokenizer).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn peft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().expect("run peft")
+}
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora_tiny/base_plain")
+}
+
+fn data(dir: &Path) -> PathBuf {
+    let words = ["hello", "what", "is", "the", "capital", "of", "france", "paris", "good", "day", "cat", "dog"];
+    let mut lines = String::new();
+    for i in 0..40 {
+        let q = format!("{} {} {}", words[i % 12], words[(i * 5 + 1) % 12], words[(i * 7 + 2) % 12]);
+        let a = format!("{} {}", words[(i * 3) % 12], words[(i + 4) % 12]);
+        lines.push_str(&serde_json::json!({"question": q, "answer": a}).to_string());
+        lines.push('\n');
+    }
+    let p = dir.join("data.jsonl");
+    std::fs::write(&p, lines).unwrap();
+    p
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train", "--model", model, "--data", data, "--out", out, "--r", "4", "--alpha", "8", "--steps", "6",
+        "--batch-size", "4", "--lr", "0.01", "--warmup", "1", "--save-every", "3", "--max-len", "32",
+    ]
+}
+
+fn adapter_values(dir: &Path) -> Vec<f32> {
+    let files = peft_core::adapter_io::load_adapter(dir).unwrap();
+    files.tensors.tensors.values().flat_map(|t| t.data.clone()).collect()
+}
+
+#[test]
+fn train_writes_adapter_metrics_plot_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let model = tiny();
+    let (full, part) = (tmp.path().join("full"), tmp.path().join("part"));
+    let o = peft(&train_args(s(&model), s(&data), s(&full)));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.svg", "checkpoint/trainer_state.json"] {
+        assert!(full.join(f).exists(), "missing {f}");
+    }
+    let metrics = std::fs::read_to_string(full.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+    assert!(metrics.lines().last().unwrap().contains("eval_loss"));
+
+    // Interrupted after 3 steps, then resumed: same adapter as the uninterrupted run.
+    let mut args = train_args(s(&model), s(&data), s(&part));
+    args.extend(["--stop-after", "3"]);
+    assert!(peft(&args).status.success());
+    assert!(!part.join("adapter_model.safetensors").exists());
+    let mut args = train_args(s(&model), s(&data), s(&part));
+    args.push("--resume");
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (adapter_values(&full), adapter_values(&part));
+    assert_eq!(a.len(), b.len());
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff <= 1e-6, "resumed adapter differs by {diff}");
+    assert_eq!(std::fs::read_to_string(part.join("metrics.jsonl")).unwrap().lines().count(), 6);
+
+    // The trained adapter works with the other commands.
+    let o = peft(&["inspect", s(&full)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("LORA") && text.contains("q_proj"), "{text}");
+    let o = peft(&["eval", "--model", s(&model), "--adapter", s(&full), "--data", s(&data)]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("perplexity"), "{}", stderr(&o));
+    let o = peft(&["generate", "--model", s(&model), "--adapter", s(&full), "--prompt", "hello", "--max-new-tokens", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let merged = tmp.path().join("merged");
+    let o = peft(&["merge", "--model", s(&model), "--adapter", s(&full), "--out", s(&merged)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The merged folder loads as a plain model and gives the adapter's held-out loss.
+    let eval = |args: &[&str]| -> f64 {
+        let o = peft(args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"].as_f64().unwrap()
+    };
+    let with_adapter = eval(&["eval", "--model", s(&model), "--adapter", s(&full), "--data", s(&data)]);
+    let merged_loss = eval(&["eval", "--model", s(&merged), "--data", s(&data)]);
+    assert!((with_adapter - merged_loss).abs() < 1e-4, "{with_adapter} vs {merged_loss}");
+}
+
+#[test]
+fn config_file_gives_the_same_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let out = tmp.path().join("run");
+    let toml = format!(
+        "model = {:?}\ndata = {:?}\nout = {:?}\nr = 2\nalpha = 4.0\nsteps = 2\nbatch_size = 2\ntarget = [\"q_proj\", \"k_proj\"]\n",
+        s(&tiny()), s(&data), s(&out)
+    );
+    std::fs::write(tmp.path().join("run.toml"), toml).unwrap();
+    let o = peft(&["train", "--config", s(&tmp.path().join("run.toml"))]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["r"], 2);
+    assert_eq!(config["target_modules"], serde_json::json!(["q_proj", "k_proj"]));
+}
+
+#[test]
+fn user_errors_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let model = tiny();
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"question\": \"hi\", \"answer\": \"hello\"}\n{\"nope\": 1}\n").unwrap();
+    let out = tmp.path().join("o");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["train", "--bogus"], "--bogus"),
+        (vec!["train", "--model", s(&model), "--data", s(&data), "--out", s(&out), "--method", "magic"], "unknown method `magic`"),
+        (vec!["train", "--model", s(&model), "--data", s(&bad), "--out", s(&out)], "bad.jsonl:2"),
+        (vec!["train", "--model", s(tmp.path()), "--data", s(&data), "--out", s(&out)], "config.json"),
+        (vec!["train", "--model", s(&model), "--data", s(&data), "--out", s(tmp.path())], "--overwrite"),
+        (vec!["train", "--model", s(&model), "--data", s(&data), "--out", s(&out), "--target", "nothing"], "matched no module"),
+        (vec!["generate", "--model", s(&model), "--prompt", "x", "--device", "tpu"], "unknown device `tpu`"),
+    ];
+    for (args, needle) in cases {
+        let o = peft(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        // Progress lines may precede it, but the error itself is one line, with no backtrace.
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(last.contains(needle) && last.starts_with("error"), "{args:?}: {err}");
+        assert!(!err.contains("backtrace") && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}

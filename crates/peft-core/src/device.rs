@@ -1,0 +1,51 @@
+//! Picking the burn device at run time by name (`--device cpu|wgpu|cuda`).
+
+use burn::tensor::Device;
+
+use crate::{PeftError, Result};
+
+/// The device called `name`: `cpu` (alias `flex`), `wgpu` or `cuda` (`cuda:N` for GPU N).
+/// A backend that was not compiled in is an error that names the cargo feature to enable.
+pub fn device_by_name(name: &str) -> Result<Device> {
+    match name {
+        "cpu" | "flex" => Ok(Device::flex()),
+        "wgpu" => wgpu(),
+        n if n == "cuda" || n.starts_with("cuda:") => {
+            let index = n.strip_prefix("cuda:").map(str::parse::<usize>).transpose().map_err(|_| {
+                PeftError::Config(format!("device `{n}`: expected cuda or cuda:N"))
+            })?;
+            cuda(index.unwrap_or(0))
+        }
+        other => Err(PeftError::Config(format!("unknown device `{other}` (expected cpu, wgpu or cuda)"))),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu() -> Result<Device> {
+    Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu() -> Result<Device> {
+    Err(PeftError::Config("this build has no wgpu backend; rebuild with `--features wgpu`".into()))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(index: usize) -> Result<Device> {
+    Ok(Device::cuda(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_index: usize) -> Result<Device> {
+    Err(PeftError::Config("this build has no CUDA backend; rebuild with `--features cuda`".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names() {
+        assert!(super::device_by_name("cpu").is_ok());
+        let err = super::device_by_name("tpu").unwrap_err().to_string();
+        assert!(err.contains("tpu"), "{err}");
+    }
+}
