@@ -181,8 +181,19 @@ impl TensorMap {
         Self::from_safetensors_bytes(path, &bytes)
     }
 
+    /// Read the float tensors of a model checkpoint, skipping integer buffers such as BERT's
+    /// `position_ids` (they are not weights).
+    pub fn read_safetensors_weights(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| PeftError::io(path, e))?;
+        Self::parse(path, &bytes, true)
+    }
+
     /// Parse safetensors bytes; `path` is only used in error messages.
     pub fn from_safetensors_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        Self::parse(path, bytes, false)
+    }
+
+    fn parse(path: &Path, bytes: &[u8], skip_integers: bool) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| PeftError::format(path, format!("not a valid safetensors file: {e}")))?;
         let mut map = TensorMap::new();
@@ -207,6 +218,7 @@ impl TensorMap {
                         .collect(),
                     StoredDtype::BF16,
                 ),
+                Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::I8 | Dtype::U8 | Dtype::BOOL if skip_integers => continue,
                 other => {
                     return Err(PeftError::Dtype {
                         path: path.to_path_buf(),

@@ -34,6 +34,18 @@ fn bias_key(path: &str, adapted: bool) -> String {
     }
 }
 
+/// Slots trained and saved whole (`modules_to_save`, suffix match on the path).
+fn saved_modules<M: LoraHost>(config: &LoraConfig, model: &M) -> Vec<String> {
+    let names = config.modules_to_save.clone().unwrap_or_default();
+    let selector = peft_core::target::ModuleSelector::List(names);
+    model
+        .lora_slots()
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| selector.matches(p).unwrap_or(false))
+        .collect()
+}
+
 /// Paths of the slots that hold adapter `name`.
 fn adapted_paths<M: LoraHost>(model: &M, name: &str) -> Vec<String> {
     model
@@ -64,6 +76,13 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
             let (r, alpha) = self.rank_alpha(path)?;
             slot(&mut model, path)?.add_adapter(name, r, alpha, self.use_rslora, self.lora_dropout, init);
         }
+        for path in saved_modules(self, &model) {
+            let s = slot(&mut model, &path)?;
+            s.base.weight = trainable(s.base.weight.val().detach());
+            if let Some(b) = s.base.bias.take() {
+                s.base.bias = Some(trainable(b.val().detach()));
+            }
+        }
         // bias = "all" trains every bias, "lora_only" those of adapted layers.
         if self.bias != "none" {
             let paths: Vec<String> = if self.bias == "all" {
@@ -83,6 +102,7 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
 
     fn state(&self, model: &M, name: &str) -> Result<TensorMap> {
         let mut out = TensorMap::new();
+        let whole = saved_modules(self, model);
         for (path, s) in model.lora_slots() {
             if let Some(adapter) = s.adapter(name) {
                 out.insert(
@@ -93,6 +113,13 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
                     format!("{KEY_PREFIX}{path}.lora_B.weight"),
                     HostTensor::from_tensor(adapter.b.val()).transposed(),
                 );
+            }
+            if whole.contains(&path) {
+                out.insert(format!("{KEY_PREFIX}{path}.weight"), s.base.weight_hf());
+                if let Some(b) = &s.base.bias {
+                    out.insert(format!("{KEY_PREFIX}{path}.bias"), HostTensor::from_tensor(b.val()));
+                }
+                continue;
             }
             let save_bias = match self.bias.as_str() {
                 "all" => true,
@@ -115,6 +142,17 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
             let a = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.lora_A.weight"), &[r, d_in])?;
             let b = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.lora_B.weight"), &[d_out, r])?;
             s.set_weights(name, a.transposed().to_tensor(&device), b.transposed().to_tensor(&device))?;
+        }
+        for path in saved_modules(self, &model) {
+            let s = slot(&mut model, &path)?;
+            let device = s.base.weight.device();
+            let (d_in, d_out) = (s.base.d_input(), s.base.d_output());
+            let w = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.weight"), &[d_out, d_in])?;
+            s.base.weight = trainable(w.transposed().to_tensor(&device));
+            if s.base.bias.is_some() {
+                let b = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.bias"), &[d_out])?;
+                s.base.bias = Some(trainable(b.to_tensor(&device)));
+            }
         }
         if self.bias != "none" {
             for (path, _) in model.module_paths() {
@@ -183,6 +221,7 @@ pub fn merge_and_unload_state<M: LoraHost>(mut model: M) -> Result<M> {
         s.active.clear();
         s.merged.clear();
         s.disabled = false;
+        s.base.weight = frozen(s.base.weight.val().detach());
         if let Some(b) = s.base.bias.take() {
             s.base.bias = Some(frozen(b.val().detach()));
         }

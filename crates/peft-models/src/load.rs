@@ -54,7 +54,7 @@ pub fn read_safetensors_folder(dir: &Path) -> Result<TensorMap> {
     }
     let mut all = TensorMap::new();
     for f in files {
-        all.tensors.extend(TensorMap::read_safetensors(&f)?.tensors);
+        all.tensors.extend(TensorMap::read_safetensors_weights(&f)?.tensors);
     }
     Ok(all)
 }
@@ -141,4 +141,18 @@ mod tests {
         let back = unpermute(HostTensor::new(vec![out, inp], permuted), n_head);
         assert_eq!(back.data, hf);
     }
+}
+
+/// Load a BERT folder (`config.json`, `*.safetensors`, `tokenizer.json`) with a
+/// `num_labels`-class head.
+pub fn load_bert_classifier(
+    dir: &Path,
+    num_labels: usize,
+    device: &Device,
+) -> Result<(crate::bert::BertForSequenceClassification, TextTokenizer)> {
+    let config = crate::bert::BertConfig::from_file(&dir.join("config.json"))?;
+    let tensors = read_safetensors_folder(dir)?;
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), vec![])?;
+    let model = crate::bert::BertForSequenceClassification::from_tensors(config, num_labels, tensors, dir, device)?;
+    Ok((model, tokenizer))
 }

@@ -98,7 +98,9 @@ impl TextTokenizer {
         Ok(Self::finish(inner, eos, system_from_template(template)))
     }
 
-    fn finish(inner: Tokenizer, mut eos_ids: Vec<u32>, default_system: Option<String>) -> Self {
+    fn finish(mut inner: Tokenizer, mut eos_ids: Vec<u32>, default_system: Option<String>) -> Self {
+        // Batches are padded by the caller to their own longest sequence.
+        inner.with_padding(None);
         let chatml = inner.token_to_id("<|im_start|>").is_some();
         if let Some(id) = inner.token_to_id("<|im_end|>")
             && !eos_ids.contains(&id)
@@ -113,6 +115,23 @@ impl TextTokenizer {
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| PeftError::Other(format!("tokenizer: {e}")))
+    }
+
+    /// Encode with the model's special tokens (e.g. BERT's `[CLS] ... [SEP]`), truncated to
+    /// `max_len`.
+    pub fn encode_with_special(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+        let mut ids = self
+            .inner
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| PeftError::Other(format!("tokenizer: {e}")))?;
+        if ids.len() > max_len {
+            // Keep the closing special token (e.g. [SEP]).
+            let last = *ids.last().expect("non-empty");
+            ids.truncate(max_len);
+            ids[max_len - 1] = last;
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

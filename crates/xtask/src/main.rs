@@ -49,20 +49,59 @@ fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
+/// Passed and failed test counts over several `cargo test` runs.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+}
+
+impl Tally {
+    /// Run `cargo test ...`, echoing its output and adding up its `test result:` lines.
+    fn cargo_test(&mut self, args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
+        use std::io::{BufRead, BufReader};
+        eprintln!("+ cargo {}", args.join(" "));
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(args).current_dir(workspace_root()).stdout(std::process::Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("running cargo")?;
+        for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| -> usize {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(word).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok()))
+                        .unwrap_or(0)
+                };
+                self.passed += count(" passed");
+                self.failed += count(" failed");
+            }
+        }
+        if !child.wait()?.success() {
+            bail!("`cargo {}` failed", args.join(" "));
+        }
+        Ok(())
+    }
+}
+
 fn test(args: &[String]) -> Result<()> {
     fetch()?;
     let models = models_dir();
     let models = models.to_str().context("models path is not UTF-8")?;
     let env = [("PEFT_MODELS_DIR", models)];
-    cargo(&["test", "--workspace", "--all-targets"], &env)?;
-    cargo(&["test", "--workspace", "--doc"], &env)?;
-    if args.iter().any(|a| a == "--no-gpu-backends") {
-        return Ok(());
+    let mut tally = Tally::default();
+    if !args.iter().any(|a| a == "--no-gpu-backends") {
+        // CUDA cannot be built offline (cubecl-cuda downloads LLVM); type-check it instead.
+        cargo(&["check", "-p", "peft-models", "--features", "cuda"], &[("DOCS_RS", "1")])?;
+        // The LoRA layer on wgpu (Vulkan; lavapipe runs it on the CPU where no GPU is present).
+        tally.cargo_test(&["test", "-p", "peft-lora", "--features", "wgpu", "--test", "wgpu"], &env)?;
     }
-    // The LoRA layer on wgpu (Vulkan; lavapipe runs it on the CPU where no GPU is present).
-    cargo(&["test", "-p", "peft-lora", "--features", "wgpu", "--test", "wgpu"], &env)?;
-    // CUDA cannot be built offline (cubecl-cuda downloads LLVM); type-check it instead.
-    cargo(&["check", "-p", "peft-models", "--features", "cuda"], &[("DOCS_RS", "1")])?;
+    tally.cargo_test(&["test", "--workspace", "--doc"], &env)?;
+    tally.cargo_test(&["test", "--workspace", "--all-targets"], &env)?;
+    println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
     Ok(())
 }
 

@@ -1,0 +1,326 @@
+//! A BERT encoder (token, position and type embeddings; post-LN blocks; GELU) with a sequence
+//! classification head, laid out as Hugging Face `BertForSequenceClassification`
+//! (`bert.encoder.layer.0.attention.self.query`, `classifier`).
+//!
+//! The head is trained whole beside the adapter (PEFT `modules_to_save = ["classifier"]`).
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use peft_core::linear::FrozenLinear;
+use peft_core::params::frozen;
+use peft_core::target::ModuleKind;
+use peft_core::tensors::{HostTensor, TensorMap};
+use peft_core::tuner::ModuleHost;
+use peft_core::{PeftError, Result};
+use peft_lora::{LoraHost, LoraLinear};
+use serde::{Deserialize, Serialize};
+
+use crate::llama::LinearSlot;
+
+fn default_eps() -> f64 {
+    1e-12
+}
+fn two() -> usize {
+    2
+}
+
+/// The fields of a BERT `config.json` the model uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Number of classes of the head (`num_labels`; `id2label` also gives it).
+    #[serde(default)]
+    pub num_labels: Option<usize>,
+}
+
+impl BertConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
+        if let Some(t) = value.get("model_type").and_then(|v| v.as_str())
+            && t != "bert"
+        {
+            return Err(PeftError::format(path, format!("model_type `{t}` is not a BERT encoder")));
+        }
+        let mut config: Self =
+            serde_json::from_value(value.clone()).map_err(|e| PeftError::format(path, format!("config: {e}")))?;
+        if config.num_labels.is_none() {
+            config.num_labels = value.get("id2label").and_then(|v| v.as_object()).map(|m| m.len());
+        }
+        if config.hidden_size % config.num_attention_heads != 0 {
+            return Err(PeftError::format(path, "hidden_size is not a multiple of num_attention_heads"));
+        }
+        Ok(config)
+    }
+}
+
+/// Layer norm with a frozen scale and shift (Hugging Face `LayerNorm.weight` / `.bias`).
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let mean = x.clone().mean_dim(2);
+        let centered = x - mean;
+        let var = centered.clone().powi_scalar(2).mean_dim(2);
+        centered.div(var.add_scalar(self.eps).sqrt()).mul(self.weight.val().unsqueeze::<3>()) + self.bias.val().unsqueeze::<3>()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct BertLayer {
+    pub query: LinearSlot,
+    pub key: LinearSlot,
+    pub value: LinearSlot,
+    /// `attention.output.dense`
+    pub attention_output: LinearSlot,
+    pub attention_norm: LayerNorm,
+    /// `intermediate.dense`
+    pub intermediate: LinearSlot,
+    /// `output.dense`
+    pub output: LinearSlot,
+    pub output_norm: LayerNorm,
+}
+
+/// BERT with a classification head on the pooled `[CLS]` state.
+#[derive(Module, Debug)]
+pub struct BertForSequenceClassification {
+    pub word_embeddings: Param<Tensor<2>>,
+    pub position_embeddings: Param<Tensor<2>>,
+    pub token_type_embeddings: Param<Tensor<2>>,
+    pub embeddings_norm: LayerNorm,
+    pub layers: Vec<BertLayer>,
+    /// `bert.pooler.dense` (tanh of it on `[CLS]`).
+    pub pooler: LinearSlot,
+    pub classifier: LinearSlot,
+    pub n_heads: usize,
+    #[module(skip)]
+    pub config: BertConfig,
+}
+
+const LAYER_SLOTS: [&str; 6] = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
+impl BertForSequenceClassification {
+    /// Build from Hugging Face tensors (`BertModel` keys with or without the `bert.` prefix).
+    /// Without `classifier.*` tensors the head is new: weight ~ N(0, 0.02), bias 0.
+    pub fn from_tensors(config: BertConfig, num_labels: usize, mut t: TensorMap, source: &Path, device: &Device) -> Result<Self> {
+        let prefixed: Vec<String> = t.keys().filter(|k| k.starts_with("bert.")).cloned().collect();
+        for k in prefixed {
+            let v = t.remove(&k).expect("present");
+            t.insert(k.trim_start_matches("bert.").to_string(), v);
+        }
+        t.tensors.retain(|k, _| !k.ends_with("position_ids"));
+        let h = config.hidden_size;
+        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize| -> Result<LinearSlot> {
+            let w = t.take_shaped(source, &format!("{name}.weight"), &[out, inp])?;
+            let b = t.take_shaped(source, &format!("{name}.bias"), &[out])?;
+            Ok(LinearSlot::from_base(FrozenLinear::from_hf(&w, Some(&b), device)))
+        };
+        let norm = |t: &mut TensorMap, name: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: frozen(t.take_shaped(source, &format!("{name}.weight"), &[h])?.to_tensor(device)),
+                bias: frozen(t.take_shaped(source, &format!("{name}.bias"), &[h])?.to_tensor(device)),
+                eps: config.layer_norm_eps,
+            })
+        };
+        let emb = |t: &mut TensorMap, name: &str, rows: usize| -> Result<Param<Tensor<2>>> {
+            Ok(frozen(t.take_shaped(source, &format!("embeddings.{name}.weight"), &[rows, h])?.to_tensor(device)))
+        };
+        let word_embeddings = emb(&mut t, "word_embeddings", config.vocab_size)?;
+        let position_embeddings = emb(&mut t, "position_embeddings", config.max_position_embeddings)?;
+        let token_type_embeddings = emb(&mut t, "token_type_embeddings", config.type_vocab_size)?;
+        let embeddings_norm = norm(&mut t, "embeddings.LayerNorm")?;
+        let mut layers = Vec::new();
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            layers.push(BertLayer {
+                query: linear(&mut t, &format!("{p}.attention.self.query"), h, h)?,
+                key: linear(&mut t, &format!("{p}.attention.self.key"), h, h)?,
+                value: linear(&mut t, &format!("{p}.attention.self.value"), h, h)?,
+                attention_output: linear(&mut t, &format!("{p}.attention.output.dense"), h, h)?,
+                attention_norm: norm(&mut t, &format!("{p}.attention.output.LayerNorm"))?,
+                intermediate: linear(&mut t, &format!("{p}.intermediate.dense"), config.intermediate_size, h)?,
+                output: linear(&mut t, &format!("{p}.output.dense"), h, config.intermediate_size)?,
+                output_norm: norm(&mut t, &format!("{p}.output.LayerNorm"))?,
+            });
+        }
+        let pooler = linear(&mut t, "pooler.dense", h, h)?;
+        let classifier = if t.get("classifier.weight").is_some() {
+            linear(&mut t, "classifier", num_labels, h)?
+        } else {
+            let w = Tensor::<2>::random([h, num_labels], Distribution::Normal(0.0, 0.02), device);
+            LoraLinear::new(w, Some(Tensor::zeros([num_labels], device)))
+        };
+        if !t.is_empty() {
+            let left: Vec<&String> = t.keys().take(5).collect();
+            return Err(PeftError::format(source, format!("{} tensors are not part of a BERT model (first: {left:?})", t.len())));
+        }
+        let mut config = config;
+        config.num_labels = Some(num_labels);
+        Ok(Self {
+            word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
+            embeddings_norm,
+            layers,
+            pooler,
+            classifier,
+            n_heads: config.num_attention_heads,
+            config,
+        })
+    }
+
+    /// Class logits `[batch, num_labels]` for token ids and a 1/0 attention mask `[batch, seq]`.
+    pub fn forward(&self, tokens: Tensor<2, Int>, attention_mask: Tensor<2>) -> Tensor<2> {
+        let device = tokens.device();
+        let [b, s] = tokens.dims();
+        let h = self.config.hidden_size;
+        let (nh, hd) = (self.n_heads, h / self.n_heads);
+        let positions = Tensor::<1, Int>::arange(0..s as i64, &device).reshape([1, s]);
+        let mut x = burn::tensor::module::embedding(self.word_embeddings.val(), tokens)
+            + burn::tensor::module::embedding(self.position_embeddings.val(), positions)
+            + self.token_type_embeddings.val().narrow(0, 0, 1).reshape([1, 1, h]);
+        x = self.embeddings_norm.forward(x);
+        // Padding keys get a large negative score, so softmax gives them zero weight.
+        let bias = attention_mask.neg().add_scalar(1.0).mul_scalar(-1e9).reshape([b, 1, 1, s]);
+        for l in &self.layers {
+            let heads = |slot: &LinearSlot, x: Tensor<3>| slot.forward(x).reshape([b, s, nh, hd]).swap_dims(1, 2);
+            let q = heads(&l.query, x.clone());
+            let k = heads(&l.key, x.clone());
+            let v = heads(&l.value, x.clone());
+            let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt()) + bias.clone();
+            let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, s, h]);
+            x = l.attention_norm.forward(x + l.attention_output.forward(ctx));
+            let ff = l.output.forward(gelu(l.intermediate.forward(x.clone())));
+            x = l.output_norm.forward(x + ff);
+        }
+        let cls = x.narrow(1, 0, 1).reshape([b, h]);
+        let pooled = self.pooler.forward(cls).tanh();
+        self.classifier.forward(pooled)
+    }
+
+    /// Mean cross-entropy of `labels` `[batch]`.
+    pub fn loss(&self, tokens: Tensor<2, Int>, attention_mask: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+        let logits = self.forward(tokens, attention_mask);
+        let [b, _] = logits.dims();
+        let logp = burn::tensor::activation::log_softmax(logits, 1);
+        logp.gather(1, labels.reshape([b, 1])).mean().neg()
+    }
+
+    /// Every weight under its Hugging Face `BertForSequenceClassification` key.
+    pub fn to_tensors(&self) -> TensorMap {
+        let mut t = TensorMap::new();
+        let host1 = |p: &Param<Tensor<1>>| HostTensor::from_tensor(p.val());
+        for (path, slot) in self.lora_slots() {
+            t.insert(format!("{path}.weight"), slot.base.weight_hf());
+            if let Some(b) = &slot.base.bias {
+                t.insert(format!("{path}.bias"), host1(b));
+            }
+        }
+        t.insert("bert.embeddings.word_embeddings.weight", HostTensor::from_tensor(self.word_embeddings.val()));
+        t.insert("bert.embeddings.position_embeddings.weight", HostTensor::from_tensor(self.position_embeddings.val()));
+        t.insert("bert.embeddings.token_type_embeddings.weight", HostTensor::from_tensor(self.token_type_embeddings.val()));
+        let mut norm = |name: String, n: &LayerNorm| {
+            t.insert(format!("{name}.weight"), host1(&n.weight));
+            t.insert(format!("{name}.bias"), host1(&n.bias));
+        };
+        norm("bert.embeddings.LayerNorm".into(), &self.embeddings_norm);
+        for (i, l) in self.layers.iter().enumerate() {
+            norm(format!("bert.encoder.layer.{i}.attention.output.LayerNorm"), &l.attention_norm);
+            norm(format!("bert.encoder.layer.{i}.output.LayerNorm"), &l.output_norm);
+        }
+        t
+    }
+
+    pub fn device(&self) -> Device {
+        self.word_embeddings.device()
+    }
+}
+
+/// Token ids and attention mask of a padded batch.
+pub fn encode_batch(ids: &[Vec<u32>], device: &Device) -> (Tensor<2, Int>, Tensor<2>) {
+    let s = ids.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let mut tok = Vec::with_capacity(ids.len() * s);
+    let mut mask = Vec::with_capacity(ids.len() * s);
+    for row in ids {
+        tok.extend(row.iter().map(|&t| t as i64));
+        tok.extend(std::iter::repeat_n(0i64, s - row.len()));
+        mask.extend(std::iter::repeat_n(1.0f32, row.len()));
+        mask.extend(std::iter::repeat_n(0.0f32, s - row.len()));
+    }
+    let b = ids.len();
+    (
+        Tensor::from_data(TensorData::new(tok, [b, s]), device),
+        Tensor::from_data(TensorData::new(mask, [b, s]), device),
+    )
+}
+
+impl ModuleHost for BertForSequenceClassification {
+    fn module_paths(&self) -> Vec<(String, ModuleKind)> {
+        self.lora_slots()
+            .into_iter()
+            .map(|(p, _)| {
+                let kind = if p == "classifier" { ModuleKind::OutputHead } else { ModuleKind::Linear };
+                (p, kind)
+            })
+            .collect()
+    }
+}
+
+impl LoraHost for BertForSequenceClassification {
+    fn lora_slot_mut(&mut self, path: &str) -> Option<&mut LoraLinear> {
+        match path {
+            "classifier" => return Some(&mut self.classifier),
+            "bert.pooler.dense" => return Some(&mut self.pooler),
+            _ => {}
+        }
+        let (idx, rest) = path.strip_prefix("bert.encoder.layer.")?.split_once('.')?;
+        let l = self.layers.get_mut(idx.parse::<usize>().ok()?)?;
+        Some(match rest {
+            "attention.self.query" => &mut l.query,
+            "attention.self.key" => &mut l.key,
+            "attention.self.value" => &mut l.value,
+            "attention.output.dense" => &mut l.attention_output,
+            "intermediate.dense" => &mut l.intermediate,
+            "output.dense" => &mut l.output,
+            _ => return None,
+        })
+    }
+
+    fn lora_slots(&self) -> Vec<(String, &LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let slots = [&l.query, &l.key, &l.value, &l.attention_output, &l.intermediate, &l.output];
+            for (name, s) in LAYER_SLOTS.iter().zip(slots) {
+                out.push((format!("bert.encoder.layer.{i}.{name}"), s));
+            }
+        }
+        out.push(("bert.pooler.dense".into(), &self.pooler));
+        out.push(("classifier".into(), &self.classifier));
+        out
+    }
+}
