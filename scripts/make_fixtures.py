@@ -110,6 +110,43 @@ def make_tiny():
         print(case, "->", d, tuple(logits.shape))
 
 
+def make_bert():
+    """A tiny BertForSequenceClassification (3 labels) with a word-level BERT-style tokenizer,
+    and its logits on a padded batch."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root = os.path.join(FIX, "bert_tiny")
+    shutil.rmtree(root, ignore_errors=True)
+    out = os.path.join(root, "model")
+    torch.manual_seed(5)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+    for w in WORDS[: 64 - len(vocab)]:
+        vocab[w] = len(vocab)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    model = BertForSequenceClassification(cfg).eval()
+    # BERT's 0.02 init leaves a random model's [CLS] state almost input-independent; unit-scale
+    # weights make the tiny model respond to its input like a trained one does.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embeddings" in name:
+                p.normal_(0, 1.0)
+            elif p.dim() == 2:
+                p.normal_(0, p.shape[1] ** -0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(os.path.join(out, "tokenizer.json"))
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 20, 21, 3, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    save_file({"input_ids": ids.contiguous(), "logits": logits.contiguous()}, os.path.join(root, "expected.safetensors"))
+    print("bert_tiny ->", root, tuple(logits.shape))
+
+
 def make_smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,11 +192,13 @@ def verify(adapter_dir, case):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--verify", nargs=2, metavar=("ADAPTER_DIR", "CASE"))
-    ap.add_argument("--only", choices=["tiny", "smollm2"])
+    ap.add_argument("--only", choices=["tiny", "bert", "smollm2"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
     if a.only in (None, "tiny"):
         make_tiny()
+    if a.only in (None, "bert"):
+        make_bert()
     if a.only in (None, "smollm2"):
         make_smollm2()

@@ -1,5 +1,6 @@
 //! `peft`: parameter-efficient fine-tuning from the command line.
 
+mod classify;
 mod data;
 mod plot;
 mod train;
@@ -38,6 +39,13 @@ enum Command {
         data: PathBuf,
         #[arg(long, default_value_t = 256)]
         max_len: usize,
+        /// causal-lm (loss, perplexity) or classification (accuracy, macro-F1).
+        #[arg(long, default_value = "causal-lm")]
+        task: String,
+        #[arg(long, default_value = "text")]
+        text_column: String,
+        #[arg(long, default_value = "label")]
+        label_column: String,
     },
     /// Answer a prompt greedily, with or without adapters.
     Generate {
@@ -169,8 +177,15 @@ fn inspect(path: &Path) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args, &cli.device),
-        Command::Eval { model, adapter, data, max_len } => {
+        Command::Eval { model, adapter, data, max_len, task, text_column, label_column } => {
             let dev = device(&cli.device)?;
+            if task == "classification" {
+                let adapter = adapter.context("--adapter is required for classification (the head is trained)")?;
+                println!("{}", classify::eval(&model, &adapter, &data, &text_column, &label_column, &dev)?);
+                return Ok(());
+            } else if task != "causal-lm" {
+                bail!("unknown task `{task}` (supported: causal-lm, classification)");
+            }
             let (loaded, _) = load_with_adapters(&model, adapter.as_slice(), &dev)?;
             let examples = data::read_examples(&data, &loaded.tokenizer, max_len)?;
             let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);

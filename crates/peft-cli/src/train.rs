@@ -13,9 +13,11 @@ use peft_core::params::ParamReport;
 use peft_core::target::ModuleSelector;
 use peft_core::train::{StepReport, TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
-use peft_lora::LoraConfig;
+use burn::module::Module;
+use burn::tensor::Device;
+use peft_lora::{LoraConfig, LoraHost};
 use peft_models::load::load_causal_lm;
-use peft_models::train::{Example, eval_loss, lm_batch_loss};
+use peft_models::train::{eval_loss, lm_batch_loss};
 use serde::Deserialize;
 
 use crate::data::read_examples;
@@ -38,6 +40,16 @@ pub struct TrainArgs {
     /// Training data: .jsonl file or chatterbot YAML folder.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Task: causal-lm (chat pairs or plain text) or classification (CSV, BERT models)
+    /// [default: causal-lm].
+    #[arg(long)]
+    pub task: Option<String>,
+    /// CSV column holding the text (classification) [default: text].
+    #[arg(long)]
+    pub text_column: Option<String>,
+    /// CSV column holding the label (classification) [default: label].
+    #[arg(long)]
+    pub label_column: Option<String>,
     /// Held-out data (default: every 10th example of --data).
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
@@ -114,7 +126,7 @@ impl TrainArgs {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
         let mut file: TrainArgs =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-        merge!(self, file, model, method, data, eval_data, out, r, alpha, dropout, target, rslora, steps, lr,
+        merge!(self, file, model, method, task, text_column, label_column, data, eval_data, out, r, alpha, dropout, target, rslora, steps, lr,
             batch_size, grad_accum, warmup, max_grad_norm, weight_decay, max_len, seed, save_every);
         self.overwrite |= file.overwrite;
         self.resume |= file.resume;
@@ -122,8 +134,9 @@ impl TrainArgs {
     }
 }
 
-fn lora_config(a: &TrainArgs) -> Result<LoraConfig> {
-    let targets = a.target.clone().unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]);
+fn lora_config(a: &TrainArgs, classification: bool) -> Result<LoraConfig> {
+    let default_targets: &[&str] = if classification { &["query", "value"] } else { &["q_proj", "v_proj"] };
+    let targets = a.target.clone().unwrap_or_else(|| default_targets.iter().map(|s| s.to_string()).collect());
     let selector = if targets.len() == 1 && (targets[0] == "all-linear" || targets[0].contains(['*', '(', '|', '\\'])) {
         ModuleSelector::Pattern(targets[0].clone())
     } else {
@@ -135,7 +148,9 @@ fn lora_config(a: &TrainArgs) -> Result<LoraConfig> {
         lora_dropout: a.dropout.unwrap_or(0.0),
         use_rslora: a.rslora.unwrap_or(false),
         target_modules: Some(selector),
-        task_type: Some("CAUSAL_LM".into()),
+        task_type: Some(if classification { "SEQ_CLS" } else { "CAUSAL_LM" }.into()),
+        // The classification head is new: train it whole and save it with the adapter.
+        modules_to_save: classification.then(|| vec!["classifier".into()]),
         base_model_name_or_path: a.model.as_ref().map(|p| p.display().to_string()),
         ..Default::default()
     };
@@ -146,7 +161,7 @@ fn lora_config(a: &TrainArgs) -> Result<LoraConfig> {
 const CHECKPOINT: &str = "checkpoint";
 
 /// Replace `out/checkpoint` atomically: build it beside, then swap names.
-fn save_checkpoint(out: &Path, trainer: &Trainer<peft_models::llama::LlamaForCausalLM>, config: &LoraConfig) -> Result<()> {
+fn save_checkpoint<M: LoraHost + Module>(out: &Path, trainer: &Trainer<M>, config: &LoraConfig) -> Result<()> {
     let tmp = out.join(".checkpoint.tmp");
     let old = out.join(".checkpoint.old");
     let dest = out.join(CHECKPOINT);
@@ -183,16 +198,36 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         .with_context(|| format!("{}", path.display()))
 }
 
+/// What both tasks share once the options are resolved.
+pub(crate) struct Run {
+    pub(crate) args: TrainArgs,
+    pub(crate) lora: LoraConfig,
+    pub(crate) out: PathBuf,
+    pub(crate) resume_from: Option<PathBuf>,
+    pub(crate) config: TrainConfig,
+    pub(crate) device: Device,
+}
+
 pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
     let a = args.with_config_file()?;
     let method = a.method.clone().unwrap_or_else(|| "lora".into());
     if method != "lora" {
         bail!("unknown method `{method}` (supported: lora)");
     }
-    let model_path = a.model.clone().context("--model is required (a Hugging Face folder or a .gguf file)")?;
-    let data_path = a.data.clone().context("--data is required (a .jsonl file or a chatterbot YAML folder)")?;
+    let task = a.task.clone().unwrap_or_else(|| "causal-lm".into());
+    let classification = match task.as_str() {
+        "causal-lm" => false,
+        "classification" => true,
+        other => bail!("unknown task `{other}` (supported: causal-lm, classification)"),
+    };
+    if a.model.is_none() {
+        bail!("--model is required (a Hugging Face folder or a .gguf file)");
+    }
+    if a.data.is_none() {
+        bail!("--data is required (a .jsonl file, a .csv for classification, or a chatterbot YAML folder)");
+    }
     let out = a.out.clone().context("--out is required")?;
-    let lora = lora_config(&a)?;
+    let lora = lora_config(&a, classification)?;
     let resume_from = if a.resume {
         Some(find_checkpoint(&out).with_context(|| format!("--resume: no checkpoint in {}", out.display()))?)
     } else {
@@ -204,8 +239,6 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
         }
         None
     };
-    std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
-
     let config = TrainConfig {
         learning_rate: a.lr.unwrap_or(2e-4),
         weight_decay: a.weight_decay.unwrap_or(0.0),
@@ -218,30 +251,63 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
     };
     let device = peft_core::device::device_by_name(device_name)?.autodiff();
     device.seed(config.seed);
+    let run = Run { args: a, lora, out, resume_from, config, device };
+    if classification { crate::classify::train(run) } else { train_causal_lm(run) }
+}
+
+/// Every 10th example held out when no --eval-data is given (and there are enough).
+pub(crate) fn hold_out<E: Clone>(train: Vec<E>, eval: Option<Vec<E>>) -> (Vec<E>, Vec<E>) {
+    match eval {
+        Some(e) => (train, e),
+        None if train.len() >= 10 => {
+            let held = train.iter().skip(9).step_by(10).cloned().collect();
+            let rest = train.into_iter().enumerate().filter(|(i, _)| i % 10 != 9).map(|(_, e)| e).collect();
+            (rest, held)
+        }
+        None => (train, Vec::new()),
+    }
+}
+
+fn train_causal_lm(run: Run) -> Result<()> {
+    let a = &run.args;
+    let model_path = a.model.clone().expect("checked");
     eprintln!("loading {}", model_path.display());
-    let loaded = load_causal_lm(&model_path, &device)?;
+    let loaded = load_causal_lm(&model_path, &run.device)?;
     let tok = loaded.tokenizer;
     let max_len = a.max_len.unwrap_or(256);
-    let mut train_set = read_examples(&data_path, &tok, max_len)?;
-    let eval_set: Vec<Example> = match &a.eval_data {
-        Some(p) => read_examples(p, &tok, max_len)?,
-        None if train_set.len() >= 10 => {
-            let held: Vec<Example> = train_set.iter().skip(9).step_by(10).cloned().collect();
-            train_set = train_set.into_iter().enumerate().filter(|(i, _)| i % 10 != 9).map(|(_, e)| e).collect();
-            held
-        }
-        None => Vec::new(),
-    };
+    std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
+    let train_set = read_examples(a.data.as_ref().expect("checked"), &tok, max_len)?;
+    let eval = a.eval_data.as_ref().map(|p| read_examples(p, &tok, max_len)).transpose()?;
+    let (train_set, eval_set) = hold_out(train_set, eval);
     let pad = tok.eos_ids.first().copied().unwrap_or(0);
-
-    let mut model = lora.apply(loaded.model, "default")?;
+    let model = run.lora.apply(loaded.model, "default")?;
     eprintln!("{} examples for training, {} held out; {}", train_set.len(), eval_set.len(), ParamReport::of(&model));
-    if let Some(ckpt) = &resume_from {
+    let batch = run.config.batch_size;
+    train_loop(&run, model, &train_set, |m, b| lm_batch_loss(m, b, pad), |m| {
+        let mut metrics = serde_json::Map::new();
+        if !eval_set.is_empty() {
+            metrics.insert("eval_loss".into(), eval_loss(m, &eval_set, batch, pad).into());
+        }
+        metrics
+    })
+}
+
+/// The loop both tasks share: resume, steps with progress, metrics, checkpoints, final
+/// adapter and loss curve. `evaluate` adds held-out metrics at each checkpoint.
+pub(crate) fn train_loop<M: LoraHost + Module, E: Clone>(
+    run: &Run,
+    mut model: M,
+    train_set: &[E],
+    loss_fn: impl Fn(&M, &[E]) -> (burn::tensor::Tensor<1>, usize),
+    evaluate: impl Fn(&M) -> serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let (lora, out, config) = (&run.lora, &run.out, &run.config);
+    if let Some(ckpt) = &run.resume_from {
         let files = load_adapter(ckpt)?;
         model = lora.load_state(model, "default", files.tensors, &ckpt.join(WEIGHTS_FILE))?;
     }
     let mut trainer = Trainer::new(model, config.clone());
-    if let Some(ckpt) = &resume_from {
+    if let Some(ckpt) = &run.resume_from {
         trainer = trainer.load_state(ckpt)?;
         eprintln!("resuming at step {}", trainer.state().step);
     }
@@ -253,7 +319,7 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
         .open(&metrics_path)
         .with_context(|| format!("{}", metrics_path.display()))?;
 
-    let save_every = a.save_every.unwrap_or(25).max(1);
+    let save_every = run.args.save_every.unwrap_or(25).max(1);
     let bar = ProgressBar::new(config.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"),
@@ -262,29 +328,31 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
     let started = Instant::now();
     let mut tokens = 0usize;
     while !trainer.is_done() {
-        if a.stop_after.is_some_and(|n| trainer.state().step >= n) {
+        if run.args.stop_after.is_some_and(|n| trainer.state().step >= n) {
             bar.abandon_with_message("stopped (--stop-after)");
             return Ok(());
         }
-        let report: StepReport = trainer.step(&train_set, |m, b| lm_batch_loss(m, b, pad));
+        let report: StepReport = trainer.step(train_set, &loss_fn);
         tokens += report.tokens;
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
         bar.set_message(format!("loss {:.3} lr {:.1e} {:.0} tok/s", report.loss, report.learning_rate, tps));
         bar.inc(1);
         let mut line = serde_json::to_value(report)?;
         line["tokens_per_s"] = tps.into();
-        let step_done = trainer.state().step;
-        if (step_done % save_every == 0 || trainer.is_done()) && !eval_set.is_empty() {
-            line["eval_loss"] = eval_loss(trainer.model(), &eval_set, config.batch_size, pad).into();
+        let checkpoint = trainer.state().step % save_every == 0 || trainer.is_done();
+        if checkpoint {
+            for (k, v) in evaluate(trainer.model()) {
+                line[k] = v;
+            }
         }
         writeln!(metrics, "{line}").with_context(|| format!("{}", metrics_path.display()))?;
-        if step_done % save_every == 0 || trainer.is_done() {
-            save_checkpoint(&out, &trainer, &lora)?;
+        if checkpoint {
+            save_checkpoint(out, &trainer, lora)?;
         }
     }
     bar.finish();
     let model = trainer.into_model();
-    lora.save(&model, "default", &out)?;
+    lora.save(&model, "default", out)?;
     plot_loss(&metrics_path, &out.join("loss.svg"))?;
     eprintln!("adapter, metrics.jsonl and loss.svg written to {}", out.display());
     Ok(())

@@ -143,3 +143,39 @@ fn user_errors_are_one_line() {
         assert!(!err.contains("backtrace") && !err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn classification_trains_the_head_and_reports_accuracy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/bert_tiny/model");
+    let (pos, neg) = (["good", "happy", "hot", "yes"], ["bad", "sad", "cold", "no"]);
+    let fill = ["the", "day", "is", "a", "cat", "dog", "sun", "moon"];
+    let mut csv = String::from("text,label\n");
+    for i in 0..64 {
+        let (word, label) = if i % 2 == 0 { (pos[i % 4], "positive") } else { (neg[i % 4], "negative") };
+        csv.push_str(&format!("{} {} {},{label}\n", fill[i % 8], word, fill[(i * 3 + 1) % 8]));
+    }
+    let data = tmp.path().join("data.csv");
+    std::fs::write(&data, csv).unwrap();
+    let out = tmp.path().join("cls");
+    let o = peft(&[
+        "train", "--task", "classification", "--model", s(&model), "--data", s(&data), "--out", s(&out), "--r", "4",
+        "--alpha", "8", "--steps", "60", "--batch-size", "8", "--lr", "0.01", "--warmup", "3", "--save-every", "20",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+    assert!(files.tensors.get("base_model.model.classifier.weight").is_some());
+    assert_eq!(files.config["modules_to_save"], serde_json::json!(["classifier"]));
+    assert!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().contains("eval_accuracy"));
+    let o = peft(&["eval", "--task", "classification", "--model", s(&model), "--adapter", s(&out), "--data", s(&data)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let scores: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(scores["accuracy"].as_f64().unwrap() > 0.9, "{scores}");
+    // A missing column is named, with the columns that exist.
+    let o = peft(&[
+        "train", "--task", "classification", "--model", s(&model), "--data", s(&data), "--out", s(&tmp.path().join("x")),
+        "--label-column", "sentiment",
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("no column `sentiment`") && err.contains("text, label"), "{err}");
+}

@@ -126,7 +126,9 @@ const LAYER_SLOTS: [&str; 6] = [
 
 impl BertForSequenceClassification {
     /// Build from Hugging Face tensors (`BertModel` keys with or without the `bert.` prefix).
-    /// Without `classifier.*` tensors the head is new: weight ~ N(0, 0.02), bias 0.
+    /// Without `classifier.*` tensors, or with a head for another number of classes, the head
+    /// is new (as transformers does with `ignore_mismatched_sizes`): weight ~ N(0, 0.02),
+    /// bias 0.
     pub fn from_tensors(config: BertConfig, num_labels: usize, mut t: TensorMap, source: &Path, device: &Device) -> Result<Self> {
         let prefixed: Vec<String> = t.keys().filter(|k| k.starts_with("bert.")).cloned().collect();
         for k in prefixed {
@@ -169,6 +171,10 @@ impl BertForSequenceClassification {
             });
         }
         let pooler = linear(&mut t, "pooler.dense", h, h)?;
+        if t.get("classifier.weight").is_some_and(|w| w.shape[0] != num_labels) {
+            t.remove("classifier.weight");
+            t.remove("classifier.bias");
+        }
         let classifier = if t.get("classifier.weight").is_some() {
             linear(&mut t, "classifier", num_labels, h)?
         } else {

@@ -1,0 +1,132 @@
+//! Sequence classification from the command line: a BERT folder, a CSV of texts and labels,
+//! LoRA on the encoder and a trained classification head (PEFT `modules_to_save`).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
+use peft_core::params::ParamReport;
+use peft_core::tensors::write_atomic;
+use peft_core::tuner::Tuner;
+use peft_lora::LoraConfig;
+use peft_models::bert::{BertForSequenceClassification, encode_batch};
+use peft_models::data::read_labeled_csv;
+use peft_models::load::load_bert_classifier;
+use peft_models::tokenizer::TextTokenizer;
+
+use crate::train::{Run, hold_out, train_loop};
+
+/// Token ids and class index of one text.
+type Encoded = (Vec<u32>, i64);
+
+const LABELS_FILE: &str = "labels.json";
+
+fn encode(path: &Path, text_col: &str, label_col: &str, labels: &[String], tok: &TextTokenizer, max_len: usize) -> Result<Vec<Encoded>> {
+    read_labeled_csv(path, text_col, label_col)?
+        .into_iter()
+        .map(|r| {
+            let class = labels
+                .iter()
+                .position(|l| *l == r.label)
+                .with_context(|| format!("{}: label `{}` is not one of {labels:?}", path.display(), r.label))?;
+            Ok((tok.encode_with_special(&r.text, max_len)?, class as i64))
+        })
+        .collect()
+}
+
+/// Accuracy and macro-averaged F1 of `model` on `data`.
+pub fn scores(model: &BertForSequenceClassification, data: &[Encoded], n_classes: usize) -> (f64, f64) {
+    let model = model.valid();
+    let device = model.device();
+    let mut confusion = vec![vec![0usize; n_classes]; n_classes];
+    for chunk in data.chunks(64) {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|e| e.0.clone()).collect();
+        let (tokens, mask) = encode_batch(&ids, &device);
+        let pred = model.forward(tokens, mask).argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().unwrap_or_default();
+        for (p, e) in pred.iter().zip(chunk) {
+            confusion[e.1 as usize][*p as usize] += 1;
+        }
+    }
+    let total: usize = confusion.iter().flatten().sum();
+    let correct: usize = (0..n_classes).map(|c| confusion[c][c]).sum();
+    let f1: f64 = (0..n_classes)
+        .map(|c| {
+            let tp = confusion[c][c] as f64;
+            let predicted: f64 = (0..n_classes).map(|r| confusion[r][c] as f64).sum();
+            let actual: f64 = confusion[c].iter().sum::<usize>() as f64;
+            if tp == 0.0 { 0.0 } else { 2.0 * tp / (predicted + actual) }
+        })
+        .sum::<f64>()
+        / n_classes as f64;
+    (correct as f64 / total.max(1) as f64, f1)
+}
+
+pub(crate) fn train(run: Run) -> Result<()> {
+    let a = &run.args;
+    let (model_dir, data) = (a.model.clone().expect("checked"), a.data.clone().expect("checked"));
+    let text_col = a.text_column.clone().unwrap_or_else(|| "text".into());
+    let label_col = a.label_column.clone().unwrap_or_else(|| "label".into());
+    // The label set: fixed by the first run, reused on --resume.
+    let labels_path = run.out.join(LABELS_FILE);
+    let labels: Vec<String> = if run.resume_from.is_some() && labels_path.exists() {
+        serde_json::from_str(&std::fs::read_to_string(&labels_path)?).with_context(|| format!("{}", labels_path.display()))?
+    } else {
+        let mut l: Vec<String> = read_labeled_csv(&data, &text_col, &label_col)?.into_iter().map(|r| r.label).collect();
+        l.sort();
+        l.dedup();
+        l
+    };
+    if labels.len() < 2 {
+        bail!("{}: classification needs at least 2 labels, found {labels:?}", data.display());
+    }
+    eprintln!("loading {}", model_dir.display());
+    let (model, tok) = load_bert_classifier(&model_dir, labels.len(), &run.device)?;
+    let max_len = a.max_len.unwrap_or(128);
+    let train_set = encode(&data, &text_col, &label_col, &labels, &tok, max_len)?;
+    let eval = a.eval_data.as_ref().map(|p| encode(p, &text_col, &label_col, &labels, &tok, max_len)).transpose()?;
+    let (train_set, eval_set) = hold_out(train_set, eval);
+    std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
+    write_atomic(&labels_path, serde_json::to_string(&labels)?.as_bytes())?;
+    let model = run.lora.apply(model, "default")?;
+    eprintln!("{} labels {labels:?}; {} texts for training, {} held out; {}", labels.len(), train_set.len(), eval_set.len(), ParamReport::of(&model));
+    let n = labels.len();
+    train_loop(
+        &run,
+        model,
+        &train_set,
+        |m: &BertForSequenceClassification, batch: &[Encoded]| {
+            let ids: Vec<Vec<u32>> = batch.iter().map(|e| e.0.clone()).collect();
+            let (tokens, mask) = encode_batch(&ids, &m.device());
+            let y: Vec<i64> = batch.iter().map(|e| e.1).collect();
+            let y = Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &m.device());
+            (m.loss(tokens, mask, y), batch.iter().map(|e| e.0.len()).sum())
+        },
+        |m| {
+            let mut metrics = serde_json::Map::new();
+            if !eval_set.is_empty() {
+                let (acc, f1) = scores(m, &eval_set, n);
+                metrics.insert("eval_accuracy".into(), acc.into());
+                metrics.insert("eval_macro_f1".into(), f1.into());
+            }
+            metrics
+        },
+    )
+}
+
+/// `peft eval --task classification`: accuracy and macro-F1 of a trained adapter.
+pub fn eval(model_dir: &Path, adapter: &Path, data: &Path, text_col: &str, label_col: &str, device: &burn::tensor::Device) -> Result<serde_json::Value> {
+    let labels_path = adapter.join(LABELS_FILE);
+    let labels: Vec<String> = serde_json::from_str(
+        &std::fs::read_to_string(&labels_path).with_context(|| format!("{} (written by peft train --task classification)", labels_path.display()))?,
+    )?;
+    let files = load_adapter(adapter)?;
+    let config = LoraConfig::from_json(&files.config)?;
+    let (model, tok) = load_bert_classifier(model_dir, labels.len(), device)?;
+    let model = config.apply(model, "default")?;
+    let model = config.load_state(model, "default", files.tensors, &adapter.join(WEIGHTS_FILE))?;
+    let set = encode(data, text_col, label_col, &labels, &tok, 128)?;
+    let (acc, f1) = scores(&model, &set, labels.len());
+    Ok(serde_json::json!({"accuracy": acc, "macro_f1": f1, "examples": set.len()}))
+}
