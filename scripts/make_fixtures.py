@@ -147,6 +147,46 @@ def make_bert():
     print("bert_tiny ->", root, tuple(logits.shape))
 
 
+BNB_CASES = [  # name, shape, dtype, quant type, blocksize, double quantization
+    ("nf4_f32_64x64_b64_dq", (64, 64), torch.float32, "nf4", 64, True),
+    ("nf4_f32_33x70_b64", (33, 70), torch.float32, "nf4", 64, False),
+    ("nf4_f32_33x70_b64_dq", (33, 70), torch.float32, "nf4", 64, True),
+    ("nf4_f16_129_b32", (129,), torch.float16, "nf4", 32, False),
+    ("nf4_bf16_5x300_b128_dq", (5, 300), torch.bfloat16, "nf4", 128, True),
+    ("fp4_f32_40x50_b64", (40, 50), torch.float32, "fp4", 64, False),
+    ("fp4_f16_130x300_b256_dq", (130, 300), torch.float16, "fp4", 256, True),
+    ("nf4_f32_96x700_b4096_dq", (96, 700), torch.float32, "nf4", 4096, True),
+]
+
+
+def make_bnb():
+    """bitsandbytes 0.50.2 4-bit quantization of several tensors (odd sizes, zeros, f16/bf16)."""
+    import bitsandbytes.functional as F
+
+    out = os.path.join(FIX, "bnb")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    torch.manual_seed(11)
+    for name, shape, dtype, qt, bs, dq in BNB_CASES:
+        x = (torch.randn(shape) * torch.rand(shape).pow(3) * 3).to(dtype)
+        x.view(-1)[:7] = 0  # a block with zeros, and exact ties at zero
+        q, st = F.quantize_4bit(x, blocksize=bs, quant_type=qt, compress_statistics=dq)
+        deq = F.dequantize_4bit(q, st)
+        t = {"input": x.float().contiguous(), "packed": q.view(-1).contiguous(), "dequantized": deq.float().contiguous()}
+        if dq:
+            t["absmax_q"] = st.absmax.contiguous()
+            t["nested_absmax"] = st.state2.absmax.float().contiguous()
+            t["offset"] = st.offset.float().reshape(1)
+        else:
+            t["absmax"] = st.absmax.float().contiguous()
+        save_file(t, os.path.join(out, f"{name}.safetensors"))
+        with open(os.path.join(out, f"{name}.json"), "w") as fh:
+            json.dump({"shape": list(shape), "dtype": str(dtype).split(".")[1], "quant_type": qt, "blocksize": bs,
+                       "double_quant": dq}, fh)
+    save_file({"dynamic_map": F.create_dynamic_map(signed=True)}, os.path.join(out, "dynamic_map.safetensors"))
+    print("bnb ->", out)
+
+
 def make_smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -192,7 +232,7 @@ def verify(adapter_dir, case):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--verify", nargs=2, metavar=("ADAPTER_DIR", "CASE"))
-    ap.add_argument("--only", choices=["tiny", "bert", "smollm2"])
+    ap.add_argument("--only", choices=["tiny", "bert", "bnb", "smollm2"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -200,5 +240,7 @@ if __name__ == "__main__":
         make_tiny()
     if a.only in (None, "bert"):
         make_bert()
+    if a.only in (None, "bnb"):
+        make_bnb()
     if a.only in (None, "smollm2"):
         make_smollm2()

@@ -1,1 +1,21 @@
-//! peft-quant: part of the peft workspace; its methods are not implemented yet (see the README method table).
+//! # peft-quant
+//!
+//! 4-bit NF4/FP4 blockwise quantization with double quantization of the scales, bit-exact
+//! with bitsandbytes 0.50 (same codebooks, the same rounding at the midpoints between codes,
+//! two values per byte with the first in the high nibble).
+//!
+//! ```
+//! use peft_quant::{QuantType, Quantized4bit};
+//! let w: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) / 50.0).collect();
+//! let q = Quantized4bit::quantize(&w, &[16, 16], QuantType::Nf4, 64, true).unwrap();
+//! let back = q.dequantize();
+//! assert!(w.iter().zip(&back).all(|(a, b)| (a - b).abs() < 0.25));
+//! ```
+
+mod blockwise;
+mod codebook;
+
+pub use blockwise::{
+    Absmax, Quantized4bit, dequantize_4bit, nested_code, dequantize_blockwise_8bit, quantize_4bit, quantize_blockwise_8bit,
+};
+pub use codebook::{QuantType, dynamic_map};

@@ -1,0 +1,216 @@
+//! Blockwise absmax quantization: every `blocksize` consecutive values (row-major) share one
+//! scale, their largest magnitude; each value becomes the code nearest to `value / scale`.
+
+use peft_core::{PeftError, Result};
+use rayon::prelude::*;
+
+use crate::codebook::{QuantType, dynamic_map};
+
+/// The code the nested (scale) quantization searches: the dynamic map with its first entry set
+/// to -1.0, as bitsandbytes' native kernel sets it on a copy so that -1 is representable.
+/// Dequantization uses the unmodified [`dynamic_map`] (what checkpoints store as
+/// `nested_quant_map`), so a scale coded 0 comes back as -0.99297 * nested absmax.
+pub fn nested_code() -> [f32; 256] {
+    let mut code = dynamic_map();
+    code[0] = -1.0;
+    code
+}
+
+/// Block sizes bitsandbytes accepts.
+pub const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+/// Block size of the second-level (scale) quantization.
+pub const NESTED_BLOCKSIZE: usize = 256;
+
+/// Slot of `x` among sorted midpoints: how many are strictly below it (torch.bucketize).
+#[inline(always)]
+fn bucket(x: f32, bounds: &[f32; 15]) -> usize {
+    bounds.iter().map(|&b| (b < x) as usize).sum()
+}
+
+/// Scale of one block, guarded against zero blocks as bitsandbytes does.
+#[inline]
+fn block_absmax(block: &[f32]) -> f32 {
+    block.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// Quantize `data` to packed 4-bit codes (first value in the high nibble, an odd tail padded
+/// with the code of 0) and one f32 scale per block.
+pub fn quantize_4bit(data: &[f32], blocksize: usize, qtype: QuantType) -> Result<(Vec<u8>, Vec<f32>)> {
+    check_blocksize(blocksize)?;
+    let (bounds, order) = qtype.bounds();
+    let n = data.len();
+    let n_blocks = n.div_ceil(blocksize);
+    let mut absmax = vec![0f32; n_blocks];
+    let mut codes = vec![0u8; n + n % 2];
+    // Blocks are even-sized, so each block packs into its own bytes.
+    codes[..n]
+        .par_chunks_mut(blocksize)
+        .zip(data.par_chunks(blocksize))
+        .zip(absmax.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, ((out, block), am))| {
+            let full = (i + 1) * blocksize <= n;
+            let m = block_absmax(block).max(1e-38);
+            // The reference keeps a full block's raw maximum but the tail's clamped one.
+            *am = if full { block_absmax(block) } else { m };
+            // Full blocks multiply by the reciprocal, the tail divides (as the reference does).
+            let recip = 1.0 / m;
+            for (o, &v) in out.iter_mut().zip(block) {
+                let scaled = if full { v * recip } else { v / m }.clamp(-1.0, 1.0);
+                *o = order[bucket(scaled, &bounds)];
+            }
+        });
+    if n % 2 == 1 {
+        codes[n] = order[bucket(0.0, &bounds)];
+    }
+    let packed = codes.chunks_exact(2).map(|p| (p[0] << 4) | p[1]).collect();
+    Ok((packed, absmax))
+}
+
+/// Inverse of [`quantize_4bit`]: `n` values.
+pub fn dequantize_4bit(packed: &[u8], absmax: &[f32], n: usize, blocksize: usize, qtype: QuantType) -> Result<Vec<f32>> {
+    check_blocksize(blocksize)?;
+    if packed.len() != n.div_ceil(2) || absmax.len() != n.div_ceil(blocksize) {
+        return Err(PeftError::Other(format!(
+            "4-bit data does not fit {n} values: {} packed bytes (expected {}), {} scales (expected {})",
+            packed.len(),
+            n.div_ceil(2),
+            absmax.len(),
+            n.div_ceil(blocksize)
+        )));
+    }
+    let code = qtype.code();
+    // Both nibbles of a byte at once: a 256-entry table of value pairs.
+    let pairs: Vec<[f32; 2]> = (0..256).map(|b| [code[b >> 4], code[b & 15]]).collect();
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(blocksize)
+        .zip(packed.par_chunks(blocksize / 2))
+        .zip(absmax.par_iter())
+        .for_each(|((o, bytes), &scale)| {
+            for (pair, &byte) in o.chunks_mut(2).zip(bytes) {
+                let [hi, lo] = pairs[byte as usize];
+                pair[0] = hi * scale;
+                if pair.len() > 1 {
+                    pair[1] = lo * scale;
+                }
+            }
+        });
+    Ok(out)
+}
+
+/// 8-bit blockwise quantization with a sorted 256-value `code`, as bitsandbytes' native CPU
+/// kernel defines it (it is what quantizes the 4-bit scales): `value / absmax`, the last code
+/// not above it, moved one up when the next code is strictly nearer. (The native kernel finds
+/// "the last code not above" with an approximate bucketed search that, for about 1 value in
+/// 500, answers one code off; this function returns the exact nearest code.)
+pub fn quantize_blockwise_8bit(data: &[f32], blocksize: usize, code: &[f32; 256]) -> (Vec<u8>, Vec<f32>) {
+    let n = data.len();
+    let mut q = vec![0u8; n];
+    let mut absmax = vec![0f32; n.div_ceil(blocksize)];
+    q.par_chunks_mut(blocksize).zip(data.par_chunks(blocksize)).zip(absmax.par_iter_mut()).for_each(
+        |((out, block), am)| {
+            *am = block_absmax(block);
+            for (o, &v) in out.iter_mut().zip(block) {
+                let normed = if *am > 0.0 { v / *am } else { 0.0 };
+                let mut idx = code.partition_point(|&c| c <= normed).saturating_sub(1);
+                if idx < 255 && (normed - code[idx + 1]).abs() < (normed - code[idx]).abs() {
+                    idx += 1;
+                }
+                *o = idx as u8;
+            }
+        },
+    );
+    (q, absmax)
+}
+
+/// Inverse of [`quantize_blockwise_8bit`].
+pub fn dequantize_blockwise_8bit(q: &[u8], absmax: &[f32], blocksize: usize, code: &[f32; 256]) -> Vec<f32> {
+    q.chunks(blocksize)
+        .zip(absmax)
+        .flat_map(|(block, &s)| block.iter().map(move |&c| code[c as usize] * s))
+        .collect()
+}
+
+fn check_blocksize(blocksize: usize) -> Result<()> {
+    if !BLOCK_SIZES.contains(&blocksize) {
+        return Err(PeftError::Config(format!("block size {blocksize} is not one of {BLOCK_SIZES:?}")));
+    }
+    Ok(())
+}
+
+/// The per-block scales: plain f32, or themselves quantized (double quantization).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Absmax {
+    Plain(Vec<f32>),
+    /// `scale = dynamic_map[q] * nested_absmax[block] + offset`, 256 scales per nested block.
+    Nested { q: Vec<u8>, nested_absmax: Vec<f32>, offset: f32 },
+}
+
+impl Absmax {
+    /// The f32 scales.
+    pub fn values(&self) -> Vec<f32> {
+        match self {
+            Absmax::Plain(v) => v.clone(),
+            Absmax::Nested { q, nested_absmax, offset } => {
+                dequantize_blockwise_8bit(q, nested_absmax, NESTED_BLOCKSIZE, &dynamic_map())
+                    .into_iter()
+                    .map(|v| v + offset)
+                    .collect()
+            }
+        }
+    }
+
+    /// Bytes the scales take.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            Absmax::Plain(v) => v.len() * 4,
+            Absmax::Nested { q, nested_absmax, .. } => q.len() + nested_absmax.len() * 4 + 4,
+        }
+    }
+}
+
+/// A tensor in 4-bit form with everything needed to restore it (a bitsandbytes `QuantState`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantized4bit {
+    pub packed: Vec<u8>,
+    pub absmax: Absmax,
+    pub shape: Vec<usize>,
+    pub blocksize: usize,
+    pub qtype: QuantType,
+}
+
+impl Quantized4bit {
+    /// Quantize row-major `data` of `shape`; `double_quant` also quantizes the scales.
+    pub fn quantize(data: &[f32], shape: &[usize], qtype: QuantType, blocksize: usize, double_quant: bool) -> Result<Self> {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(PeftError::Other(format!("shape {shape:?} does not hold {} values", data.len())));
+        }
+        let (packed, absmax) = quantize_4bit(data, blocksize, qtype)?;
+        let absmax = if double_quant {
+            // The mean as torch computes it for these sizes: f32 values summed in f64 is exact
+            // enough to give the same f32.
+            let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len() as f64) as f32;
+            let centered: Vec<f32> = absmax.iter().map(|v| v - offset).collect();
+            let (q, nested_absmax) = quantize_blockwise_8bit(&centered, NESTED_BLOCKSIZE, &nested_code());
+            Absmax::Nested { q, nested_absmax, offset }
+        } else {
+            Absmax::Plain(absmax)
+        };
+        Ok(Self { packed, absmax, shape: shape.to_vec(), blocksize, qtype })
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The f32 values.
+    pub fn dequantize(&self) -> Vec<f32> {
+        dequantize_4bit(&self.packed, &self.absmax.values(), self.numel(), self.blocksize, self.qtype)
+            .expect("consistent by construction")
+    }
+
+    /// Storage bits per value (codes and scales).
+    pub fn bits_per_value(&self) -> f64 {
+        (self.packed.len() + self.absmax.nbytes()) as f64 * 8.0 / self.numel() as f64
+    }
+}

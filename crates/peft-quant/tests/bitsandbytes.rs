@@ -1,0 +1,95 @@
+//! Bit-exactness with bitsandbytes 0.50.2 (fixtures from scripts/make_fixtures.py): packed
+//! bytes, scales, double-quantized scales and dequantized values identical.
+
+use std::path::{Path, PathBuf};
+
+use peft_quant::{Absmax, QuantType, Quantized4bit, dynamic_map};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/bnb")
+}
+
+fn f32s(st: &safetensors::SafeTensors, key: &str) -> Vec<f32> {
+    st.tensor(key).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+fn to_dtype(v: f32, dtype: &str) -> f32 {
+    match dtype {
+        "float16" => half::f16::from_f32(v).to_f32(),
+        "bfloat16" => half::bf16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+#[test]
+fn dynamic_map_is_bitsandbytes() {
+    let raw = std::fs::read(dir().join("dynamic_map.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
+    let theirs = f32s(&st, "dynamic_map");
+    let ours = dynamic_map();
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "entry {i}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn quantization_is_bit_exact() {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 8);
+    for case in cases {
+        let name = case.file_stem().unwrap().to_string_lossy().into_owned();
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&case).unwrap()).unwrap();
+        let raw = std::fs::read(case.with_extension("safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
+        let shape: Vec<usize> = meta["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let qtype = QuantType::from_name(meta["quant_type"].as_str().unwrap()).unwrap();
+        let blocksize = meta["blocksize"].as_u64().unwrap() as usize;
+        let dq = meta["double_quant"].as_bool().unwrap();
+        let dtype = meta["dtype"].as_str().unwrap();
+
+        let q = Quantized4bit::quantize(&f32s(&st, "input"), &shape, qtype, blocksize, dq).unwrap();
+        let mut differing_scale_blocks: Vec<usize> = Vec::new();
+        assert_eq!(q.packed, st.tensor("packed").unwrap().data(), "{name}: packed bytes");
+        match &q.absmax {
+            Absmax::Plain(a) => assert_eq!(a, &f32s(&st, "absmax"), "{name}: absmax"),
+            Absmax::Nested { q: qa, nested_absmax, offset } => {
+                assert_eq!(offset.to_bits(), f32s(&st, "offset")[0].to_bits(), "{name}: offset");
+                // bitsandbytes' native search is approximate: allow rare neighbours (see
+                // quantize_blockwise_8bit), never more than one code apart.
+                let theirs = st.tensor("absmax_q").unwrap().data();
+                let off: Vec<usize> = (0..qa.len()).filter(|&i| qa[i] != theirs[i]).collect();
+                assert!(off.iter().all(|&i| qa[i].abs_diff(theirs[i]) == 1), "{name}: quantized absmax");
+                assert!(off.len() * 100 <= qa.len().max(100), "{name}: {} of {} scale codes differ", off.len(), qa.len());
+                assert_eq!(nested_absmax, &f32s(&st, "nested_absmax"), "{name}: nested absmax");
+                differing_scale_blocks = off;
+            }
+        }
+        let ours: Vec<f32> = q.dequantize().into_iter().map(|v| to_dtype(v, dtype)).collect();
+        let theirs = f32s(&st, "dequantized");
+        // Identical everywhere but in blocks whose scale code differs (see above).
+        let diff = ours
+            .iter()
+            .zip(&theirs)
+            .enumerate()
+            .filter(|(i, (a, b))| a.to_bits() != b.to_bits() && !differing_scale_blocks.contains(&(i / blocksize)))
+            .count();
+        assert_eq!(diff, 0, "{name}: {diff} dequantized values differ");
+        if dq {
+            assert!(q.bits_per_value() < 4.2, "{name}: {} bits per value", q.bits_per_value());
+        }
+    }
+}
+
+#[test]
+fn bad_block_sizes_and_shapes_are_errors() {
+    let err = Quantized4bit::quantize(&[0.0; 64], &[64], QuantType::Nf4, 48, false).unwrap_err().to_string();
+    assert!(err.contains("48"), "{err}");
+    let err = Quantized4bit::quantize(&[0.0; 64], &[8, 9], QuantType::Nf4, 64, false).unwrap_err().to_string();
+    assert!(err.contains("[8, 9]"), "{err}");
+    assert!(peft_quant::dequantize_4bit(&[0u8; 3], &[1.0], 64, 64, QuantType::Nf4).is_err());
+}
