@@ -123,6 +123,7 @@ fn user_errors_are_one_line() {
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"question\": \"hi\", \"answer\": \"hello\"}\n{\"nope\": 1}\n").unwrap();
     let out = tmp.path().join("o");
+    let merged_out = tmp.path().join("m");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["train", "--bogus"], "--bogus"),
         (vec!["train", "--model", s(&model), "--data", s(&data), "--out", s(&out), "--method", "magic"], "unknown method `magic`"),
@@ -131,6 +132,8 @@ fn user_errors_are_one_line() {
         (vec!["train", "--model", s(&model), "--data", s(&data), "--out", s(tmp.path())], "--overwrite"),
         (vec!["train", "--model", s(&model), "--data", s(&data), "--out", s(&out), "--target", "nothing"], "matched no module"),
         (vec!["generate", "--model", s(&model), "--prompt", "x", "--device", "tpu"], "unknown device `tpu`"),
+        (vec!["convert", s(&data), "--out", s(&out)], "expected a .gguf file"),
+        (vec!["merge", "--model", s(&model), "--adapter", s(tmp.path()), "--out", s(&merged_out)], "adapter_config.json"),
     ];
     for (args, needle) in cases {
         let o = peft(&args);
