@@ -214,3 +214,22 @@ impl Quantized4bit {
         (self.packed.len() + self.absmax.nbytes()) as f64 * 8.0 / self.numel() as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_error_is_within_half_a_code_gap() {
+        let w: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) / 50.0).collect();
+        for dq in [false, true] {
+            let q = Quantized4bit::quantize(&w, &[16, 16], QuantType::Nf4, 64, dq).unwrap();
+            let back = q.dequantize();
+            let scales = q.absmax.values();
+            for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+                let bound = 0.1520 * scales[i / 64] + (scales[i / 64] - block_absmax(&w[i / 64 * 64..][..64])).abs();
+                assert!((a - b).abs() <= bound + 1e-6, "dq {dq}: value {i}: {a} -> {b} (scale {})", scales[i / 64]);
+            }
+        }
+    }
+}

@@ -9,7 +9,8 @@
 //! let w: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) / 50.0).collect();
 //! let q = Quantized4bit::quantize(&w, &[16, 16], QuantType::Nf4, 64, true).unwrap();
 //! let back = q.dequantize();
-//! assert!(w.iter().zip(&back).all(|(a, b)| (a - b).abs() < 0.25));
+//! // Half of NF4's widest gap (0.152) times the block scale (2.56), plus the 8-bit scale error.
+//! assert!(w.iter().zip(&back).all(|(a, b)| (a - b).abs() < 0.45));
 //! ```
 
 mod blockwise;
