@@ -332,26 +332,16 @@ impl LlamaForCausalLM {
     }
 }
 
-/// The Hugging Face path and kind of every linear slot, in model order.
-fn slot_paths(m: &LlamaForCausalLM) -> Vec<(String, ModuleKind)> {
-    let mut out = Vec::new();
-    for i in 0..m.model.layers.len() {
-        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            out.push((format!("model.layers.{i}.self_attn.{n}"), ModuleKind::Linear));
-        }
-        for n in ["gate_proj", "up_proj", "down_proj"] {
-            out.push((format!("model.layers.{i}.mlp.{n}"), ModuleKind::Linear));
-        }
-    }
-    if m.lm_head.is_some() {
-        out.push(("lm_head".into(), ModuleKind::OutputHead));
-    }
-    out
-}
-
 impl ModuleHost for LlamaForCausalLM {
+    /// Every linear slot in model order; the head is never taken by `"all-linear"`.
     fn module_paths(&self) -> Vec<(String, ModuleKind)> {
-        slot_paths(self)
+        self.lora_slots()
+            .into_iter()
+            .map(|(p, _)| {
+                let kind = if p == "lm_head" { ModuleKind::OutputHead } else { ModuleKind::Linear };
+                (p, kind)
+            })
+            .collect()
     }
 }
 

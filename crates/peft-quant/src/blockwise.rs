@@ -50,9 +50,10 @@ pub fn quantize_4bit(data: &[f32], blocksize: usize, qtype: QuantType) -> Result
         .enumerate()
         .for_each(|(i, ((out, block), am))| {
             let full = (i + 1) * blocksize <= n;
-            let m = block_absmax(block).max(1e-38);
+            let raw = block_absmax(block);
+            let m = raw.max(1e-38);
             // The reference keeps a full block's raw maximum but the tail's clamped one.
-            *am = if full { block_absmax(block) } else { m };
+            *am = if full { raw } else { m };
             // Full blocks multiply by the reciprocal, the tail divides (as the reference does).
             let recip = 1.0 / m;
             for (o, &v) in out.iter_mut().zip(block) {
