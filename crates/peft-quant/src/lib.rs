@@ -4,6 +4,11 @@
 //! with bitsandbytes 0.50 (same codebooks, the same rounding at the midpoints between codes,
 //! two values per byte with the first in the high nibble).
 //!
+//! [`Linear4bit`] is a frozen linear layer with a 4-bit weight; [`BaseLinear`] is the base a
+//! tunable slot (e.g. a LoRA linear) wraps, dense or 4-bit. On the CPU its products run in
+//! [`kernel`]'s tiled kernels through a burn backend operation ([`ops`]) whose backward pass
+//! keeps only the packed weight.
+//!
 //! ```
 //! use peft_quant::{QuantType, Quantized4bit};
 //! let w: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) / 50.0).collect();
@@ -15,8 +20,12 @@
 
 mod blockwise;
 mod codebook;
+pub mod kernel;
+pub mod linear;
+pub mod ops;
 
 pub use blockwise::{
     Absmax, Quantized4bit, dequantize_4bit, nested_code, dequantize_blockwise_8bit, quantize_4bit, quantize_blockwise_8bit,
 };
 pub use codebook::{QuantType, dynamic_map};
+pub use linear::{BaseLinear, Linear4bit, QuantSpec};

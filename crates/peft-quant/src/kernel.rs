@@ -1,0 +1,206 @@
+//! CPU kernels for a 4-bit weight `W [n, k]` (Hugging Face `[out, in]` layout): products with
+//! `W` that dequantize one tile of rows at a time into a cache-sized buffer and multiply it
+//! there, so the full f32 weight never exists.
+
+use rayon::prelude::*;
+
+use crate::blockwise::{Absmax, NESTED_BLOCKSIZE, Quantized4bit};
+use crate::codebook::dynamic_map;
+
+/// f32 values per dequantized tile: 128 KiB, well inside a core's L2.
+const TILE_VALUES: usize = 32 * 1024;
+
+/// The f32 scale of block `b` (decoded on the fly so a double-quantized weight keeps its
+/// ~4.13 bits per value in memory).
+#[inline]
+fn scale_at(absmax: &Absmax, b: usize, dmap: &[f32; 256]) -> f32 {
+    match absmax {
+        Absmax::Plain(v) => v[b],
+        Absmax::Nested { q, nested_absmax, offset } => dmap[q[b] as usize] * nested_absmax[b / NESTED_BLOCKSIZE] + offset,
+    }
+}
+
+/// Values `start .. start + out.len()` of `w` (flat row-major index), dequantized into `out`.
+/// Identical to the matching slice of [`Quantized4bit::dequantize`].
+pub fn dequantize_range(w: &Quantized4bit, start: usize, out: &mut [f32]) {
+    let dmap = dynamic_map();
+    let code = w.qtype.code();
+    let bs = w.blocksize;
+    let end = start + out.len();
+    let mut idx = start;
+    while idx < end {
+        let b = idx / bs;
+        let seg_end = ((b + 1) * bs).min(end);
+        let scale = scale_at(&w.absmax, b, &dmap);
+        let lut = code.map(|c| c * scale);
+        for i in idx..seg_end {
+            // Even indices sit in the high nibble.
+            let nib = (w.packed[i >> 1] >> ((!i & 1) << 2)) & 15;
+            out[i - start] = lut[nib as usize];
+        }
+        idx = seg_end;
+    }
+}
+
+/// Rows of `W` per tile so a tile is about [`TILE_VALUES`] values, with at least
+/// 4 tiles per thread when the matrix is big enough to share out.
+fn rows_per_tile(n: usize, k: usize) -> usize {
+    let by_cache = (TILE_VALUES / k.max(1)).max(1);
+    let by_threads = n.div_ceil(4 * rayon::current_num_threads()).max(1);
+    by_cache.min(by_threads)
+}
+
+/// `dst[m, c] (+)= lhs[m, inner] · rhs[inner, c]` with explicit strides (row, column), on one
+/// thread (the callers already run tiles in parallel).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    m: usize,
+    c: usize,
+    inner: usize,
+    dst: &mut [f32],
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: &[f32],
+    rhs_rs: isize,
+    rhs_cs: isize,
+) {
+    // SAFETY: the callers pass slices that hold every element the strides address.
+    unsafe {
+        gemm::gemm(
+            m,
+            c,
+            inner,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `x [m, k] · Wᵀ -> [m, n]` (a linear layer's forward pass).
+pub fn matmul_4bit(x: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
+    let (n, k) = dims(w);
+    assert_eq!(x.len(), m * k, "input is not [{m}, {k}]");
+    let rows = rows_per_tile(n, k);
+    // Tiles of W give rows of yᵀ [n, m]: disjoint, contiguous outputs for parallel tasks.
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(rows * m).enumerate().for_each_init(
+        || vec![0f32; rows * k],
+        |buf, (t, out)| {
+            let r = out.len() / m;
+            let tile = &mut buf[..r * k];
+            dequantize_range(w, t * rows * k, tile);
+            // yᵀ[r, m] = tile [r, k] · xᵀ [k, m]
+            gemm_f32(r, m, k, out, m as isize, false, tile, k as isize, 1, x, 1, k as isize);
+        },
+    );
+    transpose(&yt, n, m)
+}
+
+/// `g [m, n] · W -> [m, k]` (the gradient of a linear layer's input).
+pub fn matmul_4bit_transposed(g: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
+    let (n, k) = dims(w);
+    assert_eq!(g.len(), m * n, "gradient is not [{m}, {n}]");
+    let rows = rows_per_tile(n, k);
+    let tiles = n.div_ceil(rows);
+    (0..tiles)
+        .into_par_iter()
+        .fold(
+            || (vec![0f32; m * k], vec![0f32; rows * k], false),
+            |(mut acc, mut buf, started), t| {
+                let r0 = t * rows;
+                let r = rows.min(n - r0);
+                let tile = &mut buf[..r * k];
+                dequantize_range(w, r0 * k, tile);
+                // acc[m, k] += g[:, r0..r0+r] [m, r] · tile [r, k]
+                gemm_f32(m, k, r, &mut acc, k as isize, started, &g[r0..], n as isize, 1, tile, k as isize, 1);
+                (acc, buf, true)
+            },
+        )
+        .map(|(acc, _, _)| acc)
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .unwrap_or_else(|| vec![0f32; m * k])
+}
+
+fn dims(w: &Quantized4bit) -> (usize, usize) {
+    match w.shape[..] {
+        [n, k] => (n, k),
+        _ => panic!("a 4-bit linear weight must be 2-D, got shape {:?}", w.shape),
+    }
+}
+
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    if rows == 1 || cols == 1 {
+        return a.to_vec();
+    }
+    let mut out = vec![0f32; rows * cols];
+    out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
+        for (r, v) in o.iter_mut().enumerate() {
+            *v = a[r * cols + c];
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::QuantType;
+    use proptest::prelude::*;
+
+    fn dense_matmul(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum();
+            }
+        }
+        y
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// The tiled products equal the products with the fully dequantized weight, for shapes
+        /// whose rows straddle blocks and tiles, and for both scale encodings.
+        #[test]
+        fn tiled_products_match_dense(m in 1usize..9, n in 1usize..70, k in 1usize..150, dq in any::<bool>(), fp4 in any::<bool>(), seed in 0u32..1000) {
+            let qtype = if fp4 { QuantType::Fp4 } else { QuantType::Nf4 };
+            let wv: Vec<f32> = (0..n * k).map(|i| ((i as f32 + seed as f32) * 0.731).sin()).collect();
+            let w = Quantized4bit::quantize(&wv, &[n, k], qtype, 32, dq).unwrap();
+            let dense = w.dequantize();
+            let mut part = vec![0f32; 37.min(n * k)];
+            dequantize_range(&w, n * k - part.len(), &mut part);
+            prop_assert_eq!(&part[..], &dense[n * k - part.len()..]);
+
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 + 3) as f32 * 0.113).cos()).collect();
+            prop_assert!(close(&matmul_4bit(&x, m, &w), &dense_matmul(&x, m, &dense, n, k)));
+
+            let g: Vec<f32> = (0..m * n).map(|i| ((i * 5 + 1) as f32 * 0.217).sin()).collect();
+            let wt: Vec<f32> = transpose(&dense, n, k);
+            prop_assert!(close(&matmul_4bit_transposed(&g, m, &w), &dense_matmul(&g, m, &wt, k, n)));
+        }
+    }
+}
