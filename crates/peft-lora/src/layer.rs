@@ -3,8 +3,8 @@
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Distribution, Tensor};
-use peft_core::linear::FrozenLinear;
-use peft_core::params::{frozen, trainable};
+use peft_core::params::trainable;
+use peft_quant::BaseLinear;
 use peft_core::{PeftError, Result};
 
 /// How new adapter weights are drawn (Hugging Face `init_lora_weights`).
@@ -52,7 +52,8 @@ impl LoraAdapter {
 /// deltas add up); merged adapters live in the base weight and are skipped on the side path.
 #[derive(Module, Debug)]
 pub struct LoraLinear {
-    pub base: FrozenLinear,
+    /// The frozen base: dense, or 4-bit (QLoRA).
+    pub base: BaseLinear,
     pub adapters: Vec<LoraAdapter>,
     /// Name of each entry of `adapters`.
     #[module(skip)]
@@ -71,12 +72,12 @@ pub struct LoraLinear {
 impl LoraLinear {
     /// Wrap a `[in, out]` weight (frozen) and optional bias.
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
-        Self::from_base(FrozenLinear::new(weight, bias))
+        Self::from_base(BaseLinear::dense(weight, bias))
     }
 
-    pub fn from_base(base: FrozenLinear) -> Self {
+    pub fn from_base(base: impl Into<BaseLinear>) -> Self {
         Self {
-            base,
+            base: base.into(),
             adapters: Vec::new(),
             names: Vec::new(),
             active: Vec::new(),
@@ -97,7 +98,7 @@ impl LoraLinear {
     /// Add (or replace) adapter `name` with rank `r`, and make it active.
     pub fn add_adapter(&mut self, name: &str, r: usize, alpha: f64, rslora: bool, dropout: f64, init: LoraInit) {
         assert!(r > 0, "LoRA rank must be positive");
-        let device = self.base.weight.device();
+        let device = self.base.device();
         let (d_in, d_out) = (self.base.d_input(), self.base.d_output());
         let a_bound = 1.0 / (d_in as f64).sqrt();
         let a = match init {
@@ -154,14 +155,15 @@ impl LoraLinear {
         Ok(())
     }
 
-    /// Fold adapter `name` into the base weight.
+    /// Fold adapter `name` into the base weight. A 4-bit base is dequantized, updated and
+    /// quantized again, which rounds: outputs then differ slightly from the unmerged ones.
     pub fn merge(&mut self, name: &str) -> Result<()> {
         let i = self.index(name).ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
         if self.merged.iter().any(|m| m == name) {
             return Ok(());
         }
-        let w = self.base.weight.val() + self.adapters[i].delta_weight();
-        self.base.weight = frozen(w.detach());
+        let w = self.base.dense_weight(&self.base.device()) + self.adapters[i].delta_weight();
+        self.base.set_weight(w, false)?;
         self.merged.push(name.to_string());
         Ok(())
     }
@@ -172,8 +174,8 @@ impl LoraLinear {
         if !self.merged.iter().any(|m| m == name) {
             return Ok(());
         }
-        let w = self.base.weight.val() - self.adapters[i].delta_weight();
-        self.base.weight = frozen(w.detach());
+        let w = self.base.dense_weight(&self.base.device()) - self.adapters[i].delta_weight();
+        self.base.set_weight(w, false)?;
         self.merged.retain(|m| m != name);
         Ok(())
     }
@@ -227,7 +229,7 @@ mod tests {
     fn merged_equals_unmerged_and_unmerge_restores_the_base() {
         let device = Device::flex();
         let mut l = layer(&device);
-        let base_w = l.base.weight.val();
+        let base_w = l.base.dense_weight(&l.base.device());
         let x = Tensor::<3>::random([2, 3, 6], Distribution::Default, &device);
         let unmerged = l.forward(x.clone());
         l.merge("a").unwrap();
@@ -235,8 +237,7 @@ mod tests {
         merged.into_data().assert_approx_eq::<f32>(&unmerged.into_data(), Tolerance::absolute(1e-5));
         l.unmerge("a").unwrap();
         l.base
-            .weight
-            .val()
+            .dense_weight(&device)
             .into_data()
             .assert_approx_eq::<f32>(&base_w.into_data(), Tolerance::absolute(1e-5));
     }
@@ -297,7 +298,8 @@ mod tests {
         let l = layer(&device);
         let x = Tensor::<2>::random([4, 6], Distribution::Default, &device);
         let grads = l.forward(x).sum().backward();
-        assert!(l.base.weight.val().grad(&grads).is_none());
+        let BaseLinear::Dense(base) = &l.base else { unreachable!() };
+        assert!(base.weight.val().grad(&grads).is_none());
         let a = l.adapter("a").unwrap();
         assert!(a.a.val().grad(&grads).is_some() && a.b.val().grad(&grads).is_some());
     }
@@ -326,7 +328,7 @@ mod properties {
             let merged = l.forward(x).into_data();
             merged.assert_approx_eq::<f32>(&side, burn::tensor::Tolerance::absolute(1e-4));
             l.unmerge("x").unwrap();
-            l.base.weight.val().into_data().assert_approx_eq::<f32>(&w.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+            l.base.dense_weight(&l.base.device()).into_data().assert_approx_eq::<f32>(&w.into_data(), burn::tensor::Tolerance::absolute(1e-5));
         }
     }
 }

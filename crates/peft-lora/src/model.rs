@@ -10,6 +10,7 @@ use peft_core::{PeftError, Result};
 
 use crate::config::LoraConfig;
 use crate::layer::LoraLinear;
+use peft_quant::BaseLinear;
 
 /// A model whose linear layers are [`LoraLinear`] slots addressed by Hugging Face path.
 pub trait LoraHost: ModuleHost {
@@ -78,10 +79,10 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
         }
         for path in saved_modules(self, &model) {
             let s = slot(&mut model, &path)?;
-            s.base.weight = trainable(s.base.weight.val().detach());
-            if let Some(b) = s.base.bias.take() {
-                s.base.bias = Some(trainable(b.val().detach()));
-            }
+            // A module trained whole is trained in full precision, even over a 4-bit base.
+            let w = s.base.dense_weight(&s.base.device());
+            s.base.set_weight(w, true)?;
+            s.base.set_bias_trainable(true);
         }
         // bias = "all" trains every bias, "lora_only" those of adapted layers.
         if self.bias != "none" {
@@ -91,10 +92,7 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
                 targets.clone()
             };
             for path in paths {
-                let s = slot(&mut model, &path)?;
-                if let Some(b) = s.base.bias.take() {
-                    s.base.bias = Some(trainable(b.val().detach()));
-                }
+                slot(&mut model, &path)?.base.set_bias_trainable(true);
             }
         }
         Ok(model)
@@ -116,7 +114,7 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
             }
             if whole.contains(&path) {
                 out.insert(format!("{KEY_PREFIX}{path}.weight"), s.base.weight_hf());
-                if let Some(b) = &s.base.bias {
+                if let Some(b) = s.base.bias() {
                     out.insert(format!("{KEY_PREFIX}{path}.bias"), HostTensor::from_tensor(b.val()));
                 }
                 continue;
@@ -126,7 +124,7 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
                 "lora_only" => s.adapter(name).is_some(),
                 _ => false,
             };
-            if save_bias && let Some(b) = &s.base.bias {
+            if save_bias && let Some(b) = s.base.bias() {
                 out.insert(bias_key(&path, s.adapter(name).is_some()), HostTensor::from_tensor(b.val()));
             }
         }
@@ -138,20 +136,20 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
             let s = slot(&mut model, &path)?;
             let adapter = s.adapter(name).expect("adapted");
             let (d_in, d_out, r) = (s.base.d_input(), s.base.d_output(), adapter.rank());
-            let device = s.base.weight.device();
+            let device = s.base.device();
             let a = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.lora_A.weight"), &[r, d_in])?;
             let b = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.lora_B.weight"), &[d_out, r])?;
             s.set_weights(name, a.transposed().to_tensor(&device), b.transposed().to_tensor(&device))?;
         }
         for path in saved_modules(self, &model) {
             let s = slot(&mut model, &path)?;
-            let device = s.base.weight.device();
+            let device = s.base.device();
             let (d_in, d_out) = (s.base.d_input(), s.base.d_output());
             let w = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.weight"), &[d_out, d_in])?;
-            s.base.weight = trainable(w.transposed().to_tensor(&device));
-            if s.base.bias.is_some() {
+            s.base.set_weight(w.transposed().to_tensor(&device), true)?;
+            if s.base.bias().is_some() {
                 let b = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.bias"), &[d_out])?;
-                s.base.bias = Some(trainable(b.to_tensor(&device)));
+                *s.base.bias_mut() = Some(trainable(b.to_tensor(&device)));
             }
         }
         if self.bias != "none" {
@@ -161,10 +159,10 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
                 if tensors.get(&key).is_none() {
                     continue;
                 }
-                let Some(bias) = &s.base.bias else { continue };
+                let Some(bias) = s.base.bias() else { continue };
                 let device = bias.device();
                 let b = tensors.take_shaped(file, &key, &[s.base.d_output()])?;
-                s.base.bias = Some(trainable(b.to_tensor(&device)));
+                *s.base.bias_mut() = Some(trainable(b.to_tensor(&device)));
             }
         }
         if !tensors.is_empty() {
@@ -221,10 +219,10 @@ pub fn merge_and_unload_state<M: LoraHost>(mut model: M) -> Result<M> {
         s.active.clear();
         s.merged.clear();
         s.disabled = false;
-        s.base.weight = frozen(s.base.weight.val().detach());
-        if let Some(b) = s.base.bias.take() {
-            s.base.bias = Some(frozen(b.val().detach()));
+        if let BaseLinear::Dense(l) = &mut s.base {
+            l.weight = frozen(l.weight.val().detach());
         }
+        s.base.set_bias_trainable(false);
     }
     Ok(model)
 }

@@ -15,7 +15,8 @@ fn run(device: &Device, w: &TensorData, x: &TensorData, a: &TensorData, b: &Tens
     let y = layer.forward(Tensor::<2>::from_data(x.clone(), device));
     let grads = y.clone().powi_scalar(2).sum().backward();
     let adapter = layer.adapter("default").unwrap();
-    assert!(layer.base.weight.val().grad(&grads).is_none(), "frozen base got a gradient");
+    let peft_quant::BaseLinear::Dense(base) = &layer.base else { unreachable!() };
+    assert!(base.weight.val().grad(&grads).is_none(), "frozen base got a gradient");
     (
         y.into_data(),
         adapter.a.val().grad(&grads).unwrap().into_data(),

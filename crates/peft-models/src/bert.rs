@@ -243,7 +243,7 @@ impl BertForSequenceClassification {
         let host1 = |p: &Param<Tensor<1>>| HostTensor::from_tensor(p.val());
         for (path, slot) in self.lora_slots() {
             t.insert(format!("{path}.weight"), slot.base.weight_hf());
-            if let Some(b) = &slot.base.bias {
+            if let Some(b) = slot.base.bias() {
                 t.insert(format!("{path}.bias"), host1(b));
             }
         }

@@ -251,7 +251,7 @@ impl LlamaForCausalLM {
         let mut t = TensorMap::new();
         let linear = |t: &mut TensorMap, name: String, l: &LinearSlot| {
             t.insert(format!("{name}.weight"), l.base.weight_hf());
-            if let Some(b) = &l.base.bias {
+            if let Some(b) = l.base.bias() {
                 t.insert(format!("{name}.bias"), HostTensor::from_tensor(b.val()));
             }
         };

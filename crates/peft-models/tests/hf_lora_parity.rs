@@ -110,7 +110,7 @@ fn merge_matches_unmerged_and_unmerge_restores_the_base() {
     let (model, config) = adapted("all_linear_bias_all", &device);
     let (input, _) = expected("all_linear_bias_all", &device);
     let before = model.forward(input.clone(), None);
-    let base_q = model.model.layers[0].self_attn.q_proj.base.weight.val();
+    let base_q = model.model.layers[0].self_attn.q_proj.base.dense_weight(&device);
     let merged = config.merge(model, "default").unwrap();
     let after = merged.forward(input.clone(), None);
     after.into_data().assert_approx_eq::<f32>(&before.clone().into_data(), Tolerance::absolute(1e-5));
@@ -119,8 +119,7 @@ fn merge_matches_unmerged_and_unmerge_restores_the_base() {
         .self_attn
         .q_proj
         .base
-        .weight
-        .val()
+        .dense_weight(&device)
         .into_data()
         .assert_approx_eq::<f32>(&base_q.into_data(), Tolerance::absolute(1e-5));
     // merge_and_unload gives a plain model with the same outputs, saved as safetensors.
