@@ -20,6 +20,9 @@ pub enum StoredDtype {
     F32,
     F16,
     BF16,
+    /// Raw bytes (packed 4-bit weights and serialized quantization state); the values are the
+    /// byte values, exact in f32.
+    U8,
 }
 
 impl StoredDtype {
@@ -28,6 +31,7 @@ impl StoredDtype {
             StoredDtype::F32 => Dtype::F32,
             StoredDtype::F16 => Dtype::F16,
             StoredDtype::BF16 => Dtype::BF16,
+            StoredDtype::U8 => Dtype::U8,
         }
     }
 
@@ -37,6 +41,7 @@ impl StoredDtype {
             StoredDtype::F32 => "F32",
             StoredDtype::F16 => "F16",
             StoredDtype::BF16 => "BF16",
+            StoredDtype::U8 => "U8",
         }
     }
 }
@@ -99,6 +104,16 @@ impl HostTensor {
         }
     }
 
+    /// A byte tensor (stored as `U8`).
+    pub fn from_bytes(shape: Vec<usize>, bytes: &[u8]) -> Self {
+        Self::new(shape, bytes.iter().map(|&b| b as f32).collect()).with_dtype(StoredDtype::U8)
+    }
+
+    /// The values of a `U8` tensor as bytes.
+    pub fn to_u8(&self) -> Vec<u8> {
+        self.data.iter().map(|&v| v as u8).collect()
+    }
+
     /// Same values, stored as `dtype` when written.
     pub fn with_dtype(mut self, dtype: StoredDtype) -> Self {
         self.dtype = dtype;
@@ -118,6 +133,7 @@ impl HostTensor {
                 .iter()
                 .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
                 .collect(),
+            StoredDtype::U8 => self.data.iter().map(|&v| v as u8).collect(),
         }
     }
 }
@@ -181,8 +197,8 @@ impl TensorMap {
         Self::from_safetensors_bytes(path, &bytes)
     }
 
-    /// Read the float tensors of a model checkpoint, skipping integer buffers such as BERT's
-    /// `position_ids` (they are not weights).
+    /// Read the float and byte tensors of a model checkpoint, skipping integer buffers such as
+    /// BERT's `position_ids` (they are not weights).
     pub fn read_safetensors_weights(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| PeftError::io(path, e))?;
         Self::parse(path, &bytes, true)
@@ -218,7 +234,9 @@ impl TensorMap {
                         .collect(),
                     StoredDtype::BF16,
                 ),
-                Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::I8 | Dtype::U8 | Dtype::BOOL if skip_integers => continue,
+                // Bytes are kept: 4-bit checkpoints store packed weights and state as U8.
+                Dtype::U8 => (raw.iter().map(|&b| b as f32).collect(), StoredDtype::U8),
+                Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::I8 | Dtype::BOOL if skip_integers => continue,
                 other => {
                     return Err(PeftError::Dtype {
                         path: path.to_path_buf(),

@@ -10,7 +10,7 @@ use peft_core::{PeftError, Result};
 
 use crate::config::LoraConfig;
 use crate::layer::LoraLinear;
-use peft_quant::BaseLinear;
+use peft_quant::{BaseLinear, QuantSpec};
 
 /// A model whose linear layers are [`LoraLinear`] slots addressed by Hugging Face path.
 pub trait LoraHost: ModuleHost {
@@ -189,6 +189,28 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
         }
         Ok(model)
     }
+}
+
+/// Quantize the base weight of every linear slot to 4 bits (QLoRA's frozen base). Embeddings,
+/// norms and the output head keep full precision, as bitsandbytes leaves them.
+pub fn quantize_base<M: LoraHost>(mut model: M, spec: QuantSpec) -> Result<M> {
+    let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
+    for path in paths {
+        slot(&mut model, &path)?
+            .base
+            .quantize(spec)
+            .map_err(|e| PeftError::Other(format!("quantizing `{path}`: {e}")))?;
+    }
+    Ok(model)
+}
+
+/// Make every 4-bit base dense again (dequantized, frozen).
+pub fn dequantize_base<M: LoraHost>(mut model: M) -> Result<M> {
+    let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
+    for path in paths {
+        slot(&mut model, &path)?.base.dequantize();
+    }
+    Ok(model)
 }
 
 /// Unmerge every merged adapter of the model.

@@ -20,6 +20,7 @@
 
 mod blockwise;
 mod codebook;
+pub mod checkpoint;
 pub mod kernel;
 pub mod linear;
 pub mod ops;

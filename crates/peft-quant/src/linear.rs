@@ -215,22 +215,19 @@ impl BaseLinear {
         Ok(())
     }
 
-    /// Quantize a dense base to 4 bits (a 4-bit base is returned unchanged).
-    pub fn quantize(self, spec: QuantSpec) -> Result<Self> {
-        match self {
-            Self::Dense(l) => Ok(Self::Quant4(Linear4bit::quantize(&l, spec)?)),
-            q => Ok(q),
+    /// Quantize a dense base to 4 bits (a 4-bit base stays as it is).
+    pub fn quantize(&mut self, spec: QuantSpec) -> Result<()> {
+        if let Self::Dense(l) = self {
+            *self = Self::Quant4(Linear4bit::quantize(l, spec)?);
         }
+        Ok(())
     }
 
-    /// A dense base holding the (dequantized) weight, frozen.
-    pub fn into_dense(self) -> Self {
-        match self {
-            Self::Quant4(l) => {
-                let w = l.weight_hf().transposed().to_tensor(&l.device);
-                Self::Dense(FrozenLinear { weight: frozen(w), bias: l.bias })
-            }
-            d => d,
+    /// Make a 4-bit base dense, holding the dequantized weight (frozen).
+    pub fn dequantize(&mut self) {
+        if let Self::Quant4(l) = self {
+            let w = l.weight_hf().transposed().to_tensor(&l.device);
+            *self = Self::Dense(FrozenLinear { weight: frozen(w), bias: l.bias.take() });
         }
     }
 }
@@ -258,7 +255,8 @@ mod tests {
         let w = Tensor::<2>::random([d_in, d_out], Distribution::Normal(0.0, 0.2), &device);
         let b = Tensor::<1>::random([d_out], Distribution::Normal(0.0, 0.2), &device);
         let dense = FrozenLinear::new(w, Some(b));
-        let mut q = BaseLinear::from(dense).quantize(QuantSpec::default()).unwrap();
+        let mut q = BaseLinear::from(dense);
+        q.quantize(QuantSpec::default()).unwrap();
         q.set_bias_trainable(true);
         let reference = FrozenLinear::new(q.dense_weight(&device), q.bias().map(|b| b.val()));
 
@@ -289,10 +287,12 @@ mod tests {
     fn set_weight_requantizes_a_4bit_base_and_densifies_for_training() {
         let device = Device::flex();
         let w = Tensor::<2>::random([64, 32], Distribution::Normal(0.0, 0.2), &device);
-        let mut q = BaseLinear::dense(w.clone(), None).quantize(QuantSpec::default()).unwrap();
+        let mut q = BaseLinear::dense(w.clone(), None);
+        q.quantize(QuantSpec::default()).unwrap();
         q.set_weight(w.clone(), false).unwrap();
         assert!(q.is_quantized());
-        let again = BaseLinear::dense(w.clone(), None).quantize(QuantSpec::default()).unwrap();
+        let mut again = BaseLinear::dense(w.clone(), None);
+        again.quantize(QuantSpec::default()).unwrap();
         assert_eq!(q.weight_hf().data, again.weight_hf().data);
         q.set_weight(w.clone(), true).unwrap();
         assert!(!q.is_quantized());
