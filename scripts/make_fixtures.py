@@ -5,6 +5,9 @@
 
 fixtures/lora_tiny/: a small random Llama saved with save_pretrained, and for each case an
 adapter saved by PEFT with the inputs and the logits PEFT computes.
+fixtures/bnb_llama/: that Llama quantized to 4 bits by transformers + bitsandbytes and saved
+pre-quantized, with its logits and those of a LoRA adapter on the 4-bit base.
+    scripts/make_fixtures.sh --verify-4bit DIR CASE   # load a Rust-written 4-bit folder
 fixtures/smollm2/: prompt token ids and logits of SmolLM2-135M-Instruct loaded from the GGUF
 by transformers.
 """
@@ -184,6 +187,15 @@ def make_bnb():
             json.dump({"shape": list(shape), "dtype": str(dtype).split(".")[1], "quant_type": qt, "blocksize": bs,
                        "double_quant": dq}, fh)
     save_file({"dynamic_map": F.create_dynamic_map(signed=True)}, os.path.join(out, "dynamic_map.safetensors"))
+    # torch's f32 sum order (the double-quantization offset is torch.mean of the scales), on
+    # values both sides can generate exactly: ((i * 2654435761 + seed) mod 2^24) / 2^24.
+    sums = []
+    for n in [1, 7, 8, 31, 32, 33, 100, 127, 128, 129, 1000, 4095, 4096, 5000, 13824, 16384, 20000, 32767]:
+        i = torch.arange(n, dtype=torch.int64)
+        x = ((i * 2654435761 + n) % (1 << 24)).to(torch.float32) / (1 << 24)
+        sums.append({"n": n, "sum_bits": int(torch.tensor([x.sum().item()], dtype=torch.float32).view(torch.int32).item()) & 0xffffffff})
+    with open(os.path.join(out, "torch_sums.json"), "w") as fh:
+        json.dump(sums, fh)
     print("bnb ->", out)
 
 
@@ -214,6 +226,72 @@ def make_smollm2():
     print("smollm2:", ids.shape[1], "tokens; answer:", repr(answer))
 
 
+BNB_LLAMA_CASES = {"nf4_dq": ("nf4", True), "fp4": ("fp4", False)}
+
+
+def load_4bit(path, qt, dq):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+    return exact_4bit(model).eval()
+
+
+def exact_4bit(model):
+    """bitsandbytes' CPU inference shortcut (on AVX512-BF16 machines) turns the scales to bf16
+    and computes in bf16; training and GPUs dequantize to the compute dtype. Use that exact
+    path so the reference does not depend on the CPU."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def make_bnb_llama():
+    """The tiny Llama quantized by transformers + bitsandbytes and saved pre-quantized, its
+    logits, and the logits of a LoRA adapter on top of the 4-bit base (QLoRA inference)."""
+    from peft import PeftModel
+
+    base_dir = os.path.join(FIX, "lora_tiny", "base_plain")
+    ids = load_file(os.path.join(FIX, "lora_tiny", "list_rslora", "expected.safetensors"))["input_ids"]
+    for case, (qt, dq) in BNB_LLAMA_CASES.items():
+        out = os.path.join(FIX, "bnb_llama", case)
+        shutil.rmtree(out, ignore_errors=True)
+        model = load_4bit(base_dir, qt, dq)
+        model.save_pretrained(out)
+        shutil.copy(os.path.join(base_dir, "tokenizer.json"), out)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            lora = PeftModel.from_pretrained(model, os.path.join(FIX, "lora_tiny", "list_rslora", "adapter")).eval()
+            lora_logits = lora(input_ids=ids).logits
+        save_file({"input_ids": ids, "logits": logits.contiguous(), "lora_logits": lora_logits.contiguous()},
+                  os.path.join(FIX, "bnb_llama", f"{case}.expected.safetensors"))
+        print("bnb_llama", case, "->", out)
+
+
+def verify_4bit(model_dir, case):
+    """Load a 4-bit folder written by Rust in transformers; compare its logits and packed
+    tensors with the bitsandbytes-quantized fixture of the same setting."""
+    from transformers import LlamaForCausalLM
+
+    model = exact_4bit(LlamaForCausalLM.from_pretrained(model_dir, device_map="cpu")).eval()
+    exp = load_file(os.path.join(FIX, "bnb_llama", f"{case}.expected.safetensors"))
+    with torch.no_grad():
+        logits = model(input_ids=exp["input_ids"]).logits
+    err = (logits - exp["logits"]).abs().max().item()
+    ours = load_file(os.path.join(model_dir, "model.safetensors"))
+    ref = load_file(os.path.join(FIX, "bnb_llama", case, "model.safetensors"))
+    differing = {k: int((ours[k] != ref[k]).sum()) for k in ref if k in ours and ours[k].shape == ref[k].shape
+                 and ours[k].dtype == torch.uint8 and "quant_state" not in k}
+    missing = sorted(set(ref) ^ set(ours))
+    print(f"{case}: transformers loaded {model_dir} pre-quantized; max |logits - bitsandbytes| = {err:.2e}; "
+          f"differing bytes {sum(differing.values())} of {sum(ref[k].numel() for k in differing)}; key mismatch {missing}")
+    return err < 1e-3 and not missing
+
+
 def verify(adapter_dir, case):
     """Load an adapter folder written by Rust into Python PEFT and compare logits."""
     from peft import PeftModel
@@ -232,15 +310,20 @@ def verify(adapter_dir, case):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--verify", nargs=2, metavar=("ADAPTER_DIR", "CASE"))
-    ap.add_argument("--only", choices=["tiny", "bert", "bnb", "smollm2"])
+    ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
+    ap.add_argument("--only", choices=["tiny", "bert", "bnb", "bnb_llama", "smollm2"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
+    if a.verify_4bit:
+        sys.exit(0 if verify_4bit(*a.verify_4bit) else 1)
     if a.only in (None, "tiny"):
         make_tiny()
     if a.only in (None, "bert"):
         make_bert()
     if a.only in (None, "bnb"):
         make_bnb()
+    if a.only in (None, "bnb_llama"):
+        make_bnb_llama()
     if a.only in (None, "smollm2"):
         make_smollm2()

@@ -7,7 +7,6 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
-use peft_core::params::ParamReport;
 use peft_core::tensors::write_atomic;
 use peft_core::tuner::Tuner;
 use peft_lora::LoraConfig;
@@ -89,8 +88,9 @@ pub(crate) fn train(run: Run) -> Result<()> {
     let (train_set, eval_set) = hold_out(train_set, eval);
     std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
     write_atomic(&labels_path, serde_json::to_string(&labels)?.as_bytes())?;
+    let model = crate::train::maybe_quantize(model, run.quant)?;
     let model = run.lora.apply(model, "default")?;
-    eprintln!("{} labels {labels:?}; {} texts for training, {} held out; {}", labels.len(), train_set.len(), eval_set.len(), ParamReport::of(&model));
+    eprintln!("{} labels {labels:?}; {} texts for training, {} held out; {}", labels.len(), train_set.len(), eval_set.len(), peft_lora::param_report(&model));
     let n = labels.len();
     train_loop(
         &run,

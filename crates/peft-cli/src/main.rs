@@ -3,6 +3,7 @@
 mod classify;
 mod data;
 mod plot;
+mod quant;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, LoraHost, merge_and_unload_state};
+use peft_lora::{LoraConfig, LoraHost, dequantize_base, merge_and_unload_state, quantize_base};
 use peft_models::generate::greedy;
 use peft_models::load::{LoadedModel, load_causal_lm};
 
@@ -65,7 +66,8 @@ enum Command {
         #[arg(long)]
         raw: bool,
     },
-    /// Merge an adapter into the base and write a Hugging Face model folder.
+    /// Merge an adapter into the base and write a Hugging Face model folder (full precision,
+    /// or 4-bit with --quantize).
     Merge {
         #[arg(long)]
         model: PathBuf,
@@ -73,6 +75,35 @@ enum Command {
         adapter: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Write a bitsandbytes 4-bit checkpoint (nf4 or fp4): the merged weights are
+        /// re-quantized, which rounds them.
+        #[arg(long)]
+        quantize: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        quant_blocksize: usize,
+        /// With --quantize: keep the 4-bit scales in f32 instead of quantizing them too.
+        #[arg(long)]
+        no_double_quant: bool,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Quantize a model's linear weights to 4 bits and write a bitsandbytes-compatible
+    /// Hugging Face folder (loads in transformers with bitsandbytes installed).
+    Quantize {
+        /// Hugging Face model folder or .gguf file.
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// nf4 or fp4.
+        #[arg(long, default_value = "nf4")]
+        quant_type: String,
+        /// Weights per scale, 32..4096.
+        #[arg(long, default_value_t = 64)]
+        quant_blocksize: usize,
+        /// Keep the scales in f32 instead of quantizing them too (4.5 instead of ~4.13 bits
+        /// per weight).
+        #[arg(long)]
+        no_double_quant: bool,
         #[arg(long)]
         overwrite: bool,
     },
@@ -135,6 +166,9 @@ fn write_hf_folder(loaded: &LoadedModel, out: &Path) -> Result<()> {
     let mut config = serde_json::to_value(&loaded.model.config)?;
     config["model_type"] = "llama".into();
     config["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    if let Some(q) = loaded.model.quantization_config() {
+        config["quantization_config"] = q;
+    }
     std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     loaded.model.to_tensors().write_safetensors(&tmp.join("model.safetensors"))?;
     loaded
@@ -210,13 +244,41 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", loaded.tokenizer.decode(&out)?);
             Ok(())
         }
-        Command::Merge { model, adapter, out, overwrite } => {
+        Command::Merge { model, adapter, out, quantize, quant_blocksize, no_double_quant, overwrite } => {
+            let spec = quantize.map(|k| quant::spec(&k, quant_blocksize, !no_double_quant)).transpose()?;
             refuse_existing(&out, overwrite)?;
             let dev = device(&cli.device)?;
             let (mut loaded, _) = load_with_adapters(&model, std::slice::from_ref(&adapter), &dev)?;
-            loaded.model = merge_and_unload_state(loaded.model)?;
+            // Merge exactly in full precision: a 4-bit base is dequantized first.
+            if quant::footprint(&loaded.model).0 > 0 && spec.is_none() {
+                eprintln!("the base is 4-bit: writing a full-precision merged model (pass --quantize nf4 to keep it 4-bit)");
+            }
+            loaded.model = merge_and_unload_state(dequantize_base(loaded.model)?)?;
+            if let Some(spec) = spec {
+                eprintln!(
+                    "warning: re-quantizing the merged weights to {} rounds them; outputs will differ slightly from base + adapter",
+                    spec.qtype.name()
+                );
+                loaded.model = quantize_base(loaded.model, spec)?;
+            }
             write_hf_folder(&loaded, &out)?;
             eprintln!("merged model written to {}", out.display());
+            Ok(())
+        }
+        Command::Quantize { model, out, quant_type, quant_blocksize, no_double_quant, overwrite } => {
+            let spec = quant::spec(&quant_type, quant_blocksize, !no_double_quant)?;
+            refuse_existing(&out, overwrite)?;
+            let mut loaded = load_causal_lm(&model, &burn::tensor::Device::flex())?;
+            loaded.model = quantize_base(loaded.model, spec)?;
+            let (values, bytes) = quant::footprint(&loaded.model);
+            write_hf_folder(&loaded, &out)?;
+            eprintln!(
+                "{values} linear weights quantized to {} ({:.2} bits each, {:.1} MB); written to {}",
+                spec.qtype.name(),
+                bytes as f64 * 8.0 / values.max(1) as f64,
+                bytes as f64 / 1e6,
+                out.display()
+            );
             Ok(())
         }
         Command::Inspect { path } => inspect(&path),

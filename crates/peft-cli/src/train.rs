@@ -9,13 +9,13 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
-use peft_core::params::ParamReport;
 use peft_core::target::ModuleSelector;
 use peft_core::train::{StepReport, TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
 use burn::module::Module;
 use burn::tensor::Device;
-use peft_lora::{LoraConfig, LoraHost};
+use peft_lora::{LoraConfig, LoraHost, param_report, quantize_base};
+use peft_quant::QuantSpec;
 use peft_models::load::load_causal_lm;
 use peft_models::train::{eval_loss, lm_batch_loss};
 use serde::Deserialize;
@@ -34,9 +34,22 @@ pub struct TrainArgs {
     /// Hugging Face model folder or .gguf file.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Fine-tuning method.
+    /// Fine-tuning method: lora, or qlora (LoRA over an NF4 base with double quantization)
+    /// [default: lora].
     #[arg(long)]
     pub method: Option<String>,
+    /// Quantize the base's linear weights to 4 bits at load: nf4 or fp4 [default: none; nf4
+    /// with --method qlora].
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// With --quantize: quantize the 4-bit scales too (~4.13 bits per weight instead of 4.5)
+    /// [default: on with --method qlora].
+    #[arg(long, default_value_t = false)]
+    #[serde(default)]
+    pub double_quant: bool,
+    /// With --quantize: weights per 4-bit scale, 32..4096 [default: 64].
+    #[arg(long)]
+    pub quant_blocksize: Option<usize>,
     /// Training data: .jsonl file or chatterbot YAML folder.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -126,9 +139,10 @@ impl TrainArgs {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
         let mut file: TrainArgs =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-        merge!(self, file, model, method, task, text_column, label_column, data, eval_data, out, r, alpha, dropout, target, rslora, steps, lr,
+        merge!(self, file, model, method, quantize, quant_blocksize, task, text_column, label_column, data, eval_data, out, r, alpha, dropout, target, rslora, steps, lr,
             batch_size, grad_accum, warmup, max_grad_norm, weight_decay, max_len, seed, save_every);
         self.overwrite |= file.overwrite;
+        self.double_quant |= file.double_quant;
         self.resume |= file.resume;
         Ok(self)
     }
@@ -206,14 +220,46 @@ pub(crate) struct Run {
     pub(crate) resume_from: Option<PathBuf>,
     pub(crate) config: TrainConfig,
     pub(crate) device: Device,
+    /// 4-bit quantization of the base's linear weights (QLoRA), if asked for.
+    pub(crate) quant: Option<QuantSpec>,
+}
+
+/// The 4-bit quantization `--method`/`--quantize`/`--double-quant`/`--quant-blocksize` ask for.
+fn quant_spec(a: &TrainArgs, method: &str) -> Result<Option<QuantSpec>> {
+    let qlora = method == "qlora";
+    let Some(kind) = a.quantize.clone().or_else(|| qlora.then(|| "nf4".into())) else {
+        if a.double_quant || a.quant_blocksize.is_some() {
+            bail!("--double-quant and --quant-blocksize need --quantize nf4|fp4 (or --method qlora)");
+        }
+        return Ok(None);
+    };
+    let spec = crate::quant::spec(&kind, a.quant_blocksize.unwrap_or(64), a.double_quant || qlora)?;
+    Ok(Some(spec))
+}
+
+/// Quantize the base when asked, saying what it saved.
+pub(crate) fn maybe_quantize<M: LoraHost>(model: M, quant: Option<QuantSpec>) -> Result<M> {
+    let Some(spec) = quant else { return Ok(model) };
+    let model = quantize_base(model, spec)?;
+    let (values, bytes) = crate::quant::footprint(&model);
+    eprintln!(
+        "base linear weights quantized to {}{}: {values} weights in {:.1} MB ({:.2} bits each, f32 {:.1} MB)",
+        spec.qtype.name(),
+        if spec.double_quant { " with double quantization" } else { "" },
+        bytes as f64 / 1e6,
+        bytes as f64 * 8.0 / values.max(1) as f64,
+        values as f64 * 4.0 / 1e6
+    );
+    Ok(model)
 }
 
 pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
     let a = args.with_config_file()?;
     let method = a.method.clone().unwrap_or_else(|| "lora".into());
-    if method != "lora" {
-        bail!("unknown method `{method}` (supported: lora)");
+    if method != "lora" && method != "qlora" {
+        bail!("unknown method `{method}` (supported: lora, qlora)");
     }
+    let quant = quant_spec(&a, &method)?;
     let task = a.task.clone().unwrap_or_else(|| "causal-lm".into());
     let classification = match task.as_str() {
         "causal-lm" => false,
@@ -251,7 +297,7 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
     };
     let device = peft_core::device::device_by_name(device_name)?.autodiff();
     device.seed(config.seed);
-    let run = Run { args: a, lora, out, resume_from, config, device };
+    let run = Run { args: a, lora, out, resume_from, config, device, quant };
     if classification { crate::classify::train(run) } else { train_causal_lm(run) }
 }
 
@@ -280,8 +326,9 @@ fn train_causal_lm(run: Run) -> Result<()> {
     let eval = a.eval_data.as_ref().map(|p| read_examples(p, &tok, max_len)).transpose()?;
     let (train_set, eval_set) = hold_out(train_set, eval);
     let pad = tok.eos_ids.first().copied().unwrap_or(0);
-    let model = run.lora.apply(loaded.model, "default")?;
-    eprintln!("{} examples for training, {} held out; {}", train_set.len(), eval_set.len(), ParamReport::of(&model));
+    let model = maybe_quantize(loaded.model, run.quant)?;
+    let model = run.lora.apply(model, "default")?;
+    eprintln!("{} examples for training, {} held out; {}", train_set.len(), eval_set.len(), param_report(&model));
     let batch = run.config.batch_size;
     train_loop(&run, model, &train_set, |m, b| lm_batch_loss(m, b, pad), |m| {
         let mut metrics = serde_json::Map::new();

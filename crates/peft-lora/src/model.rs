@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use peft_core::adapter_io::KEY_PREFIX;
-use peft_core::params::{frozen, trainable};
+use peft_core::params::{ParamReport, frozen, trainable};
+use peft_core::target::ModuleKind;
 use peft_core::tensors::{HostTensor, TensorMap};
 use peft_core::tuner::{ModuleHost, Tuner};
 use peft_core::{PeftError, Result};
@@ -194,10 +195,15 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
 /// Quantize the base weight of every linear slot to 4 bits (QLoRA's frozen base). Embeddings,
 /// norms and the output head keep full precision, as bitsandbytes leaves them.
 pub fn quantize_base<M: LoraHost>(mut model: M, spec: QuantSpec) -> Result<M> {
-    let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
+    let paths: Vec<String> = model
+        .module_paths()
+        .into_iter()
+        .filter(|(_, kind)| *kind == ModuleKind::Linear)
+        .map(|(p, _)| p)
+        .collect();
     for path in paths {
-        slot(&mut model, &path)?
-            .base
+        let Some(s) = model.lora_slot_mut(&path) else { continue };
+        s.base
             .quantize(spec)
             .map_err(|e| PeftError::Other(format!("quantizing `{path}`: {e}")))?;
     }
@@ -211,6 +217,21 @@ pub fn dequantize_base<M: LoraHost>(mut model: M) -> Result<M> {
         slot(&mut model, &path)?.base.dequantize();
     }
     Ok(model)
+}
+
+/// The parameter counts of `model`, 4-bit base weights included (they are frozen and are not
+/// burn parameters, so [`ParamReport::of`] alone does not see them).
+pub fn param_report<M: LoraHost + burn::module::Module>(model: &M) -> ParamReport {
+    let mut report = ParamReport::of(model);
+    report.all += model
+        .lora_slots()
+        .iter()
+        .filter_map(|(_, s)| match &s.base {
+            BaseLinear::Quant4(q) => Some(q.quantized().numel()),
+            BaseLinear::Dense(_) => None,
+        })
+        .sum::<usize>();
+    report
 }
 
 /// Unmerge every merged adapter of the model.

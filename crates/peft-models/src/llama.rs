@@ -10,6 +10,8 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use peft_core::linear::FrozenLinear;
+use peft_quant::checkpoint::{put_4bit, take_4bit};
+use peft_quant::{BaseLinear, Linear4bit};
 use peft_core::params::frozen;
 use peft_core::target::ModuleKind;
 use peft_core::tensors::{HostTensor, TensorMap};
@@ -190,6 +192,12 @@ impl LlamaForCausalLM {
         let (hd, kvh, h) = (config.head_dim(), config.kv_heads(), config.num_attention_heads);
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
         let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize, bias: bool| -> Result<LinearSlot> {
+            // A pre-quantized (bitsandbytes 4-bit) weight stays 4-bit.
+            if let Some(q) = take_4bit(t, source, &format!("{name}.weight"), out, inp)? {
+                let b = if bias { Some(t.take_shaped(source, &format!("{name}.bias"), &[out])?) } else { None };
+                let b = b.map(|b| frozen(b.to_tensor(device)));
+                return Ok(LinearSlot::from_base(BaseLinear::Quant4(Linear4bit::new(q, b, device.clone())?)));
+            }
             let w = t.take_shaped(source, &format!("{name}.weight"), &[out, inp])?;
             let b = if bias { Some(t.take_shaped(source, &format!("{name}.bias"), &[out])?) } else { None };
             Ok(LinearSlot::from_base(FrozenLinear::from_hf(&w, b.as_ref(), device)))
@@ -246,11 +254,15 @@ impl LlamaForCausalLM {
         })
     }
 
-    /// Every weight under its Hugging Face key (what `save_pretrained` writes).
+    /// Every weight under its Hugging Face key (what `save_pretrained` writes); 4-bit linear
+    /// weights in bitsandbytes' layout.
     pub fn to_tensors(&self) -> TensorMap {
         let mut t = TensorMap::new();
         let linear = |t: &mut TensorMap, name: String, l: &LinearSlot| {
-            t.insert(format!("{name}.weight"), l.base.weight_hf());
+            match &l.base {
+                BaseLinear::Quant4(q) => put_4bit(t, &format!("{name}.weight"), q.quantized(), "float32"),
+                BaseLinear::Dense(d) => t.insert(format!("{name}.weight"), d.weight_hf()),
+            }
             if let Some(b) = l.base.bias() {
                 t.insert(format!("{name}.bias"), HostTensor::from_tensor(b.val()));
             }
@@ -280,6 +292,25 @@ impl LlamaForCausalLM {
 
     pub fn device(&self) -> Device {
         self.model.embed_tokens.device()
+    }
+
+    /// The `quantization_config` entry of `config.json` when linear weights are 4-bit (what
+    /// transformers needs to load the checkpoint pre-quantized), `None` for a dense model.
+    pub fn quantization_config(&self) -> Option<serde_json::Value> {
+        let spec = self.lora_slots().into_iter().find_map(|(_, s)| match &s.base {
+            BaseLinear::Quant4(q) => Some(q.spec()),
+            BaseLinear::Dense(_) => None,
+        })?;
+        Some(serde_json::json!({
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": true,
+            "load_in_8bit": false,
+            "bnb_4bit_quant_type": spec.qtype.name(),
+            "bnb_4bit_use_double_quant": spec.double_quant,
+            "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": ["lm_head"],
+        }))
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`. With a cache, the tokens

@@ -139,6 +139,93 @@ fn check_blocksize(blocksize: usize) -> Result<()> {
     Ok(())
 }
 
+/// The f32 sum of `x` in the order PyTorch's CPU kernel adds (its `cascade_sum`: 8-lane
+/// vectors, 4 accumulators interleaved, a 4-level cascade, then the scalar tail and the
+/// lanes; fewer than 8 values go through the same cascade one value wide), so that the
+/// double-quantization offset `mean(absmax)` is bit-identical to the one bitsandbytes gets
+/// from `torch.mean`. (Past 32768 values torch splits the sum over its threads, and its own
+/// result then depends on the thread count.)
+pub fn torch_sum_f32(x: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    if x.len() < LANES {
+        return row_sum::<1>(x)[0];
+    }
+    let vecs = x.len() / LANES;
+    let lanes = row_sum::<LANES>(&x[..vecs * LANES]);
+    let mut total = 0f32;
+    for &e in &x[vecs * LANES..] {
+        total += e;
+    }
+    for p in lanes {
+        total += p;
+    }
+    total
+}
+
+/// torch's `row_sum` over `x` seen as vectors of `L` lanes: 4 interleaved accumulators
+/// summed through a 4-level cascade, leftover vectors into the first, then the four added.
+fn row_sum<const L: usize>(x: &[f32]) -> [f32; L] {
+    const ILP: usize = 4;
+    const LEVELS: usize = 4;
+    let add = |a: &mut [[f32; L]; ILP], b: &[[f32; L]; ILP]| {
+        for (ra, rb) in a.iter_mut().zip(b) {
+            for (va, vb) in ra.iter_mut().zip(rb) {
+                *va += vb;
+            }
+        }
+    };
+    let vecs = x.len() / L;
+    let groups = vecs / ILP;
+    let group = |i: usize| -> [[f32; L]; ILP] {
+        let mut g = [[0f32; L]; ILP];
+        for (k, row) in g.iter_mut().enumerate() {
+            row.copy_from_slice(&x[(i * ILP + k) * L..][..L]);
+        }
+        g
+    };
+    let ceil_log2 = |v: usize| if v <= 2 { 1 } else { (usize::BITS - (v - 1).leading_zeros()) as usize };
+    let level_power = 4.max(ceil_log2(groups) / LEVELS);
+    let level_step = 1usize << level_power;
+    let level_mask = level_step - 1;
+    let mut acc = [[[0f32; L]; ILP]; LEVELS];
+    let mut i = 0;
+    while i + level_step <= groups {
+        for _ in 0..level_step {
+            add(&mut acc[0], &group(i));
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            let lower = acc[j - 1];
+            add(&mut acc[j], &lower);
+            acc[j - 1] = [[0f32; L]; ILP];
+            if i & (level_mask << (j * level_power)) != 0 {
+                break;
+            }
+        }
+    }
+    while i < groups {
+        add(&mut acc[0], &group(i));
+        i += 1;
+    }
+    for j in 1..LEVELS {
+        let level = acc[j];
+        add(&mut acc[0], &level);
+    }
+    let mut partial = acc[0];
+    for v in groups * ILP..vecs {
+        for (p, &e) in partial[0].iter_mut().zip(&x[v * L..][..L]) {
+            *p += e;
+        }
+    }
+    for k in 1..ILP {
+        let row = partial[k];
+        for (p, e) in partial[0].iter_mut().zip(row) {
+            *p += e;
+        }
+    }
+    partial[0]
+}
+
 /// The per-block scales: plain f32, or themselves quantized (double quantization).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Absmax {
@@ -188,9 +275,7 @@ impl Quantized4bit {
         }
         let (packed, absmax) = quantize_4bit(data, blocksize, qtype)?;
         let absmax = if double_quant {
-            // The mean as torch computes it for these sizes: f32 values summed in f64 is exact
-            // enough to give the same f32.
-            let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len() as f64) as f32;
+            let offset = torch_sum_f32(&absmax) / absmax.len() as f32;
             let centered: Vec<f32> = absmax.iter().map(|v| v - offset).collect();
             let (q, nested_absmax) = quantize_blockwise_8bit(&centered, NESTED_BLOCKSIZE, &nested_code());
             Absmax::Nested { q, nested_absmax, offset }
@@ -210,9 +295,14 @@ impl Quantized4bit {
             .expect("consistent by construction")
     }
 
+    /// Bytes the codes and scales take.
+    pub fn storage_bytes(&self) -> usize {
+        self.packed.len() + self.absmax.nbytes()
+    }
+
     /// Storage bits per value (codes and scales).
     pub fn bits_per_value(&self) -> f64 {
-        (self.packed.len() + self.absmax.nbytes()) as f64 * 8.0 / self.numel() as f64
+        self.storage_bytes() as f64 * 8.0 / self.numel() as f64
     }
 }
 
