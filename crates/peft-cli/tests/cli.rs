@@ -218,3 +218,76 @@ fn a_run_killed_with_sigkill_resumes_from_its_last_checkpoint() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.join("adapter_model.safetensors").exists());
 }
+
+fn eval_loss(model: &Path, adapter: Option<&Path>, data: &Path) -> f64 {
+    let mut args = vec!["eval", "--model", s(model), "--data", s(data), "--max-len", "32"];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", s(a)]);
+    }
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn qlora_trains_resumes_quantizes_and_merges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let model = tiny();
+    let (full, part) = (tmp.path().join("full"), tmp.path().join("part"));
+    let mut args = train_args(s(&model), s(&data), s(&full));
+    args.extend(["--method", "qlora"]);
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("quantized to nf4 with double quantization"), "{}", stderr(&o));
+    // Resume over a 4-bit base is exact too (quantization is deterministic).
+    let mut args = train_args(s(&model), s(&data), s(&part));
+    args.extend(["--method", "qlora", "--stop-after", "3"]);
+    assert!(peft(&args).status.success());
+    let mut args = train_args(s(&model), s(&data), s(&part));
+    args.extend(["--method", "qlora", "--resume"]);
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(adapter_values(&full), adapter_values(&part));
+
+    // A 4-bit checkpoint of the base, and the adapter on it.
+    let q = tmp.path().join("q");
+    let o = peft(&["quantize", s(&model), "--out", s(&q)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(q.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization_config"]["bnb_4bit_quant_type"], "nf4");
+    let qlora = eval_loss(&q, Some(&full), &data);
+
+    // Merging into a 4-bit base writes full precision by default, exactly base + adapter.
+    let merged = tmp.path().join("merged");
+    let o = peft(&["merge", "--model", s(&q), "--adapter", s(&full), "--out", s(&merged)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("full-precision"), "{}", stderr(&o));
+    assert!((eval_loss(&merged, None, &data) - qlora).abs() < 1e-4);
+
+    // ... or 4-bit again, with the rounding warning.
+    let merged4 = tmp.path().join("merged4");
+    let o = peft(&["merge", "--model", s(&q), "--adapter", s(&full), "--out", s(&merged4), "--quantize", "nf4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: re-quantizing"), "{}", stderr(&o));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged4.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization_config"]["load_in_4bit"], true);
+    let rounded = eval_loss(&merged4, None, &data);
+    assert!((rounded - qlora).abs() < 0.05 * qlora, "{rounded} vs {qlora}");
+
+    // Bad 4-bit options are one-line errors naming the option.
+    for (extra, needle) in [
+        (vec!["--quantize", "int3"], "--quantize int3"),
+        (vec!["--quantize", "nf4", "--quant-blocksize", "48"], "--quant-blocksize 48"),
+        (vec!["--double-quant"], "--double-quant"),
+    ] {
+        let mut args = train_args(s(&model), s(&data), s(&part));
+        args.push("--overwrite");
+        args.extend(extra);
+        let o = peft(&args);
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(err.contains(needle) && err.trim().lines().count() == 1, "{err}");
+    }
+}
