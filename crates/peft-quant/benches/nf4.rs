@@ -20,5 +20,27 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// `x [m, 4096] · Wᵀ` with W 4096x4096: the tiled 4-bit kernel against burn's dense f32 matmul
+/// on the same device (the weight already dequantized).
+fn linear(c: &mut Criterion) {
+    use burn::tensor::{Device, Tensor, TensorData};
+    let (n, k) = (4096, 4096);
+    let w: Vec<f32> = (0..n * k).map(|i| ((i as f32 * 0.618).sin()) * 0.05).collect();
+    let q = Quantized4bit::quantize(&w, &[n, k], QuantType::Nf4, 64, true).unwrap();
+    let device = Device::flex();
+    let dense_t = Tensor::<2>::from_data(TensorData::new(q.dequantize(), [n, k]), &device).transpose();
+    let mut g = c.benchmark_group("linear_4096x4096");
+    g.sample_size(10);
+    for m in [1usize, 8, 128] {
+        let x: Vec<f32> = (0..m * k).map(|i| ((i as f32 * 0.377).cos())).collect();
+        g.bench_function(format!("nf4_batch{m}"), |b| b.iter(|| peft_quant::kernel::matmul_4bit(&x, m, &q)));
+        let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+        g.bench_function(format!("dense_f32_batch{m}"), |b| {
+            b.iter(|| xt.clone().matmul(dense_t.clone()).into_data())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, linear);
 criterion_main!(benches);
