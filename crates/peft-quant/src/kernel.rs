@@ -7,8 +7,12 @@ use rayon::prelude::*;
 use crate::blockwise::{Absmax, NESTED_BLOCKSIZE, Quantized4bit};
 use crate::codebook::dynamic_map;
 
-/// f32 values per dequantized tile: 128 KiB, well inside a core's L2.
+/// f32 values per dequantized tile for few input rows: 128 KiB, well inside a core's L2 (the
+/// product is bound by reading the packed weight).
 const TILE_VALUES: usize = 32 * 1024;
+/// ... and for many input rows: 2 MiB, so each tile's GEMM is large enough to run at full
+/// speed and the input is re-read fewer times.
+const TILE_VALUES_BATCHED: usize = 512 * 1024;
 
 /// The f32 scale of block `b` (decoded on the fly so a double-quantized weight keeps its
 /// ~4.13 bits per value in memory).
@@ -42,10 +46,11 @@ pub fn dequantize_range(w: &Quantized4bit, start: usize, out: &mut [f32]) {
     }
 }
 
-/// Rows of `W` per tile so a tile is about [`TILE_VALUES`] values, with at least
-/// 4 tiles per thread when the matrix is big enough to share out.
-fn rows_per_tile(n: usize, k: usize) -> usize {
-    let by_cache = (TILE_VALUES / k.max(1)).max(1);
+/// Rows of `W` per tile (about [`TILE_VALUES`] or [`TILE_VALUES_BATCHED`] values for `m`
+/// input rows), with at least 4 tiles per thread when the matrix is big enough to share out.
+fn rows_per_tile(m: usize, n: usize, k: usize) -> usize {
+    let values = if m >= 32 { TILE_VALUES_BATCHED } else { TILE_VALUES };
+    let by_cache = (values / k.max(1)).max(1);
     let by_threads = n.div_ceil(4 * rayon::current_num_threads()).max(1);
     by_cache.min(by_threads)
 }
@@ -97,7 +102,7 @@ fn gemm_f32(
 pub fn matmul_4bit(x: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
     let (n, k) = dims(w);
     assert_eq!(x.len(), m * k, "input is not [{m}, {k}]");
-    let rows = rows_per_tile(n, k);
+    let rows = rows_per_tile(m, n, k);
     // Tiles of W give rows of yᵀ [n, m]: disjoint, contiguous outputs for parallel tasks.
     let mut yt = vec![0f32; n * m];
     yt.par_chunks_mut(rows * m).enumerate().for_each_init(
@@ -117,7 +122,7 @@ pub fn matmul_4bit(x: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
 pub fn matmul_4bit_transposed(g: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
     let (n, k) = dims(w);
     assert_eq!(g.len(), m * n, "gradient is not [{m}, {n}]");
-    let rows = rows_per_tile(n, k);
+    let rows = rows_per_tile(m, n, k);
     let tiles = n.div_ceil(rows);
     (0..tiles)
         .into_par_iter()
