@@ -103,20 +103,47 @@ pub fn matmul_4bit(x: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
     let (n, k) = dims(w);
     assert_eq!(x.len(), m * k, "input is not [{m}, {k}]");
     let rows = rows_per_tile(m, n, k);
-    // Tiles of W give rows of yᵀ [n, m]: disjoint, contiguous outputs for parallel tasks.
-    let mut yt = vec![0f32; n * m];
-    yt.par_chunks_mut(rows * m).enumerate().for_each_init(
+    let mut y = vec![0f32; m * n];
+    let out = OutPtr(y.as_mut_ptr());
+    (0..n.div_ceil(rows)).into_par_iter().for_each_init(
         || vec![0f32; rows * k],
-        |buf, (t, out)| {
-            let r = out.len() / m;
+        |buf, t| {
+            let r0 = t * rows;
+            let r = rows.min(n - r0);
             let tile = &mut buf[..r * k];
-            dequantize_range(w, t * rows * k, tile);
-            // yᵀ[r, m] = tile [r, k] · xᵀ [k, m]
-            gemm_f32(r, m, k, out, m as isize, false, tile, k as isize, 1, x, 1, k as isize);
+            dequantize_range(w, r0 * k, tile);
+            // y[:, r0..r0+r] = x [m, k] · tileᵀ [k, r]; tiles write disjoint columns of y.
+            // SAFETY: columns r0..r0+r of the m x n output belong to this tile alone, and
+            // `y` outlives the parallel loop.
+            unsafe {
+                gemm::gemm(
+                    m, r, k,
+                    out.at(r0), 1, n as isize, false,
+                    x.as_ptr(), 1, k as isize,
+                    tile.as_ptr(), k as isize, 1,
+                    1.0f32, 1.0f32, false, false, false,
+                    gemm::Parallelism::None,
+                );
+            }
         },
     );
-    transpose(&yt, n, m)
+    y
 }
+
+/// The output pointer shared by the tasks of [`matmul_4bit`], each writing its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+impl OutPtr {
+    /// The element at offset `i` (a method, so closures capture the `Sync` wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the output buffer.
+        unsafe { self.0.add(i) }
+    }
+}
+// SAFETY: the tasks write disjoint elements (see `matmul_4bit`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 /// `g [m, n] · W -> [m, k]` (the gradient of a linear layer's input).
 pub fn matmul_4bit_transposed(g: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
