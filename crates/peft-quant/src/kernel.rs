@@ -180,24 +180,24 @@ fn dims(w: &Quantized4bit) -> (usize, usize) {
     }
 }
 
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    if rows == 1 || cols == 1 {
-        return a.to_vec();
-    }
-    let mut out = vec![0f32; rows * cols];
-    out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
-        for (r, v) in o.iter_mut().enumerate() {
-            *v = a[r * cols + c];
-        }
-    });
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::QuantType;
     use proptest::prelude::*;
+
+    fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        if rows == 1 || cols == 1 {
+            return a.to_vec();
+        }
+        let mut out = vec![0f32; rows * cols];
+        out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
+            for (r, v) in o.iter_mut().enumerate() {
+                *v = a[r * cols + c];
+            }
+        });
+        out
+    }
 
     fn dense_matmul(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
         let mut y = vec![0f32; m * n];
