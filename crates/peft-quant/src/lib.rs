@@ -21,6 +21,8 @@
 mod blockwise;
 mod codebook;
 pub mod checkpoint;
+#[cfg(feature = "cube")]
+mod gpu;
 pub mod kernel;
 pub mod linear;
 pub mod ops;

@@ -85,11 +85,11 @@ impl Linear4bit {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let y = if runs_cpu_kernel(&x.device()) {
+        let y = if has_4bit_kernel(&x.device()) {
             let y = <Dispatch as Quant4Ops>::matmul_4bit(x.into_dispatch(), self.weight.clone(), false);
             Tensor::from_dispatch(y)
         } else {
-            // Devices without a 4-bit kernel yet: the dequantized weight as a constant.
+            // Devices without a 4-bit kernel: the dequantized weight as a constant.
             let w = self.weight_hf().transposed().to_tensor::<2>(&x.device());
             burn::tensor::module::linear(x, w, None)
         };
@@ -105,10 +105,17 @@ impl Linear4bit {
     }
 }
 
-/// Whether `device` (or the device an autodiff device wraps) is the CPU backend whose tiled
-/// 4-bit kernel [`Quant4Ops`] implements.
-fn runs_cpu_kernel(device: &Device) -> bool {
-    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+/// Whether `device` (or the device an autodiff device wraps) has a 4-bit kernel behind
+/// [`Quant4Ops`]: the CPU backend always, CubeCL devices (wgpu, cuda) with those features.
+/// Elsewhere the layer multiplies by the dequantized weight as a constant.
+pub fn has_4bit_kernel(device: &Device) -> bool {
+    match device.as_dispatch().clone().inner() {
+        DispatchDevice::Flex(_) => true,
+        #[cfg(feature = "cube")]
+        DispatchDevice::Cube(_) => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
 }
 
 /// The frozen base of a tunable linear slot: a dense weight, or a 4-bit one (QLoRA).
@@ -249,7 +256,7 @@ mod tests {
     #[test]
     fn matches_the_dequantized_dense_layer_forward_and_backward() {
         let device = Device::flex().autodiff();
-        assert!(runs_cpu_kernel(&device), "the test must exercise the 4-bit kernel and its backward");
+        assert!(has_4bit_kernel(&device), "the test must exercise the 4-bit kernel and its backward");
         device.seed(7);
         let (d_in, d_out) = (96, 40);
         let w = Tensor::<2>::random([d_in, d_out], Distribution::Normal(0.0, 0.2), &device);

@@ -23,7 +23,7 @@ use crate::kernel;
 pub struct PackedWeight(pub Arc<Quantized4bit>);
 
 /// Products with a 4-bit weight `W [n, k]`, on the last dimension of `x`.
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, Autodiff, Cube: cfg(feature = "cube"))]
 pub trait Quant4Ops: Backend {
     /// `x [.., k] · Wᵀ -> [.., n]`, or with `transposed`, `x [.., n] · W -> [.., k]`.
     fn matmul_4bit(x: FloatTensor<Self>, weight: PackedWeight, transposed: bool) -> FloatTensor<Self>;
