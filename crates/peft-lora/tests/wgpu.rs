@@ -58,7 +58,11 @@ fn lora_over_a_4bit_base_on_wgpu_matches_cpu() {
             let x = Tensor::<2>::from_data(x.clone(), device).require_grad();
             let y = layer.forward(x.clone());
             let grads = y.clone().powi_scalar(2).sum().backward();
-            (y.into_data(), x.grad(&grads).unwrap().into_data(), layer.adapter("default").unwrap().a.val().grad(&grads).unwrap().into_data())
+            let ga = layer.adapter("default").unwrap().a.val().grad(&grads).unwrap().into_data();
+            // Merging re-quantizes into a new weight: the device must not reuse the old copy.
+            layer.merge("default").unwrap();
+            let merged = layer.forward(x.clone().detach()).into_data();
+            (y.into_data(), x.grad(&grads).unwrap().into_data(), ga, merged)
         };
         let expected = run(&cpu.clone().autodiff());
         let got = run(&gpu.clone().autodiff());
@@ -66,5 +70,6 @@ fn lora_over_a_4bit_base_on_wgpu_matches_cpu() {
         got.0.assert_approx_eq::<f32>(&expected.0, tol);
         got.1.assert_approx_eq::<f32>(&expected.1, tol);
         got.2.assert_approx_eq::<f32>(&expected.2, tol);
+        got.3.assert_approx_eq::<f32>(&expected.3, tol);
     }
 }

@@ -1,7 +1,11 @@
 //! The 4-bit product on CubeCL devices (wgpu, cuda): a CubeCL kernel dequantizes the weight on
 //! the device, burn's matmul multiplies, and the f32 weight is dropped right after. Used
 //! through [`crate::ops::Quant4Ops`], whose backward pass does the same with `W`, so autodiff
-//! keeps no f32 weight on the GPU either.
+//! keeps no f32 weight on the GPU either. The packed codes and the scales are uploaded once per
+//! weight and device and stay resident while the weight lives.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use burn::backend::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape};
@@ -34,17 +38,46 @@ fn upload(client: &cubecl::client::Client, device: &CubeDevice, bytes: &[u8], le
     CubeTensor::new_contiguous(client.clone(), device.clone(), Shape::new([len]), handle, dtype)
 }
 
-/// The weight `[n, k]` in f32 on the device of `like`.
-fn dequantize_on_device(like: &CubeTensor, w: &Quantized4bit) -> CubeTensor {
+/// A weight's packed codes, decoded scales and codebook on one device.
+struct Resident {
+    weight: Weak<Quantized4bit>,
+    packed: CubeTensor,
+    scales: CubeTensor,
+    code: CubeTensor,
+}
+
+/// Device copies by (weight address, device). An entry is valid only while its weight lives
+/// (checked through the `Weak`, so a new weight at a reused address is never served a stale
+/// copy); entries of dropped weights are pruned at the next upload.
+static RESIDENT: LazyLock<Mutex<HashMap<(usize, CubeDevice), Resident>>> = LazyLock::new(Default::default);
+
+/// The device copies of `w` on the device of `like`, uploading them the first time.
+fn resident(like: &CubeTensor, w: &Arc<Quantized4bit>) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let key = (Arc::as_ptr(w) as usize, like.device.clone());
+    let mut map = RESIDENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = map.get(&key)
+        && r.weight.upgrade().is_some_and(|live| Arc::ptr_eq(&live, w))
+    {
+        return (r.packed.clone(), r.scales.clone(), r.code.clone());
+    }
+    map.retain(|_, r| r.weight.strong_count() > 0);
     let (client, device) = (&like.client, &like.device);
-    let numel = w.numel();
     let mut words = w.packed.clone();
-    words.resize(numel.div_ceil(8) * 4, 0);
+    words.resize(w.numel().div_ceil(8) * 4, 0);
     let packed = upload(client, device, &words, words.len() / 4, DType::U32);
     let scales: Vec<u8> = w.absmax.values().iter().flat_map(|v| v.to_le_bytes()).collect();
     let scales = upload(client, device, &scales, scales.len() / 4, DType::F32);
     let code: Vec<u8> = w.qtype.code().iter().flat_map(|v| v.to_le_bytes()).collect();
     let code = upload(client, device, &code, 16, DType::F32);
+    map.insert(key, Resident { weight: Arc::downgrade(w), packed: packed.clone(), scales: scales.clone(), code: code.clone() });
+    (packed, scales, code)
+}
+
+/// The weight `[n, k]` in f32 on the device of `like`.
+fn dequantize_on_device(like: &CubeTensor, w: &Arc<Quantized4bit>) -> CubeTensor {
+    let (client, device) = (&like.client, &like.device);
+    let numel = w.numel();
+    let (packed, scales, code) = resident(like, w);
     let handle = client.empty(numel * 4);
     let output = CubeTensor::new_contiguous(client.clone(), device.clone(), Shape::new([w.shape[0], w.shape[1]]), handle, DType::F32);
     let cube_dim = CubeDim::new(client, numel);
