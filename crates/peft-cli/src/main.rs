@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, LoraHost, dequantize_base, merge_and_unload_state, quantize_base};
+use peft_lora::{LoraConfig, LoraHost, dequantize_base, merge_and_unload_state, quantize_base, quantized_footprint};
 use peft_models::generate::greedy;
 use peft_models::load::{LoadedModel, load_causal_lm};
 
@@ -79,11 +79,8 @@ enum Command {
         /// re-quantized, which rounds them.
         #[arg(long)]
         quantize: Option<String>,
-        #[arg(long, default_value_t = 64)]
-        quant_blocksize: usize,
-        /// With --quantize: keep the 4-bit scales in f32 instead of quantizing them too.
-        #[arg(long)]
-        no_double_quant: bool,
+        #[command(flatten)]
+        quant: quant::WriteOptions,
         #[arg(long)]
         overwrite: bool,
     },
@@ -97,13 +94,8 @@ enum Command {
         /// nf4 or fp4.
         #[arg(long, default_value = "nf4")]
         quant_type: String,
-        /// Weights per scale, 32..4096.
-        #[arg(long, default_value_t = 64)]
-        quant_blocksize: usize,
-        /// Keep the scales in f32 instead of quantizing them too (4.5 instead of ~4.13 bits
-        /// per weight).
-        #[arg(long)]
-        no_double_quant: bool,
+        #[command(flatten)]
+        quant: quant::WriteOptions,
         #[arg(long)]
         overwrite: bool,
     },
@@ -244,13 +236,13 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", loaded.tokenizer.decode(&out)?);
             Ok(())
         }
-        Command::Merge { model, adapter, out, quantize, quant_blocksize, no_double_quant, overwrite } => {
-            let spec = quantize.map(|k| quant::spec(&k, quant_blocksize, !no_double_quant)).transpose()?;
+        Command::Merge { model, adapter, out, quantize, quant, overwrite } => {
+            let spec = quantize.map(|k| quant.spec(&k)).transpose()?;
             refuse_existing(&out, overwrite)?;
             let dev = device(&cli.device)?;
             let (mut loaded, _) = load_with_adapters(&model, std::slice::from_ref(&adapter), &dev)?;
             // Merge exactly in full precision: a 4-bit base is dequantized first.
-            if quant::footprint(&loaded.model).0 > 0 && spec.is_none() {
+            if quantized_footprint(&loaded.model).0 > 0 && spec.is_none() {
                 eprintln!("the base is 4-bit: writing a full-precision merged model (pass --quantize nf4 to keep it 4-bit)");
             }
             loaded.model = merge_and_unload_state(dequantize_base(loaded.model)?)?;
@@ -265,12 +257,12 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("merged model written to {}", out.display());
             Ok(())
         }
-        Command::Quantize { model, out, quant_type, quant_blocksize, no_double_quant, overwrite } => {
-            let spec = quant::spec(&quant_type, quant_blocksize, !no_double_quant)?;
+        Command::Quantize { model, out, quant_type, quant, overwrite } => {
+            let spec = quant.spec(&quant_type)?;
             refuse_existing(&out, overwrite)?;
             let mut loaded = load_causal_lm(&model, &burn::tensor::Device::flex())?;
             loaded.model = quantize_base(loaded.model, spec)?;
-            let (values, bytes) = quant::footprint(&loaded.model);
+            let (values, bytes) = quantized_footprint(&loaded.model);
             write_hf_folder(&loaded, &out)?;
             eprintln!(
                 "{values} linear weights quantized to {} ({:.2} bits each, {:.1} MB); written to {}",

@@ -1,10 +1,8 @@
 //! 4-bit options shared by `peft train`, `peft merge` and `peft quantize`.
 
 use anyhow::{Result, bail};
-use peft_quant::{QuantSpec, QuantType};
-
-/// The bitsandbytes block sizes.
-const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+use clap::Args;
+use peft_quant::{BLOCK_SIZES, QuantSpec, QuantType};
 
 /// A 4-bit setting from the command line: `kind` nf4 or fp4, values per scale, whether the
 /// scales are quantized too.
@@ -18,14 +16,21 @@ pub fn spec(kind: &str, blocksize: usize, double_quant: bool) -> Result<QuantSpe
     Ok(QuantSpec { qtype, blocksize, double_quant })
 }
 
-/// Bytes the 4-bit weights of `model` take, and how many weights that is.
-pub fn footprint<M: peft_lora::LoraHost>(model: &M) -> (usize, usize) {
-    let (mut values, mut bytes) = (0usize, 0usize);
-    for (_, s) in model.lora_slots() {
-        if let peft_quant::BaseLinear::Quant4(q) = &s.base {
-            values += q.quantized().numel();
-            bytes += q.quantized().storage_bytes();
-        }
+/// How `peft merge --quantize` and `peft quantize` lay out the 4-bit weights they write.
+#[derive(Args, Debug)]
+pub struct WriteOptions {
+    /// Weights per scale, 32..4096.
+    #[arg(long, default_value_t = 64)]
+    pub quant_blocksize: usize,
+    /// Keep the scales in f32 instead of quantizing them too (4.5 instead of ~4.13 bits per
+    /// weight).
+    #[arg(long)]
+    pub no_double_quant: bool,
+}
+
+impl WriteOptions {
+    /// The setting for 4-bit type `kind`.
+    pub fn spec(&self, kind: &str) -> Result<QuantSpec> {
+        spec(kind, self.quant_blocksize, !self.no_double_quant)
     }
-    (values, bytes)
 }

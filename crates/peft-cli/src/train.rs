@@ -241,7 +241,7 @@ fn quant_spec(a: &TrainArgs, method: &str) -> Result<Option<QuantSpec>> {
 pub(crate) fn maybe_quantize<M: LoraHost>(model: M, quant: Option<QuantSpec>) -> Result<M> {
     let Some(spec) = quant else { return Ok(model) };
     let model = quantize_base(model, spec)?;
-    let (values, bytes) = crate::quant::footprint(&model);
+    let (values, bytes) = peft_lora::quantized_footprint(&model);
     eprintln!(
         "base linear weights quantized to {}{}: {values} weights in {:.1} MB ({:.2} bits each, f32 {:.1} MB)",
         spec.qtype.name(),

@@ -223,15 +223,20 @@ pub fn dequantize_base<M: LoraHost>(mut model: M) -> Result<M> {
 /// burn parameters, so [`ParamReport::of`] alone does not see them).
 pub fn param_report<M: LoraHost + burn::module::Module>(model: &M) -> ParamReport {
     let mut report = ParamReport::of(model);
-    report.all += model
-        .lora_slots()
-        .iter()
-        .filter_map(|(_, s)| match &s.base {
-            BaseLinear::Quant4(q) => Some(q.quantized().numel()),
-            BaseLinear::Dense(_) => None,
-        })
-        .sum::<usize>();
+    report.all += quantized_footprint(model).0;
     report
+}
+
+/// How many weights of `model` are 4-bit, and the bytes their codes and scales take.
+pub fn quantized_footprint<M: LoraHost>(model: &M) -> (usize, usize) {
+    let (mut values, mut bytes) = (0, 0);
+    for (_, s) in model.lora_slots() {
+        if let BaseLinear::Quant4(q) = &s.base {
+            values += q.quantized().numel();
+            bytes += q.quantized().storage_bytes();
+        }
+    }
+    (values, bytes)
 }
 
 /// Unmerge every merged adapter of the model.

@@ -13,7 +13,7 @@ use peft_models::assets::{CHATTERBOT_EN, SMOLLM2};
 use peft_models::data::{chatterbot_pairs, split_every};
 use peft_models::generate::greedy;
 use peft_models::load::{LoadedModel, load_causal_lm};
-use peft_models::train::{TrainConfig, chat_example, eval_loss, train};
+use peft_models::train::{Example, TrainConfig, chat_example, eval_loss, train};
 
 fn models_dir() -> PathBuf {
     std::env::var_os("PEFT_MODELS_DIR")
@@ -79,19 +79,23 @@ fn greedy_chat_answer_mentions_paris() {
     assert_eq!(answer, meta["greedy_answer"].as_str().unwrap());
 }
 
-#[test]
-fn lora_fine_tuning_lowers_held_out_loss_and_leaves_the_base_untouched() {
-    let device = Device::flex().autodiff();
+/// SmolLM2 on `device` (seeded) with the chatterbot chat examples: the model, the training
+/// set, 24 held-out examples and the padding id.
+fn chat_training_setup(device: &Device) -> (peft_models::llama::LlamaForCausalLM, Vec<Example>, Vec<Example>, u32) {
     device.seed(0);
-    let LoadedModel { model, tokenizer } = load(&device);
+    let LoadedModel { model, tokenizer } = load(device);
     let corpus = CHATTERBOT_EN.ensure(&models_dir()).unwrap();
     let (train_pairs, held) = split_every(chatterbot_pairs(&corpus).unwrap(), 10);
     let to_examples = |pairs: &[peft_models::data::QaPair]| -> Vec<_> {
         pairs.iter().map(|p| chat_example(&tokenizer, &p.question, &p.answer, 96).unwrap()).collect()
     };
-    let train_set = to_examples(&train_pairs);
-    let held_set = to_examples(&held[..24]);
-    let pad = tokenizer.eos_ids[0];
+    (model, to_examples(&train_pairs), to_examples(&held[..24]), tokenizer.eos_ids[0])
+}
+
+#[test]
+fn lora_fine_tuning_lowers_held_out_loss_and_leaves_the_base_untouched() {
+    let device = Device::flex().autodiff();
+    let (model, train_set, held_set, pad) = chat_training_setup(&device);
 
     let before_weights = model.to_tensors();
     let config = LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
@@ -128,29 +132,13 @@ fn lora_fine_tuning_lowers_held_out_loss_and_leaves_the_base_untouched() {
 #[test]
 fn qlora_fine_tuning_lowers_held_out_loss_over_a_4bit_base() {
     let device = Device::flex().autodiff();
-    device.seed(0);
-    let LoadedModel { model, tokenizer } = load(&device);
-    let corpus = CHATTERBOT_EN.ensure(&models_dir()).unwrap();
-    let (train_pairs, held) = split_every(chatterbot_pairs(&corpus).unwrap(), 10);
-    let to_examples = |pairs: &[peft_models::data::QaPair]| -> Vec<_> {
-        pairs.iter().map(|p| chat_example(&tokenizer, &p.question, &p.answer, 96).unwrap()).collect()
-    };
-    let train_set = to_examples(&train_pairs);
-    let held_set = to_examples(&held[..24]);
-    let pad = tokenizer.eos_ids[0];
+    let (model, train_set, held_set, pad) = chat_training_setup(&device);
 
     let model = peft_lora::quantize_base(model, peft_quant::QuantSpec::default()).unwrap();
     let before_weights = model.to_tensors();
-    let bits: f64 = {
-        use peft_lora::LoraHost;
-        let (mut bytes, mut n) = (0usize, 0usize);
-        for (_, s) in model.lora_slots() {
-            let peft_quant::BaseLinear::Quant4(q) = &s.base else { panic!("a dense slot left") };
-            bytes += q.quantized().storage_bytes();
-            n += q.quantized().numel();
-        }
-        bytes as f64 * 8.0 / n as f64
-    };
+    assert!(peft_lora::LoraHost::lora_slots(&model).iter().all(|(_, s)| s.base.is_quantized()), "a dense slot left");
+    let (n, bytes) = peft_lora::quantized_footprint(&model);
+    let bits = bytes as f64 * 8.0 / n as f64;
     assert!((4.12..4.14).contains(&bits), "{bits} bits per weight");
     let config = LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
     let model = config.apply(model, "default").unwrap();

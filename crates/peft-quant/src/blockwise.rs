@@ -239,12 +239,20 @@ impl Absmax {
     pub fn values(&self) -> Vec<f32> {
         match self {
             Absmax::Plain(v) => v.clone(),
-            Absmax::Nested { q, nested_absmax, offset } => {
-                dequantize_blockwise_8bit(q, nested_absmax, NESTED_BLOCKSIZE, &dynamic_map())
-                    .into_iter()
-                    .map(|v| v + offset)
-                    .collect()
+            Absmax::Nested { q, .. } => {
+                let dmap = dynamic_map();
+                (0..q.len()).map(|b| self.scale(b, &dmap)).collect()
             }
+        }
+    }
+
+    /// The f32 scale of block `b`, decoded on its own so a double-quantized weight can keep its
+    /// ~4.13 bits per value in memory; `dmap` is [`dynamic_map`], passed in so loops build it once.
+    #[inline]
+    pub fn scale(&self, b: usize, dmap: &[f32; 256]) -> f32 {
+        match self {
+            Absmax::Plain(v) => v[b],
+            Absmax::Nested { q, nested_absmax, offset } => dmap[q[b] as usize] * nested_absmax[b / NESTED_BLOCKSIZE] + offset,
         }
     }
 

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::blockwise::{Absmax, NESTED_BLOCKSIZE, Quantized4bit};
+use crate::blockwise::Quantized4bit;
 use crate::codebook::dynamic_map;
 
 /// f32 values per dequantized tile for few input rows: 128 KiB, well inside a core's L2 (the
@@ -13,16 +13,6 @@ const TILE_VALUES: usize = 32 * 1024;
 /// ... and for many input rows: 2 MiB, so each tile's GEMM is large enough to run at full
 /// speed and the input is re-read fewer times.
 const TILE_VALUES_BATCHED: usize = 512 * 1024;
-
-/// The f32 scale of block `b` (decoded on the fly so a double-quantized weight keeps its
-/// ~4.13 bits per value in memory).
-#[inline]
-fn scale_at(absmax: &Absmax, b: usize, dmap: &[f32; 256]) -> f32 {
-    match absmax {
-        Absmax::Plain(v) => v[b],
-        Absmax::Nested { q, nested_absmax, offset } => dmap[q[b] as usize] * nested_absmax[b / NESTED_BLOCKSIZE] + offset,
-    }
-}
 
 /// Values `start .. start + out.len()` of `w` (flat row-major index), dequantized into `out`.
 /// Identical to the matching slice of [`Quantized4bit::dequantize`].
@@ -35,7 +25,7 @@ pub fn dequantize_range(w: &Quantized4bit, start: usize, out: &mut [f32]) {
     while idx < end {
         let b = idx / bs;
         let seg_end = ((b + 1) * bs).min(end);
-        let scale = scale_at(&w.absmax, b, &dmap);
+        let scale = w.absmax.scale(b, &dmap);
         let lut = code.map(|c| c * scale);
         for i in idx..seg_end {
             // Even indices sit in the high nibble.

@@ -28,7 +28,7 @@ pub mod linear;
 pub mod ops;
 
 pub use blockwise::{
-    Absmax, Quantized4bit, dequantize_4bit, nested_code, dequantize_blockwise_8bit, quantize_4bit, quantize_blockwise_8bit, torch_sum_f32,
+    Absmax, BLOCK_SIZES, Quantized4bit, dequantize_4bit, nested_code, dequantize_blockwise_8bit, quantize_4bit, quantize_blockwise_8bit, torch_sum_f32,
 };
 pub use codebook::{QuantType, dynamic_map};
 pub use linear::{BaseLinear, Linear4bit, QuantSpec};

@@ -25,6 +25,13 @@ pub struct QuantSpec {
     pub double_quant: bool,
 }
 
+impl QuantSpec {
+    /// Quantize a weight with this setting.
+    pub fn quantize(&self, w: &HostTensor) -> Result<Quantized4bit> {
+        Quantized4bit::quantize(&w.data, &w.shape, self.qtype, self.blocksize, self.double_quant)
+    }
+}
+
 impl Default for QuantSpec {
     /// NF4, blocks of 64, double quantization: the QLoRA paper's setting.
     fn default() -> Self {
@@ -58,9 +65,7 @@ impl Linear4bit {
 
     /// Quantize a dense layer; its bias is kept as it is.
     pub fn quantize(dense: &FrozenLinear, spec: QuantSpec) -> Result<Self> {
-        let w = dense.weight_hf();
-        let q = Quantized4bit::quantize(&w.data, &w.shape, spec.qtype, spec.blocksize, spec.double_quant)?;
-        Self::new(q, dense.bias.clone(), dense.weight.device())
+        Self::new(spec.quantize(&dense.weight_hf())?, dense.bias.clone(), dense.weight.device())
     }
 
     pub fn quantized(&self) -> &Quantized4bit {
@@ -90,7 +95,7 @@ impl Linear4bit {
             Tensor::from_dispatch(y)
         } else {
             // Devices without a 4-bit kernel: the dequantized weight as a constant.
-            let w = self.weight_hf().transposed().to_tensor::<2>(&x.device());
+            let w = self.dense_weight(&x.device());
             burn::tensor::module::linear(x, w, None)
         };
         match &self.bias {
@@ -102,6 +107,11 @@ impl Linear4bit {
     /// The dequantized weight `[out, in]`.
     pub fn weight_hf(&self) -> HostTensor {
         HostTensor::new(self.weight.0.shape.clone(), self.weight.0.dequantize())
+    }
+
+    /// The dequantized weight in burn layout `[in, out]` on `device`.
+    pub fn dense_weight(&self, device: &Device) -> Tensor<2> {
+        self.weight_hf().transposed().to_tensor(device)
     }
 }
 
@@ -190,7 +200,7 @@ impl BaseLinear {
     pub fn dense_weight(&self, device: &Device) -> Tensor<2> {
         match self {
             Self::Dense(l) => l.weight.val().to_device(device),
-            Self::Quant4(l) => l.weight_hf().transposed().to_tensor(device),
+            Self::Quant4(l) => l.dense_weight(device),
         }
     }
 
@@ -210,9 +220,7 @@ impl BaseLinear {
         match self {
             Self::Dense(l) => l.weight = if train { trainable(w) } else { frozen(w) },
             Self::Quant4(l) if !train => {
-                let host = HostTensor::from_tensor(w).transposed();
-                let spec = l.spec();
-                let q = Quantized4bit::quantize(&host.data, &host.shape, spec.qtype, spec.blocksize, spec.double_quant)?;
+                let q = l.spec().quantize(&HostTensor::from_tensor(w).transposed())?;
                 l.weight = PackedWeight(Arc::new(q));
             }
             Self::Quant4(l) => {
@@ -233,7 +241,7 @@ impl BaseLinear {
     /// Make a 4-bit base dense, holding the dequantized weight (frozen).
     pub fn dequantize(&mut self) {
         if let Self::Quant4(l) = self {
-            let w = l.weight_hf().transposed().to_tensor(&l.device);
+            let w = l.dense_weight(&l.device);
             *self = Self::Dense(FrozenLinear { weight: frozen(w), bias: l.bias.take() });
         }
     }
