@@ -5,7 +5,7 @@
 //! trainable needs the model on an autodiff device (`device.autodiff()`): on a plain device
 //! no tensor tracks gradients.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 
 /// Trainable and total parameter counts, printed the way Hugging Face PEFT prints them.
@@ -65,4 +65,15 @@ pub fn frozen<const D: usize>(tensor: Tensor<D>) -> Param<Tensor<D>> {
 /// A trainable parameter.
 pub fn trainable<const D: usize>(tensor: Tensor<D>) -> Param<Tensor<D>> {
     Param::from_tensor(tensor)
+}
+
+/// Make every parameter of `model` trainable (full fine-tuning).
+pub fn unfreeze_all<M: Module>(model: M) -> M {
+    struct Unfreeze;
+    impl ModuleMapper for Unfreeze {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            param.set_require_grad(true)
+        }
+    }
+    model.map(&mut Unfreeze)
 }

@@ -254,6 +254,48 @@ impl LlamaForCausalLM {
         })
     }
 
+    /// A model with random weights, for benchmarks and tests that need no checkpoint: every
+    /// matrix drawn from N(0, 0.02²) (transformers' `initializer_range` default), norms at 1.
+    /// Seed the host CPU device (`Device::flex().seed(..)`) for a reproducible model.
+    pub fn random(config: LlamaConfig, device: &Device) -> Result<Self> {
+        use burn::tensor::Distribution;
+        let host = Device::flex();
+        let normal = |shape: [usize; 2]| {
+            HostTensor::from_tensor(Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), &host))
+        };
+        let ones = |n: usize| HostTensor::new(vec![n], vec![1.0; n]);
+        let (hd, kvh, h) = (config.head_dim(), config.kv_heads(), config.num_attention_heads);
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let mut t = TensorMap::new();
+        t.insert("model.embed_tokens.weight", normal([config.vocab_size, hidden]));
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let shapes = [
+                ("self_attn.q_proj", [h * hd, hidden]),
+                ("self_attn.k_proj", [kvh * hd, hidden]),
+                ("self_attn.v_proj", [kvh * hd, hidden]),
+                ("self_attn.o_proj", [hidden, h * hd]),
+                ("mlp.gate_proj", [inter, hidden]),
+                ("mlp.up_proj", [inter, hidden]),
+                ("mlp.down_proj", [hidden, inter]),
+            ];
+            for (name, shape) in shapes {
+                t.insert(format!("{p}.{name}.weight"), normal(shape));
+                let bias = if name.starts_with("mlp") { config.mlp_bias } else { config.attention_bias };
+                if bias {
+                    t.insert(format!("{p}.{name}.bias"), HostTensor::new(vec![shape[0]], vec![0.0; shape[0]]));
+                }
+            }
+            t.insert(format!("{p}.input_layernorm.weight"), ones(hidden));
+            t.insert(format!("{p}.post_attention_layernorm.weight"), ones(hidden));
+        }
+        t.insert("model.norm.weight", ones(hidden));
+        if !config.tie_word_embeddings {
+            t.insert("lm_head.weight", normal([config.vocab_size, hidden]));
+        }
+        Self::from_tensors(config, t, Path::new("<random weights>"), device)
+    }
+
     /// Every weight under its Hugging Face key (what `save_pretrained` writes); 4-bit linear
     /// weights in bitsandbytes' layout.
     pub fn to_tensors(&self) -> TensorMap {

@@ -5,6 +5,10 @@
 //! - `cargo xtask test`: fetch what the tests need, run the workspace tests, the wgpu test
 //!   (through lavapipe when no GPU is present) and the CUDA type-check.
 //! - `cargo xtask fetch`: only fetch the model and data into `models/`.
+//! - `cargo xtask bench [--peer]`: criterion benchmarks, and with `--peer` the same work side
+//!   by side with Hugging Face PEFT and bitsandbytes; a report under `target/bench-report/`.
+
+mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -172,7 +176,11 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("demo") => demo(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench::bench(&args[1..]),
         Some("fetch") => fetch().map(|(m, d)| println!("{}\n{}", m.display(), d.display())),
-        _ => bail!("usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] | fetch>"),
+        _ => bail!(
+            "usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] | fetch | \
+             bench [--peer] [--rounds N] [--only PREFIX] [--no-criterion]>"
+        ),
     }
 }

@@ -1,0 +1,281 @@
+//! The work `cargo xtask bench` measures, defined once and addressed by id
+//! (`group/name`). The criterion benches (`benches/hot_paths.rs`), the interleaved comparison
+//! with Hugging Face PEFT and bitsandbytes (the `peft-bench serve` worker beside
+//! `scripts/bench_peer.py`, which builds the same work under the same ids) and the memory
+//! measurements (`peft-bench memory ID`) all run [`prepare`]'s closures.
+//!
+//! Shapes follow shared DESIGN.md §6: a random Llama (hidden 512, 4 layers, 8 heads,
+//! intermediate 1376, vocab 8192), batch 4 x 128 tokens, LoRA r=16 (alpha 32) on q_proj and
+//! v_proj, AdamW; a 4096 x 4096 matrix for the 4-bit work. Everything is f32.
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use peft_core::linear::FrozenLinear;
+use peft_core::params::unfreeze_all;
+use peft_core::train::{TrainConfig, Trainer};
+use peft_core::tuner::Tuner;
+use peft_lora::{LoraConfig, LoraInit, LoraLinear, quantize_base, unmerge_all};
+use peft_models::config::LlamaConfig;
+use peft_models::generate::greedy;
+use peft_models::llama::LlamaForCausalLM;
+use peft_models::train::{Example, lm_batch_loss};
+use peft_quant::{Linear4bit, QuantSpec, QuantType, Quantized4bit};
+
+/// Sequences per training batch and tokens per sequence.
+pub const BATCH: usize = 4;
+pub const SEQ: usize = 128;
+/// LoRA rank and alpha of every LoRA workload.
+pub const RANK: usize = 16;
+pub const ALPHA: f64 = 32.0;
+/// Side of the square matrix of the 4-bit workloads.
+pub const QUANT_DIM: usize = 4096;
+/// Batch-1 generation: prompt length and new tokens.
+pub const PROMPT: usize = 16;
+pub const NEW_TOKENS: usize = 32;
+
+/// One measured piece of work.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// `group/name`; the Python side uses the same ids.
+    pub id: &'static str,
+    /// What one iteration does, for the report.
+    pub what: &'static str,
+    /// Tokens one iteration processes (for tokens/s), 0 where that means nothing.
+    pub tokens: usize,
+}
+
+const fn w(id: &'static str, what: &'static str, tokens: usize) -> Workload {
+    Workload { id, what, tokens }
+}
+
+/// Every workload, in report order.
+pub const WORKLOADS: &[Workload] = &[
+    w("linear/plain_fwd", "frozen 512x512 linear, 512 rows, forward", 0),
+    w("linear/lora_fwd", "same with LoRA r=16 on the side path, forward", 0),
+    w("linear/plain_fwd_bwd", "frozen linear forward + backward (input gradient)", 0),
+    w("linear/lora_fwd_bwd", "LoRA linear forward + backward (input, A and B gradients)", 0),
+    w("merge/merge_unmerge", "merge then unmerge LoRA r=16 on q,v of the 4-layer Llama", 0),
+    w("nf4/quantize", "NF4 quantize 4096x4096 f32, blocks of 64, double quantization", 0),
+    w("nf4/dequantize", "NF4 dequantize 4096x4096 to f32", 0),
+    w("nf4/copy", "copy of the 64 MiB the dequantize writes (memcpy reference)", 0),
+    w("matmul_4bit/batch1", "4-bit NF4 linear 4096x4096 forward, 1 row", 0),
+    w("matmul_4bit/batch8", "4-bit NF4 linear 4096x4096 forward, 8 rows", 0),
+    w("matmul_4bit/batch128", "4-bit NF4 linear 4096x4096 forward, 128 rows", 0),
+    w("train_step/lora", "AdamW step, LoRA r=16 on q,v, batch 4x128", BATCH * SEQ),
+    w("train_step/full", "AdamW step, every parameter trained, batch 4x128", BATCH * SEQ),
+    w("train_step/qlora", "AdamW step, LoRA r=16 on q,v over an NF4 (double-quant) base", BATCH * SEQ),
+    w("generate/base", "greedy generation, batch 1, 16-token prompt + 32 new tokens, no adapter", NEW_TOKENS),
+    w("generate/unmerged", "same with LoRA r=16 on q,v computed on the side path", NEW_TOKENS),
+    w("generate/merged", "same with the LoRA merged into the weights", NEW_TOKENS),
+];
+
+/// Look a workload up by id.
+pub fn workload(id: &str) -> Result<&'static Workload> {
+    WORKLOADS.iter().find(|w| w.id == id).with_context(|| {
+        let ids: Vec<&str> = WORKLOADS.iter().map(|w| w.id).collect();
+        format!("unknown workload `{id}` (known: {})", ids.join(", "))
+    })
+}
+
+/// The random Llama of every model workload (DESIGN.md §6).
+pub fn llama_config() -> LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1376,
+        "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+        "tie_word_embeddings": false
+    }))
+    .expect("a valid Llama config")
+}
+
+/// Deterministic pseudo-random values in [-1, 1) (the same formula on the Python side).
+pub fn wave(n: usize, freq: f32) -> Vec<f32> {
+    (0..n).map(|i| (i as f32 * freq).sin()).collect()
+}
+
+fn random_llama(device: &Device) -> Result<LlamaForCausalLM> {
+    Device::flex().seed(0);
+    Ok(LlamaForCausalLM::random(llama_config(), device)?)
+}
+
+fn lora_config() -> LoraConfig {
+    LoraConfig::new(RANK, ALPHA, &["q_proj", "v_proj"])
+}
+
+/// The weight of the 4-bit workloads, as `scripts/bench_peer.py` builds it.
+fn quant_matrix() -> Vec<f32> {
+    wave(QUANT_DIM * QUANT_DIM, 0.618).into_iter().map(|v| v * 0.05).collect()
+}
+
+/// Set up workload `id` on `device` (a plain device; training workloads add autodiff) and
+/// return the closure one iteration runs. The closure waits for the device to finish.
+pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
+    let dev = device.clone();
+    let sync = move || dev.sync().expect("device sync");
+    let (rows, d) = (BATCH * SEQ, 512);
+    let tensor = |shape: [usize; 2], device: &Device| {
+        Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), device)
+    };
+    Ok(match id {
+        "linear/plain_fwd" | "linear/lora_fwd" | "linear/plain_fwd_bwd" | "linear/lora_fwd_bwd" => {
+            let backward = id.ends_with("bwd");
+            let device = if backward { device.clone().autodiff() } else { device.clone() };
+            device.seed(1);
+            let weight = tensor([d, d], &device).mul_scalar(0.02);
+            let x = tensor([rows, d], &device);
+            let mut layer = LoraLinear::from_base(FrozenLinear::new(weight, None));
+            if id.contains("lora") {
+                layer.add_adapter("default", RANK, ALPHA, false, 0.0, LoraInit::Random);
+            }
+            Box::new(move || {
+                if backward {
+                    let x = x.clone().require_grad();
+                    let grads = layer.forward(x.clone()).sum().backward();
+                    let _ = x.grad(&grads).expect("input gradient");
+                } else {
+                    let _ = layer.forward(x.clone());
+                }
+                sync();
+            })
+        }
+        "merge/merge_unmerge" => {
+            let config = lora_config();
+            let mut model = Some(config.apply(random_llama(device)?, "default")?);
+            Box::new(move || {
+                let merged = config.merge(model.take().expect("model"), "default").expect("merge");
+                model = Some(unmerge_all(merged).expect("unmerge"));
+                sync();
+            })
+        }
+        "nf4/quantize" => {
+            let data = quant_matrix();
+            Box::new(move || {
+                Quantized4bit::quantize(&data, &[QUANT_DIM, QUANT_DIM], QuantType::Nf4, 64, true).expect("quantize");
+            })
+        }
+        "nf4/dequantize" => {
+            let q = Quantized4bit::quantize(&quant_matrix(), &[QUANT_DIM, QUANT_DIM], QuantType::Nf4, 64, true)?;
+            Box::new(move || {
+                std::hint::black_box(q.dequantize());
+            })
+        }
+        "nf4/copy" => {
+            let src = vec![1u8; QUANT_DIM * QUANT_DIM * 4];
+            Box::new(move || {
+                std::hint::black_box(src.clone());
+            })
+        }
+        _ if id.starts_with("matmul_4bit/batch") => {
+            let m: usize = id["matmul_4bit/batch".len()..].parse().with_context(|| format!("workload `{id}`"))?;
+            let q = Quantized4bit::quantize(&quant_matrix(), &[QUANT_DIM, QUANT_DIM], QuantType::Nf4, 64, true)?;
+            let layer = Linear4bit::new(q, None, device.clone())?;
+            let x = Tensor::<2>::from_data(TensorData::new(
+                wave(m * QUANT_DIM, 0.377).into_iter().map(f32::cos).collect::<Vec<_>>(),
+                [m, QUANT_DIM],
+            ), device);
+            Box::new(move || {
+                let _ = layer.forward(x.clone());
+                sync();
+            })
+        }
+        "train_step/lora" | "train_step/full" | "train_step/qlora" => {
+            let model = random_llama(&device.clone().autodiff())?;
+            let model = match id {
+                "train_step/full" => unfreeze_all(model),
+                "train_step/qlora" => lora_config().apply(quantize_base(model, QuantSpec::default())?, "default")?,
+                _ => lora_config().apply(model, "default")?,
+            };
+            let config = TrainConfig {
+                learning_rate: 1e-4,
+                warmup_steps: 0,
+                steps: usize::MAX,
+                batch_size: BATCH,
+                max_grad_norm: Some(1.0),
+                ..Default::default()
+            };
+            let vocab = llama_config().vocab_size as u32;
+            let data: Vec<Example> = (0..BATCH as u32)
+                .map(|b| Example {
+                    tokens: (0..SEQ as u32).map(|i| (i * 31 + b * 977) % vocab).collect(),
+                    loss_mask: vec![1.0; SEQ],
+                })
+                .collect();
+            let mut trainer = Trainer::new(model, config);
+            Box::new(move || {
+                trainer.step(&data, |m, b| lm_batch_loss(m, b, 0));
+                sync();
+            })
+        }
+        "generate/base" | "generate/unmerged" | "generate/merged" => {
+            let config = lora_config();
+            let base = random_llama(device)?;
+            let model = match id {
+                "generate/base" => base,
+                "generate/unmerged" => config.apply(base, "default")?,
+                _ => config.merge(config.apply(base, "default")?, "default")?,
+            };
+            let prompt: Vec<u32> = (0..PROMPT as u32).map(|i| (i * 131 + 7) % llama_config().vocab_size as u32).collect();
+            Box::new(move || {
+                let out = greedy(&model, &prompt, NEW_TOKENS, &[]);
+                assert_eq!(out.len(), NEW_TOKENS);
+            })
+        }
+        other => {
+            workload(other)?;
+            bail!("workload `{other}` has no Rust side")
+        }
+    })
+}
+
+/// This process's resident memory now and its peak since the last [`reset_peak_rss`], in
+/// bytes (Linux `/proc/self/status`: VmRSS, VmHWM).
+pub fn rss() -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let field = |name: &str| -> Result<u64> {
+        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in /proc/self/status"))?;
+        let kb: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().with_context(|| format!("parsing {line}"))?;
+        Ok(kb * 1024)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Reset the peak resident size to the current one (Linux ≥ 4.0: `5` into `clear_refs`).
+pub fn reset_peak_rss() -> Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5").context("writing /proc/self/clear_refs")
+}
+
+/// Peak resident memory of one iteration of `id`, measured after two warm-up iterations (the
+/// optimizer state exists by then): `(resident before, peak during)` in bytes.
+pub fn measure_memory(id: &str, device: &Device) -> Result<(u64, u64)> {
+    let mut run = prepare(id, device)?;
+    run();
+    run();
+    let (before, _) = rss()?;
+    reset_peak_rss()?;
+    run();
+    let (_, peak) = rss()?;
+    Ok((before, peak))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_resolve() {
+        for (i, w) in WORKLOADS.iter().enumerate() {
+            assert!(WORKLOADS[..i].iter().all(|o| o.id != w.id), "duplicate {}", w.id);
+            assert_eq!(workload(w.id).unwrap().id, w.id);
+        }
+        let err = workload("train_step/nope").unwrap_err().to_string();
+        assert!(err.contains("train_step/nope") && err.contains("train_step/lora"), "{err}");
+    }
+
+    #[test]
+    fn small_workloads_run() {
+        let device = Device::flex();
+        for id in ["linear/lora_fwd_bwd", "linear/plain_fwd", "matmul_4bit/batch1"] {
+            prepare(id, &device).unwrap()();
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! `cargo xtask bench [--peer] [--rounds N] [--only PREFIX] [--no-criterion]`: the criterion
+//! benches of `peft-bench`, and with `--peer` the same workloads run side by side with
+//! Hugging Face PEFT / transformers / bitsandbytes in the reference venv, interleaved round by
+//! round. Writes `report.md`, `results.json` and `chart.svg` under `<target>/bench-report/`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use peft_bench::{WORKLOADS, Workload};
+use plotters::prelude::*;
+use serde_json::{Value, json};
+
+use crate::{cargo, workspace_root};
+
+/// Both sides run with this many threads (rayon / torch), whatever the machine has.
+const THREADS: &str = "2";
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Iterations per round: fewer for the slow workloads, so a round takes seconds.
+fn iterations(id: &str) -> usize {
+    match id.split('/').next() {
+        Some("train_step" | "generate") => 2,
+        Some("nf4") if id == "nf4/quantize" => 2,
+        Some("merge" | "linear") => 10,
+        _ => 5,
+    }
+}
+
+/// Median milliseconds per workload from criterion's `estimates.json` files.
+fn criterion_medians(selected: &[&Workload]) -> Result<Vec<(String, f64)>> {
+    let dir = target_dir().join("criterion");
+    let mut out = Vec::new();
+    for w in selected {
+        let file = dir.join(w.id).join("new/estimates.json");
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+        let ns = v["median"]["point_estimate"].as_f64().with_context(|| format!("{}: no median", file.display()))?;
+        out.push((w.id.to_string(), ns / 1e6));
+    }
+    Ok(out)
+}
+
+/// A process speaking the `ID ITERATIONS` -> `{"id", "ms"}` protocol.
+struct Worker {
+    name: &'static str,
+    child: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
+}
+
+impl Worker {
+    fn spawn(name: &'static str, mut cmd: Command) -> Result<Self> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).env("RAYON_NUM_THREADS", THREADS);
+        cmd.env("OMP_NUM_THREADS", THREADS).env("PEFT_BENCH_THREADS", THREADS);
+        let mut child = cmd.spawn().with_context(|| format!("starting the {name} worker: {cmd:?}"))?;
+        let input = child.stdin.take().expect("piped");
+        let output = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Self { name, child, input, output })
+    }
+
+    fn run(&mut self, id: &str, iters: usize) -> Result<Vec<f64>> {
+        // Let the other side's worker threads stop spinning (OpenMP and rayon busy-wait a
+        // moment after parallel work), so neither side runs on cores the other still holds.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        writeln!(self.input, "{id} {iters}").and_then(|_| self.input.flush()).with_context(|| {
+            format!("the {} worker stopped before `{id}`", self.name)
+        })?;
+        let mut line = String::new();
+        self.output.read_line(&mut line)?;
+        let v: Value = serde_json::from_str(&line)
+            .with_context(|| format!("the {} worker failed on `{id}` (its stderr is above)", self.name))?;
+        let ms: Vec<f64> = v["ms"].as_array().context("no `ms`")?.iter().filter_map(Value::as_f64).collect();
+        Ok(ms)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The resident bytes before and at peak of one iteration, in a fresh process.
+fn memory(mut cmd: Command, side: &str, id: &str) -> Result<(f64, f64)> {
+    cmd.env("RAYON_NUM_THREADS", THREADS).env("OMP_NUM_THREADS", THREADS).env("PEFT_BENCH_THREADS", THREADS);
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("{side} memory of {id}"))?;
+    if !out.status.success() {
+        bail!("{side}: measuring the memory of `{id}` failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    let v: Value = serde_json::from_str(line).with_context(|| format!("{side} memory of {id}: `{line}`"))?;
+    let mib = |k: &str| v[k].as_f64().unwrap_or(f64::NAN) / (1024.0 * 1024.0);
+    Ok((mib("rss_before"), mib("rss_peak")))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, {mem} RAM; {THREADS} threads on each side")
+}
+
+struct Options {
+    peer: bool,
+    criterion: bool,
+    rounds: usize,
+    only: Option<String>,
+}
+
+fn options(args: &[String]) -> Result<Options> {
+    let mut o = Options { peer: false, criterion: true, rounds: 5, only: None };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--peer" => o.peer = true,
+            "--no-criterion" => o.criterion = false,
+            "--rounds" => o.rounds = it.next().context("--rounds needs a number")?.parse().context("--rounds")?,
+            "--only" => o.only = Some(it.next().context("--only needs a workload id prefix")?.clone()),
+            other => bail!("unknown bench option `{other}` (expected --peer, --rounds N, --only PREFIX, --no-criterion)"),
+        }
+    }
+    if o.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    Ok(o)
+}
+
+/// One workload measured on both sides.
+struct Pair {
+    workload: &'static Workload,
+    ours: Vec<f64>,
+    peer: Vec<f64>,
+}
+
+pub fn bench(args: &[String]) -> Result<()> {
+    let o = options(args)?;
+    let selected: Vec<&'static Workload> =
+        WORKLOADS.iter().filter(|w| o.only.as_deref().is_none_or(|p| w.id.starts_with(p))).collect();
+    if selected.is_empty() {
+        bail!("--only {:?} selects no workload", o.only);
+    }
+    let report_dir = target_dir().join("bench-report");
+    std::fs::create_dir_all(&report_dir).with_context(|| format!("creating {}", report_dir.display()))?;
+    let threads = [("RAYON_NUM_THREADS", THREADS)];
+
+    let criterion = if o.criterion {
+        let mut bench_args = vec!["bench", "-p", "peft-bench", "--profile", "dev", "--bench", "hot_paths"];
+        if let Some(p) = &o.only {
+            bench_args.extend(["--", p.as_str()]);
+        }
+        cargo(&bench_args, &threads)?;
+        criterion_medians(&selected)?
+    } else {
+        Vec::new()
+    };
+
+    let mut pairs = Vec::new();
+    let mut memory_rows = Vec::new();
+    if o.peer {
+        let python = reference_python()?;
+        cargo(&["build", "-p", "peft-bench", "--profile", "dev", "--bin", "peft-bench"], &[])?;
+        let bin = target_dir().join("debug/peft-bench");
+        let script = workspace_root().join("scripts/bench_peer.py");
+        let ours_cmd = || {
+            let mut c = Command::new(&bin);
+            c.current_dir(workspace_root());
+            c
+        };
+        let peer_cmd = || {
+            let mut c = Command::new(&python);
+            c.arg(&script).current_dir(workspace_root());
+            c
+        };
+        let mut ours = Worker::spawn("peft", {
+            let mut c = ours_cmd();
+            c.arg("serve");
+            c
+        })?;
+        let mut peer = Worker::spawn("python", {
+            let mut c = peer_cmd();
+            c.arg("serve");
+            c
+        })?;
+        pairs = selected.iter().map(|&w| Pair { workload: w, ours: Vec::new(), peer: Vec::new() }).collect();
+        for round in 0..o.rounds {
+            eprintln!("side by side: round {}/{}", round + 1, o.rounds);
+            for p in &mut pairs {
+                let n = iterations(p.workload.id);
+                // Alternate who goes first so neither side always runs on a warmer machine.
+                if round % 2 == 0 {
+                    p.ours.extend(ours.run(p.workload.id, n)?);
+                    p.peer.extend(peer.run(p.workload.id, n)?);
+                } else {
+                    p.peer.extend(peer.run(p.workload.id, n)?);
+                    p.ours.extend(ours.run(p.workload.id, n)?);
+                }
+            }
+        }
+        drop((ours, peer));
+        for w in selected.iter().filter(|w| w.id.starts_with("train_step/")) {
+            eprintln!("peak memory: {}", w.id);
+            let mine = memory({
+                let mut c = ours_cmd();
+                c.args(["memory", w.id]);
+                c
+            }, "peft", w.id)?;
+            let theirs = memory({
+                let mut c = peer_cmd();
+                c.args(["memory", w.id]);
+                c
+            }, "python", w.id)?;
+            memory_rows.push((w.id, mine, theirs));
+        }
+    }
+
+    let report = render(&o, &criterion, &pairs, &memory_rows);
+    std::fs::write(report_dir.join("report.md"), &report)?;
+    let results = json!({
+        "machine": machine(),
+        "criterion_ms": criterion.iter().map(|(id, ms)| json!({"id": id, "median_ms": ms})).collect::<Vec<_>>(),
+        "pairs": pairs.iter().map(|p| json!({"id": p.workload.id, "ours_ms": p.ours, "peer_ms": p.peer})).collect::<Vec<_>>(),
+        "memory_mib": memory_rows.iter().map(|(id, m, t)| json!({"id": id, "ours": [m.0, m.1], "peer": [t.0, t.1]})).collect::<Vec<_>>(),
+    });
+    std::fs::write(report_dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    let chart = report_dir.join("chart.svg");
+    if pairs.is_empty() {
+        let rows: Vec<(String, f64)> = criterion.clone();
+        bar_chart(&rows, "median time per iteration (ms, log scale)", None, &chart)?;
+    } else {
+        let rows: Vec<(String, f64)> = pairs.iter().map(|p| (p.workload.id.to_string(), median(&p.peer) / median(&p.ours))).collect();
+        bar_chart(&rows, "peer time / our time (log scale; right of 1 = we are faster)", Some(1.0), &chart)?;
+    }
+    println!("{report}");
+    println!("report: {}", report_dir.join("report.md").display());
+    Ok(())
+}
+
+/// The reference venv's python (created once by scripts/ref_venv.sh).
+fn reference_python() -> Result<PathBuf> {
+    let script = workspace_root().join("scripts/ref_venv.sh");
+    let out = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output().context("running scripts/ref_venv.sh")?;
+    if !out.status.success() {
+        bail!("scripts/ref_venv.sh could not set up the reference venv (needs python3 and the package registry)");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+fn fmt_ms(ms: f64) -> String {
+    if ms >= 100.0 { format!("{ms:.0} ms") } else if ms >= 10.0 { format!("{ms:.1} ms") } else { format!("{ms:.2} ms") }
+}
+
+fn render(o: &Options, criterion: &[(String, f64)], pairs: &[Pair], memory: &[(&str, (f64, f64), (f64, f64))]) -> String {
+    let mut s = String::new();
+    s += "# peft benchmark report\n\n";
+    s += &format!("Machine: {}. Build: dev profile (dependencies and peft-bench at opt-level 3).\n\n", machine());
+    let what = |id: &str| WORKLOADS.iter().find(|w| w.id == id).map(|w| w.what).unwrap_or("");
+    let tokens = |id: &str| WORKLOADS.iter().find(|w| w.id == id).map(|w| w.tokens).unwrap_or(0);
+    if !pairs.is_empty() {
+        s += &format!(
+            "## Side by side with Hugging Face PEFT 0.21.2 / transformers 5.23 / bitsandbytes 0.50.2 (torch 2.15, CPU)\n\n\
+             {} interleaved rounds; medians over every iteration of every round. Ratio = peer time / our time \
+             (above 1: we are faster).\n\n| work | ours | peer | ratio |\n|---|---|---|---|\n",
+            o.rounds
+        );
+        for p in pairs {
+            let (a, b) = (median(&p.ours), median(&p.peer));
+            let id = p.workload.id;
+            let rate = |ms: f64| match tokens(id) {
+                0 => String::new(),
+                t => format!(" ({:.0} tok/s)", t as f64 / (ms / 1e3)),
+            };
+            s += &format!("| `{id}`: {} | {}{} | {}{} | {:.2} |\n", what(id), fmt_ms(a), rate(a), fmt_ms(b), rate(b), b / a);
+        }
+        let step = |id: &str, peer: bool| {
+            pairs.iter().find(|p| p.workload.id == id).map(|p| median(if peer { &p.peer } else { &p.ours }))
+        };
+        if let (Some(lo), Some(fo), Some(lp), Some(fp)) =
+            (step("train_step/lora", false), step("train_step/full", false), step("train_step/lora", true), step("train_step/full", true))
+        {
+            s += &format!("| LoRA step time / full fine-tuning step time | {:.2} | {:.2} | |\n", lo / fo, lp / fp);
+        }
+        if let (Some(d), Some(c)) = (step("nf4/dequantize", false), step("nf4/copy", false)) {
+            s += &format!("| dequantize speed as a fraction of a copy of the same bytes | {:.0}% | ", 100.0 * c / d);
+            if let (Some(dp), Some(cp)) = (step("nf4/dequantize", true), step("nf4/copy", true)) {
+                s += &format!("{:.0}% | |\n", 100.0 * cp / dp);
+            } else {
+                s += "| |\n";
+            }
+        }
+        if !memory.is_empty() {
+            s += "\n### Peak resident memory of one training step (fresh process each, after two warm-up steps)\n\n\
+                  | step | ours: before / peak | peer: before / peak | peak ratio |\n|---|---|---|---|\n";
+            for (id, m, t) in memory {
+                s += &format!("| `{id}` | {:.0} / {:.0} MiB | {:.0} / {:.0} MiB | {:.2} |\n", m.0, m.1, t.0, t.1, t.1 / m.1);
+            }
+        }
+        s += "\n";
+    }
+    if !criterion.is_empty() {
+        s += "## Criterion (ours alone)\n\n| work | median |\n|---|---|\n";
+        for (id, ms) in criterion {
+            s += &format!("| `{id}`: {} | {} |\n", what(id), fmt_ms(*ms));
+        }
+        s += "\n";
+    }
+    s += "Chart: `chart.svg`; raw times: `results.json`.\n";
+    s
+}
+
+/// Horizontal bars on a log axis, one per row, starting at `baseline` (or the axis start).
+fn bar_chart(rows: &[(String, f64)], x_desc: &str, baseline: Option<f64>, out: &Path) -> Result<()> {
+    let values: Vec<f64> = rows.iter().map(|r| r.1).filter(|v| v.is_finite() && *v > 0.0).collect();
+    if values.is_empty() {
+        return Ok(());
+    }
+    let lo = values.iter().copied().fold(baseline.unwrap_or(f64::MAX), f64::min) / 2.0;
+    let hi = values.iter().copied().fold(baseline.unwrap_or(0.0), f64::max) * 2.0;
+    let n = rows.len();
+    let root = SVGBackend::new(out, (900, 60 + 28 * n as u32)).into_drawing_area();
+    let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(10)
+            .build_cartesian_2d((lo..hi).log_scale(), 0.0..n as f64)?;
+        chart.configure_mesh().x_desc(x_desc).disable_y_mesh().disable_y_axis().draw()?;
+        let start = baseline.unwrap_or(lo);
+        for (i, (name, v)) in rows.iter().enumerate() {
+            let y = (n - 1 - i) as f64;
+            if !(v.is_finite() && *v > 0.0) {
+                continue;
+            }
+            let color = match baseline {
+                Some(b) if *v < b => RED.mix(0.6),
+                Some(_) => GREEN.mix(0.6),
+                None => BLUE.mix(0.5),
+            };
+            chart.draw_series(std::iter::once(Rectangle::new([(start, y + 0.15), (*v, y + 0.85)], color.filled())))?;
+            let label = if baseline.is_some() { format!("{name}  {v:.2}") } else { format!("{name}  {}", fmt_ms(*v)) };
+            chart.draw_series(std::iter::once(Text::new(label, (lo * 1.05, y + 0.7), ("sans-serif", 14))))?;
+        }
+        if let Some(b) = baseline {
+            chart.draw_series(LineSeries::new([(b, 0.0), (b, n as f64)], BLACK))?;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("{}: cannot draw the chart: {e}", out.display()))
+}

@@ -1,0 +1,252 @@
+"""The Python side of `cargo xtask bench --peer`: the workloads of crates/peft-bench under the
+same ids, on Hugging Face PEFT, transformers and bitsandbytes (versions in shared DESIGN.md),
+f32 on the CPU with 2 threads. It speaks the protocol of `peft-bench`:
+
+    bench_peer.py serve          # stdin `ID ITERATIONS`, stdout {"id": .., "ms": [..]}
+    bench_peer.py memory ID      # {"id": .., "rss_before": .., "rss_peak": ..} (bytes)
+    bench_peer.py list
+
+Each workload builds exactly what its Rust twin builds (crates/peft-bench/src/lib.rs): the
+random Llama (hidden 512, 4 layers, 8 heads, intermediate 1376, vocab 8192), batch 4 x 128,
+LoRA r=16 alpha 32 on q_proj and v_proj, AdamW lr 1e-4 with gradient clipping at 1.0, the
+4096 x 4096 matrix built from the same formula.
+"""
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+
+import torch
+
+THREADS = int(os.environ.get("PEFT_BENCH_THREADS", "2"))
+torch.set_num_threads(THREADS)
+
+BATCH, SEQ, RANK, ALPHA = 4, 128, 16, 32
+QUANT_DIM, PROMPT, NEW_TOKENS = 4096, 16, 32
+
+
+def llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def random_llama():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config()).float()
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def wave(n, freq):
+    return torch.sin(torch.arange(n, dtype=torch.float32) * freq)
+
+
+def quant_matrix():
+    return (wave(QUANT_DIM * QUANT_DIM, 0.618) * 0.05).reshape(QUANT_DIM, QUANT_DIM)
+
+
+def linear(wid):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(1)
+    holder = torch.nn.Module()
+    holder.lin = torch.nn.Linear(512, 512, bias=False)
+    torch.nn.init.normal_(holder.lin.weight, std=0.02)
+    holder.lin.weight.requires_grad_(False)
+    if "lora" in wid:
+        cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["lin"], init_lora_weights=False)
+        holder = inject_adapter_in_model(cfg, holder)
+    x = torch.randn(BATCH * SEQ, 512)
+    params = [p for p in holder.parameters() if p.requires_grad]
+    if wid.endswith("bwd"):
+        def run():
+            for p in params:
+                p.grad = None
+            xg = x.clone().requires_grad_(True)
+            holder.lin(xg).sum().backward()
+            assert xg.grad is not None
+    else:
+        def run():
+            with torch.no_grad():
+                holder.lin(x)
+    return run
+
+
+def merge():
+    from peft import get_peft_model
+
+    model = get_peft_model(random_llama(), lora_config())
+
+    def run():
+        with torch.no_grad():
+            model.merge_adapter()
+            model.unmerge_adapter()
+    return run
+
+
+def nf4(wid):
+    import bitsandbytes.functional as F
+
+    w = quant_matrix()
+    if wid == "nf4/quantize":
+        return lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    if wid == "nf4/dequantize":
+        q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        return lambda: F.dequantize_4bit(q, st)
+    src = torch.ones(QUANT_DIM * QUANT_DIM * 4, dtype=torch.uint8)
+    return lambda: src.clone()
+
+
+def matmul_4bit(m):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    q, st = F.quantize_4bit(quant_matrix(), blocksize=64, quant_type="nf4", compress_statistics=True)
+    x = torch.cos(wave(m * QUANT_DIM, 0.377)).reshape(m, QUANT_DIM)
+
+    def run():
+        with torch.no_grad():
+            bnb.matmul_4bit(x, q.t(), quant_state=st)
+    return run
+
+
+def qlora_base():
+    """The random Llama saved and loaded back 4-bit by transformers + bitsandbytes, as a QLoRA
+    user loads a model (NF4, double quantization, f32 compute; the head stays f32)."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        random_llama().save_pretrained(d)
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        return LlamaForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+
+
+def train_step(method):
+    from peft import get_peft_model
+
+    if method == "full":
+        model = random_llama()
+    elif method == "qlora":
+        model = get_peft_model(qlora_base(), lora_config())
+    else:
+        model = get_peft_model(random_llama(), lora_config())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    ids = torch.tensor([[(i * 31 + b * 977) % 8192 for i in range(SEQ)] for b in range(BATCH)])
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss.item()
+    return run
+
+
+def generate(variant):
+    from peft import get_peft_model
+
+    model = random_llama()
+    if variant != "base":
+        model = get_peft_model(model, lora_config())
+        if variant == "merged":
+            model.merge_adapter()
+    model.eval()
+    prompt = torch.tensor([[(i * 131 + 7) % 8192 for i in range(PROMPT)]])
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert out.shape[1] == PROMPT + NEW_TOKENS
+    return run
+
+
+WORKLOADS = {
+    "linear/plain_fwd": lambda: linear("linear/plain_fwd"),
+    "linear/lora_fwd": lambda: linear("linear/lora_fwd"),
+    "linear/plain_fwd_bwd": lambda: linear("linear/plain_fwd_bwd"),
+    "linear/lora_fwd_bwd": lambda: linear("linear/lora_fwd_bwd"),
+    "merge/merge_unmerge": merge,
+    "nf4/quantize": lambda: nf4("nf4/quantize"),
+    "nf4/dequantize": lambda: nf4("nf4/dequantize"),
+    "nf4/copy": lambda: nf4("nf4/copy"),
+    "matmul_4bit/batch1": lambda: matmul_4bit(1),
+    "matmul_4bit/batch8": lambda: matmul_4bit(8),
+    "matmul_4bit/batch128": lambda: matmul_4bit(128),
+    "train_step/lora": lambda: train_step("lora"),
+    "train_step/full": lambda: train_step("full"),
+    "train_step/qlora": lambda: train_step("qlora"),
+    "generate/base": lambda: generate("base"),
+    "generate/unmerged": lambda: generate("unmerged"),
+    "generate/merged": lambda: generate("merged"),
+}
+
+
+def prepare(wid):
+    if wid not in WORKLOADS:
+        raise SystemExit(f"unknown workload `{wid}` (known: {', '.join(WORKLOADS)})")
+    return WORKLOADS[wid]()
+
+
+def rss():
+    status = open("/proc/self/status").read()
+    field = lambda name: int(re.search(name + r":\s+(\d+) kB", status).group(1)) * 1024
+    return field("VmRSS"), field("VmHWM")
+
+
+def serve():
+    ready = {}
+    for line in sys.stdin:
+        parts = line.split()
+        if len(parts) != 2:
+            raise SystemExit(f"expected `ID ITERATIONS`, got `{line.strip()}`")
+        wid, iters = parts[0], int(parts[1])
+        if wid not in ready:
+            ready[wid] = prepare(wid)
+            ready[wid]()
+        run, ms = ready[wid], []
+        for _ in range(iters):
+            t = time.perf_counter()
+            run()
+            ms.append((time.perf_counter() - t) * 1e3)
+        print(json.dumps({"id": wid, "ms": ms}), flush=True)
+
+
+def memory(wid):
+    run = prepare(wid)
+    run()
+    run()
+    before, _ = rss()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    run()
+    _, peak = rss()
+    print(json.dumps({"id": wid, "rss_before": before, "rss_peak": peak}))
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    if cmd == "serve":
+        serve()
+    elif cmd == "memory" and len(sys.argv) == 3:
+        memory(sys.argv[2])
+    elif cmd == "list":
+        print("\n".join(WORKLOADS))
+    else:
+        raise SystemExit("usage: bench_peer.py <serve | memory ID | list>")
