@@ -9,6 +9,10 @@ use burn::tensor::Device;
 use criterion::{Criterion, criterion_group, criterion_main};
 use peft_bench::{WORKLOADS, prepare};
 
+/// Large buffers on transparent huge pages (see `peft_core::alloc`).
+#[global_allocator]
+static ALLOC: peft_core::alloc::HugePageAlloc = peft_core::alloc::HugePageAlloc;
+
 fn bench(c: &mut Criterion) {
     let device = Device::flex();
     let mut groups: Vec<&str> = WORKLOADS.iter().map(|w| w.id.split('/').next().expect("group")).collect();

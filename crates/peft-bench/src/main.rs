@@ -16,6 +16,10 @@ use anyhow::{Context, Result, bail};
 use peft_bench::{WORKLOADS, measure_memory, prepare, workload};
 use peft_core::device::device_by_name;
 
+/// Large buffers on transparent huge pages (see `peft_core::alloc`).
+#[global_allocator]
+static ALLOC: peft_core::alloc::HugePageAlloc = peft_core::alloc::HugePageAlloc;
+
 fn device_arg(args: &[String]) -> Result<burn::tensor::Device> {
     let name = match args.iter().position(|a| a == "--device") {
         Some(i) => args.get(i + 1).context("--device needs a name")?.as_str(),

@@ -16,6 +16,10 @@ use peft_lora::{LoraConfig, LoraHost, dequantize_base, merge_and_unload_state, q
 use peft_models::generate::greedy;
 use peft_models::load::{LoadedModel, load_causal_lm};
 
+/// Large buffers on transparent huge pages (see `peft_core::alloc`).
+#[global_allocator]
+static ALLOC: peft_core::alloc::HugePageAlloc = peft_core::alloc::HugePageAlloc;
+
 #[derive(Parser)]
 #[command(name = "peft", version, about = "Parameter-efficient fine-tuning of transformer models")]
 struct Cli {

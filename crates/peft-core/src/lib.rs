@@ -17,6 +17,7 @@
 //! - [`train`]: the model-agnostic training loop with exact resume.
 //! - [`tuner`]: the contract a method implements on a model.
 
+pub mod alloc;
 pub mod adapter_io;
 pub mod linear;
 pub mod optim;

@@ -131,3 +131,38 @@ fn gguf_tensors_and_unsupported_types() {
     let err = load_causal_lm(&p, &Device::flex()).err().unwrap().to_string();
     assert!(err.contains("t.gguf: missing metadata `"), "{err}");
 }
+
+/// `LlamaForCausalLM::random` builds the tiny fixture's architecture with every weight frozen;
+/// `unfreeze_all` makes all of them trainable (full fine-tuning), and the model trains.
+#[test]
+fn random_model_builds_and_unfreezes_for_full_fine_tuning() {
+    use peft_core::params::{ParamReport, unfreeze_all};
+    use peft_core::train::{TrainConfig, Trainer};
+    use peft_models::train::{Example, lm_batch_loss};
+
+    let config = LlamaConfig::from_file(&base_dir().join("config.json")).unwrap();
+    let device = Device::flex().autodiff();
+    Device::flex().seed(3);
+    let model = LlamaForCausalLM::random(config.clone(), &device).unwrap();
+    let expected_all: usize = load_dir(&base_dir(), &device).to_tensors().keys().count();
+    assert_eq!(model.to_tensors().keys().count(), expected_all, "same tensors as the checkpoint");
+    let report = ParamReport::of(&model);
+    assert_eq!(report.trainable, 0, "a freshly built model is frozen");
+    let embed = model.to_tensors().get("model.embed_tokens.weight").unwrap().data.clone();
+    let std = (embed.iter().map(|v| v * v).sum::<f32>() / embed.len() as f32).sqrt();
+    assert!((std - 0.02).abs() < 0.002, "weights drawn with std 0.02, got {std}");
+    assert_eq!(logits(&model, &device).dims(), [1, 10, config.vocab_size]);
+
+    let model = unfreeze_all(model);
+    let report = ParamReport::of(&model);
+    assert_eq!(report.trainable, report.all);
+    let data = vec![Example { tokens: (0..16).map(|i| i * 7 % 128).collect(), loss_mask: vec![1.0; 16] }];
+    let config = TrainConfig { learning_rate: 1e-2, warmup_steps: 0, steps: 8, batch_size: 1, ..Default::default() };
+    let mut trainer = Trainer::new(model, config);
+    let first = trainer.step(&data, |m, b| lm_batch_loss(m, b, 0)).loss;
+    let mut last = first;
+    while !trainer.is_done() {
+        last = trainer.step(&data, |m, b| lm_batch_loss(m, b, 0)).loss;
+    }
+    assert!(last < first * 0.8, "full fine-tuning did not lower the loss: {first} -> {last}");
+}

@@ -26,6 +26,10 @@ use peft_models::generate::greedy;
 use peft_models::load::{LoadedModel, load_causal_lm};
 use peft_models::train::{TrainConfig, chat_example, eval_loss, train};
 
+/// Large buffers on transparent huge pages (see `peft_core::alloc`).
+#[global_allocator]
+static ALLOC: peft_core::alloc::HugePageAlloc = peft_core::alloc::HugePageAlloc;
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
 }
