@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use peft_core::linear::FrozenLinear;
 use peft_core::params::unfreeze_all;
+use peft_core::tensors::HostTensor;
 use peft_core::train::{TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
 use peft_lora::{LoraConfig, LoraInit, LoraLinear, quantize_base, unmerge_all};
@@ -19,7 +20,7 @@ use peft_models::config::LlamaConfig;
 use peft_models::generate::greedy;
 use peft_models::llama::LlamaForCausalLM;
 use peft_models::train::{Example, lm_batch_loss};
-use peft_quant::{Linear4bit, QuantSpec, QuantType, Quantized4bit};
+use peft_quant::{Linear4bit, QuantSpec};
 
 /// Sequences per training batch and tokens per sequence.
 pub const BATCH: usize = 4;
@@ -103,8 +104,9 @@ fn lora_config() -> LoraConfig {
 }
 
 /// The weight of the 4-bit workloads, as `scripts/bench_peer.py` builds it.
-fn quant_matrix() -> Vec<f32> {
-    wave(QUANT_DIM * QUANT_DIM, 0.618).into_iter().map(|v| v * 0.05).collect()
+fn quant_matrix() -> HostTensor {
+    let data = wave(QUANT_DIM * QUANT_DIM, 0.618).into_iter().map(|v| v * 0.05).collect();
+    HostTensor::new(vec![QUANT_DIM, QUANT_DIM], data)
 }
 
 /// Set up workload `id` on `device` (a plain device; training workloads add autodiff) and
@@ -147,14 +149,15 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 sync();
             })
         }
+        // NF4, blocks of 64, double quantization: QuantSpec's default.
         "nf4/quantize" => {
-            let data = quant_matrix();
+            let w = quant_matrix();
             Box::new(move || {
-                Quantized4bit::quantize(&data, &[QUANT_DIM, QUANT_DIM], QuantType::Nf4, 64, true).expect("quantize");
+                QuantSpec::default().quantize(&w).expect("quantize");
             })
         }
         "nf4/dequantize" => {
-            let q = Quantized4bit::quantize(&quant_matrix(), &[QUANT_DIM, QUANT_DIM], QuantType::Nf4, 64, true)?;
+            let q = QuantSpec::default().quantize(&quant_matrix())?;
             Box::new(move || {
                 std::hint::black_box(q.dequantize());
             })
@@ -167,7 +170,7 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
         }
         _ if id.starts_with("matmul_4bit/batch") => {
             let m: usize = id["matmul_4bit/batch".len()..].parse().with_context(|| format!("workload `{id}`"))?;
-            let q = Quantized4bit::quantize(&quant_matrix(), &[QUANT_DIM, QUANT_DIM], QuantType::Nf4, 64, true)?;
+            let q = QuantSpec::default().quantize(&quant_matrix())?;
             let layer = Linear4bit::new(q, None, device.clone())?;
             let x = Tensor::<2>::from_data(TensorData::new(
                 wave(m * QUANT_DIM, 0.377).into_iter().map(f32::cos).collect::<Vec<_>>(),

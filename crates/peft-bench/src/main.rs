@@ -13,7 +13,7 @@ use std::io::{BufRead, Write};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use peft_bench::{WORKLOADS, measure_memory, prepare, workload};
+use peft_bench::{WORKLOADS, measure_memory, prepare};
 use peft_core::device::device_by_name;
 
 /// Large buffers on transparent huge pages (see `peft_core::alloc`).
@@ -39,7 +39,6 @@ fn serve(args: &[String]) -> Result<()> {
             bail!("expected `ID ITERATIONS`, got `{line}`");
         };
         let iters: usize = iters.parse().with_context(|| format!("iterations in `{line}`"))?;
-        workload(id)?;
         if !ready.contains_key(id) {
             let mut run = prepare(id, &device)?;
             run();
@@ -65,7 +64,6 @@ fn main() -> Result<()> {
         Some("serve") => serve(&args[1..]),
         Some("memory") => {
             let id = args.get(1).context("memory needs a workload id")?;
-            workload(id)?;
             let (before, peak) = measure_memory(id, &device_arg(&args[2..])?)?;
             println!("{}", serde_json::json!({ "id": id, "rss_before": before, "rss_peak": peak }));
             Ok(())

@@ -65,8 +65,7 @@ struct Worker {
 
 impl Worker {
     fn spawn(name: &'static str, mut cmd: Command) -> Result<Self> {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).env("RAYON_NUM_THREADS", THREADS);
-        cmd.env("OMP_NUM_THREADS", THREADS).env("PEFT_BENCH_THREADS", THREADS);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("starting the {name} worker: {cmd:?}"))?;
         let input = child.stdin.take().expect("piped");
         let output = BufReader::new(child.stdout.take().expect("piped"));
@@ -98,7 +97,6 @@ impl Drop for Worker {
 
 /// The resident bytes before and at peak of one iteration, in a fresh process.
 fn memory(mut cmd: Command, side: &str, id: &str) -> Result<(f64, f64)> {
-    cmd.env("RAYON_NUM_THREADS", THREADS).env("OMP_NUM_THREADS", THREADS).env("PEFT_BENCH_THREADS", THREADS);
     let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("{side} memory of {id}"))?;
     if !out.status.success() {
         bail!("{side}: measuring the memory of `{id}` failed");
@@ -185,26 +183,18 @@ pub fn bench(args: &[String]) -> Result<()> {
         cargo(&["build", "-p", "peft-bench", "--profile", "dev", "--bin", "peft-bench"], &[])?;
         let bin = target_dir().join("debug/peft-bench");
         let script = workspace_root().join("scripts/bench_peer.py");
-        let ours_cmd = || {
-            let mut c = Command::new(&bin);
-            c.current_dir(workspace_root());
+        // Either side's command with `args`, both pinned to the same thread count.
+        let side = |ours: bool, args: &[&str]| {
+            let mut c = if ours { Command::new(&bin) } else { Command::new(&python) };
+            if !ours {
+                c.arg(&script);
+            }
+            c.args(args).current_dir(workspace_root());
+            c.env("RAYON_NUM_THREADS", THREADS).env("OMP_NUM_THREADS", THREADS).env("PEFT_BENCH_THREADS", THREADS);
             c
         };
-        let peer_cmd = || {
-            let mut c = Command::new(&python);
-            c.arg(&script).current_dir(workspace_root());
-            c
-        };
-        let mut ours = Worker::spawn("peft", {
-            let mut c = ours_cmd();
-            c.arg("serve");
-            c
-        })?;
-        let mut peer = Worker::spawn("python", {
-            let mut c = peer_cmd();
-            c.arg("serve");
-            c
-        })?;
+        let mut ours = Worker::spawn("peft", side(true, &["serve"]))?;
+        let mut peer = Worker::spawn("python", side(false, &["serve"]))?;
         pairs = selected.iter().map(|&w| Pair { workload: w, ours: Vec::new(), peer: Vec::new() }).collect();
         for round in 0..o.rounds {
             eprintln!("side by side: round {}/{}", round + 1, o.rounds);
@@ -223,16 +213,8 @@ pub fn bench(args: &[String]) -> Result<()> {
         drop((ours, peer));
         for w in selected.iter().filter(|w| w.id.starts_with("train_step/")) {
             eprintln!("peak memory: {}", w.id);
-            let mine = memory({
-                let mut c = ours_cmd();
-                c.args(["memory", w.id]);
-                c
-            }, "peft", w.id)?;
-            let theirs = memory({
-                let mut c = peer_cmd();
-                c.args(["memory", w.id]);
-                c
-            }, "python", w.id)?;
+            let mine = memory(side(true, &["memory", w.id]), "peft", w.id)?;
+            let theirs = memory(side(false, &["memory", w.id]), "python", w.id)?;
             memory_rows.push((w.id, mine, theirs));
         }
     }
