@@ -187,6 +187,14 @@ def make_bnb():
             json.dump({"shape": list(shape), "dtype": str(dtype).split(".")[1], "quant_type": qt, "blocksize": bs,
                        "double_quant": dq}, fh)
     save_file({"dynamic_map": F.create_dynamic_map(signed=True)}, os.path.join(out, "dynamic_map.safetensors"))
+    # The 8-bit blockwise quantization that codes the scales, on enough values (blocks of
+    # different magnitudes, an all-zero block) to reach the values near midpoints between codes.
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g).pow(2) * 10
+    x[3] = 0
+    q8, st8 = F.quantize_blockwise(x.reshape(-1), blocksize=256)
+    save_file({"input": x.reshape(-1).contiguous(), "codes": q8.contiguous(), "absmax": st8.absmax.float().contiguous()},
+              os.path.join(out, "blockwise8.safetensors"))
     # torch's f32 sum order (the double-quantization offset is torch.mean of the scales), on
     # values both sides can generate exactly: ((i * 2654435761 + seed) mod 2^24) / 2^24.
     sums = []

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
-use peft_core::tensors::{StoredDtype, TensorMap};
+use peft_core::tensors::TensorMap;
 use peft_core::tuner::Tuner;
 use peft_lora::{LoraConfig, LoraHost, quantize_base};
 use peft_models::config::LlamaConfig;
@@ -77,7 +77,6 @@ fn quantizing_here_gives_bitsandbytes_bytes_and_round_trips() {
         let ours = quantize_base(base, spec).unwrap();
         let theirs = TensorMap::read_safetensors(&fixtures().join("bnb_llama").join(case).join("model.safetensors")).unwrap();
         let mine = ours.to_tensors();
-        let mut mismatched_nested = 0;
         for (key, t) in &theirs.tensors {
             if key.contains("quant_state") {
                 continue; // JSON spacing and the offset's last digit may differ; checked below
@@ -85,16 +84,8 @@ fn quantizing_here_gives_bitsandbytes_bytes_and_round_trips() {
             let m = mine.get(key).unwrap_or_else(|| panic!("{case}: we do not write `{key}`"));
             assert_eq!(m.shape, t.shape, "{case}: `{key}` shape");
             assert_eq!(m.dtype, t.dtype, "{case}: `{key}` dtype");
-            if key.ends_with(".absmax") && t.dtype == StoredDtype::U8 {
-                // The native kernel's 8-bit search is one code off for ~1 scale in 500.
-                let off: Vec<_> = m.data.iter().zip(&t.data).filter(|(a, b)| a != b).collect();
-                assert!(off.iter().all(|(a, b)| (**a - **b).abs() == 1.0), "{case}: `{key}` codes differ by more than one");
-                mismatched_nested += off.len();
-            } else {
-                assert_eq!(m.data, t.data, "{case}: `{key}` differs from bitsandbytes");
-            }
+            assert_eq!(m.data, t.data, "{case}: `{key}` differs from bitsandbytes");
         }
-        assert!(mismatched_nested * 100 <= theirs.tensors.len() * 128, "{case}: too many nested codes off");
         assert_eq!(mine.len(), theirs.len(), "{case}: same set of keys");
 
         // Our checkpoint reads back to the same model.

@@ -4,17 +4,8 @@
 use peft_core::{PeftError, Result};
 use rayon::prelude::*;
 
+use crate::code_lut::CodeLut;
 use crate::codebook::{QuantType, dynamic_map};
-
-/// The code the nested (scale) quantization searches: the dynamic map with its first entry set
-/// to -1.0, as bitsandbytes' native kernel sets it on a copy so that -1 is representable.
-/// Dequantization uses the unmodified [`dynamic_map`] (what checkpoints store as
-/// `nested_quant_map`), so a scale coded 0 comes back as -0.99297 * nested absmax.
-pub fn nested_code() -> [f32; 256] {
-    let mut code = dynamic_map();
-    code[0] = -1.0;
-    code
-}
 
 /// Block sizes bitsandbytes accepts.
 pub const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
@@ -99,25 +90,26 @@ pub fn dequantize_4bit(packed: &[u8], absmax: &[f32], n: usize, blocksize: usize
     Ok(out)
 }
 
-/// 8-bit blockwise quantization with a sorted 256-value `code`, as bitsandbytes' native CPU
-/// kernel defines it (it is what quantizes the 4-bit scales): `value / absmax`, the last code
-/// not above it, moved one up when the next code is strictly nearer. (The native kernel finds
-/// "the last code not above" with an approximate bucketed search that, for about 1 value in
-/// 500, answers one code off; this function returns the exact nearest code.)
+/// 8-bit blockwise quantization with a sorted 256-value `code` spanning `[-1, 1]`, as
+/// bitsandbytes' native CPU kernel does it (it is what quantizes the 4-bit scales): each
+/// block's scale is its largest magnitude, each value is multiplied by the scale's reciprocal
+/// and coded through the kernel's lookup table ([`CodeLut`]), and an all-zero block is coded
+/// 0. Bit-exact with the native kernel, including the values near a midpoint between codes
+/// where the table picks the neighbour of the exact nearest code.
 pub fn quantize_blockwise_8bit(data: &[f32], blocksize: usize, code: &[f32; 256]) -> (Vec<u8>, Vec<f32>) {
     let n = data.len();
+    let lut = CodeLut::new(code);
     let mut q = vec![0u8; n];
     let mut absmax = vec![0f32; n.div_ceil(blocksize)];
     q.par_chunks_mut(blocksize).zip(data.par_chunks(blocksize)).zip(absmax.par_iter_mut()).for_each(
         |((out, block), am)| {
             *am = block_absmax(block);
+            if *am == 0.0 {
+                return;
+            }
+            let recip = 1.0 / *am;
             for (o, &v) in out.iter_mut().zip(block) {
-                let normed = if *am > 0.0 { v / *am } else { 0.0 };
-                let mut idx = code.partition_point(|&c| c <= normed).saturating_sub(1);
-                if idx < 255 && (normed - code[idx + 1]).abs() < (normed - code[idx]).abs() {
-                    idx += 1;
-                }
-                *o = idx as u8;
+                *o = lut.code_of(v * recip);
             }
         },
     );
@@ -285,7 +277,7 @@ impl Quantized4bit {
         let absmax = if double_quant {
             let offset = torch_sum_f32(&absmax) / absmax.len() as f32;
             let centered: Vec<f32> = absmax.iter().map(|v| v - offset).collect();
-            let (q, nested_absmax) = quantize_blockwise_8bit(&centered, NESTED_BLOCKSIZE, &nested_code());
+            let (q, nested_absmax) = quantize_blockwise_8bit(&centered, NESTED_BLOCKSIZE, &dynamic_map());
             Absmax::Nested { q, nested_absmax, offset }
         } else {
             Absmax::Plain(absmax)

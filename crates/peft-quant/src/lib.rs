@@ -19,6 +19,7 @@
 //! ```
 
 mod blockwise;
+mod code_lut;
 mod codebook;
 pub mod checkpoint;
 #[cfg(feature = "cube")]
@@ -28,7 +29,7 @@ pub mod linear;
 pub mod ops;
 
 pub use blockwise::{
-    Absmax, BLOCK_SIZES, Quantized4bit, dequantize_4bit, nested_code, dequantize_blockwise_8bit, quantize_4bit, quantize_blockwise_8bit, torch_sum_f32,
+    Absmax, BLOCK_SIZES, Quantized4bit, dequantize_4bit, dequantize_blockwise_8bit, quantize_4bit, quantize_blockwise_8bit, torch_sum_f32,
 };
 pub use codebook::{QuantType, dynamic_map};
 pub use linear::{BaseLinear, Linear4bit, QuantSpec};
