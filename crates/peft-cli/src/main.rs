@@ -185,7 +185,7 @@ fn inspect(path: &Path) -> Result<()> {
         println!("base model: {}", c["base_model_name_or_path"].as_str().unwrap_or("(not recorded)"));
         println!("targets: {}", c["target_modules"]);
         println!("rank: {}  alpha: {}  rsLoRA: {}", c["r"], c["lora_alpha"], c["use_rslora"]);
-        let params: usize = files.tensors.tensors.values().map(|t| t.data.len()).sum();
+        let params: usize = files.tensors.tensors.values().map(|t| t.numel()).sum();
         let modules = files.tensors.keys().filter(|k| k.ends_with("lora_A.weight")).count();
         println!("adapted modules: {modules}");
         println!("parameters: {params}");
@@ -195,7 +195,7 @@ fn inspect(path: &Path) -> Result<()> {
     }
     let loaded = load_causal_lm(path, &burn::tensor::Device::flex())?;
     let c = &loaded.model.config;
-    let params: usize = loaded.model.to_tensors().tensors.values().map(|t| t.data.len()).sum();
+    let params: usize = loaded.model.to_tensors().tensors.values().map(|t| t.numel()).sum();
     println!("model: {}", path.display());
     println!("architecture: Llama ({} layers, hidden {}, FFN {}, {} heads / {} KV heads, vocab {}, tied head: {})",
         c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.kv_heads(), c.vocab_size, c.tie_word_embeddings);

@@ -1,10 +1,11 @@
 //! Host-side named tensors and their safetensors files.
 //!
 //! Checkpoints and adapters move through [`TensorMap`]: an ordered map from a Hugging Face key
-//! to an f32 [`HostTensor`] that remembers the dtype it was stored in, so that a file we
-//! re-save keeps its dtype. Writes go to a temporary file that is renamed into place, so a
+//! to a [`HostTensor`] (f32 values, or bytes for `U8`) that remembers the dtype it was stored
+//! in, so that a file we re-save keeps its dtype. Writes go to a temporary file that is renamed into place, so a
 //! failure never leaves half a file behind.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
@@ -20,8 +21,8 @@ pub enum StoredDtype {
     F32,
     F16,
     BF16,
-    /// Raw bytes (packed 4-bit weights and serialized quantization state); the values are the
-    /// byte values, exact in f32.
+    /// Raw bytes (packed 4-bit weights and serialized quantization state), held as bytes in
+    /// [`HostTensor::bytes`] so a 4-bit checkpoint costs its size in memory, not four times it.
     U8,
 }
 
@@ -46,11 +47,13 @@ impl StoredDtype {
     }
 }
 
-/// A tensor on the host: row-major f32 values, its shape and the dtype it is stored in.
+/// A tensor on the host: row-major values, its shape and the dtype it is stored in. Float
+/// dtypes hold f32 values in `data`; `U8` holds its bytes in `bytes`. The other field is empty.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
+    pub bytes: Vec<u8>,
     pub dtype: StoredDtype,
 }
 
@@ -66,8 +69,14 @@ impl HostTensor {
         Self {
             shape,
             data,
+            bytes: Vec::new(),
             dtype: StoredDtype::F32,
         }
+    }
+
+    /// Number of elements (the product of the shape), whatever the dtype.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
     }
 
     /// Read a device tensor back to the host.
@@ -84,12 +93,17 @@ impl HostTensor {
     /// Upload to `device` as a rank-`D` tensor; panics if the rank differs (checked by callers).
     pub fn to_tensor<const D: usize>(&self, device: &Device) -> Tensor<D> {
         assert_eq!(self.shape.len(), D, "rank mismatch");
-        Tensor::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device)
+        let values = match self.dtype {
+            StoredDtype::U8 => self.bytes.iter().map(|&b| b as f32).collect(),
+            _ => self.data.clone(),
+        };
+        Tensor::from_data(TensorData::new(values, self.shape.clone()), device)
     }
 
     /// The transpose of a rank-2 tensor (Hugging Face `[out, in]` <-> burn `[in, out]`).
     pub fn transposed(&self) -> Self {
         assert_eq!(self.shape.len(), 2, "transpose needs a matrix");
+        assert_ne!(self.dtype, StoredDtype::U8, "transpose of a byte tensor");
         let (rows, cols) = (self.shape[0], self.shape[1]);
         let mut out = vec![0f32; self.data.len()];
         for r in 0..rows {
@@ -100,28 +114,28 @@ impl HostTensor {
         Self {
             shape: vec![cols, rows],
             data: out,
+            bytes: Vec::new(),
             dtype: self.dtype,
         }
     }
 
     /// A byte tensor (stored as `U8`).
-    pub fn from_bytes(shape: Vec<usize>, bytes: &[u8]) -> Self {
-        Self::new(shape, bytes.iter().map(|&b| b as f32).collect()).with_dtype(StoredDtype::U8)
+    pub fn from_bytes(shape: Vec<usize>, bytes: impl Into<Vec<u8>>) -> Self {
+        let bytes = bytes.into();
+        assert_eq!(shape.iter().product::<usize>(), bytes.len(), "shape {shape:?} does not fit {} bytes", bytes.len());
+        Self { shape, data: Vec::new(), bytes, dtype: StoredDtype::U8 }
     }
 
-    /// The values of a `U8` tensor as bytes.
-    pub fn to_u8(&self) -> Vec<u8> {
-        self.data.iter().map(|&v| v as u8).collect()
-    }
-
-    /// Same values, stored as `dtype` when written.
+    /// Same float values, stored as `dtype` when written (float dtypes only).
     pub fn with_dtype(mut self, dtype: StoredDtype) -> Self {
+        assert!(self.dtype != StoredDtype::U8 && dtype != StoredDtype::U8, "U8 tensors are built with from_bytes");
         self.dtype = dtype;
         self
     }
 
-    fn to_bytes(&self) -> Vec<u8> {
-        match self.dtype {
+    /// The bytes of the stored form (borrowed for `U8`, which is already bytes).
+    fn to_bytes(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(match self.dtype {
             StoredDtype::F32 => self.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
             StoredDtype::F16 => self
                 .data
@@ -133,8 +147,8 @@ impl HostTensor {
                 .iter()
                 .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
                 .collect(),
-            StoredDtype::U8 => self.data.iter().map(|&v| v as u8).collect(),
-        }
+            StoredDtype::U8 => return Cow::Borrowed(&self.bytes),
+        })
     }
 }
 
@@ -216,6 +230,11 @@ impl TensorMap {
         for (key, view) in st.tensors() {
             let raw = view.data();
             let (data, dtype) = match view.dtype() {
+                // Bytes stay bytes: 4-bit checkpoints store packed weights and state as U8.
+                Dtype::U8 => {
+                    map.insert(key, HostTensor::from_bytes(view.shape().to_vec(), raw));
+                    continue;
+                }
                 Dtype::F32 => (
                     raw.chunks_exact(4)
                         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -234,8 +253,6 @@ impl TensorMap {
                         .collect(),
                     StoredDtype::BF16,
                 ),
-                // Bytes are kept: 4-bit checkpoints store packed weights and state as U8.
-                Dtype::U8 => (raw.iter().map(|&b| b as f32).collect(), StoredDtype::U8),
                 Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::I8 | Dtype::BOOL if skip_integers => continue,
                 other => {
                     return Err(PeftError::Dtype {
@@ -250,6 +267,7 @@ impl TensorMap {
                 HostTensor {
                     shape: view.shape().to_vec(),
                     data,
+                    bytes: Vec::new(),
                     dtype,
                 },
             );
@@ -259,7 +277,7 @@ impl TensorMap {
 
     /// Serialise to safetensors bytes with `metadata` (Hugging Face writes `{"format":"pt"}`).
     pub fn to_safetensors_bytes(&self, metadata: &[(&str, &str)]) -> Result<Vec<u8>> {
-        let buffers: Vec<(String, Vec<u8>, &HostTensor)> = self
+        let buffers: Vec<(String, Cow<'_, [u8]>, &HostTensor)> = self
             .tensors
             .iter()
             .map(|(k, t)| (k.clone(), t.to_bytes(), t))
@@ -267,7 +285,7 @@ impl TensorMap {
         let views = buffers
             .iter()
             .map(|(k, bytes, t)| {
-                safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), bytes)
+                safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), bytes.as_ref())
                     .map(|v| (k.clone(), v))
             })
             .collect::<std::result::Result<Vec<_>, _>>()
@@ -329,6 +347,7 @@ mod tests {
             "b",
             HostTensor::new(vec![2], vec![0.5, -2.0]).with_dtype(StoredDtype::BF16),
         );
+        map.insert("c", HostTensor::from_bytes(vec![3, 1], [0u8, 7, 255]));
         map.write_safetensors(&path).unwrap();
         let back = TensorMap::read_safetensors(&path).unwrap();
         assert_eq!(back, map);

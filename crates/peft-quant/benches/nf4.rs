@@ -11,8 +11,8 @@ fn linear_training(c: &mut Criterion) {
     let (m, n, k) = (480, 1536, 576);
     let w: Vec<f32> = (0..n * k).map(|i| ((i as f32 * 0.618).sin()) * 0.05).collect();
     let q = Quantized4bit::quantize(&w, &[n, k], QuantType::Nf4, 64, true).unwrap();
-    let x: Vec<f32> = (0..m * k).map(|i| ((i as f32 * 0.377).cos())).collect();
-    let g: Vec<f32> = (0..m * n).map(|i| ((i as f32 * 0.213).sin())).collect();
+    let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.377).cos()).collect();
+    let g: Vec<f32> = (0..m * n).map(|i| (i as f32 * 0.213).sin()).collect();
     let device = Device::flex();
     let dense = Tensor::<2>::from_data(TensorData::new(q.dequantize(), [n, k]), &device);
     let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);

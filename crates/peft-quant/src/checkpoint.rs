@@ -51,7 +51,7 @@ pub fn has_4bit(t: &TensorMap) -> bool {
 pub fn take_4bit(t: &mut TensorMap, source: &Path, weight_key: &str, out: usize, inp: usize) -> Result<Option<Quantized4bit>> {
     let Some(state_key) = quant_state_key(t, weight_key) else { return Ok(None) };
     let bad = |key: &str, msg: String| PeftError::format(source, format!("tensor `{key}`: {msg}"));
-    let state_bytes = t.remove(&state_key).expect("found").to_u8();
+    let state_bytes = t.remove(&state_key).expect("found").bytes;
     let state: QuantStateJson = serde_json::from_slice(&state_bytes)
         .map_err(|e| bad(&state_key, format!("not a bitsandbytes quant-state JSON: {e}")))?;
     let key_type = state_key.rsplit("__").next().unwrap_or_default();
@@ -69,10 +69,10 @@ pub fn take_4bit(t: &mut TensorMap, source: &Path, weight_key: &str, out: usize,
         t.remove(key).ok_or_else(|| PeftError::MissingTensor { path: source.into(), key: key.into() })
     };
     let packed = take(t, weight_key)?;
-    if packed.dtype != StoredDtype::U8 || packed.data.len() != numel.div_ceil(2) {
+    if packed.dtype != StoredDtype::U8 || packed.numel() != numel.div_ceil(2) {
         return Err(bad(
             weight_key,
-            format!("expected {} packed U8 bytes for shape {:?}, found {} {} values", numel.div_ceil(2), [out, inp], packed.data.len(), packed.dtype.name()),
+            format!("expected {} packed U8 bytes for shape {:?}, found {} {} values", numel.div_ceil(2), [out, inp], packed.numel(), packed.dtype.name()),
         ));
     }
     let quant_map_key = format!("{weight_key}.quant_map");
@@ -83,8 +83,8 @@ pub fn take_4bit(t: &mut TensorMap, source: &Path, weight_key: &str, out: usize,
     let blocks = numel.div_ceil(state.blocksize);
     let absmax_key = format!("{weight_key}.absmax");
     let absmax_t = take(t, &absmax_key)?;
-    if absmax_t.data.len() != blocks {
-        return Err(bad(&absmax_key, format!("holds {} scales, expected {blocks}", absmax_t.data.len())));
+    if absmax_t.numel() != blocks {
+        return Err(bad(&absmax_key, format!("holds {} scales, expected {blocks}", absmax_t.numel())));
     }
     let absmax = match state.nested_offset {
         None => {
@@ -109,16 +109,16 @@ pub fn take_4bit(t: &mut TensorMap, source: &Path, weight_key: &str, out: usize,
             if take(t, &map_key)?.data != dynamic_map() {
                 return Err(bad(&map_key, "is not bitsandbytes' signed 8-bit dynamic map".into()));
             }
-            Absmax::Nested { q: absmax_t.to_u8(), nested_absmax: nested.data, offset }
+            Absmax::Nested { q: absmax_t.bytes, nested_absmax: nested.data, offset }
         }
     };
-    Ok(Some(Quantized4bit { packed: packed.to_u8(), absmax, shape: vec![out, inp], blocksize: state.blocksize, qtype }))
+    Ok(Some(Quantized4bit { packed: packed.bytes, absmax, shape: vec![out, inp], blocksize: state.blocksize, qtype }))
 }
 
 /// Put `q` into `t` under `weight_key` in bitsandbytes' layout. `dtype` is the torch name of
 /// the weight's unquantized dtype (`float32`, `bfloat16`, `float16`), recorded in the state.
 pub fn put_4bit(t: &mut TensorMap, weight_key: &str, q: &Quantized4bit, dtype: &str) {
-    t.insert(weight_key, HostTensor::from_bytes(vec![q.packed.len(), 1], &q.packed));
+    t.insert(weight_key, HostTensor::from_bytes(vec![q.packed.len(), 1], q.packed.as_slice()));
     t.insert(format!("{weight_key}.quant_map"), HostTensor::new(vec![16], q.qtype.code().to_vec()));
     let mut state = QuantStateJson {
         quant_type: q.qtype.name().into(),
@@ -132,7 +132,7 @@ pub fn put_4bit(t: &mut TensorMap, weight_key: &str, q: &Quantized4bit, dtype: &
     match &q.absmax {
         Absmax::Plain(v) => t.insert(format!("{weight_key}.absmax"), HostTensor::new(vec![v.len()], v.clone())),
         Absmax::Nested { q: codes, nested_absmax, offset } => {
-            t.insert(format!("{weight_key}.absmax"), HostTensor::from_bytes(vec![codes.len()], codes));
+            t.insert(format!("{weight_key}.absmax"), HostTensor::from_bytes(vec![codes.len()], codes.as_slice()));
             t.insert(format!("{weight_key}.nested_absmax"), HostTensor::new(vec![nested_absmax.len()], nested_absmax.clone()));
             t.insert(format!("{weight_key}.nested_quant_map"), HostTensor::new(vec![256], dynamic_map().to_vec()));
             state.nested_blocksize = Some(NESTED_BLOCKSIZE);
@@ -143,7 +143,7 @@ pub fn put_4bit(t: &mut TensorMap, weight_key: &str, q: &Quantized4bit, dtype: &
     let json = serde_json::to_vec(&state).expect("quant state serialises");
     t.insert(
         format!("{weight_key}.quant_state.bitsandbytes__{}", q.qtype.name()),
-        HostTensor::from_bytes(vec![json.len()], &json),
+        HostTensor::from_bytes(vec![json.len()], json),
     );
 }
 
@@ -179,7 +179,7 @@ mod tests {
         assert!(err.contains("l.weight") && err.contains("[24, 40]"), "{err}");
 
         let mut corrupt = t.clone();
-        corrupt.insert("l.weight.quant_state.bitsandbytes__nf4", HostTensor::from_bytes(vec![3], b"{no"));
+        corrupt.insert("l.weight.quant_state.bitsandbytes__nf4", HostTensor::from_bytes(vec![3], *b"{no"));
         let err = take_4bit(&mut corrupt, Path::new("m"), "l.weight", 40, 24).unwrap_err().to_string();
         assert!(err.contains("quant_state") && err.contains("JSON"), "{err}");
 
@@ -191,7 +191,7 @@ mod tests {
         assert!(err.contains("int3"), "{err}");
 
         let mut short = t.clone();
-        short.insert("l.weight", HostTensor::from_bytes(vec![10, 1], &[0; 10]));
+        short.insert("l.weight", HostTensor::from_bytes(vec![10, 1], [0u8; 10]));
         let err = take_4bit(&mut short, Path::new("m"), "l.weight", 40, 24).unwrap_err().to_string();
         assert!(err.contains("480 packed"), "{err}");
     }
