@@ -113,20 +113,11 @@ def make_tiny():
         print(case, "->", d, tuple(logits.shape))
 
 
-def make_bert():
-    """A tiny BertForSequenceClassification (3 labels) with a word-level BERT-style tokenizer,
-    and its logits on a padded batch."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+def tiny_bert(hidden):
+    """A random 2-layer BertForSequenceClassification (3 labels, vocab 64) of width `hidden`."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    root = os.path.join(FIX, "bert_tiny")
-    shutil.rmtree(root, ignore_errors=True)
-    out = os.path.join(root, "model")
-    torch.manual_seed(5)
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
-    for w in WORDS[: 64 - len(vocab)]:
-        vocab[w] = len(vocab)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    cfg = BertConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64, num_labels=3)
     model = BertForSequenceClassification(cfg).eval()
     # BERT's 0.02 init leaves a random model's [CLS] state almost input-independent; unit-scale
@@ -137,6 +128,22 @@ def make_bert():
                 p.normal_(0, 1.0)
             elif p.dim() == 2:
                 p.normal_(0, p.shape[1] ** -0.5)
+    return model
+
+
+def make_bert():
+    """A tiny BertForSequenceClassification (3 labels) with a word-level BERT-style tokenizer,
+    and its logits on a padded batch."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    root = os.path.join(FIX, "bert_tiny")
+    shutil.rmtree(root, ignore_errors=True)
+    out = os.path.join(root, "model")
+    torch.manual_seed(5)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+    for w in WORDS[: 64 - len(vocab)]:
+        vocab[w] = len(vocab)
+    model = tiny_bert(hidden=32)
     model.save_pretrained(out, safe_serialization=True)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -280,6 +287,33 @@ def make_bnb_llama():
         print("bnb_llama", case, "->", out)
 
 
+def make_bnb_bert():
+    """A tiny BERT classifier (width 64) and the same model quantized by transformers +
+    bitsandbytes (NF4, double quantization) and saved pre-quantized, with the 4-bit model's
+    logits on the bert_tiny batch. Width 64 keeps every weight row a whole number of 64-value
+    blocks: bitsandbytes 0.50.2's AVX-512 CPU dequantize indexes the scales per row and gets
+    rows shorter than a block wrong (e.g. [32, 32] weights), which would poison the reference."""
+    from transformers import BertForSequenceClassification, BitsAndBytesConfig
+
+    root = os.path.join(FIX, "bnb_bert")
+    shutil.rmtree(root, ignore_errors=True)
+    base, out = os.path.join(root, "base"), os.path.join(root, "nf4_dq")
+    torch.manual_seed(6)
+    tiny_bert(hidden=64).save_pretrained(base, safe_serialization=True)
+    shutil.copy(os.path.join(FIX, "bert_tiny", "model", "tokenizer.json"), base)
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = BertForSequenceClassification.from_pretrained(base, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+    model = exact_4bit(model).eval()
+    model.save_pretrained(out)
+    shutil.copy(os.path.join(base, "tokenizer.json"), out)
+    ids = load_file(os.path.join(FIX, "bert_tiny", "expected.safetensors"))["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+    save_file({"input_ids": ids, "logits": logits.contiguous()}, os.path.join(root, "nf4_dq.expected.safetensors"))
+    print("bnb_bert ->", root, tuple(logits.shape))
+
+
 def verify_4bit(model_dir, case):
     """Load a 4-bit folder written by Rust in transformers; compare its logits and packed
     tensors with the bitsandbytes-quantized fixture of the same setting."""
@@ -319,7 +353,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--verify", nargs=2, metavar=("ADAPTER_DIR", "CASE"))
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
-    ap.add_argument("--only", choices=["tiny", "bert", "bnb", "bnb_llama", "smollm2"])
+    ap.add_argument("--only", choices=["tiny", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -333,5 +367,7 @@ if __name__ == "__main__":
         make_bnb()
     if a.only in (None, "bnb_llama"):
         make_bnb_llama()
+    if a.only in (None, "bnb_bert"):
+        make_bnb_bert()
     if a.only in (None, "smollm2"):
         make_smollm2()

@@ -9,7 +9,6 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
-use peft_core::linear::FrozenLinear;
 use peft_core::params::frozen;
 use peft_core::target::ModuleKind;
 use peft_core::tensors::{HostTensor, TensorMap};
@@ -18,7 +17,9 @@ use peft_core::{PeftError, Result};
 use peft_lora::{LoraHost, LoraLinear};
 use serde::{Deserialize, Serialize};
 
-use crate::llama::LinearSlot;
+use peft_quant::checkpoint::weight_shape;
+
+use crate::slot::{LinearSlot, put_linear, quantization_config, take_linear};
 
 fn default_eps() -> f64 {
     1e-12
@@ -137,11 +138,7 @@ impl BertForSequenceClassification {
         }
         t.tensors.retain(|k, _| !k.ends_with("position_ids"));
         let h = config.hidden_size;
-        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize| -> Result<LinearSlot> {
-            let w = t.take_shaped(source, &format!("{name}.weight"), &[out, inp])?;
-            let b = t.take_shaped(source, &format!("{name}.bias"), &[out])?;
-            Ok(LinearSlot::from_base(FrozenLinear::from_hf(&w, Some(&b), device)))
-        };
+        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize| take_linear(t, source, name, out, inp, true, device);
         let norm = |t: &mut TensorMap, name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
                 weight: frozen(t.take_shaped(source, &format!("{name}.weight"), &[h])?.to_tensor(device)),
@@ -171,12 +168,15 @@ impl BertForSequenceClassification {
             });
         }
         let pooler = linear(&mut t, "pooler.dense", h, h)?;
-        if t.get("classifier.weight").is_some_and(|w| w.shape[0] != num_labels) {
-            t.remove("classifier.weight");
-            t.remove("classifier.bias");
+        if weight_shape(&t, source, "classifier.weight")?.is_some_and(|s| s[0] != num_labels) {
+            t.tensors.retain(|k, _| !k.starts_with("classifier."));
         }
         let classifier = if t.get("classifier.weight").is_some() {
-            linear(&mut t, "classifier", num_labels, h)?
+            // The head is trained whole, so one stored 4-bit (transformers quantizes it too
+            // unless told to skip it) is made dense.
+            let mut head = linear(&mut t, "classifier", num_labels, h)?;
+            head.base.dequantize();
+            head
         } else {
             let w = Tensor::<2>::random([h, num_labels], Distribution::Normal(0.0, 0.02), device);
             LoraLinear::new(w, Some(Tensor::zeros([num_labels], device)))
@@ -242,10 +242,7 @@ impl BertForSequenceClassification {
         let mut t = TensorMap::new();
         let host1 = |p: &Param<Tensor<1>>| HostTensor::from_tensor(p.val());
         for (path, slot) in self.lora_slots() {
-            t.insert(format!("{path}.weight"), slot.base.weight_hf());
-            if let Some(b) = slot.base.bias() {
-                t.insert(format!("{path}.bias"), host1(b));
-            }
+            put_linear(&mut t, &path, slot);
         }
         t.insert("bert.embeddings.word_embeddings.weight", HostTensor::from_tensor(self.word_embeddings.val()));
         t.insert("bert.embeddings.position_embeddings.weight", HostTensor::from_tensor(self.position_embeddings.val()));
@@ -264,6 +261,12 @@ impl BertForSequenceClassification {
 
     pub fn device(&self) -> Device {
         self.word_embeddings.device()
+    }
+
+    /// The `quantization_config` entry of `config.json` when encoder weights are 4-bit; the
+    /// classifier stays in full precision.
+    pub fn quantization_config(&self) -> Option<serde_json::Value> {
+        quantization_config(self.lora_slots().into_iter().map(|(_, s)| s), &["classifier"])
     }
 }
 

@@ -5,6 +5,7 @@
 //!
 //! - [`bert`]: BERT encoder with a sequence-classification head.
 //! - [`llama`]: Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU, tied/untied head, KV cache).
+//! - [`slot`]: the tunable linear slot and its checkpoint form (dense or bitsandbytes 4-bit).
 //! - [`load`]: from a Hugging Face folder (config.json + safetensors, f32/f16/bf16) or a GGUF
 //!   file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized at load).
 //! - [`tokenizer`]: `tokenizers`-crate tokenizer from tokenizer.json or GGUF, chat template.
@@ -21,5 +22,6 @@ pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod load;
+pub mod slot;
 pub mod tokenizer;
 pub mod train;

@@ -9,9 +9,6 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use peft_core::linear::FrozenLinear;
-use peft_quant::checkpoint::{put_4bit, take_4bit};
-use peft_quant::{BaseLinear, Linear4bit};
 use peft_core::params::frozen;
 use peft_core::target::ModuleKind;
 use peft_core::tensors::{HostTensor, TensorMap};
@@ -20,9 +17,9 @@ use peft_core::{PeftError, Result};
 use peft_lora::{LoraHost, LoraLinear};
 
 use crate::config::LlamaConfig;
+use crate::slot::{put_linear, quantization_config, take_linear};
 
-/// A tunable linear projection (today: a frozen base with LoRA adapters).
-pub type LinearSlot = LoraLinear;
+pub use crate::slot::LinearSlot;
 
 /// Root-mean-square layer norm with a learned scale.
 #[derive(Module, Debug)]
@@ -191,17 +188,7 @@ impl LlamaForCausalLM {
     pub fn from_tensors(config: LlamaConfig, mut t: TensorMap, source: &Path, device: &Device) -> Result<Self> {
         let (hd, kvh, h) = (config.head_dim(), config.kv_heads(), config.num_attention_heads);
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
-        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize, bias: bool| -> Result<LinearSlot> {
-            // A pre-quantized (bitsandbytes 4-bit) weight stays 4-bit.
-            if let Some(q) = take_4bit(t, source, &format!("{name}.weight"), out, inp)? {
-                let b = if bias { Some(t.take_shaped(source, &format!("{name}.bias"), &[out])?) } else { None };
-                let b = b.map(|b| frozen(b.to_tensor(device)));
-                return Ok(LinearSlot::from_base(BaseLinear::Quant4(Linear4bit::new(q, b, device.clone())?)));
-            }
-            let w = t.take_shaped(source, &format!("{name}.weight"), &[out, inp])?;
-            let b = if bias { Some(t.take_shaped(source, &format!("{name}.bias"), &[out])?) } else { None };
-            Ok(LinearSlot::from_base(FrozenLinear::from_hf(&w, b.as_ref(), device)))
-        };
+        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize, bias: bool| take_linear(t, source, name, out, inp, bias, device);
         let norm = |t: &mut TensorMap, name: &str| -> Result<RmsNorm> {
             let w = t.take_shaped(source, &format!("{name}.weight"), &[hidden])?;
             Ok(RmsNorm { weight: frozen(w.to_tensor(device)), eps: config.rms_norm_eps })
@@ -300,15 +287,7 @@ impl LlamaForCausalLM {
     /// weights in bitsandbytes' layout.
     pub fn to_tensors(&self) -> TensorMap {
         let mut t = TensorMap::new();
-        let linear = |t: &mut TensorMap, name: String, l: &LinearSlot| {
-            match &l.base {
-                BaseLinear::Quant4(q) => put_4bit(t, &format!("{name}.weight"), q.quantized(), "float32"),
-                BaseLinear::Dense(d) => t.insert(format!("{name}.weight"), d.weight_hf()),
-            }
-            if let Some(b) = l.base.bias() {
-                t.insert(format!("{name}.bias"), HostTensor::from_tensor(b.val()));
-            }
-        };
+        let linear = |t: &mut TensorMap, name: String, l: &LinearSlot| put_linear(t, &name, l);
         t.insert("model.embed_tokens.weight", HostTensor::from_tensor(self.model.embed_tokens.val()));
         for (i, l) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -339,20 +318,7 @@ impl LlamaForCausalLM {
     /// The `quantization_config` entry of `config.json` when linear weights are 4-bit (what
     /// transformers needs to load the checkpoint pre-quantized), `None` for a dense model.
     pub fn quantization_config(&self) -> Option<serde_json::Value> {
-        let spec = self.lora_slots().into_iter().find_map(|(_, s)| match &s.base {
-            BaseLinear::Quant4(q) => Some(q.spec()),
-            BaseLinear::Dense(_) => None,
-        })?;
-        Some(serde_json::json!({
-            "quant_method": "bitsandbytes",
-            "load_in_4bit": true,
-            "load_in_8bit": false,
-            "bnb_4bit_quant_type": spec.qtype.name(),
-            "bnb_4bit_use_double_quant": spec.double_quant,
-            "bnb_4bit_compute_dtype": "float32",
-            "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": ["lm_head"],
-        }))
+        quantization_config(self.lora_slots().into_iter().map(|(_, s)| s), &["lm_head"])
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`. With a cache, the tokens

@@ -40,6 +40,15 @@ pub fn quant_state_key(t: &TensorMap, weight_key: &str) -> Option<String> {
     t.keys().find(|k| k.starts_with(&prefix)).cloned()
 }
 
+/// The `[out, in]` shape of the weight under `weight_key`: the tensor's own shape when dense,
+/// the shape its quant state records when 4-bit; `None` when the map has no such weight.
+pub fn weight_shape(t: &TensorMap, source: &Path, weight_key: &str) -> Result<Option<Vec<usize>>> {
+    let Some(state_key) = quant_state_key(t, weight_key) else { return Ok(t.get(weight_key).map(|w| w.shape.clone())) };
+    let state: QuantStateJson = serde_json::from_slice(&t.get(&state_key).expect("found").bytes)
+        .map_err(|e| PeftError::format(source, format!("tensor `{state_key}`: not a bitsandbytes quant-state JSON: {e}")))?;
+    Ok(Some(state.shape))
+}
+
 /// Whether the map holds any bitsandbytes 4-bit weight.
 pub fn has_4bit(t: &TensorMap) -> bool {
     t.keys().any(|k| k.contains(".quant_state.bitsandbytes__"))

@@ -1,0 +1,61 @@
+//! The tunable linear slot every architecture is built from, and its Hugging Face checkpoint
+//! form: a dense `<name>.weight` (`[out, in]`), or bitsandbytes' 4-bit keys (packed weight,
+//! scales, quant state) that load as a 4-bit base and are written back the same way.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use peft_core::Result;
+use peft_core::linear::FrozenLinear;
+use peft_core::params::frozen;
+use peft_core::tensors::{HostTensor, TensorMap};
+use peft_lora::LoraLinear;
+use peft_quant::checkpoint::{put_4bit, take_4bit};
+use peft_quant::{BaseLinear, Linear4bit};
+
+/// A tunable linear projection (today: a frozen base with LoRA adapters).
+pub type LinearSlot = LoraLinear;
+
+/// Take `<name>.weight` (`[out, inp]`, dense or bitsandbytes 4-bit, which stays 4-bit) and,
+/// with `bias`, `<name>.bias` out of `t`.
+pub fn take_linear(t: &mut TensorMap, source: &Path, name: &str, out: usize, inp: usize, bias: bool, device: &Device) -> Result<LinearSlot> {
+    let take_bias = |t: &mut TensorMap| bias.then(|| t.take_shaped(source, &format!("{name}.bias"), &[out])).transpose();
+    if let Some(q) = take_4bit(t, source, &format!("{name}.weight"), out, inp)? {
+        let b = take_bias(t)?.map(|b| frozen(b.to_tensor(device)));
+        return Ok(LinearSlot::from_base(BaseLinear::Quant4(Linear4bit::new(q, b, device.clone())?)));
+    }
+    let w = t.take_shaped(source, &format!("{name}.weight"), &[out, inp])?;
+    Ok(LinearSlot::from_base(FrozenLinear::from_hf(&w, take_bias(t)?.as_ref(), device)))
+}
+
+/// Put a slot's base under `name`: `<name>.weight` dense, or in bitsandbytes' 4-bit layout;
+/// `<name>.bias` when it has one.
+pub fn put_linear(t: &mut TensorMap, name: &str, slot: &LinearSlot) {
+    match &slot.base {
+        BaseLinear::Quant4(q) => put_4bit(t, &format!("{name}.weight"), q.quantized(), "float32"),
+        BaseLinear::Dense(d) => t.insert(format!("{name}.weight"), d.weight_hf()),
+    }
+    if let Some(b) = slot.base.bias() {
+        t.insert(format!("{name}.bias"), HostTensor::from_tensor(b.val()));
+    }
+}
+
+/// The `quantization_config` entry of `config.json` when some slot's base is 4-bit (what
+/// transformers needs to load the checkpoint pre-quantized), `None` when all are dense.
+/// `skip_modules` are the modules kept in full precision (the output head).
+pub fn quantization_config<'a>(slots: impl IntoIterator<Item = &'a LinearSlot>, skip_modules: &[&str]) -> Option<serde_json::Value> {
+    let spec = slots.into_iter().find_map(|s| match &s.base {
+        BaseLinear::Quant4(q) => Some(q.spec()),
+        BaseLinear::Dense(_) => None,
+    })?;
+    Some(serde_json::json!({
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": true,
+        "load_in_8bit": false,
+        "bnb_4bit_quant_type": spec.qtype.name(),
+        "bnb_4bit_use_double_quant": spec.double_quant,
+        "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": skip_modules,
+    }))
+}
