@@ -7,7 +7,9 @@ fixtures/lora_tiny/: a small random Llama saved with save_pretrained, and for ea
 adapter saved by PEFT with the inputs and the logits PEFT computes.
 fixtures/bnb_llama/: that Llama quantized to 4 bits by transformers + bitsandbytes and saved
 pre-quantized, with its logits and those of a LoRA adapter on the 4-bit base.
-    scripts/make_fixtures.sh --verify-4bit DIR CASE   # load a Rust-written 4-bit folder
+    scripts/make_fixtures.sh --verify-4bit DIR CASE   # load a Rust-written 4-bit folder (CASE nf4_dq, fp4 or bert)
+fixtures/bnb_bert/: a tiny BERT classifier (base/) and the same model quantized by transformers +
+bitsandbytes (nf4_dq/), with the 4-bit model's logits.
 fixtures/smollm2/: prompt token ids and logits of SmolLM2-135M-Instruct loaded from the GGUF
 by transformers.
 """
@@ -314,10 +316,33 @@ def make_bnb_bert():
     print("bnb_bert ->", root, tuple(logits.shape))
 
 
+def verify_4bit_bert(model_dir):
+    """Load a 4-bit BERT folder written by Rust (`peft quantize fixtures/bnb_bert/base`) in
+    transformers; its logits must equal those of the bitsandbytes-quantized fixture with the
+    dense head of the base (ours keeps the head in full precision)."""
+    from transformers import BertForSequenceClassification
+
+    ours = exact_4bit(BertForSequenceClassification.from_pretrained(model_dir, device_map="cpu")).eval()
+    ref = exact_4bit(BertForSequenceClassification.from_pretrained(os.path.join(FIX, "bnb_bert", "nf4_dq"), device_map="cpu")).eval()
+    dense = BertForSequenceClassification.from_pretrained(os.path.join(FIX, "bnb_bert", "base")).eval()
+    ref.classifier = dense.classifier
+    ids = load_file(os.path.join(FIX, "bert_tiny", "expected.safetensors"))["input_ids"]
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        err = (ours(input_ids=ids, attention_mask=mask).logits - ref(input_ids=ids, attention_mask=mask).logits).abs().max().item()
+    kinds = sorted({type(m).__name__ for m in ours.modules() if "Linear" in type(m).__name__})
+    print(f"bert: transformers loaded {model_dir} pre-quantized ({kinds}); max |logits - bitsandbytes| = {err:.2e}")
+    return err < 1e-5
+
+
 def verify_4bit(model_dir, case):
     """Load a 4-bit folder written by Rust in transformers; compare its logits and packed
-    tensors with the bitsandbytes-quantized fixture of the same setting."""
+    tensors with the bitsandbytes-quantized fixture of the same setting (case `bert`: see
+    verify_4bit_bert)."""
     from transformers import LlamaForCausalLM
+
+    if case == "bert":
+        return verify_4bit_bert(model_dir)
 
     model = exact_4bit(LlamaForCausalLM.from_pretrained(model_dir, device_map="cpu")).eval()
     exp = load_file(os.path.join(FIX, "bnb_llama", f"{case}.expected.safetensors"))

@@ -130,3 +130,36 @@ pub fn eval(model_dir: &Path, adapter: &Path, data: &Path, text_col: &str, label
     let (acc, f1) = scores(&model, &set, labels.len());
     Ok(serde_json::json!({"accuracy": acc, "macro_f1": f1, "examples": set.len()}))
 }
+
+/// `peft quantize` for a BERT folder: the encoder's linear weights to 4 bits (the classifier
+/// stays full precision), written as a bitsandbytes-compatible folder beside the source's
+/// config (plus `quantization_config`) and tokenizer files. A folder without a classifier
+/// (a plain encoder) is written without one. Returns the quantized weights and their bytes.
+pub fn quantize_folder(model_dir: &Path, out: &Path, spec: peft_quant::QuantSpec) -> Result<(usize, usize)> {
+    let config_path = model_dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).with_context(|| config_path.display().to_string())?)
+        .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
+    let num_labels = peft_models::bert::BertConfig::from_file(&config_path)?.num_labels.unwrap_or(2);
+    let (model, _) = load_bert_classifier(model_dir, num_labels, &burn::tensor::Device::flex())?;
+    let model = peft_lora::quantize_base(model, spec)?;
+    let mut tensors = model.to_tensors();
+    if !model.head_from_checkpoint {
+        tensors.tensors.retain(|k, _| !k.starts_with("classifier."));
+    }
+    config["quantization_config"] = model.quantization_config().context("no linear weight to quantize")?;
+
+    let tmp = out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| tmp.display().to_string())?;
+    write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    tensors.write_safetensors(&tmp.join("model.safetensors"))?;
+    for entry in std::fs::read_dir(model_dir).with_context(|| model_dir.display().to_string())? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if path.is_file() && (name.starts_with("tokenizer") || name == "special_tokens_map.json" || name == "vocab.txt") {
+            std::fs::copy(&path, tmp.join(name)).with_context(|| path.display().to_string())?;
+        }
+    }
+    std::fs::rename(&tmp, out).with_context(|| out.display().to_string())?;
+    Ok(peft_lora::quantized_footprint(&model))
+}

@@ -91,7 +91,7 @@ enum Command {
     /// Quantize a model's linear weights to 4 bits and write a bitsandbytes-compatible
     /// Hugging Face folder (loads in transformers with bitsandbytes installed).
     Quantize {
-        /// Hugging Face model folder or .gguf file.
+        /// Hugging Face model folder (Llama family or BERT) or .gguf file.
         model: PathBuf,
         #[arg(long)]
         out: PathBuf,
@@ -264,10 +264,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quantize { model, out, quant_type, quant, overwrite } => {
             let spec = quant.spec(&quant_type)?;
             refuse_existing(&out, overwrite)?;
-            let mut loaded = load_causal_lm(&model, &burn::tensor::Device::flex())?;
-            loaded.model = quantize_base(loaded.model, spec)?;
-            let (values, bytes) = quantized_footprint(&loaded.model);
-            write_hf_folder(&loaded, &out)?;
+            let (values, bytes) = if peft_models::bert::is_bert_folder(&model) {
+                classify::quantize_folder(&model, &out, spec)?
+            } else {
+                let mut loaded = load_causal_lm(&model, &burn::tensor::Device::flex())?;
+                loaded.model = quantize_base(loaded.model, spec)?;
+                write_hf_folder(&loaded, &out)?;
+                quantized_footprint(&loaded.model)
+            };
             eprintln!(
                 "{values} linear weights quantized to {} ({:.2} bits each, {:.1} MB); written to {}",
                 spec.qtype.name(),

@@ -291,3 +291,31 @@ fn qlora_trains_resumes_quantizes_and_merges() {
         assert!(err.contains(needle) && err.trim().lines().count() == 1, "{err}");
     }
 }
+
+/// `peft quantize` on a BERT folder writes the encoder in bitsandbytes' 4-bit layout (the same
+/// bytes transformers + bitsandbytes write), keeps the classifier dense, and the folder loads
+/// back 4-bit.
+#[test]
+fn quantize_writes_a_bitsandbytes_bert_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/bnb_bert");
+    let out = tmp.path().join("q");
+    let o = peft(&["quantize", s(&fixtures.join("base")), "--out", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("quantized to nf4"), "{}", stderr(&o));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "bert");
+    assert_eq!(config["quantization_config"]["llm_int8_skip_modules"], serde_json::json!(["classifier"]));
+    assert!(out.join("tokenizer.json").exists());
+    let ours = peft_core::tensors::TensorMap::read_safetensors(&out.join("model.safetensors")).unwrap();
+    let theirs = peft_core::tensors::TensorMap::read_safetensors(&fixtures.join("nf4_dq/model.safetensors")).unwrap();
+    for key in ["bert.encoder.layer.1.intermediate.dense.weight", "bert.encoder.layer.0.attention.self.query.weight.absmax"] {
+        assert_eq!(ours.get(key), theirs.get(key), "{key}");
+    }
+    assert_eq!(ours.get("classifier.weight").unwrap().shape, vec![3, 64]);
+    let (model, _) = peft_models::load::load_bert_classifier(&out, 3, &burn::tensor::Device::flex()).unwrap();
+    assert!(peft_lora::LoraHost::lora_slots(&model).iter().all(|(p, s)| s.base.is_quantized() == (p != "classifier")));
+    // Writing into an existing folder needs --overwrite.
+    let o = peft(&["quantize", s(&fixtures.join("base")), "--out", s(&out)]);
+    assert!(!o.status.success() && stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+}

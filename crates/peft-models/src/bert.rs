@@ -46,6 +46,12 @@ pub struct BertConfig {
     pub num_labels: Option<usize>,
 }
 
+/// Whether `path` is a Hugging Face folder whose `config.json` says `model_type: bert`.
+pub fn is_bert_folder(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path.join("config.json")) else { return false };
+    serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["model_type"] == "bert")
+}
+
 impl BertConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
@@ -114,6 +120,10 @@ pub struct BertForSequenceClassification {
     pub n_heads: usize,
     #[module(skip)]
     pub config: BertConfig,
+    /// Whether the classifier came from the checkpoint (false: newly initialised, as for a
+    /// plain `BertModel` such as a sentence encoder).
+    #[module(skip)]
+    pub head_from_checkpoint: bool,
 }
 
 const LAYER_SLOTS: [&str; 6] = [
@@ -171,7 +181,8 @@ impl BertForSequenceClassification {
         if weight_shape(&t, source, "classifier.weight")?.is_some_and(|s| s[0] != num_labels) {
             t.tensors.retain(|k, _| !k.starts_with("classifier."));
         }
-        let classifier = if t.get("classifier.weight").is_some() {
+        let head_from_checkpoint = weight_shape(&t, source, "classifier.weight")?.is_some();
+        let classifier = if head_from_checkpoint {
             // The head is trained whole, so one stored 4-bit (transformers quantizes it too
             // unless told to skip it) is made dense.
             let mut head = linear(&mut t, "classifier", num_labels, h)?;
@@ -197,6 +208,7 @@ impl BertForSequenceClassification {
             classifier,
             n_heads: config.num_attention_heads,
             config,
+            head_from_checkpoint,
         })
     }
 
