@@ -322,17 +322,29 @@ fn bar_chart(rows: &[(String, f64)], x_desc: &str, baseline: Option<f64>, out: &
     let lo = values.iter().copied().fold(baseline.unwrap_or(f64::MAX), f64::min) / 2.0;
     let hi = values.iter().copied().fold(baseline.unwrap_or(0.0), f64::max) * 2.0;
     let n = rows.len();
-    let root = SVGBackend::new(out, (900, 60 + 28 * n as u32)).into_drawing_area();
+    let root = SVGBackend::new(out, (1000, 60 + 28 * n as u32)).into_drawing_area();
+    // Row i is drawn at height n - 1 - i so the first row is on top; its name labels the axis.
+    let name_at = |y: &f64| -> String {
+        let i = n as f64 - 1.0 - y.floor();
+        rows.get(i as usize).filter(|_| (0.0..n as f64).contains(&i)).map(|r| r.0.clone()).unwrap_or_default()
+    };
     let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .margin(12)
             .x_label_area_size(36)
-            .y_label_area_size(10)
+            .y_label_area_size(260)
             .build_cartesian_2d((lo..hi).log_scale(), 0.0..n as f64)?;
-        chart.configure_mesh().x_desc(x_desc).disable_y_mesh().disable_y_axis().draw()?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .disable_y_mesh()
+            .y_labels(2 * n + 1)
+            .y_label_formatter(&|y| if (y.fract() - 0.5).abs() < 1e-6 { name_at(y) } else { String::new() })
+            .y_label_style(("sans-serif", 13))
+            .draw()?;
         let start = baseline.unwrap_or(lo);
-        for (i, (name, v)) in rows.iter().enumerate() {
+        for (i, (_, v)) in rows.iter().enumerate() {
             let y = (n - 1 - i) as f64;
             if !(v.is_finite() && *v > 0.0) {
                 continue;
@@ -343,8 +355,9 @@ fn bar_chart(rows: &[(String, f64)], x_desc: &str, baseline: Option<f64>, out: &
                 None => BLUE.mix(0.5),
             };
             chart.draw_series(std::iter::once(Rectangle::new([(start, y + 0.15), (*v, y + 0.85)], color.filled())))?;
-            let label = if baseline.is_some() { format!("{name}  {v:.2}") } else { format!("{name}  {}", fmt_ms(*v)) };
-            chart.draw_series(std::iter::once(Text::new(label, (lo * 1.05, y + 0.7), ("sans-serif", 14))))?;
+            // The value just past the bar's end.
+            let value = if baseline.is_some() { format!("{v:.2}") } else { fmt_ms(*v) };
+            chart.draw_series(std::iter::once(Text::new(value, (v.max(start) * 1.04, y + 0.7), ("sans-serif", 13))))?;
         }
         if let Some(b) = baseline {
             chart.draw_series(LineSeries::new([(b, 0.0), (b, n as f64)], BLACK))?;
@@ -353,4 +366,27 @@ fn bar_chart(rows: &[(String, f64)], x_desc: &str, baseline: Option<f64>, out: &
         Ok(())
     };
     draw().map_err(|e| anyhow::anyhow!("{}: cannot draw the chart: {e}", out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row's name labels the axis and its value is printed by its bar.
+    #[test]
+    fn chart_names_every_row_and_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chart.svg");
+        let rows = vec![("train step LoRA".to_string(), 0.6), ("NF4 quantize".to_string(), 3.6), ("copy".to_string(), 2.57)];
+        bar_chart(&rows, "peer / ours", Some(1.0), &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        for needle in ["train step LoRA", "NF4 quantize", "copy", "0.60", "3.60", "2.57"] {
+            assert_eq!(svg.matches(needle).count(), 1, "`{needle}` in the chart");
+        }
+        // As many rows as the full report has: still one label per row.
+        let rows: Vec<(String, f64)> = (0..17).map(|i| (format!("workload-{i:02}"), 1.0 + i as f64)).collect();
+        bar_chart(&rows, "ms", None, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(rows.iter().all(|(name, _)| svg.matches(name.as_str()).count() == 1), "a row label is missing or repeated");
+    }
 }
