@@ -246,12 +246,14 @@ def make_smollm2():
 BNB_LLAMA_CASES = {"nf4_dq": ("nf4", True), "fp4": ("fp4", False)}
 
 
-def load_4bit(path, qt, dq):
+def load_4bit(path, qt, dq, model_class=None):
+    """The model at `path` loaded 4-bit by transformers + bitsandbytes (f32 compute), as a
+    `model_class` (default LlamaForCausalLM)."""
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq,
                              bnb_4bit_compute_dtype=torch.float32)
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+    model = (model_class or LlamaForCausalLM).from_pretrained(path, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
     return exact_4bit(model).eval()
 
 
@@ -295,7 +297,7 @@ def make_bnb_bert():
     logits on the bert_tiny batch. Width 64 keeps every weight row a whole number of 64-value
     blocks: bitsandbytes 0.50.2's AVX-512 CPU dequantize indexes the scales per row and gets
     rows shorter than a block wrong (e.g. [32, 32] weights), which would poison the reference."""
-    from transformers import BertForSequenceClassification, BitsAndBytesConfig
+    from transformers import BertForSequenceClassification
 
     root = os.path.join(FIX, "bnb_bert")
     shutil.rmtree(root, ignore_errors=True)
@@ -303,10 +305,7 @@ def make_bnb_bert():
     torch.manual_seed(6)
     tiny_bert(hidden=64).save_pretrained(base, safe_serialization=True)
     shutil.copy(os.path.join(FIX, "bert_tiny", "model", "tokenizer.json"), base)
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    model = BertForSequenceClassification.from_pretrained(base, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
-    model = exact_4bit(model).eval()
+    model = load_4bit(base, "nf4", True, BertForSequenceClassification)
     model.save_pretrained(out)
     shutil.copy(os.path.join(base, "tokenizer.json"), out)
     ids = load_file(os.path.join(FIX, "bert_tiny", "expected.safetensors"))["input_ids"]

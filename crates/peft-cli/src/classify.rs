@@ -148,18 +148,17 @@ pub fn quantize_folder(model_dir: &Path, out: &Path, spec: peft_quant::QuantSpec
     }
     config["quantization_config"] = model.quantization_config().context("no linear weight to quantize")?;
 
-    let tmp = out.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| tmp.display().to_string())?;
-    write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    tensors.write_safetensors(&tmp.join("model.safetensors"))?;
-    for entry in std::fs::read_dir(model_dir).with_context(|| model_dir.display().to_string())? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if path.is_file() && (name.starts_with("tokenizer") || name == "special_tokens_map.json" || name == "vocab.txt") {
-            std::fs::copy(&path, tmp.join(name)).with_context(|| path.display().to_string())?;
+    crate::write_folder_atomically(out, |tmp| {
+        write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+        tensors.write_safetensors(&tmp.join("model.safetensors"))?;
+        for entry in std::fs::read_dir(model_dir).with_context(|| model_dir.display().to_string())? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if path.is_file() && (name.starts_with("tokenizer") || name == "special_tokens_map.json" || name == "vocab.txt") {
+                std::fs::copy(&path, tmp.join(name)).with_context(|| path.display().to_string())?;
+            }
         }
-    }
-    std::fs::rename(&tmp, out).with_context(|| out.display().to_string())?;
+        Ok(())
+    })?;
     Ok(peft_lora::quantized_footprint(&model))
 }

@@ -154,11 +154,23 @@ fn refuse_existing(out: &Path, overwrite: bool) -> Result<()> {
     Ok(())
 }
 
-/// Write a Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
-fn write_hf_folder(loaded: &LoadedModel, out: &Path) -> Result<()> {
+/// Build a folder at `out` through a temporary sibling that `fill` writes into and that is
+/// renamed into place at the end, so `out` never holds half a model.
+pub(crate) fn write_folder_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp).with_context(|| tmp.display().to_string())?;
+    fill(&tmp)?;
+    std::fs::rename(&tmp, out).with_context(|| out.display().to_string())?;
+    Ok(())
+}
+
+/// Write a Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+fn write_hf_folder(loaded: &LoadedModel, out: &Path) -> Result<()> {
+    write_folder_atomically(out, |tmp| write_hf_files(loaded, tmp))
+}
+
+fn write_hf_files(loaded: &LoadedModel, tmp: &Path) -> Result<()> {
     let mut config = serde_json::to_value(&loaded.model.config)?;
     config["model_type"] = "llama".into();
     config["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
@@ -172,7 +184,6 @@ fn write_hf_folder(loaded: &LoadedModel, out: &Path) -> Result<()> {
         .inner
         .save(tmp.join("tokenizer.json"), false)
         .map_err(|e| anyhow::anyhow!("cannot write tokenizer.json: {e}"))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("{}", out.display()))?;
     Ok(())
 }
 

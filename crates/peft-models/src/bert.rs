@@ -178,10 +178,12 @@ impl BertForSequenceClassification {
             });
         }
         let pooler = linear(&mut t, "pooler.dense", h, h)?;
-        if weight_shape(&t, source, "classifier.weight")?.is_some_and(|s| s[0] != num_labels) {
+        let head_shape = weight_shape(&t, source, "classifier.weight")?;
+        let head_from_checkpoint = head_shape.as_ref().is_some_and(|s| s[0] == num_labels);
+        // A head for another number of classes is replaced by a new one.
+        if head_shape.is_some() && !head_from_checkpoint {
             t.tensors.retain(|k, _| !k.starts_with("classifier."));
         }
-        let head_from_checkpoint = weight_shape(&t, source, "classifier.weight")?.is_some();
         let classifier = if head_from_checkpoint {
             // The head is trained whole, so one stored 4-bit (transformers quantizes it too
             // unless told to skip it) is made dense.

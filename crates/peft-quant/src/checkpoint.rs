@@ -44,9 +44,13 @@ pub fn quant_state_key(t: &TensorMap, weight_key: &str) -> Option<String> {
 /// the shape its quant state records when 4-bit; `None` when the map has no such weight.
 pub fn weight_shape(t: &TensorMap, source: &Path, weight_key: &str) -> Result<Option<Vec<usize>>> {
     let Some(state_key) = quant_state_key(t, weight_key) else { return Ok(t.get(weight_key).map(|w| w.shape.clone())) };
-    let state: QuantStateJson = serde_json::from_slice(&t.get(&state_key).expect("found").bytes)
-        .map_err(|e| PeftError::format(source, format!("tensor `{state_key}`: not a bitsandbytes quant-state JSON: {e}")))?;
-    Ok(Some(state.shape))
+    Ok(Some(parse_state(&t.get(&state_key).expect("found").bytes, source, &state_key)?.shape))
+}
+
+/// The quant state stored under `state_key`, or an error naming it.
+fn parse_state(bytes: &[u8], source: &Path, state_key: &str) -> Result<QuantStateJson> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| PeftError::format(source, format!("tensor `{state_key}`: not a bitsandbytes quant-state JSON: {e}")))
 }
 
 /// Whether the map holds any bitsandbytes 4-bit weight.
@@ -60,9 +64,7 @@ pub fn has_4bit(t: &TensorMap) -> bool {
 pub fn take_4bit(t: &mut TensorMap, source: &Path, weight_key: &str, out: usize, inp: usize) -> Result<Option<Quantized4bit>> {
     let Some(state_key) = quant_state_key(t, weight_key) else { return Ok(None) };
     let bad = |key: &str, msg: String| PeftError::format(source, format!("tensor `{key}`: {msg}"));
-    let state_bytes = t.remove(&state_key).expect("found").bytes;
-    let state: QuantStateJson = serde_json::from_slice(&state_bytes)
-        .map_err(|e| bad(&state_key, format!("not a bitsandbytes quant-state JSON: {e}")))?;
+    let state = parse_state(&t.remove(&state_key).expect("found").bytes, source, &state_key)?;
     let key_type = state_key.rsplit("__").next().unwrap_or_default();
     let qtype = QuantType::from_name(&state.quant_type)
         .filter(|q| q.name() == key_type)

@@ -47,42 +47,32 @@ fn rows_per_tile(m: usize, n: usize, k: usize) -> usize {
 
 /// `dst[m, c] (+)= lhs[m, inner] · rhs[inner, c]` with explicit strides (row, column), on one
 /// thread (the callers already run tiles in parallel).
+///
+/// # Safety
+/// Every element the sizes and strides address must lie inside the buffers, and no other
+/// thread may write the addressed elements of `dst` meanwhile.
 #[allow(clippy::too_many_arguments)]
-fn gemm_f32(
+unsafe fn gemm_f32(
     m: usize,
     c: usize,
     inner: usize,
-    dst: &mut [f32],
+    dst: *mut f32,
     dst_rs: isize,
     accumulate: bool,
-    lhs: &[f32],
+    lhs: *const f32,
     lhs_rs: isize,
     lhs_cs: isize,
-    rhs: &[f32],
+    rhs: *const f32,
     rhs_rs: isize,
     rhs_cs: isize,
 ) {
-    // SAFETY: the callers pass slices that hold every element the strides address.
     unsafe {
         gemm::gemm(
-            m,
-            c,
-            inner,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs,
-            lhs_rs,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
+            m, c, inner,
+            dst, 1, dst_rs, accumulate,
+            lhs, lhs_cs, lhs_rs,
+            rhs, rhs_cs, rhs_rs,
+            1.0f32, 1.0f32, false, false, false,
             gemm::Parallelism::None,
         );
     }
@@ -105,16 +95,7 @@ pub fn matmul_4bit(x: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
             // y[:, r0..r0+r] = x [m, k] · tileᵀ [k, r]; tiles write disjoint columns of y.
             // SAFETY: columns r0..r0+r of the m x n output belong to this tile alone, and
             // `y` outlives the parallel loop.
-            unsafe {
-                gemm::gemm(
-                    m, r, k,
-                    out.at(r0), 1, n as isize, false,
-                    x.as_ptr(), 1, k as isize,
-                    tile.as_ptr(), k as isize, 1,
-                    1.0f32, 1.0f32, false, false, false,
-                    gemm::Parallelism::None,
-                );
-            }
+            unsafe { gemm_f32(m, r, k, out.at(r0), n as isize, false, x.as_ptr(), k as isize, 1, tile.as_ptr(), 1, k as isize) };
         },
     );
     y
@@ -151,7 +132,9 @@ pub fn matmul_4bit_transposed(g: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32
                 let tile = &mut buf[..r * k];
                 dequantize_range(w, r0 * k, tile);
                 // acc[m, k] += g[:, r0..r0+r] [m, r] · tile [r, k]
-                gemm_f32(m, k, r, &mut acc, k as isize, started, &g[r0..], n as isize, 1, tile, k as isize, 1);
+                // SAFETY: `acc` is [m, k] and this fold's own; `g[r0..]` holds m rows of stride n
+                // with r columns; the tile is [r, k].
+                unsafe { gemm_f32(m, k, r, acc.as_mut_ptr(), k as isize, started, g[r0..].as_ptr(), n as isize, 1, tile.as_ptr(), k as isize, 1) };
                 (acc, buf, true)
             },
         )
