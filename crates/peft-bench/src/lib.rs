@@ -6,7 +6,8 @@
 //!
 //! Shapes follow shared DESIGN.md §6: a random Llama (hidden 512, 4 layers, 8 heads,
 //! intermediate 1376, vocab 8192), batch 4 x 128 tokens, LoRA r=16 (alpha 32) on q_proj and
-//! v_proj, AdamW; a 4096 x 4096 matrix for the 4-bit work. Everything is f32.
+//! v_proj, AdamW; a 4096 x 4096 matrix for the 4-bit work. Everything is f32 but the one f16
+//! device workload.
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
@@ -43,11 +44,25 @@ pub struct Workload {
     pub what: &'static str,
     /// Tokens one iteration processes (for tokens/s), 0 where that means nothing.
     pub tokens: usize,
+    /// Bytes one iteration must read and write in memory at least (for GB/s), 0 where that
+    /// means nothing.
+    pub bytes: usize,
 }
 
 const fn w(id: &'static str, what: &'static str, tokens: usize) -> Workload {
-    Workload { id, what, tokens }
+    Workload { id, what, tokens, bytes: 0 }
 }
+
+/// A memory-bound workload moving `bytes` per iteration.
+const fn mem(id: &'static str, what: &'static str, bytes: usize) -> Workload {
+    Workload { id, what, tokens: 0, bytes }
+}
+
+/// Elements of the 4-bit workloads' matrix.
+const QUANT_NUMEL: usize = QUANT_DIM * QUANT_DIM;
+/// What a 4-bit weight of the default setting occupies where it computes: half a byte per value
+/// plus one f32 scale per block of 64 (the device keeps the scales decoded).
+const PACKED_BYTES: usize = QUANT_NUMEL / 2 + QUANT_NUMEL / 64 * 4;
 
 /// Every workload, in report order.
 pub const WORKLOADS: &[Workload] = &[
@@ -70,10 +85,38 @@ pub const WORKLOADS: &[Workload] = &[
     w("generate/merged", "same with the LoRA merged into the weights", NEW_TOKENS),
 ];
 
+/// The device kernels, measured against a device copy: only in the GPU run.
+pub const DEVICE_KERNELS: &[Workload] = &[
+    mem("device/dequantize", "NF4 dequantize 4096x4096 to f32 on the compute device", PACKED_BYTES + QUANT_NUMEL * 4),
+    mem("device/copy", "f32 copy of the 64 MiB the dequantize writes, on the compute device", QUANT_NUMEL * 8),
+    mem("device/matmul_4bit_batch1", "4-bit NF4 linear 4096x4096 forward, 1 row, on the compute device", PACKED_BYTES),
+    mem("device/matmul_4bit_batch1_f16", "same in f16", PACKED_BYTES),
+    w("device/matmul_4bit_batch128", "4-bit NF4 linear 4096x4096 forward, 128 rows, on the compute device", 0),
+];
+
+/// What `cargo xtask bench` runs on a GPU (through wgpu), in report order: the device kernels
+/// and model work of [`WORKLOADS`].
+pub const ON_DEVICE: &[&str] = &[
+    "device/dequantize",
+    "device/copy",
+    "device/matmul_4bit_batch1",
+    "device/matmul_4bit_batch1_f16",
+    "device/matmul_4bit_batch128",
+    "train_step/lora",
+    "train_step/full",
+    "train_step/qlora",
+    "generate/base",
+];
+
+/// Every workload: [`WORKLOADS`] then [`DEVICE_KERNELS`].
+pub fn all_workloads() -> impl Iterator<Item = &'static Workload> {
+    WORKLOADS.iter().chain(DEVICE_KERNELS)
+}
+
 /// Look a workload up by id.
 pub fn workload(id: &str) -> Result<&'static Workload> {
-    WORKLOADS.iter().find(|w| w.id == id).with_context(|| {
-        let ids: Vec<&str> = WORKLOADS.iter().map(|w| w.id).collect();
+    all_workloads().find(|w| w.id == id).with_context(|| {
+        let ids: Vec<&str> = all_workloads().map(|w| w.id).collect();
         format!("unknown workload `{id}` (known: {})", ids.join(", "))
     })
 }
@@ -168,17 +211,39 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 std::hint::black_box(src.clone());
             })
         }
-        _ if id.starts_with("matmul_4bit/batch") => {
-            let m: usize = id["matmul_4bit/batch".len()..].parse().with_context(|| format!("workload `{id}`"))?;
+        "device/dequantize" => {
+            let q = QuantSpec::default().quantize(&quant_matrix())?;
+            let layer = Linear4bit::new(q, None, device.clone())?;
+            let device = device.clone();
+            Box::new(move || {
+                // Held until the device is done, so a lazy backend cannot skip the work.
+                let w = layer.dequantized(&device);
+                sync();
+                drop(w);
+            })
+        }
+        "device/copy" => {
+            let x = Tensor::<1>::ones([QUANT_NUMEL], device);
+            Box::new(move || {
+                let y = x.clone().add_scalar(1.0);
+                sync();
+                drop(y);
+            })
+        }
+        _ if id.starts_with("matmul_4bit/batch") || id.starts_with("device/matmul_4bit_batch") => {
+            let (rows, f16) = id.rsplit_once("batch").map(|(_, r)| r.split_once('_').unwrap_or((r, ""))).expect("matched");
+            let m: usize = rows.parse().with_context(|| format!("workload `{id}`"))?;
             let q = QuantSpec::default().quantize(&quant_matrix())?;
             let layer = Linear4bit::new(q, None, device.clone())?;
             let x = Tensor::<2>::from_data(TensorData::new(
                 wave(m * QUANT_DIM, 0.377).into_iter().map(f32::cos).collect::<Vec<_>>(),
                 [m, QUANT_DIM],
             ), device);
+            let x = if f16 == "f16" { x.cast(burn::tensor::DType::F16) } else { x };
             Box::new(move || {
-                let _ = layer.forward(x.clone());
+                let y = layer.forward(x.clone());
                 sync();
+                drop(y);
             })
         }
         "train_step/lora" | "train_step/full" | "train_step/qlora" => {
@@ -266,9 +331,13 @@ mod tests {
 
     #[test]
     fn ids_are_unique_and_resolve() {
-        for (i, w) in WORKLOADS.iter().enumerate() {
-            assert!(WORKLOADS[..i].iter().all(|o| o.id != w.id), "duplicate {}", w.id);
+        let all: Vec<&Workload> = all_workloads().collect();
+        for (i, w) in all.iter().enumerate() {
+            assert!(all[..i].iter().all(|o| o.id != w.id), "duplicate {}", w.id);
             assert_eq!(workload(w.id).unwrap().id, w.id);
+        }
+        for id in ON_DEVICE {
+            workload(id).unwrap();
         }
         let err = workload("train_step/nope").unwrap_err().to_string();
         assert!(err.contains("train_step/nope") && err.contains("train_step/lora"), "{err}");
@@ -277,7 +346,7 @@ mod tests {
     #[test]
     fn small_workloads_run() {
         let device = Device::flex();
-        for id in ["linear/lora_fwd_bwd", "linear/plain_fwd", "matmul_4bit/batch1"] {
+        for id in ["linear/lora_fwd_bwd", "linear/plain_fwd", "matmul_4bit/batch1", "device/copy", "device/matmul_4bit_batch1_f16"] {
             prepare(id, &device).unwrap()();
         }
     }

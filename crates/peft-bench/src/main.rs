@@ -13,7 +13,7 @@ use std::io::{BufRead, Write};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use peft_bench::{WORKLOADS, measure_memory, prepare};
+use peft_bench::{all_workloads, measure_memory, prepare};
 use peft_core::device::device_by_name;
 
 /// Large buffers on transparent huge pages (see `peft_core::alloc`).
@@ -69,7 +69,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("list") => {
-            for w in WORKLOADS {
+            for w in all_workloads() {
                 println!("{}\t{}", w.id, w.what);
             }
             Ok(())

@@ -1,37 +1,126 @@
-//! The 4-bit product on CubeCL devices (wgpu, cuda): a CubeCL kernel dequantizes the weight on
-//! the device, burn's matmul multiplies, and the f32 weight is dropped right after. Used
+//! The 4-bit product on CubeCL devices (wgpu, cuda), in the float type of the input (f32, f16,
+//! bf16). Up to [`GEMV_MAX_ROWS`] input rows (generation), a GEMV kernel multiplies straight from
+//! the packed codes; larger batches (training) dequantize the weight on the device with a CubeCL
+//! kernel, multiply with burn's matmul and drop the dense weight right after. Used
 //! through [`crate::ops::Quant4Ops`], whose backward pass does the same with `W`, so autodiff
-//! keeps no f32 weight on the GPU either. The packed codes and the scales are uploaded once per
+//! keeps no dense weight on the GPU either. The packed codes and the scales are uploaded once per
 //! weight and device and stay resident while the weight lives.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 
+use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{CubeDim, calculate_cube_count_elemwise};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeDevice};
 
 use crate::blockwise::Quantized4bit;
 use crate::ops::{PackedWeight, Quant4Ops};
 
-/// `out[i] = code[nibble i] * scales[i / blocksize]`; eight nibbles per `u32` word (bytes in
-/// little-endian order, the first value of each byte in its high nibble).
+/// The code index of value `i`: eight nibbles per `u32` word (bytes in little-endian order,
+/// the first value of each byte in its high nibble).
+#[cube]
+fn nibble(packed: &Tensor<u32>, i: usize) -> usize {
+    let word = packed[i / 8];
+    let shift = ((i / 2) % 4) * 8 + select(i % 2 == 0, 4usize, 0usize);
+    ((word >> shift as u32) & 15u32) as usize
+}
+
+/// `out[i] = code[nibble i] * scales[i / blocksize]`, in the float type `F` of the output.
 #[cube(launch)]
-fn dequantize_4bit_kernel(packed: &Tensor<u32>, scales: &Tensor<f32>, code: &Tensor<f32>, output: &mut Tensor<f32>, blocksize: u32) {
+fn dequantize_4bit_kernel<F: Float>(
+    packed: &Tensor<u32>,
+    scales: &Tensor<f32>,
+    code: &Tensor<f32>,
+    output: &mut Tensor<F>,
+    blocksize: u32,
+    #[define(F)] _dtype: ElemType,
+) {
     let i = ABSOLUTE_POS;
     if i >= output.len() {
         terminate!();
     }
-    let word = packed[i / 8];
-    let byte = (word >> ((((i / 2) % 4) * 8) as u32)) & 255u32;
-    let shift = select(i % 2 == 0, 4u32, 0u32);
-    let nibble = (byte >> shift) & 15u32;
-    output[i] = code[nibble as usize] * scales[i / blocksize as usize];
+    output[i] = F::cast_from(code[nibble(packed, i)] * scales[i / blocksize as usize]);
 }
+
+/// The batch-1 product `out[r, j] = Σ_c x[r, c] · W[j, c]` straight from the packed codes: one
+/// cube per output `j` (x and y of the cube grid) and input row `r` (z). Its threads stride over
+/// the row of `W` and sum in f32, then reduce in shared memory. With `aligned` (`k` a multiple of
+/// 8) each thread decodes whole words, and one word never straddles two scale blocks (block sizes
+/// are multiples of 8); otherwise it decodes value by value.
+#[cube(launch)]
+fn gemv_4bit_kernel<F: Float>(
+    x: &Tensor<F>,
+    packed: &Tensor<u32>,
+    scales: &Tensor<f32>,
+    code: &Tensor<f32>,
+    output: &mut Tensor<F>,
+    n: u32,
+    k: u32,
+    blocksize: u32,
+    #[comptime] aligned: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let j = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    let r = CUBE_POS_Z as usize;
+    let (n, k, blocksize) = (n as usize, k as usize, blocksize as usize);
+    let t = UNIT_POS_X as usize;
+    let threads = CUBE_DIM_X as usize;
+    let mut acc = 0.0f32;
+    // Cubes past the last output still take part in the barriers below.
+    if j < n {
+        if aligned {
+            let words = k / 8;
+            let mut w = t;
+            while w < words {
+                let word = packed[j * words + w];
+                let xs = r * k + w * 8;
+                let mut part = 0.0f32;
+                #[unroll]
+                for e in 0..8u32 {
+                    let shift = (e / 2) * 8 + (1 - e % 2) * 4;
+                    part += code[((word >> shift) & 15u32) as usize] * f32::cast_from(x[xs + e as usize]);
+                }
+                acc += part * scales[(j * k + w * 8) / blocksize];
+                w += threads;
+            }
+        } else {
+            let mut c = t;
+            while c < k {
+                let i = j * k + c;
+                acc += code[nibble(packed, i)] * scales[i / blocksize] * f32::cast_from(x[r * k + c]);
+                c += threads;
+            }
+        }
+    }
+    let mut sum = Shared::<[f32]>::new_slice(GEMV_THREADS as usize);
+    sum[t] = acc;
+    sync_cube();
+    let mut half = threads / 2;
+    while half > 0 {
+        if t < half {
+            sum[t] += sum[t + half];
+        }
+        sync_cube();
+        half /= 2;
+    }
+    if t == 0 && j < n {
+        output[r * n + j] = F::cast_from(sum[0]);
+    }
+}
+
+/// Threads per GEMV cube (a power of two: the reduction halves it).
+const GEMV_THREADS: u32 = 64;
+/// Largest number of input rows the GEMV serves; larger batches dequantize once and multiply.
+const GEMV_MAX_ROWS: usize = 4;
+/// Cubes per grid dimension that every runtime accepts (WebGPU's minimum limit).
+const MAX_CUBES_PER_DIM: usize = 65535;
 
 fn upload(client: &cubecl::client::Client, device: &CubeDevice, bytes: &[u8], len: usize, dtype: DType) -> CubeTensor {
     let handle = client.create_from_slice(bytes);
@@ -73,13 +162,12 @@ fn resident(like: &CubeTensor, w: &Arc<Quantized4bit>) -> (CubeTensor, CubeTenso
     (packed, scales, code)
 }
 
-/// The weight `[n, k]` in f32 on the device of `like`.
+/// The weight `[n, k]` on the device and in the float dtype of `like`.
 fn dequantize_on_device(like: &CubeTensor, w: &Arc<Quantized4bit>) -> CubeTensor {
     let (client, device) = (&like.client, &like.device);
     let numel = w.numel();
     let (packed, scales, code) = resident(like, w);
-    let handle = client.empty(numel * 4);
-    let output = CubeTensor::new_contiguous(client.clone(), device.clone(), Shape::new([w.shape[0], w.shape[1]]), handle, DType::F32);
+    let output = empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new([w.shape[0], w.shape[1]]), like.dtype);
     let cube_dim = CubeDim::new(client, numel);
     let cube_count = calculate_cube_count_elemwise(client, numel, cube_dim);
     dequantize_4bit_kernel::launch(
@@ -91,23 +179,59 @@ fn dequantize_on_device(like: &CubeTensor, w: &Arc<Quantized4bit>) -> CubeTensor
         code.into_tensor_arg(),
         output.clone().into_tensor_arg(),
         w.blocksize as u32,
+        dtype_to_storage_type(like.dtype),
+    );
+    output
+}
+
+/// `x [m, k] · Wᵀ -> [m, n]` by the GEMV kernel (`x` contiguous).
+fn gemv_4bit(x: CubeTensor, w: &Arc<Quantized4bit>) -> CubeTensor {
+    let (client, device) = (x.client.clone(), x.device.clone());
+    let (m, n, k) = (x.meta.shape()[0], w.shape[0], w.shape[1]);
+    let (packed, scales, code) = resident(&x, w);
+    let output = empty_device_contiguous_dtype(client.clone(), device, Shape::new([m, n]), x.dtype);
+    let (cubes_x, cubes_y) = (n.min(MAX_CUBES_PER_DIM), n.div_ceil(MAX_CUBES_PER_DIM));
+    let dtype = dtype_to_storage_type(x.dtype);
+    gemv_4bit_kernel::launch(
+        &client,
+        CubeCount::Static(cubes_x as u32, cubes_y as u32, m as u32),
+        CubeDim::new_1d(GEMV_THREADS),
+        x.into_tensor_arg(),
+        packed.into_tensor_arg(),
+        scales.into_tensor_arg(),
+        code.into_tensor_arg(),
+        output.clone().into_tensor_arg(),
+        n as u32,
+        k as u32,
+        w.blocksize as u32,
+        k % 8 == 0,
+        dtype,
     );
     output
 }
 
 impl Quant4Ops for CubeBackend {
     fn matmul_4bit(x: CubeTensor, weight: PackedWeight, transposed: bool) -> CubeTensor {
-        let w = dequantize_on_device(&x, &weight.0);
         let (n, k) = (weight.0.shape[0], weight.0.shape[1]);
         let (d_in, d_out) = if transposed { (n, k) } else { (k, n) };
-        let rhs = if transposed { w } else { Self::float_transpose(w) };
         let dims = x.meta.shape().to_vec();
         assert_eq!(dims.last(), Some(&d_in), "input's last dimension does not fit the 4-bit weight");
         let m: usize = dims[..dims.len() - 1].iter().product();
         let x2 = Self::float_reshape(x, Shape::new([m, d_in]));
-        let y = Self::float_matmul(x2, rhs);
+        let y = if !transposed && m <= GEMV_MAX_ROWS {
+            // Reads the packed weight once (per row): no f32 weight is written at all.
+            gemv_4bit(into_contiguous(x2), &weight.0)
+        } else {
+            let w = dequantize_on_device(&x2, &weight.0);
+            let rhs = if transposed { w } else { Self::float_transpose(w) };
+            Self::float_matmul(x2, rhs)
+        };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = d_out;
         Self::float_reshape(y, Shape::from(out_dims))
+    }
+
+    fn dequantize_4bit(like: CubeTensor, weight: PackedWeight) -> CubeTensor {
+        dequantize_on_device(&like, &weight.0)
     }
 }

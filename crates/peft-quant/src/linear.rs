@@ -109,9 +109,21 @@ impl Linear4bit {
         HostTensor::new(self.weight.0.shape.clone(), self.weight.0.dequantize())
     }
 
+    /// The dequantized weight `[out, in]` on `device`, in its default float dtype. Devices with a
+    /// 4-bit kernel dequantize where they are (on a GPU: from the resident packed codes, with no
+    /// host round trip); others get the host's dequantization uploaded. A constant (no gradient).
+    pub fn dequantized(&self, device: &Device) -> Tensor<2> {
+        if has_4bit_kernel(device) {
+            let like = Tensor::<1>::zeros([1], device).into_dispatch();
+            Tensor::from_dispatch(<Dispatch as Quant4Ops>::dequantize_4bit(like, self.weight.clone()))
+        } else {
+            self.weight_hf().to_tensor(device)
+        }
+    }
+
     /// The dequantized weight in burn layout `[in, out]` on `device`.
     pub fn dense_weight(&self, device: &Device) -> Tensor<2> {
-        self.weight_hf().transposed().to_tensor(device)
+        self.dequantized(device).transpose()
     }
 }
 

@@ -12,7 +12,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, Backend, Flex, backend_extension, tensor::FloatTensor};
+use burn::backend::{Autodiff, AutodiffBackend, Backend, Flex, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, TensorData};
 
 use crate::blockwise::Quantized4bit;
@@ -27,6 +27,10 @@ pub struct PackedWeight(pub Arc<Quantized4bit>);
 pub trait Quant4Ops: Backend {
     /// `x [.., k] · Wᵀ -> [.., n]`, or with `transposed`, `x [.., n] · W -> [.., k]`.
     fn matmul_4bit(x: FloatTensor<Self>, weight: PackedWeight, transposed: bool) -> FloatTensor<Self>;
+
+    /// The weight `W [n, k]` dequantized, on the device and in the float dtype of `like` (whose
+    /// values are not read). A constant: it carries no gradient.
+    fn dequantize_4bit(like: FloatTensor<Self>, weight: PackedWeight) -> FloatTensor<Self>;
 }
 
 impl Quant4Ops for Flex {
@@ -48,6 +52,11 @@ impl Quant4Ops for Flex {
             kernel::matmul_4bit(xs, m, &weight.0)
         };
         FlexTensor::from_data(TensorData::new(y, shape).convert_dtype(dtype))
+    }
+
+    fn dequantize_4bit(like: FloatTensor<Self>, weight: PackedWeight) -> FloatTensor<Self> {
+        let w = &weight.0;
+        FlexTensor::from_data(TensorData::new(w.dequantize(), w.shape.clone()).convert_dtype(like.dtype()))
     }
 }
 
@@ -72,5 +81,9 @@ impl<B: Backend + Quant4Ops, C: CheckpointStrategy> Quant4Ops for Autodiff<B, C>
             OpsKind::Tracked(prep) => prep.finish((weight, transposed), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
+    }
+
+    fn dequantize_4bit(like: FloatTensor<Self>, weight: PackedWeight) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::dequantize_4bit(like.into_primitive(), weight))
     }
 }

@@ -1,7 +1,9 @@
-//! `cargo xtask bench [--peer] [--rounds N] [--only PREFIX] [--no-criterion]`: the criterion
-//! benches of `peft-bench`, and with `--peer` the same workloads run side by side with
-//! Hugging Face PEFT / transformers / bitsandbytes in the reference venv, interleaved round by
-//! round. Writes `report.md`, `results.json` and `chart.svg` under `<target>/bench-report/`.
+//! `cargo xtask bench [--peer] [--gpu|--no-gpu] [--gpu-peak-gbps GBPS] [--rounds N]
+//! [--only PREFIX] [--no-criterion]`: the criterion benches of `peft-bench`, and with `--peer`
+//! the same workloads run side by side with Hugging Face PEFT / transformers / bitsandbytes in
+//! the reference venv, interleaved round by round. Where `nvidia-smi` finds a GPU (or with
+//! `--gpu`), the device kernels and model work also run on it through wgpu, with the bandwidth
+//! the memory-bound kernels reach as a fraction of the device's copy and peak. Writes `report.md`, `results.json` and `chart.svg` under `<target>/bench-report/`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -127,24 +129,79 @@ struct Options {
     criterion: bool,
     rounds: usize,
     only: Option<String>,
+    /// Run the GPU side: `Some(true)` forced by `--gpu`, `Some(false)` by `--no-gpu`, `None`
+    /// when an NVIDIA GPU is found.
+    gpu: Option<bool>,
+    /// The GPU's peak memory bandwidth in GB/s (`--gpu-peak-gbps`), else looked up by name.
+    gpu_peak: Option<f64>,
 }
 
 fn options(args: &[String]) -> Result<Options> {
-    let mut o = Options { peer: false, criterion: true, rounds: 5, only: None };
+    let mut o = Options { peer: false, criterion: true, rounds: 5, only: None, gpu: None, gpu_peak: None };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--peer" => o.peer = true,
             "--no-criterion" => o.criterion = false,
+            "--gpu" => o.gpu = Some(true),
+            "--no-gpu" => o.gpu = Some(false),
+            "--gpu-peak-gbps" => {
+                let v: f64 = it.next().context("--gpu-peak-gbps needs a number")?.parse().context("--gpu-peak-gbps")?;
+                if !(v > 0.0) {
+                    bail!("--gpu-peak-gbps must be positive, got {v}");
+                }
+                o.gpu_peak = Some(v);
+            }
             "--rounds" => o.rounds = it.next().context("--rounds needs a number")?.parse().context("--rounds")?,
             "--only" => o.only = Some(it.next().context("--only needs a workload id prefix")?.clone()),
-            other => bail!("unknown bench option `{other}` (expected --peer, --rounds N, --only PREFIX, --no-criterion)"),
+            other => bail!(
+                "unknown bench option `{other}` (expected --peer, --gpu, --no-gpu, --gpu-peak-gbps GBPS, --rounds N, --only PREFIX, --no-criterion)"
+            ),
         }
     }
     if o.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
     Ok(o)
+}
+
+/// The first NVIDIA GPU's name, from `nvidia-smi` (absent or failing: none).
+fn nvidia_gpu() -> Option<String> {
+    let out = Command::new("nvidia-smi").args(["--query-gpu=name", "--format=csv,noheader"]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success().then(|| text.lines().next().map(|l| l.trim().to_string())).flatten().filter(|n| !n.is_empty())
+}
+
+/// Peak memory bandwidth (GB/s, vendor figures) of common data-centre and desktop GPUs, by a
+/// fragment of the name `nvidia-smi` reports; the first match wins, so specific names first.
+const GPU_PEAK_GBPS: &[(&str, f64)] = &[
+    ("H200", 4800.0),
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),
+    ("L40S", 864.0),
+    ("L4", 300.0),
+    ("RTX 4090", 1008.0),
+    ("RTX 3090", 936.0),
+];
+
+fn gpu_peak_gbps(name: &str) -> Option<f64> {
+    GPU_PEAK_GBPS.iter().find(|(fragment, _)| name.contains(fragment)).map(|&(_, gbps)| gbps)
+}
+
+/// The GPU run: which GPU, its peak bandwidth if known, and each workload's times.
+struct GpuRun {
+    name: String,
+    peak_gbps: Option<f64>,
+    times: Vec<(&'static Workload, Vec<f64>)>,
+}
+
+/// Iterations per round on the GPU: the kernels take milliseconds.
+fn gpu_iterations(id: &str) -> usize {
+    if id.starts_with("device/") { 20 } else { iterations(id) }
 }
 
 /// One workload measured on both sides.
@@ -158,14 +215,21 @@ pub fn bench(args: &[String]) -> Result<()> {
     let o = options(args)?;
     let selected: Vec<&'static Workload> =
         WORKLOADS.iter().filter(|w| o.only.as_deref().is_none_or(|p| w.id.starts_with(p))).collect();
-    if selected.is_empty() {
+    let gpu_name = nvidia_gpu();
+    let run_gpu = o.gpu.unwrap_or(gpu_name.is_some());
+    let on_device: Vec<&'static Workload> = peft_bench::ON_DEVICE
+        .iter()
+        .filter(|id| run_gpu && o.only.as_deref().is_none_or(|p| id.starts_with(p)))
+        .map(|id| peft_bench::workload(id))
+        .collect::<Result<_>>()?;
+    if selected.is_empty() && on_device.is_empty() {
         bail!("--only {:?} selects no workload", o.only);
     }
     let report_dir = target_dir().join("bench-report");
     std::fs::create_dir_all(&report_dir).with_context(|| format!("creating {}", report_dir.display()))?;
     let threads = [("RAYON_NUM_THREADS", THREADS)];
 
-    let criterion = if o.criterion {
+    let criterion = if o.criterion && !selected.is_empty() {
         let mut bench_args = vec!["bench", "-p", "peft-bench", "--profile", "dev", "--bench", "hot_paths"];
         if let Some(p) = &o.only {
             bench_args.extend(["--", p.as_str()]);
@@ -176,12 +240,17 @@ pub fn bench(args: &[String]) -> Result<()> {
         Vec::new()
     };
 
+    let bin = target_dir().join("debug/peft-bench");
+    if (o.peer && !selected.is_empty()) || run_gpu {
+        // One worker binary for both sides; with the GPU run it also has the wgpu backend.
+        let features = if run_gpu { "wgpu" } else { "" };
+        cargo(&["build", "-p", "peft-bench", "--profile", "dev", "--bin", "peft-bench", "--features", features], &[])?;
+    }
+
     let mut pairs = Vec::new();
     let mut memory_rows = Vec::new();
-    if o.peer {
+    if o.peer && !selected.is_empty() {
         let python = reference_python()?;
-        cargo(&["build", "-p", "peft-bench", "--profile", "dev", "--bin", "peft-bench"], &[])?;
-        let bin = target_dir().join("debug/peft-bench");
         let script = workspace_root().join("scripts/bench_peer.py");
         // Either side's command with `args`, both pinned to the same thread count.
         let side = |ours: bool, args: &[&str]| {
@@ -219,13 +288,38 @@ pub fn bench(args: &[String]) -> Result<()> {
         }
     }
 
-    let report = render(&o, &criterion, &pairs, &memory_rows);
+    let gpu = if !on_device.is_empty() {
+        let mut worker = Worker::spawn("peft (wgpu)", {
+            let mut c = Command::new(&bin);
+            c.args(["serve", "--device", "wgpu"]).current_dir(workspace_root()).env("RAYON_NUM_THREADS", THREADS);
+            c
+        })?;
+        let mut times: Vec<(&'static Workload, Vec<f64>)> = on_device.iter().map(|&w| (w, Vec::new())).collect();
+        for round in 0..o.rounds {
+            eprintln!("GPU (wgpu): round {}/{}", round + 1, o.rounds);
+            for (w, ms) in &mut times {
+                ms.extend(worker.run(w.id, gpu_iterations(w.id))?);
+            }
+        }
+        let name = gpu_name.unwrap_or_else(|| "the default adapter (no `nvidia-smi`)".into());
+        let peak_gbps = o.gpu_peak.or_else(|| gpu_peak_gbps(&name));
+        Some(GpuRun { name, peak_gbps, times })
+    } else {
+        None
+    };
+
+    let report = render(&o, &criterion, &pairs, &memory_rows, gpu.as_ref());
     std::fs::write(report_dir.join("report.md"), &report)?;
     let results = json!({
         "machine": machine(),
         "criterion_ms": criterion.iter().map(|(id, ms)| json!({"id": id, "median_ms": ms})).collect::<Vec<_>>(),
         "pairs": pairs.iter().map(|p| json!({"id": p.workload.id, "ours_ms": p.ours, "peer_ms": p.peer})).collect::<Vec<_>>(),
         "memory_mib": memory_rows.iter().map(|(id, m, t)| json!({"id": id, "ours": [m.0, m.1], "peer": [t.0, t.1]})).collect::<Vec<_>>(),
+        "gpu": gpu.as_ref().map(|g| json!({
+            "name": g.name,
+            "peak_gbps": g.peak_gbps,
+            "times": g.times.iter().map(|(w, ms)| json!({"id": w.id, "ms": ms})).collect::<Vec<_>>(),
+        })),
     });
     std::fs::write(report_dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
     let chart = report_dir.join("chart.svg");
@@ -255,7 +349,45 @@ fn fmt_ms(ms: f64) -> String {
     if ms >= 100.0 { format!("{ms:.0} ms") } else if ms >= 10.0 { format!("{ms:.1} ms") } else { format!("{ms:.2} ms") }
 }
 
-fn render(o: &Options, criterion: &[(String, f64)], pairs: &[Pair], memory: &[(&str, (f64, f64), (f64, f64))]) -> String {
+/// The GPU section: median time per workload, and for memory-bound work the bandwidth it
+/// reaches, against the device's copy and its peak.
+fn render_gpu(g: &GpuRun, rounds: usize) -> String {
+    let gbps = |w: &Workload, ms: f64| w.bytes as f64 / (ms / 1e3) / 1e9;
+    let copy = g.times.iter().find(|(w, _)| w.id == "device/copy").map(|(w, ms)| gbps(w, median(ms)));
+    let peak = match g.peak_gbps {
+        Some(p) => format!("peak {p:.0} GB/s"),
+        None => "peak unknown: pass `--gpu-peak-gbps`".into(),
+    };
+    let mut s = format!(
+        "## GPU through wgpu: {} ({peak})\n\n{rounds} rounds; medians. Bandwidth = the bytes the work must move \
+         (packed codes, scales, f32 output) / time.\n\n| work | median | GB/s | of peak | of device copy |\n|---|---|---|---|---|\n",
+        g.name
+    );
+    for (w, ms) in &g.times {
+        let t = median(ms);
+        let rate = match w.tokens {
+            0 => String::new(),
+            n => format!(" ({:.0} tok/s)", n as f64 / (t / 1e3)),
+        };
+        let (bw, of_peak, of_copy) = if w.bytes == 0 {
+            (String::new(), String::new(), String::new())
+        } else {
+            let b = gbps(w, t);
+            let pct = |reference: Option<f64>| reference.map(|r| format!("{:.0}%", 100.0 * b / r)).unwrap_or_default();
+            (if b < 10.0 { format!("{b:.1}") } else { format!("{b:.0}") }, pct(g.peak_gbps), pct(copy))
+        };
+        s += &format!("| `{}`: {} | {}{rate} | {bw} | {of_peak} | {of_copy} |\n", w.id, w.what, fmt_ms(t));
+    }
+    s + "\n"
+}
+
+fn render(
+    o: &Options,
+    criterion: &[(String, f64)],
+    pairs: &[Pair],
+    memory: &[(&str, (f64, f64), (f64, f64))],
+    gpu: Option<&GpuRun>,
+) -> String {
     let mut s = String::new();
     s += "# peft benchmark report\n\n";
     s += &format!("Machine: {}. Build: dev profile (dependencies and peft-bench at opt-level 3).\n\n", machine());
@@ -308,6 +440,9 @@ fn render(o: &Options, criterion: &[(String, f64)], pairs: &[Pair], memory: &[(&
             s += &format!("| `{id}`: {} | {} |\n", what(id), fmt_ms(*ms));
         }
         s += "\n";
+    }
+    if let Some(g) = gpu {
+        s += &render_gpu(g, o.rounds);
     }
     s += "Chart: `chart.svg`; raw times: `results.json`.\n";
     s
@@ -371,6 +506,38 @@ fn bar_chart(rows: &[(String, f64)], x_desc: &str, baseline: Option<f64>, out: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Peak bandwidth by the names `nvidia-smi` prints: specific variants before the family.
+    #[test]
+    fn gpu_peaks_match_the_most_specific_name() {
+        assert_eq!(gpu_peak_gbps("NVIDIA H100 80GB HBM3"), Some(3350.0));
+        assert_eq!(gpu_peak_gbps("NVIDIA H100 PCIe"), Some(2000.0));
+        assert_eq!(gpu_peak_gbps("NVIDIA H200"), Some(4800.0));
+        assert_eq!(gpu_peak_gbps("NVIDIA L40S"), Some(864.0));
+        assert_eq!(gpu_peak_gbps("llvmpipe (LLVM 19.1.7, 256 bits)"), None);
+    }
+
+    /// A kernel's GB/s is its bytes over its median time, shown against the device copy and
+    /// the peak; work that is not memory-bound gets a time only.
+    #[test]
+    fn gpu_section_reports_bandwidth_against_copy_and_peak() {
+        let w = |id: &str| peft_bench::workload(id).unwrap();
+        let ms_at = |w: &Workload, gbps: f64| w.bytes as f64 / (gbps * 1e9) * 1e3;
+        let (copy, deq, step) = (w("device/copy"), w("device/dequantize"), w("train_step/lora"));
+        let name = "NVIDIA H100 80GB HBM3".to_string();
+        let times = vec![
+            (copy, vec![ms_at(copy, 2400.0), ms_at(copy, 2500.0), ms_at(copy, 2600.0)]),
+            (deq, vec![ms_at(deq, 2000.0)]),
+            (step, vec![25.6]),
+        ];
+        let s = render_gpu(&GpuRun { peak_gbps: gpu_peak_gbps(&name), name, times }, 3);
+        assert!(s.contains("## GPU through wgpu: NVIDIA H100 80GB HBM3 (peak 3350 GB/s)"), "{s}");
+        assert!(s.contains("| 2500 | 75% | 100% |"), "{s}");
+        assert!(s.contains("| 2000 | 60% | 80% |"), "{s}");
+        assert!(s.contains("25.6 ms (20000 tok/s) |  |  |  |"), "{s}");
+        let unknown = render_gpu(&GpuRun { name: "some GPU".into(), peak_gbps: None, times: vec![(copy, vec![ms_at(copy, 7.5)])] }, 1);
+        assert!(unknown.contains("peak unknown: pass `--gpu-peak-gbps`") && unknown.contains("| 7.5 |  | 100% |"), "{unknown}");
+    }
 
     /// Every row's name labels the axis and its value is printed by its bar.
     #[test]

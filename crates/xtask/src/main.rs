@@ -104,8 +104,10 @@ fn test(args: &[String]) -> Result<()> {
     if !args.iter().any(|a| a == "--no-gpu-backends") {
         // CUDA cannot be built offline (cubecl-cuda downloads LLVM); type-check it instead.
         cargo(&["check", "-p", "peft-models", "--features", "cuda"], &[("DOCS_RS", "1")])?;
-        // The LoRA layer on wgpu (Vulkan; lavapipe runs it on the CPU where no GPU is present).
-        tally.cargo_test(&["test", "-p", "peft-lora", "--features", "wgpu", "--test", "wgpu"], &env)?;
+        // The 4-bit kernels and the LoRA layer on wgpu (Vulkan; lavapipe runs them on the CPU
+        // where no GPU is present).
+        let features = "peft-quant/wgpu,peft-lora/wgpu";
+        tally.cargo_test(&["test", "-p", "peft-quant", "-p", "peft-lora", "--features", features, "--test", "wgpu"], &env)?;
     }
     tally.cargo_test(&["test", "--workspace", "--doc"], &env)?;
     tally.cargo_test(&["test", "--workspace", "--all-targets"], &env)?;

@@ -1,0 +1,85 @@
+//! The CubeCL 4-bit kernels on a GPU device through wgpu (lavapipe on CI machines without a
+//! GPU), against the CPU kernels: the dequantize kernel, the GEMV (batch up to 4, aligned and
+//! odd row lengths, more outputs than one grid dimension holds) and the dequantize-then-matmul
+//! path, in f32 and f16.
+#![cfg(feature = "wgpu")]
+
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData, Tolerance};
+use peft_core::device::device_by_name;
+use peft_quant::linear::has_4bit_kernel;
+use peft_quant::{Linear4bit, QuantType, Quantized4bit};
+
+fn gpu() -> Device {
+    let gpu = device_by_name("wgpu").unwrap();
+    assert!(has_4bit_kernel(&gpu), "the test must run the CubeCL kernels");
+    gpu
+}
+
+fn layer(n: usize, k: usize, qtype: QuantType, blocksize: usize, device: &Device) -> Linear4bit {
+    let cpu = Device::flex();
+    cpu.seed(n as u64 * 31 + k as u64);
+    let w = Tensor::<1>::random([n * k], Distribution::Normal(0.0, 0.5), &cpu).into_data();
+    let q = Quantized4bit::quantize(w.as_slice::<f32>().unwrap(), &[n, k], qtype, blocksize, true).unwrap();
+    Linear4bit::new(q, None, device.clone()).unwrap()
+}
+
+fn input(m: usize, k: usize) -> TensorData {
+    Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &Device::flex()).into_data()
+}
+
+#[test]
+fn dequantize_kernel_matches_the_host_bit_for_bit() {
+    let gpu = gpu();
+    for (n, k, qtype, blocksize) in [(33, 63, QuantType::Nf4, 64), (16, 256, QuantType::Fp4, 128)] {
+        let l = layer(n, k, qtype, blocksize, &gpu);
+        let on_gpu = l.dequantized(&gpu).into_data();
+        assert_eq!(on_gpu.shape().to_vec(), vec![n, k]);
+        assert_eq!(on_gpu.as_slice::<f32>().unwrap(), l.weight_hf().data.as_slice(), "{n}x{k} {qtype:?}");
+    }
+}
+
+/// Batches of 1 and 3 rows take the GEMV, 5 rows the dequantize-then-matmul path; rows of 1024
+/// make each GEMV thread stride several times, 63 takes the value-by-value path.
+#[test]
+fn forward_matches_the_cpu_kernel_on_both_gpu_paths() {
+    let (cpu, gpu) = (Device::flex(), gpu());
+    for (n, k) in [(40, 1024), (33, 63)] {
+        for m in [1, 3, 5] {
+            let x = input(m, k);
+            let expected = layer(n, k, QuantType::Nf4, 64, &cpu).forward(Tensor::<2>::from_data(x.clone(), &cpu));
+            let got = layer(n, k, QuantType::Nf4, 64, &gpu).forward(Tensor::<2>::from_data(x, &gpu));
+            got.into_data().assert_approx_eq::<f32>(&expected.into_data(), Tolerance::rel_abs(1e-4, 1e-4));
+        }
+    }
+}
+
+/// More outputs than one grid dimension holds (65535 cubes): the GEMV spills into a second
+/// grid dimension and still writes every output once.
+#[test]
+fn gemv_covers_outputs_beyond_one_grid_dimension() {
+    let (cpu, gpu) = (Device::flex(), gpu());
+    let (n, k) = (65535 + 70, 16);
+    let x = input(1, k);
+    let expected = layer(n, k, QuantType::Nf4, 64, &cpu).forward(Tensor::<2>::from_data(x.clone(), &cpu));
+    let got = layer(n, k, QuantType::Nf4, 64, &gpu).forward(Tensor::<2>::from_data(x, &gpu));
+    got.into_data().assert_approx_eq::<f32>(&expected.into_data(), Tolerance::rel_abs(1e-4, 1e-4));
+}
+
+/// An f16 input computes in f16 on both paths (the GEMV sums in f32) and returns f16.
+#[test]
+fn f16_inputs_compute_in_f16() {
+    let (cpu, gpu) = (Device::flex(), gpu());
+    let (n, k) = (48, 256);
+    for m in [1, 6] {
+        let x = input(m, k);
+        let expected = layer(n, k, QuantType::Nf4, 64, &cpu).forward(Tensor::<2>::from_data(x.clone(), &cpu));
+        let x16 = Tensor::<2>::from_data(x, &gpu).cast(DType::F16);
+        assert_eq!(x16.dtype(), DType::F16, "wgpu device must hold f16");
+        let got = layer(n, k, QuantType::Nf4, 64, &gpu).forward(x16);
+        assert_eq!(got.dtype(), DType::F16, "batch {m}");
+        // f16 keeps ~3 decimal digits; outputs reach ~30.
+        got.into_data()
+            .convert_dtype(DType::F32)
+            .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::rel_abs(1e-2, 5e-2));
+    }
+}
