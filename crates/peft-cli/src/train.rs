@@ -50,6 +50,11 @@ pub struct TrainArgs {
     /// With --quantize: weights per 4-bit scale, 32..4096 [default: 64].
     #[arg(long)]
     pub quant_blocksize: Option<usize>,
+    /// Compute type of the base model: f32, f16 or bf16 (bitsandbytes' `bnb_4bit_compute_dtype`).
+    /// With f16/bf16 the norms, softmax and loss still run in f32 and the LoRA weights and
+    /// their optimizer state stay f32. Meant for GPUs; causal-lm only [default: f32].
+    #[arg(long)]
+    pub compute_dtype: Option<String>,
     /// Training data: .jsonl file or chatterbot YAML folder.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -139,7 +144,7 @@ impl TrainArgs {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
         let mut file: TrainArgs =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-        merge!(self, file, model, method, quantize, quant_blocksize, task, text_column, label_column, data, eval_data, out, r, alpha, dropout, target, rslora, steps, lr,
+        merge!(self, file, model, method, quantize, quant_blocksize, compute_dtype, task, text_column, label_column, data, eval_data, out, r, alpha, dropout, target, rslora, steps, lr,
             batch_size, grad_accum, warmup, max_grad_norm, weight_decay, max_len, seed, save_every);
         self.overwrite |= file.overwrite;
         self.double_quant |= file.double_quant;
@@ -295,7 +300,14 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
         max_grad_norm: Some(a.max_grad_norm.unwrap_or(1.0)),
         seed: a.seed.unwrap_or(42),
     };
-    let device = peft_core::device::device_by_name(device_name)?.autodiff();
+    let compute_dtype = a.compute_dtype.as_deref().unwrap_or("f32");
+    if classification && compute_dtype != "f32" {
+        bail!("--compute-dtype {compute_dtype}: classification (BERT) trains in f32 only");
+    }
+    let device = peft_core::device::device_by_name(device_name)?;
+    let device = peft_core::device::with_compute_dtype(device, compute_dtype)
+        .with_context(|| format!("--compute-dtype {compute_dtype}"))?
+        .autodiff();
     device.seed(config.seed);
     let run = Run { args: a, lora, out, resume_from, config, device, quant };
     if classification { crate::classify::train(run) } else { train_causal_lm(run) }

@@ -276,11 +276,28 @@ fn qlora_trains_resumes_quantizes_and_merges() {
     let rounded = eval_loss(&merged4, None, &data);
     assert!((rounded - qlora).abs() < 0.05 * qlora, "{rounded} vs {qlora}");
 
+    // Computing in f16 (the base and activations; norms, softmax, loss and the adapter in f32)
+    // tracks the f32 run and still saves an f32 adapter.
+    let half = tmp.path().join("half");
+    let mut args = train_args(s(&model), s(&data), s(&half));
+    args.extend(["--method", "qlora", "--compute-dtype", "f16"]);
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The safetensors header: an 8-byte length, then JSON naming each tensor's dtype.
+    let bytes = std::fs::read(half.join("adapter_model.safetensors")).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let dtypes: Vec<&str> = header.as_object().unwrap().iter().filter(|(k, _)| *k != "__metadata__").map(|(_, v)| v["dtype"].as_str().unwrap()).collect();
+    assert!(!dtypes.is_empty() && dtypes.iter().all(|d| *d == "F32"), "{dtypes:?}");
+    let (h, f) = (eval_loss(&q, Some(&half), &data), qlora);
+    assert!((h - f).abs() < 0.01 * f, "f16 run {h} vs f32 run {f}");
+
     // Bad 4-bit options are one-line errors naming the option.
     for (extra, needle) in [
         (vec!["--quantize", "int3"], "--quantize int3"),
         (vec!["--quantize", "nf4", "--quant-blocksize", "48"], "--quant-blocksize 48"),
         (vec!["--double-quant"], "--double-quant"),
+        (vec!["--compute-dtype", "f8"], "unknown compute dtype `f8`"),
     ] {
         let mut args = train_args(s(&model), s(&data), s(&part));
         args.push("--overwrite");

@@ -1,6 +1,6 @@
 //! Picking the burn device at run time by name (`--device cpu|wgpu|cuda`).
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device, FloatDType};
 
 use crate::{PeftError, Result};
 
@@ -40,6 +40,25 @@ fn cuda(_index: usize) -> Result<Device> {
     Err(PeftError::Config("this build has no CUDA backend; rebuild with `--features cuda`".into()))
 }
 
+/// `device` computing in `dtype` (`f32`, `f16` or `bf16`): the default float type of every
+/// tensor made on it from now on. Call it before anything is made on the device (the type is
+/// set once per device and process); `f32` leaves the device as it is.
+pub fn with_compute_dtype(mut device: Device, dtype: &str) -> Result<Device> {
+    let float = match dtype {
+        "f32" => return Ok(device),
+        "f16" => FloatDType::F16,
+        "bf16" => FloatDType::BF16,
+        other => return Err(PeftError::Config(format!("unknown compute dtype `{other}` (expected f32, f16 or bf16)"))),
+    };
+    if !device.supports_dtype(DType::from(float)) {
+        return Err(PeftError::Config(format!("the {device:?} device cannot compute in {dtype}")));
+    }
+    device
+        .configure(float)
+        .map_err(|e| PeftError::Config(format!("cannot make {dtype} the compute dtype of {device:?}: {e:?}")))?;
+    Ok(device)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -47,5 +66,7 @@ mod tests {
         assert!(super::device_by_name("cpu").is_ok());
         let err = super::device_by_name("tpu").unwrap_err().to_string();
         assert!(err.contains("tpu"), "{err}");
+        let err = super::with_compute_dtype(burn::tensor::Device::flex(), "f8").unwrap_err().to_string();
+        assert!(err.contains("`f8`") && err.contains("bf16"), "{err}");
     }
 }

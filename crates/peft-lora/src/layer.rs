@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{DType, Distribution, Tensor};
 use peft_core::params::trainable;
 use peft_quant::BaseLinear;
 use peft_core::{PeftError, Result};
@@ -17,6 +17,10 @@ pub enum LoraInit {
     /// `false`: both A and B random (as `nn.Linear` initialises them); for tests.
     Random,
 }
+
+/// Adapter weights are f32 whatever the base's type: their updates are small against their
+/// values, which f16/bf16 would round away (and AdamW's second moment would underflow).
+pub const ADAPTER_DTYPE: DType = DType::F32;
 
 /// One LoRA adapter: `delta(x) = scale · dropout(x) · A · B`.
 #[derive(Module, Debug)]
@@ -35,14 +39,18 @@ impl LoraAdapter {
         self.a.shape().dims::<2>()[1]
     }
 
-    /// The side path, computed as `(x·A)·B` so the dense `A·B` is never formed.
+    /// The side path, computed as `(x·A)·B` so the dense `A·B` is never formed. A
+    /// half-precision input (an f16/bf16 base) goes through the adapter in f32, the adapter's
+    /// type, and comes back in its own type (Hugging Face PEFT does the same).
     pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let x = self.dropout.forward(x);
+        let dtype = x.dtype();
+        let x = self.dropout.forward(x).cast(ADAPTER_DTYPE);
         burn::tensor::module::linear(burn::tensor::module::linear(x, self.a.val(), None), self.b.val(), None)
             .mul_scalar(self.scale)
+            .cast(dtype)
     }
 
-    /// `scale · A·B`, the `[in, out]` update a merge adds to the base weight.
+    /// `scale · A·B`, the `[in, out]` update a merge adds to the base weight (f32).
     pub fn delta_weight(&self) -> Tensor<2> {
         self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
     }
@@ -101,16 +109,17 @@ impl LoraLinear {
         let device = self.base.device();
         let (d_in, d_out) = (self.base.d_input(), self.base.d_output());
         let a_bound = 1.0 / (d_in as f64).sqrt();
+        let f32_on = (&device, ADAPTER_DTYPE);
         let a = match init {
-            LoraInit::Gaussian => Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), &device),
-            _ => Tensor::random([d_in, r], Distribution::Uniform(-a_bound, a_bound), &device),
+            LoraInit::Gaussian => Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), f32_on),
+            _ => Tensor::random([d_in, r], Distribution::Uniform(-a_bound, a_bound), f32_on),
         };
         let b = match init {
             LoraInit::Random => {
                 let b_bound = 1.0 / (r as f64).sqrt();
-                Tensor::random([r, d_out], Distribution::Uniform(-b_bound, b_bound), &device)
+                Tensor::random([r, d_out], Distribution::Uniform(-b_bound, b_bound), f32_on)
             }
-            _ => Tensor::zeros([r, d_out], &device),
+            _ => Tensor::zeros([r, d_out], f32_on),
         };
         let scale = if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
         let adapter = LoraAdapter {
@@ -129,8 +138,8 @@ impl LoraLinear {
     pub fn set_weights(&mut self, name: &str, a: Tensor<2>, b: Tensor<2>) -> Result<()> {
         let i = self.index(name).ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
         let adapter = &mut self.adapters[i];
-        adapter.a = trainable(a);
-        adapter.b = trainable(b);
+        adapter.a = trainable(a.cast(ADAPTER_DTYPE));
+        adapter.b = trainable(b.cast(ADAPTER_DTYPE));
         Ok(())
     }
 
@@ -162,7 +171,8 @@ impl LoraLinear {
         if self.merged.iter().any(|m| m == name) {
             return Ok(());
         }
-        let w = self.base.dense_weight(&self.base.device()) + self.adapters[i].delta_weight();
+        let w = self.base.dense_weight(&self.base.device());
+        let w = w.clone() + self.adapters[i].delta_weight().cast(w.dtype());
         self.base.set_weight(w, false)?;
         self.merged.push(name.to_string());
         Ok(())
@@ -174,7 +184,8 @@ impl LoraLinear {
         if !self.merged.iter().any(|m| m == name) {
             return Ok(());
         }
-        let w = self.base.dense_weight(&self.base.device()) - self.adapters[i].delta_weight();
+        let w = self.base.dense_weight(&self.base.device());
+        let w = w.clone() - self.adapters[i].delta_weight().cast(w.dtype());
         self.base.set_weight(w, false)?;
         self.merged.retain(|m| m != name);
         Ok(())

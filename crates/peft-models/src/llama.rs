@@ -8,7 +8,7 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{log_softmax, silu, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use peft_core::params::frozen;
 use peft_core::target::ModuleKind;
 use peft_core::tensors::{HostTensor, TensorMap};
@@ -29,9 +29,12 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// Normalised in f32 whatever the input's type (as transformers does), then scaled in it.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
         let rms = x.clone().powi_scalar(2).mean_dim(2).add_scalar(self.eps).sqrt();
-        x.div(rms).mul(self.weight.val().unsqueeze::<3>())
+        x.div(rms).cast(dtype).mul(self.weight.val().unsqueeze::<3>())
     }
 }
 
@@ -178,7 +181,8 @@ impl Attention {
         if let Some(mask) = mask {
             scores = scores.mask_fill(mask, f32::NEG_INFINITY);
         }
-        let out = softmax(scores, 3).matmul(v);
+        // Softmax in f32 whatever the compute type (as transformers does).
+        let out = softmax(scores.cast(DType::F32), 3).cast(v.dtype()).matmul(v);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 }
@@ -363,8 +367,9 @@ impl LlamaForCausalLM {
         let [b, s] = tokens.dims();
         let logits = self.forward(tokens.clone().narrow(1, 0, s - 1), None);
         let targets = tokens.narrow(1, 1, s - 1);
-        let mask = loss_mask.narrow(1, 1, s - 1);
-        let logp = log_softmax(logits, 2);
+        // The loss in f32 whatever the compute type (as transformers does).
+        let mask = loss_mask.narrow(1, 1, s - 1).cast(DType::F32);
+        let logp = log_softmax(logits.cast(DType::F32), 2);
         let picked = logp.gather(2, targets.reshape([b, s - 1, 1])).reshape([b, s - 1]);
         let count = mask.clone().sum().clamp_min(1.0);
         picked.mul(mask).sum().neg().div(count)

@@ -108,6 +108,8 @@ fn test(args: &[String]) -> Result<()> {
         // where no GPU is present).
         let features = "peft-quant/wgpu,peft-lora/wgpu";
         tally.cargo_test(&["test", "-p", "peft-quant", "-p", "peft-lora", "--features", features, "--test", "wgpu"], &env)?;
+        // QLoRA with an f16 compute type: its own process (a device's float type is set once).
+        tally.cargo_test(&["test", "-p", "peft-models", "--features", "wgpu", "--test", "wgpu_half"], &env)?;
     }
     tally.cargo_test(&["test", "--workspace", "--doc"], &env)?;
     tally.cargo_test(&["test", "--workspace", "--all-targets"], &env)?;
