@@ -10,7 +10,7 @@
 
 mod bench;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -30,8 +30,13 @@ use peft_models::train::{TrainConfig, chat_example, eval_loss, train};
 #[global_allocator]
 static ALLOC: peft_core::alloc::HugePageAlloc = peft_core::alloc::HugePageAlloc;
 
+/// The workspace this xtask runs for. `cargo run` sets CARGO_MANIFEST_DIR at run time too; it is
+/// preferred over the compile-time path because a target folder shared between two checkouts
+/// can hold a binary built in the other one (cargo keys path packages relative to the workspace).
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    let manifest_dir = manifest_dir.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir.join("../..").canonicalize().expect("workspace root")
 }
 
 fn models_dir() -> PathBuf {
