@@ -252,7 +252,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Merge { model, adapter, out, quantize, quant, overwrite } => {
-            let spec = quantize.map(|k| quant.spec(&k)).transpose()?;
+            let spec = quantize.map(|k| quant.spec("--quantize", &k)).transpose()?;
             refuse_existing(&out, overwrite)?;
             let dev = device(&cli.device)?;
             let (mut loaded, _) = load_with_adapters(&model, std::slice::from_ref(&adapter), &dev)?;
@@ -273,7 +273,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Quantize { model, out, quant_type, quant, overwrite } => {
-            let spec = quant.spec(&quant_type)?;
+            let spec = quant.spec("--quant-type", &quant_type)?;
             refuse_existing(&out, overwrite)?;
             let (values, bytes) = if peft_models::bert::is_bert_folder(&model) {
                 classify::quantize_folder(&model, &out, spec)?

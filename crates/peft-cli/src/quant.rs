@@ -4,11 +4,11 @@ use anyhow::{Result, bail};
 use clap::Args;
 use peft_quant::{BLOCK_SIZES, QuantSpec, QuantType};
 
-/// A 4-bit setting from the command line: `kind` nf4 or fp4, values per scale, whether the
-/// scales are quantized too.
-pub fn spec(kind: &str, blocksize: usize, double_quant: bool) -> Result<QuantSpec> {
+/// A 4-bit setting from the command line: `kind` nf4 or fp4 (given as option `option`, which
+/// errors name), values per scale, whether the scales are quantized too.
+pub fn spec(option: &str, kind: &str, blocksize: usize, double_quant: bool) -> Result<QuantSpec> {
     let Some(qtype) = QuantType::from_name(kind) else {
-        bail!("--quantize {kind}: unknown 4-bit type (supported: nf4, fp4)");
+        bail!("{option} {kind}: unknown 4-bit type (supported: nf4, fp4)");
     };
     if !BLOCK_SIZES.contains(&blocksize) {
         bail!("--quant-blocksize {blocksize}: must be one of {BLOCK_SIZES:?}");
@@ -29,8 +29,8 @@ pub struct WriteOptions {
 }
 
 impl WriteOptions {
-    /// The setting for 4-bit type `kind`.
-    pub fn spec(&self, kind: &str) -> Result<QuantSpec> {
-        spec(kind, self.quant_blocksize, !self.no_double_quant)
+    /// The setting for 4-bit type `kind`, given as option `option`.
+    pub fn spec(&self, option: &str, kind: &str) -> Result<QuantSpec> {
+        spec(option, kind, self.quant_blocksize, !self.no_double_quant)
     }
 }

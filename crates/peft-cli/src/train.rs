@@ -238,7 +238,7 @@ fn quant_spec(a: &TrainArgs, method: &str) -> Result<Option<QuantSpec>> {
         }
         return Ok(None);
     };
-    let spec = crate::quant::spec(&kind, a.quant_blocksize.unwrap_or(64), a.double_quant || qlora)?;
+    let spec = crate::quant::spec("--quantize", &kind, a.quant_blocksize.unwrap_or(64), a.double_quant || qlora)?;
     Ok(Some(spec))
 }
 

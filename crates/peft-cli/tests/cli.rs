@@ -335,4 +335,7 @@ fn quantize_writes_a_bitsandbytes_bert_folder() {
     // Writing into an existing folder needs --overwrite.
     let o = peft(&["quantize", s(&fixtures.join("base")), "--out", s(&out)]);
     assert!(!o.status.success() && stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    // A bad type is named by the option that gave it.
+    let o = peft(&["quantize", s(&fixtures.join("base")), "--out", s(&tmp.path().join("q2")), "--quant-type", "int3"]);
+    assert!(!o.status.success() && stderr(&o).contains("--quant-type int3: unknown 4-bit type"), "{}", stderr(&o));
 }
