@@ -49,11 +49,12 @@ fn dequantize_4bit_kernel<F: Float>(
     output[i] = F::cast_from(code[nibble(packed, i)] * scales[i / blocksize as usize]);
 }
 
-/// The batch-1 product `out[r, j] = Σ_c x[r, c] · W[j, c]` straight from the packed codes: one
-/// cube per output `j` (x and y of the cube grid) and input row `r` (z). Its threads stride over
-/// the row of `W` and sum in f32, then reduce in shared memory. With `aligned` (`k` a multiple of
-/// 8) each thread decodes whole words, and one word never straddles two scale blocks (block sizes
-/// are multiples of 8); otherwise it decodes value by value.
+/// The small-batch product `out[r, j] = Σ_c x[r, c] · W[j, c]` for all `rows` input rows
+/// straight from the packed codes: one cube per output `j` (x and y of the cube grid). Its
+/// threads stride over the row of `W`, decode each word of codes once for every input row and
+/// sum in f32 (one accumulator per row), then reduce in shared memory. With `aligned` (`k` a
+/// multiple of 8) each thread decodes whole words, and one word never straddles two scale blocks
+/// (block sizes are multiples of 8); otherwise it decodes value by value.
 #[cube(launch)]
 fn gemv_4bit_kernel<F: Float>(
     x: &Tensor<F>,
@@ -64,15 +65,19 @@ fn gemv_4bit_kernel<F: Float>(
     n: u32,
     k: u32,
     blocksize: u32,
+    #[comptime] rows: usize,
     #[comptime] aligned: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let j = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    let r = CUBE_POS_Z as usize;
     let (n, k, blocksize) = (n as usize, k as usize, blocksize as usize);
     let t = UNIT_POS_X as usize;
     let threads = CUBE_DIM_X as usize;
-    let mut acc = 0.0f32;
+    let mut acc = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        acc[r] = 0.0f32;
+    }
     // Cubes past the last output still take part in the barriers below.
     if j < n {
         if aligned {
@@ -80,38 +85,58 @@ fn gemv_4bit_kernel<F: Float>(
             let mut w = t;
             while w < words {
                 let word = packed[j * words + w];
-                let xs = r * k + w * 8;
-                let mut part = 0.0f32;
+                let scale = scales[(j * k + w * 8) / blocksize];
+                let mut weights = Array::<f32>::new(8usize);
                 #[unroll]
                 for e in 0..8u32 {
                     let shift = (e / 2) * 8 + (1 - e % 2) * 4;
-                    part += code[((word >> shift) & 15u32) as usize] * f32::cast_from(x[xs + e as usize]);
+                    weights[e as usize] = code[((word >> shift) & 15u32) as usize];
                 }
-                acc += part * scales[(j * k + w * 8) / blocksize];
+                #[unroll]
+                for r in 0..rows {
+                    let xs = r * k + w * 8;
+                    let mut part = 0.0f32;
+                    #[unroll]
+                    for e in 0..8usize {
+                        part += weights[e] * f32::cast_from(x[xs + e]);
+                    }
+                    acc[r] += part * scale;
+                }
                 w += threads;
             }
         } else {
             let mut c = t;
             while c < k {
                 let i = j * k + c;
-                acc += code[nibble(packed, i)] * scales[i / blocksize] * f32::cast_from(x[r * k + c]);
+                let weight = code[nibble(packed, i)] * scales[i / blocksize];
+                #[unroll]
+                for r in 0..rows {
+                    acc[r] += weight * f32::cast_from(x[r * k + c]);
+                }
                 c += threads;
             }
         }
     }
-    let mut sum = Shared::<[f32]>::new_slice(GEMV_THREADS as usize);
-    sum[t] = acc;
+    // One slice of GEMV_THREADS partial sums per input row.
+    let mut sum = Shared::<[f32]>::new_slice(comptime!(GEMV_THREADS as usize * rows));
+    #[unroll]
+    for r in 0..rows {
+        sum[r * threads + t] = acc[r];
+    }
     sync_cube();
     let mut half = threads / 2;
     while half > 0 {
         if t < half {
-            sum[t] += sum[t + half];
+            #[unroll]
+            for r in 0..rows {
+                sum[r * threads + t] += sum[r * threads + t + half];
+            }
         }
         sync_cube();
         half /= 2;
     }
-    if t == 0 && j < n {
-        output[r * n + j] = F::cast_from(sum[0]);
+    if t < rows && j < n {
+        output[t * n + j] = F::cast_from(sum[t * threads]);
     }
 }
 
@@ -194,7 +219,7 @@ fn gemv_4bit(x: CubeTensor, w: &Arc<Quantized4bit>) -> CubeTensor {
     let dtype = dtype_to_storage_type(x.dtype);
     gemv_4bit_kernel::launch(
         &client,
-        CubeCount::Static(cubes_x as u32, cubes_y as u32, m as u32),
+        CubeCount::Static(cubes_x as u32, cubes_y as u32, 1),
         CubeDim::new_1d(GEMV_THREADS),
         x.into_tensor_arg(),
         packed.into_tensor_arg(),
@@ -204,6 +229,7 @@ fn gemv_4bit(x: CubeTensor, w: &Arc<Quantized4bit>) -> CubeTensor {
         n as u32,
         k as u32,
         w.blocksize as u32,
+        m,
         k % 8 == 0,
         dtype,
     );
@@ -219,7 +245,7 @@ impl Quant4Ops for CubeBackend {
         let m: usize = dims[..dims.len() - 1].iter().product();
         let x2 = Self::float_reshape(x, Shape::new([m, d_in]));
         let y = if !transposed && m <= GEMV_MAX_ROWS {
-            // Reads the packed weight once (per row): no f32 weight is written at all.
+            // Reads the packed weight once for all rows: no f32 weight is written at all.
             gemv_4bit(into_contiguous(x2), &weight.0)
         } else {
             let w = dequantize_on_device(&x2, &weight.0);

@@ -38,13 +38,14 @@ fn dequantize_kernel_matches_the_host_bit_for_bit() {
     }
 }
 
-/// Batches of 1 and 3 rows take the GEMV, 5 rows the dequantize-then-matmul path; rows of 1024
-/// make each GEMV thread stride several times, 63 takes the value-by-value path.
+/// Batches of 1 to 4 rows take the GEMV (which decodes each weight once for all of them), 5 rows
+/// the dequantize-then-matmul path; rows of 1024 make each GEMV thread stride several times, 63
+/// takes the value-by-value path.
 #[test]
 fn forward_matches_the_cpu_kernel_on_both_gpu_paths() {
     let (cpu, gpu) = (Device::flex(), gpu());
     for (n, k) in [(40, 1024), (33, 63)] {
-        for m in [1, 3, 5] {
+        for m in [1, 2, 3, 4, 5] {
             let x = input(m, k);
             let expected = layer(n, k, QuantType::Nf4, 64, &cpu).forward(Tensor::<2>::from_data(x.clone(), &cpu));
             let got = layer(n, k, QuantType::Nf4, 64, &gpu).forward(Tensor::<2>::from_data(x, &gpu));
@@ -75,7 +76,7 @@ fn half_precision_inputs_compute_in_their_own_type() {
     let dtypes: Vec<DType> = [DType::F16, DType::BF16].into_iter().filter(|d| gpu.supports_dtype(*d)).collect();
     eprintln!("half-precision dtypes on this device: {dtypes:?}");
     for dtype in dtypes {
-        for m in [1, 6] {
+        for m in [1, 3, 6] {
             let x = input(m, k);
             let expected = layer(n, k, QuantType::Nf4, 64, &cpu).forward(Tensor::<2>::from_data(x.clone(), &cpu));
             let x = Tensor::<2>::from_data(x, &gpu).cast(dtype);
