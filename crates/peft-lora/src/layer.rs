@@ -172,8 +172,8 @@ impl LoraLinear {
             return Ok(());
         }
         let w = self.base.dense_weight(&self.base.device());
-        let w = w.clone() + self.adapters[i].delta_weight().cast(w.dtype());
-        self.base.set_weight(w, false)?;
+        let delta = self.adapters[i].delta_weight().cast(w.dtype());
+        self.base.set_weight(w + delta, false)?;
         self.merged.push(name.to_string());
         Ok(())
     }
@@ -185,8 +185,8 @@ impl LoraLinear {
             return Ok(());
         }
         let w = self.base.dense_weight(&self.base.device());
-        let w = w.clone() - self.adapters[i].delta_weight().cast(w.dtype());
-        self.base.set_weight(w, false)?;
+        let delta = self.adapters[i].delta_weight().cast(w.dtype());
+        self.base.set_weight(w - delta, false)?;
         self.merged.retain(|m| m != name);
         Ok(())
     }

@@ -4,8 +4,8 @@
 //! state in f32. Its own test binary: a device's default float type is set once per process.
 #![cfg(feature = "wgpu")]
 
-use burn::tensor::{DType, Device, FloatDType};
-use peft_core::device::device_by_name;
+use burn::tensor::{DType, Device};
+use peft_core::device::{device_by_name, with_compute_dtype};
 use peft_core::train::{TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
 use peft_lora::{LoraConfig, LoraHost, quantize_base};
@@ -49,8 +49,7 @@ fn train(device: &Device, compute: DType) -> Vec<f64> {
 /// data; the LoRA A draws differ between the devices' generators).
 #[test]
 fn qlora_trains_with_an_f16_compute_type_on_wgpu() {
-    let mut gpu = device_by_name("wgpu").unwrap();
-    gpu.configure(FloatDType::F16).unwrap();
+    let gpu = with_compute_dtype(device_by_name("wgpu").unwrap(), "f16").unwrap();
     let half = train(&gpu.autodiff(), DType::F16);
     let full = train(&Device::flex().autodiff(), DType::F32);
     eprintln!("f16 on wgpu: {half:?}\nf32 on cpu: {full:?}");

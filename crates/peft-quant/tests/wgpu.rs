@@ -27,6 +27,11 @@ fn input(m: usize, k: usize) -> TensorData {
     Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &Device::flex()).into_data()
 }
 
+/// An NF4 `[n, k]` layer (blocks of 64, the same weights on every device) applied to `x`.
+fn nf4_forward(n: usize, k: usize, x: Tensor<2>) -> Tensor<2> {
+    layer(n, k, QuantType::Nf4, 64, &x.device()).forward(x)
+}
+
 #[test]
 fn dequantize_kernel_matches_the_host_bit_for_bit() {
     let gpu = gpu();
@@ -47,8 +52,8 @@ fn forward_matches_the_cpu_kernel_on_both_gpu_paths() {
     for (n, k) in [(40, 1024), (33, 63)] {
         for m in [1, 2, 3, 4, 5] {
             let x = input(m, k);
-            let expected = layer(n, k, QuantType::Nf4, 64, &cpu).forward(Tensor::<2>::from_data(x.clone(), &cpu));
-            let got = layer(n, k, QuantType::Nf4, 64, &gpu).forward(Tensor::<2>::from_data(x, &gpu));
+            let expected = nf4_forward(n, k, Tensor::from_data(x.clone(), &cpu));
+            let got = nf4_forward(n, k, Tensor::from_data(x, &gpu));
             got.into_data().assert_approx_eq::<f32>(&expected.into_data(), Tolerance::rel_abs(1e-4, 1e-4));
         }
     }
@@ -61,8 +66,8 @@ fn gemv_covers_outputs_beyond_one_grid_dimension() {
     let (cpu, gpu) = (Device::flex(), gpu());
     let (n, k) = (65535 + 70, 16);
     let x = input(1, k);
-    let expected = layer(n, k, QuantType::Nf4, 64, &cpu).forward(Tensor::<2>::from_data(x.clone(), &cpu));
-    let got = layer(n, k, QuantType::Nf4, 64, &gpu).forward(Tensor::<2>::from_data(x, &gpu));
+    let expected = nf4_forward(n, k, Tensor::from_data(x.clone(), &cpu));
+    let got = nf4_forward(n, k, Tensor::from_data(x, &gpu));
     got.into_data().assert_approx_eq::<f32>(&expected.into_data(), Tolerance::rel_abs(1e-4, 1e-4));
 }
 
@@ -78,10 +83,10 @@ fn half_precision_inputs_compute_in_their_own_type() {
     for dtype in dtypes {
         for m in [1, 3, 6] {
             let x = input(m, k);
-            let expected = layer(n, k, QuantType::Nf4, 64, &cpu).forward(Tensor::<2>::from_data(x.clone(), &cpu));
+            let expected = nf4_forward(n, k, Tensor::from_data(x.clone(), &cpu));
             let x = Tensor::<2>::from_data(x, &gpu).cast(dtype);
             assert_eq!(x.dtype(), dtype);
-            let got = layer(n, k, QuantType::Nf4, 64, &gpu).forward(x);
+            let got = nf4_forward(n, k, x);
             assert_eq!(got.dtype(), dtype, "batch {m}");
             // f16 keeps ~3 decimal digits, bf16 ~2; outputs reach ~30.
             let tol = if dtype == DType::F16 { Tolerance::rel_abs(1e-2, 5e-2) } else { Tolerance::rel_abs(2e-2, 2e-1) };
