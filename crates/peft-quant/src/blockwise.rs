@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use crate::code_lut::CodeLut;
 use crate::codebook::{QuantType, dynamic_map};
+use crate::decode::decode_nibbles;
 
 /// Block sizes bitsandbytes accepts.
 pub const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
@@ -72,21 +73,11 @@ pub fn dequantize_4bit(packed: &[u8], absmax: &[f32], n: usize, blocksize: usize
         )));
     }
     let code = qtype.code();
-    // Both nibbles of a byte at once: a 256-entry table of value pairs.
-    let pairs: Vec<[f32; 2]> = (0..256).map(|b| [code[b >> 4], code[b & 15]]).collect();
     let mut out = vec![0f32; n];
-    out.par_chunks_mut(blocksize)
-        .zip(packed.par_chunks(blocksize / 2))
-        .zip(absmax.par_iter())
-        .for_each(|((o, bytes), &scale)| {
-            for (pair, &byte) in o.chunks_mut(2).zip(bytes) {
-                let [hi, lo] = pairs[byte as usize];
-                pair[0] = hi * scale;
-                if pair.len() > 1 {
-                    pair[1] = lo * scale;
-                }
-            }
-        });
+    // Blocks start on byte boundaries (block sizes are even).
+    out.par_chunks_mut(blocksize).zip(absmax.par_iter()).enumerate().for_each(|(b, (o, &scale))| {
+        decode_nibbles(packed, b * blocksize, &code.map(|c| c * scale), o);
+    });
     Ok(out)
 }
 

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use crate::blockwise::Quantized4bit;
 use crate::codebook::dynamic_map;
+use crate::decode::decode_nibbles;
 
 /// f32 values per dequantized tile for few input rows: 128 KiB, well inside a core's L2 (the
 /// product is bound by reading the packed weight).
@@ -26,12 +27,8 @@ pub fn dequantize_range(w: &Quantized4bit, start: usize, out: &mut [f32]) {
         let b = idx / bs;
         let seg_end = ((b + 1) * bs).min(end);
         let scale = w.absmax.scale(b, &dmap);
-        let lut = code.map(|c| c * scale);
-        for i in idx..seg_end {
-            // Even indices sit in the high nibble.
-            let nib = (w.packed[i >> 1] >> ((!i & 1) << 2)) & 15;
-            out[i - start] = lut[nib as usize];
-        }
+        let table = code.map(|c| c * scale);
+        decode_nibbles(&w.packed, idx, &table, &mut out[idx - start..seg_end - start]);
         idx = seg_end;
     }
 }

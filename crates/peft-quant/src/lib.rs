@@ -21,6 +21,7 @@
 mod blockwise;
 mod code_lut;
 mod codebook;
+mod decode;
 pub mod checkpoint;
 #[cfg(feature = "cube")]
 mod gpu;
