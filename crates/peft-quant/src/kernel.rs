@@ -1,6 +1,6 @@
 //! CPU kernels for a 4-bit weight `W [n, k]` (Hugging Face `[out, in]` layout): products with
-//! `W` that dequantize one tile of rows at a time into a cache-sized buffer and multiply it
-//! there, so the full f32 weight never exists.
+//! `W` that dequantize one tile of it at a time into a cache-sized buffer and multiply it
+//! there, so the full f32 weight never exists. Each tile writes its own columns of the result.
 
 use rayon::prelude::*;
 
@@ -18,7 +18,21 @@ const TILE_VALUES_BATCHED: usize = 512 * 1024;
 /// Values `start .. start + out.len()` of `w` (flat row-major index), dequantized into `out`.
 /// Identical to the matching slice of [`Quantized4bit::dequantize`].
 pub fn dequantize_range(w: &Quantized4bit, start: usize, out: &mut [f32]) {
+    decode_range(w, &dynamic_map(), start, out);
+}
+
+/// Columns `c0 .. c0 + c` of every row of `w [n, k]`, dequantized into `out [n, c]`.
+pub fn dequantize_columns(w: &Quantized4bit, c0: usize, c: usize, out: &mut [f32]) {
+    let (n, k) = dims(w);
+    assert_eq!(out.len(), n * c, "a column window of {n} rows x {c} columns");
     let dmap = dynamic_map();
+    for (r, row) in out.chunks_exact_mut(c.max(1)).enumerate() {
+        decode_range(w, &dmap, r * k + c0, row);
+    }
+}
+
+/// [`dequantize_range`] with the scales' code book (`dmap`, [`dynamic_map`]) given.
+fn decode_range(w: &Quantized4bit, dmap: &[f32; 256], start: usize, out: &mut [f32]) {
     let code = w.qtype.code();
     let bs = w.blocksize;
     let end = start + out.len();
@@ -26,7 +40,7 @@ pub fn dequantize_range(w: &Quantized4bit, start: usize, out: &mut [f32]) {
     while idx < end {
         let b = idx / bs;
         let seg_end = ((b + 1) * bs).min(end);
-        let scale = w.absmax.scale(b, &dmap);
+        let scale = w.absmax.scale(b, dmap);
         let table = code.map(|c| c * scale);
         decode_nibbles(&w.packed, idx, &table, &mut out[idx - start..seg_end - start]);
         idx = seg_end;
@@ -79,8 +93,12 @@ unsafe fn gemm_f32(
 pub fn matmul_4bit(x: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
     let (n, k) = dims(w);
     assert_eq!(x.len(), m * k, "input is not [{m}, {k}]");
+    if k == 0 {
+        return vec![0f32; m * n];
+    }
     let rows = rows_per_tile(m, n, k);
-    let mut y = vec![0f32; m * n];
+    // Not zeroed: the tiles overwrite every element.
+    let mut y = Vec::with_capacity(m * n);
     let out = OutPtr(y.as_mut_ptr());
     (0..n.div_ceil(rows)).into_par_iter().for_each_init(
         || vec![0f32; rows * k],
@@ -95,10 +113,12 @@ pub fn matmul_4bit(x: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
             unsafe { gemm_f32(m, r, k, out.at(r0), n as isize, false, x.as_ptr(), k as isize, 1, tile.as_ptr(), 1, k as isize) };
         },
     );
+    // SAFETY: the tiles cover every column, and each wrote all m rows of its columns.
+    unsafe { y.set_len(m * n) };
     y
 }
 
-/// The output pointer shared by the tasks of [`matmul_4bit`], each writing its own columns.
+/// The output pointer shared by the tasks of a product, each writing its own columns.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 
@@ -109,38 +129,44 @@ impl OutPtr {
         unsafe { self.0.add(i) }
     }
 }
-// SAFETY: the tasks write disjoint elements (see `matmul_4bit`).
+// SAFETY: the tasks write disjoint elements (see the products).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// `g [m, n] · W -> [m, k]` (the gradient of a linear layer's input).
+/// `g [m, n] · W -> [m, k]` (the gradient of a linear layer's input). Tiles of columns of `W`
+/// (all `n` rows), so each tile owns its columns of the result: no partial sums to add up.
 pub fn matmul_4bit_transposed(g: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
     let (n, k) = dims(w);
     assert_eq!(g.len(), m * n, "gradient is not [{m}, {n}]");
-    let rows = rows_per_tile(m, n, k);
-    let tiles = n.div_ceil(rows);
-    (0..tiles)
-        .into_par_iter()
-        .fold(
-            || (vec![0f32; m * k], vec![0f32; rows * k], false),
-            |(mut acc, mut buf, started), t| {
-                let r0 = t * rows;
-                let r = rows.min(n - r0);
-                let tile = &mut buf[..r * k];
-                dequantize_range(w, r0 * k, tile);
-                // acc[m, k] += g[:, r0..r0+r] [m, r] · tile [r, k]
-                // SAFETY: `acc` is [m, k] and this fold's own; `g[r0..]` holds m rows of stride n
-                // with r columns; the tile is [r, k].
-                unsafe { gemm_f32(m, k, r, acc.as_mut_ptr(), k as isize, started, g[r0..].as_ptr(), n as isize, 1, tile.as_ptr(), k as isize, 1) };
-                (acc, buf, true)
-            },
-        )
-        .map(|(acc, _, _)| acc)
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
-        })
-        .unwrap_or_else(|| vec![0f32; m * k])
+    if n == 0 {
+        return vec![0f32; m * k];
+    }
+    let cols = cols_per_tile(m, n, k, w.blocksize);
+    let mut dx = Vec::with_capacity(m * k);
+    let out = OutPtr(dx.as_mut_ptr());
+    (0..k.div_ceil(cols)).into_par_iter().for_each_init(
+        || vec![0f32; n * cols],
+        |buf, t| {
+            let c0 = t * cols;
+            let c = cols.min(k - c0);
+            let tile = &mut buf[..n * c];
+            dequantize_columns(w, c0, c, tile);
+            // dx[:, c0..c0+c] = g [m, n] · tile [n, c]
+            // SAFETY: columns c0..c0+c of the m x k result belong to this tile alone; `dx` has
+            // room for m * k values and outlives the parallel loop.
+            unsafe { gemm_f32(m, c, n, out.at(c0), k as isize, false, g.as_ptr(), n as isize, 1, tile.as_ptr(), c as isize, 1) };
+        },
+    );
+    // SAFETY: the tiles cover every column, and each wrote all m rows of its columns.
+    unsafe { dx.set_len(m * k) };
+    dx
+}
+
+/// Columns of `W` per tile for [`matmul_4bit_transposed`]: like [`rows_per_tile`] with the
+/// roles of `n` and `k` swapped, and at least a block wide (a narrower row segment would
+/// decode its block's scale for only a few values).
+fn cols_per_tile(m: usize, n: usize, k: usize, blocksize: usize) -> usize {
+    rows_per_tile(m, k, n).max(blocksize.min(k))
 }
 
 fn dims(w: &Quantized4bit) -> (usize, usize) {
