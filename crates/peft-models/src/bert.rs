@@ -246,9 +246,7 @@ impl BertForSequenceClassification {
     /// Mean cross-entropy of `labels` `[batch]`.
     pub fn loss(&self, tokens: Tensor<2, Int>, attention_mask: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
         let logits = self.forward(tokens, attention_mask);
-        let [b, _] = logits.dims();
-        let logp = burn::tensor::activation::log_softmax(logits, 1);
-        logp.gather(1, labels.reshape([b, 1])).mean().neg()
+        crate::loss::cross_entropy_rows(logits, labels).mean()
     }
 
     /// Every weight under its Hugging Face `BertForSequenceClassification` key.

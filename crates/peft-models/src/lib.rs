@@ -22,6 +22,7 @@ pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod load;
+pub mod loss;
 pub mod slot;
 pub mod tokenizer;
 pub mod train;

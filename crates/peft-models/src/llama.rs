@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use peft_core::params::frozen;
 use peft_core::target::ModuleKind;
@@ -17,6 +17,7 @@ use peft_core::{PeftError, Result};
 use peft_lora::{LoraHost, LoraLinear};
 
 use crate::config::LlamaConfig;
+use crate::loss::cross_entropy_rows;
 use crate::slot::{put_linear, quantization_config, take_linear};
 
 pub use crate::slot::LinearSlot;
@@ -369,10 +370,11 @@ impl LlamaForCausalLM {
         let targets = tokens.narrow(1, 1, s - 1);
         // The loss in f32 whatever the compute type (as transformers does).
         let mask = loss_mask.narrow(1, 1, s - 1).cast(DType::F32);
-        let logp = log_softmax(logits.cast(DType::F32), 2);
-        let picked = logp.gather(2, targets.reshape([b, s - 1, 1])).reshape([b, s - 1]);
+        let v = logits.dims()[2];
+        let rows = b * (s - 1);
+        let nll = cross_entropy_rows(logits.cast(DType::F32).reshape([rows, v]), targets.reshape([rows]));
         let count = mask.clone().sum().clamp_min(1.0);
-        picked.mul(mask).sum().neg().div(count)
+        nll.reshape([b, s - 1]).mul(mask).sum().div(count)
     }
 }
 
