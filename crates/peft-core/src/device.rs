@@ -1,5 +1,6 @@
 //! Picking the burn device at run time by name (`--device cpu|wgpu|cuda`).
 
+use burn::backend::DispatchDevice;
 use burn::tensor::{DType, Device, FloatDType};
 
 use crate::{PeftError, Result};
@@ -40,6 +41,12 @@ fn cuda(_index: usize) -> Result<Device> {
     Err(PeftError::Config("this build has no CUDA backend; rebuild with `--features cuda`".into()))
 }
 
+/// Whether `device` (or the device an autodiff device wraps) is burn's CPU backend, where
+/// fused host loops replace chains of tensor operations.
+pub fn is_cpu(device: &Device) -> bool {
+    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+}
+
 /// `device` computing in `dtype` (`f32`, `f16` or `bf16`): the default float type of every
 /// tensor made on it from now on. Call it before anything is made on the device (the type is
 /// set once per device and process); `f32` leaves the device as it is.
@@ -64,6 +71,7 @@ mod tests {
     #[test]
     fn names() {
         assert!(super::device_by_name("cpu").is_ok());
+        assert!(super::is_cpu(&burn::tensor::Device::flex().autodiff()));
         let err = super::device_by_name("tpu").unwrap_err().to_string();
         assert!(err.contains("tpu"), "{err}");
         let err = super::with_compute_dtype(burn::tensor::Device::flex(), "f8").unwrap_err().to_string();

@@ -1,9 +1,103 @@
-//! Training helpers burn does not have in the form fine-tuning needs: clipping by the global
-//! gradient norm (burn clips each parameter on its own) and a warmup + decay schedule.
+//! Training helpers burn does not have in the form fine-tuning needs: AdamW as PyTorch
+//! configures it, fused into one pass on the CPU; clipping by the global gradient norm (burn
+//! clips each parameter on its own); a warmup + decay schedule.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::optim::{AdaptiveMomentumState, AdamWConfig, AdamWState, GradientsParams, LearningRate, Optimizer};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::device::is_cpu;
+
+/// AdamW with PyTorch's defaults (betas 0.9 and 0.999, epsilon 1e-8; burn's default epsilon is
+/// 1e-5) and a decoupled weight decay.
+///
+/// burn's AdamW walks each parameter about fifteen times per step (a new tensor per
+/// operation): 48 ms of a 320 ms full fine-tuning step of the benchmark Llama. On the CPU this
+/// one reads the parameter, gradient and both moments once and writes them back in place.
+/// Elsewhere (and for other dtypes) it is burn's AdamW. The state is burn's [`AdamWState`], so
+/// saved optimizer states load in either.
+#[derive(Clone)]
+pub struct AdamW {
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    weight_decay: f32,
+    /// burn's AdamW with the same settings, for devices without the fused pass.
+    composed: burn::optim::AdamW,
+}
+
+impl AdamW {
+    pub fn new(weight_decay: f32) -> Self {
+        let (beta_1, beta_2, epsilon) = (0.9, 0.999, 1e-8);
+        let config = AdamWConfig::new()
+            .with_beta_1(beta_1)
+            .with_beta_2(beta_2)
+            .with_epsilon(epsilon)
+            .with_weight_decay(weight_decay);
+        Self { beta_1, beta_2, epsilon, weight_decay, composed: config.build() }
+    }
+
+    /// The fused step on host data: `p`, `m`, `v` updated in place from `g` at step `time`.
+    fn update(&self, lr: f32, time: i32, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        let (b1, b2, eps) = (self.beta_1, self.beta_2, self.epsilon);
+        let (c1, c2) = (1.0 - b1.powi(time), 1.0 - b2.powi(time));
+        let keep = 1.0 - lr * self.weight_decay;
+        // Chunks of 16 Ki values: big enough to share across threads, small enough to stay in L2.
+        const CHUNK: usize = 1 << 14;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * (g * g);
+                    let delta = (*m / c1) / ((*v / c2).sqrt() + eps);
+                    *p = *p * keep - lr * delta;
+                }
+            });
+    }
+}
+
+/// The values of an f32 tensor, taken without a copy when it holds its buffer alone.
+fn host_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().expect("an f32 tensor")
+}
+
+impl Optimizer for AdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let device = tensor.device();
+        let amsgrad = state.as_ref().is_some_and(|s| s.momentum.max_moment_2.is_some());
+        if !is_cpu(&device) || tensor.dtype() != DType::F32 || grad.dtype() != DType::F32 || amsgrad {
+            return self.composed.step(lr, tensor, grad, state);
+        }
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let (time, mut m, mut v) = match state {
+            Some(s) => (s.momentum.time + 1, host_values(s.momentum.moment_1), host_values(s.momentum.moment_2)),
+            None => (1, vec![0f32; n], vec![0f32; n]),
+        };
+        let mut p = host_values(tensor);
+        let g = host_values(grad);
+        self.update(lr as f32, time as i32, &mut p, &mut m, &mut v, &g);
+        let back = |values: Vec<f32>| Tensor::<D>::from_data(TensorData::new(values, shape.clone()), &device);
+        let momentum = AdaptiveMomentumState { time, moment_1: back(m), moment_2: back(v), max_moment_2: None };
+        (back(p), Some(AdamWState { momentum }))
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        <burn::optim::AdamW as Optimizer>::to_device(state, device)
+    }
+}
 
 /// Scale all gradients so their global L2 norm is at most `max_norm` (as
 /// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
@@ -84,6 +178,34 @@ mod tests {
         assert!((s.at(4) - 1.0).abs() < 1e-12);
         assert!((s.at(14) - 0.1).abs() < 1e-12);
         assert!(s.at(9) < s.at(5));
+    }
+
+    /// The fused CPU step equals burn's AdamW with the same settings over several steps (state
+    /// carried), with and without weight decay.
+    #[test]
+    fn fused_adamw_matches_burn_adamw() {
+        let device = Device::flex();
+        for wd in [0.0f32, 0.1] {
+            let fused = AdamW::new(wd);
+            let composed = fused.composed.clone();
+            let p0 = Tensor::<2>::from_data(TensorData::new((0..600).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), [20, 30]), &device);
+            let (mut pa, mut pb) = (p0.clone(), p0);
+            let (mut sa, mut sb) = (None, None);
+            for step in 0..4 {
+                let g = Tensor::<2>::from_data(
+                    TensorData::new((0..600).map(|i| ((i * 7 + step * 13) as f32 * 0.11).cos() * 1e-3).collect::<Vec<_>>(), [20, 30]),
+                    &device,
+                );
+                (pa, sa) = fused.step(1e-2, pa, g.clone(), sa);
+                (pb, sb) = composed.step(1e-2, pb, g, sb);
+            }
+            let tol = burn::tensor::Tolerance::<f32>::rel_abs(1e-5, 1e-7);
+            pa.into_data().assert_approx_eq::<f32>(&pb.into_data(), tol);
+            let (ma, mb) = (sa.unwrap().momentum, sb.unwrap().momentum);
+            assert_eq!(ma.time, mb.time);
+            ma.moment_1.into_data().assert_approx_eq::<f32>(&mb.moment_1.into_data(), tol);
+            ma.moment_2.into_data().assert_approx_eq::<f32>(&mb.moment_2.into_data(), tol);
+        }
     }
 
     #[test]

@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, Param, ParamId};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{LrSchedule, clip_grad_norm};
+use crate::optim::{AdamW, LrSchedule, clip_grad_norm};
 use crate::{PeftError, Result};
 
 /// Hyper-parameters of a run.
@@ -106,7 +106,7 @@ pub struct Trainer<M: Module> {
 
 impl<M: Module> Trainer<M> {
     pub fn new(model: M, config: TrainConfig) -> Self {
-        let optim = AdamWConfig::new().with_weight_decay(config.weight_decay as f32).init();
+        let optim = ModuleOptimizer::from(AdamW::new(config.weight_decay as f32));
         let schedule = LrSchedule {
             peak: config.learning_rate,
             warmup_steps: config.warmup_steps,

@@ -13,10 +13,11 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
 /// `logsumexp(logits[i]) - logits[i, targets[i]]` for every row `i` of `logits [n, v]`: the
@@ -36,11 +37,6 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<
     } else {
         log_softmax(logits, 1).gather(1, targets.reshape([n, 1])).reshape([n]).neg()
     }
-}
-
-/// Whether `device` (or the device an autodiff device wraps) is burn's CPU backend.
-fn is_cpu(device: &Device) -> bool {
-    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
 }
 
 /// The operation and its gradient as backend operations.
@@ -320,7 +316,7 @@ mod vector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, Tolerance};
+    use burn::tensor::{Device, Distribution, Tolerance};
 
     /// The fused operation equals the burn composition (`-log_softmax` gathered), value and
     /// gradient, on the CPU autodiff device.
