@@ -89,7 +89,8 @@ impl Optimizer for AdamW {
         let mut p = host_values(tensor);
         let g = host_values(grad);
         self.update(lr as f32, time as i32, &mut p, &mut m, &mut v, &g);
-        let back = |values: Vec<f32>| Tensor::<D>::from_data(TensorData::new(values, shape.clone()), &device);
+        // f32 explicitly: a device computing in f16 would otherwise convert to its default type.
+        let back = |values: Vec<f32>| Tensor::<D>::from_data(TensorData::new(values, shape.clone()), (&device, DType::F32));
         let momentum = AdaptiveMomentumState { time, moment_1: back(m), moment_2: back(v), max_moment_2: None };
         (back(p), Some(AdamWState { momentum }))
     }
