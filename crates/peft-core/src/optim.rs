@@ -76,8 +76,12 @@ impl Optimizer for AdamW {
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
         let device = tensor.device();
-        let amsgrad = state.as_ref().is_some_and(|s| s.momentum.max_moment_2.is_some());
-        if !is_cpu(&device) || tensor.dtype() != DType::F32 || grad.dtype() != DType::F32 || amsgrad {
+        // AMSGrad state or moments in another dtype (a state saved elsewhere): burn's step.
+        let other_state = state.as_ref().is_some_and(|s| {
+            let m = &s.momentum;
+            m.max_moment_2.is_some() || m.moment_1.dtype() != DType::F32 || m.moment_2.dtype() != DType::F32
+        });
+        if !is_cpu(&device) || tensor.dtype() != DType::F32 || grad.dtype() != DType::F32 || other_state {
             return self.composed.step(lr, tensor, grad, state);
         }
         let shape = tensor.shape();
