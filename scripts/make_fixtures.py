@@ -5,6 +5,9 @@
 
 fixtures/lora_tiny/: a small random Llama saved with save_pretrained, and for each case an
 adapter saved by PEFT with the inputs and the logits PEFT computes.
+fixtures/lora_train/: five LoRA training steps on the tiny Llama in PyTorch (torch AdamW, global-norm
+clipping, our warmup + cosine schedule): the initial and trained adapters, the batch, the losses,
+gradient norms, learning rates, and the LoRA gradients of the first step.
 fixtures/bnb_llama/: that Llama quantized to 4 bits by transformers + bitsandbytes and saved
 pre-quantized, with its logits and those of a LoRA adapter on the 4-bit base.
     scripts/make_fixtures.sh --verify-4bit DIR CASE   # load a Rust-written 4-bit folder (CASE nf4_dq, fp4 or bert)
@@ -113,6 +116,79 @@ def make_tiny():
         with open(os.path.join(d, "case.json"), "w") as f:
             json.dump({"base": f"base_{spec['base']}"}, f)
         print(case, "->", d, tuple(logits.shape))
+
+
+# The training reference: settings shared with crates/peft-models/tests/hf_lora_training.rs.
+TRAIN = dict(lr=1e-2, weight_decay=0.01, warmup=2, steps=5, final_fraction=0.1, max_grad_norm=0.5)
+
+
+def train_lr(step):
+    """Our Trainer's schedule (peft_core::optim::LrSchedule): linear warmup that reaches the
+    peak on the last warmup step, then cosine to final_fraction * peak."""
+    import math
+
+    t = TRAIN
+    if step < t["warmup"]:
+        return t["lr"] * (step + 1) / t["warmup"]
+    progress = min((step - t["warmup"]) / max(t["steps"] - t["warmup"], 1), 1.0)
+    return t["lr"] * (t["final_fraction"] + (1 - t["final_fraction"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_train():
+    """A few LoRA training steps in PyTorch: the loss, the LoRA gradients of the first batch,
+    and after torch AdamW (eps 1e-8) with global-norm clipping, the trained adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    out = os.path.join(FIX, "lora_train")
+    shutil.rmtree(out, ignore_errors=True)
+    base = LlamaForCausalLM.from_pretrained(os.path.join(FIX, "lora_tiny", "base_plain"), dtype=torch.float32)
+    torch.manual_seed(2024)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+                     init_lora_weights=False)
+    model = get_peft_model(base, cfg)
+    model.save_pretrained(os.path.join(out, "adapter_init"))
+    # Two rows: a full one, and a short one with its first 4 tokens (a prompt) out of the
+    # loss, padded on the right with id 0.
+    seq, short, prompt = 16, 11, 4
+    ids = torch.randint(3, 128, (2, seq))
+    ids[1, short:] = 0
+    loss_mask = torch.ones(2, seq)
+    loss_mask[1, :prompt] = 0
+    loss_mask[1, short:] = 0
+    attention = torch.ones(2, seq, dtype=torch.int64)
+    attention[1, short:] = 0
+    labels = ids.masked_fill(loss_mask == 0, -100)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=TRAIN["weight_decay"])
+    model.train()
+    losses, norms, lrs, grads = [], [], [], {}
+    for step in range(TRAIN["steps"]):
+        opt.zero_grad()
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        if step == 0:
+            grads = {n.replace(".default", ""): p.grad.detach().clone().contiguous()
+                     for n, p in model.named_parameters() if p.requires_grad}
+        norm = torch.nn.utils.clip_grad_norm_(params, TRAIN["max_grad_norm"])
+        lr = train_lr(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        losses.append(loss.item())
+        norms.append(norm.item())
+        lrs.append(lr)
+        print(f"step {step} loss {loss.item():.6f} |g| {norm.item():.4f} lr {lr:.5f}")
+    model.save_pretrained(os.path.join(out, "adapter_final"))
+    tensors = {"input_ids": ids.to(torch.int64).contiguous(), "loss_mask": loss_mask.contiguous(),
+               "losses": torch.tensor(losses, dtype=torch.float64), "grad_norms": torch.tensor(norms, dtype=torch.float64),
+               "learning_rates": torch.tensor(lrs, dtype=torch.float64)}
+    tensors.update({f"grad.{n}": g for n, g in grads.items()})
+    save_file(tensors, os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "train.json"), "w") as f:
+        json.dump(TRAIN, f, indent=1)
+    print("lora_train ->", out)
 
 
 def tiny_bert(hidden):
@@ -377,7 +453,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--verify", nargs=2, metavar=("ADAPTER_DIR", "CASE"))
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
-    ap.add_argument("--only", choices=["tiny", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2"])
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -385,6 +461,8 @@ if __name__ == "__main__":
         sys.exit(0 if verify_4bit(*a.verify_4bit) else 1)
     if a.only in (None, "tiny"):
         make_tiny()
+    if a.only in (None, "train"):
+        make_train()
     if a.only in (None, "bert"):
         make_bert()
     if a.only in (None, "bnb"):
