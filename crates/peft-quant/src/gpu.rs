@@ -86,11 +86,13 @@ fn dequantize_words_kernel<F: Float, N: Size>(
 }
 
 /// The small-batch product `out[r, j] = Σ_c x[r, c] · W[j, c]` for all `rows` input rows
-/// straight from the packed codes: one cube per output `j` (x and y of the cube grid). Its
-/// threads stride over the row of `W`, decode each word of codes once for every input row and
-/// sum in f32 (one accumulator per row), then reduce in shared memory. With `aligned` (`k` a
-/// multiple of 8) each thread decodes whole words, and one word never straddles two scale blocks
-/// (block sizes are multiples of 8); otherwise it decodes value by value.
+/// straight from the packed codes. Each cube computes [`GEMV_OUTPUTS`] consecutive outputs
+/// `j0..j0 + GEMV_OUTPUTS` (cube number from x and y of the grid): its threads stride over the
+/// rows of `W`, read each value of `x` once for all those outputs, decode each word of codes
+/// once for every input row and sum in f32 (one accumulator per row and output), then reduce in
+/// shared memory. With `aligned` (`k` a multiple of 8) each thread decodes whole words, and one
+/// word never straddles two scale blocks (block sizes are multiples of 8); otherwise it decodes
+/// value by value.
 #[cube(launch)]
 fn gemv_4bit_kernel<F: Float>(
     x: &Tensor<F>,
@@ -105,21 +107,34 @@ fn gemv_4bit_kernel<F: Float>(
     #[comptime] aligned: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let j = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    let outs = comptime!(GEMV_OUTPUTS);
+    let j0 = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize * outs;
     let (n, k, blocksize) = (n as usize, k as usize, blocksize as usize);
     let t = UNIT_POS_X as usize;
     let threads = CUBE_DIM_X as usize;
-    let mut acc = Array::<f32>::new(rows);
+    // acc[r * outs + o]: input row r against output j0 + o.
+    let mut acc = Array::<f32>::new(comptime!(rows * GEMV_OUTPUTS));
     #[unroll]
-    for r in 0..rows {
-        acc[r] = 0.0f32;
+    for i in 0..rows * outs {
+        acc[i] = 0.0f32;
     }
-    // Cubes past the last output still take part in the barriers below.
-    if j < n {
-        if aligned {
-            let words = k / 8;
-            let mut w = t;
-            while w < words {
+    // Outputs past n (the last cube) are computed from row n - 1 and never written, so every
+    // thread runs the same loop and reaches the barriers below.
+    if aligned {
+        let words = k / 8;
+        let mut w = t;
+        while w < words {
+            let mut xs = Array::<f32>::new(comptime!(rows * 8));
+            #[unroll]
+            for r in 0..rows {
+                #[unroll]
+                for e in 0..8usize {
+                    xs[r * 8 + e] = f32::cast_from(x[r * k + w * 8 + e]);
+                }
+            }
+            #[unroll]
+            for o in 0..outs {
+                let j = select(j0 + o < n, j0 + o, n - 1);
                 let word = packed[j * words + w];
                 let scale = scales[(j * k + w * 8) / blocksize];
                 let mut weights = Array::<f32>::new(8usize);
@@ -130,54 +145,61 @@ fn gemv_4bit_kernel<F: Float>(
                 }
                 #[unroll]
                 for r in 0..rows {
-                    let xs = r * k + w * 8;
                     let mut part = 0.0f32;
                     #[unroll]
                     for e in 0..8usize {
-                        part += weights[e] * f32::cast_from(x[xs + e]);
+                        part += weights[e] * xs[r * 8 + e];
                     }
-                    acc[r] += part * scale;
+                    acc[r * outs + o] += part * scale;
                 }
-                w += threads;
             }
-        } else {
-            let mut c = t;
-            while c < k {
-                let i = j * k + c;
+            w += threads;
+        }
+    } else {
+        let mut c = t;
+        while c < k {
+            #[unroll]
+            for o in 0..outs {
+                let i = select(j0 + o < n, j0 + o, n - 1) * k + c;
                 let weight = code[nibble(packed, i)] * scales[i / blocksize];
                 #[unroll]
                 for r in 0..rows {
-                    acc[r] += weight * f32::cast_from(x[r * k + c]);
+                    acc[r * outs + o] += weight * f32::cast_from(x[r * k + c]);
                 }
-                c += threads;
             }
+            c += threads;
         }
     }
-    // One slice of GEMV_THREADS partial sums per input row.
-    let mut sum = Shared::<[f32]>::new_slice(comptime!(GEMV_THREADS as usize * rows));
+    // One slice of GEMV_THREADS partial sums per (row, output).
+    let mut sum = Shared::<[f32]>::new_slice(comptime!(GEMV_THREADS as usize * rows * GEMV_OUTPUTS));
     #[unroll]
-    for r in 0..rows {
-        sum[r * threads + t] = acc[r];
+    for i in 0..rows * outs {
+        sum[i * threads + t] = acc[i];
     }
     sync_cube();
     let mut half = threads / 2;
     while half > 0 {
         if t < half {
             #[unroll]
-            for r in 0..rows {
-                sum[r * threads + t] += sum[r * threads + t + half];
+            for i in 0..rows * outs {
+                sum[i * threads + t] += sum[i * threads + t + half];
             }
         }
         sync_cube();
         half /= 2;
     }
-    if t < rows && j < n {
-        output[t * n + j] = F::cast_from(sum[t * threads]);
+    if t < rows * outs {
+        let (r, o) = (t / outs, t % outs);
+        if j0 + o < n {
+            output[r * n + j0 + o] = F::cast_from(sum[t * threads]);
+        }
     }
 }
 
 /// Threads per GEMV cube (a power of two: the reduction halves it).
 const GEMV_THREADS: u32 = 64;
+/// Outputs per GEMV cube: each value of `x` a thread reads serves this many rows of `W`.
+const GEMV_OUTPUTS: usize = 4;
 /// Largest number of input rows the GEMV serves; larger batches dequantize once and multiply.
 const GEMV_MAX_ROWS: usize = 4;
 /// Cubes per grid dimension that every runtime accepts (WebGPU's minimum limit).
@@ -270,7 +292,8 @@ fn gemv_4bit(x: CubeTensor, w: &Arc<Quantized4bit>) -> CubeTensor {
     let (m, n, k) = (x.meta.shape()[0], w.shape[0], w.shape[1]);
     let (packed, scales, code) = resident(&x, w);
     let output = empty_device_contiguous_dtype(client.clone(), device, Shape::new([m, n]), x.dtype);
-    let (cubes_x, cubes_y) = (n.min(MAX_CUBES_PER_DIM), n.div_ceil(MAX_CUBES_PER_DIM));
+    let cubes = n.div_ceil(GEMV_OUTPUTS);
+    let (cubes_x, cubes_y) = (cubes.min(MAX_CUBES_PER_DIM), cubes.div_ceil(MAX_CUBES_PER_DIM));
     let dtype = dtype_to_storage_type(x.dtype);
     gemv_4bit_kernel::launch(
         &client,

@@ -47,11 +47,12 @@ fn dequantize_kernel_matches_the_host_bit_for_bit() {
 
 /// Batches of 1 to 4 rows take the GEMV (which decodes each weight once for all of them), 5 rows
 /// the dequantize-then-matmul path; rows of 1024 make each GEMV thread stride several times, 63
-/// takes the value-by-value path.
+/// takes the value-by-value path. Neither 42 nor 33 outputs fill the last GEMV cube (4 outputs
+/// each).
 #[test]
 fn forward_matches_the_cpu_kernel_on_both_gpu_paths() {
     let (cpu, gpu) = (Device::flex(), gpu());
-    for (n, k) in [(40, 1024), (33, 63)] {
+    for (n, k) in [(42, 1024), (33, 63)] {
         for m in [1, 2, 3, 4, 5] {
             let x = input(m, k);
             let expected = nf4_forward(n, k, Tensor::from_data(x.clone(), &cpu));
@@ -61,12 +62,12 @@ fn forward_matches_the_cpu_kernel_on_both_gpu_paths() {
     }
 }
 
-/// More outputs than one grid dimension holds (65535 cubes): the GEMV spills into a second
-/// grid dimension and still writes every output once.
+/// More outputs than one grid dimension holds (65535 cubes of 4 outputs): the GEMV spills into
+/// a second grid dimension and still writes every output once.
 #[test]
 fn gemv_covers_outputs_beyond_one_grid_dimension() {
     let (cpu, gpu) = (Device::flex(), gpu());
-    let (n, k) = (65535 + 70, 16);
+    let (n, k) = (65535 * 4 + 70, 16);
     let x = input(1, k);
     let expected = nf4_forward(n, k, Tensor::from_data(x.clone(), &cpu));
     let got = nf4_forward(n, k, Tensor::from_data(x, &gpu));
