@@ -13,10 +13,14 @@
 //! - [`assets`]: models and data fetched from the Python package registry.
 //! - [`data`]: question/answer pairs (chatterbot corpus).
 //! - [`train`]: the causal-LM training loop (AdamW, schedule, accumulation, clipping).
+//! - [`loss`], [`swiglu`], [`causal_softmax`]: the softmax cross-entropy, the SwiGLU
+//!   activation and the causal attention weights as single operations with CPU kernels.
 
 pub mod assets;
 pub mod bert;
+pub mod causal_softmax;
 pub mod config;
+mod cpu;
 pub mod data;
 pub mod generate;
 pub mod gguf;
@@ -24,5 +28,6 @@ pub mod llama;
 pub mod load;
 pub mod loss;
 pub mod slot;
+pub mod swiglu;
 pub mod tokenizer;
 pub mod train;

@@ -7,8 +7,7 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use peft_core::params::frozen;
 use peft_core::target::ModuleKind;
 use peft_core::tensors::{HostTensor, TensorMap};
@@ -16,9 +15,11 @@ use peft_core::tuner::ModuleHost;
 use peft_core::{PeftError, Result};
 use peft_lora::{LoraHost, LoraLinear};
 
+use crate::causal_softmax::causal_softmax;
 use crate::config::LlamaConfig;
 use crate::loss::cross_entropy_rows;
 use crate::slot::{put_linear, quantization_config, take_linear};
+use crate::swiglu::swiglu;
 
 pub use crate::slot::LinearSlot;
 
@@ -60,7 +61,7 @@ pub struct Mlp {
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+            .forward(swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
     }
 }
 
@@ -150,7 +151,6 @@ impl Attention {
         &self,
         x: Tensor<3>,
         rope: (Tensor<4>, Tensor<4>),
-        mask: Option<Tensor<4, Bool>>,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
@@ -178,12 +178,10 @@ impl Attention {
         } else {
             (k, v)
         };
-        let mut scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
-        if let Some(mask) = mask {
-            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
-        }
-        // Softmax in f32 whatever the compute type (as transformers does).
-        let out = softmax(scores.cast(DType::F32), 3).cast(v.dtype()).matmul(v);
+        // Query i (absolute position t - s + i) sees keys 0..=t - s + i. Softmax in f32
+        // whatever the compute type (as transformers does).
+        let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
+        let out = causal_softmax(scores, 1.0 / (d as f64).sqrt()).cast(v.dtype()).matmul(v);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 }
@@ -348,14 +346,10 @@ impl LlamaForCausalLM {
         }
         let cfg = &self.config;
         let rope = rope_tables(start, s, cfg.head_dim(), cfg.rope_theta, &device);
-        // Query i (absolute position start+i) sees keys 0..=start+i.
-        let mask = (s > 1).then(|| {
-            Tensor::<2, Bool>::tril_mask([s, start + s], start as i64, &device).unsqueeze::<4>()
-        });
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), tokens);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            let a = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), rope.clone(), mask.clone(), slot);
+            let a = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), rope.clone(), slot);
             x = x + a;
             x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
         }

@@ -18,6 +18,8 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use peft_core::device::is_cpu;
+
+use crate::cpu::f32_values;
 use rayon::prelude::*;
 
 /// `logsumexp(logits[i]) - logits[i, targets[i]]` for every row `i` of `logits [n, v]`: the
@@ -56,13 +58,6 @@ pub trait CrossEntropyOps: Backend {
 /// The logits as f32 rows (borrowed when they already are contiguous f32) and the targets.
 fn host_inputs(logits: &FlexTensor, targets: FlexTensor) -> (std::borrow::Cow<'_, [f32]>, usize, Vec<usize>) {
     let v = *logits.layout().shape().last().expect("2-D logits");
-    let x = match logits.as_slice::<f32>() {
-        Some(x) => std::borrow::Cow::Borrowed(x),
-        None => {
-            let data = logits.clone().into_data().convert_dtype(DType::F32);
-            std::borrow::Cow::Owned(data.try_into_vec::<f32>().expect("converted to f32"))
-        }
-    };
     let t: Vec<usize> = targets
         .into_data()
         .iter::<i64>()
@@ -72,7 +67,7 @@ fn host_inputs(logits: &FlexTensor, targets: FlexTensor) -> (std::borrow::Cow<'_
             t as usize
         })
         .collect();
-    (x, v, t)
+    (f32_values(logits), v, t)
 }
 
 impl CrossEntropyOps for Flex {
@@ -149,41 +144,10 @@ impl<B: Backend + CrossEntropyOps, C: CheckpointStrategy> CrossEntropyOps for Au
     }
 }
 
-/// Row kernels whose loops the compiler vectorizes: lane-wise accumulators (a float sum is
-/// not reassociated otherwise) and an exponential made of arithmetic and bit operations
-/// (libm's `expf` is a call per value). Compiled for AVX-512 and AVX2 + FMA as well, picked
-/// at run time.
+/// Row kernels written as loops the compiler vectorizes (lane-wise accumulators, the
+/// arithmetic exponential of [`crate::cpu`]), dispatched to the widest vector instructions.
 mod vector {
-    /// Accumulator lanes: one AVX-512 register of f32.
-    const LANES: usize = 16;
-
-    /// `e^x` to within 2 ulp over the f32 range where it is normal (arguments are clamped to
-    /// `[-87, 88]`): `2^k · e^r` with `k = round(x / ln 2)`, `r` reduced in two parts
-    /// (Cody–Waite) and `e^r` a degree-7 polynomial (the Cephes `expf` coefficients).
-    #[inline(always)]
-    fn exp(x: f32) -> f32 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        // Adding then subtracting 1.5 · 2^23 rounds to the nearest integer without a call.
-        const ROUND: f32 = 12_582_912.0;
-        // Comparisons, not `clamp`/`max`, which add NaN handling that keeps LLVM scalar.
-        let x = if x < -87.0 { -87.0 } else { x };
-        let x = if x > 88.0 { 88.0 } else { x };
-        let shifted = x * LOG2E + ROUND;
-        let k = shifted - ROUND;
-        // The low mantissa bits of `shifted` hold k: 2^k from integer operations only.
-        let two_k = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
-        let r = x - k * LN2_HI - k * LN2_LO;
-        let p = 1.987_569_1e-4;
-        let p = p * r + 1.398_199_9e-3;
-        let p = p * r + 8.333_452e-3;
-        let p = p * r + 4.166_579_6e-2;
-        let p = p * r + 1.666_666_5e-1;
-        let p = p * r + 0.5;
-        let e_r = p * r * r + r + 1.0;
-        e_r * two_k
-    }
+    use crate::cpu::{LANES, exp, simd_dispatch};
 
     /// `(max(row), Σ e^(row - max))`.
     #[inline(always)]
@@ -216,80 +180,19 @@ mod vector {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        #[target_feature(enable = "avx512f")]
-        pub(super) fn max_and_sum_exp_avx512(row: &[f32]) -> (f32, f32) {
-            super::max_and_sum_exp_body(row)
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn max_and_sum_exp_avx2(row: &[f32]) -> (f32, f32) {
-            super::max_and_sum_exp_body(row)
-        }
-
-        #[target_feature(enable = "avx512f")]
-        pub(super) fn scaled_exp_avx512(row: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
-            super::scaled_exp_body(row, shift, scale, out)
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn scaled_exp_avx2(row: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
-            super::scaled_exp_body(row, shift, scale, out)
-        }
+    simd_dispatch! {
+        /// `(max(row), Σ e^(row - max))` (`(-inf, 0)` for an empty row).
+        pub fn max_and_sum_exp(row: &[f32]) -> (f32, f32) => max_and_sum_exp_body
     }
 
-    /// `(max(row), Σ e^(row - max))` (`(-inf, 0)` for an empty row).
-    pub fn max_and_sum_exp(row: &[f32]) -> (f32, f32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F.
-                return unsafe { x86::max_and_sum_exp_avx512(row) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA.
-                return unsafe { x86::max_and_sum_exp_avx2(row) };
-            }
-        }
-        max_and_sum_exp_body(row)
-    }
-
-    /// `out = scale · e^(row - shift)`.
-    pub fn scaled_exp(row: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F.
-                return unsafe { x86::scaled_exp_avx512(row, shift, scale, out) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA.
-                return unsafe { x86::scaled_exp_avx2(row, shift, scale, out) };
-            }
-        }
-        scaled_exp_body(row, shift, scale, out)
+    simd_dispatch! {
+        /// `out = scale · e^(row - shift)`.
+        pub fn scaled_exp(row: &[f32], shift: f32, scale: f32, out: &mut [f32]) => scaled_exp_body
     }
 
     #[cfg(test)]
     mod tests {
         use super::*;
-
-        /// Within 2 ulp of the correctly rounded `e^x` (f64 reference) across the range the
-        /// loss uses, including tiny results.
-        #[test]
-        fn exponential_is_within_two_ulp() {
-            let mut worst = 0u32;
-            for i in 0..=200_000 {
-                let x = -87.0 + 175.0 * i as f32 / 200_000.0;
-                let want = (x as f64).exp() as f32;
-                let got = exp(x);
-                worst = worst.max(got.to_bits().abs_diff(want.to_bits()));
-            }
-            assert!(worst <= 2, "worst error {worst} ulp");
-            assert_eq!(exp(0.0), 1.0);
-            assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
-        }
 
         /// The dispatched (vector) kernels agree with the plain loops, tails included.
         #[test]

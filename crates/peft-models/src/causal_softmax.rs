@@ -1,0 +1,231 @@
+//! The attention weights of a causal decoder, `softmax(scale · scores)` over the positions each
+//! query may see, as one operation.
+//!
+//! Composed from burn ops it is a scaling, a mask fill and a softmax (max, subtract, `expf` per
+//! value, sum, divide) forward, their backward passes after, and autodiff keeps several
+//! `[batch, heads, queries, keys]` tensors. On the CPU this operation reads the scores once
+//! forward (writing the weights with the vectorized exponential of [`crate::cpu`]) and the
+//! weights and their gradient once backward, and keeps only the weights. Other devices use the
+//! burn composition.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Tensor, TensorData};
+use peft_core::device::is_cpu;
+use rayon::prelude::*;
+
+use crate::cpu::{LANES, exp, f32_values, simd_dispatch};
+
+/// `softmax(scale · scores)` along the last axis of `scores [batch, heads, queries, keys]`,
+/// where query `i` sees keys `0..=i + keys - queries` (the queries are the last ones of the
+/// sequence, as with a KV cache); the weights of the keys it cannot see are 0.
+/// Differentiable in `scores`.
+pub fn causal_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
+    let [_, _, s, t] = scores.dims();
+    assert!(s <= t, "causal softmax: {s} queries but only {t} keys");
+    if is_cpu(&scores.device()) {
+        Tensor::from_dispatch(<Dispatch as CausalSoftmaxOps>::causal_softmax(scores.into_dispatch(), scale as f32))
+    } else {
+        let scores = scores.mul_scalar(scale);
+        let scores = if s > 1 {
+            let mask = Tensor::<2, Bool>::tril_mask([s, t], (t - s) as i64, &scores.device()).unsqueeze::<4>();
+            scores.mask_fill(mask, f32::NEG_INFINITY)
+        } else {
+            scores
+        };
+        softmax(scores, 3)
+    }
+}
+
+/// The operation and its gradient as backend operations.
+#[backend_extension(Flex, Autodiff)]
+pub trait CausalSoftmaxOps: Backend {
+    /// The weights `[batch, heads, queries, keys]` (see [`causal_softmax`]).
+    fn causal_softmax(scores: FloatTensor<Self>, scale: f32) -> FloatTensor<Self>;
+
+    /// The gradient in the scores from the weights `p` and their gradient `grad`:
+    /// `scale · p · (grad - Σ_keys grad · p)`.
+    fn causal_softmax_backward(p: FloatTensor<Self>, grad: FloatTensor<Self>, scale: f32) -> FloatTensor<Self>;
+}
+
+/// `out[..n] = softmax(scale · row[..n])`, `out[n..] = 0` (`scale > 0`).
+#[inline(always)]
+fn forward_body(row: &[f32], n: usize, scale: f32, out: &mut [f32]) {
+    let (seen, hidden) = row.split_at(n);
+    let (out_seen, out_hidden) = out.split_at_mut(n);
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = seen.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sums = [0f32; LANES];
+    let mut outs = out_seen.chunks_exact_mut(LANES);
+    for (o, c) in (&mut outs).zip(seen.chunks_exact(LANES)) {
+        for ((o, s), &x) in o.iter_mut().zip(sums.iter_mut()).zip(c) {
+            *o = exp(scale * (x - max));
+            *s += *o;
+        }
+    }
+    let mut sum = sums.iter().sum::<f32>();
+    for (o, &x) in outs.into_remainder().iter_mut().zip(tail) {
+        *o = exp(scale * (x - max));
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    for o in out_seen.iter_mut() {
+        *o *= inv;
+    }
+    debug_assert_eq!(hidden.len(), out_hidden.len());
+    out_hidden.fill(0.0);
+}
+
+/// `out = scale · p · (g - Σ g · p)` over one row.
+#[inline(always)]
+fn backward_body(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) {
+    let mut sums = [0f32; LANES];
+    let chunks = p.chunks_exact(LANES).zip(g.chunks_exact(LANES));
+    for (p, g) in chunks {
+        for ((s, &p), &g) in sums.iter_mut().zip(p).zip(g) {
+            *s += p * g;
+        }
+    }
+    let done = p.len() / LANES * LANES;
+    let dot = sums.iter().sum::<f32>() + p[done..].iter().zip(&g[done..]).map(|(p, g)| p * g).sum::<f32>();
+    for ((o, &p), &g) in out.iter_mut().zip(p).zip(g) {
+        *o = scale * p * (g - dot);
+    }
+}
+
+simd_dispatch! {
+    fn forward_row(row: &[f32], n: usize, scale: f32, out: &mut [f32]) => forward_body
+}
+
+simd_dispatch! {
+    fn backward_row(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) => backward_body
+}
+
+/// Rows per parallel task: a row of attention scores is short.
+const ROWS_PER_TASK: usize = 64;
+
+impl CausalSoftmaxOps for Flex {
+    fn causal_softmax(scores: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        let (dtype, shape) = (scores.dtype(), scores.layout().shape().clone());
+        let (s, t) = (shape[2], shape[3]);
+        let x = f32_values(&scores);
+        let mut out = vec![0f32; x.len()];
+        if t > 0 {
+            out.par_chunks_mut(t * ROWS_PER_TASK).zip(x.par_chunks(t * ROWS_PER_TASK)).enumerate().for_each(
+                |(task, (out, x))| {
+                    for (r, (out, row)) in out.chunks_mut(t).zip(x.chunks(t)).enumerate() {
+                        // Query i of its (batch, head) sees keys 0..=i + t - s.
+                        let i = (task * ROWS_PER_TASK + r) % s;
+                        forward_row(row, i + t - s + 1, scale, out);
+                    }
+                },
+            );
+        }
+        FlexTensor::from_data(TensorData::new(out, shape).convert_dtype(dtype))
+    }
+
+    fn causal_softmax_backward(p: FloatTensor<Self>, grad: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        let (dtype, shape) = (p.dtype(), p.layout().shape().clone());
+        let t = shape[3];
+        let (p, g) = (f32_values(&p), f32_values(&grad));
+        let mut out = vec![0f32; p.len()];
+        if t > 0 {
+            let chunk = t * ROWS_PER_TASK;
+            out.par_chunks_mut(chunk).zip(p.par_chunks(chunk).zip(g.par_chunks(chunk))).for_each(|(out, (p, g))| {
+                for ((out, p), g) in out.chunks_mut(t).zip(p.chunks(t)).zip(g.chunks(t)) {
+                    backward_row(p, g, scale, out);
+                }
+            });
+        }
+        FlexTensor::from_data(TensorData::new(out, shape).convert_dtype(dtype))
+    }
+}
+
+/// The backward pass: the weights (only) are kept from the forward pass.
+#[derive(Debug)]
+struct CausalSoftmaxBackward;
+
+impl<B: Backend + CausalSoftmaxOps> Backward<B, 1> for CausalSoftmaxBackward {
+    type State = (FloatTensor<B>, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let (p, scale) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| B::causal_softmax_backward(p, grad, scale));
+    }
+}
+
+impl<B: Backend + CausalSoftmaxOps, C: CheckpointStrategy> CausalSoftmaxOps for Autodiff<B, C> {
+    fn causal_softmax(scores: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        let parent = scores.node();
+        let scores = scores.into_primitive();
+        match CausalSoftmaxBackward.prepare::<C>([parent]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let p = B::causal_softmax(scores, scale);
+                prep.finish((p.clone(), scale), p)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::causal_softmax(scores, scale)),
+        }
+    }
+
+    fn causal_softmax_backward(p: FloatTensor<Self>, grad: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::causal_softmax_backward(p.into_primitive(), grad.into_primitive(), scale))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution, Tolerance};
+
+    /// The burn composition the operation replaces.
+    fn reference(scores: Tensor<4>, scale: f64) -> Tensor<4> {
+        let [_, _, s, t] = scores.dims();
+        let mask = Tensor::<2, Bool>::tril_mask([s, t], (t - s) as i64, &scores.device()).unsqueeze::<4>();
+        softmax(scores.mul_scalar(scale).mask_fill(mask, f32::NEG_INFINITY), 3)
+    }
+
+    /// Equal to scale + causal mask + softmax from burn ops, value and gradient, on the CPU
+    /// autodiff device: a square (training) case with rows longer than the vector width and a
+    /// partial task, and a KV-cache case with fewer queries than keys.
+    #[test]
+    fn matches_the_burn_composition_forward_and_backward() {
+        let device = Device::flex().autodiff();
+        device.seed(9);
+        for (shape, scale) in [([2, 3, 37, 37], 0.125), ([1, 2, 3, 20], 0.5), ([1, 1, 1, 5], 1.0)] {
+            let scores = Tensor::<4>::random(shape, Distribution::Normal(0.0, 3.0), &device);
+            let weights = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+
+            let a = scores.clone().detach().require_grad();
+            let p = causal_softmax(a.clone(), scale);
+            let ga = a.grad(&(p.clone() * weights.clone()).sum().backward()).unwrap();
+
+            let b = scores.detach().require_grad();
+            let q = reference(b.clone(), scale);
+            let gb = b.grad(&(q.clone() * weights).sum().backward()).unwrap();
+
+            let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-6);
+            p.clone().into_data().assert_approx_eq::<f32>(&q.into_data(), tol);
+            ga.into_data().assert_approx_eq::<f32>(&gb.into_data(), tol);
+            // Hidden keys get exactly zero weight.
+            let [_, _, s, t] = shape;
+            let p = p.into_data().try_to_vec::<f32>().unwrap();
+            for (r, row) in p.chunks(t).enumerate() {
+                let seen = r % s + t - s + 1;
+                assert!(row[seen..].iter().all(|&w| w == 0.0), "{shape:?} row {r}");
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! What the fused CPU operations ([`crate::loss`], [`crate::swiglu`]) share: an exponential
+//! the compiler vectorizes (libm's `expf` is a call per value), a runtime pick of the widest
+//! vector instructions the processor has, and f32 views of flex tensors.
+
+use std::borrow::Cow;
+
+use burn::backend::flex::FlexTensor;
+use burn::tensor::DType;
+
+/// Accumulator lanes: one AVX-512 register of f32. Loops that sum into `LANES` separate
+/// accumulators vectorize (a float sum is not reassociated otherwise).
+pub(crate) const LANES: usize = 16;
+
+/// `e^x` to within 2 ulp over the f32 range where it is normal (arguments are clamped to
+/// `[-87, 88]`): `2^k · e^r` with `k = round(x / ln 2)`, `r` reduced in two parts
+/// (Cody–Waite) and `e^r` a degree-7 polynomial (the Cephes `expf` coefficients).
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding then subtracting 1.5 · 2^23 rounds to the nearest integer without a call.
+    const ROUND: f32 = 12_582_912.0;
+    // Comparisons, not `clamp`/`max`, which add NaN handling that keeps LLVM scalar.
+    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
+    let shifted = x * LOG2E + ROUND;
+    let k = shifted - ROUND;
+    // The low mantissa bits of `shifted` hold k: 2^k from integer operations only.
+    let two_k = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    e_r * two_k
+}
+
+/// `fn $name(args) -> ret` that runs the `#[inline(always)]` function `$body` compiled for
+/// AVX-512F, else AVX2 + FMA, when the processor has them (checked at run time), else as
+/// built. The body is written once, as plain loops the compiler vectorizes.
+macro_rules! simd_dispatch {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the processor has AVX-512F.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the processor has AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
+/// The values of `t` as f32 in logical order: borrowed when `t` already is contiguous f32,
+/// converted otherwise.
+pub(crate) fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(x) => Cow::Borrowed(x),
+        None => {
+            let data = t.clone().into_data().convert_dtype(DType::F32);
+            Cow::Owned(data.try_into_vec::<f32>().expect("converted to f32"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Within 2 ulp of the correctly rounded `e^x` (f64 reference) across the clamped range,
+    /// including tiny results.
+    #[test]
+    fn exponential_is_within_two_ulp() {
+        let mut worst = 0u32;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp() as f32;
+            let got = exp(x);
+            worst = worst.max(got.to_bits().abs_diff(want.to_bits()));
+        }
+        assert!(worst <= 2, "worst error {worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
+        assert!(exp(1000.0).is_finite());
+    }
+}
