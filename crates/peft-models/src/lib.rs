@@ -13,8 +13,9 @@
 //! - [`assets`]: models and data fetched from the Python package registry.
 //! - [`data`]: question/answer pairs (chatterbot corpus).
 //! - [`train`]: the causal-LM training loop (AdamW, schedule, accumulation, clipping).
-//! - [`loss`], [`swiglu`], [`causal_softmax`]: the softmax cross-entropy, the SwiGLU
-//!   activation and the causal attention weights as single operations with CPU kernels.
+//! - [`loss`], [`swiglu`], [`causal_softmax`], [`rms_norm`]: the softmax cross-entropy, the
+//!   SwiGLU activation, the causal attention weights and RMSNorm as single operations with CPU
+//!   kernels.
 
 pub mod assets;
 pub mod bert;
@@ -27,6 +28,7 @@ pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod loss;
+pub mod rms_norm;
 pub mod slot;
 pub mod swiglu;
 pub mod tokenizer;

@@ -18,6 +18,7 @@ use peft_lora::{LoraHost, LoraLinear};
 use crate::causal_softmax::causal_softmax;
 use crate::config::LlamaConfig;
 use crate::loss::cross_entropy_rows;
+use crate::rms_norm::rms_norm;
 use crate::slot::{put_linear, quantization_config, take_linear};
 use crate::swiglu::swiglu;
 
@@ -33,10 +34,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Normalised in f32 whatever the input's type (as transformers does), then scaled in it.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32);
-        let rms = x.clone().powi_scalar(2).mean_dim(2).add_scalar(self.eps).sqrt();
-        x.div(rms).cast(dtype).mul(self.weight.val().unsqueeze::<3>())
+        rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
