@@ -20,7 +20,7 @@ use burn::tensor::{Bool, Tensor, TensorData};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use crate::cpu::{LANES, exp, f32_values, simd_dispatch};
+use crate::cpu::{LANES, dot, exp, f32_values, simd_dispatch};
 
 /// `softmax(scale · scores)` along the last axis of `scores [batch, heads, queries, keys]`,
 /// where query `i` sees keys `0..=i + keys - queries` (the queries are the last ones of the
@@ -92,17 +92,9 @@ fn forward_body(row: &[f32], n: usize, scale: f32, out: &mut [f32]) {
 /// `out = scale · p · (g - Σ g · p)` over one row.
 #[inline(always)]
 fn backward_body(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) {
-    let mut sums = [0f32; LANES];
-    let chunks = p.chunks_exact(LANES).zip(g.chunks_exact(LANES));
-    for (p, g) in chunks {
-        for ((s, &p), &g) in sums.iter_mut().zip(p).zip(g) {
-            *s += p * g;
-        }
-    }
-    let done = p.len() / LANES * LANES;
-    let dot = sums.iter().sum::<f32>() + p[done..].iter().zip(&g[done..]).map(|(p, g)| p * g).sum::<f32>();
+    let pg = dot(p, g);
     for ((o, &p), &g) in out.iter_mut().zip(p).zip(g) {
-        *o = scale * p * (g - dot);
+        *o = scale * p * (g - pg);
     }
 }
 

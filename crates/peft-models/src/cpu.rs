@@ -1,6 +1,7 @@
-//! What the fused CPU operations ([`crate::loss`], [`crate::swiglu`]) share: an exponential
-//! the compiler vectorizes (libm's `expf` is a call per value), a runtime pick of the widest
-//! vector instructions the processor has, and f32 views of flex tensors.
+//! What the fused CPU operations ([`crate::loss`], [`crate::swiglu`],
+//! [`crate::causal_softmax`], [`crate::rms_norm`]) share: an exponential and a dot product the
+//! compiler vectorizes (libm's `expf` is a call per value), a runtime pick of the widest vector
+//! instructions the processor has, and f32 views of flex tensors.
 
 use std::borrow::Cow;
 
@@ -37,6 +38,21 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
     e_r * two_k
+}
+
+/// `Σ a · b` over the common length, with lane-wise accumulators (which vectorize).
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut sums = [0f32; LANES];
+    for (a, b) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+        for ((s, &a), &b) in sums.iter_mut().zip(a).zip(b) {
+            *s += a * b;
+        }
+    }
+    let done = n / LANES * LANES;
+    sums.iter().sum::<f32>() + a[done..].iter().zip(&b[done..]).map(|(a, b)| a * b).sum::<f32>()
 }
 
 /// `fn $name(args) -> ret` that runs the `#[inline(always)]` function `$body` compiled for

@@ -18,7 +18,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use crate::cpu::{LANES, f32_values, simd_dispatch};
+use crate::cpu::{dot, f32_values, simd_dispatch};
 
 /// `x / sqrt(mean(x²) + eps) · weight` over the last axis of `x`, normalized in f32 whatever
 /// the type of `x` (as transformers does) and returned in that type. Differentiable in `x` and
@@ -54,19 +54,6 @@ pub trait RmsNormOps: Backend {
         grad: FloatTensor<Self>,
         eps: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
-}
-
-/// `Σ a · b` with lane-wise accumulators (which vectorize).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut sums = [0f32; LANES];
-    for (a, b) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
-        for ((s, &a), &b) in sums.iter_mut().zip(a).zip(b) {
-            *s += a * b;
-        }
-    }
-    let done = a.len() / LANES * LANES;
-    sums.iter().sum::<f32>() + a[done..].iter().zip(&b[done..]).map(|(a, b)| a * b).sum::<f32>()
 }
 
 /// `1 / sqrt(mean(row²) + eps)`.
