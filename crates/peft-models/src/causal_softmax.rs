@@ -12,15 +12,14 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use crate::cpu::{LANES, dot, exp, f32_values, simd_dispatch};
+use crate::cpu::{LANES, dot, exp, f32_values, flex_tensor, max, simd_dispatch};
 
 /// `softmax(scale · scores)` along the last axis of `scores [batch, heads, queries, keys]`,
 /// where query `i` sees keys `0..=i + keys - queries` (the queries are the last ones of the
@@ -59,15 +58,8 @@ pub trait CausalSoftmaxOps: Backend {
 fn forward_body(row: &[f32], n: usize, scale: f32, out: &mut [f32]) {
     let (seen, hidden) = row.split_at(n);
     let (out_seen, out_hidden) = out.split_at_mut(n);
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = seen.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    let max = tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let max = max(seen);
+    let tail = seen.chunks_exact(LANES).remainder();
     let mut sums = [0f32; LANES];
     let mut outs = out_seen.chunks_exact_mut(LANES);
     for (o, c) in (&mut outs).zip(seen.chunks_exact(LANES)) {
@@ -126,7 +118,7 @@ impl CausalSoftmaxOps for Flex {
                 },
             );
         }
-        FlexTensor::from_data(TensorData::new(out, shape).convert_dtype(dtype))
+        flex_tensor(out, shape, dtype)
     }
 
     fn causal_softmax_backward(p: FloatTensor<Self>, grad: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
@@ -142,7 +134,7 @@ impl CausalSoftmaxOps for Flex {
                 }
             });
         }
-        FlexTensor::from_data(TensorData::new(out, shape).convert_dtype(dtype))
+        flex_tensor(out, shape, dtype)
     }
 }
 

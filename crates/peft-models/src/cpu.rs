@@ -1,12 +1,17 @@
 //! What the fused CPU operations ([`crate::loss`], [`crate::swiglu`],
 //! [`crate::causal_softmax`], [`crate::rms_norm`]) share: an exponential and a dot product the
 //! compiler vectorizes (libm's `expf` is a call per value), a runtime pick of the widest vector
-//! instructions the processor has, and f32 views of flex tensors.
+//! instructions the processor has, f32 views of flex tensors and back, and the backward step
+//! of an operation whose one kernel yields the gradients of both its inputs.
 
 use std::borrow::Cow;
 
+use burn::backend::Backend;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::Ops;
 use burn::backend::flex::FlexTensor;
-use burn::tensor::DType;
+use burn::backend::tensor::FloatTensor;
+use burn::tensor::{DType, Shape, TensorData};
 
 /// Accumulator lanes: one AVX-512 register of f32. Loops that sum into `LANES` separate
 /// accumulators vectorize (a float sum is not reassociated otherwise).
@@ -38,6 +43,20 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
     e_r * two_k
+}
+
+/// `max(row)` (`-inf` for an empty row), with lane-wise maxima (which vectorize).
+#[inline(always)]
+pub(crate) fn max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }
 
 /// `Σ a · b` over the common length, with lane-wise accumulators (which vectorize).
@@ -96,6 +115,30 @@ pub(crate) fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
             let data = t.clone().into_data().convert_dtype(DType::F32);
             Cow::Owned(data.try_into_vec::<f32>().expect("converted to f32"))
         }
+    }
+}
+
+/// `values` (f32) as a flex tensor of `shape` in `dtype`: the way back from [`f32_values`].
+pub(crate) fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape).convert_dtype(dtype))
+}
+
+/// The backward step of a two-input operation whose kernel `gradients` computes both inputs'
+/// gradients from the kept state and the output's gradient in one pass (burn's `binary` runs
+/// one closure per input).
+pub(crate) fn backward_pair<B: Backend, S>(
+    ops: Ops<S, 2>,
+    grads: &mut Gradients,
+    gradients: impl FnOnce(S, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>),
+) {
+    let grad = grads.consume::<B>(&ops.node);
+    let (first, second) = gradients(ops.state, grad);
+    let [first_node, second_node] = ops.parents;
+    if let Some(node) = first_node {
+        grads.register::<B>(node.id, first);
+    }
+    if let Some(node) = second_node {
+        grads.register::<B>(node.id, second);
     }
 }
 

@@ -16,11 +16,11 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 use peft_core::device::is_cpu;
-
-use crate::cpu::f32_values;
 use rayon::prelude::*;
+
+use crate::cpu::{f32_values, flex_tensor};
 
 /// `logsumexp(logits[i]) - logits[i, targets[i]]` for every row `i` of `logits [n, v]`: the
 /// negative log-likelihood of each row's target. Differentiable in `logits`.
@@ -83,7 +83,7 @@ impl CrossEntropyOps for Flex {
             })
             .collect();
         let n = nll.len();
-        FlexTensor::from_data(TensorData::new(nll, [n]).convert_dtype(dtype))
+        flex_tensor(nll, [n], dtype)
     }
 
     fn cross_entropy_rows_backward(
@@ -94,14 +94,14 @@ impl CrossEntropyOps for Flex {
         let dtype = logits.dtype();
         let shape = logits.layout().shape().clone();
         let (x, v, t) = host_inputs(&logits, targets);
-        let g = grad.into_data().convert_dtype(DType::F32).try_into_vec::<f32>().expect("converted to f32");
+        let g = f32_values(&grad);
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(v.max(1)).zip(x.par_chunks(v.max(1))).zip(&t).zip(&g).for_each(|(((out, row), &t), &g)| {
+        dx.par_chunks_mut(v.max(1)).zip(x.par_chunks(v.max(1))).zip(&t).zip(&*g).for_each(|(((out, row), &t), &g)| {
             let (max, sum) = vector::max_and_sum_exp(row);
             vector::scaled_exp(row, max, g / sum, out);
             out[t] -= g;
         });
-        FlexTensor::from_data(TensorData::new(dx, shape).convert_dtype(dtype))
+        flex_tensor(dx, shape, dtype)
     }
 }
 
@@ -147,22 +147,15 @@ impl<B: Backend + CrossEntropyOps, C: CheckpointStrategy> CrossEntropyOps for Au
 /// Row kernels written as loops the compiler vectorizes (lane-wise accumulators, the
 /// arithmetic exponential of [`crate::cpu`]), dispatched to the widest vector instructions.
 mod vector {
-    use crate::cpu::{LANES, exp, simd_dispatch};
+    use crate::cpu::{LANES, exp, max, simd_dispatch};
 
     /// `(max(row), Σ e^(row - max))`.
     #[inline(always)]
     fn max_and_sum_exp_body(row: &[f32]) -> (f32, f32) {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        let chunks = row.chunks_exact(LANES);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for (m, &x) in lanes.iter_mut().zip(c) {
-                *m = if x > *m { x } else { *m };
-            }
-        }
-        let max = tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let max = max(row);
         let mut sums = [0f32; LANES];
         let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
         for c in chunks {
             for (s, &x) in sums.iter_mut().zip(c) {
                 *s += exp(x - max);
@@ -219,7 +212,7 @@ mod vector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution, Tolerance};
+    use burn::tensor::{Device, Distribution, TensorData, Tolerance};
 
     /// The fused operation equals the burn composition (`-log_softmax` gathered), value and
     /// gradient, on the CPU autodiff device.

@@ -11,14 +11,13 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use crate::cpu::{dot, f32_values, simd_dispatch};
+use crate::cpu::{backward_pair, dot, f32_values, flex_tensor, simd_dispatch};
 
 /// `x / sqrt(mean(x²) + eps) · weight` over the last axis of `x`, normalized in f32 whatever
 /// the type of `x` (as transformers does) and returned in that type. Differentiable in `x` and
@@ -111,7 +110,7 @@ impl RmsNormOps for Flex {
         let mut out = vec![0f32; xs.len()];
         let chunk = (w.len() * ROWS_PER_TASK).max(1);
         out.par_chunks_mut(chunk).zip(xs.par_chunks(chunk)).for_each(|(out, x)| forward_rows(x, &w, eps, out));
-        FlexTensor::from_data(TensorData::new(out, shape).convert_dtype(dtype))
+        flex_tensor(out, shape, dtype)
     }
 
     fn rms_norm_backward(
@@ -142,10 +141,7 @@ impl RmsNormOps for Flex {
                 *s += v;
             }
         }
-        (
-            FlexTensor::from_data(TensorData::new(dx, shape).convert_dtype(dtype)),
-            FlexTensor::from_data(TensorData::new(dw, [n]).convert_dtype(w_dtype)),
-        )
+        (flex_tensor(dx, shape, dtype), flex_tensor(dw, [n], w_dtype))
     }
 }
 
@@ -157,16 +153,7 @@ impl<B: Backend + RmsNormOps> Backward<B, 2> for RmsNormBackward {
     type State = (FloatTensor<B>, FloatTensor<B>, f32);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let (x, weight, eps) = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        let (dx, d_weight) = B::rms_norm_backward(x, weight, grad, eps);
-        let [x_node, weight_node] = ops.parents;
-        if let Some(node) = x_node {
-            grads.register::<B>(node.id, dx);
-        }
-        if let Some(node) = weight_node {
-            grads.register::<B>(node.id, d_weight);
-        }
+        backward_pair::<B, _>(ops, grads, |(x, weight, eps), grad| B::rms_norm_backward(x, weight, grad, eps));
     }
 }
 

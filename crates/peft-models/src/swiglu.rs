@@ -11,15 +11,14 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::activation::silu;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use crate::cpu::{exp, f32_values, simd_dispatch};
+use crate::cpu::{backward_pair, exp, f32_values, flex_tensor, simd_dispatch};
 
 /// `silu(gate) · up = gate · sigmoid(gate) · up`, element by element. Differentiable in both.
 ///
@@ -89,7 +88,7 @@ impl SwigluOps for Flex {
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (a, u))| forward_chunk(a, u, o));
-        FlexTensor::from_data(TensorData::new(out, shape).convert_dtype(dtype))
+        flex_tensor(out, shape, dtype)
     }
 
     fn swiglu_backward(
@@ -105,8 +104,7 @@ impl SwigluOps for Flex {
             .zip(d_up.par_chunks_mut(CHUNK))
             .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(g.par_chunks(CHUNK)))
             .for_each(|((dg, du), ((a, u), g))| backward_chunk(a, u, g, dg, du));
-        let tensor = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, shape.clone()).convert_dtype(dtype));
-        (tensor(d_gate), tensor(d_up))
+        (flex_tensor(d_gate, shape.clone(), dtype), flex_tensor(d_up, shape, dtype))
     }
 }
 
@@ -118,16 +116,7 @@ impl<B: Backend + SwigluOps> Backward<B, 2> for SwigluBackward {
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let (gate, up) = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        let (d_gate, d_up) = B::swiglu_backward(gate, up, grad);
-        let [gate_node, up_node] = ops.parents;
-        if let Some(node) = gate_node {
-            grads.register::<B>(node.id, d_gate);
-        }
-        if let Some(node) = up_node {
-            grads.register::<B>(node.id, d_up);
-        }
+        backward_pair::<B, _>(ops, grads, |(gate, up), grad| B::swiglu_backward(gate, up, grad));
     }
 }
 
@@ -157,7 +146,7 @@ impl<B: Backend + SwigluOps, C: CheckpointStrategy> SwigluOps for Autodiff<B, C>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution, Tolerance};
+    use burn::tensor::{Device, Distribution, TensorData, Tolerance};
 
     /// The fused operation equals `silu(gate) * up` composed from burn ops, value and both
     /// gradients, on the CPU autodiff device; sizes cover a partial chunk and the vector tails.
