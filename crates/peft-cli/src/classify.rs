@@ -82,7 +82,7 @@ pub(crate) fn train(run: Run) -> Result<()> {
     }
     eprintln!("loading {}", model_dir.display());
     let (model, tok) = load_bert_classifier(&model_dir, labels.len(), &run.device)?;
-    let max_len = a.max_len.unwrap_or(128);
+    let max_len = crate::usage::max_len(a.max_len, 128, model.config.max_position_embeddings)?;
     let train_set = encode(&data, &text_col, &label_col, &labels, &tok, max_len)?;
     let eval = a.eval_data.as_ref().map(|p| encode(p, &text_col, &label_col, &labels, &tok, max_len)).transpose()?;
     let (train_set, eval_set) = hold_out(train_set, eval);
@@ -116,7 +116,7 @@ pub(crate) fn train(run: Run) -> Result<()> {
 }
 
 /// `peft eval --task classification`: accuracy and macro-F1 of a trained adapter.
-pub fn eval(model_dir: &Path, adapter: &Path, data: &Path, text_col: &str, label_col: &str, device: &burn::tensor::Device) -> Result<serde_json::Value> {
+pub fn eval(model_dir: &Path, adapter: &Path, data: &Path, text_col: &str, label_col: &str, max_len: Option<usize>, device: &burn::tensor::Device) -> Result<serde_json::Value> {
     let labels_path = adapter.join(LABELS_FILE);
     let labels: Vec<String> = serde_json::from_str(
         &std::fs::read_to_string(&labels_path).with_context(|| format!("{} (written by peft train --task classification)", labels_path.display()))?,
@@ -124,9 +124,10 @@ pub fn eval(model_dir: &Path, adapter: &Path, data: &Path, text_col: &str, label
     let files = load_adapter(adapter)?;
     let config = LoraConfig::from_json(&files.config)?;
     let (model, tok) = load_bert_classifier(model_dir, labels.len(), device)?;
+    let max_len = crate::usage::max_len(max_len, 128, model.config.max_position_embeddings)?;
     let model = config.apply(model, "default")?;
     let model = config.load_state(model, "default", files.tensors, &adapter.join(WEIGHTS_FILE))?;
-    let set = encode(data, text_col, label_col, &labels, &tok, 128)?;
+    let set = encode(data, text_col, label_col, &labels, &tok, max_len)?;
     let (acc, f1) = scores(&model, &set, labels.len());
     Ok(serde_json::json!({"accuracy": acc, "macro_f1": f1, "examples": set.len()}))
 }
@@ -148,7 +149,7 @@ pub fn quantize_folder(model_dir: &Path, out: &Path, spec: peft_quant::QuantSpec
     }
     config["quantization_config"] = model.quantization_config().context("no linear weight to quantize")?;
 
-    crate::write_folder_atomically(out, |tmp| {
+    peft_core::folder::write_folder(out, |tmp| -> Result<()> {
         write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
         tensors.write_safetensors(&tmp.join("model.safetensors"))?;
         for entry in std::fs::read_dir(model_dir).with_context(|| model_dir.display().to_string())? {

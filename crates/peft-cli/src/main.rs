@@ -5,16 +5,18 @@ mod data;
 mod plot;
 mod quant;
 mod train;
+mod usage;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::tuner::Tuner;
 use peft_lora::{LoraConfig, LoraHost, dequantize_base, merge_and_unload_state, quantize_base, quantized_footprint};
 use peft_models::generate::greedy;
 use peft_models::load::{LoadedModel, load_causal_lm};
+use usage::usage;
 
 /// Large buffers on transparent huge pages (see `peft_core::alloc`).
 #[global_allocator]
@@ -42,8 +44,9 @@ enum Command {
         adapter: Option<PathBuf>,
         #[arg(long)]
         data: PathBuf,
-        #[arg(long, default_value_t = 256)]
-        max_len: usize,
+        /// Longest sequence in tokens [default: 256 for causal-lm, 128 for classification].
+        #[arg(long)]
+        max_len: Option<usize>,
         /// causal-lm (loss, perplexity) or classification (accuracy, macro-F1).
         #[arg(long, default_value = "causal-lm")]
         task: String,
@@ -119,17 +122,35 @@ fn device(name: &str) -> Result<burn::tensor::Device> {
     Ok(peft_core::device::device_by_name(name)?)
 }
 
+/// The name an adapter folder is loaded under: its folder name. Two folders with the same name
+/// would replace each other, so that is refused.
+fn adapter_names(adapters: &[PathBuf]) -> Result<Vec<String>> {
+    let mut names: Vec<String> = Vec::new();
+    for dir in adapters {
+        let full = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+        let name = full.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into());
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            return Err(usage!(
+                "--adapter {} and --adapter {} are both named `{name}` (adapters are named after their folder); rename one folder",
+                adapters[i].display(),
+                dir.display()
+            ));
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
 /// Load `model` and the LoRA adapters in `adapters` (each under its folder name).
 fn load_with_adapters(model: &Path, adapters: &[PathBuf], dev: &burn::tensor::Device) -> Result<(LoadedModel, Vec<String>)> {
+    let names = adapter_names(adapters)?;
     let mut loaded = load_causal_lm(model, dev)?;
-    let mut names = Vec::new();
-    for dir in adapters {
+    for (dir, name) in adapters.iter().zip(&names) {
         let files = load_adapter(dir)?;
         let config = LoraConfig::from_json(&files.config).with_context(|| format!("{}", dir.display()))?;
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into());
+        let name = name.clone();
         let m = config.apply(loaded.model, &name)?;
         loaded.model = config.load_state(m, &name, files.tensors, &dir.join(WEIGHTS_FILE))?;
-        names.push(name);
     }
     Ok((loaded, names))
 }
@@ -144,30 +165,18 @@ fn activate(model: &mut peft_models::llama::LlamaForCausalLM, name: &str) -> Res
     Ok(())
 }
 
+/// Refuse an existing `out` unless `--overwrite` was given. Nothing is deleted here: the old
+/// folder is replaced only once the new one is complete (`peft_core::folder::write_folder`).
 fn refuse_existing(out: &Path, overwrite: bool) -> Result<()> {
-    if out.exists() {
-        if !overwrite {
-            bail!("output folder {} exists; pass --overwrite to replace it", out.display());
-        }
-        std::fs::remove_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    if out.exists() && !overwrite {
+        return Err(usage!("output folder {} exists; pass --overwrite to replace it", out.display()));
     }
-    Ok(())
-}
-
-/// Build a folder at `out` through a temporary sibling that `fill` writes into and that is
-/// renamed into place at the end, so `out` never holds half a model.
-pub(crate) fn write_folder_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = out.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| tmp.display().to_string())?;
-    fill(&tmp)?;
-    std::fs::rename(&tmp, out).with_context(|| out.display().to_string())?;
     Ok(())
 }
 
 /// Write a Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
 fn write_hf_folder(loaded: &LoadedModel, out: &Path) -> Result<()> {
-    write_folder_atomically(out, |tmp| write_hf_files(loaded, tmp))
+    peft_core::folder::write_folder(out, |tmp| write_hf_files(loaded, tmp))
 }
 
 fn write_hf_files(loaded: &LoadedModel, tmp: &Path) -> Result<()> {
@@ -221,13 +230,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { model, adapter, data, max_len, task, text_column, label_column } => {
             let dev = device(&cli.device)?;
             if task == "classification" {
-                let adapter = adapter.context("--adapter is required for classification (the head is trained)")?;
-                println!("{}", classify::eval(&model, &adapter, &data, &text_column, &label_column, &dev)?);
+                let adapter = adapter.ok_or_else(|| usage!("--adapter is required for classification (the head is trained)"))?;
+                println!("{}", classify::eval(&model, &adapter, &data, &text_column, &label_column, max_len, &dev)?);
                 return Ok(());
             } else if task != "causal-lm" {
-                bail!("unknown task `{task}` (supported: causal-lm, classification)");
+                return Err(usage!("--task {task}: unknown task (supported: causal-lm, classification)"));
             }
             let (loaded, _) = load_with_adapters(&model, adapter.as_slice(), &dev)?;
+            let max_len = usage::max_len(max_len, 256, loaded.model.config.max_position_embeddings)?;
             let examples = data::read_examples(&data, &loaded.tokenizer, max_len)?;
             let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
             let loss = peft_models::train::eval_loss(&loaded.model, &examples, 8, pad);
@@ -239,11 +249,11 @@ fn run(cli: Cli) -> Result<()> {
             let (mut loaded, names) = load_with_adapters(&model, &adapter, &dev)?;
             if let Some(name) = &use_adapter {
                 if !names.contains(name) {
-                    bail!("--use {name}: no such adapter (loaded: {})", names.join(", "));
+                    return Err(usage!("--use {name}: no such adapter (loaded: {})", names.join(", ")));
                 }
                 activate(&mut loaded.model, name)?;
             } else if names.len() > 1 {
-                bail!("several adapters loaded ({}); pick one with --use", names.join(", "));
+                return Err(usage!("several adapters loaded ({}); pick one with --use", names.join(", ")));
             }
             let text = if raw { prompt } else { loaded.tokenizer.chat_prompt(&prompt) };
             let ids = loaded.tokenizer.encode(&text)?;
@@ -295,7 +305,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { path } => inspect(&path),
         Command::Convert { input, out, overwrite } => {
             if input.extension().is_none_or(|e| e != "gguf") {
-                bail!("{}: expected a .gguf file", input.display());
+                return Err(usage!("{}: expected a .gguf file", input.display()));
             }
             refuse_existing(&out, overwrite)?;
             let loaded = load_causal_lm(&input, &burn::tensor::Device::flex())?;
@@ -331,6 +341,6 @@ fn main() {
     };
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(if usage::is_usage(&e) { 2 } else { 1 });
     }
 }

@@ -1,6 +1,8 @@
 //! 4-bit options shared by `peft train`, `peft merge` and `peft quantize`.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
+
+use crate::usage::usage;
 use clap::Args;
 use peft_quant::{BLOCK_SIZES, QuantSpec, QuantType};
 
@@ -8,10 +10,10 @@ use peft_quant::{BLOCK_SIZES, QuantSpec, QuantType};
 /// errors name), values per scale, whether the scales are quantized too.
 pub fn spec(option: &str, kind: &str, blocksize: usize, double_quant: bool) -> Result<QuantSpec> {
     let Some(qtype) = QuantType::from_name(kind) else {
-        bail!("{option} {kind}: unknown 4-bit type (supported: nf4, fp4)");
+        return Err(usage!("{option} {kind}: unknown 4-bit type (supported: nf4, fp4)"));
     };
     if !BLOCK_SIZES.contains(&blocksize) {
-        bail!("--quant-blocksize {blocksize}: must be one of {BLOCK_SIZES:?}");
+        return Err(usage!("--quant-blocksize {blocksize}: must be one of {BLOCK_SIZES:?}"));
     }
     Ok(QuantSpec { qtype, blocksize, double_quant })
 }

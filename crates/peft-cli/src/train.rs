@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use crate::data::read_examples;
 use crate::plot::plot_loss;
+use crate::usage::usage;
 
 /// Options of `peft train`; every one can also come from `--config run.toml` (flags win).
 #[derive(Args, Debug, Default, Deserialize)]
@@ -78,10 +79,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub r: Option<usize>,
     /// LoRA alpha [default: 32].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub alpha: Option<f64>,
     /// LoRA dropout [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub dropout: Option<f64>,
     /// Target modules: names (suffix match), one regex, or all-linear [default: q_proj,v_proj].
     #[arg(long, value_delimiter = ',')]
@@ -93,7 +94,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Peak learning rate [default: 2e-4].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f64>,
     /// Examples per micro-batch [default: 8].
     #[arg(long)]
@@ -105,10 +106,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub warmup: Option<usize>,
     /// Clip the global gradient norm to this [default: 1.0].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub max_grad_norm: Option<f64>,
     /// AdamW weight decay [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub weight_decay: Option<f64>,
     /// Longest sequence in tokens [default: 256].
     #[arg(long)]
@@ -123,10 +124,15 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = false)]
     #[serde(default)]
     pub overwrite: bool,
-    /// Continue from the output folder's checkpoint.
+    /// Continue from the output folder's checkpoint (with the same settings).
     #[arg(long, default_value_t = false)]
     #[serde(default)]
     pub resume: bool,
+    /// Skip a batch whose loss or gradient is NaN or infinite (counted in metrics.jsonl) instead
+    /// of stopping the run.
+    #[arg(long, default_value_t = false)]
+    #[serde(default)]
+    pub skip_nonfinite: bool,
     /// Stop after this many steps, as an interruption would (for testing resume).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -149,7 +155,26 @@ impl TrainArgs {
         self.overwrite |= file.overwrite;
         self.double_quant |= file.double_quant;
         self.resume |= file.resume;
+        self.skip_nonfinite |= file.skip_nonfinite;
         Ok(self)
+    }
+
+    /// Refuse values outside each option's range, naming the option (exit code 2). `--max-len`'s
+    /// upper bound (the model's positions) is checked once the model is loaded.
+    fn check_ranges(&self) -> Result<()> {
+        use crate::usage::{at_least, fraction, non_negative, positive};
+        at_least("--r", self.r, 1)?;
+        positive("--alpha", self.alpha)?;
+        fraction("--dropout", self.dropout)?;
+        at_least("--steps", self.steps, 1)?;
+        positive("--lr", self.lr)?;
+        at_least("--batch-size", self.batch_size, 1)?;
+        at_least("--grad-accum", self.grad_accum, 1)?;
+        positive("--max-grad-norm", self.max_grad_norm)?;
+        non_negative("--weight-decay", self.weight_decay)?;
+        at_least("--max-len", self.max_len, 2)?;
+        at_least("--save-every", self.save_every, 1)?;
+        Ok(())
     }
 }
 
@@ -185,8 +210,12 @@ fn save_checkpoint<M: LoraHost + Module>(out: &Path, trainer: &Trainer<M>, confi
     let old = out.join(".checkpoint.old");
     let dest = out.join(CHECKPOINT);
     let _ = std::fs::remove_dir_all(&tmp);
-    config.save(trainer.model(), "default", &tmp)?;
-    trainer.save_state(&tmp)?;
+    let written = config.save(trainer.model(), "default", &tmp).and_then(|()| trainer.save_state(&tmp));
+    if let Err(e) = written {
+        // The previous checkpoint is untouched; drop the partial one.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(anyhow::Error::new(e).context("cannot write the checkpoint (the previous one is kept)"));
+    }
     if dest.exists() {
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(&dest, &old).with_context(|| format!("{}", dest.display()))?;
@@ -234,7 +263,7 @@ fn quant_spec(a: &TrainArgs, method: &str) -> Result<Option<QuantSpec>> {
     let qlora = method == "qlora";
     let Some(kind) = a.quantize.clone().or_else(|| qlora.then(|| "nf4".into())) else {
         if a.double_quant || a.quant_blocksize.is_some() {
-            bail!("--double-quant and --quant-blocksize need --quantize nf4|fp4 (or --method qlora)");
+            return Err(usage!("--double-quant and --quant-blocksize need --quantize nf4|fp4 (or --method qlora)"));
         }
         return Ok(None);
     };
@@ -260,36 +289,26 @@ pub(crate) fn maybe_quantize<M: LoraHost>(model: M, quant: Option<QuantSpec>) ->
 
 pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
     let a = args.with_config_file()?;
+    a.check_ranges()?;
     let method = a.method.clone().unwrap_or_else(|| "lora".into());
     if method != "lora" && method != "qlora" {
-        bail!("unknown method `{method}` (supported: lora, qlora)");
+        return Err(usage!("--method {method}: unknown method (supported: lora, qlora)"));
     }
     let quant = quant_spec(&a, &method)?;
     let task = a.task.clone().unwrap_or_else(|| "causal-lm".into());
     let classification = match task.as_str() {
         "causal-lm" => false,
         "classification" => true,
-        other => bail!("unknown task `{other}` (supported: causal-lm, classification)"),
+        other => return Err(usage!("--task {other}: unknown task (supported: causal-lm, classification)")),
     };
     if a.model.is_none() {
-        bail!("--model is required (a Hugging Face folder or a .gguf file)");
+        return Err(usage!("--model is required (a Hugging Face folder or a .gguf file)"));
     }
     if a.data.is_none() {
-        bail!("--data is required (a .jsonl file, a .csv for classification, or a chatterbot YAML folder)");
+        return Err(usage!("--data is required (a .jsonl file, a .csv for classification, or a chatterbot YAML folder)"));
     }
-    let out = a.out.clone().context("--out is required")?;
-    let lora = lora_config(&a, classification)?;
-    let resume_from = if a.resume {
-        Some(find_checkpoint(&out).with_context(|| format!("--resume: no checkpoint in {}", out.display()))?)
-    } else {
-        if out.exists() && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
-            if !a.overwrite {
-                bail!("output folder {} exists; pass --overwrite to replace it or --resume to continue", out.display());
-            }
-            std::fs::remove_dir_all(&out).with_context(|| format!("{}", out.display()))?;
-        }
-        None
-    };
+    let out = a.out.clone().ok_or_else(|| usage!("--out is required"))?;
+    let lora = lora_config(&a, classification).map_err(|e| usage!("{e}"))?;
     let config = TrainConfig {
         learning_rate: a.lr.unwrap_or(2e-4),
         weight_decay: a.weight_decay.unwrap_or(0.0),
@@ -300,17 +319,110 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
         max_grad_norm: Some(a.max_grad_norm.unwrap_or(1.0)),
         seed: a.seed.unwrap_or(42),
     };
-    let compute_dtype = a.compute_dtype.as_deref().unwrap_or("f32");
+    let has_contents = out.exists() && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true);
+    let mut displaced = None;
+    let resume_from = if a.resume {
+        match find_checkpoint(&out) {
+            Some(ckpt) => {
+                check_resume_settings(&ckpt, &config, &lora)?;
+                Some(ckpt)
+            }
+            // Killed before its first checkpoint: nothing to continue, start again.
+            None if out.is_dir() => {
+                eprintln!("--resume: no checkpoint in {} yet; starting from step 0", out.display());
+                None
+            }
+            None => return Err(usage!("--resume: no checkpoint in {} (the folder does not exist)", out.display())),
+        }
+    } else {
+        if has_contents {
+            if !a.overwrite {
+                return Err(usage!("output folder {} exists; pass --overwrite to replace it or --resume to continue", out.display()));
+            }
+            // Kept aside until the new run has finished (see `finish_overwrite`).
+            displaced = Some(peft_core::folder::move_aside(&out)?);
+        }
+        None
+    };
+    let compute_dtype = a.compute_dtype.clone().unwrap_or_else(|| "f32".into());
     if classification && compute_dtype != "f32" {
-        bail!("--compute-dtype {compute_dtype}: classification (BERT) trains in f32 only");
+        return Err(usage!("--compute-dtype {compute_dtype}: classification (BERT) trains in f32 only"));
     }
-    let device = peft_core::device::device_by_name(device_name)?;
-    let device = peft_core::device::with_compute_dtype(device, compute_dtype)
-        .with_context(|| format!("--compute-dtype {compute_dtype}"))?
-        .autodiff();
-    device.seed(config.seed);
-    let run = Run { args: a, lora, out, resume_from, config, device, quant };
-    if classification { crate::classify::train(run) } else { train_causal_lm(run) }
+    let result = (|| {
+        let device = peft_core::device::device_by_name(device_name)?;
+        let device = peft_core::device::with_compute_dtype(device, &compute_dtype)
+            .with_context(|| format!("--compute-dtype {compute_dtype}"))?
+            .autodiff();
+        device.seed(config.seed);
+        let run = Run { args: a, lora, out: out.clone(), resume_from, config, device, quant };
+        if classification { crate::classify::train(run) } else { train_causal_lm(run) }
+    })();
+    finish_overwrite(&out, displaced, result)
+}
+
+/// After a run that replaced an existing output folder: delete the old contents once the run has
+/// succeeded; on failure put them back if the new run left no checkpoint, otherwise say where
+/// they are.
+fn finish_overwrite(out: &Path, displaced: Option<PathBuf>, result: Result<()>) -> Result<()> {
+    let Some(old) = displaced else { return result };
+    match result {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(&old);
+            Ok(())
+        }
+        Err(e) if find_checkpoint(out).is_none() => {
+            let _ = std::fs::remove_dir_all(out);
+            match std::fs::rename(&old, out) {
+                Ok(()) => Err(e.context(format!("the previous contents of {} were put back", out.display()))),
+                Err(_) => Err(e.context(format!("the previous contents of {} are kept in {}", out.display(), old.display()))),
+            }
+        }
+        Err(e) => Err(e.context(format!("the previous contents of {} are kept in {}", out.display(), old.display()))),
+    }
+}
+
+/// Refuse to resume with settings other than the checkpoint's: the learning-rate schedule, the
+/// data order or the adapter's shape would change without a word.
+fn check_resume_settings(ckpt: &Path, config: &TrainConfig, lora: &LoraConfig) -> Result<()> {
+    let option = |field: &str| match field {
+        "learning_rate" => "--lr",
+        "weight_decay" => "--weight-decay",
+        "warmup_steps" => "--warmup",
+        "steps" => "--steps",
+        "batch_size" => "--batch-size",
+        "grad_accum" => "--grad-accum",
+        "max_grad_norm" => "--max-grad-norm",
+        "seed" => "--seed",
+        "r" => "--r",
+        "lora_alpha" => "--alpha",
+        "lora_dropout" => "--dropout",
+        "target_modules" => "--target",
+        "use_rslora" => "--rslora",
+        _ => "",
+    };
+    let mut changed = Vec::new();
+    if let Some(saved) = Trainer::<peft_models::llama::LlamaForCausalLM>::saved_config(ckpt)? {
+        let (was, now) = (serde_json::to_value(&saved)?, serde_json::to_value(config)?);
+        for (k, v) in was.as_object().expect("object") {
+            if now[k] != *v {
+                changed.push(format!("{} {} (the checkpoint has {v})", option(k), now[k]));
+            }
+        }
+    }
+    let saved_lora = load_adapter(ckpt)?.config;
+    let now_lora = serde_json::to_value(lora)?;
+    for k in ["r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"] {
+        if saved_lora.get(k).is_some_and(|v| *v != now_lora[k]) {
+            changed.push(format!("{} {} (the checkpoint has {})", option(k), now_lora[k], saved_lora[k]));
+        }
+    }
+    if !changed.is_empty() {
+        return Err(usage!(
+            "--resume: {} differs from the run being resumed; resume with the same settings, or start anew with --overwrite",
+            changed.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// Every 10th example held out when no --eval-data is given (and there are enough).
@@ -332,7 +444,7 @@ fn train_causal_lm(run: Run) -> Result<()> {
     eprintln!("loading {}", model_path.display());
     let loaded = load_causal_lm(&model_path, &run.device)?;
     let tok = loaded.tokenizer;
-    let max_len = a.max_len.unwrap_or(256);
+    let max_len = crate::usage::max_len(a.max_len, 256, loaded.model.config.max_position_embeddings)?;
     std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
     let train_set = read_examples(a.data.as_ref().expect("checked"), &tok, max_len)?;
     let eval = a.eval_data.as_ref().map(|p| read_examples(p, &tok, max_len)).transpose()?;
@@ -378,7 +490,7 @@ pub(crate) fn train_loop<M: LoraHost + Module, E: Clone>(
         .open(&metrics_path)
         .with_context(|| format!("{}", metrics_path.display()))?;
 
-    let save_every = run.args.save_every.unwrap_or(25).max(1);
+    let save_every = run.args.save_every.unwrap_or(25);
     let bar = ProgressBar::new(config.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"),
@@ -386,18 +498,38 @@ pub(crate) fn train_loop<M: LoraHost + Module, E: Clone>(
     bar.set_position(trainer.state().step as u64);
     let started = Instant::now();
     let mut tokens = 0usize;
+    let mut skipped = 0usize;
     while !trainer.is_done() {
         if run.args.stop_after.is_some_and(|n| trainer.state().step >= n) {
             bar.abandon_with_message("stopped (--stop-after)");
             return Ok(());
         }
         let report: StepReport = trainer.step(train_set, &loss_fn);
+        if report.skipped {
+            if !run.args.skip_nonfinite {
+                bar.abandon();
+                let kept = find_checkpoint(out)
+                    .map(|c| format!("the last good checkpoint ({}) is kept; resume from it with --resume", c.display()))
+                    .unwrap_or_else(|| "no checkpoint had been written yet".into());
+                anyhow::bail!(
+                    "step {}: the loss is {} and the gradient norm {}; stopped before the update ({kept}); \
+                     try a lower --lr, or pass --skip-nonfinite to skip such batches",
+                    report.step,
+                    report.loss,
+                    report.grad_norm
+                );
+            }
+            skipped += 1;
+        }
         tokens += report.tokens;
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
         bar.set_message(format!("loss {:.3} lr {:.1e} {:.0} tok/s", report.loss, report.learning_rate, tps));
         bar.inc(1);
         let mut line = serde_json::to_value(report)?;
         line["tokens_per_s"] = tps.into();
+        if run.args.skip_nonfinite {
+            line["skipped_total"] = skipped.into();
+        }
         let checkpoint = trainer.state().step % save_every == 0 || trainer.is_done();
         if checkpoint {
             for (k, v) in evaluate(trainer.model()) {

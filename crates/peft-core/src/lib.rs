@@ -9,6 +9,7 @@
 //!   `rank_pattern`/`alpha_pattern`).
 //! - [`tensors`]: a named-tensor map read from and written to safetensors files
 //!   (f32/f16/bf16), with atomic writes.
+//! - [`folder`]: output folders written whole or not at all (temporary sibling + rename).
 //! - [`adapter_io`]: the Hugging Face PEFT adapter folder (`adapter_config.json` +
 //!   `adapter_model.safetensors`).
 //! - [`params`]: the trainable-parameter report and helpers for frozen parameters.
@@ -23,6 +24,7 @@ pub mod linear;
 pub mod optim;
 pub mod device;
 pub mod error;
+pub mod folder;
 pub mod params;
 pub mod target;
 pub mod tensors;

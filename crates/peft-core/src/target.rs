@@ -4,8 +4,7 @@
 //!
 //! Module paths are the Hugging Face ones (`model.layers.3.self_attn.q_proj`).
 
-use std::collections::BTreeMap;
-
+use indexmap::IndexMap;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
@@ -103,13 +102,8 @@ impl TargetSpec {
         {
             return Ok(false);
         }
-        for m in &self.modules_to_save {
-            if Regex::new(&format!(r"(^|.*\.){m}($|\..*)"))
-                .map_err(|e| PeftError::Config(format!("modules_to_save `{m}`: {e}")))?
-                .is_match(path)
-            {
-                return Ok(false);
-            }
+        if in_saved_module(path, &self.modules_to_save) {
+            return Ok(false);
         }
         let Some(targets) = &self.target_modules else {
             return Ok(false);
@@ -192,9 +186,18 @@ impl TargetSpec {
     }
 }
 
-/// Hugging Face `get_pattern_key`: the first key of `patterns` that matches the end of
-/// `path` at a dot boundary (`(.*\.)?(key)$`), for `rank_pattern` and `alpha_pattern`.
-pub fn pattern_value<'a, T>(patterns: &'a BTreeMap<String, T>, path: &str) -> Result<Option<&'a T>> {
+/// Whether the module at `path` is, or sits inside, a module named in `modules_to_save`
+/// (a name matches a module whose path ends with it at a dot boundary). One rule for both
+/// sides: such modules are never adapted, and they are trained and saved whole.
+pub fn in_saved_module(path: &str, modules_to_save: &[String]) -> bool {
+    let ends: Vec<usize> = path.match_indices('.').map(|(i, _)| i).chain([path.len()]).collect();
+    ends.iter().any(|&end| modules_to_save.iter().any(|m| suffix_match(&path[..end], m)))
+}
+
+/// Hugging Face `get_pattern_key`: the first key of `patterns`, in the order the config lists
+/// them, that matches the end of `path` at a dot boundary (`(.*\.)?(key)$`), for
+/// `rank_pattern` and `alpha_pattern`.
+pub fn pattern_value<'a, T>(patterns: &'a IndexMap<String, T>, path: &str) -> Result<Option<&'a T>> {
     for (key, value) in patterns {
         let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
             .map_err(|e| PeftError::Config(format!("pattern `{key}`: {e}")))?;
@@ -283,10 +286,38 @@ mod tests {
 
     #[test]
     fn pattern_value_matches_at_dot_boundaries() {
-        let mut p = BTreeMap::new();
+        let mut p = IndexMap::new();
         p.insert("layers.0.self_attn.q_proj".to_string(), 4usize);
         assert_eq!(pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(), Some(&4));
         assert_eq!(pattern_value(&p, "model.layers.10.self_attn.q_proj").unwrap(), None);
+    }
+
+    #[test]
+    fn pattern_value_takes_the_first_match_in_the_config_order() {
+        // Sorted order would put "q_proj" before "self_attn.q_proj"; the JSON lists it second.
+        let p: IndexMap<String, usize> =
+            serde_json::from_str(r#"{"self_attn.q_proj": 2, "q_proj": 6}"#).unwrap();
+        assert_eq!(pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(), Some(&2));
+        let p: IndexMap<String, usize> =
+            serde_json::from_str(r#"{"q_proj": 6, "self_attn.q_proj": 2}"#).unwrap();
+        assert_eq!(pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(), Some(&6));
+    }
+
+    #[test]
+    fn saved_modules_cover_their_children() {
+        let names = vec!["pooler".to_string(), "classifier".to_string()];
+        assert!(in_saved_module("bert.pooler.dense", &names));
+        assert!(in_saved_module("classifier", &names));
+        assert!(!in_saved_module("bert.encoder.layer.0.attention.self.query", &names));
+        assert!(!in_saved_module("bert.xpooler.dense", &names));
+        // Names are matched literally, never as a regex.
+        assert!(!in_saved_module("bert.pooler.dense", &["pool.r".to_string()]));
+        let spec = TargetSpec {
+            target_modules: Some(ModuleSelector::Pattern("all-linear".into())),
+            modules_to_save: names,
+            ..Default::default()
+        };
+        assert!(!spec.matches("bert.pooler.dense", ModuleKind::Linear).unwrap());
     }
 
     proptest::proptest! {

@@ -41,6 +41,18 @@ impl Default for TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// The fields in which `other` differs from `self`, as `name: ours -> theirs`.
+    pub fn differences(&self, other: &TrainConfig) -> Vec<String> {
+        let (a, b) = (serde_json::to_value(self).expect("config"), serde_json::to_value(other).expect("config"));
+        let (a, b) = (a.as_object().expect("object"), b.as_object().expect("object"));
+        a.iter().filter(|(k, v)| b.get(*k) != Some(v)).map(|(k, v)| format!("{k}: {v} -> {}", b[k])).collect()
+    }
+}
+
+/// File of a checkpoint that records the [`TrainConfig`] it was made with.
+const CONFIG_FILE: &str = "train_config.json";
+
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
@@ -50,6 +62,10 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// Tokens (or examples) processed by the step.
     pub tokens: usize,
+    /// The loss or the gradient norm was NaN or infinite, so the update was not applied (the
+    /// model is as before the step; the data position and step count moved on).
+    #[serde(default)]
+    pub skipped: bool,
 }
 
 /// Where a run is: enough to continue it exactly.
@@ -178,15 +194,26 @@ impl<M: Module> Trainer<M> {
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
         }
         let mut grads = accumulator.grads();
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max) => clip_grad_norm(&model, &mut grads, max),
-            None => f64::NAN,
-        };
+        // The norm is measured even without clipping: a NaN or infinite gradient must not reach
+        // the weights.
+        let grad_norm = clip_grad_norm(&model, &mut grads, self.config.max_grad_norm.unwrap_or(f64::INFINITY));
         let lr = self.schedule.at(self.state.step);
-        self.model = Some(self.optim.step(lr, model, grads));
-        let report = StepReport { step: self.state.step, loss: loss_sum, learning_rate: lr, grad_norm, tokens };
+        let skipped = !(loss_sum.is_finite() && grad_norm.is_finite());
+        self.model = Some(if skipped { model } else { self.optim.step(lr, model, grads) });
+        let report = StepReport { step: self.state.step, loss: loss_sum, learning_rate: lr, grad_norm, tokens, skipped };
         self.state.step += 1;
         report
+    }
+
+    /// The settings a checkpoint in `dir` was made with (`None` for checkpoints that predate
+    /// `train_config.json`).
+    pub fn saved_config(dir: &Path) -> Result<Option<TrainConfig>> {
+        let path = dir.join(CONFIG_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
+        serde_json::from_str(&text).map(Some).map_err(|e| PeftError::format(&path, e.to_string()))
     }
 
     /// Save the optimizer state and the position in the data (the model's own tensors are
@@ -196,13 +223,29 @@ impl<M: Module> Trainer<M> {
         self.optim
             .save(&optim)
             .map_err(|e| PeftError::format(&optim, format!("cannot save optimizer state: {e:?}")))?;
+        let config = serde_json::to_string_pretty(&self.config).expect("config serialises");
+        crate::tensors::write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())?;
+        // Written last: a folder with trainer_state.json is a complete checkpoint.
         let text = serde_json::to_string_pretty(&self.state).expect("state serialises");
         crate::tensors::write_atomic(&dir.join("trainer_state.json"), text.as_bytes())
     }
 
     /// Continue from a state saved by [`Trainer::save_state`]; the model must already hold the
     /// checkpoint's trained tensors.
+    ///
+    /// A checkpoint made with other settings (steps, learning rate, batch, ...) is refused: the
+    /// schedule and data order would silently change.
     pub fn load_state(mut self, dir: &Path) -> Result<Self> {
+        if let Some(saved) = Self::saved_config(dir)? {
+            let changed = saved.differences(&self.config);
+            if !changed.is_empty() {
+                return Err(PeftError::Config(format!(
+                    "{}: the checkpoint was made with other settings ({}); resume with the same ones",
+                    dir.display(),
+                    changed.join(", ")
+                )));
+            }
+        }
         let state_path = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&state_path).map_err(|e| PeftError::io(&state_path, e))?;
         self.state = serde_json::from_str(&text).map_err(|e| PeftError::format(&state_path, e.to_string()))?;
@@ -285,6 +328,27 @@ mod tests {
         for (a, b) in straight.iter().zip(&resumed) {
             assert!((a - b).abs() <= 1e-6, "{straight:?} vs {resumed:?}");
         }
+    }
+
+    #[test]
+    fn non_finite_steps_leave_the_model_alone_and_changed_settings_are_refused() {
+        let device = Device::flex().autodiff();
+        let m = Line { w: Param::from_tensor(Tensor::ones([2], &device)), frozen: crate::params::frozen(Tensor::zeros([2], &device)) };
+        let config = TrainConfig { steps: 3, batch_size: 1, ..Default::default() };
+        let mut t = Trainer::new(m, config.clone());
+        let data = [f32::NAN];
+        let r = t.step(&data, |m: &Line, b: &[f32]| ((m.w.val().sum() * b[0]).reshape([1]), 1));
+        assert!(r.skipped && r.loss.is_nan(), "{r:?}");
+        assert_eq!(t.model().w.val().into_data().try_to_vec::<f32>().unwrap(), vec![1.0, 1.0]);
+        assert_eq!(t.state().step, 1);
+
+        let dir = tempfile::tempdir().unwrap();
+        t.save_state(dir.path()).unwrap();
+        let other = TrainConfig { steps: 5, ..config.clone() };
+        let m = Line { w: Param::from_tensor(Tensor::ones([2], &device)), frozen: crate::params::frozen(Tensor::zeros([2], &device)) };
+        let err = Trainer::new(m, other).load_state(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("steps: 3 -> 5"), "{err}");
+        assert_eq!(Trainer::<Line>::saved_config(dir.path()).unwrap(), Some(config));
     }
 
     #[test]

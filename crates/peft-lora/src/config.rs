@@ -1,7 +1,6 @@
 //! `LoraConfig` with the field names and defaults of Hugging Face PEFT 0.21.
 
-use std::collections::BTreeMap;
-
+use indexmap::IndexMap;
 use peft_core::target::{LayerIndices, LayersPattern, ModuleSelector, TargetSpec};
 use peft_core::{PeftError, Result};
 use serde::{Deserialize, Serialize};
@@ -61,8 +60,8 @@ fn whole_as_int<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::O
     as_number(*v).serialize(s)
 }
 
-fn whole_map_as_int<S: serde::Serializer>(m: &BTreeMap<String, f64>, s: S) -> std::result::Result<S::Ok, S::Error> {
-    m.iter().map(|(k, v)| (k.clone(), as_number(*v))).collect::<BTreeMap<_, _>>().serialize(s)
+fn whole_map_as_int<S: serde::Serializer>(m: &IndexMap<String, f64>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    m.iter().map(|(k, v)| (k.clone(), as_number(*v))).collect::<IndexMap<_, _>>().serialize(s)
 }
 
 /// Hugging Face PEFT `LoraConfig`. Keys this crate does not know are kept in `extra` and
@@ -97,9 +96,9 @@ pub struct LoraConfig {
     #[serde(default)]
     pub layers_pattern: Option<LayersPattern>,
     #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
+    pub rank_pattern: IndexMap<String, usize>,
     #[serde(default, serialize_with = "whole_map_as_int")]
-    pub alpha_pattern: BTreeMap<String, f64>,
+    pub alpha_pattern: IndexMap<String, f64>,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     #[serde(default)]
@@ -189,7 +188,8 @@ impl LoraConfig {
         }
     }
 
-    /// Rank and alpha for the module at `path` (`rank_pattern`/`alpha_pattern` win).
+    /// Rank and alpha for the module at `path` (`rank_pattern`/`alpha_pattern` win; their first
+    /// matching key in the config's order, as in PEFT).
     pub fn rank_alpha(&self, path: &str) -> Result<(usize, f64)> {
         let r = peft_core::target::pattern_value(&self.rank_pattern, path)?.copied().unwrap_or(self.r);
         let alpha = peft_core::target::pattern_value(&self.alpha_pattern, path)?

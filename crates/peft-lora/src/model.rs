@@ -36,15 +36,15 @@ fn bias_key(path: &str, adapted: bool) -> String {
     }
 }
 
-/// Slots trained and saved whole (`modules_to_save`, suffix match on the path).
+/// Slots trained and saved whole: those in or under a `modules_to_save` module (the rule that
+/// also keeps them out of the targets, `peft_core::target::in_saved_module`).
 fn saved_modules<M: LoraHost>(config: &LoraConfig, model: &M) -> Vec<String> {
     let names = config.modules_to_save.clone().unwrap_or_default();
-    let selector = peft_core::target::ModuleSelector::List(names);
     model
         .lora_slots()
         .into_iter()
         .map(|(p, _)| p)
-        .filter(|p| selector.matches(p).unwrap_or(false))
+        .filter(|p| peft_core::target::in_saved_module(p, &names))
         .collect()
 }
 
