@@ -317,16 +317,10 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
-    // A panic is a bug, but the user still gets one line, not a backtrace.
-    std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
-        eprintln!("error: internal error: {msg}");
-    }));
+    // A panic is a bug, but the user still gets one line, not a backtrace: the hook is silent
+    // (a library may catch a panic of its own dependency and turn it into an error) and `main`
+    // reports one that reaches it.
+    std::panic::set_hook(Box::new(|_| {}));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -339,8 +333,20 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
-        std::process::exit(if usage::is_usage(&e) { 2 } else { 1 });
+    match std::panic::catch_unwind(|| run(cli)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(if usage::is_usage(&e) { 2 } else { 1 });
+        }
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            eprintln!("error: internal error: {}", msg.lines().next().unwrap_or_default());
+            std::process::exit(101);
+        }
     }
 }

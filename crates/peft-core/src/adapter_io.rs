@@ -64,12 +64,8 @@ pub fn adapter_dir(root: &Path, name: &str) -> PathBuf {
 /// Read an adapter folder.
 pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
     let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
-    let config: Value = serde_json::from_str(&text)
-        .map_err(|e| PeftError::format(&config_path, format!("invalid JSON: {e}")))?;
-    if !config.is_object() {
-        return Err(PeftError::format(&config_path, "expected a JSON object"));
-    }
+    let bytes = std::fs::read(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
+    let config = parse_config(&config_path, &bytes)?;
     let weights = dir.join(WEIGHTS_FILE);
     let tensors = if weights.exists() {
         TensorMap::read_safetensors(&weights)?
@@ -91,6 +87,20 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
     };
     files.peft_type()?;
     Ok(files)
+}
+
+/// Parse the bytes of an `adapter_config.json` (`path` names it in errors): a JSON object with
+/// a string `peft_type`.
+pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<Value> {
+    let config: Value =
+        serde_json::from_slice(bytes).map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
+    if !config.is_object() {
+        return Err(PeftError::format(path, "expected a JSON object"));
+    }
+    if !config.get("peft_type").is_some_and(Value::is_string) {
+        return Err(PeftError::format(path, "missing string field `peft_type`"));
+    }
+    Ok(config)
 }
 
 /// Write an adapter folder: weights first, then the config, each atomically.

@@ -172,7 +172,7 @@ impl TargetSpec {
             let mut found = None;
             for p in &patterns {
                 let re = Regex::new(&format!(r"^(?:.*?\.)?{p}\.(\d+)\."))
-                    .map_err(|e| PeftError::Config(format!("layers_pattern `{p}`: {e}")))?;
+                    .map_err(|e| PeftError::Config(format!("layers_pattern `{p}`: {}", one_line(&e))))?;
                 if let Some(c) = re.captures(path) {
                     found = Some(c[1].to_string());
                     break;
@@ -200,7 +200,7 @@ pub fn in_saved_module(path: &str, modules_to_save: &[String]) -> bool {
 pub fn pattern_value<'a, T>(patterns: &'a IndexMap<String, T>, path: &str) -> Result<Option<&'a T>> {
     for (key, value) in patterns {
         let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
-            .map_err(|e| PeftError::Config(format!("pattern `{key}`: {e}")))?;
+            .map_err(|e| PeftError::Config(format!("pattern `{key}`: {}", one_line(&e))))?;
         if re.is_match(path) {
             return Ok(Some(value));
         }
@@ -214,7 +214,15 @@ fn suffix_match(path: &str, name: &str) -> bool {
 
 fn full_regex(pattern: &str) -> Result<Regex> {
     Regex::new(&format!("^(?:{pattern})$"))
-        .map_err(|e| PeftError::Config(format!("target regex `{pattern}`: {e}")))
+        .map_err(|e| PeftError::Config(format!("target regex `{pattern}`: {}", one_line(&e))))
+}
+
+/// The regex crate explains a syntax error over several lines (the pattern, a caret, the
+/// reason); errors here are one line, so keep the reason.
+fn one_line(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default().trim();
+    last.strip_prefix("error: ").unwrap_or(last).to_string()
 }
 
 #[cfg(test)]

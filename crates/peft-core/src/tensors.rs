@@ -187,12 +187,15 @@ impl TensorMap {
         self.tensors.keys()
     }
 
-    /// Take `key`, checking its shape; `path` names the file in errors.
+    /// Take the float tensor `key`, checking its shape; `path` names the file in errors.
     pub fn take_shaped(&mut self, path: &Path, key: &str, expected: &[usize]) -> Result<HostTensor> {
         let tensor = self.remove(key).ok_or_else(|| PeftError::MissingTensor {
             path: path.to_path_buf(),
             key: key.to_string(),
         })?;
+        if tensor.dtype == StoredDtype::U8 {
+            return Err(PeftError::Dtype { path: path.to_path_buf(), key: key.to_string(), dtype: "U8 (a float dtype is needed here)".into() });
+        }
         if tensor.shape != expected {
             return Err(PeftError::Shape {
                 path: path.to_path_buf(),

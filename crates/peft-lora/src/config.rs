@@ -131,7 +131,7 @@ impl LoraConfig {
 
     /// Parse an `adapter_config.json` value; fields of other methods are an error.
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        let config: Self = serde_json::from_value(value.clone())
+        let config: Self = peft_core::error::from_json_value(value.clone())
             .map_err(|e| PeftError::Config(format!("adapter_config.json: {e}")))?;
         config.validate()?;
         Ok(config)

@@ -55,22 +55,48 @@ pub fn is_bert_folder(path: &Path) -> bool {
 impl BertConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
+        Self::from_json_str(path, &text)
+    }
+
+    /// Parse the text of a `config.json`; `path` only names it in errors.
+    pub fn from_json_str(path: &Path, text: &str) -> Result<Self> {
         let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
+            serde_json::from_str(text).map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
         if let Some(t) = value.get("model_type").and_then(|v| v.as_str())
             && t != "bert"
         {
             return Err(PeftError::format(path, format!("model_type `{t}` is not a BERT encoder")));
         }
-        let mut config: Self =
-            serde_json::from_value(value.clone()).map_err(|e| PeftError::format(path, format!("config: {e}")))?;
+        let mut config: Self = peft_core::error::from_json_value(value.clone()).map_err(|e| PeftError::format(path, e))?;
         if config.num_labels.is_none() {
             config.num_labels = value.get("id2label").and_then(|v| v.as_object()).map(|m| m.len());
         }
-        if config.hidden_size % config.num_attention_heads != 0 {
-            return Err(PeftError::format(path, "hidden_size is not a multiple of num_attention_heads"));
-        }
+        config.validate().map_err(|e| PeftError::format(path, e.to_string()))?;
         Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        use crate::config::{MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, check_size};
+        check_size("vocab_size", self.vocab_size, MAX_VOCAB)?;
+        check_size("hidden_size", self.hidden_size, MAX_WIDTH)?;
+        check_size("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
+        check_size("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        check_size("num_attention_heads", self.num_attention_heads, MAX_WIDTH)?;
+        check_size("max_position_embeddings", self.max_position_embeddings, MAX_VOCAB)?;
+        check_size("type_vocab_size", self.type_vocab_size, MAX_VOCAB)?;
+        if let Some(n) = self.num_labels {
+            check_size("num_labels", n, MAX_VOCAB)?;
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(PeftError::Config(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return Err(PeftError::Config(format!("layer_norm_eps {} must be positive", self.layer_norm_eps)));
+        }
+        Ok(())
     }
 }
 

@@ -17,6 +17,20 @@ fn default_max_pos() -> usize {
     2048
 }
 
+/// Sizes past these are no model's: refusing them keeps a corrupt config from asking for
+/// terabytes before any weight is read.
+pub(crate) const MAX_WIDTH: usize = 1 << 20;
+pub(crate) const MAX_VOCAB: usize = 1 << 24;
+pub(crate) const MAX_LAYERS: usize = 1 << 12;
+
+/// `name` must be between 1 and `max`.
+pub(crate) fn check_size(name: &str, value: usize, max: usize) -> Result<()> {
+    if value == 0 || value > max {
+        return Err(PeftError::Config(format!("{name} {value} is out of range (1..={max})")));
+    }
+    Ok(())
+}
+
 /// The fields of a Hugging Face Llama `config.json` the model uses (others are ignored).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
@@ -59,18 +73,26 @@ impl LlamaConfig {
     /// Read `config.json`; architectures other than Llama-style decoders are refused.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
+        Self::from_json_str(path, &text)
+    }
+
+    /// Parse the text of a `config.json`; `path` only names it in errors.
+    pub fn from_json_str(path: &Path, text: &str) -> Result<Self> {
         let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
-        if let Some(model_type) = value.get("model_type").and_then(|v| v.as_str())
-            && !["llama", "mistral", "qwen2"].contains(&model_type)
-        {
-            return Err(PeftError::format(
-                path,
-                format!("model_type `{model_type}` is not a Llama-family decoder"),
-            ));
+            serde_json::from_str(text).map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
+        match value.get("model_type").and_then(|v| v.as_str()) {
+            Some("llama" | "mistral") | None => {}
+            Some("qwen2") => {
+                return Err(PeftError::format(
+                    path,
+                    "model_type `qwen2` is not supported yet (its q/k/v projections carry biases the Llama model here has no slot for)",
+                ));
+            }
+            Some(model_type) => {
+                return Err(PeftError::format(path, format!("model_type `{model_type}` is not a Llama-family decoder (llama, mistral)")));
+            }
         }
-        let config: Self =
-            serde_json::from_value(value).map_err(|e| PeftError::format(path, format!("config: {e}")))?;
+        let config: Self = peft_core::error::from_json_value(value).map_err(|e| PeftError::format(path, e))?;
         config.validate().map_err(|e| PeftError::format(path, e.to_string()))?;
         Ok(config)
     }
@@ -121,8 +143,28 @@ impl LlamaConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
-            return Err(PeftError::Config("hidden_size, num_attention_heads and num_hidden_layers must be positive".into()));
+        check_size("vocab_size", self.vocab_size, MAX_VOCAB)?;
+        check_size("hidden_size", self.hidden_size, MAX_WIDTH)?;
+        check_size("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
+        check_size("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        check_size("num_attention_heads", self.num_attention_heads, MAX_WIDTH)?;
+        check_size("num_key_value_heads", self.kv_heads(), MAX_WIDTH)?;
+        check_size("max_position_embeddings", self.max_position_embeddings, MAX_VOCAB)?;
+        match self.head_dim {
+            Some(d) => check_size("head_dim", d, MAX_WIDTH)?,
+            None if self.hidden_size % self.num_attention_heads != 0 => {
+                return Err(PeftError::Config(format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                )));
+            }
+            None => {}
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) || !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return Err(PeftError::Config(format!(
+                "rms_norm_eps {} and rope_theta {} must be positive",
+                self.rms_norm_eps, self.rope_theta
+            )));
         }
         if self.num_attention_heads % self.kv_heads() != 0 {
             return Err(PeftError::Config(format!(

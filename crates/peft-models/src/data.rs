@@ -1,9 +1,13 @@
-//! Instruction data: question/answer pairs from the chatterbot corpus (YAML conversations).
+//! Training data: question/answer pairs from the chatterbot corpus (YAML conversations), JSONL
+//! examples and labelled CSV rows. Readers of outside files take bytes too, for the fuzz targets.
 
 use std::path::Path;
 
 use peft_core::{PeftError, Result};
 use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::tokenizer::TextTokenizer;
+use crate::train::{Example, chat_example};
 
 /// A question and its answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,23 +27,29 @@ pub fn chatterbot_pairs(dir: &Path) -> Result<Vec<QaPair>> {
     files.sort();
     let mut pairs = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(&file).map_err(|e| PeftError::io(&file, e))?;
-        let docs = YamlLoader::load_from_str(&text).map_err(|e| PeftError::format(&file, format!("YAML: {e}")))?;
-        for doc in docs {
-            let Some(conversations) = doc["conversations"].as_vec() else { continue };
-            for conv in conversations {
-                let turns: Vec<String> = conv
-                    .as_vec()
-                    .map(|v| v.iter().filter_map(yaml_text).collect())
-                    .unwrap_or_default();
-                for w in turns.windows(2) {
-                    pairs.push(QaPair { question: w[0].clone(), answer: w[1].clone() });
-                }
-            }
-        }
+        let bytes = std::fs::read(&file).map_err(|e| PeftError::io(&file, e))?;
+        pairs.extend(chatterbot_file_pairs(&file, &bytes)?);
     }
     if pairs.is_empty() {
         return Err(PeftError::format(dir, "no conversations found in *.yml files"));
+    }
+    Ok(pairs)
+}
+
+/// The (turn, reply) pairs of one chatterbot YAML file's bytes; `path` only names it in errors.
+pub fn chatterbot_file_pairs(path: &Path, bytes: &[u8]) -> Result<Vec<QaPair>> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| PeftError::format(path, format!("not UTF-8 text (byte {})", e.valid_up_to())))?;
+    let docs = YamlLoader::load_from_str(text).map_err(|e| PeftError::format(path, format!("YAML: {e}")))?;
+    let mut pairs = Vec::new();
+    for doc in docs {
+        let Some(conversations) = doc["conversations"].as_vec() else { continue };
+        for conv in conversations {
+            let turns: Vec<String> = conv.as_vec().map(|v| v.iter().filter_map(yaml_text).collect()).unwrap_or_default();
+            for w in turns.windows(2) {
+                pairs.push(QaPair { question: w[0].clone(), answer: w[1].clone() });
+            }
+        }
     }
     Ok(pairs)
 }
@@ -84,6 +94,54 @@ mod tests {
     }
 }
 
+/// Examples from the bytes of a JSONL file, one object per line, each at most `max_len` tokens:
+/// `{"question", "answer"}`, `{"prompt", "completion"}`, `{"instruction", "output"}` (with an
+/// optional `"input"`; chat format, loss on the answer) or `{"text"}` (plain text, loss on every
+/// token). Every bad line is an error naming `path` and the line number.
+pub fn jsonl_examples(path: &Path, bytes: &[u8], tok: &TextTokenizer, max_len: usize) -> Result<Vec<Example>> {
+    let mut out = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let where_ = format!("{}:{}", path.display(), i + 1);
+        let line = std::str::from_utf8(line)
+            .map_err(|e| PeftError::Other(format!("{where_}: not UTF-8 text (byte {} of the line)", e.valid_up_to())))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| PeftError::Other(format!("{where_}: invalid JSON: {e}")))?;
+        let field = |k: &str| v.get(k).and_then(serde_json::Value::as_str);
+        let example = if let (Some(q), Some(a)) = (field("question"), field("answer")) {
+            chat_example(tok, q, a, max_len)?
+        } else if let (Some(q), Some(a)) = (field("prompt"), field("completion")) {
+            chat_example(tok, q, a, max_len)?
+        } else if let (Some(q), Some(a)) = (field("instruction"), field("output")) {
+            let q = match field("input") {
+                Some(input) if !input.is_empty() => format!("{q}\n\n{input}"),
+                _ => q.to_string(),
+            };
+            chat_example(tok, &q, a, max_len)?
+        } else if let Some(t) = field("text") {
+            let mut tokens = tok.encode(t)?;
+            tokens.truncate(max_len);
+            let loss_mask = vec![1.0; tokens.len()];
+            Example { tokens, loss_mask }
+        } else {
+            return Err(PeftError::Other(format!(
+                "{where_}: expected an object with \"question\"/\"answer\", \"prompt\"/\"completion\", \
+                 \"instruction\"/\"output\" or \"text\" string fields"
+            )));
+        };
+        if example.tokens.len() < 2 {
+            return Err(PeftError::Other(format!("{where_}: the example has fewer than 2 tokens")));
+        }
+        out.push(example);
+    }
+    if out.is_empty() {
+        return Err(PeftError::format(path, "no examples"));
+    }
+    Ok(out)
+}
+
 /// A text with its class label.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabeledText {
@@ -94,10 +152,13 @@ pub struct LabeledText {
 /// Rows of a CSV file with a header naming `text_column` and `label_column`. Fields that are
 /// not UTF-8 are read as Latin-1 (old corpora are). Bad rows are errors with their line.
 pub fn read_labeled_csv(path: &Path, text_column: &str, label_column: &str) -> Result<Vec<LabeledText>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(false)
-        .from_path(path)
-        .map_err(|e| PeftError::format(path, e.to_string()))?;
+    let file = std::fs::File::open(path).map_err(|e| PeftError::io(path, e))?;
+    labeled_csv_from(path, std::io::BufReader::new(file), text_column, label_column)
+}
+
+/// [`read_labeled_csv`] over any reader; `path` only names it in errors.
+pub fn labeled_csv_from(path: &Path, input: impl std::io::Read, text_column: &str, label_column: &str) -> Result<Vec<LabeledText>> {
+    let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(input);
     let header = reader.byte_headers().map_err(|e| PeftError::format(path, e.to_string()))?.clone();
     let column = |name: &str| {
         header.iter().position(|h| h == name.as_bytes()).ok_or_else(|| {

@@ -60,14 +60,36 @@ pub struct TensorInfo {
     offset: usize,
 }
 
+/// The bytes of a GGUF file: memory-mapped from disk, or held in memory.
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// An opened GGUF file (memory-mapped).
 pub struct GgufFile {
     pub path: PathBuf,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: BTreeMap<String, TensorInfo>,
-    map: memmap2::Mmap,
+    map: Bytes,
     data_start: usize,
 }
+
+/// Arrays nested deeper than this are refused (a few bytes per level would otherwise let a
+/// small file exhaust the stack).
+const MAX_NESTING: usize = 8;
+/// More dimensions than this is not a tensor any model has.
+const MAX_DIMS: usize = 8;
 
 struct Cursor<'a> {
     bytes: &'a [u8],
@@ -77,7 +99,7 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.pos + n > self.bytes.len() {
+        if n > self.bytes.len() - self.pos {
             return Err(PeftError::format(self.path, format!("truncated GGUF header at byte {}", self.pos)));
         }
         let s = &self.bytes[self.pos..self.pos + n];
@@ -94,7 +116,7 @@ impl<'a> Cursor<'a> {
         let n = self.u64()? as usize;
         Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
     }
-    fn value(&mut self, ty: u32) -> Result<Value> {
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
         Ok(match ty {
             0 => Value::U(self.take(1)?[0] as u64),
             1 => Value::I(self.take(1)?[0] as i8 as i64),
@@ -106,11 +128,16 @@ impl<'a> Cursor<'a> {
             7 => Value::Bool(self.take(1)?[0] != 0),
             8 => Value::Str(self.string()?),
             9 => {
+                if depth >= MAX_NESTING {
+                    return Err(PeftError::format(self.path, format!("GGUF arrays nested deeper than {MAX_NESTING} at byte {}", self.pos)));
+                }
                 let item = self.u32()?;
                 let n = self.u64()? as usize;
-                let mut v = Vec::with_capacity(n.min(1 << 20));
+                // Every item takes at least one byte: a count past the end is a lie, not a reason
+                // to reserve memory.
+                let mut v = Vec::with_capacity(n.min(self.bytes.len() - self.pos));
                 for _ in 0..n {
-                    v.push(self.value(item)?);
+                    v.push(self.value(item, depth + 1)?);
                 }
                 Value::Array(v)
             }
@@ -159,6 +186,15 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(|e| PeftError::io(path, e))?;
         // SAFETY: the file is opened read-only and not modified while mapped by this process.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| PeftError::io(path, e))?;
+        Self::parse(path, Bytes::Mapped(map))
+    }
+
+    /// Parse GGUF bytes held in memory; `path` only names them in errors.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(path, Bytes::Owned(bytes))
+    }
+
+    fn parse(path: &Path, map: Bytes) -> Result<Self> {
         let mut c = Cursor { bytes: &map, pos: 0, path };
         if c.take(4)? != b"GGUF" {
             return Err(PeftError::format(path, "not a GGUF file (bad magic)"));
@@ -173,12 +209,15 @@ impl GgufFile {
         for _ in 0..n_kv {
             let key = c.string()?;
             let ty = c.u32()?;
-            metadata.insert(key, c.value(ty)?);
+            metadata.insert(key, c.value(ty, 0)?);
         }
         let mut tensors = BTreeMap::new();
         for _ in 0..n_tensors {
             let name = c.string()?;
             let n_dims = c.u32()? as usize;
+            if n_dims > MAX_DIMS {
+                return Err(PeftError::format(path, format!("tensor `{name}` has {n_dims} dimensions (at most {MAX_DIMS})")));
+            }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
                 dims.push(c.u64()? as usize);
@@ -188,8 +227,15 @@ impl GgufFile {
             let offset = c.u64()? as usize;
             tensors.insert(name, TensorInfo { shape: dims, ggml_type, offset });
         }
-        let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32) as usize;
+        let align = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
+                _ => return Err(PeftError::format(path, format!("general.alignment {v:?} is not a power of two"))),
+            },
+        };
         let data_start = c.pos.div_ceil(align) * align;
+        drop(c);
         Ok(Self { path: path.to_path_buf(), metadata, tensors, map, data_start })
     }
 
@@ -209,7 +255,8 @@ impl GgufFile {
             path: self.path.clone(),
             key: name.to_string(),
         })?;
-        let n: usize = info.shape.iter().product();
+        let too_big = || PeftError::format(&self.path, format!("tensor `{name}`: shape {:?} is larger than the file", info.shape));
+        let n = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(too_big)?;
         let (block_bytes, block_elems) = block_layout(info.ggml_type).ok_or_else(|| PeftError::Dtype {
             path: self.path.clone(),
             key: name.to_string(),
@@ -218,11 +265,11 @@ impl GgufFile {
         if n % block_elems != 0 {
             return Err(PeftError::format(&self.path, format!("tensor `{name}`: {n} values are not whole blocks")));
         }
-        let start = self.data_start + info.offset;
-        let len = n / block_elems * block_bytes;
-        let bytes = self.map.get(start..start + len).ok_or_else(|| {
-            PeftError::format(&self.path, format!("tensor `{name}` extends past the end of the file"))
-        })?;
+        let past_end = || PeftError::format(&self.path, format!("tensor `{name}` extends past the end of the file"));
+        let start = self.data_start.checked_add(info.offset).ok_or_else(past_end)?;
+        let len = (n / block_elems).checked_mul(block_bytes).ok_or_else(too_big)?;
+        let end = start.checked_add(len).ok_or_else(past_end)?;
+        let bytes = self.map.get(start..end).ok_or_else(past_end)?;
         Ok(HostTensor::new(info.shape.clone(), dequantize(info.ggml_type, bytes, n)))
     }
 }

@@ -29,13 +29,36 @@ fn tk_err(path: &Path, e: impl std::fmt::Display) -> PeftError {
     PeftError::format(path, format!("tokenizer: {e}"))
 }
 
+/// Run a call into the `tokenizers` crate, turning a panic into an error: it panics on some
+/// malformed `tokenizer.json` files (found by fuzzing: a bad `decoder` object) instead of
+/// returning one.
+fn guarded<T>(f: impl FnOnce() -> tokenizers::Result<T>) -> std::result::Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "malformed".into());
+            Err(format!("rejected by the tokenizers crate: {}", msg.lines().next().unwrap_or_default()))
+        }
+    }
+}
+
 impl TextTokenizer {
     /// From a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path, eos_ids: Vec<u32>) -> Result<Self> {
         if !path.exists() {
             return Err(PeftError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found")));
         }
-        let inner = Tokenizer::from_file(path).map_err(|e| tk_err(path, e))?;
+        let inner = guarded(|| Tokenizer::from_file(path)).map_err(|e| tk_err(path, e))?;
+        Ok(Self::finish(inner, eos_ids, None))
+    }
+
+    /// From the bytes of a `tokenizer.json`; `path` only names it in errors.
+    pub fn from_bytes(path: &Path, bytes: &[u8], eos_ids: Vec<u32>) -> Result<Self> {
+        let inner = guarded(|| Tokenizer::from_bytes(bytes)).map_err(|e| tk_err(path, e))?;
         Ok(Self::finish(inner, eos_ids, None))
     }
 
@@ -111,8 +134,7 @@ impl TextTokenizer {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.inner
-            .encode(text, false)
+        guarded(|| self.inner.encode(text, false))
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| PeftError::Other(format!("tokenizer: {e}")))
     }
@@ -120,11 +142,12 @@ impl TextTokenizer {
     /// Encode with the model's special tokens (e.g. BERT's `[CLS] ... [SEP]`), truncated to
     /// `max_len`.
     pub fn encode_with_special(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
-        let mut ids = self
-            .inner
-            .encode(text, true)
+        let mut ids = guarded(|| self.inner.encode(text, true))
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| PeftError::Other(format!("tokenizer: {e}")))?;
+        if max_len == 0 {
+            return Ok(Vec::new());
+        }
         if ids.len() > max_len {
             // Keep the closing special token (e.g. [SEP]).
             let last = *ids.last().expect("non-empty");
@@ -135,9 +158,7 @@ impl TextTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| PeftError::Other(format!("tokenizer: {e}")))
+        guarded(|| self.inner.decode(ids, true)).map_err(|e| PeftError::Other(format!("tokenizer: {e}")))
     }
 
     /// The prompt for one user turn, ready for the assistant's answer (ChatML when the

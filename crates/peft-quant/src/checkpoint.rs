@@ -49,7 +49,7 @@ pub fn weight_shape(t: &TensorMap, source: &Path, weight_key: &str) -> Result<Op
 
 /// The quant state stored under `state_key`, or an error naming it.
 fn parse_state(bytes: &[u8], source: &Path, state_key: &str) -> Result<QuantStateJson> {
-    serde_json::from_slice(bytes)
+    peft_core::error::from_json_slice(bytes)
         .map_err(|e| PeftError::format(source, format!("tensor `{state_key}`: not a bitsandbytes quant-state JSON: {e}")))
 }
 

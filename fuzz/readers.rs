@@ -1,0 +1,247 @@
+//! One entry point per reader of outside files, each taking the file's bytes. Shared by the
+//! cargo-fuzz targets (`fuzz/fuzz_targets/`) and the malformed-input tests
+//! (`crates/peft-models/tests/malformed.rs`, which includes this file). An entry point returns
+//! `Ok` or the reader's error message; a panic, an abort or a hang is the bug being looked for.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use burn::tensor::Device;
+use peft_core::tensors::TensorMap;
+use peft_core::tuner::Tuner;
+use peft_models::bert::BertConfig;
+use peft_models::config::LlamaConfig;
+use peft_models::gguf::GgufFile;
+use peft_models::llama::LlamaForCausalLM;
+use peft_models::tokenizer::TextTokenizer;
+
+/// What a reader made of its input: nothing, or its one-line error.
+pub type Outcome = Result<(), String>;
+
+/// Every reader by name (the fuzz target of the same name calls it).
+pub const READERS: &[(&str, fn(&[u8]) -> Outcome)] = &[
+    ("safetensors", safetensors),
+    ("llama_checkpoint", llama_checkpoint),
+    ("gguf", gguf),
+    ("llama_config", llama_config),
+    ("bert_config", bert_config),
+    ("tokenizer", tokenizer),
+    ("adapter_config", adapter_config),
+    ("quant_state", quant_state),
+    ("jsonl", jsonl),
+    ("csv", csv),
+    ("chatterbot_yaml", chatterbot_yaml),
+];
+
+/// The repository's `fixtures/` folder, found upwards from the crate being built.
+pub fn fixtures() -> PathBuf {
+    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    while !dir.join("fixtures/lora_tiny").is_dir() {
+        assert!(dir.pop(), "fixtures/ not found above {}", env!("CARGO_MANIFEST_DIR"));
+    }
+    dir.join("fixtures")
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// The tiny Llama (2 layers, hidden 64) the model-level readers load into.
+fn tiny_config() -> &'static LlamaConfig {
+    static C: OnceLock<LlamaConfig> = OnceLock::new();
+    C.get_or_init(|| LlamaConfig::from_file(&fixtures().join("lora_tiny/base_plain/config.json")).expect("tiny config"))
+}
+
+fn tiny_tokenizer() -> &'static TextTokenizer {
+    static T: OnceLock<TextTokenizer> = OnceLock::new();
+    T.get_or_init(|| TextTokenizer::from_file(&fixtures().join("lora_tiny/base_plain/tokenizer.json"), vec![2]).expect("tiny tokenizer"))
+}
+
+fn tiny_tensors() -> &'static TensorMap {
+    static T: OnceLock<TensorMap> = OnceLock::new();
+    T.get_or_init(|| TensorMap::read_safetensors(&fixtures().join("lora_tiny/base_plain/model.safetensors")).expect("tiny weights"))
+}
+
+fn bnb_tensors() -> &'static TensorMap {
+    static T: OnceLock<TensorMap> = OnceLock::new();
+    T.get_or_init(|| TensorMap::read_safetensors(&fixtures().join("bnb_llama/nf4_dq/model.safetensors")).expect("4-bit weights"))
+}
+
+/// A safetensors file, parsed.
+pub fn safetensors(bytes: &[u8]) -> Outcome {
+    TensorMap::from_safetensors_bytes(Path::new("fuzz.safetensors"), bytes).map(drop).map_err(err)
+}
+
+/// A model checkpoint: safetensors bytes loaded into the tiny Llama (plain or bitsandbytes
+/// 4-bit keys), so shapes and dtypes under the model's keys are checked.
+pub fn llama_checkpoint(bytes: &[u8]) -> Outcome {
+    let path = Path::new("model.safetensors");
+    let tensors = TensorMap::from_safetensors_bytes(path, bytes).map_err(err)?;
+    LlamaForCausalLM::from_tensors(tiny_config().clone(), tensors, path, &Device::flex()).map(drop).map_err(err)
+}
+
+/// A GGUF file: header, metadata, the Llama config and tokenizer it describes, every tensor.
+pub fn gguf(bytes: &[u8]) -> Outcome {
+    let file = GgufFile::from_bytes(Path::new("fuzz.gguf"), bytes.to_vec()).map_err(err)?;
+    let config = LlamaConfig::from_gguf(&file).map_err(err);
+    let tokenizer = TextTokenizer::from_gguf(&file).map_err(err);
+    for name in file.tensors.keys() {
+        file.tensor(name).map_err(err)?;
+    }
+    config?;
+    let tokenizer = tokenizer?;
+    tokenizer.encode("What is the capital of France?").map_err(err)?;
+    Ok(())
+}
+
+/// A Llama `config.json`.
+pub fn llama_config(bytes: &[u8]) -> Outcome {
+    let text = std::str::from_utf8(bytes).map_err(err)?;
+    LlamaConfig::from_json_str(Path::new("config.json"), text).map(drop).map_err(err)
+}
+
+/// A BERT `config.json`.
+pub fn bert_config(bytes: &[u8]) -> Outcome {
+    let text = std::str::from_utf8(bytes).map_err(err)?;
+    BertConfig::from_json_str(Path::new("config.json"), text).map(drop).map_err(err)
+}
+
+/// A `tokenizer.json`, then a round trip of a sentence through it.
+pub fn tokenizer(bytes: &[u8]) -> Outcome {
+    let tok = TextTokenizer::from_bytes(Path::new("tokenizer.json"), bytes, vec![]).map_err(err)?;
+    let ids = tok.encode("the capital of france is paris").map_err(err)?;
+    tok.decode(&ids).map(drop).map_err(err)
+}
+
+/// An `adapter_config.json`, parsed as the CLI parses it and applied to the tiny Llama.
+pub fn adapter_config(bytes: &[u8]) -> Outcome {
+    let path = Path::new("adapter_config.json");
+    let value = peft_core::adapter_io::parse_config(path, bytes).map_err(err)?;
+    let config = peft_lora::LoraConfig::from_json(&value).map_err(err)?;
+    let model = LlamaForCausalLM::from_tensors(tiny_config().clone(), tiny_tensors().clone(), path, &Device::flex()).map_err(err)?;
+    config.apply(model, "default").map(drop).map_err(err)
+}
+
+/// A bitsandbytes quant-state JSON, in place of the one of a real 4-bit weight.
+pub fn quant_state(bytes: &[u8]) -> Outcome {
+    let key = "model.layers.0.mlp.up_proj.weight";
+    let mut t = bnb_tensors().clone();
+    let state = format!("{key}.quant_state.bitsandbytes__nf4");
+    t.insert(state, peft_core::tensors::HostTensor::from_bytes(vec![bytes.len()], bytes));
+    let (out, inp) = (tiny_config().intermediate_size, tiny_config().hidden_size);
+    peft_quant::checkpoint::take_4bit(&mut t, Path::new("model.safetensors"), key, out, inp).map(drop).map_err(err)
+}
+
+/// A JSONL data file, tokenized with the tiny model's tokenizer.
+pub fn jsonl(bytes: &[u8]) -> Outcome {
+    peft_models::data::jsonl_examples(Path::new("data.jsonl"), bytes, tiny_tokenizer(), 32).map(drop).map_err(err)
+}
+
+/// A CSV of texts and labels.
+pub fn csv(bytes: &[u8]) -> Outcome {
+    peft_models::data::labeled_csv_from(Path::new("data.csv"), bytes, "text", "label").map(drop).map_err(err)
+}
+
+/// A chatterbot YAML file.
+pub fn chatterbot_yaml(bytes: &[u8]) -> Outcome {
+    peft_models::data::chatterbot_file_pairs(Path::new("corpus.yml"), bytes).map(drop).map_err(err)
+}
+
+/// A small valid GGUF file (Llama metadata, a gpt2 tokenizer, F32/F16/Q8_0/Q4_0/Q4_1 tensors):
+/// a seed for the GGUF reader that is fast to mutate.
+pub fn tiny_gguf() -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    enum V<'a> {
+        U32(u32),
+        F32(f32),
+        Str(&'a str),
+        Strs(&'a [&'a str]),
+        I32s(&'a [i32]),
+    }
+    let kv: Vec<(&str, V)> = vec![
+        ("general.architecture", V::Str("llama")),
+        ("general.alignment", V::U32(32)),
+        ("llama.embedding_length", V::U32(32)),
+        ("llama.feed_forward_length", V::U32(64)),
+        ("llama.block_count", V::U32(1)),
+        ("llama.attention.head_count", V::U32(4)),
+        ("llama.attention.head_count_kv", V::U32(2)),
+        ("llama.context_length", V::U32(64)),
+        ("llama.rope.freq_base", V::F32(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+        ("tokenizer.ggml.model", V::Str("gpt2")),
+        ("tokenizer.ggml.pre", V::Str("smollm")),
+        ("tokenizer.ggml.tokens", V::Strs(&["<|im_end|>", "a", "b", "ab", "Ġ", "c"])),
+        ("tokenizer.ggml.merges", V::Strs(&["a b"])),
+        ("tokenizer.ggml.token_type", V::I32s(&[3, 1, 1, 1, 1, 1])),
+        ("tokenizer.ggml.eos_token_id", V::U32(0)),
+    ];
+    // (name, dims fastest first, type, bytes)
+    let tensors: Vec<(&str, Vec<u64>, u32, usize)> = vec![
+        ("token_embd.weight", vec![32, 6], 0, 32 * 6 * 4),
+        ("output_norm.weight", vec![32], 1, 32 * 2),
+        ("blk.0.attn_q.weight", vec![32, 32], 8, 32 * 34),
+        ("blk.0.attn_k.weight", vec![32, 16], 2, 16 * 18),
+        ("blk.0.ffn_up.weight", vec![32, 64], 3, 64 * 20),
+    ];
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kv.len() as u64).to_le_bytes());
+    for (k, v) in &kv {
+        string(&mut out, k);
+        match v {
+            V::U32(x) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            V::F32(x) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            V::Str(s) => {
+                out.extend(8u32.to_le_bytes());
+                string(&mut out, s);
+            }
+            V::Strs(items) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(8u32.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                for s in *items {
+                    string(&mut out, s);
+                }
+            }
+            V::I32s(items) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(5u32.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                for x in *items {
+                    out.extend(x.to_le_bytes());
+                }
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for (name, dims, ty, len) in &tensors {
+        string(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(ty.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset += (*len as u64).div_ceil(32) * 32;
+    }
+    out.resize(out.len().div_ceil(32) * 32, 0);
+    for (i, (_, _, _, len)) in tensors.iter().enumerate() {
+        let start = out.len();
+        out.extend((0..*len).map(|j| ((i * 31 + j * 7) % 13) as u8));
+        out.resize(start + len.div_ceil(32) * 32, 0);
+    }
+    out
+}
