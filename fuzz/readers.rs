@@ -17,6 +17,23 @@ use peft_models::gguf::GgufFile;
 use peft_models::llama::LlamaForCausalLM;
 use peft_models::tokenizer::TextTokenizer;
 
+/// For the fuzz targets: libFuzzer's panic hook aborts on every panic, even one that is caught.
+/// The `tokenizers` crate panics on some malformed files and `TextTokenizer` catches that and
+/// returns an error (see `peft_models::tokenizer`), so only panics raised inside that crate are
+/// let through to the catch; any other panic still aborts, which is how the fuzzer reports it.
+pub fn tolerate_caught_tokenizers_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let fuzzer_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_tokenizers = info.location().is_some_and(|l| l.file().contains("/tokenizers-"));
+            if !in_tokenizers {
+                fuzzer_hook(info);
+            }
+        }));
+    });
+}
+
 /// What a reader made of its input: nothing, or its one-line error.
 pub type Outcome = Result<(), String>;
 
@@ -147,6 +164,34 @@ pub fn csv(bytes: &[u8]) -> Outcome {
 /// A chatterbot YAML file.
 pub fn chatterbot_yaml(bytes: &[u8]) -> Outcome {
     peft_models::data::chatterbot_file_pairs(Path::new("corpus.yml"), bytes).map(drop).map_err(err)
+}
+
+fn fixture(rel: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join(rel)).expect("fixture")
+}
+
+/// Real files (and one small generated GGUF) each reader is seeded with: the mutation test's
+/// inputs and the cargo-fuzz seeds (`cargo xtask fuzz` writes them into the corpus).
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let state = {
+        let t = peft_core::tensors::TensorMap::read_safetensors(&fixtures().join("bnb_llama/nf4_dq/model.safetensors")).unwrap();
+        t.get("model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4").unwrap().bytes.clone()
+    };
+    vec![
+        ("safetensors", fixture("lora_tiny/list_rslora/adapter/adapter_model.safetensors")),
+        ("llama_checkpoint", fixture("lora_tiny/base_plain/model.safetensors")),
+        ("llama_checkpoint", fixture("bnb_llama/nf4_dq/model.safetensors")),
+        ("gguf", tiny_gguf()),
+        ("llama_config", fixture("lora_tiny/base_plain/config.json")),
+        ("bert_config", fixture("bert_tiny/model/config.json")),
+        ("tokenizer", fixture("lora_tiny/base_plain/tokenizer.json")),
+        ("adapter_config", fixture("lora_tiny/list_rslora/adapter/adapter_config.json")),
+        ("adapter_config", fixture("lora_tiny/regex_patterns/adapter/adapter_config.json")),
+        ("quant_state", state),
+        ("jsonl", b"{\"question\": \"the capital\", \"answer\": \"paris\"}\n{\"text\": \"the cat is good\"}\n{\"instruction\": \"what\", \"input\": \"day\", \"output\": \"good\"}\n".to_vec()),
+        ("csv", b"text,label\n\"the, cat\",positive\ndog,negative\n".to_vec()),
+        ("chatterbot_yaml", b"categories:\n- x\nconversations:\n- - Hi\n  - Hello\n- - What is 2?\n  - 2\n".to_vec()),
+    ]
 }
 
 /// A small valid GGUF file (Llama metadata, a gpt2 tokenizer, F32/F16/Q8_0/Q4_0/Q4_1 tensors):

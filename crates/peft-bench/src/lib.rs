@@ -312,17 +312,33 @@ pub fn reset_peak_rss() -> Result<()> {
     std::fs::write("/proc/self/clear_refs", "5").context("writing /proc/self/clear_refs")
 }
 
-/// Peak resident memory of one iteration of `id`, measured after two warm-up iterations (the
-/// optimizer state exists by then): `(resident before, peak during)` in bytes.
-pub fn measure_memory(id: &str, device: &Device) -> Result<(u64, u64)> {
+/// Memory of one iteration of `id`, after two warm-up iterations (the optimizer state exists
+/// by then), in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct StepMemory {
+    /// Resident size before the step, and its peak during the step (`VmHWM` reset at the start).
+    pub rss_before: u64,
+    pub rss_peak: u64,
+    /// Bytes live in the global allocator before the step, and their high-water mark during it
+    /// (reset at the start): what the step needs, without what the allocator keeps mapped. Zero
+    /// unless the binary uses `peft_core::alloc::HugePageAlloc`.
+    pub alloc_before: u64,
+    pub alloc_peak: u64,
+}
+
+/// [`StepMemory`] of one iteration of `id`.
+pub fn measure_memory(id: &str, device: &Device) -> Result<StepMemory> {
     let mut run = prepare(id, device)?;
     run();
     run();
-    let (before, _) = rss()?;
+    let (rss_before, _) = rss()?;
+    let alloc_before = peft_core::alloc::live_bytes() as u64;
     reset_peak_rss()?;
+    peft_core::alloc::reset_peak();
     run();
-    let (_, peak) = rss()?;
-    Ok((before, peak))
+    let (_, rss_peak) = rss()?;
+    let alloc_peak = peft_core::alloc::peak_bytes() as u64;
+    Ok(StepMemory { rss_before, rss_peak, alloc_before, alloc_peak })
 }
 
 #[cfg(test)]

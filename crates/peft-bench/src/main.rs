@@ -64,8 +64,12 @@ fn main() -> Result<()> {
         Some("serve") => serve(&args[1..]),
         Some("memory") => {
             let id = args.get(1).context("memory needs a workload id")?;
-            let (before, peak) = measure_memory(id, &device_arg(&args[2..])?)?;
-            println!("{}", serde_json::json!({ "id": id, "rss_before": before, "rss_peak": peak }));
+            let m = measure_memory(id, &device_arg(&args[2..])?)?;
+            println!(
+                "{}",
+                serde_json::json!({ "id": id, "rss_before": m.rss_before, "rss_peak": m.rss_peak,
+                    "alloc_before": m.alloc_before, "alloc_peak": m.alloc_peak })
+            );
             Ok(())
         }
         Some("list") => {

@@ -3,9 +3,6 @@
 //! tensor through it). Run: `cargo bench -p peft-models --bench train_memory` (needs
 //! `cargo xtask fetch`). Prints a table and one JSON line per method.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use burn::tensor::Device;
 use peft_core::train::{TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
@@ -14,39 +11,8 @@ use peft_models::load::load_causal_lm;
 use peft_models::train::{Example, lm_batch_loss};
 use peft_quant::{BaseLinear, QuantSpec};
 
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size > layout.size() {
-                let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
-                PEAK.fetch_max(now, Ordering::Relaxed);
-            } else {
-                CURRENT.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: peft_core::alloc::HugePageAlloc = peft_core::alloc::HugePageAlloc;
 
 const MB: f64 = 1024.0 * 1024.0;
 
@@ -80,7 +46,7 @@ fn measure(method: &'static str, quant: Option<QuantSpec>) -> Measured {
         };
     }
     let model = LoraConfig::new(16, 32.0, &["q_proj", "v_proj"]).apply(model, "default").expect("apply");
-    let model_bytes = CURRENT.load(Ordering::Relaxed);
+    let model_bytes = peft_core::alloc::live_bytes();
     // Batch 4 x 128 tokens, as in the Python comparison in shared DESIGN.md.
     let data: Vec<Example> = (0..8u32)
         .map(|b| Example { tokens: (0..128).map(|i| (i * 31 + b * 977) % 49152).collect(), loss_mask: vec![1.0; 128] })
@@ -89,10 +55,10 @@ fn measure(method: &'static str, quant: Option<QuantSpec>) -> Measured {
     let mut trainer = Trainer::new(model, config);
     // The first step creates the optimizer state; measure the second.
     trainer.step(&data, |m, b| lm_batch_loss(m, b, 0));
-    let before = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
+    let before = peft_core::alloc::live_bytes();
+    peft_core::alloc::reset_peak();
     trainer.step(&data, |m, b| lm_batch_loss(m, b, 0));
-    let step_peak = PEAK.load(Ordering::Relaxed);
+    let step_peak = peft_core::alloc::peak_bytes();
     Measured { method, linear_weights, linear_bytes, model_bytes, step_peak }
 }
 

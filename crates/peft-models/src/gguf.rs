@@ -239,6 +239,11 @@ impl GgufFile {
         Ok(Self { path: path.to_path_buf(), metadata, tensors, map, data_start })
     }
 
+    /// Where the tensor data starts: everything before is the header (metadata, tensor infos).
+    pub fn data_start(&self) -> usize {
+        self.data_start
+    }
+
     pub fn meta(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }

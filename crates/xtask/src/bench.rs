@@ -19,7 +19,7 @@ use crate::{cargo, workspace_root};
 /// Both sides run with this many threads (rayon / torch), whatever the machine has.
 const THREADS: &str = "2";
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
@@ -97,8 +97,18 @@ impl Drop for Worker {
     }
 }
 
-/// The resident bytes before and at peak of one iteration, in a fresh process.
-fn memory(mut cmd: Command, side: &str, id: &str) -> Result<(f64, f64)> {
+/// Memory of one iteration in a fresh process, in MiB: resident before and at peak, and (our
+/// side only; NaN for the peer, whose torch CPU allocator keeps no statistics) the allocator's
+/// live bytes before and their high-water mark during the step.
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    rss_before: f64,
+    rss_peak: f64,
+    alloc_before: f64,
+    alloc_peak: f64,
+}
+
+fn memory(mut cmd: Command, side: &str, id: &str) -> Result<Memory> {
     let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("{side} memory of {id}"))?;
     if !out.status.success() {
         bail!("{side}: measuring the memory of `{id}` failed");
@@ -107,7 +117,7 @@ fn memory(mut cmd: Command, side: &str, id: &str) -> Result<(f64, f64)> {
     let line = text.lines().last().unwrap_or_default();
     let v: Value = serde_json::from_str(line).with_context(|| format!("{side} memory of {id}: `{line}`"))?;
     let mib = |k: &str| v[k].as_f64().unwrap_or(f64::NAN) / (1024.0 * 1024.0);
-    Ok((mib("rss_before"), mib("rss_peak")))
+    Ok(Memory { rss_before: mib("rss_before"), rss_peak: mib("rss_peak"), alloc_before: mib("alloc_before"), alloc_peak: mib("alloc_peak") })
 }
 
 fn machine() -> String {
@@ -314,7 +324,9 @@ pub fn bench(args: &[String]) -> Result<()> {
         "machine": machine(),
         "criterion_ms": criterion.iter().map(|(id, ms)| json!({"id": id, "median_ms": ms})).collect::<Vec<_>>(),
         "pairs": pairs.iter().map(|p| json!({"id": p.workload.id, "ours_ms": p.ours, "peer_ms": p.peer})).collect::<Vec<_>>(),
-        "memory_mib": memory_rows.iter().map(|(id, m, t)| json!({"id": id, "ours": [m.0, m.1], "peer": [t.0, t.1]})).collect::<Vec<_>>(),
+        "memory_mib": memory_rows.iter().map(|(id, m, t)| json!({"id": id,
+            "ours": {"rss": [m.rss_before, m.rss_peak], "alloc": [m.alloc_before, m.alloc_peak]},
+            "peer": {"rss": [t.rss_before, t.rss_peak]}})).collect::<Vec<_>>(),
         "gpu": gpu.as_ref().map(|g| json!({
             "name": g.name,
             "peak_gbps": g.peak_gbps,
@@ -385,7 +397,7 @@ fn render(
     o: &Options,
     criterion: &[(String, f64)],
     pairs: &[Pair],
-    memory: &[(&str, (f64, f64), (f64, f64))],
+    memory: &[(&str, Memory, Memory)],
     gpu: Option<&GpuRun>,
 ) -> String {
     let mut s = String::new();
@@ -426,10 +438,16 @@ fn render(
             }
         }
         if !memory.is_empty() {
-            s += "\n### Peak resident memory of one training step (fresh process each, after two warm-up steps)\n\n\
-                  | step | ours: before / peak | peer: before / peak | peak ratio |\n|---|---|---|---|\n";
+            s += "\n### Memory of one training step (fresh process each, after two warm-up steps)\n\n\
+                  Ours: the allocator's live bytes before the step and their high-water mark during it (reset at its \
+                  start), then the resident size. Peer: the resident size only (torch's CPU allocator keeps no \
+                  statistics). Resident figures include what an allocator keeps mapped after frees.\n\n\
+                  | step | ours: live before / step peak | ours: resident before / peak | peer: resident before / peak | resident peak ratio |\n|---|---|---|---|---|\n";
             for (id, m, t) in memory {
-                s += &format!("| `{id}` | {:.0} / {:.0} MiB | {:.0} / {:.0} MiB | {:.2} |\n", m.0, m.1, t.0, t.1, t.1 / m.1);
+                s += &format!(
+                    "| `{id}` | {:.0} / {:.0} MiB | {:.0} / {:.0} MiB | {:.0} / {:.0} MiB | {:.2} |\n",
+                    m.alloc_before, m.alloc_peak, m.rss_before, m.rss_peak, t.rss_before, t.rss_peak, t.rss_peak / m.rss_peak
+                );
             }
         }
         s += "\n";

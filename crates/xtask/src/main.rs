@@ -3,12 +3,16 @@
 //! - `cargo xtask demo`: fetch SmolLM2 and the chatterbot corpus, LoRA-fine-tune on CPU with a
 //!   progress bar, save a Hugging Face PEFT adapter, print answers before and after.
 //! - `cargo xtask test`: fetch what the tests need, run the workspace tests, the wgpu test
-//!   (through lavapipe when no GPU is present) and the CUDA type-check.
+//!   (through lavapipe when no GPU is present), the CUDA type-check and, where cargo-fuzz and a
+//!   nightly toolchain are installed, every fuzz target for 3 seconds.
+//! - `cargo xtask fuzz [--seconds N]`: every reader of outside files under cargo fuzz (nightly),
+//!   or the stable mutation suite where there is no nightly.
 //! - `cargo xtask fetch`: only fetch the model and data into `models/`.
 //! - `cargo xtask bench [--peer]`: criterion benchmarks, and with `--peer` the same work side
 //!   by side with Hugging Face PEFT and bitsandbytes; a report under `target/bench-report/`.
 
 mod bench;
+mod fuzz;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -39,7 +43,7 @@ fn workspace_root() -> PathBuf {
     manifest_dir.join("../..").canonicalize().expect("workspace root")
 }
 
-fn models_dir() -> PathBuf {
+pub(crate) fn models_dir() -> PathBuf {
     std::env::var_os("PEFT_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("models"))
 }
 
@@ -48,7 +52,7 @@ fn fetch() -> Result<(PathBuf, PathBuf)> {
     Ok((SMOLLM2.ensure(&dir)?, CHATTERBOT_EN.ensure(&dir)?))
 }
 
-fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
+pub(crate) fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
     eprintln!("+ cargo {}", args.join(" "));
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(args).current_dir(workspace_root());
@@ -119,6 +123,11 @@ fn test(args: &[String]) -> Result<()> {
     tally.cargo_test(&["test", "--workspace", "--doc"], &env)?;
     tally.cargo_test(&["test", "--workspace", "--all-targets"], &env)?;
     println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
+    // Coverage-guided fuzzing of every reader, a few seconds each (the stable mutation suite ran
+    // above with the tests); `cargo xtask fuzz --seconds N` runs longer.
+    if !args.iter().any(|a| a == "--no-fuzz") && fuzz::cargo_fuzz_available() {
+        fuzz::fuzz(&["--seconds".into(), "3".into()])?;
+    }
     Ok(())
 }
 
@@ -190,10 +199,12 @@ fn main() -> Result<()> {
         Some("demo") => demo(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("fetch") => fetch().map(|(m, d)| println!("{}\n{}", m.display(), d.display())),
         _ => bail!(
-            "usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] | fetch | \
-             bench [--peer] [--rounds N] [--only PREFIX] [--no-criterion]>"
+            "usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] [--no-fuzz] | fetch | \
+             bench [--peer] [--rounds N] [--only PREFIX] [--no-criterion] | \
+             fuzz [--seconds N] [--only NAME] [--sanitizer none|address]>"
         ),
     }
 }
