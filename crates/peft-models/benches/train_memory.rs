@@ -55,7 +55,6 @@ fn measure(method: &'static str, quant: Option<QuantSpec>) -> Measured {
     let mut trainer = Trainer::new(model, config);
     // The first step creates the optimizer state; measure the second.
     trainer.step(&data, |m, b| lm_batch_loss(m, b, 0));
-    let before = peft_core::alloc::live_bytes();
     peft_core::alloc::reset_peak();
     trainer.step(&data, |m, b| lm_batch_loss(m, b, 0));
     let step_peak = peft_core::alloc::peak_bytes();
