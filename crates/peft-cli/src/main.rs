@@ -340,12 +340,7 @@ fn main() {
             std::process::exit(if usage::is_usage(&e) { 2 } else { 1 });
         }
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            eprintln!("error: internal error: {}", msg.lines().next().unwrap_or_default());
+            eprintln!("error: internal error: {}", peft_core::error::panic_message(&*panic));
             std::process::exit(101);
         }
     }

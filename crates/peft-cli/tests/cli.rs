@@ -1,37 +1,15 @@
 //! The `peft` binary end to end on the tiny Llama fixture (word-level tokenizer).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn peft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().expect("run peft")
-}
+use std::path::Path;
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora_tiny/base_plain")
-}
+use common::{adapter_values, data, peft, s, stderr, tiny};
 
-fn data(dir: &Path) -> PathBuf {
-    let words = ["hello", "what", "is", "the", "capital", "of", "france", "paris", "good", "day", "cat", "dog"];
-    let mut lines = String::new();
-    for i in 0..40 {
-        let q = format!("{} {} {}", words[i % 12], words[(i * 5 + 1) % 12], words[(i * 7 + 2) % 12]);
-        let a = format!("{} {}", words[(i * 3) % 12], words[(i + 4) % 12]);
-        lines.push_str(&serde_json::json!({"question": q, "answer": a}).to_string());
-        lines.push('\n');
-    }
-    let p = dir.join("data.jsonl");
-    std::fs::write(&p, lines).unwrap();
-    p
-}
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+
+
 
 fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
@@ -40,10 +18,6 @@ fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
     ]
 }
 
-fn adapter_values(dir: &Path) -> Vec<f32> {
-    let files = peft_core::adapter_io::load_adapter(dir).unwrap();
-    files.tensors.tensors.values().flat_map(|t| t.data.clone()).collect()
-}
 
 #[test]
 fn train_writes_adapter_metrics_plot_and_resumes_exactly() {

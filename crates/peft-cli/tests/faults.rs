@@ -3,39 +3,18 @@
 //! uninterrupted result), NaN/infinite losses, failed writes (the previous checkpoint survives),
 //! and `--overwrite` never losing the old output before the new one exists.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::{adapter_values, data, peft, s, stderr, tiny};
 use std::time::{Duration, Instant};
 
-fn peft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().expect("run peft")
-}
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora_tiny/base_plain")
-}
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
-fn data(dir: &Path) -> PathBuf {
-    let words = ["hello", "what", "is", "the", "capital", "of", "france", "paris", "good", "day", "cat", "dog"];
-    let mut lines = String::new();
-    for i in 0..40 {
-        let q = format!("{} {} {}", words[i % 12], words[(i * 5 + 1) % 12], words[(i * 7 + 2) % 12]);
-        let a = format!("{} {}", words[(i * 3) % 12], words[(i + 4) % 12]);
-        lines.push_str(&serde_json::json!({"question": q, "answer": a}).to_string());
-        lines.push('\n');
-    }
-    let p = dir.join("data.jsonl");
-    std::fs::write(&p, lines).unwrap();
-    p
-}
 
 fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
@@ -59,10 +38,6 @@ fn with<'a>(mut args: Vec<&'a str>, flag: &'a str, value: &'a str) -> Vec<&'a st
     args
 }
 
-fn adapter_values(dir: &Path) -> Vec<f32> {
-    let files = peft_core::adapter_io::load_adapter(dir).unwrap();
-    files.tensors.tensors.values().flat_map(|t| t.data.clone()).collect()
-}
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -205,17 +180,17 @@ fn runs_killed_at_random_moments_resume_to_the_same_adapter() {
     let model = tiny();
     let steps = "16";
     let reference = tmp.path().join("reference");
-    let started = Instant::now();
     let o = peft(&train_args(s(&model), s(&data), s(&reference), steps));
-    let full = started.elapsed();
     assert!(o.status.success(), "{}", stderr(&o));
     let expected = adapter_values(&reference);
 
     let mut rng = Lcg(2026);
     let (mut kills, mut trials, mut mid_checkpoint) = (0, 0, 0);
+    let lines = |out: &Path| std::fs::read(out.join("metrics.jsonl")).map(|b| b.iter().filter(|&&c| c == b'\n').count()).unwrap_or(0);
     for trial in 0..20 {
         let out = tmp.path().join(format!("killed{trial}"));
         let mut attempts = 0;
+        let mut trial_kills = 0;
         loop {
             attempts += 1;
             assert!(attempts < 20, "trial {trial}: no end after {attempts} attempts");
@@ -229,29 +204,51 @@ fn runs_killed_at_random_moments_resume_to_the_same_adapter() {
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap();
-            // The first two attempts of a trial are killed somewhere in a whole run's time.
-            let kill_at = (attempts <= 2).then(|| full.mul_f64(rng.next() * 1.1));
-            let t = Instant::now();
+            // The first two attempts of a trial are killed at a random moment: once a random
+            // number of steps (below the last) is logged, after a random few milliseconds more,
+            // so the kill lands in a step, a checkpoint write or the final save, whatever the
+            // machine's speed.
+            let kill_at = (attempts <= 2).then(|| {
+                let done = lines(&out);
+                let at = done + (rng.next() * (15 - done.min(15)) as f64) as usize;
+                (at, Duration::from_micros((rng.next() * 15000.0) as u64))
+            });
+            let mut reached: Option<Instant> = None;
             let status = loop {
                 if let Some(status) = child.try_wait().unwrap() {
                     break Some(status);
                 }
-                if kill_at.is_some_and(|k| t.elapsed() >= k) {
+                if let Some((at, _)) = kill_at
+                    && reached.is_none()
+                    && lines(&out) >= at
+                {
+                    reached = Some(Instant::now());
+                }
+                if let (Some((_, extra)), Some(t)) = (kill_at, reached)
+                    && t.elapsed() >= extra
+                {
                     child.kill().unwrap(); // SIGKILL
                     child.wait().unwrap();
                     kills += 1;
+                    trial_kills += 1;
                     // Killed between writing a new checkpoint and swapping it in.
                     if out.join(".checkpoint.tmp").exists() || out.join(".checkpoint.old").exists() {
                         mid_checkpoint += 1;
                     }
                     break None;
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_micros(200));
             };
             if let Some(status) = status {
                 let mut err = String::new();
                 std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
                 assert!(status.success(), "trial {trial}, attempt {attempts}: {err}");
+                if trial_kills == 0 {
+                    // The run outpaced its kill: start this trial again.
+                    std::fs::remove_dir_all(&out).unwrap();
+                    attempts = 0;
+                    continue;
+                }
                 break;
             }
         }

@@ -86,3 +86,13 @@ pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> std::res
         if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
     })
 }
+
+/// The message of a caught panic's payload (its first line), for one-line reports.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let msg = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into());
+    msg.lines().next().unwrap_or_default().to_string()
+}

@@ -35,14 +35,7 @@ fn tk_err(path: &Path, e: impl std::fmt::Display) -> PeftError {
 fn guarded<T>(f: impl FnOnce() -> tokenizers::Result<T>) -> std::result::Result<T, String> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(|e| e.to_string()),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "malformed".into());
-            Err(format!("rejected by the tokenizers crate: {}", msg.lines().next().unwrap_or_default()))
-        }
+        Err(panic) => Err(format!("rejected by the tokenizers crate: {}", peft_core::error::panic_message(&*panic))),
     }
 }
 
