@@ -148,9 +148,8 @@ fn load_with_adapters(model: &Path, adapters: &[PathBuf], dev: &burn::tensor::De
     for (dir, name) in adapters.iter().zip(&names) {
         let files = load_adapter(dir)?;
         let config = LoraConfig::from_json(&files.config).with_context(|| format!("{}", dir.display()))?;
-        let name = name.clone();
-        let m = config.apply(loaded.model, &name)?;
-        loaded.model = config.load_state(m, &name, files.tensors, &dir.join(WEIGHTS_FILE))?;
+        let m = config.apply(loaded.model, name)?;
+        loaded.model = config.load_state(m, name, files.tensors, &dir.join(WEIGHTS_FILE))?;
     }
     Ok((loaded, names))
 }

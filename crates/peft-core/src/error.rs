@@ -72,19 +72,18 @@ impl PeftError {
 /// Deserialise `value` into `T`; an error names the field at fault (`rope_scaling.factor:
 /// invalid type ...`).
 pub fn from_json_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> std::result::Result<T, String> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
-    })
+    serde_path_to_error::deserialize(value).map_err(located)
 }
 
 /// [`from_json_value`] from JSON bytes.
 pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, String> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
-    })
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(bytes)).map_err(located)
+}
+
+/// `field.path: message`, or the message alone for an error at the top level.
+fn located<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
+    let path = e.path().to_string();
+    if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
 }
 
 /// The message of a caught panic's payload (its first line), for one-line reports.
