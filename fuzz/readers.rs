@@ -26,7 +26,9 @@ pub fn tolerate_caught_tokenizers_panics() {
     ONCE.call_once(|| {
         let fuzzer_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let in_tokenizers = info.location().is_some_and(|l| l.file().contains("/tokenizers-"));
+            let in_tokenizers = info
+                .location()
+                .is_some_and(|l| l.file().contains("/tokenizers-"));
             if !in_tokenizers {
                 fuzzer_hook(info);
             }
@@ -56,7 +58,11 @@ pub const READERS: &[(&str, fn(&[u8]) -> Outcome)] = &[
 pub fn fixtures() -> PathBuf {
     let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     while !dir.join("fixtures/lora_tiny").is_dir() {
-        assert!(dir.pop(), "fixtures/ not found above {}", env!("CARGO_MANIFEST_DIR"));
+        assert!(
+            dir.pop(),
+            "fixtures/ not found above {}",
+            env!("CARGO_MANIFEST_DIR")
+        );
     }
     dir.join("fixtures")
 }
@@ -68,27 +74,44 @@ fn err(e: impl std::fmt::Display) -> String {
 /// The tiny Llama (2 layers, hidden 64) the model-level readers load into.
 fn tiny_config() -> &'static LlamaConfig {
     static C: OnceLock<LlamaConfig> = OnceLock::new();
-    C.get_or_init(|| LlamaConfig::from_file(&fixtures().join("lora_tiny/base_plain/config.json")).expect("tiny config"))
+    C.get_or_init(|| {
+        LlamaConfig::from_file(&fixtures().join("lora_tiny/base_plain/config.json"))
+            .expect("tiny config")
+    })
 }
 
 fn tiny_tokenizer() -> &'static TextTokenizer {
     static T: OnceLock<TextTokenizer> = OnceLock::new();
-    T.get_or_init(|| TextTokenizer::from_file(&fixtures().join("lora_tiny/base_plain/tokenizer.json"), vec![2]).expect("tiny tokenizer"))
+    T.get_or_init(|| {
+        TextTokenizer::from_file(
+            &fixtures().join("lora_tiny/base_plain/tokenizer.json"),
+            vec![2],
+        )
+        .expect("tiny tokenizer")
+    })
 }
 
 fn tiny_tensors() -> &'static TensorMap {
     static T: OnceLock<TensorMap> = OnceLock::new();
-    T.get_or_init(|| TensorMap::read_safetensors(&fixtures().join("lora_tiny/base_plain/model.safetensors")).expect("tiny weights"))
+    T.get_or_init(|| {
+        TensorMap::read_safetensors(&fixtures().join("lora_tiny/base_plain/model.safetensors"))
+            .expect("tiny weights")
+    })
 }
 
 fn bnb_tensors() -> &'static TensorMap {
     static T: OnceLock<TensorMap> = OnceLock::new();
-    T.get_or_init(|| TensorMap::read_safetensors(&fixtures().join("bnb_llama/nf4_dq/model.safetensors")).expect("4-bit weights"))
+    T.get_or_init(|| {
+        TensorMap::read_safetensors(&fixtures().join("bnb_llama/nf4_dq/model.safetensors"))
+            .expect("4-bit weights")
+    })
 }
 
 /// A safetensors file, parsed.
 pub fn safetensors(bytes: &[u8]) -> Outcome {
-    TensorMap::from_safetensors_bytes(Path::new("fuzz.safetensors"), bytes).map(drop).map_err(err)
+    TensorMap::from_safetensors_bytes(Path::new("fuzz.safetensors"), bytes)
+        .map(drop)
+        .map_err(err)
 }
 
 /// A model checkpoint: safetensors bytes loaded into the tiny Llama (plain or bitsandbytes
@@ -96,7 +119,9 @@ pub fn safetensors(bytes: &[u8]) -> Outcome {
 pub fn llama_checkpoint(bytes: &[u8]) -> Outcome {
     let path = Path::new("model.safetensors");
     let tensors = TensorMap::from_safetensors_bytes(path, bytes).map_err(err)?;
-    LlamaForCausalLM::from_tensors(tiny_config().clone(), tensors, path, &Device::flex()).map(drop).map_err(err)
+    LlamaForCausalLM::from_tensors(tiny_config().clone(), tensors, path, &Device::flex())
+        .map(drop)
+        .map_err(err)
 }
 
 /// A GGUF file: header, metadata, the Llama config and tokenizer it describes, every tensor.
@@ -109,20 +134,26 @@ pub fn gguf(bytes: &[u8]) -> Outcome {
     }
     config?;
     let tokenizer = tokenizer?;
-    tokenizer.encode("What is the capital of France?").map_err(err)?;
+    tokenizer
+        .encode("What is the capital of France?")
+        .map_err(err)?;
     Ok(())
 }
 
 /// A Llama `config.json`.
 pub fn llama_config(bytes: &[u8]) -> Outcome {
     let text = std::str::from_utf8(bytes).map_err(err)?;
-    LlamaConfig::from_json_str(Path::new("config.json"), text).map(drop).map_err(err)
+    LlamaConfig::from_json_str(Path::new("config.json"), text)
+        .map(drop)
+        .map_err(err)
 }
 
 /// A BERT `config.json`.
 pub fn bert_config(bytes: &[u8]) -> Outcome {
     let text = std::str::from_utf8(bytes).map_err(err)?;
-    BertConfig::from_json_str(Path::new("config.json"), text).map(drop).map_err(err)
+    BertConfig::from_json_str(Path::new("config.json"), text)
+        .map(drop)
+        .map_err(err)
 }
 
 /// A `tokenizer.json`, then a round trip of a sentence through it.
@@ -137,7 +168,13 @@ pub fn adapter_config(bytes: &[u8]) -> Outcome {
     let path = Path::new("adapter_config.json");
     let value = peft_core::adapter_io::parse_config(path, bytes).map_err(err)?;
     let config = peft_lora::LoraConfig::from_json(&value).map_err(err)?;
-    let model = LlamaForCausalLM::from_tensors(tiny_config().clone(), tiny_tensors().clone(), path, &Device::flex()).map_err(err)?;
+    let model = LlamaForCausalLM::from_tensors(
+        tiny_config().clone(),
+        tiny_tensors().clone(),
+        path,
+        &Device::flex(),
+    )
+    .map_err(err)?;
     config.apply(model, "default").map(drop).map_err(err)
 }
 
@@ -146,24 +183,35 @@ pub fn quant_state(bytes: &[u8]) -> Outcome {
     let key = "model.layers.0.mlp.up_proj.weight";
     let mut t = bnb_tensors().clone();
     let state = format!("{key}.quant_state.bitsandbytes__nf4");
-    t.insert(state, peft_core::tensors::HostTensor::from_bytes(vec![bytes.len()], bytes));
+    t.insert(
+        state,
+        peft_core::tensors::HostTensor::from_bytes(vec![bytes.len()], bytes),
+    );
     let (out, inp) = (tiny_config().intermediate_size, tiny_config().hidden_size);
-    peft_quant::checkpoint::take_4bit(&mut t, Path::new("model.safetensors"), key, out, inp).map(drop).map_err(err)
+    peft_quant::checkpoint::take_4bit(&mut t, Path::new("model.safetensors"), key, out, inp)
+        .map(drop)
+        .map_err(err)
 }
 
 /// A JSONL data file, tokenized with the tiny model's tokenizer.
 pub fn jsonl(bytes: &[u8]) -> Outcome {
-    peft_models::data::jsonl_examples(Path::new("data.jsonl"), bytes, tiny_tokenizer(), 32).map(drop).map_err(err)
+    peft_models::data::jsonl_examples(Path::new("data.jsonl"), bytes, tiny_tokenizer(), 32)
+        .map(drop)
+        .map_err(err)
 }
 
 /// A CSV of texts and labels.
 pub fn csv(bytes: &[u8]) -> Outcome {
-    peft_models::data::labeled_csv_from(Path::new("data.csv"), bytes, "text", "label").map(drop).map_err(err)
+    peft_models::data::labeled_csv_from(Path::new("data.csv"), bytes, "text", "label")
+        .map(drop)
+        .map_err(err)
 }
 
 /// A chatterbot YAML file.
 pub fn chatterbot_yaml(bytes: &[u8]) -> Outcome {
-    peft_models::data::chatterbot_file_pairs(Path::new("corpus.yml"), bytes).map(drop).map_err(err)
+    peft_models::data::chatterbot_file_pairs(Path::new("corpus.yml"), bytes)
+        .map(drop)
+        .map_err(err)
 }
 
 fn fixture(rel: &str) -> Vec<u8> {
@@ -174,8 +222,14 @@ fn fixture(rel: &str) -> Vec<u8> {
 /// inputs and the cargo-fuzz seeds (`cargo xtask fuzz` writes them into the corpus).
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let state = {
-        let t = peft_core::tensors::TensorMap::read_safetensors(&fixtures().join("bnb_llama/nf4_dq/model.safetensors")).unwrap();
-        t.get("model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4").unwrap().bytes.clone()
+        let t = peft_core::tensors::TensorMap::read_safetensors(
+            &fixtures().join("bnb_llama/nf4_dq/model.safetensors"),
+        )
+        .unwrap();
+        t.get("model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4")
+            .unwrap()
+            .bytes
+            .clone()
     };
     vec![
         ("safetensors", fixture("lora_tiny/list_rslora/adapter/adapter_model.safetensors")),
@@ -221,7 +275,10 @@ pub fn tiny_gguf() -> Vec<u8> {
         ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
         ("tokenizer.ggml.model", V::Str("gpt2")),
         ("tokenizer.ggml.pre", V::Str("smollm")),
-        ("tokenizer.ggml.tokens", V::Strs(&["<|im_end|>", "a", "b", "ab", "Ġ", "c"])),
+        (
+            "tokenizer.ggml.tokens",
+            V::Strs(&["<|im_end|>", "a", "b", "ab", "Ġ", "c"]),
+        ),
         ("tokenizer.ggml.merges", V::Strs(&["a b"])),
         ("tokenizer.ggml.token_type", V::I32s(&[3, 1, 1, 1, 1, 1])),
         ("tokenizer.ggml.eos_token_id", V::U32(0)),

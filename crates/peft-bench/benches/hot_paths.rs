@@ -15,17 +15,26 @@ static ALLOC: peft_core::alloc::HugePageAlloc = peft_core::alloc::HugePageAlloc;
 
 fn bench(c: &mut Criterion) {
     let device = Device::flex();
-    let mut groups: Vec<&str> = WORKLOADS.iter().map(|w| w.id.split('/').next().expect("group")).collect();
+    let mut groups: Vec<&str> = WORKLOADS
+        .iter()
+        .map(|w| w.id.split('/').next().expect("group"))
+        .collect();
     groups.dedup();
     for group in groups {
         let mut g = c.benchmark_group(group);
-        g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-        for w in WORKLOADS.iter().filter(|w| w.id.starts_with(&format!("{group}/"))) {
+        g.sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(3));
+        for w in WORKLOADS
+            .iter()
+            .filter(|w| w.id.starts_with(&format!("{group}/")))
+        {
             let name = &w.id[group.len() + 1..];
             // Set up only when criterion's filter selects this benchmark.
             let mut run: Option<Box<dyn FnMut()>> = None;
             g.bench_function(name, |b| {
-                let run = run.get_or_insert_with(|| prepare(w.id, &device).expect("workload set-up"));
+                let run =
+                    run.get_or_insert_with(|| prepare(w.id, &device).expect("workload set-up"));
                 b.iter(|| run())
             });
         }

@@ -50,12 +50,22 @@ pub struct Workload {
 }
 
 const fn w(id: &'static str, what: &'static str, tokens: usize) -> Workload {
-    Workload { id, what, tokens, bytes: 0 }
+    Workload {
+        id,
+        what,
+        tokens,
+        bytes: 0,
+    }
 }
 
 /// A memory-bound workload moving `bytes` per iteration.
 const fn mem(id: &'static str, what: &'static str, bytes: usize) -> Workload {
-    Workload { id, what, tokens: 0, bytes }
+    Workload {
+        id,
+        what,
+        tokens: 0,
+        bytes,
+    }
 }
 
 /// Elements of the 4-bit workloads' matrix.
@@ -66,32 +76,112 @@ const PACKED_BYTES: usize = QUANT_NUMEL / 2 + QUANT_NUMEL / 64 * 4;
 
 /// Every workload, in report order.
 pub const WORKLOADS: &[Workload] = &[
-    w("linear/plain_fwd", "frozen 512x512 linear, 512 rows, forward", 0),
-    w("linear/lora_fwd", "same with LoRA r=16 on the side path, forward", 0),
-    w("linear/plain_fwd_bwd", "frozen linear forward + backward (input gradient)", 0),
-    w("linear/lora_fwd_bwd", "LoRA linear forward + backward (input, A and B gradients)", 0),
-    w("merge/merge_unmerge", "merge then unmerge LoRA r=16 on q,v of the 4-layer Llama", 0),
-    w("nf4/quantize", "NF4 quantize 4096x4096 f32, blocks of 64, double quantization", 0),
+    w(
+        "linear/plain_fwd",
+        "frozen 512x512 linear, 512 rows, forward",
+        0,
+    ),
+    w(
+        "linear/lora_fwd",
+        "same with LoRA r=16 on the side path, forward",
+        0,
+    ),
+    w(
+        "linear/plain_fwd_bwd",
+        "frozen linear forward + backward (input gradient)",
+        0,
+    ),
+    w(
+        "linear/lora_fwd_bwd",
+        "LoRA linear forward + backward (input, A and B gradients)",
+        0,
+    ),
+    w(
+        "merge/merge_unmerge",
+        "merge then unmerge LoRA r=16 on q,v of the 4-layer Llama",
+        0,
+    ),
+    w(
+        "nf4/quantize",
+        "NF4 quantize 4096x4096 f32, blocks of 64, double quantization",
+        0,
+    ),
     w("nf4/dequantize", "NF4 dequantize 4096x4096 to f32", 0),
-    w("nf4/copy", "copy of the 64 MiB the dequantize writes (memcpy reference)", 0),
-    w("matmul_4bit/batch1", "4-bit NF4 linear 4096x4096 forward, 1 row", 0),
-    w("matmul_4bit/batch8", "4-bit NF4 linear 4096x4096 forward, 8 rows", 0),
-    w("matmul_4bit/batch128", "4-bit NF4 linear 4096x4096 forward, 128 rows", 0),
-    w("train_step/lora", "AdamW step, LoRA r=16 on q,v, batch 4x128", BATCH * SEQ),
-    w("train_step/full", "AdamW step, every parameter trained, batch 4x128", BATCH * SEQ),
-    w("train_step/qlora", "AdamW step, LoRA r=16 on q,v over an NF4 (double-quant) base", BATCH * SEQ),
-    w("generate/base", "greedy generation, batch 1, 16-token prompt + 32 new tokens, no adapter", NEW_TOKENS),
-    w("generate/unmerged", "same with LoRA r=16 on q,v computed on the side path", NEW_TOKENS),
-    w("generate/merged", "same with the LoRA merged into the weights", NEW_TOKENS),
+    w(
+        "nf4/copy",
+        "copy of the 64 MiB the dequantize writes (memcpy reference)",
+        0,
+    ),
+    w(
+        "matmul_4bit/batch1",
+        "4-bit NF4 linear 4096x4096 forward, 1 row",
+        0,
+    ),
+    w(
+        "matmul_4bit/batch8",
+        "4-bit NF4 linear 4096x4096 forward, 8 rows",
+        0,
+    ),
+    w(
+        "matmul_4bit/batch128",
+        "4-bit NF4 linear 4096x4096 forward, 128 rows",
+        0,
+    ),
+    w(
+        "train_step/lora",
+        "AdamW step, LoRA r=16 on q,v, batch 4x128",
+        BATCH * SEQ,
+    ),
+    w(
+        "train_step/full",
+        "AdamW step, every parameter trained, batch 4x128",
+        BATCH * SEQ,
+    ),
+    w(
+        "train_step/qlora",
+        "AdamW step, LoRA r=16 on q,v over an NF4 (double-quant) base",
+        BATCH * SEQ,
+    ),
+    w(
+        "generate/base",
+        "greedy generation, batch 1, 16-token prompt + 32 new tokens, no adapter",
+        NEW_TOKENS,
+    ),
+    w(
+        "generate/unmerged",
+        "same with LoRA r=16 on q,v computed on the side path",
+        NEW_TOKENS,
+    ),
+    w(
+        "generate/merged",
+        "same with the LoRA merged into the weights",
+        NEW_TOKENS,
+    ),
 ];
 
 /// The device kernels, measured against a device copy: only in the GPU run.
 pub const DEVICE_KERNELS: &[Workload] = &[
-    mem("device/dequantize", "NF4 dequantize 4096x4096 to f32 on the compute device", PACKED_BYTES + QUANT_NUMEL * 4),
-    mem("device/copy", "f32 copy of the 64 MiB the dequantize writes, on the compute device", QUANT_NUMEL * 8),
-    mem("device/matmul_4bit_batch1", "4-bit NF4 linear 4096x4096 forward, 1 row, on the compute device", PACKED_BYTES),
+    mem(
+        "device/dequantize",
+        "NF4 dequantize 4096x4096 to f32 on the compute device",
+        PACKED_BYTES + QUANT_NUMEL * 4,
+    ),
+    mem(
+        "device/copy",
+        "f32 copy of the 64 MiB the dequantize writes, on the compute device",
+        QUANT_NUMEL * 8,
+    ),
+    mem(
+        "device/matmul_4bit_batch1",
+        "4-bit NF4 linear 4096x4096 forward, 1 row, on the compute device",
+        PACKED_BYTES,
+    ),
     mem("device/matmul_4bit_batch1_f16", "same in f16", PACKED_BYTES),
-    w("device/matmul_4bit_batch128", "4-bit NF4 linear 4096x4096 forward, 128 rows, on the compute device", 0),
+    w(
+        "device/matmul_4bit_batch128",
+        "4-bit NF4 linear 4096x4096 forward, 128 rows, on the compute device",
+        0,
+    ),
 ];
 
 /// What `cargo xtask bench` runs on a GPU (through wgpu), in report order: the device kernels
@@ -148,7 +238,10 @@ fn lora_config() -> LoraConfig {
 
 /// The weight of the 4-bit workloads, as `scripts/bench_peer.py` builds it.
 fn quant_matrix() -> HostTensor {
-    let data = wave(QUANT_DIM * QUANT_DIM, 0.618).into_iter().map(|v| v * 0.05).collect();
+    let data = wave(QUANT_DIM * QUANT_DIM, 0.618)
+        .into_iter()
+        .map(|v| v * 0.05)
+        .collect();
     HostTensor::new(vec![QUANT_DIM, QUANT_DIM], data)
 }
 
@@ -164,7 +257,11 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
     Ok(match id {
         "linear/plain_fwd" | "linear/lora_fwd" | "linear/plain_fwd_bwd" | "linear/lora_fwd_bwd" => {
             let backward = id.ends_with("bwd");
-            let device = if backward { device.clone().autodiff() } else { device.clone() };
+            let device = if backward {
+                device.clone().autodiff()
+            } else {
+                device.clone()
+            };
             device.seed(1);
             let weight = tensor([d, d], &device).mul_scalar(0.02);
             let x = tensor([rows, d], &device);
@@ -187,7 +284,9 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
             let config = lora_config();
             let mut model = Some(config.apply(random_llama(device)?, "default")?);
             Box::new(move || {
-                let merged = config.merge(model.take().expect("model"), "default").expect("merge");
+                let merged = config
+                    .merge(model.take().expect("model"), "default")
+                    .expect("merge");
                 model = Some(unmerge_all(merged).expect("unmerge"));
                 sync();
             })
@@ -231,15 +330,28 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
             })
         }
         _ if id.starts_with("matmul_4bit/batch") || id.starts_with("device/matmul_4bit_batch") => {
-            let (rows, f16) = id.rsplit_once("batch").map(|(_, r)| r.split_once('_').unwrap_or((r, ""))).expect("matched");
+            let (rows, f16) = id
+                .rsplit_once("batch")
+                .map(|(_, r)| r.split_once('_').unwrap_or((r, "")))
+                .expect("matched");
             let m: usize = rows.parse().with_context(|| format!("workload `{id}`"))?;
             let q = QuantSpec::default().quantize(&quant_matrix())?;
             let layer = Linear4bit::new(q, None, device.clone())?;
-            let x = Tensor::<2>::from_data(TensorData::new(
-                wave(m * QUANT_DIM, 0.377).into_iter().map(f32::cos).collect::<Vec<_>>(),
-                [m, QUANT_DIM],
-            ), device);
-            let x = if f16 == "f16" { x.cast(burn::tensor::DType::F16) } else { x };
+            let x = Tensor::<2>::from_data(
+                TensorData::new(
+                    wave(m * QUANT_DIM, 0.377)
+                        .into_iter()
+                        .map(f32::cos)
+                        .collect::<Vec<_>>(),
+                    [m, QUANT_DIM],
+                ),
+                device,
+            );
+            let x = if f16 == "f16" {
+                x.cast(burn::tensor::DType::F16)
+            } else {
+                x
+            };
             Box::new(move || {
                 let y = layer.forward(x.clone());
                 sync();
@@ -250,7 +362,9 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
             let model = random_llama(&device.clone().autodiff())?;
             let model = match id {
                 "train_step/full" => unfreeze_all(model),
-                "train_step/qlora" => lora_config().apply(quantize_base(model, QuantSpec::default())?, "default")?,
+                "train_step/qlora" => {
+                    lora_config().apply(quantize_base(model, QuantSpec::default())?, "default")?
+                }
                 _ => lora_config().apply(model, "default")?,
             };
             let config = TrainConfig {
@@ -264,7 +378,9 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
             let vocab = llama_config().vocab_size as u32;
             let data: Vec<Example> = (0..BATCH as u32)
                 .map(|b| Example {
-                    tokens: (0..SEQ as u32).map(|i| (i * 31 + b * 977) % vocab).collect(),
+                    tokens: (0..SEQ as u32)
+                        .map(|i| (i * 31 + b * 977) % vocab)
+                        .collect(),
                     loss_mask: vec![1.0; SEQ],
                 })
                 .collect();
@@ -282,7 +398,9 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 "generate/unmerged" => config.apply(base, "default")?,
                 _ => config.merge(config.apply(base, "default")?, "default")?,
             };
-            let prompt: Vec<u32> = (0..PROMPT as u32).map(|i| (i * 131 + 7) % llama_config().vocab_size as u32).collect();
+            let prompt: Vec<u32> = (0..PROMPT as u32)
+                .map(|i| (i * 131 + 7) % llama_config().vocab_size as u32)
+                .collect();
             Box::new(move || {
                 let out = greedy(&model, &prompt, NEW_TOKENS, &[]);
                 assert_eq!(out.len(), NEW_TOKENS);
@@ -298,10 +416,19 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
 /// This process's resident memory now and its peak since the last [`reset_peak_rss`], in
 /// bytes (Linux `/proc/self/status`: VmRSS, VmHWM).
 pub fn rss() -> Result<(u64, u64)> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let field = |name: &str| -> Result<u64> {
-        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in /proc/self/status"))?;
-        let kb: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().with_context(|| format!("parsing {line}"))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name} in /proc/self/status"))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {line}"))?;
         Ok(kb * 1024)
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
@@ -338,7 +465,12 @@ pub fn measure_memory(id: &str, device: &Device) -> Result<StepMemory> {
     run();
     let (_, rss_peak) = rss()?;
     let alloc_peak = peft_core::alloc::peak_bytes() as u64;
-    Ok(StepMemory { rss_before, rss_peak, alloc_before, alloc_peak })
+    Ok(StepMemory {
+        rss_before,
+        rss_peak,
+        alloc_before,
+        alloc_peak,
+    })
 }
 
 #[cfg(test)]
@@ -356,13 +488,22 @@ mod tests {
             workload(id).unwrap();
         }
         let err = workload("train_step/nope").unwrap_err().to_string();
-        assert!(err.contains("train_step/nope") && err.contains("train_step/lora"), "{err}");
+        assert!(
+            err.contains("train_step/nope") && err.contains("train_step/lora"),
+            "{err}"
+        );
     }
 
     #[test]
     fn small_workloads_run() {
         let device = Device::flex();
-        for id in ["linear/lora_fwd_bwd", "linear/plain_fwd", "matmul_4bit/batch1", "device/copy", "device/matmul_4bit_batch1_f16"] {
+        for id in [
+            "linear/lora_fwd_bwd",
+            "linear/plain_fwd",
+            "matmul_4bit/batch1",
+            "device/copy",
+            "device/matmul_4bit_batch1_f16",
+        ] {
             prepare(id, &device).unwrap()();
         }
     }

@@ -38,7 +38,9 @@ fn serve(args: &[String]) -> Result<()> {
         let (Some(id), Some(iters)) = (parts.next(), parts.next()) else {
             bail!("expected `ID ITERATIONS`, got `{line}`");
         };
-        let iters: usize = iters.parse().with_context(|| format!("iterations in `{line}`"))?;
+        let iters: usize = iters
+            .parse()
+            .with_context(|| format!("iterations in `{line}`"))?;
         if !ready.contains_key(id) {
             let mut run = prepare(id, &device)?;
             run();

@@ -22,28 +22,48 @@ type Encoded = (Vec<u32>, i64);
 
 const LABELS_FILE: &str = "labels.json";
 
-fn encode(path: &Path, text_col: &str, label_col: &str, labels: &[String], tok: &TextTokenizer, max_len: usize) -> Result<Vec<Encoded>> {
+fn encode(
+    path: &Path,
+    text_col: &str,
+    label_col: &str,
+    labels: &[String],
+    tok: &TextTokenizer,
+    max_len: usize,
+) -> Result<Vec<Encoded>> {
     read_labeled_csv(path, text_col, label_col)?
         .into_iter()
         .map(|r| {
-            let class = labels
-                .iter()
-                .position(|l| *l == r.label)
-                .with_context(|| format!("{}: label `{}` is not one of {labels:?}", path.display(), r.label))?;
+            let class = labels.iter().position(|l| *l == r.label).with_context(|| {
+                format!(
+                    "{}: label `{}` is not one of {labels:?}",
+                    path.display(),
+                    r.label
+                )
+            })?;
             Ok((tok.encode_with_special(&r.text, max_len)?, class as i64))
         })
         .collect()
 }
 
 /// Accuracy and macro-averaged F1 of `model` on `data`.
-pub fn scores(model: &BertForSequenceClassification, data: &[Encoded], n_classes: usize) -> (f64, f64) {
+pub fn scores(
+    model: &BertForSequenceClassification,
+    data: &[Encoded],
+    n_classes: usize,
+) -> (f64, f64) {
     let model = model.valid();
     let device = model.device();
     let mut confusion = vec![vec![0usize; n_classes]; n_classes];
     for chunk in data.chunks(64) {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|e| e.0.clone()).collect();
         let (tokens, mask) = encode_batch(&ids, &device);
-        let pred = model.forward(tokens, mask).argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().unwrap_or_default();
+        let pred = model
+            .forward(tokens, mask)
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap_or_default();
         for (p, e) in pred.iter().zip(chunk) {
             confusion[e.1 as usize][*p as usize] += 1;
         }
@@ -55,7 +75,11 @@ pub fn scores(model: &BertForSequenceClassification, data: &[Encoded], n_classes
             let tp = confusion[c][c] as f64;
             let predicted: f64 = (0..n_classes).map(|r| confusion[r][c] as f64).sum();
             let actual: f64 = confusion[c].iter().sum::<usize>() as f64;
-            if tp == 0.0 { 0.0 } else { 2.0 * tp / (predicted + actual) }
+            if tp == 0.0 {
+                0.0
+            } else {
+                2.0 * tp / (predicted + actual)
+            }
         })
         .sum::<f64>()
         / n_classes as f64;
@@ -64,33 +88,53 @@ pub fn scores(model: &BertForSequenceClassification, data: &[Encoded], n_classes
 
 pub(crate) fn train(run: Run) -> Result<()> {
     let a = &run.args;
-    let (model_dir, data) = (a.model.clone().expect("checked"), a.data.clone().expect("checked"));
+    let (model_dir, data) = (
+        a.model.clone().expect("checked"),
+        a.data.clone().expect("checked"),
+    );
     let text_col = a.text_column.clone().unwrap_or_else(|| "text".into());
     let label_col = a.label_column.clone().unwrap_or_else(|| "label".into());
     // The label set: fixed by the first run, reused on --resume.
     let labels_path = run.out.join(LABELS_FILE);
     let labels: Vec<String> = if run.resume_from.is_some() && labels_path.exists() {
-        serde_json::from_str(&std::fs::read_to_string(&labels_path)?).with_context(|| format!("{}", labels_path.display()))?
+        serde_json::from_str(&std::fs::read_to_string(&labels_path)?)
+            .with_context(|| format!("{}", labels_path.display()))?
     } else {
-        let mut l: Vec<String> = read_labeled_csv(&data, &text_col, &label_col)?.into_iter().map(|r| r.label).collect();
+        let mut l: Vec<String> = read_labeled_csv(&data, &text_col, &label_col)?
+            .into_iter()
+            .map(|r| r.label)
+            .collect();
         l.sort();
         l.dedup();
         l
     };
     if labels.len() < 2 {
-        bail!("{}: classification needs at least 2 labels, found {labels:?}", data.display());
+        bail!(
+            "{}: classification needs at least 2 labels, found {labels:?}",
+            data.display()
+        );
     }
     eprintln!("loading {}", model_dir.display());
     let (model, tok) = load_bert_classifier(&model_dir, labels.len(), &run.device)?;
     let max_len = crate::usage::max_len(a.max_len, 128, model.config.max_position_embeddings)?;
     let train_set = encode(&data, &text_col, &label_col, &labels, &tok, max_len)?;
-    let eval = a.eval_data.as_ref().map(|p| encode(p, &text_col, &label_col, &labels, &tok, max_len)).transpose()?;
+    let eval = a
+        .eval_data
+        .as_ref()
+        .map(|p| encode(p, &text_col, &label_col, &labels, &tok, max_len))
+        .transpose()?;
     let (train_set, eval_set) = hold_out(train_set, eval);
     std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
     write_atomic(&labels_path, serde_json::to_string(&labels)?.as_bytes())?;
     let model = crate::train::maybe_quantize(model, run.quant)?;
     let model = run.lora.apply(model, "default")?;
-    eprintln!("{} labels {labels:?}; {} texts for training, {} held out; {}", labels.len(), train_set.len(), eval_set.len(), peft_lora::param_report(&model));
+    eprintln!(
+        "{} labels {labels:?}; {} texts for training, {} held out; {}",
+        labels.len(),
+        train_set.len(),
+        eval_set.len(),
+        peft_lora::param_report(&model)
+    );
     let n = labels.len();
     train_loop(
         &run,
@@ -101,7 +145,10 @@ pub(crate) fn train(run: Run) -> Result<()> {
             let (tokens, mask) = encode_batch(&ids, &m.device());
             let y: Vec<i64> = batch.iter().map(|e| e.1).collect();
             let y = Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &m.device());
-            (m.loss(tokens, mask, y), batch.iter().map(|e| e.0.len()).sum())
+            (
+                m.loss(tokens, mask, y),
+                batch.iter().map(|e| e.0.len()).sum(),
+            )
         },
         |m| {
             let mut metrics = serde_json::Map::new();
@@ -116,11 +163,23 @@ pub(crate) fn train(run: Run) -> Result<()> {
 }
 
 /// `peft eval --task classification`: accuracy and macro-F1 of a trained adapter.
-pub fn eval(model_dir: &Path, adapter: &Path, data: &Path, text_col: &str, label_col: &str, max_len: Option<usize>, device: &burn::tensor::Device) -> Result<serde_json::Value> {
+pub fn eval(
+    model_dir: &Path,
+    adapter: &Path,
+    data: &Path,
+    text_col: &str,
+    label_col: &str,
+    max_len: Option<usize>,
+    device: &burn::tensor::Device,
+) -> Result<serde_json::Value> {
     let labels_path = adapter.join(LABELS_FILE);
-    let labels: Vec<String> = serde_json::from_str(
-        &std::fs::read_to_string(&labels_path).with_context(|| format!("{} (written by peft train --task classification)", labels_path.display()))?,
-    )?;
+    let labels: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(&labels_path).with_context(|| {
+            format!(
+                "{} (written by peft train --task classification)",
+                labels_path.display()
+            )
+        })?)?;
     let files = load_adapter(adapter)?;
     let config = LoraConfig::from_json(&files.config)?;
     let (model, tok) = load_bert_classifier(model_dir, labels.len(), device)?;
@@ -136,26 +195,49 @@ pub fn eval(model_dir: &Path, adapter: &Path, data: &Path, text_col: &str, label
 /// stays full precision), written as a bitsandbytes-compatible folder beside the source's
 /// config (plus `quantization_config`) and tokenizer files. A folder without a classifier
 /// (a plain encoder) is written without one. Returns the quantized weights and their bytes.
-pub fn quantize_folder(model_dir: &Path, out: &Path, spec: peft_quant::QuantSpec) -> Result<(usize, usize)> {
+pub fn quantize_folder(
+    model_dir: &Path,
+    out: &Path,
+    spec: peft_quant::QuantSpec,
+) -> Result<(usize, usize)> {
     let config_path = model_dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).with_context(|| config_path.display().to_string())?)
-        .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
-    let num_labels = peft_models::bert::BertConfig::from_file(&config_path)?.num_labels.unwrap_or(2);
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path)
+            .with_context(|| config_path.display().to_string())?,
+    )
+    .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
+    let num_labels = peft_models::bert::BertConfig::from_file(&config_path)?
+        .num_labels
+        .unwrap_or(2);
     let (model, _) = load_bert_classifier(model_dir, num_labels, &burn::tensor::Device::flex())?;
     let model = peft_lora::quantize_base(model, spec)?;
     let mut tensors = model.to_tensors();
     if !model.head_from_checkpoint {
         tensors.tensors.retain(|k, _| !k.starts_with("classifier."));
     }
-    config["quantization_config"] = model.quantization_config().context("no linear weight to quantize")?;
+    config["quantization_config"] = model
+        .quantization_config()
+        .context("no linear weight to quantize")?;
 
     peft_core::folder::write_folder(out, |tmp| -> Result<()> {
-        write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+        write_atomic(
+            &tmp.join("config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
         tensors.write_safetensors(&tmp.join("model.safetensors"))?;
-        for entry in std::fs::read_dir(model_dir).with_context(|| model_dir.display().to_string())? {
+        for entry in
+            std::fs::read_dir(model_dir).with_context(|| model_dir.display().to_string())?
+        {
             let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if path.is_file() && (name.starts_with("tokenizer") || name == "special_tokens_map.json" || name == "vocab.txt") {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if path.is_file()
+                && (name.starts_with("tokenizer")
+                    || name == "special_tokens_map.json"
+                    || name == "vocab.txt")
+            {
                 std::fs::copy(&path, tmp.join(name)).with_context(|| path.display().to_string())?;
             }
         }

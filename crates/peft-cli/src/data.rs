@@ -18,9 +18,14 @@ pub fn read_examples(path: &Path, tok: &TextTokenizer, max_len: usize) -> Result
             .map(|p| Ok(chat_example(tok, &p.question, &p.answer, max_len)?))
             .collect();
     }
-    let is_jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json");
+    let is_jsonl = path
+        .extension()
+        .is_some_and(|e| e == "jsonl" || e == "json");
     if !is_jsonl {
-        bail!("{}: unsupported data file (expected .jsonl or a chatterbot YAML folder)", path.display());
+        bail!(
+            "{}: unsupported data file (expected .jsonl or a chatterbot YAML folder)",
+            path.display()
+        );
     }
     let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
     Ok(jsonl_examples(path, &bytes, tok, max_len)?)

@@ -13,7 +13,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, LoraHost, dequantize_base, merge_and_unload_state, quantize_base, quantized_footprint};
+use peft_lora::{
+    LoraConfig, LoraHost, dequantize_base, merge_and_unload_state, quantize_base,
+    quantized_footprint,
+};
 use peft_models::generate::greedy;
 use peft_models::load::{LoadedModel, load_causal_lm};
 use usage::usage;
@@ -23,7 +26,11 @@ use usage::usage;
 static ALLOC: peft_core::alloc::HugePageAlloc = peft_core::alloc::HugePageAlloc;
 
 #[derive(Parser)]
-#[command(name = "peft", version, about = "Parameter-efficient fine-tuning of transformer models")]
+#[command(
+    name = "peft",
+    version,
+    about = "Parameter-efficient fine-tuning of transformer models"
+)]
 struct Cli {
     /// Compute device: cpu, wgpu or cuda (wgpu/cuda need the matching cargo feature).
     #[arg(long, global = true, default_value = "cpu")]
@@ -128,7 +135,10 @@ fn adapter_names(adapters: &[PathBuf]) -> Result<Vec<String>> {
     let mut names: Vec<String> = Vec::new();
     for dir in adapters {
         let full = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
-        let name = full.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into());
+        let name = full
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "default".into());
         if let Some(i) = names.iter().position(|n| *n == name) {
             return Err(usage!(
                 "--adapter {} and --adapter {} are both named `{name}` (adapters are named after their folder); rename one folder",
@@ -142,12 +152,17 @@ fn adapter_names(adapters: &[PathBuf]) -> Result<Vec<String>> {
 }
 
 /// Load `model` and the LoRA adapters in `adapters` (each under its folder name).
-fn load_with_adapters(model: &Path, adapters: &[PathBuf], dev: &burn::tensor::Device) -> Result<(LoadedModel, Vec<String>)> {
+fn load_with_adapters(
+    model: &Path,
+    adapters: &[PathBuf],
+    dev: &burn::tensor::Device,
+) -> Result<(LoadedModel, Vec<String>)> {
     let names = adapter_names(adapters)?;
     let mut loaded = load_causal_lm(model, dev)?;
     for (dir, name) in adapters.iter().zip(&names) {
         let files = load_adapter(dir)?;
-        let config = LoraConfig::from_json(&files.config).with_context(|| format!("{}", dir.display()))?;
+        let config =
+            LoraConfig::from_json(&files.config).with_context(|| format!("{}", dir.display()))?;
         let m = config.apply(loaded.model, name)?;
         loaded.model = config.load_state(m, name, files.tensors, &dir.join(WEIGHTS_FILE))?;
     }
@@ -158,7 +173,11 @@ fn activate(model: &mut peft_models::llama::LlamaForCausalLM, name: &str) -> Res
     let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
     for p in paths {
         let slot = model.lora_slot_mut(&p).expect("slot");
-        let active: &[&str] = if slot.adapter(name).is_some() { &[name] } else { &[] };
+        let active: &[&str] = if slot.adapter(name).is_some() {
+            &[name]
+        } else {
+            &[]
+        };
         slot.set_active(active)?;
     }
     Ok(())
@@ -168,7 +187,10 @@ fn activate(model: &mut peft_models::llama::LlamaForCausalLM, name: &str) -> Res
 /// folder is replaced only once the new one is complete (`peft_core::folder::write_folder`).
 fn refuse_existing(out: &Path, overwrite: bool) -> Result<()> {
     if out.exists() && !overwrite {
-        return Err(usage!("output folder {} exists; pass --overwrite to replace it", out.display()));
+        return Err(usage!(
+            "output folder {} exists; pass --overwrite to replace it",
+            out.display()
+        ));
     }
     Ok(())
 }
@@ -185,8 +207,14 @@ fn write_hf_files(loaded: &LoadedModel, tmp: &Path) -> Result<()> {
     if let Some(q) = loaded.model.quantization_config() {
         config["quantization_config"] = q;
     }
-    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-    loaded.model.to_tensors().write_safetensors(&tmp.join("model.safetensors"))?;
+    std::fs::write(
+        tmp.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    loaded
+        .model
+        .to_tensors()
+        .write_safetensors(&tmp.join("model.safetensors"))?;
     loaded
         .tokenizer
         .inner
@@ -201,23 +229,51 @@ fn inspect(path: &Path) -> Result<()> {
         let c = &files.config;
         println!("adapter: {}", path.display());
         println!("method: {}", files.peft_type()?);
-        println!("base model: {}", c["base_model_name_or_path"].as_str().unwrap_or("(not recorded)"));
+        println!(
+            "base model: {}",
+            c["base_model_name_or_path"]
+                .as_str()
+                .unwrap_or("(not recorded)")
+        );
         println!("targets: {}", c["target_modules"]);
-        println!("rank: {}  alpha: {}  rsLoRA: {}", c["r"], c["lora_alpha"], c["use_rslora"]);
+        println!(
+            "rank: {}  alpha: {}  rsLoRA: {}",
+            c["r"], c["lora_alpha"], c["use_rslora"]
+        );
         let params: usize = files.tensors.tensors.values().map(|t| t.numel()).sum();
-        let modules = files.tensors.keys().filter(|k| k.ends_with("lora_A.weight")).count();
+        let modules = files
+            .tensors
+            .keys()
+            .filter(|k| k.ends_with("lora_A.weight"))
+            .count();
         println!("adapted modules: {modules}");
         println!("parameters: {params}");
-        let size = std::fs::metadata(path.join(WEIGHTS_FILE)).map(|m| m.len()).unwrap_or(0);
+        let size = std::fs::metadata(path.join(WEIGHTS_FILE))
+            .map(|m| m.len())
+            .unwrap_or(0);
         println!("size: {:.2} MB", size as f64 / 1e6);
         return Ok(());
     }
     let loaded = load_causal_lm(path, &burn::tensor::Device::flex())?;
     let c = &loaded.model.config;
-    let params: usize = loaded.model.to_tensors().tensors.values().map(|t| t.numel()).sum();
+    let params: usize = loaded
+        .model
+        .to_tensors()
+        .tensors
+        .values()
+        .map(|t| t.numel())
+        .sum();
     println!("model: {}", path.display());
-    println!("architecture: Llama ({} layers, hidden {}, FFN {}, {} heads / {} KV heads, vocab {}, tied head: {})",
-        c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.kv_heads(), c.vocab_size, c.tie_word_embeddings);
+    println!(
+        "architecture: Llama ({} layers, hidden {}, FFN {}, {} heads / {} KV heads, vocab {}, tied head: {})",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.kv_heads(),
+        c.vocab_size,
+        c.tie_word_embeddings
+    );
     println!("parameters: {params}");
     println!("linear modules: {}", loaded.model.lora_slots().len());
     Ok(())
@@ -226,48 +282,106 @@ fn inspect(path: &Path) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args, &cli.device),
-        Command::Eval { model, adapter, data, max_len, task, text_column, label_column } => {
+        Command::Eval {
+            model,
+            adapter,
+            data,
+            max_len,
+            task,
+            text_column,
+            label_column,
+        } => {
             let dev = device(&cli.device)?;
             if task == "classification" {
-                let adapter = adapter.ok_or_else(|| usage!("--adapter is required for classification (the head is trained)"))?;
-                println!("{}", classify::eval(&model, &adapter, &data, &text_column, &label_column, max_len, &dev)?);
+                let adapter = adapter.ok_or_else(|| {
+                    usage!("--adapter is required for classification (the head is trained)")
+                })?;
+                println!(
+                    "{}",
+                    classify::eval(
+                        &model,
+                        &adapter,
+                        &data,
+                        &text_column,
+                        &label_column,
+                        max_len,
+                        &dev
+                    )?
+                );
                 return Ok(());
             } else if task != "causal-lm" {
-                return Err(usage!("--task {task}: unknown task (supported: causal-lm, classification)"));
+                return Err(usage!(
+                    "--task {task}: unknown task (supported: causal-lm, classification)"
+                ));
             }
             let (loaded, _) = load_with_adapters(&model, adapter.as_slice(), &dev)?;
-            let max_len = usage::max_len(max_len, 256, loaded.model.config.max_position_embeddings)?;
+            let max_len =
+                usage::max_len(max_len, 256, loaded.model.config.max_position_embeddings)?;
             let examples = data::read_examples(&data, &loaded.tokenizer, max_len)?;
             let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
             let loss = peft_models::train::eval_loss(&loaded.model, &examples, 8, pad);
-            println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "examples": examples.len()}));
+            println!(
+                "{}",
+                serde_json::json!({"loss": loss, "perplexity": loss.exp(), "examples": examples.len()})
+            );
             Ok(())
         }
-        Command::Generate { model, adapter, use_adapter, prompt, max_new_tokens, raw } => {
+        Command::Generate {
+            model,
+            adapter,
+            use_adapter,
+            prompt,
+            max_new_tokens,
+            raw,
+        } => {
             let dev = device(&cli.device)?;
             let (mut loaded, names) = load_with_adapters(&model, &adapter, &dev)?;
             if let Some(name) = &use_adapter {
                 if !names.contains(name) {
-                    return Err(usage!("--use {name}: no such adapter (loaded: {})", names.join(", ")));
+                    return Err(usage!(
+                        "--use {name}: no such adapter (loaded: {})",
+                        names.join(", ")
+                    ));
                 }
                 activate(&mut loaded.model, name)?;
             } else if names.len() > 1 {
-                return Err(usage!("several adapters loaded ({}); pick one with --use", names.join(", ")));
+                return Err(usage!(
+                    "several adapters loaded ({}); pick one with --use",
+                    names.join(", ")
+                ));
             }
-            let text = if raw { prompt } else { loaded.tokenizer.chat_prompt(&prompt) };
+            let text = if raw {
+                prompt
+            } else {
+                loaded.tokenizer.chat_prompt(&prompt)
+            };
             let ids = loaded.tokenizer.encode(&text)?;
-            let out = greedy(&loaded.model, &ids, max_new_tokens, &loaded.tokenizer.eos_ids);
+            let out = greedy(
+                &loaded.model,
+                &ids,
+                max_new_tokens,
+                &loaded.tokenizer.eos_ids,
+            );
             println!("{}", loaded.tokenizer.decode(&out)?);
             Ok(())
         }
-        Command::Merge { model, adapter, out, quantize, quant, overwrite } => {
+        Command::Merge {
+            model,
+            adapter,
+            out,
+            quantize,
+            quant,
+            overwrite,
+        } => {
             let spec = quantize.map(|k| quant.spec("--quantize", &k)).transpose()?;
             refuse_existing(&out, overwrite)?;
             let dev = device(&cli.device)?;
             let (mut loaded, _) = load_with_adapters(&model, std::slice::from_ref(&adapter), &dev)?;
             // Merge exactly in full precision: a 4-bit base is dequantized first.
             if quantized_footprint(&loaded.model).0 > 0 && spec.is_none() {
-                eprintln!("the base is 4-bit: writing a full-precision merged model (pass --quantize nf4 to keep it 4-bit)");
+                eprintln!(
+                    "the base is 4-bit: writing a full-precision merged model (pass --quantize nf4 to keep it 4-bit)"
+                );
             }
             loaded.model = merge_and_unload_state(dequantize_base(loaded.model)?)?;
             if let Some(spec) = spec {
@@ -281,7 +395,13 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("merged model written to {}", out.display());
             Ok(())
         }
-        Command::Quantize { model, out, quant_type, quant, overwrite } => {
+        Command::Quantize {
+            model,
+            out,
+            quant_type,
+            quant,
+            overwrite,
+        } => {
             let spec = quant.spec("--quant-type", &quant_type)?;
             refuse_existing(&out, overwrite)?;
             let (values, bytes) = if peft_models::bert::is_bert_folder(&model) {
@@ -302,7 +422,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Inspect { path } => inspect(&path),
-        Command::Convert { input, out, overwrite } => {
+        Command::Convert {
+            input,
+            out,
+            overwrite,
+        } => {
             if input.extension().is_none_or(|e| e != "gguf") {
                 return Err(usage!("{}: expected a .gguf file", input.display()));
             }
@@ -323,7 +447,10 @@ fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) {
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) {
                 print!("{e}");
                 std::process::exit(0);
             }
@@ -339,7 +466,10 @@ fn main() {
             std::process::exit(if usage::is_usage(&e) { 2 } else { 1 });
         }
         Err(panic) => {
-            eprintln!("error: internal error: {}", peft_core::error::panic_message(&*panic));
+            eprintln!(
+                "error: internal error: {}",
+                peft_core::error::panic_message(&*panic)
+            );
             std::process::exit(101);
         }
     }

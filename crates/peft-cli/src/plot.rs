@@ -7,10 +7,13 @@ use plotters::prelude::*;
 
 /// Plot training loss (and held-out loss where logged) per step from `metrics.jsonl`.
 pub fn plot_loss(metrics: &Path, out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(metrics).with_context(|| format!("{}", metrics.display()))?;
+    let text =
+        std::fs::read_to_string(metrics).with_context(|| format!("{}", metrics.display()))?;
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         let step = v["step"].as_f64().unwrap_or(0.0) + 1.0;
         if let Some(l) = v["loss"].as_f64() {
             train.push((step, l));
@@ -35,16 +38,26 @@ pub fn plot_loss(metrics: &Path, out: &Path) -> Result<()> {
             .x_label_area_size(36)
             .y_label_area_size(56)
             .build_cartesian_2d(0.0..max_step, (lo - pad)..(hi + pad))?;
-        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
-        chart.draw_series(LineSeries::new(train.clone(), &BLUE))?.label("train").legend(|(x, y)| {
-            PathElement::new(vec![(x, y), (x + 18, y)], BLUE)
-        });
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new(train.clone(), &BLUE))?
+            .label("train")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE));
         if !eval.is_empty() {
-            chart.draw_series(LineSeries::new(eval.clone(), &RED))?.label("held-out").legend(|(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], RED)
-            });
+            chart
+                .draw_series(LineSeries::new(eval.clone(), &RED))?
+                .label("held-out")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED));
         }
-        chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .draw()?;
         root.present()?;
         Ok(())
     };

@@ -10,12 +10,20 @@ use peft_quant::{BLOCK_SIZES, QuantSpec, QuantType};
 /// errors name), values per scale, whether the scales are quantized too.
 pub fn spec(option: &str, kind: &str, blocksize: usize, double_quant: bool) -> Result<QuantSpec> {
     let Some(qtype) = QuantType::from_name(kind) else {
-        return Err(usage!("{option} {kind}: unknown 4-bit type (supported: nf4, fp4)"));
+        return Err(usage!(
+            "{option} {kind}: unknown 4-bit type (supported: nf4, fp4)"
+        ));
     };
     if !BLOCK_SIZES.contains(&blocksize) {
-        return Err(usage!("--quant-blocksize {blocksize}: must be one of {BLOCK_SIZES:?}"));
+        return Err(usage!(
+            "--quant-blocksize {blocksize}: must be one of {BLOCK_SIZES:?}"
+        ));
     }
-    Ok(QuantSpec { qtype, blocksize, double_quant })
+    Ok(QuantSpec {
+        qtype,
+        blocksize,
+        double_quant,
+    })
 }
 
 /// How `peft merge --quantize` and `peft quantize` lay out the 4-bit weights they write.

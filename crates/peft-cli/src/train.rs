@@ -6,18 +6,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use burn::module::Module;
+use burn::tensor::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::target::ModuleSelector;
 use peft_core::train::{StepReport, TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
-use burn::module::Module;
-use burn::tensor::Device;
 use peft_lora::{LoraConfig, LoraHost, param_report, quantize_base};
-use peft_quant::QuantSpec;
 use peft_models::load::load_causal_lm;
 use peft_models::train::{eval_loss, lm_batch_loss};
+use peft_quant::QuantSpec;
 use serde::Deserialize;
 
 use crate::data::read_examples;
@@ -146,12 +146,42 @@ macro_rules! merge {
 impl TrainArgs {
     /// Fill options not given on the command line from `--config`.
     fn with_config_file(mut self) -> Result<Self> {
-        let Some(path) = &self.config else { return Ok(self) };
+        let Some(path) = &self.config else {
+            return Ok(self);
+        };
         let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-        let mut file: TrainArgs =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-        merge!(self, file, model, method, quantize, quant_blocksize, compute_dtype, task, text_column, label_column, data, eval_data, out, r, alpha, dropout, target, rslora, steps, lr,
-            batch_size, grad_accum, warmup, max_grad_norm, weight_decay, max_len, seed, save_every);
+        let mut file: TrainArgs = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        merge!(
+            self,
+            file,
+            model,
+            method,
+            quantize,
+            quant_blocksize,
+            compute_dtype,
+            task,
+            text_column,
+            label_column,
+            data,
+            eval_data,
+            out,
+            r,
+            alpha,
+            dropout,
+            target,
+            rslora,
+            steps,
+            lr,
+            batch_size,
+            grad_accum,
+            warmup,
+            max_grad_norm,
+            weight_decay,
+            max_len,
+            seed,
+            save_every
+        );
         self.overwrite |= file.overwrite;
         self.double_quant |= file.double_quant;
         self.resume |= file.resume;
@@ -179,9 +209,18 @@ impl TrainArgs {
 }
 
 fn lora_config(a: &TrainArgs, classification: bool) -> Result<LoraConfig> {
-    let default_targets: &[&str] = if classification { &["query", "value"] } else { &["q_proj", "v_proj"] };
-    let targets = a.target.clone().unwrap_or_else(|| default_targets.iter().map(|s| s.to_string()).collect());
-    let selector = if targets.len() == 1 && (targets[0] == "all-linear" || targets[0].contains(['*', '(', '|', '\\'])) {
+    let default_targets: &[&str] = if classification {
+        &["query", "value"]
+    } else {
+        &["q_proj", "v_proj"]
+    };
+    let targets = a
+        .target
+        .clone()
+        .unwrap_or_else(|| default_targets.iter().map(|s| s.to_string()).collect());
+    let selector = if targets.len() == 1
+        && (targets[0] == "all-linear" || targets[0].contains(['*', '(', '|', '\\']))
+    {
         ModuleSelector::Pattern(targets[0].clone())
     } else {
         ModuleSelector::List(targets)
@@ -192,7 +231,14 @@ fn lora_config(a: &TrainArgs, classification: bool) -> Result<LoraConfig> {
         lora_dropout: a.dropout.unwrap_or(0.0),
         use_rslora: a.rslora.unwrap_or(false),
         target_modules: Some(selector),
-        task_type: Some(if classification { "SEQ_CLS" } else { "CAUSAL_LM" }.into()),
+        task_type: Some(
+            if classification {
+                "SEQ_CLS"
+            } else {
+                "CAUSAL_LM"
+            }
+            .into(),
+        ),
         // The classification head is new: train it whole and save it with the adapter.
         modules_to_save: classification.then(|| vec!["classifier".into()]),
         base_model_name_or_path: a.model.as_ref().map(|p| p.display().to_string()),
@@ -205,16 +251,24 @@ fn lora_config(a: &TrainArgs, classification: bool) -> Result<LoraConfig> {
 const CHECKPOINT: &str = "checkpoint";
 
 /// Replace `out/checkpoint` atomically: build it beside, then swap names.
-fn save_checkpoint<M: LoraHost + Module>(out: &Path, trainer: &Trainer<M>, config: &LoraConfig) -> Result<()> {
+fn save_checkpoint<M: LoraHost + Module>(
+    out: &Path,
+    trainer: &Trainer<M>,
+    config: &LoraConfig,
+) -> Result<()> {
     let tmp = out.join(".checkpoint.tmp");
     let old = out.join(".checkpoint.old");
     let dest = out.join(CHECKPOINT);
     let _ = std::fs::remove_dir_all(&tmp);
-    let written = config.save(trainer.model(), "default", &tmp).and_then(|()| trainer.save_state(&tmp));
+    let written = config
+        .save(trainer.model(), "default", &tmp)
+        .and_then(|()| trainer.save_state(&tmp));
     if let Err(e) = written {
         // The previous checkpoint is untouched; drop the partial one.
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(anyhow::Error::new(e).context("cannot write the checkpoint (the previous one is kept)"));
+        return Err(
+            anyhow::Error::new(e).context("cannot write the checkpoint (the previous one is kept)")
+        );
     }
     if dest.exists() {
         let _ = std::fs::remove_dir_all(&old);
@@ -227,12 +281,17 @@ fn save_checkpoint<M: LoraHost + Module>(out: &Path, trainer: &Trainer<M>, confi
 
 /// The checkpoint to resume from (a crash between the two renames leaves `.checkpoint.old`).
 fn find_checkpoint(out: &Path) -> Option<PathBuf> {
-    [CHECKPOINT, ".checkpoint.old"].iter().map(|n| out.join(n)).find(|p| p.join("trainer_state.json").exists())
+    [CHECKPOINT, ".checkpoint.old"]
+        .iter()
+        .map(|n| out.join(n))
+        .find(|p| p.join("trainer_state.json").exists())
 }
 
 /// Keep the metrics lines of steps before `step` (a resumed run rewrites the rest).
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
@@ -242,8 +301,11 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
                 .is_some_and(|s| (s as usize) < step)
         })
         .collect();
-    std::fs::write(path, kept.iter().map(|l| format!("{l}\n")).collect::<String>())
-        .with_context(|| format!("{}", path.display()))
+    std::fs::write(
+        path,
+        kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .with_context(|| format!("{}", path.display()))
 }
 
 /// What both tasks share once the options are resolved.
@@ -263,11 +325,18 @@ fn quant_spec(a: &TrainArgs, method: &str) -> Result<Option<QuantSpec>> {
     let qlora = method == "qlora";
     let Some(kind) = a.quantize.clone().or_else(|| qlora.then(|| "nf4".into())) else {
         if a.double_quant || a.quant_blocksize.is_some() {
-            return Err(usage!("--double-quant and --quant-blocksize need --quantize nf4|fp4 (or --method qlora)"));
+            return Err(usage!(
+                "--double-quant and --quant-blocksize need --quantize nf4|fp4 (or --method qlora)"
+            ));
         }
         return Ok(None);
     };
-    let spec = crate::quant::spec("--quantize", &kind, a.quant_blocksize.unwrap_or(64), a.double_quant || qlora)?;
+    let spec = crate::quant::spec(
+        "--quantize",
+        &kind,
+        a.quant_blocksize.unwrap_or(64),
+        a.double_quant || qlora,
+    )?;
     Ok(Some(spec))
 }
 
@@ -279,7 +348,11 @@ pub(crate) fn maybe_quantize<M: LoraHost>(model: M, quant: Option<QuantSpec>) ->
     eprintln!(
         "base linear weights quantized to {}{}: {values} weights in {:.1} MB ({:.2} bits each, f32 {:.1} MB)",
         spec.qtype.name(),
-        if spec.double_quant { " with double quantization" } else { "" },
+        if spec.double_quant {
+            " with double quantization"
+        } else {
+            ""
+        },
         bytes as f64 / 1e6,
         bytes as f64 * 8.0 / values.max(1) as f64,
         values as f64 * 4.0 / 1e6
@@ -292,20 +365,30 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
     a.check_ranges()?;
     let method = a.method.clone().unwrap_or_else(|| "lora".into());
     if method != "lora" && method != "qlora" {
-        return Err(usage!("--method {method}: unknown method (supported: lora, qlora)"));
+        return Err(usage!(
+            "--method {method}: unknown method (supported: lora, qlora)"
+        ));
     }
     let quant = quant_spec(&a, &method)?;
     let task = a.task.clone().unwrap_or_else(|| "causal-lm".into());
     let classification = match task.as_str() {
         "causal-lm" => false,
         "classification" => true,
-        other => return Err(usage!("--task {other}: unknown task (supported: causal-lm, classification)")),
+        other => {
+            return Err(usage!(
+                "--task {other}: unknown task (supported: causal-lm, classification)"
+            ));
+        }
     };
     if a.model.is_none() {
-        return Err(usage!("--model is required (a Hugging Face folder or a .gguf file)"));
+        return Err(usage!(
+            "--model is required (a Hugging Face folder or a .gguf file)"
+        ));
     }
     if a.data.is_none() {
-        return Err(usage!("--data is required (a .jsonl file, a .csv for classification, or a chatterbot YAML folder)"));
+        return Err(usage!(
+            "--data is required (a .jsonl file, a .csv for classification, or a chatterbot YAML folder)"
+        ));
     }
     let out = a.out.clone().ok_or_else(|| usage!("--out is required"))?;
     let lora = lora_config(&a, classification).map_err(|e| usage!("{e}"))?;
@@ -319,7 +402,11 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
         max_grad_norm: Some(a.max_grad_norm.unwrap_or(1.0)),
         seed: a.seed.unwrap_or(42),
     };
-    let has_contents = out.exists() && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true);
+    let has_contents = out.exists()
+        && out
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true);
     let mut displaced = None;
     let resume_from = if a.resume {
         match find_checkpoint(&out) {
@@ -329,15 +416,26 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
             }
             // Killed before its first checkpoint: nothing to continue, start again.
             None if out.is_dir() => {
-                eprintln!("--resume: no checkpoint in {} yet; starting from step 0", out.display());
+                eprintln!(
+                    "--resume: no checkpoint in {} yet; starting from step 0",
+                    out.display()
+                );
                 None
             }
-            None => return Err(usage!("--resume: no checkpoint in {} (the folder does not exist)", out.display())),
+            None => {
+                return Err(usage!(
+                    "--resume: no checkpoint in {} (the folder does not exist)",
+                    out.display()
+                ));
+            }
         }
     } else {
         if has_contents {
             if !a.overwrite {
-                return Err(usage!("output folder {} exists; pass --overwrite to replace it or --resume to continue", out.display()));
+                return Err(usage!(
+                    "output folder {} exists; pass --overwrite to replace it or --resume to continue",
+                    out.display()
+                ));
             }
             // Kept aside until the new run has finished (see `finish_overwrite`).
             displaced = Some(peft_core::folder::move_aside(&out)?);
@@ -346,7 +444,9 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
     };
     let compute_dtype = a.compute_dtype.clone().unwrap_or_else(|| "f32".into());
     if classification && compute_dtype != "f32" {
-        return Err(usage!("--compute-dtype {compute_dtype}: classification (BERT) trains in f32 only"));
+        return Err(usage!(
+            "--compute-dtype {compute_dtype}: classification (BERT) trains in f32 only"
+        ));
     }
     let result = (|| {
         let device = peft_core::device::device_by_name(device_name)?;
@@ -354,8 +454,20 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
             .with_context(|| format!("--compute-dtype {compute_dtype}"))?
             .autodiff();
         device.seed(config.seed);
-        let run = Run { args: a, lora, out: out.clone(), resume_from, config, device, quant };
-        if classification { crate::classify::train(run) } else { train_causal_lm(run) }
+        let run = Run {
+            args: a,
+            lora,
+            out: out.clone(),
+            resume_from,
+            config,
+            device,
+            quant,
+        };
+        if classification {
+            crate::classify::train(run)
+        } else {
+            train_causal_lm(run)
+        }
     })();
     finish_overwrite(&out, displaced, result)
 }
@@ -373,11 +485,22 @@ fn finish_overwrite(out: &Path, displaced: Option<PathBuf>, result: Result<()>) 
         Err(e) if find_checkpoint(out).is_none() => {
             let _ = std::fs::remove_dir_all(out);
             match std::fs::rename(&old, out) {
-                Ok(()) => Err(e.context(format!("the previous contents of {} were put back", out.display()))),
-                Err(_) => Err(e.context(format!("the previous contents of {} are kept in {}", out.display(), old.display()))),
+                Ok(()) => Err(e.context(format!(
+                    "the previous contents of {} were put back",
+                    out.display()
+                ))),
+                Err(_) => Err(e.context(format!(
+                    "the previous contents of {} are kept in {}",
+                    out.display(),
+                    old.display()
+                ))),
             }
         }
-        Err(e) => Err(e.context(format!("the previous contents of {} are kept in {}", out.display(), old.display()))),
+        Err(e) => Err(e.context(format!(
+            "the previous contents of {} are kept in {}",
+            out.display(),
+            old.display()
+        ))),
     }
 }
 
@@ -411,9 +534,20 @@ fn check_resume_settings(ckpt: &Path, config: &TrainConfig, lora: &LoraConfig) -
     }
     let saved_lora = load_adapter(ckpt)?.config;
     let now_lora = serde_json::to_value(lora)?;
-    for k in ["r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"] {
+    for k in [
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "use_rslora",
+    ] {
         if saved_lora.get(k).is_some_and(|v| *v != now_lora[k]) {
-            changed.push(format!("{} {} (the checkpoint has {})", option(k), now_lora[k], saved_lora[k]));
+            changed.push(format!(
+                "{} {} (the checkpoint has {})",
+                option(k),
+                now_lora[k],
+                saved_lora[k]
+            ));
         }
     }
     if !changed.is_empty() {
@@ -431,7 +565,12 @@ pub(crate) fn hold_out<E: Clone>(train: Vec<E>, eval: Option<Vec<E>>) -> (Vec<E>
         Some(e) => (train, e),
         None if train.len() >= 10 => {
             let held = train.iter().skip(9).step_by(10).cloned().collect();
-            let rest = train.into_iter().enumerate().filter(|(i, _)| i % 10 != 9).map(|(_, e)| e).collect();
+            let rest = train
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| i % 10 != 9)
+                .map(|(_, e)| e)
+                .collect();
             (rest, held)
         }
         None => (train, Vec::new()),
@@ -444,23 +583,42 @@ fn train_causal_lm(run: Run) -> Result<()> {
     eprintln!("loading {}", model_path.display());
     let loaded = load_causal_lm(&model_path, &run.device)?;
     let tok = loaded.tokenizer;
-    let max_len = crate::usage::max_len(a.max_len, 256, loaded.model.config.max_position_embeddings)?;
+    let max_len =
+        crate::usage::max_len(a.max_len, 256, loaded.model.config.max_position_embeddings)?;
     std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
     let train_set = read_examples(a.data.as_ref().expect("checked"), &tok, max_len)?;
-    let eval = a.eval_data.as_ref().map(|p| read_examples(p, &tok, max_len)).transpose()?;
+    let eval = a
+        .eval_data
+        .as_ref()
+        .map(|p| read_examples(p, &tok, max_len))
+        .transpose()?;
     let (train_set, eval_set) = hold_out(train_set, eval);
     let pad = tok.eos_ids.first().copied().unwrap_or(0);
     let model = maybe_quantize(loaded.model, run.quant)?;
     let model = run.lora.apply(model, "default")?;
-    eprintln!("{} examples for training, {} held out; {}", train_set.len(), eval_set.len(), param_report(&model));
+    eprintln!(
+        "{} examples for training, {} held out; {}",
+        train_set.len(),
+        eval_set.len(),
+        param_report(&model)
+    );
     let batch = run.config.batch_size;
-    train_loop(&run, model, &train_set, |m, b| lm_batch_loss(m, b, pad), |m| {
-        let mut metrics = serde_json::Map::new();
-        if !eval_set.is_empty() {
-            metrics.insert("eval_loss".into(), eval_loss(m, &eval_set, batch, pad).into());
-        }
-        metrics
-    })
+    train_loop(
+        &run,
+        model,
+        &train_set,
+        |m, b| lm_batch_loss(m, b, pad),
+        |m| {
+            let mut metrics = serde_json::Map::new();
+            if !eval_set.is_empty() {
+                metrics.insert(
+                    "eval_loss".into(),
+                    eval_loss(m, &eval_set, batch, pad).into(),
+                );
+            }
+            metrics
+        },
+    )
 }
 
 /// The loop both tasks share: resume, steps with progress, metrics, checkpoints, final
@@ -493,14 +651,21 @@ pub(crate) fn train_loop<M: LoraHost + Module, E: Clone>(
     let save_every = run.args.save_every.unwrap_or(25);
     let bar = ProgressBar::new(config.steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("template"),
     );
     bar.set_position(trainer.state().step as u64);
     let started = Instant::now();
     let mut tokens = 0usize;
     let mut skipped = 0usize;
     while !trainer.is_done() {
-        if run.args.stop_after.is_some_and(|n| trainer.state().step >= n) {
+        if run
+            .args
+            .stop_after
+            .is_some_and(|n| trainer.state().step >= n)
+        {
             bar.abandon_with_message("stopped (--stop-after)");
             return Ok(());
         }
@@ -509,7 +674,12 @@ pub(crate) fn train_loop<M: LoraHost + Module, E: Clone>(
             if !run.args.skip_nonfinite {
                 bar.abandon();
                 let kept = find_checkpoint(out)
-                    .map(|c| format!("the last good checkpoint ({}) is kept; resume from it with --resume", c.display()))
+                    .map(|c| {
+                        format!(
+                            "the last good checkpoint ({}) is kept; resume from it with --resume",
+                            c.display()
+                        )
+                    })
                     .unwrap_or_else(|| "no checkpoint had been written yet".into());
                 anyhow::bail!(
                     "step {}: the loss is {} and the gradient norm {}; stopped before the update ({kept}); \
@@ -523,7 +693,10 @@ pub(crate) fn train_loop<M: LoraHost + Module, E: Clone>(
         }
         tokens += report.tokens;
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
-        bar.set_message(format!("loss {:.3} lr {:.1e} {:.0} tok/s", report.loss, report.learning_rate, tps));
+        bar.set_message(format!(
+            "loss {:.3} lr {:.1e} {:.0} tok/s",
+            report.loss, report.learning_rate, tps
+        ));
         bar.inc(1);
         let mut line = serde_json::to_value(report)?;
         line["tokens_per_s"] = tps.into();
@@ -545,6 +718,9 @@ pub(crate) fn train_loop<M: LoraHost + Module, E: Clone>(
     let model = trainer.into_model();
     lora.save(&model, "default", out)?;
     plot_loss(&metrics_path, &out.join("loss.svg"))?;
-    eprintln!("adapter, metrics.jsonl and loss.svg written to {}", out.display());
+    eprintln!(
+        "adapter, metrics.jsonl and loss.svg written to {}",
+        out.display()
+    );
     Ok(())
 }

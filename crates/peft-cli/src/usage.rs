@@ -38,7 +38,9 @@ pub fn at_least(option: &str, value: Option<usize>, min: usize) -> anyhow::Resul
 /// `value` of `option` must be a finite number greater than 0.
 pub fn positive(option: &str, value: Option<f64>) -> anyhow::Result<()> {
     match value {
-        Some(v) if !(v.is_finite() && v > 0.0) => Err(usage!("{option} {v}: must be a finite number greater than 0")),
+        Some(v) if !(v.is_finite() && v > 0.0) => Err(usage!(
+            "{option} {v}: must be a finite number greater than 0"
+        )),
         _ => Ok(()),
     }
 }
@@ -46,7 +48,9 @@ pub fn positive(option: &str, value: Option<f64>) -> anyhow::Result<()> {
 /// `value` of `option` must be a finite number of at least 0.
 pub fn non_negative(option: &str, value: Option<f64>) -> anyhow::Result<()> {
     match value {
-        Some(v) if !(v.is_finite() && v >= 0.0) => Err(usage!("{option} {v}: must be a finite number of at least 0")),
+        Some(v) if !(v.is_finite() && v >= 0.0) => Err(usage!(
+            "{option} {v}: must be a finite number of at least 0"
+        )),
         _ => Ok(()),
     }
 }
@@ -64,9 +68,9 @@ pub fn fraction(option: &str, value: Option<f64>) -> anyhow::Result<()> {
 /// `default` capped at the model's positions.
 pub fn max_len(given: Option<usize>, default: usize, positions: usize) -> anyhow::Result<usize> {
     match given {
-        Some(v) if v < 2 || v > positions => {
-            Err(usage!("--max-len {v}: must be between 2 and {positions} (the model's max_position_embeddings)"))
-        }
+        Some(v) if v < 2 || v > positions => Err(usage!(
+            "--max-len {v}: must be between 2 and {positions} (the model's max_position_embeddings)"
+        )),
         Some(v) => Ok(v),
         None => Ok(default.min(positions)),
     }
@@ -85,8 +89,18 @@ mod tests {
         assert!(positive("--lr", Some(1e-4)).is_ok());
         assert!(fraction("--dropout", Some(1.0)).is_err());
         assert!(fraction("--dropout", Some(0.0)).is_ok());
-        assert!(at_least("--r", Some(0), 1).unwrap_err().to_string().contains("--r 0"));
-        assert!(max_len(Some(513), 128, 512).unwrap_err().to_string().contains("512"));
+        assert!(
+            at_least("--r", Some(0), 1)
+                .unwrap_err()
+                .to_string()
+                .contains("--r 0")
+        );
+        assert!(
+            max_len(Some(513), 128, 512)
+                .unwrap_err()
+                .to_string()
+                .contains("512")
+        );
         assert_eq!(max_len(None, 256, 64).unwrap(), 64);
         assert_eq!(max_len(Some(32), 256, 64).unwrap(), 32);
         assert!(!is_usage(&anyhow::anyhow!("disk full")));

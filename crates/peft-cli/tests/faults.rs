@@ -11,15 +11,31 @@ use std::process::Command;
 use common::{adapter_values, data, peft, s, stderr, tiny};
 use std::time::{Duration, Instant};
 
-
-
-
-
-
 fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
-        "train", "--model", model, "--data", data, "--out", out, "--r", "4", "--alpha", "8", "--steps", steps,
-        "--batch-size", "4", "--lr", "0.01", "--warmup", "1", "--save-every", "1", "--max-len", "32",
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--steps",
+        steps,
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--warmup",
+        "1",
+        "--save-every",
+        "1",
+        "--max-len",
+        "32",
     ]
 }
 
@@ -38,10 +54,12 @@ fn with<'a>(mut args: Vec<&'a str>, flag: &'a str, value: &'a str) -> Vec<&'a st
     args
 }
 
-
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 /// Exit code 2 and one line naming the option, for every option a user can give out of range.
@@ -55,16 +73,28 @@ fn options_out_of_range_are_usage_errors_naming_the_option() {
     let base = train_args(s(&model), s(&data), s(&out), "2");
     let cases: &[(&[&str], &str)] = &[
         (&["--max-len", "0"], "--max-len 0: must be at least 2"),
-        (&["--max-len", "65"], "--max-len 65: must be between 2 and 64"),
+        (
+            &["--max-len", "65"],
+            "--max-len 65: must be between 2 and 64",
+        ),
         (&["--batch-size", "0"], "--batch-size 0: must be at least 1"),
         (&["--grad-accum", "0"], "--grad-accum 0: must be at least 1"),
         (&["--save-every", "0"], "--save-every 0: must be at least 1"),
         (&["--steps", "0"], "--steps 0: must be at least 1"),
         (&["--r", "0"], "--r 0: must be at least 1"),
-        (&["--lr", "NaN"], "--lr NaN: must be a finite number greater than 0"),
-        (&["--lr", "inf"], "--lr inf: must be a finite number greater than 0"),
+        (
+            &["--lr", "NaN"],
+            "--lr NaN: must be a finite number greater than 0",
+        ),
+        (
+            &["--lr", "inf"],
+            "--lr inf: must be a finite number greater than 0",
+        ),
         (&["--lr", "-1e-4"], "--lr -0.0001"),
-        (&["--alpha", "-8"], "--alpha -8: must be a finite number greater than 0"),
+        (
+            &["--alpha", "-8"],
+            "--alpha -8: must be a finite number greater than 0",
+        ),
         (&["--dropout", "1"], "--dropout 1: must be in [0, 1)"),
         (&["--weight-decay", "-1"], "--weight-decay -1"),
         (&["--max-grad-norm", "0"], "--max-grad-norm 0"),
@@ -77,16 +107,46 @@ fn options_out_of_range_are_usage_errors_naming_the_option() {
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
         let last = err.trim().lines().last().unwrap_or_default();
-        assert!(last.starts_with("error: ") && last.contains(needle), "{extra:?}: {err}");
-        assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none(), "{extra:?} left output behind");
+        assert!(
+            last.starts_with("error: ") && last.contains(needle),
+            "{extra:?}: {err}"
+        );
+        assert!(
+            !out.exists() || std::fs::read_dir(&out).unwrap().next().is_none(),
+            "{extra:?} left output behind"
+        );
     }
     // Past BERT's position table, for training and evaluation.
     let csv = tmp.path().join("d.csv");
     std::fs::write(&csv, "text,label\na b,x\nc d,y\n").unwrap();
-    let o = peft(&["train", "--task", "classification", "--model", s(&bert), "--data", s(&csv), "--out", s(&out), "--max-len", "512"]);
+    let o = peft(&[
+        "train",
+        "--task",
+        "classification",
+        "--model",
+        s(&bert),
+        "--data",
+        s(&csv),
+        "--out",
+        s(&out),
+        "--max-len",
+        "512",
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--max-len 512: must be between 2 and 64"), "{}", stderr(&o));
-    let o = peft(&["eval", "--model", s(&model), "--data", s(&data), "--max-len", "100"]);
+    assert!(
+        stderr(&o).contains("--max-len 512: must be between 2 and 64"),
+        "{}",
+        stderr(&o)
+    );
+    let o = peft(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--max-len",
+        "100",
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     // A failure of the work itself (a bad data line) is exit code 1.
     let bad = tmp.path().join("bad.jsonl");
@@ -108,7 +168,19 @@ fn two_adapters_with_the_same_folder_name_are_refused() {
         let o = peft(&train_args(s(&model), s(&data), s(dir), "1"));
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    let o = peft(&["generate", "--model", s(&model), "--adapter", s(&a), "--adapter", s(&b), "--use", "chat", "--prompt", "hi"]);
+    let o = peft(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&a),
+        "--adapter",
+        s(&b),
+        "--use",
+        "chat",
+        "--prompt",
+        "hi",
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("both named `chat`"), "{}", stderr(&o));
 }
@@ -120,7 +192,11 @@ fn overwrite_keeps_the_old_output_when_the_new_run_fails() {
     let data = data(tmp.path());
     let model = tiny();
     let out = tmp.path().join("run");
-    assert!(peft(&train_args(s(&model), s(&data), s(&out), "2")).status.success());
+    assert!(
+        peft(&train_args(s(&model), s(&data), s(&out), "2"))
+            .status
+            .success()
+    );
     let before = adapter_values(&out);
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "not json\n").unwrap();
@@ -133,13 +209,40 @@ fn overwrite_keeps_the_old_output_when_the_new_run_fails() {
 
     // merge / quantize / convert: the old folder stays until the new one is complete.
     let merged = tmp.path().join("merged");
-    assert!(peft(&["merge", "--model", s(&model), "--adapter", s(&out), "--out", s(&merged)]).status.success());
+    assert!(
+        peft(&[
+            "merge",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&out),
+            "--out",
+            s(&merged)
+        ])
+        .status
+        .success()
+    );
     let config = std::fs::read(merged.join("config.json")).unwrap();
-    let o = peft(&["merge", "--model", s(&model), "--adapter", s(&tmp.path().join("nothing")), "--out", s(&merged), "--overwrite"]);
+    let o = peft(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&tmp.path().join("nothing")),
+        "--out",
+        s(&merged),
+        "--overwrite",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(std::fs::read(merged.join("config.json")).unwrap(), config);
-    let names: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(names.iter().all(|n| !n.starts_with('.')), "temporary folders left: {names:?}");
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with('.')),
+        "temporary folders left: {names:?}"
+    );
 }
 
 /// Resuming with other settings would change the schedule or the data order silently: refused.
@@ -149,9 +252,25 @@ fn resume_with_other_settings_is_refused() {
     let data = data(tmp.path());
     let model = tiny();
     let out = tmp.path().join("run");
-    assert!(peft(&with(train_args(s(&model), s(&data), s(&out), "6"), "--stop-after", "2")).status.success());
-    for (steps, extra) in [("9", vec![]), ("6", vec!["--lr", "0.02"]), ("6", vec!["--r", "8"])] {
-        let mut args = with(train_args(s(&model), s(&data), s(&out), steps), "--resume", "");
+    assert!(
+        peft(&with(
+            train_args(s(&model), s(&data), s(&out), "6"),
+            "--stop-after",
+            "2"
+        ))
+        .status
+        .success()
+    );
+    for (steps, extra) in [
+        ("9", vec![]),
+        ("6", vec!["--lr", "0.02"]),
+        ("6", vec!["--r", "8"]),
+    ] {
+        let mut args = with(
+            train_args(s(&model), s(&data), s(&out), steps),
+            "--resume",
+            "",
+        );
         if let [flag, value] = extra[..] {
             args = with(args, flag, value);
         }
@@ -165,7 +284,10 @@ fn resume_with_other_settings_is_refused() {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
@@ -186,14 +308,21 @@ fn runs_killed_at_random_moments_resume_to_the_same_adapter() {
 
     let mut rng = Lcg(2026);
     let (mut kills, mut trials, mut mid_checkpoint) = (0, 0, 0);
-    let lines = |out: &Path| std::fs::read(out.join("metrics.jsonl")).map(|b| b.iter().filter(|&&c| c == b'\n').count()).unwrap_or(0);
+    let lines = |out: &Path| {
+        std::fs::read(out.join("metrics.jsonl"))
+            .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+            .unwrap_or(0)
+    };
     for trial in 0..20 {
         let out = tmp.path().join(format!("killed{trial}"));
         let mut attempts = 0;
         let mut trial_kills = 0;
         loop {
             attempts += 1;
-            assert!(attempts < 20, "trial {trial}: no end after {attempts} attempts");
+            assert!(
+                attempts < 20,
+                "trial {trial}: no end after {attempts} attempts"
+            );
             let mut args = train_args(s(&model), s(&data), s(&out), steps);
             if out.exists() {
                 args.push("--resume");
@@ -232,7 +361,8 @@ fn runs_killed_at_random_moments_resume_to_the_same_adapter() {
                     kills += 1;
                     trial_kills += 1;
                     // Killed between writing a new checkpoint and swapping it in.
-                    if out.join(".checkpoint.tmp").exists() || out.join(".checkpoint.old").exists() {
+                    if out.join(".checkpoint.tmp").exists() || out.join(".checkpoint.old").exists()
+                    {
                         mid_checkpoint += 1;
                     }
                     break None;
@@ -253,10 +383,24 @@ fn runs_killed_at_random_moments_resume_to_the_same_adapter() {
             }
         }
         let diff = max_diff(&adapter_values(&out), &expected);
-        assert!(diff <= 1e-6, "trial {trial}: resumed adapter differs by {diff}");
+        assert!(
+            diff <= 1e-6,
+            "trial {trial}: resumed adapter differs by {diff}"
+        );
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-        let steps_logged: Vec<u64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
-        assert_eq!(steps_logged, (0..16).collect::<Vec<u64>>(), "trial {trial}: metrics.jsonl");
+        let steps_logged: Vec<u64> = metrics
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            steps_logged,
+            (0..16).collect::<Vec<u64>>(),
+            "trial {trial}: metrics.jsonl"
+        );
         trials += 1;
     }
     assert_eq!(trials, 20);
@@ -273,7 +417,8 @@ fn poisoned_model(dir: &Path) -> PathBuf {
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(tiny().join(f), out.join(f)).unwrap();
     }
-    let mut t = peft_core::tensors::TensorMap::read_safetensors(&tiny().join("model.safetensors")).unwrap();
+    let mut t =
+        peft_core::tensors::TensorMap::read_safetensors(&tiny().join("model.safetensors")).unwrap();
     let mut norm = t.remove("model.norm.weight").unwrap();
     norm.data[0] = f32::NAN;
     t.insert("model.norm.weight", norm);
@@ -290,24 +435,54 @@ fn non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let (model, poisoned) = (tiny(), poisoned_model(tmp.path()));
     let out = tmp.path().join("run");
     // Two good steps, then the run continues on weights that give a NaN loss.
-    assert!(peft(&with(train_args(s(&model), s(&data), s(&out), "6"), "--stop-after", "2")).status.success());
+    assert!(
+        peft(&with(
+            train_args(s(&model), s(&data), s(&out), "6"),
+            "--stop-after",
+            "2"
+        ))
+        .status
+        .success()
+    );
     let good = adapter_values(&out.join("checkpoint"));
-    let o = peft(&with(train_args(s(&poisoned), s(&data), s(&out), "6"), "--resume", ""));
+    let o = peft(&with(
+        train_args(s(&poisoned), s(&data), s(&out), "6"),
+        "--resume",
+        "",
+    ));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     let last = err.trim().lines().last().unwrap();
-    assert!(last.contains("step 2: the loss is NaN") && last.contains("last good checkpoint"), "{err}");
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/trainer_state.json")).unwrap()).unwrap();
+    assert!(
+        last.contains("step 2: the loss is NaN") && last.contains("last good checkpoint"),
+        "{err}"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(state["step"], 2);
     assert_eq!(adapter_values(&out.join("checkpoint")), good);
     assert!(!out.join("adapter_model.safetensors").exists());
 
     // Skipped instead: no update lands, each skip is counted.
-    let o = peft(&with(with(train_args(s(&poisoned), s(&data), s(&out), "6"), "--resume", ""), "--skip-nonfinite", ""));
+    let o = peft(&with(
+        with(
+            train_args(s(&poisoned), s(&data), s(&out), "6"),
+            "--resume",
+            "",
+        ),
+        "--skip-nonfinite",
+        "",
+    ));
     assert!(o.status.success(), "{}", stderr(&o));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
-    assert_eq!((last["skipped"].clone(), last["skipped_total"].clone()), (true.into(), 4.into()), "{metrics}");
+    assert_eq!(
+        (last["skipped"].clone(), last["skipped_total"].clone()),
+        (true.into(), 4.into()),
+        "{metrics}"
+    );
     assert_eq!(adapter_values(&out), good);
 }
 
@@ -322,7 +497,9 @@ impl Fault {
     fn new(root: &Path) -> Option<Self> {
         let dir = root.join("disk");
         std::fs::create_dir(&dir).unwrap();
-        let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs", s(&dir)]).output();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs", s(&dir)])
+            .output();
         if mounted.is_ok_and(|o| o.status.success()) {
             return Some(Self { dir, tmpfs: true });
         }
@@ -334,7 +511,13 @@ impl Fault {
     fn read_only(&self, on: bool) {
         if self.tmpfs {
             let opt = if on { "remount,ro" } else { "remount,rw" };
-            assert!(Command::new("mount").args(["-o", opt, s(&self.dir)]).status().unwrap().success());
+            assert!(
+                Command::new("mount")
+                    .args(["-o", opt, s(&self.dir)])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
         } else {
             for entry in walk(&self.dir) {
                 let mut p = std::fs::metadata(&entry).unwrap().permissions();
@@ -359,7 +542,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![dir.to_path_buf()];
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        if p.is_dir() {
+            out.extend(walk(&p))
+        } else {
+            out.push(p)
+        }
     }
     out
 }
@@ -377,13 +564,27 @@ fn failed_writes_keep_the_previous_checkpoint() {
     let data = data(tmp.path());
     let model = tiny();
     let reference = tmp.path().join("reference");
-    assert!(peft(&train_args(s(&model), s(&data), s(&reference), "6")).status.success());
+    assert!(
+        peft(&train_args(s(&model), s(&data), s(&reference), "6"))
+            .status
+            .success()
+    );
     let Some(fault) = Fault::new(tmp.path()) else {
-        eprintln!("skipped: running as root without permission to mount a tmpfs, so no write can be made to fail");
+        eprintln!(
+            "skipped: running as root without permission to mount a tmpfs, so no write can be made to fail"
+        );
         return;
     };
     let out = fault.dir.join("run");
-    assert!(peft(&with(train_args(s(&model), s(&data), s(&out), "6"), "--stop-after", "2")).status.success());
+    assert!(
+        peft(&with(
+            train_args(s(&model), s(&data), s(&out), "6"),
+            "--stop-after",
+            "2"
+        ))
+        .status
+        .success()
+    );
     let checkpoint = adapter_values(&out.join("checkpoint"));
     let mut resume = train_args(s(&model), s(&data), s(&out), "6");
     resume.push("--resume");
@@ -393,7 +594,10 @@ fn failed_writes_keep_the_previous_checkpoint() {
     fault.read_only(false);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.trim().lines().last().unwrap().contains(s(&out)), "the error must name the file: {err}");
+    assert!(
+        err.trim().lines().last().unwrap().contains(s(&out)),
+        "the error must name the file: {err}"
+    );
     assert_eq!(adapter_values(&out.join("checkpoint")), checkpoint);
 
     if fault.tmpfs {
@@ -407,7 +611,10 @@ fn failed_writes_keep_the_previous_checkpoint() {
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{err}");
         let last = err.trim().lines().last().unwrap();
-        assert!(last.contains("No space left") && last.contains(s(&out)), "{err}");
+        assert!(
+            last.contains("No space left") && last.contains(s(&out)),
+            "{err}"
+        );
         assert_eq!(adapter_values(&out.join("checkpoint")), checkpoint);
         std::fs::remove_file(&filler).unwrap();
     }

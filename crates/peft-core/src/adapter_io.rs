@@ -35,7 +35,10 @@ impl AdapterFiles {
             .get("peft_type")
             .and_then(Value::as_str)
             .ok_or_else(|| {
-                PeftError::format(self.dir.join(CONFIG_FILE), "missing string field `peft_type`")
+                PeftError::format(
+                    self.dir.join(CONFIG_FILE),
+                    "missing string field `peft_type`",
+                )
             })
     }
 
@@ -92,8 +95,8 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
 /// Parse the bytes of an `adapter_config.json` (`path` names it in errors): a JSON object with
 /// a string `peft_type`.
 pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<Value> {
-    let config: Value =
-        serde_json::from_slice(bytes).map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
+    let config: Value = serde_json::from_slice(bytes)
+        .map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
     if !config.is_object() {
         return Err(PeftError::format(path, "expected a JSON object"));
     }
@@ -122,7 +125,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = serde_json::json!({"peft_type": "LORA", "r": 4, "some_future_key": [1, 2]});
         let mut t = TensorMap::new();
-        t.insert("base_model.model.x.lora_A.weight", HostTensor::new(vec![1, 2], vec![1., 2.]));
+        t.insert(
+            "base_model.model.x.lora_A.weight",
+            HostTensor::new(vec![1, 2], vec![1., 2.]),
+        );
         save_adapter(dir.path(), &config, &t).unwrap();
         let back = load_adapter(dir.path()).unwrap();
         assert_eq!(back.config, config);

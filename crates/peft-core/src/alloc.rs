@@ -121,7 +121,10 @@ mod tests {
             let q = HugePageAlloc.alloc(layout);
             assert!(live_bytes() >= base + (2 << 20));
             HugePageAlloc.dealloc(q, layout);
-            assert!(peak_bytes() >= base + (2 << 20), "the peak remembers the freed block");
+            assert!(
+                peak_bytes() >= base + (2 << 20),
+                "the peak remembers the freed block"
+            );
             let p = HugePageAlloc.realloc(p, layout, 3 << 20);
             assert!(live_bytes() >= base + (3 << 20));
             HugePageAlloc.dealloc(p, Layout::from_size_align(3 << 20, 64).unwrap());
@@ -136,11 +139,17 @@ mod tests {
                 let p = HugePageAlloc.alloc_zeroed(layout);
                 assert!(!p.is_null());
                 let bytes = std::slice::from_raw_parts_mut(p, size);
-                assert!(bytes.iter().all(|&b| b == 0), "alloc_zeroed gave non-zero bytes");
+                assert!(
+                    bytes.iter().all(|&b| b == 0),
+                    "alloc_zeroed gave non-zero bytes"
+                );
                 bytes.fill(7);
                 let p = HugePageAlloc.realloc(p, layout, size * 2);
                 let grown = std::slice::from_raw_parts(p, size * 2);
-                assert!(grown[..size].iter().all(|&b| b == 7), "realloc lost the contents");
+                assert!(
+                    grown[..size].iter().all(|&b| b == 7),
+                    "realloc lost the contents"
+                );
                 HugePageAlloc.dealloc(p, Layout::from_size_align(size * 2, 64).unwrap());
             }
         }

@@ -12,12 +12,16 @@ pub fn device_by_name(name: &str) -> Result<Device> {
         "cpu" | "flex" => Ok(Device::flex()),
         "wgpu" => wgpu(),
         n if n == "cuda" || n.starts_with("cuda:") => {
-            let index = n.strip_prefix("cuda:").map(str::parse::<usize>).transpose().map_err(|_| {
-                PeftError::Config(format!("device `{n}`: expected cuda or cuda:N"))
-            })?;
+            let index = n
+                .strip_prefix("cuda:")
+                .map(str::parse::<usize>)
+                .transpose()
+                .map_err(|_| PeftError::Config(format!("device `{n}`: expected cuda or cuda:N")))?;
             cuda(index.unwrap_or(0))
         }
-        other => Err(PeftError::Config(format!("unknown device `{other}` (expected cpu, wgpu or cuda)"))),
+        other => Err(PeftError::Config(format!(
+            "unknown device `{other}` (expected cpu, wgpu or cuda)"
+        ))),
     }
 }
 
@@ -28,7 +32,9 @@ fn wgpu() -> Result<Device> {
 
 #[cfg(not(feature = "wgpu"))]
 fn wgpu() -> Result<Device> {
-    Err(PeftError::Config("this build has no wgpu backend; rebuild with `--features wgpu`".into()))
+    Err(PeftError::Config(
+        "this build has no wgpu backend; rebuild with `--features wgpu`".into(),
+    ))
 }
 
 #[cfg(feature = "cuda")]
@@ -38,13 +44,18 @@ fn cuda(index: usize) -> Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_index: usize) -> Result<Device> {
-    Err(PeftError::Config("this build has no CUDA backend; rebuild with `--features cuda`".into()))
+    Err(PeftError::Config(
+        "this build has no CUDA backend; rebuild with `--features cuda`".into(),
+    ))
 }
 
 /// Whether `device` (or the device an autodiff device wraps) is burn's CPU backend, where
 /// fused host loops replace chains of tensor operations.
 pub fn is_cpu(device: &Device) -> bool {
-    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+    matches!(
+        device.as_dispatch().clone().inner(),
+        DispatchDevice::Flex(_)
+    )
 }
 
 /// `device` computing in `dtype` (`f32`, `f16` or `bf16`): the default float type of every
@@ -55,14 +66,22 @@ pub fn with_compute_dtype(mut device: Device, dtype: &str) -> Result<Device> {
         "f32" => return Ok(device),
         "f16" => FloatDType::F16,
         "bf16" => FloatDType::BF16,
-        other => return Err(PeftError::Config(format!("unknown compute dtype `{other}` (expected f32, f16 or bf16)"))),
+        other => {
+            return Err(PeftError::Config(format!(
+                "unknown compute dtype `{other}` (expected f32, f16 or bf16)"
+            )));
+        }
     };
     if !device.supports_dtype(DType::from(float)) {
-        return Err(PeftError::Config(format!("the {device:?} device cannot compute in {dtype}")));
+        return Err(PeftError::Config(format!(
+            "the {device:?} device cannot compute in {dtype}"
+        )));
     }
-    device
-        .configure(float)
-        .map_err(|e| PeftError::Config(format!("cannot make {dtype} the compute dtype of {device:?}: {e:?}")))?;
+    device.configure(float).map_err(|e| {
+        PeftError::Config(format!(
+            "cannot make {dtype} the compute dtype of {device:?}: {e:?}"
+        ))
+    })?;
     Ok(device)
 }
 
@@ -74,7 +93,9 @@ mod tests {
         assert!(super::is_cpu(&burn::tensor::Device::flex().autodiff()));
         let err = super::device_by_name("tpu").unwrap_err().to_string();
         assert!(err.contains("tpu"), "{err}");
-        let err = super::with_compute_dtype(burn::tensor::Device::flex(), "f8").unwrap_err().to_string();
+        let err = super::with_compute_dtype(burn::tensor::Device::flex(), "f8")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`f8`") && err.contains("bf16"), "{err}");
     }
 }

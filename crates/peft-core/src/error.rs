@@ -41,7 +41,9 @@ pub enum PeftError {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// Target modules matched no module of the model.
-    #[error("target modules {targets} matched no module of the model; modules that exist: {available}")]
+    #[error(
+        "target modules {targets} matched no module of the model; modules that exist: {available}"
+    )]
     NoTargetMatch { targets: String, available: String },
     /// An operation referred to an adapter that is not there.
     #[error("no adapter named `{0}`")]
@@ -71,19 +73,28 @@ impl PeftError {
 
 /// Deserialise `value` into `T`; an error names the field at fault (`rope_scaling.factor:
 /// invalid type ...`).
-pub fn from_json_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> std::result::Result<T, String> {
+pub fn from_json_value<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+) -> std::result::Result<T, String> {
     serde_path_to_error::deserialize(value).map_err(located)
 }
 
 /// [`from_json_value`] from JSON bytes.
-pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, String> {
-    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(bytes)).map_err(located)
+pub fn from_json_slice<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> std::result::Result<T, String> {
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(bytes))
+        .map_err(located)
 }
 
 /// `field.path: message`, or the message alone for an error at the top level.
 fn located<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
     let path = e.path().to_string();
-    if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
+    if path == "." {
+        e.inner().to_string()
+    } else {
+        format!("{path}: {}", e.inner())
+    }
 }
 
 /// The message of a caught panic's payload (its first line), for one-line reports.

@@ -14,14 +14,20 @@ fn parent_and_name(out: &Path) -> Result<(PathBuf, String)> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| PeftError::Other(format!("{}: not a folder name", out.display())))?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     Ok((parent.to_path_buf(), name))
 }
 
 /// Build the folder `out` through `fill`, which writes into the temporary folder it is given.
 /// An existing `out` is replaced only after `fill` succeeded (callers decide beforehand whether
 /// replacing is allowed). On failure the temporary folder is removed.
-pub fn write_folder<E: From<PeftError>>(out: &Path, fill: impl FnOnce(&Path) -> std::result::Result<(), E>) -> std::result::Result<(), E> {
+pub fn write_folder<E: From<PeftError>>(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     let (parent, name) = parent_and_name(out)?;
     std::fs::create_dir_all(&parent).map_err(|e| PeftError::io(&parent, e))?;
     let tmp = tempfile::Builder::new()
@@ -30,7 +36,11 @@ pub fn write_folder<E: From<PeftError>>(out: &Path, fill: impl FnOnce(&Path) -> 
         .tempdir_in(&parent)
         .map_err(|e| PeftError::io(&parent, e))?;
     fill(tmp.path())?;
-    let aside = if out.exists() { Some(move_aside(out)?) } else { None };
+    let aside = if out.exists() {
+        Some(move_aside(out)?)
+    } else {
+        None
+    };
     let built = tmp.keep();
     if let Err(e) = std::fs::rename(&built, out) {
         // Put the old folder back; the new one is dropped.
@@ -78,7 +88,8 @@ mod tests {
         std::fs::create_dir(dir.path().join("model.tmp")).unwrap();
         std::fs::write(dir.path().join("model.tmp/keep"), "mine").unwrap();
 
-        write_folder::<PeftError>(&out, |tmp| Ok(std::fs::write(tmp.join("a"), "1").unwrap())).unwrap();
+        write_folder::<PeftError>(&out, |tmp| Ok(std::fs::write(tmp.join("a"), "1").unwrap()))
+            .unwrap();
         assert_eq!(std::fs::read_to_string(out.join("a")).unwrap(), "1");
 
         let failed = write_folder::<PeftError>(&out, |tmp| {
@@ -86,16 +97,26 @@ mod tests {
             Err(PeftError::Other("disk full".into()))
         });
         assert!(failed.is_err());
-        assert_eq!(std::fs::read_to_string(out.join("a")).unwrap(), "1", "old folder must survive a failed write");
+        assert_eq!(
+            std::fs::read_to_string(out.join("a")).unwrap(),
+            "1",
+            "old folder must survive a failed write"
+        );
 
-        write_folder::<PeftError>(&out, |tmp| Ok(std::fs::write(tmp.join("b"), "3").unwrap())).unwrap();
+        write_folder::<PeftError>(&out, |tmp| Ok(std::fs::write(tmp.join("b"), "3").unwrap()))
+            .unwrap();
         assert!(!out.join("a").exists() && out.join("b").exists());
 
-        let mut names: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         assert_eq!(names, ["model", "model.tmp"]);
-        assert_eq!(std::fs::read_to_string(dir.path().join("model.tmp/keep")).unwrap(), "mine");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("model.tmp/keep")).unwrap(),
+            "mine"
+        );
     }
 
     #[test]

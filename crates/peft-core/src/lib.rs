@@ -18,13 +18,13 @@
 //! - [`train`]: the model-agnostic training loop with exact resume.
 //! - [`tuner`]: the contract a method implements on a model.
 
-pub mod alloc;
 pub mod adapter_io;
-pub mod linear;
-pub mod optim;
+pub mod alloc;
 pub mod device;
 pub mod error;
 pub mod folder;
+pub mod linear;
+pub mod optim;
 pub mod params;
 pub mod target;
 pub mod tensors;

@@ -3,7 +3,9 @@
 //! clips each parameter on its own); a warmup + decay schedule.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdaptiveMomentumState, AdamWConfig, AdamWState, GradientsParams, LearningRate, Optimizer};
+use burn::optim::{
+    AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, Optimizer,
+};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -35,7 +37,13 @@ impl AdamW {
             .with_beta_2(beta_2)
             .with_epsilon(epsilon)
             .with_weight_decay(weight_decay);
-        Self { beta_1, beta_2, epsilon, weight_decay, composed: config.build() }
+        Self {
+            beta_1,
+            beta_2,
+            epsilon,
+            weight_decay,
+            composed: config.build(),
+        }
     }
 
     /// The fused step on host data: `p`, `m`, `v` updated in place from `g` at step `time`.
@@ -79,23 +87,43 @@ impl Optimizer for AdamW {
         // AMSGrad state or moments in another dtype (a state saved elsewhere): burn's step.
         let other_state = state.as_ref().is_some_and(|s| {
             let m = &s.momentum;
-            m.max_moment_2.is_some() || m.moment_1.dtype() != DType::F32 || m.moment_2.dtype() != DType::F32
+            m.max_moment_2.is_some()
+                || m.moment_1.dtype() != DType::F32
+                || m.moment_2.dtype() != DType::F32
         });
-        if !is_cpu(&device) || tensor.dtype() != DType::F32 || grad.dtype() != DType::F32 || other_state {
+        if !is_cpu(&device)
+            || tensor.dtype() != DType::F32
+            || grad.dtype() != DType::F32
+            || other_state
+        {
             return self.composed.step(lr, tensor, grad, state);
         }
         let shape = tensor.shape();
         let n = shape.num_elements();
         let (time, mut m, mut v) = match state {
-            Some(s) => (s.momentum.time + 1, host_values(s.momentum.moment_1), host_values(s.momentum.moment_2)),
+            Some(s) => (
+                s.momentum.time + 1,
+                host_values(s.momentum.moment_1),
+                host_values(s.momentum.moment_2),
+            ),
             None => (1, vec![0f32; n], vec![0f32; n]),
         };
         let mut p = host_values(tensor);
         let g = host_values(grad);
         self.update(lr as f32, time as i32, &mut p, &mut m, &mut v, &g);
         // f32 explicitly: a device computing in f16 would otherwise convert to its default type.
-        let back = |values: Vec<f32>| Tensor::<D>::from_data(TensorData::new(values, shape.clone()), (&device, DType::F32));
-        let momentum = AdaptiveMomentumState { time, moment_1: back(m), moment_2: back(v), max_moment_2: None };
+        let back = |values: Vec<f32>| {
+            Tensor::<D>::from_data(
+                TensorData::new(values, shape.clone()),
+                (&device, DType::F32),
+            )
+        };
+        let momentum = AdaptiveMomentumState {
+            time,
+            moment_1: back(m),
+            moment_2: back(v),
+            max_moment_2: None,
+        };
         (back(p), Some(AdamWState { momentum }))
     }
 
@@ -130,7 +158,10 @@ pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_no
             }
         }
     }
-    let mut n = Norm { grads, sq: Vec::new() };
+    let mut n = Norm {
+        grads,
+        sq: Vec::new(),
+    };
     module.visit(&mut n);
     if n.sq.is_empty() {
         return 0.0;
@@ -138,7 +169,10 @@ pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_no
     let total: f64 = Tensor::cat(n.sq, 0).sum().into_scalar::<f32>() as f64;
     let norm = total.sqrt();
     if norm > max_norm && norm.is_finite() {
-        module.visit(&mut Scale { grads, factor: max_norm / (norm + 1e-6) });
+        module.visit(&mut Scale {
+            grads,
+            factor: max_norm / (norm + 1e-6),
+        });
     }
     norm
 }
@@ -177,7 +211,13 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let s = LrSchedule { peak: 1.0, warmup_steps: 4, total_steps: 14, final_fraction: 0.1, cosine: true };
+        let s = LrSchedule {
+            peak: 1.0,
+            warmup_steps: 4,
+            total_steps: 14,
+            final_fraction: 0.1,
+            cosine: true,
+        };
         assert_eq!(s.at(0), 0.25);
         assert_eq!(s.at(3), 1.0);
         assert!((s.at(4) - 1.0).abs() < 1e-12);
@@ -193,12 +233,25 @@ mod tests {
         for wd in [0.0f32, 0.1] {
             let fused = AdamW::new(wd);
             let composed = fused.composed.clone();
-            let p0 = Tensor::<2>::from_data(TensorData::new((0..600).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), [20, 30]), &device);
+            let p0 = Tensor::<2>::from_data(
+                TensorData::new(
+                    (0..600)
+                        .map(|i| (i as f32 * 0.37).sin())
+                        .collect::<Vec<_>>(),
+                    [20, 30],
+                ),
+                &device,
+            );
             let (mut pa, mut pb) = (p0.clone(), p0);
             let (mut sa, mut sb) = (None, None);
             for step in 0..4 {
                 let g = Tensor::<2>::from_data(
-                    TensorData::new((0..600).map(|i| ((i * 7 + step * 13) as f32 * 0.11).cos() * 1e-3).collect::<Vec<_>>(), [20, 30]),
+                    TensorData::new(
+                        (0..600)
+                            .map(|i| ((i * 7 + step * 13) as f32 * 0.11).cos() * 1e-3)
+                            .collect::<Vec<_>>(),
+                        [20, 30],
+                    ),
                     &device,
                 );
                 (pa, sa) = fused.step(1e-2, pa, g.clone(), sa);
@@ -208,8 +261,12 @@ mod tests {
             pa.into_data().assert_approx_eq::<f32>(&pb.into_data(), tol);
             let (ma, mb) = (sa.unwrap().momentum, sb.unwrap().momentum);
             assert_eq!(ma.time, mb.time);
-            ma.moment_1.into_data().assert_approx_eq::<f32>(&mb.moment_1.into_data(), tol);
-            ma.moment_2.into_data().assert_approx_eq::<f32>(&mb.moment_2.into_data(), tol);
+            ma.moment_1
+                .into_data()
+                .assert_approx_eq::<f32>(&mb.moment_1.into_data(), tol);
+            ma.moment_2
+                .into_data()
+                .assert_approx_eq::<f32>(&mb.moment_2.into_data(), tol);
         }
     }
 
@@ -226,12 +283,16 @@ mod tests {
             b: Param::from_tensor(Tensor::from_floats([[4.0]], &device)),
         };
         // d/da (a^2/2) = a = 3, d/db = b = 4: global norm 5.
-        let loss = m.a.val().powi_scalar(2).sum().div_scalar(2.0) + m.b.val().powi_scalar(2).sum().div_scalar(2.0);
+        let loss = m.a.val().powi_scalar(2).sum().div_scalar(2.0)
+            + m.b.val().powi_scalar(2).sum().div_scalar(2.0);
         let mut grads = GradientsParams::from_grads(loss.backward(), &m);
         let norm = clip_grad_norm(&m, &mut grads, 1.0);
         assert!((norm - 5.0).abs() < 1e-5);
         let ga: f32 = grads.get::<1>(m.a.id).unwrap().into_scalar();
         let gb: f32 = grads.get::<2>(m.b.id).unwrap().sum().into_scalar();
-        assert!((ga - 0.6).abs() < 1e-4 && (gb - 0.8).abs() < 1e-4, "{ga} {gb}");
+        assert!(
+            (ga - 0.6).abs() < 1e-4 && (gb - 0.8).abs() < 1e-4,
+            "{ga} {gb}"
+        );
     }
 }

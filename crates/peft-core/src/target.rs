@@ -132,7 +132,11 @@ impl TargetSpec {
         if selected.is_empty() {
             let available: Vec<&str> = modules.into_iter().map(|(p, _)| p).collect();
             let shown = if available.len() > 12 {
-                format!("{} ... ({} in all)", available[..12].join(", "), available.len())
+                format!(
+                    "{} ... ({} in all)",
+                    available[..12].join(", "),
+                    available.len()
+                )
             } else {
                 available.join(", ")
             };
@@ -171,8 +175,9 @@ impl TargetSpec {
         } else {
             let mut found = None;
             for p in &patterns {
-                let re = Regex::new(&format!(r"^(?:.*?\.)?{p}\.(\d+)\."))
-                    .map_err(|e| PeftError::Config(format!("layers_pattern `{p}`: {}", one_line(&e))))?;
+                let re = Regex::new(&format!(r"^(?:.*?\.)?{p}\.(\d+)\.")).map_err(|e| {
+                    PeftError::Config(format!("layers_pattern `{p}`: {}", one_line(&e)))
+                })?;
                 if let Some(c) = re.captures(path) {
                     found = Some(c[1].to_string());
                     break;
@@ -190,14 +195,25 @@ impl TargetSpec {
 /// (a name matches a module whose path ends with it at a dot boundary). One rule for both
 /// sides: such modules are never adapted, and they are trained and saved whole.
 pub fn in_saved_module(path: &str, modules_to_save: &[String]) -> bool {
-    let ends: Vec<usize> = path.match_indices('.').map(|(i, _)| i).chain([path.len()]).collect();
-    ends.iter().any(|&end| modules_to_save.iter().any(|m| suffix_match(&path[..end], m)))
+    let ends: Vec<usize> = path
+        .match_indices('.')
+        .map(|(i, _)| i)
+        .chain([path.len()])
+        .collect();
+    ends.iter().any(|&end| {
+        modules_to_save
+            .iter()
+            .any(|m| suffix_match(&path[..end], m))
+    })
 }
 
 /// Hugging Face `get_pattern_key`: the first key of `patterns`, in the order the config lists
 /// them, that matches the end of `path` at a dot boundary (`(.*\.)?(key)$`), for
 /// `rank_pattern` and `alpha_pattern`.
-pub fn pattern_value<'a, T>(patterns: &'a IndexMap<String, T>, path: &str) -> Result<Option<&'a T>> {
+pub fn pattern_value<'a, T>(
+    patterns: &'a IndexMap<String, T>,
+    path: &str,
+) -> Result<Option<&'a T>> {
     for (key, value) in patterns {
         let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
             .map_err(|e| PeftError::Config(format!("pattern `{key}`: {}", one_line(&e))))?;
@@ -209,7 +225,10 @@ pub fn pattern_value<'a, T>(patterns: &'a IndexMap<String, T>, path: &str) -> Re
 }
 
 fn suffix_match(path: &str, name: &str) -> bool {
-    path == name || (path.len() > name.len() && path.ends_with(name) && path.as_bytes()[path.len() - name.len() - 1] == b'.')
+    path == name
+        || (path.len() > name.len()
+            && path.ends_with(name)
+            && path.as_bytes()[path.len() - name.len() - 1] == b'.')
 }
 
 fn full_regex(pattern: &str) -> Result<Regex> {
@@ -221,7 +240,12 @@ fn full_regex(pattern: &str) -> Result<Regex> {
 /// reason); errors here are one line, so keep the reason.
 fn one_line(e: &regex::Error) -> String {
     let text = e.to_string();
-    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default().trim();
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim();
     last.strip_prefix("error: ").unwrap_or(last).to_string()
 }
 
@@ -230,7 +254,9 @@ mod tests {
     use super::*;
 
     fn list(v: &[&str]) -> Option<ModuleSelector> {
-        Some(ModuleSelector::List(v.iter().map(|s| s.to_string()).collect()))
+        Some(ModuleSelector::List(
+            v.iter().map(|s| s.to_string()).collect(),
+        ))
     }
 
     #[test]
@@ -239,20 +265,44 @@ mod tests {
             target_modules: list(&["q_proj", "v_proj"]),
             ..Default::default()
         };
-        assert!(spec.matches("model.layers.0.self_attn.q_proj", ModuleKind::Linear).unwrap());
-        assert!(!spec.matches("model.layers.0.self_attn.xq_proj", ModuleKind::Linear).unwrap());
-        assert!(!spec.matches("model.layers.0.self_attn.k_proj", ModuleKind::Linear).unwrap());
+        assert!(
+            spec.matches("model.layers.0.self_attn.q_proj", ModuleKind::Linear)
+                .unwrap()
+        );
+        assert!(
+            !spec
+                .matches("model.layers.0.self_attn.xq_proj", ModuleKind::Linear)
+                .unwrap()
+        );
+        assert!(
+            !spec
+                .matches("model.layers.0.self_attn.k_proj", ModuleKind::Linear)
+                .unwrap()
+        );
     }
 
     #[test]
     fn string_is_a_full_regex_match() {
         let spec = TargetSpec {
-            target_modules: Some(ModuleSelector::Pattern(r".*\.1\.self_attn\.(q|v)_proj".into())),
+            target_modules: Some(ModuleSelector::Pattern(
+                r".*\.1\.self_attn\.(q|v)_proj".into(),
+            )),
             ..Default::default()
         };
-        assert!(spec.matches("model.layers.1.self_attn.v_proj", ModuleKind::Linear).unwrap());
-        assert!(!spec.matches("model.layers.11.self_attn.v_proj", ModuleKind::Linear).unwrap());
-        assert!(!spec.matches("model.layers.1.self_attn.v_proj.x", ModuleKind::Linear).unwrap());
+        assert!(
+            spec.matches("model.layers.1.self_attn.v_proj", ModuleKind::Linear)
+                .unwrap()
+        );
+        assert!(
+            !spec
+                .matches("model.layers.11.self_attn.v_proj", ModuleKind::Linear)
+                .unwrap()
+        );
+        assert!(
+            !spec
+                .matches("model.layers.1.self_attn.v_proj.x", ModuleKind::Linear)
+                .unwrap()
+        );
     }
 
     #[test]
@@ -261,7 +311,10 @@ mod tests {
             target_modules: Some(ModuleSelector::Pattern("all-linear".into())),
             ..Default::default()
         };
-        assert!(spec.matches("model.layers.0.mlp.up_proj", ModuleKind::Linear).unwrap());
+        assert!(
+            spec.matches("model.layers.0.mlp.up_proj", ModuleKind::Linear)
+                .unwrap()
+        );
         assert!(!spec.matches("lm_head", ModuleKind::OutputHead).unwrap());
     }
 
@@ -274,9 +327,20 @@ mod tests {
             layers_pattern: Some(LayersPattern::One("layers".into())),
             ..Default::default()
         };
-        assert!(!spec.matches("model.layers.0.self_attn.q_proj", ModuleKind::Linear).unwrap());
-        assert!(spec.matches("model.layers.1.self_attn.q_proj", ModuleKind::Linear).unwrap());
-        assert!(!spec.matches("model.layers.1.self_attn.v_proj", ModuleKind::Linear).unwrap());
+        assert!(
+            !spec
+                .matches("model.layers.0.self_attn.q_proj", ModuleKind::Linear)
+                .unwrap()
+        );
+        assert!(
+            spec.matches("model.layers.1.self_attn.q_proj", ModuleKind::Linear)
+                .unwrap()
+        );
+        assert!(
+            !spec
+                .matches("model.layers.1.self_attn.v_proj", ModuleKind::Linear)
+                .unwrap()
+        );
     }
 
     #[test]
@@ -289,15 +353,24 @@ mod tests {
             .select([("model.layers.0.mlp.up_proj", ModuleKind::Linear)])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("nope") && err.contains("model.layers.0.mlp.up_proj"), "{err}");
+        assert!(
+            err.contains("nope") && err.contains("model.layers.0.mlp.up_proj"),
+            "{err}"
+        );
     }
 
     #[test]
     fn pattern_value_matches_at_dot_boundaries() {
         let mut p = IndexMap::new();
         p.insert("layers.0.self_attn.q_proj".to_string(), 4usize);
-        assert_eq!(pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(), Some(&4));
-        assert_eq!(pattern_value(&p, "model.layers.10.self_attn.q_proj").unwrap(), None);
+        assert_eq!(
+            pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(),
+            Some(&4)
+        );
+        assert_eq!(
+            pattern_value(&p, "model.layers.10.self_attn.q_proj").unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -305,10 +378,16 @@ mod tests {
         // Sorted order would put "q_proj" before "self_attn.q_proj"; the JSON lists it second.
         let p: IndexMap<String, usize> =
             serde_json::from_str(r#"{"self_attn.q_proj": 2, "q_proj": 6}"#).unwrap();
-        assert_eq!(pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(), Some(&2));
+        assert_eq!(
+            pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(),
+            Some(&2)
+        );
         let p: IndexMap<String, usize> =
             serde_json::from_str(r#"{"q_proj": 6, "self_attn.q_proj": 2}"#).unwrap();
-        assert_eq!(pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(), Some(&6));
+        assert_eq!(
+            pattern_value(&p, "model.layers.0.self_attn.q_proj").unwrap(),
+            Some(&6)
+        );
     }
 
     #[test]
@@ -316,16 +395,26 @@ mod tests {
         let names = vec!["pooler".to_string(), "classifier".to_string()];
         assert!(in_saved_module("bert.pooler.dense", &names));
         assert!(in_saved_module("classifier", &names));
-        assert!(!in_saved_module("bert.encoder.layer.0.attention.self.query", &names));
+        assert!(!in_saved_module(
+            "bert.encoder.layer.0.attention.self.query",
+            &names
+        ));
         assert!(!in_saved_module("bert.xpooler.dense", &names));
         // Names are matched literally, never as a regex.
-        assert!(!in_saved_module("bert.pooler.dense", &["pool.r".to_string()]));
+        assert!(!in_saved_module(
+            "bert.pooler.dense",
+            &["pool.r".to_string()]
+        ));
         let spec = TargetSpec {
             target_modules: Some(ModuleSelector::Pattern("all-linear".into())),
             modules_to_save: names,
             ..Default::default()
         };
-        assert!(!spec.matches("bert.pooler.dense", ModuleKind::Linear).unwrap());
+        assert!(
+            !spec
+                .matches("bert.pooler.dense", ModuleKind::Linear)
+                .unwrap()
+        );
     }
 
     proptest::proptest! {

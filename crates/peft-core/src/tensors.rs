@@ -122,13 +122,26 @@ impl HostTensor {
     /// A byte tensor (stored as `U8`).
     pub fn from_bytes(shape: Vec<usize>, bytes: impl Into<Vec<u8>>) -> Self {
         let bytes = bytes.into();
-        assert_eq!(shape.iter().product::<usize>(), bytes.len(), "shape {shape:?} does not fit {} bytes", bytes.len());
-        Self { shape, data: Vec::new(), bytes, dtype: StoredDtype::U8 }
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            bytes.len(),
+            "shape {shape:?} does not fit {} bytes",
+            bytes.len()
+        );
+        Self {
+            shape,
+            data: Vec::new(),
+            bytes,
+            dtype: StoredDtype::U8,
+        }
     }
 
     /// Same float values, stored as `dtype` when written (float dtypes only).
     pub fn with_dtype(mut self, dtype: StoredDtype) -> Self {
-        assert!(self.dtype != StoredDtype::U8 && dtype != StoredDtype::U8, "U8 tensors are built with from_bytes");
+        assert!(
+            self.dtype != StoredDtype::U8 && dtype != StoredDtype::U8,
+            "U8 tensors are built with from_bytes"
+        );
         self.dtype = dtype;
         self
     }
@@ -188,13 +201,22 @@ impl TensorMap {
     }
 
     /// Take the float tensor `key`, checking its shape; `path` names the file in errors.
-    pub fn take_shaped(&mut self, path: &Path, key: &str, expected: &[usize]) -> Result<HostTensor> {
+    pub fn take_shaped(
+        &mut self,
+        path: &Path,
+        key: &str,
+        expected: &[usize],
+    ) -> Result<HostTensor> {
         let tensor = self.remove(key).ok_or_else(|| PeftError::MissingTensor {
             path: path.to_path_buf(),
             key: key.to_string(),
         })?;
         if tensor.dtype == StoredDtype::U8 {
-            return Err(PeftError::Dtype { path: path.to_path_buf(), key: key.to_string(), dtype: "U8 (a float dtype is needed here)".into() });
+            return Err(PeftError::Dtype {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                dtype: "U8 (a float dtype is needed here)".into(),
+            });
         }
         if tensor.shape != expected {
             return Err(PeftError::Shape {
@@ -256,7 +278,9 @@ impl TensorMap {
                         .collect(),
                     StoredDtype::BF16,
                 ),
-                Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::I8 | Dtype::BOOL if skip_integers => continue,
+                Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::I8 | Dtype::BOOL if skip_integers => {
+                    continue;
+                }
                 other => {
                     return Err(PeftError::Dtype {
                         path: path.to_path_buf(),
@@ -288,8 +312,12 @@ impl TensorMap {
         let views = buffers
             .iter()
             .map(|(k, bytes, t)| {
-                safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), bytes.as_ref())
-                    .map(|v| (k.clone(), v))
+                safetensors::tensor::TensorView::new(
+                    t.dtype.to_safetensors(),
+                    t.shape.clone(),
+                    bytes.as_ref(),
+                )
+                .map(|v| (k.clone(), v))
             })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| PeftError::Other(format!("cannot build safetensors view: {e}")))?;
@@ -345,7 +373,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
         let mut map = TensorMap::new();
-        map.insert("a", HostTensor::new(vec![2, 3], vec![1., 2., 3., 4., 5., 6.]));
+        map.insert(
+            "a",
+            HostTensor::new(vec![2, 3], vec![1., 2., 3., 4., 5., 6.]),
+        );
         map.insert(
             "b",
             HostTensor::new(vec![2], vec![0.5, -2.0]).with_dtype(StoredDtype::BF16),
@@ -373,7 +404,10 @@ mod tests {
             .take_shaped(Path::new("f.safetensors"), "w", &[4, 2])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`w`") && err.contains("[2, 2]") && err.contains("[4, 2]"), "{err}");
+        assert!(
+            err.contains("`w`") && err.contains("[2, 2]") && err.contains("[4, 2]"),
+            "{err}"
+        );
     }
 
     #[test]

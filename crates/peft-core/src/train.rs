@@ -44,9 +44,18 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// The fields in which `other` differs from `self`, as `name: ours -> theirs`.
     pub fn differences(&self, other: &TrainConfig) -> Vec<String> {
-        let (a, b) = (serde_json::to_value(self).expect("config"), serde_json::to_value(other).expect("config"));
-        let (a, b) = (a.as_object().expect("object"), b.as_object().expect("object"));
-        a.iter().filter(|(k, v)| b.get(*k) != Some(v)).map(|(k, v)| format!("{k}: {v} -> {}", b[k])).collect()
+        let (a, b) = (
+            serde_json::to_value(self).expect("config"),
+            serde_json::to_value(other).expect("config"),
+        );
+        let (a, b) = (
+            a.as_object().expect("object"),
+            b.as_object().expect("object"),
+        );
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k}: {v} -> {}", b[k]))
+            .collect()
     }
 }
 
@@ -135,7 +144,11 @@ impl<M: Module> Trainer<M> {
             optim,
             schedule,
             config,
-            state: TrainerState { step: 0, epoch: 0, cursor: 0 },
+            state: TrainerState {
+                step: 0,
+                epoch: 0,
+                cursor: 0,
+            },
             order: Vec::new(),
         }
     }
@@ -177,16 +190,29 @@ impl<M: Module> Trainer<M> {
 
     /// One optimizer step over `grad_accum` batches of `data`. `loss_fn` returns the mean loss
     /// of a batch and how many tokens it covered.
-    pub fn step<E: Clone>(&mut self, data: &[E], loss_fn: impl Fn(&M, &[E]) -> (Tensor<1>, usize)) -> StepReport {
+    pub fn step<E: Clone>(
+        &mut self,
+        data: &[E],
+        loss_fn: impl Fn(&M, &[E]) -> (Tensor<1>, usize),
+    ) -> StepReport {
         assert!(!data.is_empty(), "no training examples");
         let model = self.model.take().expect("model present between steps");
         // Dropout masks depend on the step only, so a resumed run draws the same ones.
-        model_device(&model).seed(self.config.seed.wrapping_mul(1_000_003).wrapping_add(self.state.step as u64));
+        model_device(&model).seed(
+            self.config
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(self.state.step as u64),
+        );
         let accum = self.config.grad_accum.max(1);
         let mut accumulator = GradientsAccumulator::<M>::new();
         let (mut loss_sum, mut tokens) = (0.0, 0);
         for _ in 0..accum {
-            let batch: Vec<E> = self.next_batch(data.len()).into_iter().map(|i| data[i].clone()).collect();
+            let batch: Vec<E> = self
+                .next_batch(data.len())
+                .into_iter()
+                .map(|i| data[i].clone())
+                .collect();
             let (loss, n) = loss_fn(&model, &batch);
             let loss = loss.div_scalar(accum as f64);
             loss_sum += loss.clone().into_scalar::<f32>() as f64;
@@ -196,11 +222,26 @@ impl<M: Module> Trainer<M> {
         let mut grads = accumulator.grads();
         // The norm is measured even without clipping: a NaN or infinite gradient must not reach
         // the weights.
-        let grad_norm = clip_grad_norm(&model, &mut grads, self.config.max_grad_norm.unwrap_or(f64::INFINITY));
+        let grad_norm = clip_grad_norm(
+            &model,
+            &mut grads,
+            self.config.max_grad_norm.unwrap_or(f64::INFINITY),
+        );
         let lr = self.schedule.at(self.state.step);
         let skipped = !(loss_sum.is_finite() && grad_norm.is_finite());
-        self.model = Some(if skipped { model } else { self.optim.step(lr, model, grads) });
-        let report = StepReport { step: self.state.step, loss: loss_sum, learning_rate: lr, grad_norm, tokens, skipped };
+        self.model = Some(if skipped {
+            model
+        } else {
+            self.optim.step(lr, model, grads)
+        });
+        let report = StepReport {
+            step: self.state.step,
+            loss: loss_sum,
+            learning_rate: lr,
+            grad_norm,
+            tokens,
+            skipped,
+        };
         self.state.step += 1;
         report
     }
@@ -213,16 +254,18 @@ impl<M: Module> Trainer<M> {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
-        serde_json::from_str(&text).map(Some).map_err(|e| PeftError::format(&path, e.to_string()))
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| PeftError::format(&path, e.to_string()))
     }
 
     /// Save the optimizer state and the position in the data (the model's own tensors are
     /// saved by the method, e.g. as an adapter).
     pub fn save_state(&self, dir: &Path) -> Result<()> {
         let optim = dir.join("optimizer.bpk");
-        self.optim
-            .save(&optim)
-            .map_err(|e| PeftError::format(&optim, format!("cannot save optimizer state: {e:?}")))?;
+        self.optim.save(&optim).map_err(|e| {
+            PeftError::format(&optim, format!("cannot save optimizer state: {e:?}"))
+        })?;
         let config = serde_json::to_string_pretty(&self.config).expect("config serialises");
         crate::tensors::write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())?;
         // Written last: a folder with trainer_state.json is a complete checkpoint.
@@ -247,13 +290,14 @@ impl<M: Module> Trainer<M> {
             }
         }
         let state_path = dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(|e| PeftError::io(&state_path, e))?;
-        self.state = serde_json::from_str(&text).map_err(|e| PeftError::format(&state_path, e.to_string()))?;
+        let text =
+            std::fs::read_to_string(&state_path).map_err(|e| PeftError::io(&state_path, e))?;
+        self.state = serde_json::from_str(&text)
+            .map_err(|e| PeftError::format(&state_path, e.to_string()))?;
         let optim = dir.join("optimizer.bpk");
-        self.optim = self
-            .optim
-            .load(&optim)
-            .map_err(|e| PeftError::format(&optim, format!("cannot load optimizer state: {e:?}")))?;
+        self.optim = self.optim.load(&optim).map_err(|e| {
+            PeftError::format(&optim, format!("cannot load optimizer state: {e:?}"))
+        })?;
         // next_batch rebuilds the current pass's order and continues at the cursor.
         self.order = Vec::new();
         Ok(self)
@@ -282,17 +326,28 @@ mod tests {
             w: Param::from_tensor(Tensor::zeros([2], &device)),
             frozen: crate::params::frozen(Tensor::random([2], Distribution::Default, &device)),
         };
-        let data: Vec<(f32, f32)> = (0..7).map(|i| (i as f32 / 6.0, 3.0 * i as f32 / 6.0 - 1.0)).collect();
+        let data: Vec<(f32, f32)> = (0..7)
+            .map(|i| (i as f32 / 6.0, 3.0 * i as f32 / 6.0 - 1.0))
+            .collect();
         let loss = |m: &Line, batch: &[(f32, f32)]| {
             let x: Vec<f32> = batch.iter().map(|p| p.0).collect();
             let y: Vec<f32> = batch.iter().map(|p| p.1).collect();
             let x = Tensor::<1>::from_floats(x.as_slice(), &device);
             let y = Tensor::<1>::from_floats(y.as_slice(), &device);
             let w = m.w.val();
-            let pred = x * w.clone().narrow(0, 0, 1) + w.narrow(0, 1, 1) + m.frozen.val().sum().mul_scalar(0.0);
+            let pred = x * w.clone().narrow(0, 0, 1)
+                + w.narrow(0, 1, 1)
+                + m.frozen.val().sum().mul_scalar(0.0);
             ((pred - y).powi_scalar(2).mean(), batch.len())
         };
-        let config = TrainConfig { learning_rate: 0.2, steps, batch_size: 3, grad_accum: 2, warmup_steps: 2, ..Default::default() };
+        let config = TrainConfig {
+            learning_rate: 0.2,
+            steps,
+            batch_size: 3,
+            grad_accum: 2,
+            warmup_steps: 2,
+            ..Default::default()
+        };
         let first = line();
         let frozen_before = first.frozen.val().into_data();
         let mut t = Trainer::new(first, config.clone());
@@ -304,13 +359,19 @@ mod tests {
                 // A new process: fresh model with the saved trained tensor, fresh trainer.
                 let mut m = line();
                 m.w = Param::from_tensor(Tensor::from_data(w, &device));
-                t = Trainer::new(m, config.clone()).load_state(dir.path()).unwrap();
+                t = Trainer::new(m, config.clone())
+                    .load_state(dir.path())
+                    .unwrap();
             }
             t.step(&data, loss);
         }
         let m = t.into_model();
         if resume_at.is_none() {
-            assert_eq!(m.frozen.val().into_data(), frozen_before, "a frozen parameter moved");
+            assert_eq!(
+                m.frozen.val().into_data(),
+                frozen_before,
+                "a frozen parameter moved"
+            );
         }
         m.w.val().into_data().try_to_vec::<f32>().unwrap()
     }
@@ -318,7 +379,10 @@ mod tests {
     #[test]
     fn training_reduces_the_loss_and_frozen_params_do_not_move() {
         let w = fit(150, None);
-        assert!((w[0] - 3.0).abs() < 0.2 && (w[1] + 1.0).abs() < 0.2, "{w:?}");
+        assert!(
+            (w[0] - 3.0).abs() < 0.2 && (w[1] + 1.0).abs() < 0.2,
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -333,22 +397,47 @@ mod tests {
     #[test]
     fn non_finite_steps_leave_the_model_alone_and_changed_settings_are_refused() {
         let device = Device::flex().autodiff();
-        let m = Line { w: Param::from_tensor(Tensor::ones([2], &device)), frozen: crate::params::frozen(Tensor::zeros([2], &device)) };
-        let config = TrainConfig { steps: 3, batch_size: 1, ..Default::default() };
+        let m = Line {
+            w: Param::from_tensor(Tensor::ones([2], &device)),
+            frozen: crate::params::frozen(Tensor::zeros([2], &device)),
+        };
+        let config = TrainConfig {
+            steps: 3,
+            batch_size: 1,
+            ..Default::default()
+        };
         let mut t = Trainer::new(m, config.clone());
         let data = [f32::NAN];
-        let r = t.step(&data, |m: &Line, b: &[f32]| ((m.w.val().sum() * b[0]).reshape([1]), 1));
+        let r = t.step(&data, |m: &Line, b: &[f32]| {
+            ((m.w.val().sum() * b[0]).reshape([1]), 1)
+        });
         assert!(r.skipped && r.loss.is_nan(), "{r:?}");
-        assert_eq!(t.model().w.val().into_data().try_to_vec::<f32>().unwrap(), vec![1.0, 1.0]);
+        assert_eq!(
+            t.model().w.val().into_data().try_to_vec::<f32>().unwrap(),
+            vec![1.0, 1.0]
+        );
         assert_eq!(t.state().step, 1);
 
         let dir = tempfile::tempdir().unwrap();
         t.save_state(dir.path()).unwrap();
-        let other = TrainConfig { steps: 5, ..config.clone() };
-        let m = Line { w: Param::from_tensor(Tensor::ones([2], &device)), frozen: crate::params::frozen(Tensor::zeros([2], &device)) };
-        let err = Trainer::new(m, other).load_state(dir.path()).err().unwrap().to_string();
+        let other = TrainConfig {
+            steps: 5,
+            ..config.clone()
+        };
+        let m = Line {
+            w: Param::from_tensor(Tensor::ones([2], &device)),
+            frozen: crate::params::frozen(Tensor::zeros([2], &device)),
+        };
+        let err = Trainer::new(m, other)
+            .load_state(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("steps: 3 -> 5"), "{err}");
-        assert_eq!(Trainer::<Line>::saved_config(dir.path()).unwrap(), Some(config));
+        assert_eq!(
+            Trainer::<Line>::saved_config(dir.path()).unwrap(),
+            Some(config)
+        );
     }
 
     #[test]

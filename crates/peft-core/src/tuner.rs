@@ -50,7 +50,11 @@ pub trait Tuner<M> {
 
     /// Save adapter `name` under `root` in the Hugging Face layout.
     fn save(&self, model: &M, name: &str, root: &Path) -> Result<()> {
-        save_adapter(&adapter_dir(root, name), &self.config_json(), &self.state(model, name)?)
+        save_adapter(
+            &adapter_dir(root, name),
+            &self.config_json(),
+            &self.state(model, name)?,
+        )
     }
 }
 

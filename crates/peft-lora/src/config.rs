@@ -60,8 +60,14 @@ fn whole_as_int<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::O
     as_number(*v).serialize(s)
 }
 
-fn whole_map_as_int<S: serde::Serializer>(m: &IndexMap<String, f64>, s: S) -> std::result::Result<S::Ok, S::Error> {
-    m.iter().map(|(k, v)| (k.clone(), as_number(*v))).collect::<IndexMap<_, _>>().serialize(s)
+fn whole_map_as_int<S: serde::Serializer>(
+    m: &IndexMap<String, f64>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    m.iter()
+        .map(|(k, v)| (k.clone(), as_number(*v)))
+        .collect::<IndexMap<_, _>>()
+        .serialize(s)
 }
 
 /// Hugging Face PEFT `LoraConfig`. Keys this crate does not know are kept in `extra` and
@@ -124,7 +130,9 @@ impl LoraConfig {
         Self {
             r,
             lora_alpha,
-            target_modules: Some(ModuleSelector::List(targets.iter().map(|s| s.to_string()).collect())),
+            target_modules: Some(ModuleSelector::List(
+                targets.iter().map(|s| s.to_string()).collect(),
+            )),
             ..Default::default()
         }
     }
@@ -149,7 +157,10 @@ impl LoraConfig {
             return Err(PeftError::Config("r must be positive".into()));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(PeftError::Config(format!("lora_dropout {} is not in [0, 1)", self.lora_dropout)));
+            return Err(PeftError::Config(format!(
+                "lora_dropout {} is not in [0, 1)",
+                self.lora_dropout
+            )));
         }
         if !["none", "all", "lora_only"].contains(&self.bias.as_str()) {
             return Err(PeftError::Config(format!(
@@ -158,20 +169,26 @@ impl LoraConfig {
             )));
         }
         if self.use_dora {
-            return Err(PeftError::Config("use_dora: DoRA is not implemented yet".into()));
+            return Err(PeftError::Config(
+                "use_dora: DoRA is not implemented yet".into(),
+            ));
         }
         if self.fan_in_fan_out {
             return Err(PeftError::Config(
-                "fan_in_fan_out = true (GPT-2 Conv1D layers) is not supported by these models".into(),
+                "fan_in_fan_out = true (GPT-2 Conv1D layers) is not supported by these models"
+                    .into(),
             ));
         }
         if self.target_modules.is_none() {
             return Err(PeftError::Config(
-                "target_modules is required (a list of module names, a regex, or \"all-linear\")".into(),
+                "target_modules is required (a list of module names, a regex, or \"all-linear\")"
+                    .into(),
             ));
         }
         if self.rank_pattern.values().any(|r| *r == 0) {
-            return Err(PeftError::Config("rank_pattern ranks must be positive".into()));
+            return Err(PeftError::Config(
+                "rank_pattern ranks must be positive".into(),
+            ));
         }
         self.init_lora_weights.to_init()?;
         Ok(())
@@ -191,7 +208,9 @@ impl LoraConfig {
     /// Rank and alpha for the module at `path` (`rank_pattern`/`alpha_pattern` win; their first
     /// matching key in the config's order, as in PEFT).
     pub fn rank_alpha(&self, path: &str) -> Result<(usize, f64)> {
-        let r = peft_core::target::pattern_value(&self.rank_pattern, path)?.copied().unwrap_or(self.r);
+        let r = peft_core::target::pattern_value(&self.rank_pattern, path)?
+            .copied()
+            .unwrap_or(self.r);
         let alpha = peft_core::target::pattern_value(&self.alpha_pattern, path)?
             .copied()
             .unwrap_or(self.lora_alpha);
@@ -226,7 +245,13 @@ mod tests {
         let mut c = LoraConfig::new(8, 16.0, &["q_proj"]);
         c.rank_pattern.insert("layers.1.self_attn.q_proj".into(), 2);
         c.alpha_pattern.insert("q_proj".into(), 4.0);
-        assert_eq!(c.rank_alpha("model.layers.1.self_attn.q_proj").unwrap(), (2, 4.0));
-        assert_eq!(c.rank_alpha("model.layers.0.self_attn.q_proj").unwrap(), (8, 4.0));
+        assert_eq!(
+            c.rank_alpha("model.layers.1.self_attn.q_proj").unwrap(),
+            (2, 4.0)
+        );
+        assert_eq!(
+            c.rank_alpha("model.layers.0.self_attn.q_proj").unwrap(),
+            (8, 4.0)
+        );
     }
 }

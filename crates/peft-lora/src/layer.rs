@@ -4,8 +4,8 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{DType, Distribution, Tensor};
 use peft_core::params::trainable;
-use peft_quant::BaseLinear;
 use peft_core::{PeftError, Result};
+use peft_quant::BaseLinear;
 
 /// How new adapter weights are drawn (Hugging Face `init_lora_weights`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,9 +45,13 @@ impl LoraAdapter {
     pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let x = self.dropout.forward(x).cast(ADAPTER_DTYPE);
-        burn::tensor::module::linear(burn::tensor::module::linear(x, self.a.val(), None), self.b.val(), None)
-            .mul_scalar(self.scale)
-            .cast(dtype)
+        burn::tensor::module::linear(
+            burn::tensor::module::linear(x, self.a.val(), None),
+            self.b.val(),
+            None,
+        )
+        .mul_scalar(self.scale)
+        .cast(dtype)
     }
 
     /// `scale · A·B`, the `[in, out]` update a merge adds to the base weight (f32).
@@ -104,14 +108,24 @@ impl LoraLinear {
     }
 
     /// Add (or replace) adapter `name` with rank `r`, and make it active.
-    pub fn add_adapter(&mut self, name: &str, r: usize, alpha: f64, rslora: bool, dropout: f64, init: LoraInit) {
+    pub fn add_adapter(
+        &mut self,
+        name: &str,
+        r: usize,
+        alpha: f64,
+        rslora: bool,
+        dropout: f64,
+        init: LoraInit,
+    ) {
         assert!(r > 0, "LoRA rank must be positive");
         let device = self.base.device();
         let (d_in, d_out) = (self.base.d_input(), self.base.d_output());
         let a_bound = 1.0 / (d_in as f64).sqrt();
         let f32_on = (&device, ADAPTER_DTYPE);
         let a = match init {
-            LoraInit::Gaussian => Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), f32_on),
+            LoraInit::Gaussian => {
+                Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), f32_on)
+            }
             _ => Tensor::random([d_in, r], Distribution::Uniform(-a_bound, a_bound), f32_on),
         };
         let b = match init {
@@ -121,7 +135,11 @@ impl LoraLinear {
             }
             _ => Tensor::zeros([r, d_out], f32_on),
         };
-        let scale = if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        let scale = if rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
         let adapter = LoraAdapter {
             a: trainable(a),
             b: trainable(b),
@@ -136,7 +154,9 @@ impl LoraLinear {
 
     /// Replace the weights of adapter `name` with `[in, r]` A and `[r, out]` B.
     pub fn set_weights(&mut self, name: &str, a: Tensor<2>, b: Tensor<2>) -> Result<()> {
-        let i = self.index(name).ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
+        let i = self
+            .index(name)
+            .ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
         let adapter = &mut self.adapters[i];
         adapter.a = trainable(a.cast(ADAPTER_DTYPE));
         adapter.b = trainable(b.cast(ADAPTER_DTYPE));
@@ -148,7 +168,9 @@ impl LoraLinear {
         if self.merged.iter().any(|m| m == name) {
             self.unmerge(name)?;
         }
-        let i = self.index(name).ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
+        let i = self
+            .index(name)
+            .ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
         self.adapters.remove(i);
         self.names.remove(i);
         self.active.retain(|n| n != name);
@@ -158,7 +180,8 @@ impl LoraLinear {
     /// Use exactly `names` in the forward pass.
     pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
         for n in names {
-            self.index(n).ok_or_else(|| PeftError::UnknownAdapter(n.to_string()))?;
+            self.index(n)
+                .ok_or_else(|| PeftError::UnknownAdapter(n.to_string()))?;
         }
         self.active = names.iter().map(|s| s.to_string()).collect();
         Ok(())
@@ -167,7 +190,9 @@ impl LoraLinear {
     /// Fold adapter `name` into the base weight. A 4-bit base is dequantized, updated and
     /// quantized again, which rounds: outputs then differ slightly from the unmerged ones.
     pub fn merge(&mut self, name: &str) -> Result<()> {
-        let i = self.index(name).ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
+        let i = self
+            .index(name)
+            .ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
         if self.merged.iter().any(|m| m == name) {
             return Ok(());
         }
@@ -180,7 +205,9 @@ impl LoraLinear {
 
     /// Take adapter `name` back out of the base weight.
     pub fn unmerge(&mut self, name: &str) -> Result<()> {
-        let i = self.index(name).ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
+        let i = self
+            .index(name)
+            .ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
         if !self.merged.iter().any(|m| m == name) {
             return Ok(());
         }
@@ -197,7 +224,10 @@ impl LoraLinear {
         if self.disabled {
             // The merged adapters cannot be switched off without unmerging: refuse silently
             // wrong output.
-            assert!(self.merged.is_empty(), "cannot disable adapters while some are merged; unmerge first");
+            assert!(
+                self.merged.is_empty(),
+                "cannot disable adapters while some are merged; unmerge first"
+            );
             return y;
         }
         for (name, adapter) in self.names.iter().zip(&self.adapters) {
@@ -245,7 +275,9 @@ mod tests {
         let unmerged = l.forward(x.clone());
         l.merge("a").unwrap();
         let merged = l.forward(x.clone());
-        merged.into_data().assert_approx_eq::<f32>(&unmerged.into_data(), Tolerance::absolute(1e-5));
+        merged
+            .into_data()
+            .assert_approx_eq::<f32>(&unmerged.into_data(), Tolerance::absolute(1e-5));
         l.unmerge("a").unwrap();
         l.base
             .dense_weight(&device)
@@ -267,9 +299,10 @@ mod tests {
             .into_data()
             .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));
         l.disabled = true;
-        l.forward(x.clone())
-            .into_data()
-            .assert_approx_eq::<f32>(&l.base.forward(x.clone()).into_data(), Tolerance::absolute(1e-6));
+        l.forward(x.clone()).into_data().assert_approx_eq::<f32>(
+            &l.base.forward(x.clone()).into_data(),
+            Tolerance::absolute(1e-6),
+        );
         l.disabled = false;
         l.delete_adapter("a").unwrap();
         assert_eq!(l.names, vec!["b"]);
@@ -285,12 +318,22 @@ mod tests {
         l.add_adapter("k", 4, 8.0, false, 0.0, LoraInit::Default);
         let g = l.adapter("g").unwrap();
         let std: f32 = g.a.val().powi_scalar(2).mean().sqrt().into_scalar();
-        assert!((std - 0.25).abs() < 0.01, "gaussian A std {std}, expected 1/r");
+        assert!(
+            (std - 0.25).abs() < 0.01,
+            "gaussian A std {std}, expected 1/r"
+        );
         let k = l.adapter("k").unwrap();
         let max: f32 = k.a.val().abs().max().into_scalar();
-        assert!(max <= 1.0 / 20.0 && max > 0.045, "kaiming-uniform bound 1/sqrt(in): {max}");
+        assert!(
+            max <= 1.0 / 20.0 && max > 0.045,
+            "kaiming-uniform bound 1/sqrt(in): {max}"
+        );
         for a in [g, k] {
-            assert_eq!(a.b.val().abs().sum().into_scalar::<f32>(), 0.0, "B starts at zero");
+            assert_eq!(
+                a.b.val().abs().sum().into_scalar::<f32>(),
+                0.0,
+                "B starts at zero"
+            );
         }
     }
 
@@ -309,7 +352,9 @@ mod tests {
         let l = layer(&device);
         let x = Tensor::<2>::random([4, 6], Distribution::Default, &device);
         let grads = l.forward(x).sum().backward();
-        let BaseLinear::Dense(base) = &l.base else { unreachable!() };
+        let BaseLinear::Dense(base) = &l.base else {
+            unreachable!()
+        };
         assert!(base.weight.val().grad(&grads).is_none());
         let a = l.adapter("a").unwrap();
         assert!(a.a.val().grad(&grads).is_some() && a.b.val().grad(&grads).is_some());

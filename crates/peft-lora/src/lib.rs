@@ -27,4 +27,7 @@ mod model;
 
 pub use config::{InitLoraWeights, LoraConfig};
 pub use layer::{LoraAdapter, LoraInit, LoraLinear};
-pub use model::{LoraHost, dequantize_base, merge_and_unload_state, param_report, quantize_base, quantized_footprint, unmerge_all};
+pub use model::{
+    LoraHost, dequantize_base, merge_and_unload_state, param_report, quantize_base,
+    quantized_footprint, unmerge_all,
+};

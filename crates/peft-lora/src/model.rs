@@ -76,7 +76,14 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
             .select(modules.iter().map(|(p, k)| (p.as_str(), *k)))?;
         for path in &targets {
             let (r, alpha) = self.rank_alpha(path)?;
-            slot(&mut model, path)?.add_adapter(name, r, alpha, self.use_rslora, self.lora_dropout, init);
+            slot(&mut model, path)?.add_adapter(
+                name,
+                r,
+                alpha,
+                self.use_rslora,
+                self.lora_dropout,
+                init,
+            );
         }
         for path in saved_modules(self, &model) {
             let s = slot(&mut model, &path)?;
@@ -116,7 +123,10 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
             if whole.contains(&path) {
                 out.insert(format!("{KEY_PREFIX}{path}.weight"), s.base.weight_hf());
                 if let Some(b) = s.base.bias() {
-                    out.insert(format!("{KEY_PREFIX}{path}.bias"), HostTensor::from_tensor(b.val()));
+                    out.insert(
+                        format!("{KEY_PREFIX}{path}.bias"),
+                        HostTensor::from_tensor(b.val()),
+                    );
                 }
                 continue;
             }
@@ -126,27 +136,49 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
                 _ => false,
             };
             if save_bias && let Some(b) = s.base.bias() {
-                out.insert(bias_key(&path, s.adapter(name).is_some()), HostTensor::from_tensor(b.val()));
+                out.insert(
+                    bias_key(&path, s.adapter(name).is_some()),
+                    HostTensor::from_tensor(b.val()),
+                );
             }
         }
         Ok(out)
     }
 
-    fn load_state(&self, mut model: M, name: &str, mut tensors: TensorMap, file: &Path) -> Result<M> {
+    fn load_state(
+        &self,
+        mut model: M,
+        name: &str,
+        mut tensors: TensorMap,
+        file: &Path,
+    ) -> Result<M> {
         for path in adapted_paths(&model, name) {
             let s = slot(&mut model, &path)?;
             let adapter = s.adapter(name).expect("adapted");
             let (d_in, d_out, r) = (s.base.d_input(), s.base.d_output(), adapter.rank());
             let device = s.base.device();
-            let a = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.lora_A.weight"), &[r, d_in])?;
-            let b = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.lora_B.weight"), &[d_out, r])?;
-            s.set_weights(name, a.transposed().to_tensor(&device), b.transposed().to_tensor(&device))?;
+            let a = tensors.take_shaped(
+                file,
+                &format!("{KEY_PREFIX}{path}.lora_A.weight"),
+                &[r, d_in],
+            )?;
+            let b = tensors.take_shaped(
+                file,
+                &format!("{KEY_PREFIX}{path}.lora_B.weight"),
+                &[d_out, r],
+            )?;
+            s.set_weights(
+                name,
+                a.transposed().to_tensor(&device),
+                b.transposed().to_tensor(&device),
+            )?;
         }
         for path in saved_modules(self, &model) {
             let s = slot(&mut model, &path)?;
             let device = s.base.device();
             let (d_in, d_out) = (s.base.d_input(), s.base.d_output());
-            let w = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.weight"), &[d_out, d_in])?;
+            let w =
+                tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.weight"), &[d_out, d_in])?;
             s.base.set_weight(w.transposed().to_tensor(&device), true)?;
             if s.base.bias().is_some() {
                 let b = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.bias"), &[d_out])?;
@@ -155,7 +187,9 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
         }
         if self.bias != "none" {
             for (path, _) in model.module_paths() {
-                let Some(s) = model.lora_slot_mut(&path) else { continue };
+                let Some(s) = model.lora_slot_mut(&path) else {
+                    continue;
+                };
                 let key = bias_key(&path, s.adapter(name).is_some());
                 if tensors.get(&key).is_none() {
                     continue;
@@ -202,7 +236,9 @@ pub fn quantize_base<M: LoraHost>(mut model: M, spec: QuantSpec) -> Result<M> {
         .map(|(p, _)| p)
         .collect();
     for path in paths {
-        let Some(s) = model.lora_slot_mut(&path) else { continue };
+        let Some(s) = model.lora_slot_mut(&path) else {
+            continue;
+        };
         s.base
             .quantize(spec)
             .map_err(|e| PeftError::Other(format!("quantizing `{path}`: {e}")))?;

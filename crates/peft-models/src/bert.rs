@@ -48,7 +48,9 @@ pub struct BertConfig {
 
 /// Whether `path` is a Hugging Face folder whose `config.json` says `model_type: bert`.
 pub fn is_bert_folder(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path.join("config.json")) else { return false };
+    let Ok(text) = std::fs::read_to_string(path.join("config.json")) else {
+        return false;
+    };
     serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["model_type"] == "bert")
 }
 
@@ -60,18 +62,27 @@ impl BertConfig {
 
     /// Parse the text of a `config.json`; `path` only names it in errors.
     pub fn from_json_str(path: &Path, text: &str) -> Result<Self> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
         if let Some(t) = value.get("model_type").and_then(|v| v.as_str())
             && t != "bert"
         {
-            return Err(PeftError::format(path, format!("model_type `{t}` is not a BERT encoder")));
+            return Err(PeftError::format(
+                path,
+                format!("model_type `{t}` is not a BERT encoder"),
+            ));
         }
-        let mut config: Self = peft_core::error::from_json_value(value.clone()).map_err(|e| PeftError::format(path, e))?;
+        let mut config: Self = peft_core::error::from_json_value(value.clone())
+            .map_err(|e| PeftError::format(path, e))?;
         if config.num_labels.is_none() {
-            config.num_labels = value.get("id2label").and_then(|v| v.as_object()).map(|m| m.len());
+            config.num_labels = value
+                .get("id2label")
+                .and_then(|v| v.as_object())
+                .map(|m| m.len());
         }
-        config.validate().map_err(|e| PeftError::format(path, e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| PeftError::format(path, e.to_string()))?;
         Ok(config)
     }
 
@@ -82,7 +93,11 @@ impl BertConfig {
         check_size("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
         check_size("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
         check_size("num_attention_heads", self.num_attention_heads, MAX_WIDTH)?;
-        check_size("max_position_embeddings", self.max_position_embeddings, MAX_VOCAB)?;
+        check_size(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            MAX_VOCAB,
+        )?;
         check_size("type_vocab_size", self.type_vocab_size, MAX_VOCAB)?;
         if let Some(n) = self.num_labels {
             check_size("num_labels", n, MAX_VOCAB)?;
@@ -94,7 +109,10 @@ impl BertConfig {
             )));
         }
         if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
-            return Err(PeftError::Config(format!("layer_norm_eps {} must be positive", self.layer_norm_eps)));
+            return Err(PeftError::Config(format!(
+                "layer_norm_eps {} must be positive",
+                self.layer_norm_eps
+            )));
         }
         Ok(())
     }
@@ -113,7 +131,10 @@ impl LayerNorm {
         let mean = x.clone().mean_dim(2);
         let centered = x - mean;
         let var = centered.clone().powi_scalar(2).mean_dim(2);
-        centered.div(var.add_scalar(self.eps).sqrt()).mul(self.weight.val().unsqueeze::<3>()) + self.bias.val().unsqueeze::<3>()
+        centered
+            .div(var.add_scalar(self.eps).sqrt())
+            .mul(self.weight.val().unsqueeze::<3>())
+            + self.bias.val().unsqueeze::<3>()
     }
 }
 
@@ -166,27 +187,52 @@ impl BertForSequenceClassification {
     /// Without `classifier.*` tensors, or with a head for another number of classes, the head
     /// is new (as transformers does with `ignore_mismatched_sizes`): weight ~ N(0, 0.02),
     /// bias 0.
-    pub fn from_tensors(config: BertConfig, num_labels: usize, mut t: TensorMap, source: &Path, device: &Device) -> Result<Self> {
-        let prefixed: Vec<String> = t.keys().filter(|k| k.starts_with("bert.")).cloned().collect();
+    pub fn from_tensors(
+        config: BertConfig,
+        num_labels: usize,
+        mut t: TensorMap,
+        source: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let prefixed: Vec<String> = t
+            .keys()
+            .filter(|k| k.starts_with("bert."))
+            .cloned()
+            .collect();
         for k in prefixed {
             let v = t.remove(&k).expect("present");
             t.insert(k.trim_start_matches("bert.").to_string(), v);
         }
         t.tensors.retain(|k, _| !k.ends_with("position_ids"));
         let h = config.hidden_size;
-        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize| take_linear(t, source, name, out, inp, true, device);
+        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize| {
+            take_linear(t, source, name, out, inp, true, device)
+        };
         let norm = |t: &mut TensorMap, name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
-                weight: frozen(t.take_shaped(source, &format!("{name}.weight"), &[h])?.to_tensor(device)),
-                bias: frozen(t.take_shaped(source, &format!("{name}.bias"), &[h])?.to_tensor(device)),
+                weight: frozen(
+                    t.take_shaped(source, &format!("{name}.weight"), &[h])?
+                        .to_tensor(device),
+                ),
+                bias: frozen(
+                    t.take_shaped(source, &format!("{name}.bias"), &[h])?
+                        .to_tensor(device),
+                ),
                 eps: config.layer_norm_eps,
             })
         };
         let emb = |t: &mut TensorMap, name: &str, rows: usize| -> Result<Param<Tensor<2>>> {
-            Ok(frozen(t.take_shaped(source, &format!("embeddings.{name}.weight"), &[rows, h])?.to_tensor(device)))
+            Ok(frozen(
+                t.take_shaped(source, &format!("embeddings.{name}.weight"), &[rows, h])?
+                    .to_tensor(device),
+            ))
         };
         let word_embeddings = emb(&mut t, "word_embeddings", config.vocab_size)?;
-        let position_embeddings = emb(&mut t, "position_embeddings", config.max_position_embeddings)?;
+        let position_embeddings = emb(
+            &mut t,
+            "position_embeddings",
+            config.max_position_embeddings,
+        )?;
         let token_type_embeddings = emb(&mut t, "token_type_embeddings", config.type_vocab_size)?;
         let embeddings_norm = norm(&mut t, "embeddings.LayerNorm")?;
         let mut layers = Vec::new();
@@ -198,8 +244,18 @@ impl BertForSequenceClassification {
                 value: linear(&mut t, &format!("{p}.attention.self.value"), h, h)?,
                 attention_output: linear(&mut t, &format!("{p}.attention.output.dense"), h, h)?,
                 attention_norm: norm(&mut t, &format!("{p}.attention.output.LayerNorm"))?,
-                intermediate: linear(&mut t, &format!("{p}.intermediate.dense"), config.intermediate_size, h)?,
-                output: linear(&mut t, &format!("{p}.output.dense"), h, config.intermediate_size)?,
+                intermediate: linear(
+                    &mut t,
+                    &format!("{p}.intermediate.dense"),
+                    config.intermediate_size,
+                    h,
+                )?,
+                output: linear(
+                    &mut t,
+                    &format!("{p}.output.dense"),
+                    h,
+                    config.intermediate_size,
+                )?,
                 output_norm: norm(&mut t, &format!("{p}.output.LayerNorm"))?,
             });
         }
@@ -222,7 +278,13 @@ impl BertForSequenceClassification {
         };
         if !t.is_empty() {
             let left: Vec<&String> = t.keys().take(5).collect();
-            return Err(PeftError::format(source, format!("{} tensors are not part of a BERT model (first: {left:?})", t.len())));
+            return Err(PeftError::format(
+                source,
+                format!(
+                    "{} tensors are not part of a BERT model (first: {left:?})",
+                    t.len()
+                ),
+            ));
         }
         let mut config = config;
         config.num_labels = Some(num_labels);
@@ -249,18 +311,33 @@ impl BertForSequenceClassification {
         let positions = Tensor::<1, Int>::arange(0..s as i64, &device).reshape([1, s]);
         let mut x = burn::tensor::module::embedding(self.word_embeddings.val(), tokens)
             + burn::tensor::module::embedding(self.position_embeddings.val(), positions)
-            + self.token_type_embeddings.val().narrow(0, 0, 1).reshape([1, 1, h]);
+            + self
+                .token_type_embeddings
+                .val()
+                .narrow(0, 0, 1)
+                .reshape([1, 1, h]);
         x = self.embeddings_norm.forward(x);
         // Padding keys get a large negative score, so softmax gives them zero weight.
-        let bias = attention_mask.neg().add_scalar(1.0).mul_scalar(-1e9).reshape([b, 1, 1, s]);
+        let bias = attention_mask
+            .neg()
+            .add_scalar(1.0)
+            .mul_scalar(-1e9)
+            .reshape([b, 1, 1, s]);
         for l in &self.layers {
-            let heads = |slot: &LinearSlot, x: Tensor<3>| slot.forward(x).reshape([b, s, nh, hd]).swap_dims(1, 2);
+            let heads = |slot: &LinearSlot, x: Tensor<3>| {
+                slot.forward(x).reshape([b, s, nh, hd]).swap_dims(1, 2)
+            };
             let q = heads(&l.query, x.clone());
             let k = heads(&l.key, x.clone());
             let v = heads(&l.value, x.clone());
             let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt()) + bias.clone();
-            let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, s, h]);
-            x = l.attention_norm.forward(x + l.attention_output.forward(ctx));
+            let ctx = softmax(scores, 3)
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([b, s, h]);
+            x = l
+                .attention_norm
+                .forward(x + l.attention_output.forward(ctx));
             let ff = l.output.forward(gelu(l.intermediate.forward(x.clone())));
             x = l.output_norm.forward(x + ff);
         }
@@ -270,7 +347,12 @@ impl BertForSequenceClassification {
     }
 
     /// Mean cross-entropy of `labels` `[batch]`.
-    pub fn loss(&self, tokens: Tensor<2, Int>, attention_mask: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+    pub fn loss(
+        &self,
+        tokens: Tensor<2, Int>,
+        attention_mask: Tensor<2>,
+        labels: Tensor<1, Int>,
+    ) -> Tensor<1> {
         let logits = self.forward(tokens, attention_mask);
         crate::loss::cross_entropy_rows(logits, labels).mean()
     }
@@ -282,17 +364,32 @@ impl BertForSequenceClassification {
         for (path, slot) in self.lora_slots() {
             put_linear(&mut t, &path, slot);
         }
-        t.insert("bert.embeddings.word_embeddings.weight", HostTensor::from_tensor(self.word_embeddings.val()));
-        t.insert("bert.embeddings.position_embeddings.weight", HostTensor::from_tensor(self.position_embeddings.val()));
-        t.insert("bert.embeddings.token_type_embeddings.weight", HostTensor::from_tensor(self.token_type_embeddings.val()));
+        t.insert(
+            "bert.embeddings.word_embeddings.weight",
+            HostTensor::from_tensor(self.word_embeddings.val()),
+        );
+        t.insert(
+            "bert.embeddings.position_embeddings.weight",
+            HostTensor::from_tensor(self.position_embeddings.val()),
+        );
+        t.insert(
+            "bert.embeddings.token_type_embeddings.weight",
+            HostTensor::from_tensor(self.token_type_embeddings.val()),
+        );
         let mut norm = |name: String, n: &LayerNorm| {
             t.insert(format!("{name}.weight"), host1(&n.weight));
             t.insert(format!("{name}.bias"), host1(&n.bias));
         };
         norm("bert.embeddings.LayerNorm".into(), &self.embeddings_norm);
         for (i, l) in self.layers.iter().enumerate() {
-            norm(format!("bert.encoder.layer.{i}.attention.output.LayerNorm"), &l.attention_norm);
-            norm(format!("bert.encoder.layer.{i}.output.LayerNorm"), &l.output_norm);
+            norm(
+                format!("bert.encoder.layer.{i}.attention.output.LayerNorm"),
+                &l.attention_norm,
+            );
+            norm(
+                format!("bert.encoder.layer.{i}.output.LayerNorm"),
+                &l.output_norm,
+            );
         }
         t
     }
@@ -304,7 +401,10 @@ impl BertForSequenceClassification {
     /// The `quantization_config` entry of `config.json` when encoder weights are 4-bit; the
     /// classifier stays in full precision.
     pub fn quantization_config(&self) -> Option<serde_json::Value> {
-        quantization_config(self.lora_slots().into_iter().map(|(_, s)| s), &["classifier"])
+        quantization_config(
+            self.lora_slots().into_iter().map(|(_, s)| s),
+            &["classifier"],
+        )
     }
 }
 
@@ -331,7 +431,11 @@ impl ModuleHost for BertForSequenceClassification {
         self.lora_slots()
             .into_iter()
             .map(|(p, _)| {
-                let kind = if p == "classifier" { ModuleKind::OutputHead } else { ModuleKind::Linear };
+                let kind = if p == "classifier" {
+                    ModuleKind::OutputHead
+                } else {
+                    ModuleKind::Linear
+                };
                 (p, kind)
             })
             .collect()
@@ -361,7 +465,14 @@ impl LoraHost for BertForSequenceClassification {
     fn lora_slots(&self) -> Vec<(String, &LoraLinear)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let slots = [&l.query, &l.key, &l.value, &l.attention_output, &l.intermediate, &l.output];
+            let slots = [
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attention_output,
+                &l.intermediate,
+                &l.output,
+            ];
             for (name, s) in LAYER_SLOTS.iter().zip(slots) {
                 out.push((format!("bert.encoder.layer.{i}.{name}"), s));
             }

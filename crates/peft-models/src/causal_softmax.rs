@@ -29,11 +29,15 @@ pub fn causal_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
     let [_, _, s, t] = scores.dims();
     assert!(s <= t, "causal softmax: {s} queries but only {t} keys");
     if is_cpu(&scores.device()) {
-        Tensor::from_dispatch(<Dispatch as CausalSoftmaxOps>::causal_softmax(scores.into_dispatch(), scale as f32))
+        Tensor::from_dispatch(<Dispatch as CausalSoftmaxOps>::causal_softmax(
+            scores.into_dispatch(),
+            scale as f32,
+        ))
     } else {
         let scores = scores.mul_scalar(scale);
         let scores = if s > 1 {
-            let mask = Tensor::<2, Bool>::tril_mask([s, t], (t - s) as i64, &scores.device()).unsqueeze::<4>();
+            let mask = Tensor::<2, Bool>::tril_mask([s, t], (t - s) as i64, &scores.device())
+                .unsqueeze::<4>();
             scores.mask_fill(mask, f32::NEG_INFINITY)
         } else {
             scores
@@ -50,7 +54,11 @@ pub trait CausalSoftmaxOps: Backend {
 
     /// The gradient in the scores from the weights `p` and their gradient `grad`:
     /// `scale · p · (grad - Σ_keys grad · p)`.
-    fn causal_softmax_backward(p: FloatTensor<Self>, grad: FloatTensor<Self>, scale: f32) -> FloatTensor<Self>;
+    fn causal_softmax_backward(
+        p: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
 }
 
 /// `out[..n] = softmax(scale · row[..n])`, `out[n..] = 0` (`scale > 0`).
@@ -108,31 +116,38 @@ impl CausalSoftmaxOps for Flex {
         let x = f32_values(&scores);
         let mut out = vec![0f32; x.len()];
         if t > 0 {
-            out.par_chunks_mut(t * ROWS_PER_TASK).zip(x.par_chunks(t * ROWS_PER_TASK)).enumerate().for_each(
-                |(task, (out, x))| {
+            out.par_chunks_mut(t * ROWS_PER_TASK)
+                .zip(x.par_chunks(t * ROWS_PER_TASK))
+                .enumerate()
+                .for_each(|(task, (out, x))| {
                     for (r, (out, row)) in out.chunks_mut(t).zip(x.chunks(t)).enumerate() {
                         // Query i of its (batch, head) sees keys 0..=i + t - s.
                         let i = (task * ROWS_PER_TASK + r) % s;
                         forward_row(row, i + t - s + 1, scale, out);
                     }
-                },
-            );
+                });
         }
         flex_tensor(out, shape, dtype)
     }
 
-    fn causal_softmax_backward(p: FloatTensor<Self>, grad: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+    fn causal_softmax_backward(
+        p: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
         let (dtype, shape) = (p.dtype(), p.layout().shape().clone());
         let t = shape[3];
         let (p, g) = (f32_values(&p), f32_values(&grad));
         let mut out = vec![0f32; p.len()];
         if t > 0 {
             let chunk = t * ROWS_PER_TASK;
-            out.par_chunks_mut(chunk).zip(p.par_chunks(chunk).zip(g.par_chunks(chunk))).for_each(|(out, (p, g))| {
-                for ((out, p), g) in out.chunks_mut(t).zip(p.chunks(t)).zip(g.chunks(t)) {
-                    backward_row(p, g, scale, out);
-                }
-            });
+            out.par_chunks_mut(chunk)
+                .zip(p.par_chunks(chunk).zip(g.par_chunks(chunk)))
+                .for_each(|(out, (p, g))| {
+                    for ((out, p), g) in out.chunks_mut(t).zip(p.chunks(t)).zip(g.chunks(t)) {
+                        backward_row(p, g, scale, out);
+                    }
+                });
         }
         flex_tensor(out, shape, dtype)
     }
@@ -145,9 +160,16 @@ struct CausalSoftmaxBackward;
 impl<B: Backend + CausalSoftmaxOps> Backward<B, 1> for CausalSoftmaxBackward {
     type State = (FloatTensor<B>, f32);
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let (p, scale) = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |grad| B::causal_softmax_backward(p, grad, scale));
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::causal_softmax_backward(p, grad, scale)
+        });
     }
 }
 
@@ -155,7 +177,11 @@ impl<B: Backend + CausalSoftmaxOps, C: CheckpointStrategy> CausalSoftmaxOps for 
     fn causal_softmax(scores: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
         let parent = scores.node();
         let scores = scores.into_primitive();
-        match CausalSoftmaxBackward.prepare::<C>([parent]).compute_bound().stateful() {
+        match CausalSoftmaxBackward
+            .prepare::<C>([parent])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let p = B::causal_softmax(scores, scale);
                 prep.finish((p.clone(), scale), p)
@@ -164,8 +190,16 @@ impl<B: Backend + CausalSoftmaxOps, C: CheckpointStrategy> CausalSoftmaxOps for 
         }
     }
 
-    fn causal_softmax_backward(p: FloatTensor<Self>, grad: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        <Self as AutodiffBackend>::from_inner(B::causal_softmax_backward(p.into_primitive(), grad.into_primitive(), scale))
+    fn causal_softmax_backward(
+        p: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::causal_softmax_backward(
+            p.into_primitive(),
+            grad.into_primitive(),
+            scale,
+        ))
     }
 }
 
@@ -177,8 +211,12 @@ mod tests {
     /// The burn composition the operation replaces.
     fn reference(scores: Tensor<4>, scale: f64) -> Tensor<4> {
         let [_, _, s, t] = scores.dims();
-        let mask = Tensor::<2, Bool>::tril_mask([s, t], (t - s) as i64, &scores.device()).unsqueeze::<4>();
-        softmax(scores.mul_scalar(scale).mask_fill(mask, f32::NEG_INFINITY), 3)
+        let mask =
+            Tensor::<2, Bool>::tril_mask([s, t], (t - s) as i64, &scores.device()).unsqueeze::<4>();
+        softmax(
+            scores.mul_scalar(scale).mask_fill(mask, f32::NEG_INFINITY),
+            3,
+        )
     }
 
     /// Equal to scale + causal mask + softmax from burn ops, value and gradient, on the CPU
@@ -188,20 +226,28 @@ mod tests {
     fn matches_the_burn_composition_forward_and_backward() {
         let device = Device::flex().autodiff();
         device.seed(9);
-        for (shape, scale) in [([2, 3, 37, 37], 0.125), ([1, 2, 3, 20], 0.5), ([1, 1, 1, 5], 1.0)] {
+        for (shape, scale) in [
+            ([2, 3, 37, 37], 0.125),
+            ([1, 2, 3, 20], 0.5),
+            ([1, 1, 1, 5], 1.0),
+        ] {
             let scores = Tensor::<4>::random(shape, Distribution::Normal(0.0, 3.0), &device);
             let weights = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
 
             let a = scores.clone().detach().require_grad();
             let p = causal_softmax(a.clone(), scale);
-            let ga = a.grad(&(p.clone() * weights.clone()).sum().backward()).unwrap();
+            let ga = a
+                .grad(&(p.clone() * weights.clone()).sum().backward())
+                .unwrap();
 
             let b = scores.detach().require_grad();
             let q = reference(b.clone(), scale);
             let gb = b.grad(&(q.clone() * weights).sum().backward()).unwrap();
 
             let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-6);
-            p.clone().into_data().assert_approx_eq::<f32>(&q.into_data(), tol);
+            p.clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&q.into_data(), tol);
             ga.into_data().assert_approx_eq::<f32>(&gb.into_data(), tol);
             // Hidden keys get exactly zero weight.
             let [_, _, s, t] = shape;

@@ -26,7 +26,9 @@ pub(crate) const MAX_LAYERS: usize = 1 << 12;
 /// `name` must be between 1 and `max`.
 pub(crate) fn check_size(name: &str, value: usize, max: usize) -> Result<()> {
     if value == 0 || value > max {
-        return Err(PeftError::Config(format!("{name} {value} is out of range (1..={max})")));
+        return Err(PeftError::Config(format!(
+            "{name} {value} is out of range (1..={max})"
+        )));
     }
     Ok(())
 }
@@ -67,7 +69,8 @@ impl LlamaConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// Read `config.json`; architectures other than Llama-style decoders are refused.
@@ -78,8 +81,8 @@ impl LlamaConfig {
 
     /// Parse the text of a `config.json`; `path` only names it in errors.
     pub fn from_json_str(path: &Path, text: &str) -> Result<Self> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| PeftError::format(path, format!("invalid JSON: {e}")))?;
         match value.get("model_type").and_then(|v| v.as_str()) {
             Some("llama" | "mistral") | None => {}
             Some("qwen2") => {
@@ -89,27 +92,51 @@ impl LlamaConfig {
                 ));
             }
             Some(model_type) => {
-                return Err(PeftError::format(path, format!("model_type `{model_type}` is not a Llama-family decoder (llama, mistral)")));
+                return Err(PeftError::format(
+                    path,
+                    format!(
+                        "model_type `{model_type}` is not a Llama-family decoder (llama, mistral)"
+                    ),
+                ));
             }
         }
-        let config: Self = peft_core::error::from_json_value(value).map_err(|e| PeftError::format(path, e))?;
-        config.validate().map_err(|e| PeftError::format(path, e.to_string()))?;
+        let config: Self =
+            peft_core::error::from_json_value(value).map_err(|e| PeftError::format(path, e))?;
+        config
+            .validate()
+            .map_err(|e| PeftError::format(path, e.to_string()))?;
         Ok(config)
     }
 
     /// From the `llama.*` metadata of a GGUF file.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
-        let arch = file.require("general.architecture")?.as_str().unwrap_or_default().to_string();
+        let arch = file
+            .require("general.architecture")?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if arch != "llama" {
-            return Err(PeftError::format(&file.path, format!("GGUF architecture `{arch}` is not supported (llama)")));
+            return Err(PeftError::format(
+                &file.path,
+                format!("GGUF architecture `{arch}` is not supported (llama)"),
+            ));
         }
         let u = |k: &str| -> Result<usize> {
             file.require(&format!("llama.{k}"))?
                 .as_u64()
                 .map(|v| v as usize)
-                .ok_or_else(|| PeftError::format(&file.path, format!("metadata `llama.{k}` is not an integer")))
+                .ok_or_else(|| {
+                    PeftError::format(
+                        &file.path,
+                        format!("metadata `llama.{k}` is not an integer"),
+                    )
+                })
         };
-        let f = |k: &str, default: f64| file.meta(&format!("llama.{k}")).and_then(Value::as_f64).unwrap_or(default);
+        let f = |k: &str, default: f64| {
+            file.meta(&format!("llama.{k}"))
+                .and_then(Value::as_f64)
+                .unwrap_or(default)
+        };
         let vocab_size = match file.meta("llama.vocab_size").and_then(Value::as_u64) {
             Some(v) => v as usize,
             None => file
@@ -132,13 +159,18 @@ impl LlamaConfig {
             tie_word_embeddings: !file.tensors.contains_key("output.weight"),
             attention_bias: false,
             mlp_bias: false,
-            bos_token_id: file.meta("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
+            bos_token_id: file
+                .meta("tokenizer.ggml.bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|v| v as u32),
             eos_token_id: file
                 .meta("tokenizer.ggml.eos_token_id")
                 .and_then(Value::as_u64)
                 .map(|v| serde_json::json!(v)),
         };
-        config.validate().map_err(|e| PeftError::format(&file.path, e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| PeftError::format(&file.path, e.to_string()))?;
         Ok(config)
     }
 
@@ -149,7 +181,11 @@ impl LlamaConfig {
         check_size("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
         check_size("num_attention_heads", self.num_attention_heads, MAX_WIDTH)?;
         check_size("num_key_value_heads", self.kv_heads(), MAX_WIDTH)?;
-        check_size("max_position_embeddings", self.max_position_embeddings, MAX_VOCAB)?;
+        check_size(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            MAX_VOCAB,
+        )?;
         match self.head_dim {
             Some(d) => check_size("head_dim", d, MAX_WIDTH)?,
             None if self.hidden_size % self.num_attention_heads != 0 => {
@@ -160,7 +196,9 @@ impl LlamaConfig {
             }
             None => {}
         }
-        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) || !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite())
+            || !(self.rope_theta > 0.0 && self.rope_theta.is_finite())
+        {
             return Err(PeftError::Config(format!(
                 "rms_norm_eps {} and rope_theta {} must be positive",
                 self.rms_norm_eps, self.rope_theta
@@ -174,7 +212,10 @@ impl LlamaConfig {
             )));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(PeftError::Config(format!("head_dim {} must be even for RoPE", self.head_dim())));
+            return Err(PeftError::Config(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            )));
         }
         Ok(())
     }
@@ -182,8 +223,14 @@ impl LlamaConfig {
     /// Token ids that end generation.
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => vec![],
         }
     }

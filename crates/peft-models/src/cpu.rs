@@ -33,7 +33,13 @@ pub(crate) fn exp(x: f32) -> f32 {
     let shifted = x * LOG2E + ROUND;
     let k = shifted - ROUND;
     // The low mantissa bits of `shifted` hold k: 2^k from integer operations only.
-    let two_k = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    let two_k = f32::from_bits(
+        shifted
+            .to_bits()
+            .wrapping_sub(ROUND.to_bits())
+            .wrapping_add(127)
+            << 23,
+    );
     let r = x - k * LN2_HI - k * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -56,7 +62,9 @@ pub(crate) fn max(row: &[f32]) -> f32 {
             *m = if x > *m { x } else { *m };
         }
     }
-    tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+    tail.iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }
 
 /// `Σ a · b` over the common length, with lane-wise accumulators (which vectorize).
@@ -71,7 +79,12 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     let done = n / LANES * LANES;
-    sums.iter().sum::<f32>() + a[done..].iter().zip(&b[done..]).map(|(a, b)| a * b).sum::<f32>()
+    sums.iter().sum::<f32>()
+        + a[done..]
+            .iter()
+            .zip(&b[done..])
+            .map(|(a, b)| a * b)
+            .sum::<f32>()
 }
 
 /// `fn $name(args) -> ret` that runs the `#[inline(always)]` function `$body` compiled for

@@ -100,7 +100,10 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if n > self.bytes.len() - self.pos {
-            return Err(PeftError::format(self.path, format!("truncated GGUF header at byte {}", self.pos)));
+            return Err(PeftError::format(
+                self.path,
+                format!("truncated GGUF header at byte {}", self.pos),
+            ));
         }
         let s = &self.bytes[self.pos..self.pos + n];
         self.pos += n;
@@ -129,7 +132,13 @@ impl<'a> Cursor<'a> {
             8 => Value::Str(self.string()?),
             9 => {
                 if depth >= MAX_NESTING {
-                    return Err(PeftError::format(self.path, format!("GGUF arrays nested deeper than {MAX_NESTING} at byte {}", self.pos)));
+                    return Err(PeftError::format(
+                        self.path,
+                        format!(
+                            "GGUF arrays nested deeper than {MAX_NESTING} at byte {}",
+                            self.pos
+                        ),
+                    ));
                 }
                 let item = self.u32()?;
                 let n = self.u64()? as usize;
@@ -144,7 +153,12 @@ impl<'a> Cursor<'a> {
             10 => Value::U(self.u64()?),
             11 => Value::I(self.u64()? as i64),
             12 => Value::F(f64::from_le_bytes(self.take(8)?.try_into().unwrap())),
-            t => return Err(PeftError::format(self.path, format!("unknown GGUF value type {t}"))),
+            t => {
+                return Err(PeftError::format(
+                    self.path,
+                    format!("unknown GGUF value type {t}"),
+                ));
+            }
         })
     }
 }
@@ -195,13 +209,20 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, map: Bytes) -> Result<Self> {
-        let mut c = Cursor { bytes: &map, pos: 0, path };
+        let mut c = Cursor {
+            bytes: &map,
+            pos: 0,
+            path,
+        };
         if c.take(4)? != b"GGUF" {
             return Err(PeftError::format(path, "not a GGUF file (bad magic)"));
         }
         let version = c.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(PeftError::format(path, format!("unsupported GGUF version {version}")));
+            return Err(PeftError::format(
+                path,
+                format!("unsupported GGUF version {version}"),
+            ));
         }
         let n_tensors = c.u64()? as usize;
         let n_kv = c.u64()? as usize;
@@ -216,7 +237,10 @@ impl GgufFile {
             let name = c.string()?;
             let n_dims = c.u32()? as usize;
             if n_dims > MAX_DIMS {
-                return Err(PeftError::format(path, format!("tensor `{name}` has {n_dims} dimensions (at most {MAX_DIMS})")));
+                return Err(PeftError::format(
+                    path,
+                    format!("tensor `{name}` has {n_dims} dimensions (at most {MAX_DIMS})"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -225,18 +249,36 @@ impl GgufFile {
             dims.reverse();
             let ggml_type = c.u32()?;
             let offset = c.u64()? as usize;
-            tensors.insert(name, TensorInfo { shape: dims, ggml_type, offset });
+            tensors.insert(
+                name,
+                TensorInfo {
+                    shape: dims,
+                    ggml_type,
+                    offset,
+                },
+            );
         }
         let align = match metadata.get("general.alignment") {
             None => 32,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
-                _ => return Err(PeftError::format(path, format!("general.alignment {v:?} is not a power of two"))),
+                _ => {
+                    return Err(PeftError::format(
+                        path,
+                        format!("general.alignment {v:?} is not a power of two"),
+                    ));
+                }
             },
         };
         let data_start = c.pos.div_ceil(align) * align;
         drop(c);
-        Ok(Self { path: path.to_path_buf(), metadata, tensors, map, data_start })
+        Ok(Self {
+            path: path.to_path_buf(),
+            metadata,
+            tensors,
+            map,
+            data_start,
+        })
     }
 
     /// Where the tensor data starts: everything before is the header (metadata, tensor infos).
@@ -256,26 +298,61 @@ impl GgufFile {
 
     /// Read tensor `name` dequantized to f32.
     pub fn tensor(&self, name: &str) -> Result<HostTensor> {
-        let info = self.tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
-            path: self.path.clone(),
-            key: name.to_string(),
-        })?;
-        let too_big = || PeftError::format(&self.path, format!("tensor `{name}`: shape {:?} is larger than the file", info.shape));
-        let n = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(too_big)?;
-        let (block_bytes, block_elems) = block_layout(info.ggml_type).ok_or_else(|| PeftError::Dtype {
-            path: self.path.clone(),
-            key: name.to_string(),
-            dtype: format!("{} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)", type_name(info.ggml_type)),
-        })?;
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| PeftError::MissingTensor {
+                path: self.path.clone(),
+                key: name.to_string(),
+            })?;
+        let too_big = || {
+            PeftError::format(
+                &self.path,
+                format!(
+                    "tensor `{name}`: shape {:?} is larger than the file",
+                    info.shape
+                ),
+            )
+        };
+        let n = info
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(too_big)?;
+        let (block_bytes, block_elems) =
+            block_layout(info.ggml_type).ok_or_else(|| PeftError::Dtype {
+                path: self.path.clone(),
+                key: name.to_string(),
+                dtype: format!(
+                    "{} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+                    type_name(info.ggml_type)
+                ),
+            })?;
         if n % block_elems != 0 {
-            return Err(PeftError::format(&self.path, format!("tensor `{name}`: {n} values are not whole blocks")));
+            return Err(PeftError::format(
+                &self.path,
+                format!("tensor `{name}`: {n} values are not whole blocks"),
+            ));
         }
-        let past_end = || PeftError::format(&self.path, format!("tensor `{name}` extends past the end of the file"));
-        let start = self.data_start.checked_add(info.offset).ok_or_else(past_end)?;
-        let len = (n / block_elems).checked_mul(block_bytes).ok_or_else(too_big)?;
+        let past_end = || {
+            PeftError::format(
+                &self.path,
+                format!("tensor `{name}` extends past the end of the file"),
+            )
+        };
+        let start = self
+            .data_start
+            .checked_add(info.offset)
+            .ok_or_else(past_end)?;
+        let len = (n / block_elems)
+            .checked_mul(block_bytes)
+            .ok_or_else(too_big)?;
         let end = start.checked_add(len).ok_or_else(past_end)?;
         let bytes = self.map.get(start..end).ok_or_else(past_end)?;
-        Ok(HostTensor::new(info.shape.clone(), dequantize(info.ggml_type, bytes, n)))
+        Ok(HostTensor::new(
+            info.shape.clone(),
+            dequantize(info.ggml_type, bytes, n),
+        ))
     }
 }
 
@@ -291,7 +368,10 @@ fn dequantize(t: u32, bytes: &[u8], n: usize) -> Vec<f32> {
             .par_iter_mut()
             .zip(bytes.par_chunks_exact(4))
             .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        1 => out.par_iter_mut().zip(bytes.par_chunks_exact(2)).for_each(|(o, b)| *o = f16_at(b, 0)),
+        1 => out
+            .par_iter_mut()
+            .zip(bytes.par_chunks_exact(2))
+            .for_each(|(o, b)| *o = f16_at(b, 0)),
         30 => out
             .par_iter_mut()
             .zip(bytes.par_chunks_exact(2))
@@ -299,21 +379,30 @@ fn dequantize(t: u32, bytes: &[u8], n: usize) -> Vec<f32> {
         // Q4_0 / Q4_1: 32 values per block; low nibbles are the first 16, high nibbles the rest.
         2 | 3 => {
             let block = if t == 2 { 18 } else { 20 };
-            out.par_chunks_mut(32).zip(bytes.par_chunks_exact(block)).for_each(|(o, b)| {
-                let d = f16_at(b, 0);
-                let (m, qs, offset) = if t == 2 { (0.0, &b[2..18], 8.0) } else { (f16_at(b, 2), &b[4..20], 0.0) };
-                for j in 0..16 {
-                    o[j] = ((qs[j] & 0x0F) as f32 - offset) * d + m;
-                    o[j + 16] = ((qs[j] >> 4) as f32 - offset) * d + m;
-                }
-            })
+            out.par_chunks_mut(32)
+                .zip(bytes.par_chunks_exact(block))
+                .for_each(|(o, b)| {
+                    let d = f16_at(b, 0);
+                    let (m, qs, offset) = if t == 2 {
+                        (0.0, &b[2..18], 8.0)
+                    } else {
+                        (f16_at(b, 2), &b[4..20], 0.0)
+                    };
+                    for j in 0..16 {
+                        o[j] = ((qs[j] & 0x0F) as f32 - offset) * d + m;
+                        o[j + 16] = ((qs[j] >> 4) as f32 - offset) * d + m;
+                    }
+                })
         }
-        8 => out.par_chunks_mut(32).zip(bytes.par_chunks_exact(34)).for_each(|(o, b)| {
-            let d = f16_at(b, 0);
-            for j in 0..32 {
-                o[j] = (b[2 + j] as i8) as f32 * d;
-            }
-        }),
+        8 => out
+            .par_chunks_mut(32)
+            .zip(bytes.par_chunks_exact(34))
+            .for_each(|(o, b)| {
+                let d = f16_at(b, 0);
+                for j in 0..32 {
+                    o[j] = (b[2 + j] as i8) as f32 * d;
+                }
+            }),
         _ => unreachable!("checked by block_layout"),
     }
     out

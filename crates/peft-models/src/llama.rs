@@ -58,8 +58,10 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj
-            .forward(swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
+        self.down_proj.forward(swiglu(
+            self.gate_proj.forward(x.clone()),
+            self.up_proj.forward(x),
+        ))
     }
 }
 
@@ -117,7 +119,13 @@ impl KvCache {
 
 /// RoPE tables `[1, 1, seq, head_dim]` for positions `start..start+seq` (Hugging Face layout:
 /// the two halves of a head rotate together).
-fn rope_tables(start: usize, seq: usize, head_dim: usize, theta: f64, device: &Device) -> (Tensor<4>, Tensor<4>) {
+fn rope_tables(
+    start: usize,
+    seq: usize,
+    head_dim: usize,
+    theta: f64,
+    device: &Device,
+) -> (Tensor<4>, Tensor<4>) {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(seq * head_dim);
     let mut sin = Vec::with_capacity(seq * head_dim);
@@ -153,9 +161,21 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, d]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, s, kvh, d]).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, kvh, d])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kvh, d])
+            .swap_dims(1, 2);
         let q = apply_rope(q, rope.0.clone(), rope.1.clone());
         let mut k = apply_rope(k, rope.0, rope.1);
         let mut v = v;
@@ -170,8 +190,12 @@ impl Attention {
         let rep = h / kvh;
         let (k, v) = if rep > 1 {
             (
-                k.unsqueeze_dim::<5>(2).expand([b, kvh, rep, t, d]).reshape([b, h, t, d]),
-                v.unsqueeze_dim::<5>(2).expand([b, kvh, rep, t, d]).reshape([b, h, t, d]),
+                k.unsqueeze_dim::<5>(2)
+                    .expand([b, kvh, rep, t, d])
+                    .reshape([b, h, t, d]),
+                v.unsqueeze_dim::<5>(2)
+                    .expand([b, kvh, rep, t, d])
+                    .reshape([b, h, t, d]),
             )
         } else {
             (k, v)
@@ -179,22 +203,43 @@ impl Attention {
         // Query i (absolute position t - s + i) sees keys 0..=t - s + i. Softmax in f32
         // whatever the compute type (as transformers does).
         let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
-        let out = causal_softmax(scores, 1.0 / (d as f64).sqrt()).cast(v.dtype()).matmul(v);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+        let out = causal_softmax(scores, 1.0 / (d as f64).sqrt())
+            .cast(v.dtype())
+            .matmul(v);
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 }
 
 impl LlamaForCausalLM {
     /// Build from Hugging Face-named tensors; every tensor must be used and have its shape.
-    pub fn from_tensors(config: LlamaConfig, mut t: TensorMap, source: &Path, device: &Device) -> Result<Self> {
-        let (hd, kvh, h) = (config.head_dim(), config.kv_heads(), config.num_attention_heads);
+    pub fn from_tensors(
+        config: LlamaConfig,
+        mut t: TensorMap,
+        source: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let (hd, kvh, h) = (
+            config.head_dim(),
+            config.kv_heads(),
+            config.num_attention_heads,
+        );
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
-        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize, bias: bool| take_linear(t, source, name, out, inp, bias, device);
+        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize, bias: bool| {
+            take_linear(t, source, name, out, inp, bias, device)
+        };
         let norm = |t: &mut TensorMap, name: &str| -> Result<RmsNorm> {
             let w = t.take_shaped(source, &format!("{name}.weight"), &[hidden])?;
-            Ok(RmsNorm { weight: frozen(w.to_tensor(device)), eps: config.rms_norm_eps })
+            Ok(RmsNorm {
+                weight: frozen(w.to_tensor(device)),
+                eps: config.rms_norm_eps,
+            })
         };
-        let embed = t.take_shaped(source, "model.embed_tokens.weight", &[config.vocab_size, hidden])?;
+        let embed = t.take_shaped(
+            source,
+            "model.embed_tokens.weight",
+            &[config.vocab_size, hidden],
+        )?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -203,8 +248,20 @@ impl LlamaForCausalLM {
             layers.push(DecoderLayer {
                 self_attn: Attention {
                     q_proj: linear(&mut t, &format!("{p}.self_attn.q_proj"), h * hd, hidden, ab)?,
-                    k_proj: linear(&mut t, &format!("{p}.self_attn.k_proj"), kvh * hd, hidden, ab)?,
-                    v_proj: linear(&mut t, &format!("{p}.self_attn.v_proj"), kvh * hd, hidden, ab)?,
+                    k_proj: linear(
+                        &mut t,
+                        &format!("{p}.self_attn.k_proj"),
+                        kvh * hd,
+                        hidden,
+                        ab,
+                    )?,
+                    v_proj: linear(
+                        &mut t,
+                        &format!("{p}.self_attn.v_proj"),
+                        kvh * hd,
+                        hidden,
+                        ab,
+                    )?,
                     o_proj: linear(&mut t, &format!("{p}.self_attn.o_proj"), hidden, h * hd, ab)?,
                     n_heads: h,
                     n_kv_heads: kvh,
@@ -232,11 +289,18 @@ impl LlamaForCausalLM {
             let left: Vec<&String> = t.keys().take(5).collect();
             return Err(PeftError::format(
                 source,
-                format!("{} tensors are not part of a Llama model (first: {left:?})", t.len()),
+                format!(
+                    "{} tensors are not part of a Llama model (first: {left:?})",
+                    t.len()
+                ),
             ));
         }
         Ok(Self {
-            model: LlamaModel { embed_tokens: frozen(embed.to_tensor(device)), layers, norm: final_norm },
+            model: LlamaModel {
+                embed_tokens: frozen(embed.to_tensor(device)),
+                layers,
+                norm: final_norm,
+            },
             lm_head,
             config,
         })
@@ -249,13 +313,24 @@ impl LlamaForCausalLM {
         use burn::tensor::Distribution;
         let host = Device::flex();
         let normal = |shape: [usize; 2]| {
-            HostTensor::from_tensor(Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), &host))
+            HostTensor::from_tensor(Tensor::<2>::random(
+                shape,
+                Distribution::Normal(0.0, 0.02),
+                &host,
+            ))
         };
         let ones = |n: usize| HostTensor::new(vec![n], vec![1.0; n]);
-        let (hd, kvh, h) = (config.head_dim(), config.kv_heads(), config.num_attention_heads);
+        let (hd, kvh, h) = (
+            config.head_dim(),
+            config.kv_heads(),
+            config.num_attention_heads,
+        );
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
         let mut t = TensorMap::new();
-        t.insert("model.embed_tokens.weight", normal([config.vocab_size, hidden]));
+        t.insert(
+            "model.embed_tokens.weight",
+            normal([config.vocab_size, hidden]),
+        );
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let shapes = [
@@ -269,9 +344,16 @@ impl LlamaForCausalLM {
             ];
             for (name, shape) in shapes {
                 t.insert(format!("{p}.{name}.weight"), normal(shape));
-                let bias = if name.starts_with("mlp") { config.mlp_bias } else { config.attention_bias };
+                let bias = if name.starts_with("mlp") {
+                    config.mlp_bias
+                } else {
+                    config.attention_bias
+                };
                 if bias {
-                    t.insert(format!("{p}.{name}.bias"), HostTensor::new(vec![shape[0]], vec![0.0; shape[0]]));
+                    t.insert(
+                        format!("{p}.{name}.bias"),
+                        HostTensor::new(vec![shape[0]], vec![0.0; shape[0]]),
+                    );
                 }
             }
             t.insert(format!("{p}.input_layernorm.weight"), ones(hidden));
@@ -289,7 +371,10 @@ impl LlamaForCausalLM {
     pub fn to_tensors(&self) -> TensorMap {
         let mut t = TensorMap::new();
         let linear = |t: &mut TensorMap, name: String, l: &LinearSlot| put_linear(t, &name, l);
-        t.insert("model.embed_tokens.weight", HostTensor::from_tensor(self.model.embed_tokens.val()));
+        t.insert(
+            "model.embed_tokens.weight",
+            HostTensor::from_tensor(self.model.embed_tokens.val()),
+        );
         for (i, l) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             linear(&mut t, format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj);
@@ -299,13 +384,19 @@ impl LlamaForCausalLM {
             linear(&mut t, format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj);
             linear(&mut t, format!("{p}.mlp.up_proj"), &l.mlp.up_proj);
             linear(&mut t, format!("{p}.mlp.down_proj"), &l.mlp.down_proj);
-            t.insert(format!("{p}.input_layernorm.weight"), HostTensor::from_tensor(l.input_layernorm.weight.val()));
+            t.insert(
+                format!("{p}.input_layernorm.weight"),
+                HostTensor::from_tensor(l.input_layernorm.weight.val()),
+            );
             t.insert(
                 format!("{p}.post_attention_layernorm.weight"),
                 HostTensor::from_tensor(l.post_attention_layernorm.weight.val()),
             );
         }
-        t.insert("model.norm.weight", HostTensor::from_tensor(self.model.norm.weight.val()));
+        t.insert(
+            "model.norm.weight",
+            HostTensor::from_tensor(self.model.norm.weight.val()),
+        );
         if let Some(head) = &self.lm_head {
             linear(&mut t, "lm_head".into(), head);
         }
@@ -328,12 +419,18 @@ impl LlamaForCausalLM {
         let h = self.hidden_states(tokens, cache);
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => burn::tensor::module::linear(h, self.model.embed_tokens.val().transpose(), None),
+            None => {
+                burn::tensor::module::linear(h, self.model.embed_tokens.val().transpose(), None)
+            }
         }
     }
 
     /// Final hidden states `[batch, seq, hidden]`.
-    pub fn hidden_states(&self, tokens: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    pub fn hidden_states(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
         let device = tokens.device();
         let [_, s] = tokens.dims();
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
@@ -347,7 +444,11 @@ impl LlamaForCausalLM {
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), tokens);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            let a = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), rope.clone(), slot);
+            let a = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                rope.clone(),
+                slot,
+            );
             x = x + a;
             x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
         }
@@ -364,7 +465,10 @@ impl LlamaForCausalLM {
         let mask = loss_mask.narrow(1, 1, s - 1).cast(DType::F32);
         let v = logits.dims()[2];
         let rows = b * (s - 1);
-        let nll = cross_entropy_rows(logits.cast(DType::F32).reshape([rows, v]), targets.reshape([rows]));
+        let nll = cross_entropy_rows(
+            logits.cast(DType::F32).reshape([rows, v]),
+            targets.reshape([rows]),
+        );
         let count = mask.clone().sum().clamp_min(1.0);
         nll.reshape([b, s - 1]).mul(mask).sum().div(count)
     }
@@ -376,7 +480,11 @@ impl ModuleHost for LlamaForCausalLM {
         self.lora_slots()
             .into_iter()
             .map(|(p, _)| {
-                let kind = if p == "lm_head" { ModuleKind::OutputHead } else { ModuleKind::Linear };
+                let kind = if p == "lm_head" {
+                    ModuleKind::OutputHead
+                } else {
+                    ModuleKind::Linear
+                };
                 (p, kind)
             })
             .collect()
@@ -407,10 +515,19 @@ impl LoraHost for LlamaForCausalLM {
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter().enumerate() {
             let a = &l.self_attn;
-            for (n, s) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            for (n, s) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
                 out.push((format!("model.layers.{i}.self_attn.{n}"), s));
             }
-            for (n, s) in [("gate_proj", &l.mlp.gate_proj), ("up_proj", &l.mlp.up_proj), ("down_proj", &l.mlp.down_proj)] {
+            for (n, s) in [
+                ("gate_proj", &l.mlp.gate_proj),
+                ("up_proj", &l.mlp.up_proj),
+                ("down_proj", &l.mlp.down_proj),
+            ] {
                 out.push((format!("model.layers.{i}.mlp.{n}"), s));
             }
         }

@@ -31,7 +31,10 @@ pub fn load_causal_lm(path: &Path, device: &Device) -> Result<LoadedModel> {
     if !path.is_dir() {
         return Err(PeftError::io(
             path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "expected a model folder or a .gguf file"),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "expected a model folder or a .gguf file",
+            ),
         ));
     }
     let config = LlamaConfig::from_file(&path.join("config.json"))?;
@@ -46,15 +49,26 @@ pub fn read_safetensors_folder(dir: &Path) -> Result<TensorMap> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| PeftError::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors") && !p.file_name().unwrap().to_string_lossy().starts_with("adapter_"))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "safetensors")
+                && !p
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("adapter_")
+        })
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(PeftError::format(dir, "no *.safetensors weights in the model folder"));
+        return Err(PeftError::format(
+            dir,
+            "no *.safetensors weights in the model folder",
+        ));
     }
     let mut all = TensorMap::new();
     for f in files {
-        all.tensors.extend(TensorMap::read_safetensors_weights(&f)?.tensors);
+        all.tensors
+            .extend(TensorMap::read_safetensors_weights(&f)?.tensors);
     }
     Ok(all)
 }
@@ -94,7 +108,10 @@ fn gguf_llama_tensors(file: &GgufFile, config: &LlamaConfig) -> Result<TensorMap
                 "attn_norm.weight" => "input_layernorm.weight",
                 "ffn_norm.weight" => "post_attention_layernorm.weight",
                 _ => {
-                    return Err(PeftError::format(&file.path, format!("unexpected tensor `{name}` in a llama GGUF")));
+                    return Err(PeftError::format(
+                        &file.path,
+                        format!("unexpected tensor `{name}` in a llama GGUF"),
+                    ));
                 }
             };
             format!("model.layers.{idx}.{module}")
@@ -104,7 +121,12 @@ fn gguf_llama_tensors(file: &GgufFile, config: &LlamaConfig) -> Result<TensorMap
                 "output_norm.weight" => "model.norm.weight".into(),
                 "output.weight" => "lm_head.weight".into(),
                 "rope_freqs.weight" => continue,
-                _ => return Err(PeftError::format(&file.path, format!("unexpected tensor `{name}` in a llama GGUF"))),
+                _ => {
+                    return Err(PeftError::format(
+                        &file.path,
+                        format!("unexpected tensor `{name}` in a llama GGUF"),
+                    ));
+                }
             }
         };
         let mut t = file.tensor(name)?;
@@ -153,6 +175,8 @@ pub fn load_bert_classifier(
     let config = crate::bert::BertConfig::from_file(&dir.join("config.json"))?;
     let tensors = read_safetensors_folder(dir)?;
     let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), vec![])?;
-    let model = crate::bert::BertForSequenceClassification::from_tensors(config, num_labels, tensors, dir, device)?;
+    let model = crate::bert::BertForSequenceClassification::from_tensors(
+        config, num_labels, tensors, dir, device,
+    )?;
     Ok((model, tokenizer))
 }

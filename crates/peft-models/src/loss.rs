@@ -13,8 +13,8 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor};
 use peft_core::device::is_cpu;
@@ -37,7 +37,10 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<
             targets.into_dispatch(),
         ))
     } else {
-        log_softmax(logits, 1).gather(1, targets.reshape([n, 1])).reshape([n]).neg()
+        log_softmax(logits, 1)
+            .gather(1, targets.reshape([n, 1]))
+            .reshape([n])
+            .neg()
     }
 }
 
@@ -45,7 +48,8 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<
 #[backend_extension(Flex, Autodiff)]
 pub trait CrossEntropyOps: Backend {
     /// Per-row negative log-likelihood of `logits [n, v]` at `targets [n]`: `[n]`.
-    fn cross_entropy_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self>;
+    fn cross_entropy_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>)
+    -> FloatTensor<Self>;
 
     /// Its gradient in the logits: `grad[i] * (softmax(logits[i]) - one_hot(targets[i]))`.
     fn cross_entropy_rows_backward(
@@ -56,14 +60,20 @@ pub trait CrossEntropyOps: Backend {
 }
 
 /// The logits as f32 rows (borrowed when they already are contiguous f32) and the targets.
-fn host_inputs(logits: &FlexTensor, targets: FlexTensor) -> (std::borrow::Cow<'_, [f32]>, usize, Vec<usize>) {
+fn host_inputs(
+    logits: &FlexTensor,
+    targets: FlexTensor,
+) -> (std::borrow::Cow<'_, [f32]>, usize, Vec<usize>) {
     let v = *logits.layout().shape().last().expect("2-D logits");
     let t: Vec<usize> = targets
         .into_data()
         .iter::<i64>()
         .enumerate()
         .map(|(i, t)| {
-            assert!((0..v as i64).contains(&t), "cross-entropy: target {t} of row {i} is outside 0..{v}");
+            assert!(
+                (0..v as i64).contains(&t),
+                "cross-entropy: target {t} of row {i} is outside 0..{v}"
+            );
             t as usize
         })
         .collect();
@@ -71,7 +81,10 @@ fn host_inputs(logits: &FlexTensor, targets: FlexTensor) -> (std::borrow::Cow<'_
 }
 
 impl CrossEntropyOps for Flex {
-    fn cross_entropy_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+    fn cross_entropy_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
         let dtype = logits.dtype();
         let (x, v, t) = host_inputs(&logits, targets);
         let nll: Vec<f32> = x
@@ -96,11 +109,15 @@ impl CrossEntropyOps for Flex {
         let (x, v, t) = host_inputs(&logits, targets);
         let g = f32_values(&grad);
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(v.max(1)).zip(x.par_chunks(v.max(1))).zip(&t).zip(&*g).for_each(|(((out, row), &t), &g)| {
-            let (max, sum) = vector::max_and_sum_exp(row);
-            vector::scaled_exp(row, max, g / sum, out);
-            out[t] -= g;
-        });
+        dx.par_chunks_mut(v.max(1))
+            .zip(x.par_chunks(v.max(1)))
+            .zip(&t)
+            .zip(&*g)
+            .for_each(|(((out, row), &t), &g)| {
+                let (max, sum) = vector::max_and_sum_exp(row);
+                vector::scaled_exp(row, max, g / sum, out);
+                out[t] -= g;
+            });
         flex_tensor(dx, shape, dtype)
     }
 }
@@ -112,17 +129,31 @@ struct CrossEntropyBackward;
 impl<B: Backend + CrossEntropyOps> Backward<B, 1> for CrossEntropyBackward {
     type State = (FloatTensor<B>, IntTensor<B>);
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let (logits, targets) = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |grad| B::cross_entropy_rows_backward(logits, targets, grad));
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::cross_entropy_rows_backward(logits, targets, grad)
+        });
     }
 }
 
 impl<B: Backend + CrossEntropyOps, C: CheckpointStrategy> CrossEntropyOps for Autodiff<B, C> {
-    fn cross_entropy_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+    fn cross_entropy_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
         let parent = logits.node();
         let logits = logits.into_primitive();
-        match CrossEntropyBackward.prepare::<C>([parent]).compute_bound().stateful() {
+        match CrossEntropyBackward
+            .prepare::<C>([parent])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let y = B::cross_entropy_rows(logits.clone(), targets.clone());
                 prep.finish((logits, targets), y)
@@ -191,18 +222,26 @@ mod vector {
         #[test]
         fn vector_kernels_match_the_plain_loops() {
             for len in [1usize, 15, 16, 17, 100, 8192] {
-                let row: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
+                let row: Vec<f32> = (0..len)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3)
+                    .collect();
                 let (m, s) = max_and_sum_exp(&row);
                 let (m0, s0) = max_and_sum_exp_body(&row);
                 assert_eq!(m, m0);
                 assert!((s - s0).abs() <= 1e-5 * s0, "{len}: {s} vs {s0}");
                 let exact: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
-                assert!((s as f64 - exact).abs() <= 1e-5 * exact, "{len}: {s} vs {exact}");
+                assert!(
+                    (s as f64 - exact).abs() <= 1e-5 * exact,
+                    "{len}: {s} vs {exact}"
+                );
                 let mut out = vec![0f32; len];
                 scaled_exp(&row, m, 0.5, &mut out);
                 for (o, &x) in out.iter().zip(&row) {
                     let want = 0.5 * ((x - m) as f64).exp();
-                    assert!((*o as f64 - want).abs() <= 1e-6 * (1.0 + want), "{o} vs {want}");
+                    assert!(
+                        (*o as f64 - want).abs() <= 1e-6 * (1.0 + want),
+                        "{o} vs {want}"
+                    );
                 }
             }
         }
@@ -222,19 +261,39 @@ mod tests {
         device.seed(3);
         let (n, v) = (7, 300);
         let logits = Tensor::<2>::random([n, v], Distribution::Normal(0.0, 3.0), &device);
-        let targets = Tensor::<1, Int>::from_data(TensorData::new((0..n as i64).map(|i| i * 41 % v as i64).collect::<Vec<_>>(), [n]), &device);
-        let weights = Tensor::<1>::from_data(TensorData::new((0..n).map(|i| i as f32 * 0.25 - 0.5).collect::<Vec<_>>(), [n]), &device);
+        let targets = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                (0..n as i64).map(|i| i * 41 % v as i64).collect::<Vec<_>>(),
+                [n],
+            ),
+            &device,
+        );
+        let weights = Tensor::<1>::from_data(
+            TensorData::new(
+                (0..n).map(|i| i as f32 * 0.25 - 0.5).collect::<Vec<_>>(),
+                [n],
+            ),
+            &device,
+        );
 
         let a = logits.clone().detach().require_grad();
         let nll = cross_entropy_rows(a.clone(), targets.clone());
-        let ga = a.grad(&(nll.clone() * weights.clone()).sum().backward()).unwrap();
+        let ga = a
+            .grad(&(nll.clone() * weights.clone()).sum().backward())
+            .unwrap();
 
         let b = logits.detach().require_grad();
-        let reference = log_softmax(b.clone(), 1).gather(1, targets.reshape([n, 1])).reshape([n]).neg();
-        let gb = b.grad(&(reference.clone() * weights).sum().backward()).unwrap();
+        let reference = log_softmax(b.clone(), 1)
+            .gather(1, targets.reshape([n, 1]))
+            .reshape([n])
+            .neg();
+        let gb = b
+            .grad(&(reference.clone() * weights).sum().backward())
+            .unwrap();
 
         let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-6);
-        nll.into_data().assert_approx_eq::<f32>(&reference.into_data(), tol);
+        nll.into_data()
+            .assert_approx_eq::<f32>(&reference.into_data(), tol);
         ga.into_data().assert_approx_eq::<f32>(&gb.into_data(), tol);
     }
 

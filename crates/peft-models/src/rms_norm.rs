@@ -27,13 +27,27 @@ use crate::cpu::{backward_pair, dot, f32_values, flex_tensor, simd_dispatch};
 /// When `weight` does not have one value per element of the last axis.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
     let n = x.dims()[D - 1];
-    assert_eq!(weight.dims(), [n], "rms_norm: {} weights for rows of {n}", weight.dims()[0]);
+    assert_eq!(
+        weight.dims(),
+        [n],
+        "rms_norm: {} weights for rows of {n}",
+        weight.dims()[0]
+    );
     if is_cpu(&x.device()) {
-        Tensor::from_dispatch(<Dispatch as RmsNormOps>::rms_norm(x.into_dispatch(), weight.into_dispatch(), eps as f32))
+        Tensor::from_dispatch(<Dispatch as RmsNormOps>::rms_norm(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            eps as f32,
+        ))
     } else {
         let dtype = x.dtype();
         let x = x.cast(DType::F32);
-        let rms = x.clone().powi_scalar(2).mean_dim(D - 1).add_scalar(eps).sqrt();
+        let rms = x
+            .clone()
+            .powi_scalar(2)
+            .mean_dim(D - 1)
+            .add_scalar(eps)
+            .sqrt();
         let mut dims = [1; D];
         dims[D - 1] = n;
         x.div(rms).cast(dtype).mul(weight.reshape(dims))
@@ -76,16 +90,32 @@ fn forward_body(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// Per row, with `gw = g · w`: `dx = r · gw - x · r³ · Σ(gw · x) / n`; `d_weight += g · x · r`
 /// summed over the rows.
 #[inline(always)]
-fn backward_body(x: &[f32], weight: &[f32], grad: &[f32], eps: f32, dx: &mut [f32], d_weight: &mut [f32]) {
+fn backward_body(
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    d_weight: &mut [f32],
+) {
     let n = weight.len();
     let mut gw = vec![0f32; n];
-    for ((row, g), dx) in x.chunks_exact(n).zip(grad.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+    for ((row, g), dx) in x
+        .chunks_exact(n)
+        .zip(grad.chunks_exact(n))
+        .zip(dx.chunks_exact_mut(n))
+    {
         let r = inverse_rms(row, eps);
         for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(weight) {
             *gw = g * w;
         }
         let k = r * r * r * dot(&gw, row) / n as f32;
-        for (((dx, dw), (&x, &g)), &gw) in dx.iter_mut().zip(d_weight.iter_mut()).zip(row.iter().zip(g)).zip(&gw) {
+        for (((dx, dw), (&x, &g)), &gw) in dx
+            .iter_mut()
+            .zip(d_weight.iter_mut())
+            .zip(row.iter().zip(g))
+            .zip(&gw)
+        {
             *dx = r * gw - x * k;
             *dw += g * x * r;
         }
@@ -109,7 +139,9 @@ impl RmsNormOps for Flex {
         let (xs, w) = (f32_values(&x), f32_values(&weight));
         let mut out = vec![0f32; xs.len()];
         let chunk = (w.len() * ROWS_PER_TASK).max(1);
-        out.par_chunks_mut(chunk).zip(xs.par_chunks(chunk)).for_each(|(out, x)| forward_rows(x, &w, eps, out));
+        out.par_chunks_mut(chunk)
+            .zip(xs.par_chunks(chunk))
+            .for_each(|(out, x)| forward_rows(x, &w, eps, out));
         flex_tensor(out, shape, dtype)
     }
 
@@ -152,8 +184,15 @@ struct RmsNormBackward;
 impl<B: Backend + RmsNormOps> Backward<B, 2> for RmsNormBackward {
     type State = (FloatTensor<B>, FloatTensor<B>, f32);
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        backward_pair::<B, _>(ops, grads, |(x, weight, eps), grad| B::rms_norm_backward(x, weight, grad, eps));
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        backward_pair::<B, _>(ops, grads, |(x, weight, eps), grad| {
+            B::rms_norm_backward(x, weight, grad, eps)
+        });
     }
 }
 
@@ -161,7 +200,11 @@ impl<B: Backend + RmsNormOps, C: CheckpointStrategy> RmsNormOps for Autodiff<B, 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
         let parents = [x.node(), weight.node()];
         let (x, weight) = (x.into_primitive(), weight.into_primitive());
-        match RmsNormBackward.prepare::<C>(parents).compute_bound().stateful() {
+        match RmsNormBackward
+            .prepare::<C>(parents)
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let y = B::rms_norm(x.clone(), weight.clone(), eps);
                 prep.finish((x, weight, eps), y)
@@ -176,8 +219,16 @@ impl<B: Backend + RmsNormOps, C: CheckpointStrategy> RmsNormOps for Autodiff<B, 
         grad: FloatTensor<Self>,
         eps: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (dx, dw) = B::rms_norm_backward(x.into_primitive(), weight.into_primitive(), grad.into_primitive(), eps);
-        (<Self as AutodiffBackend>::from_inner(dx), <Self as AutodiffBackend>::from_inner(dw))
+        let (dx, dw) = B::rms_norm_backward(
+            x.into_primitive(),
+            weight.into_primitive(),
+            grad.into_primitive(),
+            eps,
+        );
+        (
+            <Self as AutodiffBackend>::from_inner(dx),
+            <Self as AutodiffBackend>::from_inner(dw),
+        )
     }
 }
 
@@ -204,7 +255,10 @@ mod tests {
             let w = Tensor::<1>::random([n], Distribution::Uniform(0.5, 1.5), &device);
             let weights = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
 
-            let (a, wa) = (x.clone().detach().require_grad(), w.clone().detach().require_grad());
+            let (a, wa) = (
+                x.clone().detach().require_grad(),
+                w.clone().detach().require_grad(),
+            );
             let y = rms_norm(a.clone(), wa.clone(), 1e-5);
             let g = (y.clone() * weights.clone()).sum().backward();
             let (ga, gwa) = (a.grad(&g).unwrap(), wa.grad(&g).unwrap());
@@ -217,7 +271,8 @@ mod tests {
             let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-5);
             y.into_data().assert_approx_eq::<f32>(&q.into_data(), tol);
             ga.into_data().assert_approx_eq::<f32>(&gb.into_data(), tol);
-            gwa.into_data().assert_approx_eq::<f32>(&gwb.into_data(), Tolerance::<f32>::rel_abs(1e-4, 1e-4));
+            gwa.into_data()
+                .assert_approx_eq::<f32>(&gwb.into_data(), Tolerance::<f32>::rel_abs(1e-4, 1e-4));
         }
     }
 
@@ -226,19 +281,27 @@ mod tests {
     fn frozen_weight_gets_no_gradient() {
         let device = Device::flex().autodiff();
         device.seed(12);
-        let x = Tensor::<3>::random([1, 4, 20], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let x =
+            Tensor::<3>::random([1, 4, 20], Distribution::Normal(0.0, 1.0), &device).require_grad();
         let w = Tensor::<1>::random([20], Distribution::Uniform(0.5, 1.5), &device);
         let g = rms_norm(x.clone(), w.clone(), 1e-6).sum().backward();
         assert!(w.grad(&g).is_none());
         let x2 = x.clone().detach().require_grad();
         let g2 = reference(x2.clone(), w, 1e-6).sum().backward();
-        x.grad(&g).unwrap().into_data().assert_approx_eq::<f32>(&x2.grad(&g2).unwrap().into_data(), Tolerance::<f32>::rel_abs(1e-5, 1e-5));
+        x.grad(&g).unwrap().into_data().assert_approx_eq::<f32>(
+            &x2.grad(&g2).unwrap().into_data(),
+            Tolerance::<f32>::rel_abs(1e-5, 1e-5),
+        );
     }
 
     #[test]
     #[should_panic(expected = "rms_norm: 3 weights for rows of 4")]
     fn weight_must_fit_the_rows() {
         let device = Device::flex();
-        let _ = rms_norm(Tensor::<3>::zeros([1, 2, 4], &device), Tensor::<1>::ones([3], &device), 1e-5);
+        let _ = rms_norm(
+            Tensor::<3>::zeros([1, 2, 4], &device),
+            Tensor::<1>::ones([3], &device),
+            1e-5,
+        );
     }
 }

@@ -18,14 +18,33 @@ pub type LinearSlot = LoraLinear;
 
 /// Take `<name>.weight` (`[out, inp]`, dense or bitsandbytes 4-bit, which stays 4-bit) and,
 /// with `bias`, `<name>.bias` out of `t`.
-pub fn take_linear(t: &mut TensorMap, source: &Path, name: &str, out: usize, inp: usize, bias: bool, device: &Device) -> Result<LinearSlot> {
-    let take_bias = |t: &mut TensorMap| bias.then(|| t.take_shaped(source, &format!("{name}.bias"), &[out])).transpose();
+pub fn take_linear(
+    t: &mut TensorMap,
+    source: &Path,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    device: &Device,
+) -> Result<LinearSlot> {
+    let take_bias = |t: &mut TensorMap| {
+        bias.then(|| t.take_shaped(source, &format!("{name}.bias"), &[out]))
+            .transpose()
+    };
     if let Some(q) = take_4bit(t, source, &format!("{name}.weight"), out, inp)? {
         let b = take_bias(t)?.map(|b| frozen(b.to_tensor(device)));
-        return Ok(LinearSlot::from_base(BaseLinear::Quant4(Linear4bit::new(q, b, device.clone())?)));
+        return Ok(LinearSlot::from_base(BaseLinear::Quant4(Linear4bit::new(
+            q,
+            b,
+            device.clone(),
+        )?)));
     }
     let w = t.take_shaped(source, &format!("{name}.weight"), &[out, inp])?;
-    Ok(LinearSlot::from_base(FrozenLinear::from_hf(&w, take_bias(t)?.as_ref(), device)))
+    Ok(LinearSlot::from_base(FrozenLinear::from_hf(
+        &w,
+        take_bias(t)?.as_ref(),
+        device,
+    )))
 }
 
 /// Put a slot's base under `name`: `<name>.weight` dense, or in bitsandbytes' 4-bit layout;
@@ -43,7 +62,10 @@ pub fn put_linear(t: &mut TensorMap, name: &str, slot: &LinearSlot) {
 /// The `quantization_config` entry of `config.json` when some slot's base is 4-bit (what
 /// transformers needs to load the checkpoint pre-quantized), `None` when all are dense.
 /// `skip_modules` are the modules kept in full precision (the output head).
-pub fn quantization_config<'a>(slots: impl IntoIterator<Item = &'a LinearSlot>, skip_modules: &[&str]) -> Option<serde_json::Value> {
+pub fn quantization_config<'a>(
+    slots: impl IntoIterator<Item = &'a LinearSlot>,
+    skip_modules: &[&str],
+) -> Option<serde_json::Value> {
     let spec = slots.into_iter().find_map(|s| match &s.base {
         BaseLinear::Quant4(q) => Some(q.spec()),
         BaseLinear::Dense(_) => None,

@@ -13,8 +13,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
-use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
+use burn::tensor::activation::silu;
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
@@ -25,9 +25,16 @@ use crate::cpu::{backward_pair, exp, f32_values, flex_tensor, simd_dispatch};
 /// # Panics
 /// When `gate` and `up` differ in shape.
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
-    assert_eq!(gate.dims(), up.dims(), "swiglu: gate and up differ in shape");
+    assert_eq!(
+        gate.dims(),
+        up.dims(),
+        "swiglu: gate and up differ in shape"
+    );
     if is_cpu(&gate.device()) {
-        Tensor::from_dispatch(<Dispatch as SwigluOps>::swiglu(gate.into_dispatch(), up.into_dispatch()))
+        Tensor::from_dispatch(<Dispatch as SwigluOps>::swiglu(
+            gate.into_dispatch(),
+            up.into_dispatch(),
+        ))
     } else {
         silu(gate) * up
     }
@@ -65,7 +72,13 @@ fn forward_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// `d_up = g · silu(a)`, `d_gate = g · u · s · (1 + a · (1 - s))` with `s = sigmoid(a)`.
 #[inline(always)]
 fn backward_body(gate: &[f32], up: &[f32], grad: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
-    for ((((dg, du), &a), &u), &g) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(gate).zip(up).zip(grad) {
+    for ((((dg, du), &a), &u), &g) in d_gate
+        .iter_mut()
+        .zip(d_up.iter_mut())
+        .zip(gate)
+        .zip(up)
+        .zip(grad)
+    {
         let s = sigmoid(a);
         *du = g * a * s;
         *dg = g * u * s * (1.0 + a * (1.0 - s));
@@ -102,9 +115,16 @@ impl SwigluOps for Flex {
         d_gate
             .par_chunks_mut(CHUNK)
             .zip(d_up.par_chunks_mut(CHUNK))
-            .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(g.par_chunks(CHUNK)))
+            .zip(
+                a.par_chunks(CHUNK)
+                    .zip(u.par_chunks(CHUNK))
+                    .zip(g.par_chunks(CHUNK)),
+            )
             .for_each(|((dg, du), ((a, u), g))| backward_chunk(a, u, g, dg, du));
-        (flex_tensor(d_gate, shape.clone(), dtype), flex_tensor(d_up, shape, dtype))
+        (
+            flex_tensor(d_gate, shape.clone(), dtype),
+            flex_tensor(d_up, shape, dtype),
+        )
     }
 }
 
@@ -115,8 +135,15 @@ struct SwigluBackward;
 impl<B: Backend + SwigluOps> Backward<B, 2> for SwigluBackward {
     type State = (FloatTensor<B>, FloatTensor<B>);
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        backward_pair::<B, _>(ops, grads, |(gate, up), grad| B::swiglu_backward(gate, up, grad));
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        backward_pair::<B, _>(ops, grads, |(gate, up), grad| {
+            B::swiglu_backward(gate, up, grad)
+        });
     }
 }
 
@@ -124,7 +151,11 @@ impl<B: Backend + SwigluOps, C: CheckpointStrategy> SwigluOps for Autodiff<B, C>
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let parents = [gate.node(), up.node()];
         let (gate, up) = (gate.into_primitive(), up.into_primitive());
-        match SwigluBackward.prepare::<C>(parents).compute_bound().stateful() {
+        match SwigluBackward
+            .prepare::<C>(parents)
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let y = B::swiglu(gate.clone(), up.clone());
                 prep.finish((gate, up), y)
@@ -138,8 +169,15 @@ impl<B: Backend + SwigluOps, C: CheckpointStrategy> SwigluOps for Autodiff<B, C>
         up: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (d_gate, d_up) = B::swiglu_backward(gate.into_primitive(), up.into_primitive(), grad.into_primitive());
-        (<Self as AutodiffBackend>::from_inner(d_gate), <Self as AutodiffBackend>::from_inner(d_up))
+        let (d_gate, d_up) = B::swiglu_backward(
+            gate.into_primitive(),
+            up.into_primitive(),
+            grad.into_primitive(),
+        );
+        (
+            <Self as AutodiffBackend>::from_inner(d_gate),
+            <Self as AutodiffBackend>::from_inner(d_up),
+        )
     }
 }
 
@@ -159,7 +197,10 @@ mod tests {
             let up = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
             let weights = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
 
-            let (a, u) = (gate.clone().detach().require_grad(), up.clone().detach().require_grad());
+            let (a, u) = (
+                gate.clone().detach().require_grad(),
+                up.clone().detach().require_grad(),
+            );
             let y = swiglu(a.clone(), u.clone());
             let g = (y.clone() * weights.clone()).sum().backward();
             let (ga, gu) = (a.grad(&g).unwrap(), u.grad(&g).unwrap());
@@ -170,7 +211,8 @@ mod tests {
             let (gb, gv) = (b.grad(&g).unwrap(), v.grad(&g).unwrap());
 
             let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-6);
-            y.into_data().assert_approx_eq::<f32>(&reference.into_data(), tol);
+            y.into_data()
+                .assert_approx_eq::<f32>(&reference.into_data(), tol);
             ga.into_data().assert_approx_eq::<f32>(&gb.into_data(), tol);
             gu.into_data().assert_approx_eq::<f32>(&gv.into_data(), tol);
         }
@@ -180,20 +222,28 @@ mod tests {
     #[test]
     fn one_tracked_input_and_extreme_values() {
         let device = Device::flex().autodiff();
-        let gate = Tensor::<1>::from_data(TensorData::new(vec![-1000.0f32, -90.0, -1.0, 0.0, 1.0, 90.0, 1000.0], [7]), &device);
+        let gate = Tensor::<1>::from_data(
+            TensorData::new(vec![-1000.0f32, -90.0, -1.0, 0.0, 1.0, 90.0, 1000.0], [7]),
+            &device,
+        );
         let up = Tensor::<1>::ones([7], &device).require_grad();
         let y = swiglu(gate.clone(), up.clone());
         let grad = up.grad(&y.clone().sum().backward()).unwrap();
         let want = [0.0f32, 0.0, -0.268_941_43, 0.0, 0.731_058_6, 90.0, 1000.0];
         let tol = Tolerance::<f32>::rel_abs(1e-6, 1e-6);
-        y.into_data().assert_approx_eq::<f32>(&TensorData::new(want.to_vec(), [7]), tol);
-        grad.into_data().assert_approx_eq::<f32>(&TensorData::new(want.to_vec(), [7]), tol);
+        y.into_data()
+            .assert_approx_eq::<f32>(&TensorData::new(want.to_vec(), [7]), tol);
+        grad.into_data()
+            .assert_approx_eq::<f32>(&TensorData::new(want.to_vec(), [7]), tol);
     }
 
     #[test]
     #[should_panic(expected = "gate and up differ in shape")]
     fn shapes_must_agree() {
         let device = Device::flex();
-        let _ = swiglu(Tensor::<2>::zeros([2, 3], &device), Tensor::<2>::zeros([3, 2], &device));
+        let _ = swiglu(
+            Tensor::<2>::zeros([2, 3], &device),
+            Tensor::<2>::zeros([3, 2], &device),
+        );
     }
 }

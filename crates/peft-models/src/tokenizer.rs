@@ -35,7 +35,10 @@ fn tk_err(path: &Path, e: impl std::fmt::Display) -> PeftError {
 fn guarded<T>(f: impl FnOnce() -> tokenizers::Result<T>) -> std::result::Result<T, String> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(|e| e.to_string()),
-        Err(panic) => Err(format!("rejected by the tokenizers crate: {}", peft_core::error::panic_message(&*panic))),
+        Err(panic) => Err(format!(
+            "rejected by the tokenizers crate: {}",
+            peft_core::error::panic_message(&*panic)
+        )),
     }
 }
 
@@ -43,7 +46,10 @@ impl TextTokenizer {
     /// From a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path, eos_ids: Vec<u32>) -> Result<Self> {
         if !path.exists() {
-            return Err(PeftError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found")));
+            return Err(PeftError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
+            ));
         }
         let inner = guarded(|| Tokenizer::from_file(path)).map_err(|e| tk_err(path, e))?;
         Ok(Self::finish(inner, eos_ids, None))
@@ -58,9 +64,15 @@ impl TextTokenizer {
     /// From the `tokenizer.ggml.*` metadata of a GGUF file (byte-level BPE, `gpt2` model).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let path = file.path.as_path();
-        let model = file.require("tokenizer.ggml.model")?.as_str().unwrap_or_default();
+        let model = file
+            .require("tokenizer.ggml.model")?
+            .as_str()
+            .unwrap_or_default();
         if model != "gpt2" {
-            return Err(tk_err(path, format!("tokenizer model `{model}` is not supported (gpt2 byte-level BPE)")));
+            return Err(tk_err(
+                path,
+                format!("tokenizer model `{model}` is not supported (gpt2 byte-level BPE)"),
+            ));
         }
         let strings = |key: &str| -> Result<Vec<String>> {
             Ok(file
@@ -74,20 +86,30 @@ impl TextTokenizer {
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
             .into_iter()
-            .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .filter_map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
             .collect();
         let types: Vec<u64> = file
             .meta("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
             .map_err(|e| tk_err(path, e))?;
         let mut inner = Tokenizer::new(bpe);
-        let pre = file.meta("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+        let pre = file
+            .meta("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
         let byte_level = ByteLevel::new(false, true, true);
         // llama.cpp's `smollm` pre-tokenizer splits digits one by one before the GPT-2 regex.
         let pre_tok: PreTokenizerWrapper = if pre == "smollm" {
@@ -110,7 +132,10 @@ impl TextTokenizer {
             .and_then(Value::as_u64)
             .map(|v| vec![v as u32])
             .unwrap_or_default();
-        let template = file.meta("tokenizer.chat_template").and_then(Value::as_str).unwrap_or_default();
+        let template = file
+            .meta("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         Ok(Self::finish(inner, eos, system_from_template(template)))
     }
 
@@ -123,7 +148,12 @@ impl TextTokenizer {
         {
             eos_ids.push(id);
         }
-        Self { inner, eos_ids, chatml, default_system }
+        Self {
+            inner,
+            eos_ids,
+            chatml,
+            default_system,
+        }
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -151,7 +181,8 @@ impl TextTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        guarded(|| self.inner.decode(ids, true)).map_err(|e| PeftError::Other(format!("tokenizer: {e}")))
+        guarded(|| self.inner.decode(ids, true))
+            .map_err(|e| PeftError::Other(format!("tokenizer: {e}")))
     }
 
     /// The prompt for one user turn, ready for the assistant's answer (ChatML when the
@@ -164,7 +195,9 @@ impl TextTokenizer {
         if let Some(system) = &self.default_system {
             s.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
         }
-        s.push_str(&format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"));
+        s.push_str(&format!(
+            "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        ));
         s
     }
 
@@ -188,7 +221,10 @@ mod tests {
     #[test]
     fn system_prompt_from_chatml_template() {
         let t = "{% if x %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}";
-        assert_eq!(super::system_from_template(t).as_deref(), Some("You are helpful"));
+        assert_eq!(
+            super::system_from_template(t).as_deref(),
+            Some("You are helpful")
+        );
         assert_eq!(super::system_from_template("{{ messages }}"), None);
     }
 }

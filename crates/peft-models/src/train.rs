@@ -21,7 +21,12 @@ pub struct Example {
 
 /// A question/answer pair in the chat format, with the loss on the answer (and its closing
 /// marker) only. Sequences are cut to `max_len` tokens.
-pub fn chat_example(tok: &TextTokenizer, question: &str, answer: &str, max_len: usize) -> Result<Example> {
+pub fn chat_example(
+    tok: &TextTokenizer,
+    question: &str,
+    answer: &str,
+    max_len: usize,
+) -> Result<Example> {
     let prompt = tok.encode(&tok.chat_prompt(question))?;
     let answer = tok.encode(&format!("{answer}{}", tok.answer_suffix()))?;
     let mut tokens = prompt.clone();
@@ -35,7 +40,12 @@ pub fn chat_example(tok: &TextTokenizer, question: &str, answer: &str, max_len: 
 
 /// Right-padded `[batch, seq]` token ids and loss mask (padding is never predicted).
 pub fn batch(examples: &[Example], pad: u32, device: &Device) -> (Tensor<2, Int>, Tensor<2>) {
-    let seq = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(1).max(2);
+    let seq = examples
+        .iter()
+        .map(|e| e.tokens.len())
+        .max()
+        .unwrap_or(1)
+        .max(2);
     let mut ids = Vec::with_capacity(examples.len() * seq);
     let mut mask = Vec::with_capacity(examples.len() * seq);
     for e in examples {
@@ -52,13 +62,21 @@ pub fn batch(examples: &[Example], pad: u32, device: &Device) -> (Tensor<2, Int>
 }
 
 /// Mean loss per predicted token over `examples` (no gradients).
-pub fn eval_loss(model: &LlamaForCausalLM, examples: &[Example], batch_size: usize, pad: u32) -> f64 {
+pub fn eval_loss(
+    model: &LlamaForCausalLM,
+    examples: &[Example],
+    batch_size: usize,
+    pad: u32,
+) -> f64 {
     let model = model.valid();
     let device = model.device();
     let (mut total, mut count) = (0.0, 0.0);
     for chunk in examples.chunks(batch_size.max(1)) {
         let (ids, mask) = batch(chunk, pad, &device);
-        let n: f64 = chunk.iter().map(|e| e.loss_mask[1..].iter().sum::<f32>() as f64).sum();
+        let n: f64 = chunk
+            .iter()
+            .map(|e| e.loss_mask[1..].iter().sum::<f32>() as f64)
+            .sum();
         let loss: f32 = model.causal_lm_loss(ids, mask).into_scalar();
         total += loss as f64 * n;
         count += n;

@@ -14,9 +14,24 @@ fn logits_match_transformers() {
     let (model, tok) = load_bert_classifier(&dir.join("model"), 3, &device).unwrap();
     let raw = std::fs::read(dir.join("expected.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
-    let ids: Vec<i64> = st.tensor("input_ids").unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
-    let logits: Vec<f32> = st.tensor("logits").unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-    let rows: Vec<Vec<u32>> = ids.chunks(6).map(|r| r.iter().filter(|&&t| t != 0).map(|&t| t as u32).collect()).collect();
+    let ids: Vec<i64> = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let logits: Vec<f32> = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let rows: Vec<Vec<u32>> = ids
+        .chunks(6)
+        .map(|r| r.iter().filter(|&&t| t != 0).map(|&t| t as u32).collect())
+        .collect();
     let (tokens, mask) = encode_batch(&rows, &device);
     let ours = model.forward(tokens.clone(), mask);
     let expected = Tensor::<2>::from_data(TensorData::new(logits, [2, 3]), &device);
@@ -39,18 +54,34 @@ fn modules_to_save_container_is_trained_and_saved_whole() {
     let trainable = |saved: &[&str]| {
         let (model, _) = load_bert_classifier(&dir.join("model"), 3, &device).unwrap();
         let mut config = peft_lora::LoraConfig::new(2, 4.0, &[]);
-        config.target_modules = Some(peft_core::target::ModuleSelector::Pattern("all-linear".into()));
+        config.target_modules = Some(peft_core::target::ModuleSelector::Pattern(
+            "all-linear".into(),
+        ));
         config.modules_to_save = Some(saved.iter().map(|s| s.to_string()).collect());
         let model = config.apply(model, "default").unwrap();
-        let keys: Vec<String> = config.state(&model, "default").unwrap().keys().cloned().collect();
+        let keys: Vec<String> = config
+            .state(&model, "default")
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         let n = ParamReport::of(&model).trainable;
         (model, n, keys)
     };
     let (_, head_only, _) = trainable(&["classifier"]);
     let (model, with_pooler, keys) = trainable(&["pooler", "classifier"]);
-    assert!(model.pooler.adapter("default").is_none(), "pooler.dense must not get LoRA");
+    assert!(
+        model.pooler.adapter("default").is_none(),
+        "pooler.dense must not get LoRA"
+    );
     // hidden 32: the pooler's 32x32 weight and 32 biases train whole; its r=2 LoRA (2·2·32) is gone.
     assert_eq!(with_pooler, head_only + 32 * 32 + 32 - 2 * 2 * 32);
-    assert!(keys.contains(&"base_model.model.bert.pooler.dense.weight".to_string()), "{keys:?}");
-    assert!(keys.contains(&"base_model.model.classifier.weight".to_string()), "{keys:?}");
+    assert!(
+        keys.contains(&"base_model.model.bert.pooler.dense.weight".to_string()),
+        "{keys:?}"
+    );
+    assert!(
+        keys.contains(&"base_model.model.classifier.weight".to_string()),
+        "{keys:?}"
+    );
 }

@@ -30,7 +30,13 @@ fn accuracy(model: &BertForSequenceClassification, data: &[Encoded]) -> f64 {
     for chunk in data.chunks(64) {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|e| e.0.clone()).collect();
         let (tokens, mask) = encode_batch(&ids, &device);
-        let pred = model.forward(tokens, mask).argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+        let pred = model
+            .forward(tokens, mask)
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap();
         correct += pred.iter().zip(chunk).filter(|(p, e)| **p == e.1).count();
     }
     correct as f64 / data.len() as f64
@@ -55,7 +61,12 @@ fn lora_classifier_beats_the_majority_baseline() {
     let (model, tok) = load_bert_classifier(&model_dir, labels.len(), &device).unwrap();
     let encode = |rows: &[LabeledText]| -> Vec<Encoded> {
         rows.iter()
-            .map(|r| (tok.encode_with_special(&r.text, 64).unwrap(), labels.iter().position(|l| *l == r.label).unwrap() as i64))
+            .map(|r| {
+                (
+                    tok.encode_with_special(&r.text, 64).unwrap(),
+                    labels.iter().position(|l| *l == r.label).unwrap() as i64,
+                )
+            })
             .collect()
     };
     let (train, test) = (encode(&train_rows), encode(&test_rows));
@@ -73,7 +84,13 @@ fn lora_classifier_beats_the_majority_baseline() {
     println!("{report}");
     assert_eq!(report.trainable, 6 * 2 * 8 * (384 + 384) + 384 * 3 + 3);
 
-    let cfg = TrainConfig { learning_rate: 2e-3, steps: 150, batch_size: 32, warmup_steps: 10, ..Default::default() };
+    let cfg = TrainConfig {
+        learning_rate: 2e-3,
+        steps: 150,
+        batch_size: 32,
+        warmup_steps: 10,
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(model, cfg);
     let t = std::time::Instant::now();
     while !trainer.is_done() {
@@ -81,7 +98,8 @@ fn lora_classifier_beats_the_majority_baseline() {
             let ids: Vec<Vec<u32>> = batch.iter().map(|e| e.0.clone()).collect();
             let (tokens, mask) = encode_batch(&ids, &m.device());
             let y: Vec<i64> = batch.iter().map(|e| e.1).collect();
-            let labels = Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &m.device());
+            let labels =
+                Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &m.device());
             (m.loss(tokens, mask, labels), batch.len())
         });
         if r.step % 25 == 0 {
@@ -91,19 +109,44 @@ fn lora_classifier_beats_the_majority_baseline() {
     println!("training took {:?}", t.elapsed());
     let model = trainer.into_model();
     let acc = accuracy(&model, &test);
-    println!("test accuracy {acc:.3} (majority baseline {majority:.3}, {} test tweets)", test.len());
-    assert!(acc > majority + 0.10, "accuracy {acc} vs majority {majority}");
+    println!(
+        "test accuracy {acc:.3} (majority baseline {majority:.3}, {} test tweets)",
+        test.len()
+    );
+    assert!(
+        acc > majority + 0.10,
+        "accuracy {acc} vs majority {majority}"
+    );
 
     // The classifier is saved under its module path, as PEFT saves modules_to_save.
     let out = tempfile::tempdir().unwrap();
     config.save(&model, "default", out.path()).unwrap();
     let files = peft_core::adapter_io::load_adapter(out.path()).unwrap();
-    assert_eq!(files.tensors.get("base_model.model.classifier.weight").unwrap().shape, vec![3, 384]);
-    assert!(files.tensors.get("base_model.model.classifier.bias").is_some());
-    assert!(files.tensors.get("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight").is_some());
+    assert_eq!(
+        files
+            .tensors
+            .get("base_model.model.classifier.weight")
+            .unwrap()
+            .shape,
+        vec![3, 384]
+    );
+    assert!(
+        files
+            .tensors
+            .get("base_model.model.classifier.bias")
+            .is_some()
+    );
+    assert!(
+        files
+            .tensors
+            .get("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight")
+            .is_some()
+    );
     // ... and reloads to the same accuracy.
     let (fresh, _) = load_bert_classifier(&model_dir, labels.len(), &device).unwrap();
     let fresh = config.apply(fresh, "default").unwrap();
-    let reloaded = config.load_state(fresh, "default", files.tensors, out.path()).unwrap();
+    let reloaded = config
+        .load_state(fresh, "default", files.tensors, out.path())
+        .unwrap();
     assert!((accuracy(&reloaded, &test) - acc).abs() < 1e-9);
 }

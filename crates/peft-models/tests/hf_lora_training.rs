@@ -25,11 +25,24 @@ fn fixtures() -> PathBuf {
 fn initial_model(device: &Device) -> (LlamaForCausalLM, LoraConfig) {
     let dir = fixtures().join("lora_tiny/base_plain");
     let config = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    let base = LlamaForCausalLM::from_tensors(config, read_safetensors_folder(&dir).unwrap(), &dir, device).unwrap();
+    let base = LlamaForCausalLM::from_tensors(
+        config,
+        read_safetensors_folder(&dir).unwrap(),
+        &dir,
+        device,
+    )
+    .unwrap();
     let files = load_adapter(&fixtures().join("lora_train/adapter_init")).unwrap();
     let lora = LoraConfig::from_json(&files.config).unwrap();
     let model = lora.apply(base, "default").unwrap();
-    let model = lora.load_state(model, "default", files.tensors, &files.dir.join(WEIGHTS_FILE)).unwrap();
+    let model = lora
+        .load_state(
+            model,
+            "default",
+            files.tensors,
+            &files.dir.join(WEIGHTS_FILE),
+        )
+        .unwrap();
     (model, lora)
 }
 
@@ -43,11 +56,25 @@ impl Expected {
 
     fn get(&self, key: &str) -> (Vec<usize>, Vec<f64>) {
         let st = SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(key).unwrap_or_else(|e| panic!("expected.safetensors: {key}: {e}"));
+        let t = st
+            .tensor(key)
+            .unwrap_or_else(|e| panic!("expected.safetensors: {key}: {e}"));
         let values = match t.dtype() {
-            Dtype::F64 => t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-            Dtype::I64 => t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            Dtype::F64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::I64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
             other => panic!("{key}: unexpected dtype {other:?}"),
         };
         (t.shape().to_vec(), values)
@@ -63,7 +90,10 @@ impl Expected {
                 let ids = &ids[row * seq..(row + 1) * seq];
                 let mask = &mask[row * seq..(row + 1) * seq];
                 // Padding is the trailing run of id 0 outside the loss.
-                let len = (0..seq).rev().find(|&i| ids[i] != 0.0 || mask[i] != 0.0).map_or(0, |i| i + 1);
+                let len = (0..seq)
+                    .rev()
+                    .find(|&i| ids[i] != 0.0 || mask[i] != 0.0)
+                    .map_or(0, |i| i + 1);
                 Example {
                     tokens: ids[..len].iter().map(|&t| t as u32).collect(),
                     loss_mask: mask[..len].iter().map(|&m| m as f32).collect(),
@@ -77,7 +107,10 @@ impl Expected {
 fn relative_error(ours: &[f32], theirs: &[f64]) -> f64 {
     assert_eq!(ours.len(), theirs.len());
     let scale = theirs.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let err = ours.iter().zip(theirs).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+    let err = ours
+        .iter()
+        .zip(theirs)
+        .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
     err / scale.max(1e-30)
 }
 
@@ -86,22 +119,34 @@ fn loss_and_lora_gradients_match_pytorch() {
     let device = Device::flex().autodiff();
     let expected = Expected::load();
     let examples = expected.examples();
-    assert_eq!(examples[1].tokens.len(), 11, "the fixture's second row is padded");
+    assert_eq!(
+        examples[1].tokens.len(),
+        11,
+        "the fixture's second row is padded"
+    );
     let (model, _) = initial_model(&device);
     let (ids, mask) = batch(&examples, 0, &device);
     let loss = model.causal_lm_loss(ids, mask);
     let value: f32 = loss.clone().into_scalar();
     let theirs = expected.get("losses").1[0];
-    assert!((value as f64 - theirs).abs() < 1e-5 * theirs, "loss {value} vs PyTorch {theirs}");
+    assert!(
+        (value as f64 - theirs).abs() < 1e-5 * theirs,
+        "loss {value} vs PyTorch {theirs}"
+    );
 
     let grads = loss.backward();
     let mut checked = 0;
     for (path, slot) in model.lora_slots() {
-        let Some(adapter) = slot.adapter("default") else { continue };
+        let Some(adapter) = slot.adapter("default") else {
+            continue;
+        };
         // Ours are [in, r] and [r, out]; PyTorch's are the transposes.
         for (name, param) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
             let key = format!("grad.{KEY_PREFIX}{path}.{name}.weight");
-            let grad: Tensor<2> = param.val().grad(&grads).unwrap_or_else(|| panic!("{key}: no gradient"));
+            let grad: Tensor<2> = param
+                .val()
+                .grad(&grads)
+                .unwrap_or_else(|| panic!("{key}: no gradient"));
             let ours = HostTensor::from_tensor(grad).transposed();
             let (shape, theirs) = expected.get(&key);
             assert_eq!(ours.shape, shape, "{key}");
@@ -118,8 +163,10 @@ fn five_trainer_steps_match_torch_adamw() {
     let device = Device::flex().autodiff();
     let expected = Expected::load();
     let examples = expected.examples();
-    let settings: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("lora_train/train.json")).unwrap()).unwrap();
+    let settings: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("lora_train/train.json")).unwrap(),
+    )
+    .unwrap();
     let (model, lora) = initial_model(&device);
     let steps = settings["steps"].as_u64().unwrap() as usize;
     let config = TrainConfig {
@@ -133,7 +180,11 @@ fn five_trainer_steps_match_torch_adamw() {
         max_grad_norm: settings["max_grad_norm"].as_f64(),
         seed: 0,
     };
-    let (losses, norms, lrs) = (expected.get("losses").1, expected.get("grad_norms").1, expected.get("learning_rates").1);
+    let (losses, norms, lrs) = (
+        expected.get("losses").1,
+        expected.get("grad_norms").1,
+        expected.get("learning_rates").1,
+    );
     let max_norm = config.max_grad_norm.unwrap();
     assert!(
         norms.iter().any(|&n| n > max_norm) && norms.iter().any(|&n| n < max_norm),
@@ -142,22 +193,58 @@ fn five_trainer_steps_match_torch_adamw() {
     let mut trainer = Trainer::new(model, config);
     for step in 0..steps {
         let r = trainer.step(&examples, |m, b| lm_batch_loss(m, b, 0));
-        assert!((r.learning_rate - lrs[step]).abs() < 1e-12, "step {step}: lr {} vs {}", r.learning_rate, lrs[step]);
-        assert!((r.loss - losses[step]).abs() < 1e-5 * losses[step], "step {step}: loss {} vs PyTorch {}", r.loss, losses[step]);
-        assert!((r.grad_norm - norms[step]).abs() < 1e-4 * norms[step], "step {step}: |g| {} vs PyTorch {}", r.grad_norm, norms[step]);
+        assert!(
+            (r.learning_rate - lrs[step]).abs() < 1e-12,
+            "step {step}: lr {} vs {}",
+            r.learning_rate,
+            lrs[step]
+        );
+        assert!(
+            (r.loss - losses[step]).abs() < 1e-5 * losses[step],
+            "step {step}: loss {} vs PyTorch {}",
+            r.loss,
+            losses[step]
+        );
+        assert!(
+            (r.grad_norm - norms[step]).abs() < 1e-4 * norms[step],
+            "step {step}: |g| {} vs PyTorch {}",
+            r.grad_norm,
+            norms[step]
+        );
     }
 
     let ours = lora.state(trainer.model(), "default").unwrap();
-    let theirs = load_adapter(&fixtures().join("lora_train/adapter_final")).unwrap().tensors;
-    let init = load_adapter(&fixtures().join("lora_train/adapter_init")).unwrap().tensors;
-    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+    let theirs = load_adapter(&fixtures().join("lora_train/adapter_final"))
+        .unwrap()
+        .tensors;
+    let init = load_adapter(&fixtures().join("lora_train/adapter_init"))
+        .unwrap()
+        .tensors;
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
     for (key, t) in &theirs.tensors {
         let o = ours.get(key).unwrap();
         let start = init.get(key).unwrap();
         // Each weight moved by about lr per step; ours must land where PyTorch's did.
-        let moved = t.data.iter().zip(&start.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        let err = o.data.iter().zip(&t.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(moved > 1e-2, "{key}: PyTorch's training barely moved it ({moved})");
-        assert!(err < 1e-3 * moved, "{key}: trained weights differ from PyTorch's by {err} (they moved {moved})");
+        let moved = t
+            .data
+            .iter()
+            .zip(&start.data)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let err = o
+            .data
+            .iter()
+            .zip(&t.data)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            moved > 1e-2,
+            "{key}: PyTorch's training barely moved it ({moved})"
+        );
+        assert!(
+            err < 1e-3 * moved,
+            "{key}: trained weights differ from PyTorch's by {err} (they moved {moved})"
+        );
     }
 }

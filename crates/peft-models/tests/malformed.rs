@@ -12,7 +12,11 @@ use readers::{Outcome, fixtures, seeds};
 use serde_json::{Value, json};
 
 fn reader(name: &str) -> fn(&[u8]) -> Outcome {
-    readers::READERS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f).expect("reader")
+    readers::READERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, f)| *f)
+        .expect("reader")
 }
 
 /// `reader(bytes)` fails with one line containing every one of `needles`.
@@ -21,9 +25,15 @@ fn refused(name: &str, bytes: &[u8], needles: &[&str]) {
         eprintln!("malformed case: {name}");
     }
     match reader(name)(bytes) {
-        Ok(()) => panic!("{name}: accepted {:?}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)])),
+        Ok(()) => panic!(
+            "{name}: accepted {:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+        ),
         Err(e) => {
-            assert!(!e.trim().is_empty() && !e.contains('\n'), "{name}: error is not one line: {e:?}");
+            assert!(
+                !e.trim().is_empty() && !e.contains('\n'),
+                "{name}: error is not one line: {e:?}"
+            );
             for n in needles {
                 assert!(e.contains(n), "{name}: `{e}` does not mention `{n}`");
             }
@@ -53,7 +63,11 @@ fn safetensors_raw(header: &Value, data: &[u8]) -> Vec<u8> {
 #[test]
 fn the_seeds_are_accepted() {
     for (name, seed) in seeds() {
-        assert_eq!(reader(name)(&seed), Ok(()), "{name}: a valid seed must load");
+        assert_eq!(
+            reader(name)(&seed),
+            Ok(()),
+            "{name}: a valid seed must load"
+        );
     }
 }
 
@@ -65,20 +79,65 @@ fn malformed_safetensors() {
     huge.extend(b"{}");
     refused("safetensors", &huge, &["fuzz.safetensors"]);
     // Offsets past the end, shape and byte count that disagree.
-    refused("safetensors", &safetensors_raw(&json!({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 64]}}), &f32s(4)), &["safetensors"]);
-    refused("safetensors", &safetensors_raw(&json!({"w": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 16]}}), &f32s(4)), &["safetensors"]);
-    refused("safetensors", &safetensors_raw(&json!({"w": {"dtype": "F32", "shape": [u64::MAX, 2], "data_offsets": [0, 16]}}), &f32s(4)), &["safetensors"]);
+    refused(
+        "safetensors",
+        &safetensors_raw(
+            &json!({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 64]}}),
+            &f32s(4),
+        ),
+        &["safetensors"],
+    );
+    refused(
+        "safetensors",
+        &safetensors_raw(
+            &json!({"w": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 16]}}),
+            &f32s(4),
+        ),
+        &["safetensors"],
+    );
+    refused(
+        "safetensors",
+        &safetensors_raw(
+            &json!({"w": {"dtype": "F32", "shape": [u64::MAX, 2], "data_offsets": [0, 16]}}),
+            &f32s(4),
+        ),
+        &["safetensors"],
+    );
     // An integer dtype under a float key.
-    let int = safetensors_raw(&json!({"model.norm.weight": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}), &[0; 16]);
+    let int = safetensors_raw(
+        &json!({"model.norm.weight": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}),
+        &[0; 16],
+    );
     refused("safetensors", &int, &["model.norm.weight", "I64"]);
     // In a model checkpoint: a weight of the wrong shape, or of bytes where floats belong.
-    let mut t = peft_core::tensors::TensorMap::read_safetensors(&fixtures().join("lora_tiny/base_plain/model.safetensors")).unwrap();
-    t.insert("model.norm.weight", peft_core::tensors::HostTensor::new(vec![3], vec![1.0; 3]));
-    refused("llama_checkpoint", &t.to_safetensors_bytes(&[]).unwrap(), &["model.norm.weight", "[3]", "[64]"]);
-    t.insert("model.norm.weight", peft_core::tensors::HostTensor::from_bytes(vec![64], vec![1u8; 64]));
-    refused("llama_checkpoint", &t.to_safetensors_bytes(&[]).unwrap(), &["model.norm.weight"]);
+    let mut t = peft_core::tensors::TensorMap::read_safetensors(
+        &fixtures().join("lora_tiny/base_plain/model.safetensors"),
+    )
+    .unwrap();
+    t.insert(
+        "model.norm.weight",
+        peft_core::tensors::HostTensor::new(vec![3], vec![1.0; 3]),
+    );
+    refused(
+        "llama_checkpoint",
+        &t.to_safetensors_bytes(&[]).unwrap(),
+        &["model.norm.weight", "[3]", "[64]"],
+    );
+    t.insert(
+        "model.norm.weight",
+        peft_core::tensors::HostTensor::from_bytes(vec![64], vec![1u8; 64]),
+    );
+    refused(
+        "llama_checkpoint",
+        &t.to_safetensors_bytes(&[]).unwrap(),
+        &["model.norm.weight"],
+    );
     t.remove("model.norm.weight");
-    refused("llama_checkpoint", &t.to_safetensors_bytes(&[]).unwrap(), &["missing tensor `model.norm.weight`"]);
+    refused(
+        "llama_checkpoint",
+        &t.to_safetensors_bytes(&[]).unwrap(),
+        &["missing tensor `model.norm.weight`"],
+    );
 }
 
 /// Patch the little-endian u64 at `at` of a GGUF file.
@@ -96,9 +155,21 @@ fn malformed_gguf() {
     let mut version = good.clone();
     version[4] = 9;
     refused("gguf", &version, &["unsupported GGUF version 9"]);
-    refused("gguf", &patch_u64(good.clone(), 8, u64::MAX), &["fuzz.gguf"]); // tensor count
-    refused("gguf", &patch_u64(good.clone(), 16, 1 << 40), &["fuzz.gguf"]); // key/value count
-    refused("gguf", &patch_u64(good.clone(), 24, u64::MAX - 3), &["truncated"]); // first key's length
+    refused(
+        "gguf",
+        &patch_u64(good.clone(), 8, u64::MAX),
+        &["fuzz.gguf"],
+    ); // tensor count
+    refused(
+        "gguf",
+        &patch_u64(good.clone(), 16, 1 << 40),
+        &["fuzz.gguf"],
+    ); // key/value count
+    refused(
+        "gguf",
+        &patch_u64(good.clone(), 24, u64::MAX - 3),
+        &["truncated"],
+    ); // first key's length
     refused("gguf", &good[..good.len() / 2], &["fuzz.gguf"]);
     // general.alignment 0: the second key, a u32 after its 17-byte name.
     let key = b"general.alignment";
@@ -110,12 +181,20 @@ fn malformed_gguf() {
     let name = b"blk.0.ffn_up.weight";
     let info = good.windows(name.len()).position(|w| w == name).unwrap() + name.len();
     // n_dims (4) + 2 dims (16) + type (4), then the offset.
-    refused("gguf", &patch_u64(good.clone(), info + 24, 1 << 50), &["blk.0.ffn_up.weight", "past the end"]);
+    refused(
+        "gguf",
+        &patch_u64(good.clone(), info + 24, 1 << 50),
+        &["blk.0.ffn_up.weight", "past the end"],
+    );
     let mut ty = good.clone();
     ty[info + 20..info + 24].copy_from_slice(&99u32.to_le_bytes());
     refused("gguf", &ty, &["blk.0.ffn_up.weight", "type 99"]);
     // Dimensions whose product overflows.
-    let huge = patch_u64(patch_u64(good.clone(), info + 4, u64::MAX / 2), info + 12, 4);
+    let huge = patch_u64(
+        patch_u64(good.clone(), info + 4, u64::MAX / 2),
+        info + 12,
+        4,
+    );
     refused("gguf", &huge, &["blk.0.ffn_up.weight"]);
     // Arrays nested a thousand deep (a few bytes per level).
     let mut deep = good[..24].to_vec();
@@ -137,13 +216,19 @@ fn malformed_configs() {
     let cases: Vec<(Value, &str)> = vec![
         (json!({"num_attention_heads": 0}), "num_attention_heads 0"),
         (json!({"num_key_value_heads": 0}), "num_key_value_heads 0"),
-        (json!({"num_key_value_heads": 3}), "not a multiple of num_key_value_heads 3"),
+        (
+            json!({"num_key_value_heads": 3}),
+            "not a multiple of num_key_value_heads 3",
+        ),
         (json!({"num_hidden_layers": 0}), "num_hidden_layers 0"),
         (json!({"hidden_size": -64}), "hidden_size"),
         (json!({"hidden_size": "64"}), "hidden_size"),
         (json!({"vocab_size": 1u64 << 60}), "vocab_size"),
         (json!({"intermediate_size": null}), "intermediate_size"),
-        (json!({"head_dim": null, "hidden_size": 66}), "not a multiple of num_attention_heads"),
+        (
+            json!({"head_dim": null, "hidden_size": 66}),
+            "not a multiple of num_attention_heads",
+        ),
         (json!({"rms_norm_eps": -1.0}), "rms_norm_eps"),
         (json!({"model_type": "qwen2"}), "qwen2"),
         (json!({"model_type": "gpt2"}), "gpt2"),
@@ -153,7 +238,11 @@ fn malformed_configs() {
         for (k, x) in patch.as_object().unwrap() {
             v[k] = x.clone();
         }
-        refused("llama_config", &serde_json::to_vec(&v).unwrap(), &["config.json", needle]);
+        refused(
+            "llama_config",
+            &serde_json::to_vec(&v).unwrap(),
+            &["config.json", needle],
+        );
     }
     refused("llama_config", b"[1, 2]", &["config.json"]);
     refused("llama_config", &[0xff, 0xfe], &[]);
@@ -162,11 +251,19 @@ fn malformed_configs() {
         ("num_attention_heads", json!(0), "num_attention_heads 0"),
         ("num_attention_heads", json!(5), "not a multiple"),
         ("num_hidden_layers", json!(0), "num_hidden_layers 0"),
-        ("max_position_embeddings", json!(-1), "max_position_embeddings"),
+        (
+            "max_position_embeddings",
+            json!(-1),
+            "max_position_embeddings",
+        ),
         ("layer_norm_eps", json!("small"), "layer_norm_eps"),
         ("model_type", json!("roberta"), "roberta"),
     ] {
-        refused("bert_config", &json_with(bert, key, value), &["config.json", needle]);
+        refused(
+            "bert_config",
+            &json_with(bert, key, value),
+            &["config.json", needle],
+        );
     }
 }
 
@@ -174,7 +271,15 @@ fn malformed_configs() {
 fn malformed_tokenizer_and_adapter_config() {
     refused("tokenizer", b"", &["tokenizer.json"]);
     refused("tokenizer", b"{\"model\": 3}", &["tokenizer.json"]);
-    refused("tokenizer", &json_with("lora_tiny/base_plain/tokenizer.json", "model", json!({"type": "BPE", "vocab": 1})), &["tokenizer.json"]);
+    refused(
+        "tokenizer",
+        &json_with(
+            "lora_tiny/base_plain/tokenizer.json",
+            "model",
+            json!({"type": "BPE", "vocab": 1}),
+        ),
+        &["tokenizer.json"],
+    );
     let adapter = "lora_tiny/list_rslora/adapter/adapter_config.json";
     for (key, value, needle) in [
         ("r", json!(0), "r must be positive"),
@@ -184,7 +289,11 @@ fn malformed_tokenizer_and_adapter_config() {
         ("lora_dropout", json!(1.5), "lora_dropout"),
         ("target_modules", json!(7), "target_modules"),
         ("target_modules", json!("(unclosed"), "(unclosed"),
-        ("target_modules", json!(["nothing_here"]), "matched no module"),
+        (
+            "target_modules",
+            json!(["nothing_here"]),
+            "matched no module",
+        ),
         ("rank_pattern", json!({"q_proj": 0}), "rank_pattern"),
         ("layers_to_transform", json!("all"), "layers_to_transform"),
         ("bias", json!("some"), "bias"),
@@ -195,8 +304,25 @@ fn malformed_tokenizer_and_adapter_config() {
         refused("adapter_config", &json_with(adapter, key, value), &[needle]);
     }
     // Every peft_type Hugging Face PEFT writes: LoRA loads, the others are refused by name.
-    for t in ["PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "IA3", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "LN_TUNING", "SHIRA"] {
-        refused("adapter_config", &json_with(adapter, "peft_type", json!(t)), &[t]);
+    for t in [
+        "PROMPT_TUNING",
+        "P_TUNING",
+        "PREFIX_TUNING",
+        "IA3",
+        "ADALORA",
+        "LOHA",
+        "LOKR",
+        "OFT",
+        "BOFT",
+        "VERA",
+        "LN_TUNING",
+        "SHIRA",
+    ] {
+        refused(
+            "adapter_config",
+            &json_with(adapter, "peft_type", json!(t)),
+            &[t],
+        );
     }
     refused("adapter_config", b"null", &["adapter_config.json"]);
 }
@@ -219,7 +345,11 @@ fn malformed_quant_state() {
     ] {
         let mut v = good.clone();
         v[key] = value;
-        refused("quant_state", &state(v), &["model.layers.0.mlp.up_proj.weight", needle]);
+        refused(
+            "quant_state",
+            &state(v),
+            &["model.layers.0.mlp.up_proj.weight", needle],
+        );
     }
     refused("quant_state", b"\xff\x00", &["quant-state"]);
 }
@@ -229,8 +359,14 @@ fn malformed_data_files() {
     let jsonl: &[(&[u8], &str)] = &[
         (b"", "no examples"),
         (b"\n\n", "no examples"),
-        (b"{\"question\": \"hi\", \"answer\": \"ok\xff\"}\n", "data.jsonl:1: not UTF-8"),
-        (b"{\"question\": \"the\", \"answer\": \"cat\"}\n{\"question\": 3, \"answer\": \"x\"}\n", "data.jsonl:2"),
+        (
+            b"{\"question\": \"hi\", \"answer\": \"ok\xff\"}\n",
+            "data.jsonl:1: not UTF-8",
+        ),
+        (
+            b"{\"question\": \"the\", \"answer\": \"cat\"}\n{\"question\": 3, \"answer\": \"x\"}\n",
+            "data.jsonl:2",
+        ),
         (b"{\"question\": null, \"answer\": null}\n", "data.jsonl:1"),
         (b"[1, 2, 3]\n", "data.jsonl:1"),
         (b"{\"text\": \"\"}\n", "fewer than 2 tokens"),
@@ -239,7 +375,11 @@ fn malformed_data_files() {
     for (bytes, needle) in jsonl {
         refused("jsonl", bytes, &[needle]);
     }
-    let deep = format!("{{\"text\": {}\"x\"{}}}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let deep = format!(
+        "{{\"text\": {}\"x\"{}}}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
     refused("jsonl", deep.as_bytes(), &["data.jsonl:1", "recursion"]);
     let csv: &[(&[u8], &str)] = &[
         (b"", "no column `text`"),
@@ -252,9 +392,17 @@ fn malformed_data_files() {
     for (bytes, needle) in csv {
         refused("csv", bytes, &["data.csv", needle]);
     }
-    refused("chatterbot_yaml", b"conversations:\n- - [unclosed\n", &["corpus.yml", "YAML"]);
+    refused(
+        "chatterbot_yaml",
+        b"conversations:\n- - [unclosed\n",
+        &["corpus.yml", "YAML"],
+    );
     refused("chatterbot_yaml", b"\xff\xfe", &["corpus.yml", "UTF-8"]);
-    let deep = format!("conversations: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let deep = format!(
+        "conversations: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
     refused("chatterbot_yaml", deep.as_bytes(), &["corpus.yml"]);
     // Wrong types inside a well-formed file are skipped, not fatal.
     assert_eq!(reader("chatterbot_yaml")(b"conversations: 3\n"), Ok(()));
@@ -274,14 +422,34 @@ enum Edit {
 }
 
 fn edit() -> impl Strategy<Value = Edit> {
-    let boundary = prop::sample::select(vec![0u64, 1, 2, 255, 1 << 31, u32::MAX as u64, 1 << 40, i64::MAX as u64, u64::MAX]);
+    let boundary = prop::sample::select(vec![
+        0u64,
+        1,
+        2,
+        255,
+        1 << 31,
+        u32::MAX as u64,
+        1 << 40,
+        i64::MAX as u64,
+        u64::MAX,
+    ]);
     let json_value = prop::sample::select(vec![
-        json!(0), json!(-1), json!(1e308), json!(u64::MAX), json!(null), json!("x"), json!([]), json!({}), json!(true), json!([0, [0]]),
+        json!(0),
+        json!(-1),
+        json!(1e308),
+        json!(u64::MAX),
+        json!(null),
+        json!("x"),
+        json!([]),
+        json!({}),
+        json!(true),
+        json!([0, [0]]),
     ]);
     prop_oneof![
         (any::<Index>(), 0u8..8).prop_map(|(i, b)| Edit::Flip(i, b)),
         any::<Index>().prop_map(Edit::Truncate),
-        (any::<Index>(), prop::collection::vec(any::<u8>(), 1..16)).prop_map(|(i, b)| Edit::Insert(i, b)),
+        (any::<Index>(), prop::collection::vec(any::<u8>(), 1..16))
+            .prop_map(|(i, b)| Edit::Insert(i, b)),
         (any::<Index>(), 1usize..64).prop_map(|(i, n)| Edit::Delete(i, n)),
         (any::<Index>(), boundary).prop_map(|(i, v)| Edit::Int(i, v)),
         (any::<Index>(), json_value).prop_map(|(i, v)| Edit::Json(i, v)),
@@ -365,7 +533,9 @@ fn fuzz_regressions() {
     let dir = fixtures().join("../fuzz/regressions");
     let mut replayed = 0;
     for (name, f) in readers::READERS {
-        let Ok(entries) = std::fs::read_dir(dir.join(name)) else { continue };
+        let Ok(entries) = std::fs::read_dir(dir.join(name)) else {
+            continue;
+        };
         for entry in entries {
             let path = entry.unwrap().path();
             if let Err(e) = f(&std::fs::read(&path).unwrap()) {
@@ -381,6 +551,12 @@ fn fuzz_regressions() {
 /// the mutation test above. It must come back as an error naming the file.
 #[test]
 fn a_tokenizer_the_crate_panics_on_is_an_error() {
-    let bytes = std::fs::read(fixtures().join("../fuzz/regressions/tokenizer/decoder_syntax_error.json")).unwrap();
-    refused("tokenizer", &bytes, &["tokenizer.json", "rejected by the tokenizers crate"]);
+    let bytes =
+        std::fs::read(fixtures().join("../fuzz/regressions/tokenizer/decoder_syntax_error.json"))
+            .unwrap();
+    refused(
+        "tokenizer",
+        &bytes,
+        &["tokenizer.json", "rejected by the tokenizers crate"],
+    );
 }

@@ -29,20 +29,44 @@ fn train(device: &Device, compute: DType) -> Vec<f64> {
     Device::flex().seed(5);
     let model = LlamaForCausalLM::random(tiny_llama(), device).unwrap();
     let model = quantize_base(model, peft_quant::QuantSpec::default()).unwrap();
-    let model = LoraConfig::new(8, 16.0, &["q_proj", "v_proj", "o_proj"]).apply(model, "default").unwrap();
-    assert_eq!(model.model.norm.weight.val().dtype(), compute, "the base's compute type");
+    let model = LoraConfig::new(8, 16.0, &["q_proj", "v_proj", "o_proj"])
+        .apply(model, "default")
+        .unwrap();
+    assert_eq!(
+        model.model.norm.weight.val().dtype(),
+        compute,
+        "the base's compute type"
+    );
     let slots = model.lora_slots();
-    let adapted: Vec<_> = slots.iter().filter_map(|(path, slot)| Some((path, slot.adapter("default")?))).collect();
+    let adapted: Vec<_> = slots
+        .iter()
+        .filter_map(|(path, slot)| Some((path, slot.adapter("default")?)))
+        .collect();
     assert_eq!(adapted.len(), 6, "q, v and o of both layers");
     for (path, adapter) in adapted {
-        assert_eq!((adapter.a.val().dtype(), adapter.b.val().dtype()), (DType::F32, DType::F32), "{path}: adapters stay f32");
+        assert_eq!(
+            (adapter.a.val().dtype(), adapter.b.val().dtype()),
+            (DType::F32, DType::F32),
+            "{path}: adapters stay f32"
+        );
     }
     let data: Vec<Example> = (0..4u32)
-        .map(|b| Example { tokens: (0..16u32).map(|i| (i * 7 + b * 3) % 64).collect(), loss_mask: vec![1.0; 16] })
+        .map(|b| Example {
+            tokens: (0..16u32).map(|i| (i * 7 + b * 3) % 64).collect(),
+            loss_mask: vec![1.0; 16],
+        })
         .collect();
-    let config = TrainConfig { learning_rate: 1e-2, warmup_steps: 0, steps: 20, batch_size: 4, ..Default::default() };
+    let config = TrainConfig {
+        learning_rate: 1e-2,
+        warmup_steps: 0,
+        steps: 20,
+        batch_size: 4,
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(model, config);
-    (0..20).map(|_| trainer.step(&data, |m, b| lm_batch_loss(m, b, 0)).loss).collect()
+    (0..20)
+        .map(|_| trainer.step(&data, |m, b| lm_batch_loss(m, b, 0)).loss)
+        .collect()
 }
 
 /// The f16 run's losses stay finite, fall, and track the f32 run on the CPU (same model, same
@@ -56,6 +80,9 @@ fn qlora_trains_with_an_f16_compute_type_on_wgpu() {
     assert!(half.iter().all(|l| l.is_finite()), "{half:?}");
     assert!(half[19] < half[0] - 0.3, "the f16 run must learn: {half:?}");
     for (step, (h, f)) in half.iter().zip(&full).enumerate() {
-        assert!((h - f).abs() < 0.03 * f, "step {step}: f16 loss {h} vs f32 loss {f}");
+        assert!(
+            (h - f).abs() < 0.03 * f,
+            "step {step}: f16 loss {h} vs f32 loss {f}"
+        );
     }
 }

@@ -27,7 +27,11 @@ fn block_absmax(block: &[f32]) -> f32 {
 
 /// Quantize `data` to packed 4-bit codes (first value in the high nibble, an odd tail padded
 /// with the code of 0) and one f32 scale per block.
-pub fn quantize_4bit(data: &[f32], blocksize: usize, qtype: QuantType) -> Result<(Vec<u8>, Vec<f32>)> {
+pub fn quantize_4bit(
+    data: &[f32],
+    blocksize: usize,
+    qtype: QuantType,
+) -> Result<(Vec<u8>, Vec<f32>)> {
     check_blocksize(blocksize)?;
     let (bounds, order) = qtype.bounds();
     let n = data.len();
@@ -61,7 +65,13 @@ pub fn quantize_4bit(data: &[f32], blocksize: usize, qtype: QuantType) -> Result
 }
 
 /// Inverse of [`quantize_4bit`]: `n` values.
-pub fn dequantize_4bit(packed: &[u8], absmax: &[f32], n: usize, blocksize: usize, qtype: QuantType) -> Result<Vec<f32>> {
+pub fn dequantize_4bit(
+    packed: &[u8],
+    absmax: &[f32],
+    n: usize,
+    blocksize: usize,
+    qtype: QuantType,
+) -> Result<Vec<f32>> {
     check_blocksize(blocksize)?;
     if packed.len() != n.div_ceil(2) || absmax.len() != n.div_ceil(blocksize) {
         return Err(PeftError::Other(format!(
@@ -75,9 +85,12 @@ pub fn dequantize_4bit(packed: &[u8], absmax: &[f32], n: usize, blocksize: usize
     let code = qtype.code();
     let mut out = vec![0f32; n];
     // Blocks start on byte boundaries (block sizes are even).
-    out.par_chunks_mut(blocksize).zip(absmax.par_iter()).enumerate().for_each(|(b, (o, &scale))| {
-        decode_nibbles(packed, b * blocksize, &code.map(|c| c * scale), o);
-    });
+    out.par_chunks_mut(blocksize)
+        .zip(absmax.par_iter())
+        .enumerate()
+        .for_each(|(b, (o, &scale))| {
+            decode_nibbles(packed, b * blocksize, &code.map(|c| c * scale), o);
+        });
     Ok(out)
 }
 
@@ -87,13 +100,19 @@ pub fn dequantize_4bit(packed: &[u8], absmax: &[f32], n: usize, blocksize: usize
 /// and coded through the kernel's lookup table ([`CodeLut`]), and an all-zero block is coded
 /// 0. Bit-exact with the native kernel, including the values near a midpoint between codes
 /// where the table picks the neighbour of the exact nearest code.
-pub fn quantize_blockwise_8bit(data: &[f32], blocksize: usize, code: &[f32; 256]) -> (Vec<u8>, Vec<f32>) {
+pub fn quantize_blockwise_8bit(
+    data: &[f32],
+    blocksize: usize,
+    code: &[f32; 256],
+) -> (Vec<u8>, Vec<f32>) {
     let n = data.len();
     let lut = CodeLut::new(code);
     let mut q = vec![0u8; n];
     let mut absmax = vec![0f32; n.div_ceil(blocksize)];
-    q.par_chunks_mut(blocksize).zip(data.par_chunks(blocksize)).zip(absmax.par_iter_mut()).for_each(
-        |((out, block), am)| {
+    q.par_chunks_mut(blocksize)
+        .zip(data.par_chunks(blocksize))
+        .zip(absmax.par_iter_mut())
+        .for_each(|((out, block), am)| {
             *am = block_absmax(block);
             if *am == 0.0 {
                 return;
@@ -102,13 +121,17 @@ pub fn quantize_blockwise_8bit(data: &[f32], blocksize: usize, code: &[f32; 256]
             for (o, &v) in out.iter_mut().zip(block) {
                 *o = lut.code_of(v * recip);
             }
-        },
-    );
+        });
     (q, absmax)
 }
 
 /// Inverse of [`quantize_blockwise_8bit`].
-pub fn dequantize_blockwise_8bit(q: &[u8], absmax: &[f32], blocksize: usize, code: &[f32; 256]) -> Vec<f32> {
+pub fn dequantize_blockwise_8bit(
+    q: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    code: &[f32; 256],
+) -> Vec<f32> {
     q.chunks(blocksize)
         .zip(absmax)
         .flat_map(|(block, &s)| block.iter().map(move |&c| code[c as usize] * s))
@@ -117,7 +140,9 @@ pub fn dequantize_blockwise_8bit(q: &[u8], absmax: &[f32], blocksize: usize, cod
 
 fn check_blocksize(blocksize: usize) -> Result<()> {
     if !BLOCK_SIZES.contains(&blocksize) {
-        return Err(PeftError::Config(format!("block size {blocksize} is not one of {BLOCK_SIZES:?}")));
+        return Err(PeftError::Config(format!(
+            "block size {blocksize} is not one of {BLOCK_SIZES:?}"
+        )));
     }
     Ok(())
 }
@@ -166,7 +191,13 @@ fn row_sum<const L: usize>(x: &[f32]) -> [f32; L] {
         }
         g
     };
-    let ceil_log2 = |v: usize| if v <= 2 { 1 } else { (usize::BITS - (v - 1).leading_zeros()) as usize };
+    let ceil_log2 = |v: usize| {
+        if v <= 2 {
+            1
+        } else {
+            (usize::BITS - (v - 1).leading_zeros()) as usize
+        }
+    };
     let level_power = 4.max(ceil_log2(groups) / LEVELS);
     let level_step = 1usize << level_power;
     let level_mask = level_step - 1;
@@ -214,7 +245,11 @@ fn row_sum<const L: usize>(x: &[f32]) -> [f32; L] {
 pub enum Absmax {
     Plain(Vec<f32>),
     /// `scale = dynamic_map[q] * nested_absmax[block] + offset`, 256 scales per nested block.
-    Nested { q: Vec<u8>, nested_absmax: Vec<f32>, offset: f32 },
+    Nested {
+        q: Vec<u8>,
+        nested_absmax: Vec<f32>,
+        offset: f32,
+    },
 }
 
 impl Absmax {
@@ -235,7 +270,11 @@ impl Absmax {
     pub fn scale(&self, b: usize, dmap: &[f32; 256]) -> f32 {
         match self {
             Absmax::Plain(v) => v[b],
-            Absmax::Nested { q, nested_absmax, offset } => dmap[q[b] as usize] * nested_absmax[b / NESTED_BLOCKSIZE] + offset,
+            Absmax::Nested {
+                q,
+                nested_absmax,
+                offset,
+            } => dmap[q[b] as usize] * nested_absmax[b / NESTED_BLOCKSIZE] + offset,
         }
     }
 
@@ -243,7 +282,9 @@ impl Absmax {
     pub fn nbytes(&self) -> usize {
         match self {
             Absmax::Plain(v) => v.len() * 4,
-            Absmax::Nested { q, nested_absmax, .. } => q.len() + nested_absmax.len() * 4 + 4,
+            Absmax::Nested {
+                q, nested_absmax, ..
+            } => q.len() + nested_absmax.len() * 4 + 4,
         }
     }
 }
@@ -260,20 +301,40 @@ pub struct Quantized4bit {
 
 impl Quantized4bit {
     /// Quantize row-major `data` of `shape`; `double_quant` also quantizes the scales.
-    pub fn quantize(data: &[f32], shape: &[usize], qtype: QuantType, blocksize: usize, double_quant: bool) -> Result<Self> {
+    pub fn quantize(
+        data: &[f32],
+        shape: &[usize],
+        qtype: QuantType,
+        blocksize: usize,
+        double_quant: bool,
+    ) -> Result<Self> {
         if shape.iter().product::<usize>() != data.len() {
-            return Err(PeftError::Other(format!("shape {shape:?} does not hold {} values", data.len())));
+            return Err(PeftError::Other(format!(
+                "shape {shape:?} does not hold {} values",
+                data.len()
+            )));
         }
         let (packed, absmax) = quantize_4bit(data, blocksize, qtype)?;
         let absmax = if double_quant {
             let offset = torch_sum_f32(&absmax) / absmax.len() as f32;
             let centered: Vec<f32> = absmax.iter().map(|v| v - offset).collect();
-            let (q, nested_absmax) = quantize_blockwise_8bit(&centered, NESTED_BLOCKSIZE, &dynamic_map());
-            Absmax::Nested { q, nested_absmax, offset }
+            let (q, nested_absmax) =
+                quantize_blockwise_8bit(&centered, NESTED_BLOCKSIZE, &dynamic_map());
+            Absmax::Nested {
+                q,
+                nested_absmax,
+                offset,
+            }
         } else {
             Absmax::Plain(absmax)
         };
-        Ok(Self { packed, absmax, shape: shape.to_vec(), blocksize, qtype })
+        Ok(Self {
+            packed,
+            absmax,
+            shape: shape.to_vec(),
+            blocksize,
+            qtype,
+        })
     }
 
     pub fn numel(&self) -> usize {
@@ -282,8 +343,14 @@ impl Quantized4bit {
 
     /// The f32 values.
     pub fn dequantize(&self) -> Vec<f32> {
-        dequantize_4bit(&self.packed, &self.absmax.values(), self.numel(), self.blocksize, self.qtype)
-            .expect("consistent by construction")
+        dequantize_4bit(
+            &self.packed,
+            &self.absmax.values(),
+            self.numel(),
+            self.blocksize,
+            self.qtype,
+        )
+        .expect("consistent by construction")
     }
 
     /// Bytes the codes and scales take.
@@ -309,8 +376,13 @@ mod tests {
             let back = q.dequantize();
             let scales = q.absmax.values();
             for (i, (a, b)) in w.iter().zip(&back).enumerate() {
-                let bound = 0.1520 * scales[i / 64] + (scales[i / 64] - block_absmax(&w[i / 64 * 64..][..64])).abs();
-                assert!((a - b).abs() <= bound + 1e-6, "dq {dq}: value {i}: {a} -> {b} (scale {})", scales[i / 64]);
+                let bound = 0.1520 * scales[i / 64]
+                    + (scales[i / 64] - block_absmax(&w[i / 64 * 64..][..64])).abs();
+                assert!(
+                    (a - b).abs() <= bound + 1e-6,
+                    "dq {dq}: value {i}: {a} -> {b} (scale {})",
+                    scales[i / 64]
+                );
             }
         }
     }

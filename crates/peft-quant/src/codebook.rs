@@ -30,7 +30,9 @@ const NF4: [f32; 16] = [
 
 /// FP4 before normalisation by its largest magnitude (12). Code 8 is the sign bit alone: the
 /// bitsandbytes kernels decode it as -0.0 (their Python table says 0.0; the value is the same).
-const FP4_RAW: [f32; 16] = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0];
+const FP4_RAW: [f32; 16] = [
+    0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
+];
 
 impl QuantType {
     /// The value of each 4-bit code.
@@ -72,7 +74,10 @@ impl QuantType {
         for (i, &o) in order.iter().enumerate() {
             sorted[i] = code[o as usize];
         }
-        (std::array::from_fn(|i| (sorted[i] + sorted[i + 1]) / 2.0), order)
+        (
+            std::array::from_fn(|i| (sorted[i] + sorted[i + 1]) / 2.0),
+            order,
+        )
     }
 }
 

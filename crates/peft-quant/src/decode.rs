@@ -158,8 +158,9 @@ mod tests {
     fn any_range_matches_value_by_value_decoding() {
         let table: [f32; 16] = std::array::from_fn(|i| i as f32 * 1.5 - 4.0);
         let packed: Vec<u8> = (0..70u32).map(|i| (i * 37 + 5) as u8).collect();
-        let value =
-            |i: usize| table[((packed[i / 2] >> if i.is_multiple_of(2) { 4 } else { 0 }) & 15) as usize];
+        let value = |i: usize| {
+            table[((packed[i / 2] >> if i.is_multiple_of(2) { 4 } else { 0 }) & 15) as usize]
+        };
         for first in [0, 1, 2, 7, 30, 31] {
             for len in [0, 1, 2, 3, 33, 64, 65, 140 - first - 1] {
                 let mut out = vec![f32::NAN; len];

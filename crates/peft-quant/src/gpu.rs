@@ -79,7 +79,10 @@ fn dequantize_words_kernel<F: Float, N: Size>(
             // Value `i` of the word sits in byte i / 2, high nibble first.
             let i = comptime!(v * n + e);
             let shift = comptime!(((i / 2) * 8 + (1 - i % 2) * 4) as u32);
-            out.insert(e, F::cast_from(code[((word >> shift) & 15u32) as usize] * scale));
+            out.insert(
+                e,
+                F::cast_from(code[((word >> shift) & 15u32) as usize] * scale),
+            );
         }
         output[w * per_word + v] = out;
     }
@@ -171,7 +174,8 @@ fn gemv_4bit_kernel<F: Float>(
         }
     }
     // One slice of GEMV_THREADS partial sums per (row, output).
-    let mut sum = Shared::<[f32]>::new_slice(comptime!(GEMV_THREADS as usize * rows * GEMV_OUTPUTS));
+    let mut sum =
+        Shared::<[f32]>::new_slice(comptime!(GEMV_THREADS as usize * rows * GEMV_OUTPUTS));
     #[unroll]
     for i in 0..rows * outs {
         sum[i * threads + t] = acc[i];
@@ -205,9 +209,21 @@ const GEMV_MAX_ROWS: usize = 4;
 /// Cubes per grid dimension that every runtime accepts (WebGPU's minimum limit).
 const MAX_CUBES_PER_DIM: usize = 65535;
 
-fn upload(client: &cubecl::client::Client, device: &CubeDevice, bytes: &[u8], len: usize, dtype: DType) -> CubeTensor {
+fn upload(
+    client: &cubecl::client::Client,
+    device: &CubeDevice,
+    bytes: &[u8],
+    len: usize,
+    dtype: DType,
+) -> CubeTensor {
     let handle = client.create_from_slice(bytes);
-    CubeTensor::new_contiguous(client.clone(), device.clone(), Shape::new([len]), handle, dtype)
+    CubeTensor::new_contiguous(
+        client.clone(),
+        device.clone(),
+        Shape::new([len]),
+        handle,
+        dtype,
+    )
 }
 
 /// A weight's packed codes, decoded scales and codebook on one device.
@@ -221,7 +237,8 @@ struct Resident {
 /// Device copies by (weight address, device). An entry is valid only while its weight lives
 /// (checked through the `Weak`, so a new weight at a reused address is never served a stale
 /// copy); entries of dropped weights are pruned at the next upload.
-static RESIDENT: LazyLock<Mutex<HashMap<(usize, CubeDevice), Resident>>> = LazyLock::new(Default::default);
+static RESIDENT: LazyLock<Mutex<HashMap<(usize, CubeDevice), Resident>>> =
+    LazyLock::new(Default::default);
 
 /// The device copies of `w` on the device of `like`, uploading them the first time.
 fn resident(like: &CubeTensor, w: &Arc<Quantized4bit>) -> (CubeTensor, CubeTensor, CubeTensor) {
@@ -237,11 +254,29 @@ fn resident(like: &CubeTensor, w: &Arc<Quantized4bit>) -> (CubeTensor, CubeTenso
     let mut words = w.packed.clone();
     words.resize(w.numel().div_ceil(8) * 4, 0);
     let packed = upload(client, device, &words, words.len() / 4, DType::U32);
-    let scales: Vec<u8> = w.absmax.values().iter().flat_map(|v| v.to_le_bytes()).collect();
+    let scales: Vec<u8> = w
+        .absmax
+        .values()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let scales = upload(client, device, &scales, scales.len() / 4, DType::F32);
-    let code: Vec<u8> = w.qtype.code().iter().flat_map(|v| v.to_le_bytes()).collect();
+    let code: Vec<u8> = w
+        .qtype
+        .code()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let code = upload(client, device, &code, 16, DType::F32);
-    map.insert(key, Resident { weight: Arc::downgrade(w), packed: packed.clone(), scales: scales.clone(), code: code.clone() });
+    map.insert(
+        key,
+        Resident {
+            weight: Arc::downgrade(w),
+            packed: packed.clone(),
+            scales: scales.clone(),
+            code: code.clone(),
+        },
+    );
     (packed, scales, code)
 }
 
@@ -250,10 +285,19 @@ fn dequantize_on_device(like: &CubeTensor, w: &Arc<Quantized4bit>) -> CubeTensor
     let (client, device) = (&like.client, &like.device);
     let numel = w.numel();
     let (packed, scales, code) = resident(like, w);
-    let output = empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new([w.shape[0], w.shape[1]]), like.dtype);
+    let output = empty_device_contiguous_dtype(
+        client.clone(),
+        device.clone(),
+        Shape::new([w.shape[0], w.shape[1]]),
+        like.dtype,
+    );
     if numel % 8 == 0 {
         // Whole words (every real layer): the widest store the device likes that divides 8.
-        let vector = client.io_optimized_vector_sizes(like.dtype.size()).filter(|s| 8 % s == 0).max().unwrap_or(1);
+        let vector = client
+            .io_optimized_vector_sizes(like.dtype.size())
+            .filter(|s| 8 % s == 0)
+            .max()
+            .unwrap_or(1);
         let words = numel / 8;
         let cube_dim = CubeDim::new(client, words);
         dequantize_words_kernel::launch(
@@ -293,7 +337,10 @@ fn gemv_4bit(x: CubeTensor, w: &Arc<Quantized4bit>) -> CubeTensor {
     let (packed, scales, code) = resident(&x, w);
     let output = empty_device_contiguous_dtype(client.clone(), device, Shape::new([m, n]), x.dtype);
     let cubes = n.div_ceil(GEMV_OUTPUTS);
-    let (cubes_x, cubes_y) = (cubes.min(MAX_CUBES_PER_DIM), cubes.div_ceil(MAX_CUBES_PER_DIM));
+    let (cubes_x, cubes_y) = (
+        cubes.min(MAX_CUBES_PER_DIM),
+        cubes.div_ceil(MAX_CUBES_PER_DIM),
+    );
     let dtype = dtype_to_storage_type(x.dtype);
     gemv_4bit_kernel::launch(
         &client,
@@ -319,7 +366,11 @@ impl Quant4Ops for CubeBackend {
         let (n, k) = (weight.0.shape[0], weight.0.shape[1]);
         let (d_in, d_out) = if transposed { (n, k) } else { (k, n) };
         let dims = x.meta.shape().to_vec();
-        assert_eq!(dims.last(), Some(&d_in), "input's last dimension does not fit the 4-bit weight");
+        assert_eq!(
+            dims.last(),
+            Some(&d_in),
+            "input's last dimension does not fit the 4-bit weight"
+        );
         let m: usize = dims[..dims.len() - 1].iter().product();
         let x2 = Self::float_reshape(x, Shape::new([m, d_in]));
         let y = if !transposed && m <= GEMV_MAX_ROWS {
@@ -327,7 +378,11 @@ impl Quant4Ops for CubeBackend {
             gemv_4bit(into_contiguous(x2), &weight.0)
         } else {
             let w = dequantize_on_device(&x2, &weight.0);
-            let rhs = if transposed { w } else { Self::float_transpose(w) };
+            let rhs = if transposed {
+                w
+            } else {
+                Self::float_transpose(w)
+            };
             Self::float_matmul(x2, rhs)
         };
         let mut out_dims = dims;

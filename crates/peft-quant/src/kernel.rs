@@ -24,7 +24,11 @@ pub fn dequantize_range(w: &Quantized4bit, start: usize, out: &mut [f32]) {
 /// Columns `c0 .. c0 + c` of every row of `w [n, k]`, dequantized into `out [n, c]`.
 pub fn dequantize_columns(w: &Quantized4bit, c0: usize, c: usize, out: &mut [f32]) {
     let (n, k) = dims(w);
-    assert_eq!(out.len(), n * c, "a column window of {n} rows x {c} columns");
+    assert_eq!(
+        out.len(),
+        n * c,
+        "a column window of {n} rows x {c} columns"
+    );
     let dmap = dynamic_map();
     for (r, row) in out.chunks_exact_mut(c.max(1)).enumerate() {
         decode_range(w, &dmap, r * k + c0, row);
@@ -42,7 +46,12 @@ fn decode_range(w: &Quantized4bit, dmap: &[f32; 256], start: usize, out: &mut [f
         let seg_end = ((b + 1) * bs).min(end);
         let scale = w.absmax.scale(b, dmap);
         let table = code.map(|c| c * scale);
-        decode_nibbles(&w.packed, idx, &table, &mut out[idx - start..seg_end - start]);
+        decode_nibbles(
+            &w.packed,
+            idx,
+            &table,
+            &mut out[idx - start..seg_end - start],
+        );
         idx = seg_end;
     }
 }
@@ -50,7 +59,11 @@ fn decode_range(w: &Quantized4bit, dmap: &[f32; 256], start: usize, out: &mut [f
 /// Rows of `W` per tile (about [`TILE_VALUES`] or [`TILE_VALUES_BATCHED`] values for `m`
 /// input rows), with at least 4 tiles per thread when the matrix is big enough to share out.
 fn rows_per_tile(m: usize, n: usize, k: usize) -> usize {
-    let values = if m >= 32 { TILE_VALUES_BATCHED } else { TILE_VALUES };
+    let values = if m >= 32 {
+        TILE_VALUES_BATCHED
+    } else {
+        TILE_VALUES
+    };
     let by_cache = (values / k.max(1)).max(1);
     let by_threads = n.div_ceil(4 * rayon::current_num_threads()).max(1);
     by_cache.min(by_threads)
@@ -79,11 +92,24 @@ unsafe fn gemm_f32(
 ) {
     unsafe {
         gemm::gemm(
-            m, c, inner,
-            dst, 1, dst_rs, accumulate,
-            lhs, lhs_cs, lhs_rs,
-            rhs, rhs_cs, rhs_rs,
-            1.0f32, 1.0f32, false, false, false,
+            m,
+            c,
+            inner,
+            dst,
+            1,
+            dst_rs,
+            accumulate,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
             gemm::Parallelism::None,
         );
     }
@@ -110,7 +136,22 @@ pub fn matmul_4bit(x: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32> {
             // y[:, r0..r0+r] = x [m, k] · tileᵀ [k, r]; tiles write disjoint columns of y.
             // SAFETY: columns r0..r0+r of the m x n output belong to this tile alone, and
             // `y` outlives the parallel loop.
-            unsafe { gemm_f32(m, r, k, out.at(r0), n as isize, false, x.as_ptr(), k as isize, 1, tile.as_ptr(), 1, k as isize) };
+            unsafe {
+                gemm_f32(
+                    m,
+                    r,
+                    k,
+                    out.at(r0),
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    k as isize,
+                    1,
+                    tile.as_ptr(),
+                    1,
+                    k as isize,
+                )
+            };
         },
     );
     // SAFETY: the tiles cover every column, and each wrote all m rows of its columns.
@@ -154,7 +195,22 @@ pub fn matmul_4bit_transposed(g: &[f32], m: usize, w: &Quantized4bit) -> Vec<f32
             // dx[:, c0..c0+c] = g [m, n] · tile [n, c]
             // SAFETY: columns c0..c0+c of the m x k result belong to this tile alone; `dx` has
             // room for m * k values and outlives the parallel loop.
-            unsafe { gemm_f32(m, c, n, out.at(c0), k as isize, false, g.as_ptr(), n as isize, 1, tile.as_ptr(), c as isize, 1) };
+            unsafe {
+                gemm_f32(
+                    m,
+                    c,
+                    n,
+                    out.at(c0),
+                    k as isize,
+                    false,
+                    g.as_ptr(),
+                    n as isize,
+                    1,
+                    tile.as_ptr(),
+                    c as isize,
+                    1,
+                )
+            };
         },
     );
     // SAFETY: the tiles cover every column, and each wrote all m rows of its columns.
@@ -206,7 +262,10 @@ mod tests {
     }
 
     fn close(a: &[f32], b: &[f32]) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()))
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()))
     }
 
     proptest! {

@@ -19,10 +19,10 @@
 //! ```
 
 mod blockwise;
+pub mod checkpoint;
 mod code_lut;
 mod codebook;
 mod decode;
-pub mod checkpoint;
 #[cfg(feature = "cube")]
 mod gpu;
 pub mod kernel;
@@ -30,7 +30,8 @@ pub mod linear;
 pub mod ops;
 
 pub use blockwise::{
-    Absmax, BLOCK_SIZES, Quantized4bit, dequantize_4bit, dequantize_blockwise_8bit, quantize_4bit, quantize_blockwise_8bit, torch_sum_f32,
+    Absmax, BLOCK_SIZES, Quantized4bit, dequantize_4bit, dequantize_blockwise_8bit, quantize_4bit,
+    quantize_blockwise_8bit, torch_sum_f32,
 };
 pub use codebook::{QuantType, dynamic_map};
 pub use linear::{BaseLinear, Linear4bit, QuantSpec};

@@ -28,14 +28,24 @@ pub struct QuantSpec {
 impl QuantSpec {
     /// Quantize a weight with this setting.
     pub fn quantize(&self, w: &HostTensor) -> Result<Quantized4bit> {
-        Quantized4bit::quantize(&w.data, &w.shape, self.qtype, self.blocksize, self.double_quant)
+        Quantized4bit::quantize(
+            &w.data,
+            &w.shape,
+            self.qtype,
+            self.blocksize,
+            self.double_quant,
+        )
     }
 }
 
 impl Default for QuantSpec {
     /// NF4, blocks of 64, double quantization: the QLoRA paper's setting.
     fn default() -> Self {
-        Self { qtype: QuantType::Nf4, blocksize: 64, double_quant: true }
+        Self {
+            qtype: QuantType::Nf4,
+            blocksize: 64,
+            double_quant: true,
+        }
     }
 }
 
@@ -53,19 +63,31 @@ pub struct Linear4bit {
 
 impl Linear4bit {
     /// A 4-bit weight `[out, in]` and an optional bias, computing on `device`.
-    pub fn new(weight: Quantized4bit, bias: Option<Param<Tensor<1>>>, device: Device) -> Result<Self> {
+    pub fn new(
+        weight: Quantized4bit,
+        bias: Option<Param<Tensor<1>>>,
+        device: Device,
+    ) -> Result<Self> {
         if weight.shape.len() != 2 {
             return Err(PeftError::Other(format!(
                 "a 4-bit linear weight must be 2-D [out, in], got shape {:?}",
                 weight.shape
             )));
         }
-        Ok(Self { weight: PackedWeight(Arc::new(weight)), bias, device })
+        Ok(Self {
+            weight: PackedWeight(Arc::new(weight)),
+            bias,
+            device,
+        })
     }
 
     /// Quantize a dense layer; its bias is kept as it is.
     pub fn quantize(dense: &FrozenLinear, spec: QuantSpec) -> Result<Self> {
-        Self::new(spec.quantize(&dense.weight_hf())?, dense.bias.clone(), dense.weight.device())
+        Self::new(
+            spec.quantize(&dense.weight_hf())?,
+            dense.bias.clone(),
+            dense.weight.device(),
+        )
     }
 
     pub fn quantized(&self) -> &Quantized4bit {
@@ -91,7 +113,8 @@ impl Linear4bit {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let y = if has_4bit_kernel(&x.device()) {
-            let y = <Dispatch as Quant4Ops>::matmul_4bit(x.into_dispatch(), self.weight.clone(), false);
+            let y =
+                <Dispatch as Quant4Ops>::matmul_4bit(x.into_dispatch(), self.weight.clone(), false);
             Tensor::from_dispatch(y)
         } else {
             // Devices without a 4-bit kernel: the dequantized weight as a constant.
@@ -115,7 +138,10 @@ impl Linear4bit {
     pub fn dequantized(&self, device: &Device) -> Tensor<2> {
         if has_4bit_kernel(device) {
             let like = Tensor::<1>::zeros([1], device).into_dispatch();
-            Tensor::from_dispatch(<Dispatch as Quant4Ops>::dequantize_4bit(like, self.weight.clone()))
+            Tensor::from_dispatch(<Dispatch as Quant4Ops>::dequantize_4bit(
+                like,
+                self.weight.clone(),
+            ))
         } else {
             self.weight_hf().to_tensor(device)
         }
@@ -232,11 +258,16 @@ impl BaseLinear {
         match self {
             Self::Dense(l) => l.weight = if train { trainable(w) } else { frozen(w) },
             Self::Quant4(l) if !train => {
-                let q = l.spec().quantize(&HostTensor::from_tensor(w).transposed())?;
+                let q = l
+                    .spec()
+                    .quantize(&HostTensor::from_tensor(w).transposed())?;
                 l.weight = PackedWeight(Arc::new(q));
             }
             Self::Quant4(l) => {
-                *self = Self::Dense(FrozenLinear { weight: trainable(w), bias: l.bias.take() });
+                *self = Self::Dense(FrozenLinear {
+                    weight: trainable(w),
+                    bias: l.bias.take(),
+                });
             }
         }
         Ok(())
@@ -254,7 +285,10 @@ impl BaseLinear {
     pub fn dequantize(&mut self) {
         if let Self::Quant4(l) = self {
             let w = l.dense_weight(&l.device);
-            *self = Self::Dense(FrozenLinear { weight: frozen(w), bias: l.bias.take() });
+            *self = Self::Dense(FrozenLinear {
+                weight: frozen(w),
+                bias: l.bias.take(),
+            });
         }
     }
 }
@@ -276,7 +310,10 @@ mod tests {
     #[test]
     fn matches_the_dequantized_dense_layer_forward_and_backward() {
         let device = Device::flex().autodiff();
-        assert!(has_4bit_kernel(&device), "the test must exercise the 4-bit kernel and its backward");
+        assert!(
+            has_4bit_kernel(&device),
+            "the test must exercise the 4-bit kernel and its backward"
+        );
         device.seed(7);
         let (d_in, d_out) = (96, 40);
         let w = Tensor::<2>::random([d_in, d_out], Distribution::Normal(0.0, 0.2), &device);
@@ -287,7 +324,8 @@ mod tests {
         q.set_bias_trainable(true);
         let reference = FrozenLinear::new(q.dense_weight(&device), q.bias().map(|b| b.val()));
 
-        let x = Tensor::<3>::random([2, 3, d_in], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let x = Tensor::<3>::random([2, 3, d_in], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
         let x_plain = x.clone().detach();
         let y = q.forward(x.clone());
         let grads = (y.clone() * y.clone()).sum().backward();
@@ -299,7 +337,8 @@ mod tests {
         let grads2 = (y2.clone() * y2.clone()).sum().backward();
         let tol = Tolerance::<f32>::rel_abs(1e-4, 1e-4);
         y.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
-        gx.into_data().assert_approx_eq::<f32>(&x2.grad(&grads2).unwrap().into_data(), tol);
+        gx.into_data()
+            .assert_approx_eq::<f32>(&x2.grad(&grads2).unwrap().into_data(), tol);
         let gb2 = (y2_sum_grad_bias(&reference, x_plain)).into_data();
         gb.into_data().assert_approx_eq::<f32>(&gb2, tol);
     }
@@ -307,7 +346,10 @@ mod tests {
     /// d/db sum(y²) = 2 Σ y over every row.
     fn y2_sum_grad_bias(l: &FrozenLinear, x: Tensor<3>) -> Tensor<1> {
         let y = l.forward(x.inner());
-        y.mul_scalar(2.0).sum_dim(0).sum_dim(1).reshape([l.d_output()])
+        y.mul_scalar(2.0)
+            .sum_dim(0)
+            .sum_dim(1)
+            .reshape([l.d_output()])
     }
 
     #[test]
@@ -323,6 +365,8 @@ mod tests {
         assert_eq!(q.weight_hf().data, again.weight_hf().data);
         q.set_weight(w.clone(), true).unwrap();
         assert!(!q.is_quantized());
-        q.dense_weight(&device).into_data().assert_eq(&w.into_data(), true);
+        q.dense_weight(&device)
+            .into_data()
+            .assert_eq(&w.into_data(), true);
     }
 }

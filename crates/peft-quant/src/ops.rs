@@ -12,7 +12,9 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, AutodiffBackend, Backend, Flex, backend_extension, tensor::FloatTensor};
+use burn::backend::{
+    Autodiff, AutodiffBackend, Backend, Flex, backend_extension, tensor::FloatTensor,
+};
 use burn::tensor::{DType, TensorData};
 
 use crate::blockwise::Quantized4bit;
@@ -26,7 +28,11 @@ pub struct PackedWeight(pub Arc<Quantized4bit>);
 #[backend_extension(Flex, Autodiff, Cube: cfg(feature = "cube"))]
 pub trait Quant4Ops: Backend {
     /// `x [.., k] · Wᵀ -> [.., n]`, or with `transposed`, `x [.., n] · W -> [.., k]`.
-    fn matmul_4bit(x: FloatTensor<Self>, weight: PackedWeight, transposed: bool) -> FloatTensor<Self>;
+    fn matmul_4bit(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        transposed: bool,
+    ) -> FloatTensor<Self>;
 
     /// The weight `W [n, k]` dequantized, on the device and in the float dtype of `like` (whose
     /// values are not read). A constant: it carries no gradient.
@@ -34,7 +40,11 @@ pub trait Quant4Ops: Backend {
 }
 
 impl Quant4Ops for Flex {
-    fn matmul_4bit(x: FloatTensor<Self>, weight: PackedWeight, transposed: bool) -> FloatTensor<Self> {
+    fn matmul_4bit(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        transposed: bool,
+    ) -> FloatTensor<Self> {
         let data = x.into_data();
         let dtype = data.dtype();
         let mut shape = data.shape().to_vec();
@@ -42,8 +52,14 @@ impl Quant4Ops for Flex {
         let xs = data.as_slice::<f32>().expect("converted to f32");
         let (n, k) = (weight.0.shape[0], weight.0.shape[1]);
         let (d_in, d_out) = if transposed { (n, k) } else { (k, n) };
-        let last = shape.last_mut().expect("a 4-bit product needs at least one dimension");
-        assert_eq!(*last, d_in, "input's last dimension is {}, the 4-bit weight expects {d_in}", *last);
+        let last = shape
+            .last_mut()
+            .expect("a 4-bit product needs at least one dimension");
+        assert_eq!(
+            *last, d_in,
+            "input's last dimension is {}, the 4-bit weight expects {d_in}",
+            *last
+        );
         *last = d_out;
         let m = xs.len() / d_in;
         let y = if transposed {
@@ -56,7 +72,9 @@ impl Quant4Ops for Flex {
 
     fn dequantize_4bit(like: FloatTensor<Self>, weight: PackedWeight) -> FloatTensor<Self> {
         let w = &weight.0;
-        FlexTensor::from_data(TensorData::new(w.dequantize(), w.shape.clone()).convert_dtype(like.dtype()))
+        FlexTensor::from_data(
+            TensorData::new(w.dequantize(), w.shape.clone()).convert_dtype(like.dtype()),
+        )
     }
 }
 
@@ -67,17 +85,32 @@ struct Matmul4bitBackward;
 impl<B: Backend + Quant4Ops> Backward<B, 1> for Matmul4bitBackward {
     type State = (PackedWeight, bool);
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let (weight, transposed) = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |grad| B::matmul_4bit(grad, weight, !transposed));
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::matmul_4bit(grad, weight, !transposed)
+        });
     }
 }
 
 impl<B: Backend + Quant4Ops, C: CheckpointStrategy> Quant4Ops for Autodiff<B, C> {
-    fn matmul_4bit(x: FloatTensor<Self>, weight: PackedWeight, transposed: bool) -> FloatTensor<Self> {
+    fn matmul_4bit(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        transposed: bool,
+    ) -> FloatTensor<Self> {
         let parent = x.node();
         let y = B::matmul_4bit(x.into_primitive(), weight.clone(), transposed);
-        match Matmul4bitBackward.prepare::<C>([parent]).compute_bound().stateful() {
+        match Matmul4bitBackward
+            .prepare::<C>([parent])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => prep.finish((weight, transposed), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }

@@ -10,7 +10,12 @@ fn dir() -> PathBuf {
 }
 
 fn f32s(st: &safetensors::SafeTensors, key: &str) -> Vec<f32> {
-    st.tensor(key).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    st.tensor(key)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 
 fn to_dtype(v: f32, dtype: &str) -> f32 {
@@ -43,31 +48,69 @@ fn quantization_is_bit_exact() {
     assert!(cases.len() >= 8);
     for case in cases {
         let name = case.file_stem().unwrap().to_string_lossy().into_owned();
-        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&case).unwrap()).unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&case).unwrap()).unwrap();
         let raw = std::fs::read(case.with_extension("safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
-        let shape: Vec<usize> = meta["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> = meta["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
         let qtype = QuantType::from_name(meta["quant_type"].as_str().unwrap()).unwrap();
         let blocksize = meta["blocksize"].as_u64().unwrap() as usize;
         let dq = meta["double_quant"].as_bool().unwrap();
         let dtype = meta["dtype"].as_str().unwrap();
 
         let q = Quantized4bit::quantize(&f32s(&st, "input"), &shape, qtype, blocksize, dq).unwrap();
-        assert_eq!(q.packed, st.tensor("packed").unwrap().data(), "{name}: packed bytes");
+        assert_eq!(
+            q.packed,
+            st.tensor("packed").unwrap().data(),
+            "{name}: packed bytes"
+        );
         match &q.absmax {
             Absmax::Plain(a) => assert_eq!(a, &f32s(&st, "absmax"), "{name}: absmax"),
-            Absmax::Nested { q: qa, nested_absmax, offset } => {
-                assert_eq!(offset.to_bits(), f32s(&st, "offset")[0].to_bits(), "{name}: offset");
-                assert_eq!(qa.as_slice(), st.tensor("absmax_q").unwrap().data(), "{name}: quantized absmax");
-                assert_eq!(nested_absmax, &f32s(&st, "nested_absmax"), "{name}: nested absmax");
+            Absmax::Nested {
+                q: qa,
+                nested_absmax,
+                offset,
+            } => {
+                assert_eq!(
+                    offset.to_bits(),
+                    f32s(&st, "offset")[0].to_bits(),
+                    "{name}: offset"
+                );
+                assert_eq!(
+                    qa.as_slice(),
+                    st.tensor("absmax_q").unwrap().data(),
+                    "{name}: quantized absmax"
+                );
+                assert_eq!(
+                    nested_absmax,
+                    &f32s(&st, "nested_absmax"),
+                    "{name}: nested absmax"
+                );
             }
         }
-        let ours: Vec<f32> = q.dequantize().into_iter().map(|v| to_dtype(v, dtype)).collect();
+        let ours: Vec<f32> = q
+            .dequantize()
+            .into_iter()
+            .map(|v| to_dtype(v, dtype))
+            .collect();
         let theirs = f32s(&st, "dequantized");
-        let diff = ours.iter().zip(&theirs).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let diff = ours
+            .iter()
+            .zip(&theirs)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
         assert_eq!(diff, 0, "{name}: {diff} dequantized values differ");
         if dq {
-            assert!(q.bits_per_value() < 4.2, "{name}: {} bits per value", q.bits_per_value());
+            assert!(
+                q.bits_per_value() < 4.2,
+                "{name}: {} bits per value",
+                q.bits_per_value()
+            );
         }
     }
 }
@@ -95,18 +138,27 @@ fn blockwise_8bit_is_bit_exact() {
         }))
         .filter(|&((&c, &v), m)| {
             let z = if m > 0.0 { v / m } else { 0.0 };
-            let nearest = (0..256).min_by(|&a, &b| (z - code[a]).abs().total_cmp(&(z - code[b]).abs())).unwrap();
+            let nearest = (0..256)
+                .min_by(|&a, &b| (z - code[a]).abs().total_cmp(&(z - code[b]).abs()))
+                .unwrap();
             (z - code[nearest]).abs() < (z - code[c as usize]).abs()
         })
         .count();
-    assert!(not_nearest > 0, "no value exercises the lookup table's rounding");
+    assert!(
+        not_nearest > 0,
+        "no value exercises the lookup table's rounding"
+    );
 }
 
 #[test]
 fn bad_block_sizes_and_shapes_are_errors() {
-    let err = Quantized4bit::quantize(&[0.0; 64], &[64], QuantType::Nf4, 48, false).unwrap_err().to_string();
+    let err = Quantized4bit::quantize(&[0.0; 64], &[64], QuantType::Nf4, 48, false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("48"), "{err}");
-    let err = Quantized4bit::quantize(&[0.0; 64], &[8, 9], QuantType::Nf4, 64, false).unwrap_err().to_string();
+    let err = Quantized4bit::quantize(&[0.0; 64], &[8, 9], QuantType::Nf4, 64, false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("[8, 9]"), "{err}");
     assert!(peft_quant::dequantize_4bit(&[0u8; 3], &[1.0], 64, 64, QuantType::Nf4).is_err());
 }
@@ -119,7 +171,9 @@ fn sums_in_torch_order() {
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     for c in cases {
         let n = c["n"].as_u64().unwrap();
-        let x: Vec<f32> = (0..n).map(|i| ((i * 2654435761 + n) % (1 << 24)) as f32 / (1u64 << 24) as f32).collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 2654435761 + n) % (1 << 24)) as f32 / (1u64 << 24) as f32)
+            .collect();
         let expected = f32::from_bits(c["sum_bits"].as_u64().unwrap() as u32);
         assert_eq!(peft_quant::torch_sum_f32(&x), expected, "n = {n}");
     }

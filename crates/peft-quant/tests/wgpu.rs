@@ -11,7 +11,10 @@ use peft_quant::{Linear4bit, QuantType, Quantized4bit};
 
 fn gpu() -> Device {
     let gpu = device_by_name("wgpu").unwrap();
-    assert!(has_4bit_kernel(&gpu), "the test must run the CubeCL kernels");
+    assert!(
+        has_4bit_kernel(&gpu),
+        "the test must run the CubeCL kernels"
+    );
     gpu
 }
 
@@ -19,7 +22,14 @@ fn layer(n: usize, k: usize, qtype: QuantType, blocksize: usize, device: &Device
     let cpu = Device::flex();
     cpu.seed(n as u64 * 31 + k as u64);
     let w = Tensor::<1>::random([n * k], Distribution::Normal(0.0, 0.5), &cpu).into_data();
-    let q = Quantized4bit::quantize(w.as_slice::<f32>().unwrap(), &[n, k], qtype, blocksize, true).unwrap();
+    let q = Quantized4bit::quantize(
+        w.as_slice::<f32>().unwrap(),
+        &[n, k],
+        qtype,
+        blocksize,
+        true,
+    )
+    .unwrap();
     Linear4bit::new(q, None, device.clone()).unwrap()
 }
 
@@ -37,11 +47,19 @@ fn dequantize_kernel_matches_the_host_bit_for_bit() {
     let gpu = gpu();
     // 33x63 takes the value-by-value kernel, the others (whole words) the word kernel; 40x1000
     // leaves the last cube part-empty.
-    for (n, k, qtype, blocksize) in [(33, 63, QuantType::Nf4, 64), (16, 256, QuantType::Fp4, 128), (40, 1000, QuantType::Nf4, 64)] {
+    for (n, k, qtype, blocksize) in [
+        (33, 63, QuantType::Nf4, 64),
+        (16, 256, QuantType::Fp4, 128),
+        (40, 1000, QuantType::Nf4, 64),
+    ] {
         let l = layer(n, k, qtype, blocksize, &gpu);
         let on_gpu = l.dequantized(&gpu).into_data();
         assert_eq!(on_gpu.shape().to_vec(), vec![n, k]);
-        assert_eq!(on_gpu.as_slice::<f32>().unwrap(), l.weight_hf().data.as_slice(), "{n}x{k} {qtype:?}");
+        assert_eq!(
+            on_gpu.as_slice::<f32>().unwrap(),
+            l.weight_hf().data.as_slice(),
+            "{n}x{k} {qtype:?}"
+        );
     }
 }
 
@@ -57,7 +75,8 @@ fn forward_matches_the_cpu_kernel_on_both_gpu_paths() {
             let x = input(m, k);
             let expected = nf4_forward(n, k, Tensor::from_data(x.clone(), &cpu));
             let got = nf4_forward(n, k, Tensor::from_data(x, &gpu));
-            got.into_data().assert_approx_eq::<f32>(&expected.into_data(), Tolerance::rel_abs(1e-4, 1e-4));
+            got.into_data()
+                .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::rel_abs(1e-4, 1e-4));
         }
     }
 }
@@ -71,7 +90,8 @@ fn gemv_covers_outputs_beyond_one_grid_dimension() {
     let x = input(1, k);
     let expected = nf4_forward(n, k, Tensor::from_data(x.clone(), &cpu));
     let got = nf4_forward(n, k, Tensor::from_data(x, &gpu));
-    got.into_data().assert_approx_eq::<f32>(&expected.into_data(), Tolerance::rel_abs(1e-4, 1e-4));
+    got.into_data()
+        .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::rel_abs(1e-4, 1e-4));
 }
 
 /// A half-precision input computes in its own type on both paths (the GEMV sums in f32) and
@@ -80,8 +100,14 @@ fn gemv_covers_outputs_beyond_one_grid_dimension() {
 fn half_precision_inputs_compute_in_their_own_type() {
     let (cpu, gpu) = (Device::flex(), gpu());
     let (n, k) = (48, 256);
-    assert!(gpu.supports_dtype(DType::F16), "the wgpu device must hold f16");
-    let dtypes: Vec<DType> = [DType::F16, DType::BF16].into_iter().filter(|d| gpu.supports_dtype(*d)).collect();
+    assert!(
+        gpu.supports_dtype(DType::F16),
+        "the wgpu device must hold f16"
+    );
+    let dtypes: Vec<DType> = [DType::F16, DType::BF16]
+        .into_iter()
+        .filter(|d| gpu.supports_dtype(*d))
+        .collect();
     eprintln!("half-precision dtypes on this device: {dtypes:?}");
     for dtype in dtypes {
         for m in [1, 3, 6] {
@@ -92,8 +118,14 @@ fn half_precision_inputs_compute_in_their_own_type() {
             let got = nf4_forward(n, k, x);
             assert_eq!(got.dtype(), dtype, "batch {m}");
             // f16 keeps ~3 decimal digits, bf16 ~2; outputs reach ~30.
-            let tol = if dtype == DType::F16 { Tolerance::rel_abs(1e-2, 5e-2) } else { Tolerance::rel_abs(2e-2, 2e-1) };
-            got.into_data().convert_dtype(DType::F32).assert_approx_eq::<f32>(&expected.into_data(), tol);
+            let tol = if dtype == DType::F16 {
+                Tolerance::rel_abs(1e-2, 5e-2)
+            } else {
+                Tolerance::rel_abs(2e-2, 2e-1)
+            };
+            got.into_data()
+                .convert_dtype(DType::F32)
+                .assert_approx_eq::<f32>(&expected.into_data(), tol);
         }
     }
 }

@@ -20,7 +20,9 @@ use crate::{cargo, workspace_root};
 const THREADS: &str = "2";
 
 pub(crate) fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -49,9 +51,13 @@ fn criterion_medians(selected: &[&Workload]) -> Result<Vec<(String, f64)>> {
     let mut out = Vec::new();
     for w in selected {
         let file = dir.join(w.id).join("new/estimates.json");
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
-        let ns = v["median"]["point_estimate"].as_f64().with_context(|| format!("{}: no median", file.display()))?;
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+        let ns = v["median"]["point_estimate"]
+            .as_f64()
+            .with_context(|| format!("{}: no median", file.display()))?;
         out.push((w.id.to_string(), ns / 1e6));
     }
     Ok(out)
@@ -68,24 +74,40 @@ struct Worker {
 impl Worker {
     fn spawn(name: &'static str, mut cmd: Command) -> Result<Self> {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        let mut child = cmd.spawn().with_context(|| format!("starting the {name} worker: {cmd:?}"))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting the {name} worker: {cmd:?}"))?;
         let input = child.stdin.take().expect("piped");
         let output = BufReader::new(child.stdout.take().expect("piped"));
-        Ok(Self { name, child, input, output })
+        Ok(Self {
+            name,
+            child,
+            input,
+            output,
+        })
     }
 
     fn run(&mut self, id: &str, iters: usize) -> Result<Vec<f64>> {
         // Let the other side's worker threads stop spinning (OpenMP and rayon busy-wait a
         // moment after parallel work), so neither side runs on cores the other still holds.
         std::thread::sleep(std::time::Duration::from_millis(100));
-        writeln!(self.input, "{id} {iters}").and_then(|_| self.input.flush()).with_context(|| {
-            format!("the {} worker stopped before `{id}`", self.name)
-        })?;
+        writeln!(self.input, "{id} {iters}")
+            .and_then(|_| self.input.flush())
+            .with_context(|| format!("the {} worker stopped before `{id}`", self.name))?;
         let mut line = String::new();
         self.output.read_line(&mut line)?;
-        let v: Value = serde_json::from_str(&line)
-            .with_context(|| format!("the {} worker failed on `{id}` (its stderr is above)", self.name))?;
-        let ms: Vec<f64> = v["ms"].as_array().context("no `ms`")?.iter().filter_map(Value::as_f64).collect();
+        let v: Value = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "the {} worker failed on `{id}` (its stderr is above)",
+                self.name
+            )
+        })?;
+        let ms: Vec<f64> = v["ms"]
+            .as_array()
+            .context("no `ms`")?
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
         Ok(ms)
     }
 }
@@ -109,26 +131,45 @@ struct Memory {
 }
 
 fn memory(mut cmd: Command, side: &str, id: &str) -> Result<Memory> {
-    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("{side} memory of {id}"))?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("{side} memory of {id}"))?;
     if !out.status.success() {
         bail!("{side}: measuring the memory of `{id}` failed");
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_default();
-    let v: Value = serde_json::from_str(line).with_context(|| format!("{side} memory of {id}: `{line}`"))?;
+    let v: Value =
+        serde_json::from_str(line).with_context(|| format!("{side} memory of {id}: `{line}`"))?;
     let mib = |k: &str| v[k].as_f64().unwrap_or(f64::NAN) / (1024.0 * 1024.0);
-    Ok(Memory { rss_before: mib("rss_before"), rss_peak: mib("rss_peak"), alloc_before: mib("alloc_before"), alloc_peak: mib("alloc_peak") })
+    Ok(Memory {
+        rss_before: mib("rss_before"),
+        rss_peak: mib("rss_peak"),
+        alloc_before: mib("alloc_before"),
+        alloc_peak: mib("alloc_peak"),
+    })
 }
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|t| t.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|t| {
+            t.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
         .unwrap_or_default();
     format!("{cpu}, {cores} cores, {mem} RAM; {THREADS} threads on each side")
@@ -147,7 +188,14 @@ struct Options {
 }
 
 fn options(args: &[String]) -> Result<Options> {
-    let mut o = Options { peer: false, criterion: true, rounds: 5, only: None, gpu: None, gpu_peak: None };
+    let mut o = Options {
+        peer: false,
+        criterion: true,
+        rounds: 5,
+        only: None,
+        gpu: None,
+        gpu_peak: None,
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -156,14 +204,30 @@ fn options(args: &[String]) -> Result<Options> {
             "--gpu" => o.gpu = Some(true),
             "--no-gpu" => o.gpu = Some(false),
             "--gpu-peak-gbps" => {
-                let v: f64 = it.next().context("--gpu-peak-gbps needs a number")?.parse().context("--gpu-peak-gbps")?;
+                let v: f64 = it
+                    .next()
+                    .context("--gpu-peak-gbps needs a number")?
+                    .parse()
+                    .context("--gpu-peak-gbps")?;
                 if !(v > 0.0) {
                     bail!("--gpu-peak-gbps must be positive, got {v}");
                 }
                 o.gpu_peak = Some(v);
             }
-            "--rounds" => o.rounds = it.next().context("--rounds needs a number")?.parse().context("--rounds")?,
-            "--only" => o.only = Some(it.next().context("--only needs a workload id prefix")?.clone()),
+            "--rounds" => {
+                o.rounds = it
+                    .next()
+                    .context("--rounds needs a number")?
+                    .parse()
+                    .context("--rounds")?
+            }
+            "--only" => {
+                o.only = Some(
+                    it.next()
+                        .context("--only needs a workload id prefix")?
+                        .clone(),
+                )
+            }
             other => bail!(
                 "unknown bench option `{other}` (expected --peer, --gpu, --no-gpu, --gpu-peak-gbps GBPS, --rounds N, --only PREFIX, --no-criterion)"
             ),
@@ -177,9 +241,16 @@ fn options(args: &[String]) -> Result<Options> {
 
 /// The first NVIDIA GPU's name, from `nvidia-smi` (absent or failing: none).
 fn nvidia_gpu() -> Option<String> {
-    let out = Command::new("nvidia-smi").args(["--query-gpu=name", "--format=csv,noheader"]).output().ok()?;
+    let out = Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader"])
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    out.status.success().then(|| text.lines().next().map(|l| l.trim().to_string())).flatten().filter(|n| !n.is_empty())
+    out.status
+        .success()
+        .then(|| text.lines().next().map(|l| l.trim().to_string()))
+        .flatten()
+        .filter(|n| !n.is_empty())
 }
 
 /// Peak memory bandwidth (GB/s, vendor figures) of common data-centre and desktop GPUs, by a
@@ -199,7 +270,10 @@ const GPU_PEAK_GBPS: &[(&str, f64)] = &[
 ];
 
 fn gpu_peak_gbps(name: &str) -> Option<f64> {
-    GPU_PEAK_GBPS.iter().find(|(fragment, _)| name.contains(fragment)).map(|&(_, gbps)| gbps)
+    GPU_PEAK_GBPS
+        .iter()
+        .find(|(fragment, _)| name.contains(fragment))
+        .map(|&(_, gbps)| gbps)
 }
 
 /// The GPU run: which GPU, its peak bandwidth if known, and each workload's times.
@@ -211,7 +285,11 @@ struct GpuRun {
 
 /// Iterations per round on the GPU: the kernels take milliseconds.
 fn gpu_iterations(id: &str) -> usize {
-    if id.starts_with("device/") { 20 } else { iterations(id) }
+    if id.starts_with("device/") {
+        20
+    } else {
+        iterations(id)
+    }
 }
 
 /// One workload measured on both sides.
@@ -223,8 +301,10 @@ struct Pair {
 
 pub fn bench(args: &[String]) -> Result<()> {
     let o = options(args)?;
-    let selected: Vec<&'static Workload> =
-        WORKLOADS.iter().filter(|w| o.only.as_deref().is_none_or(|p| w.id.starts_with(p))).collect();
+    let selected: Vec<&'static Workload> = WORKLOADS
+        .iter()
+        .filter(|w| o.only.as_deref().is_none_or(|p| w.id.starts_with(p)))
+        .collect();
     let gpu_name = nvidia_gpu();
     let run_gpu = o.gpu.unwrap_or(gpu_name.is_some());
     let on_device: Vec<&'static Workload> = peft_bench::ON_DEVICE
@@ -236,11 +316,20 @@ pub fn bench(args: &[String]) -> Result<()> {
         bail!("--only {:?} selects no workload", o.only);
     }
     let report_dir = target_dir().join("bench-report");
-    std::fs::create_dir_all(&report_dir).with_context(|| format!("creating {}", report_dir.display()))?;
+    std::fs::create_dir_all(&report_dir)
+        .with_context(|| format!("creating {}", report_dir.display()))?;
     let threads = [("RAYON_NUM_THREADS", THREADS)];
 
     let criterion = if o.criterion && !selected.is_empty() {
-        let mut bench_args = vec!["bench", "-p", "peft-bench", "--profile", "dev", "--bench", "hot_paths"];
+        let mut bench_args = vec![
+            "bench",
+            "-p",
+            "peft-bench",
+            "--profile",
+            "dev",
+            "--bench",
+            "hot_paths",
+        ];
         if let Some(p) = &o.only {
             bench_args.extend(["--", p.as_str()]);
         }
@@ -254,7 +343,20 @@ pub fn bench(args: &[String]) -> Result<()> {
     if (o.peer && !selected.is_empty()) || run_gpu {
         // One worker binary for both sides; with the GPU run it also has the wgpu backend.
         let features = if run_gpu { "wgpu" } else { "" };
-        cargo(&["build", "-p", "peft-bench", "--profile", "dev", "--bin", "peft-bench", "--features", features], &[])?;
+        cargo(
+            &[
+                "build",
+                "-p",
+                "peft-bench",
+                "--profile",
+                "dev",
+                "--bin",
+                "peft-bench",
+                "--features",
+                features,
+            ],
+            &[],
+        )?;
     }
 
     let mut pairs = Vec::new();
@@ -264,17 +366,30 @@ pub fn bench(args: &[String]) -> Result<()> {
         let script = workspace_root().join("scripts/bench_peer.py");
         // Either side's command with `args`, both pinned to the same thread count.
         let side = |ours: bool, args: &[&str]| {
-            let mut c = if ours { Command::new(&bin) } else { Command::new(&python) };
+            let mut c = if ours {
+                Command::new(&bin)
+            } else {
+                Command::new(&python)
+            };
             if !ours {
                 c.arg(&script);
             }
             c.args(args).current_dir(workspace_root());
-            c.env("RAYON_NUM_THREADS", THREADS).env("OMP_NUM_THREADS", THREADS).env("PEFT_BENCH_THREADS", THREADS);
+            c.env("RAYON_NUM_THREADS", THREADS)
+                .env("OMP_NUM_THREADS", THREADS)
+                .env("PEFT_BENCH_THREADS", THREADS);
             c
         };
         let mut ours = Worker::spawn("peft", side(true, &["serve"]))?;
         let mut peer = Worker::spawn("python", side(false, &["serve"]))?;
-        pairs = selected.iter().map(|&w| Pair { workload: w, ours: Vec::new(), peer: Vec::new() }).collect();
+        pairs = selected
+            .iter()
+            .map(|&w| Pair {
+                workload: w,
+                ours: Vec::new(),
+                peer: Vec::new(),
+            })
+            .collect();
         for round in 0..o.rounds {
             eprintln!("side by side: round {}/{}", round + 1, o.rounds);
             for p in &mut pairs {
@@ -301,10 +416,13 @@ pub fn bench(args: &[String]) -> Result<()> {
     let gpu = if !on_device.is_empty() {
         let mut worker = Worker::spawn("peft (wgpu)", {
             let mut c = Command::new(&bin);
-            c.args(["serve", "--device", "wgpu"]).current_dir(workspace_root()).env("RAYON_NUM_THREADS", THREADS);
+            c.args(["serve", "--device", "wgpu"])
+                .current_dir(workspace_root())
+                .env("RAYON_NUM_THREADS", THREADS);
             c
         })?;
-        let mut times: Vec<(&'static Workload, Vec<f64>)> = on_device.iter().map(|&w| (w, Vec::new())).collect();
+        let mut times: Vec<(&'static Workload, Vec<f64>)> =
+            on_device.iter().map(|&w| (w, Vec::new())).collect();
         for round in 0..o.rounds {
             eprintln!("GPU (wgpu): round {}/{}", round + 1, o.rounds);
             for (w, ms) in &mut times {
@@ -313,7 +431,11 @@ pub fn bench(args: &[String]) -> Result<()> {
         }
         let name = gpu_name.unwrap_or_else(|| "the default adapter (no `nvidia-smi`)".into());
         let peak_gbps = o.gpu_peak.or_else(|| gpu_peak_gbps(&name));
-        Some(GpuRun { name, peak_gbps, times })
+        Some(GpuRun {
+            name,
+            peak_gbps,
+            times,
+        })
     } else {
         None
     };
@@ -333,14 +455,30 @@ pub fn bench(args: &[String]) -> Result<()> {
             "times": g.times.iter().map(|(w, ms)| json!({"id": w.id, "ms": ms})).collect::<Vec<_>>(),
         })),
     });
-    std::fs::write(report_dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(
+        report_dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
     let chart = report_dir.join("chart.svg");
     if pairs.is_empty() {
         let rows: Vec<(String, f64)> = criterion.clone();
-        bar_chart(&rows, "median time per iteration (ms, log scale)", None, &chart)?;
+        bar_chart(
+            &rows,
+            "median time per iteration (ms, log scale)",
+            None,
+            &chart,
+        )?;
     } else {
-        let rows: Vec<(String, f64)> = pairs.iter().map(|p| (p.workload.id.to_string(), median(&p.peer) / median(&p.ours))).collect();
-        bar_chart(&rows, "peer time / our time (log scale; right of 1 = we are faster)", Some(1.0), &chart)?;
+        let rows: Vec<(String, f64)> = pairs
+            .iter()
+            .map(|p| (p.workload.id.to_string(), median(&p.peer) / median(&p.ours)))
+            .collect();
+        bar_chart(
+            &rows,
+            "peer time / our time (log scale; right of 1 = we are faster)",
+            Some(1.0),
+            &chart,
+        )?;
     }
     println!("{report}");
     println!("report: {}", report_dir.join("report.md").display());
@@ -350,22 +488,38 @@ pub fn bench(args: &[String]) -> Result<()> {
 /// The reference venv's python (created once by scripts/ref_venv.sh).
 fn reference_python() -> Result<PathBuf> {
     let script = workspace_root().join("scripts/ref_venv.sh");
-    let out = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output().context("running scripts/ref_venv.sh")?;
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running scripts/ref_venv.sh")?;
     if !out.status.success() {
-        bail!("scripts/ref_venv.sh could not set up the reference venv (needs python3 and the package registry)");
+        bail!(
+            "scripts/ref_venv.sh could not set up the reference venv (needs python3 and the package registry)"
+        );
     }
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
 fn fmt_ms(ms: f64) -> String {
-    if ms >= 100.0 { format!("{ms:.0} ms") } else if ms >= 10.0 { format!("{ms:.1} ms") } else { format!("{ms:.2} ms") }
+    if ms >= 100.0 {
+        format!("{ms:.0} ms")
+    } else if ms >= 10.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{ms:.2} ms")
+    }
 }
 
 /// The GPU section: median time per workload, and for memory-bound work the bandwidth it
 /// reaches, against the device's copy and its peak.
 fn render_gpu(g: &GpuRun, rounds: usize) -> String {
     let gbps = |w: &Workload, ms: f64| w.bytes as f64 / (ms / 1e3) / 1e9;
-    let copy = g.times.iter().find(|(w, _)| w.id == "device/copy").map(|(w, ms)| gbps(w, median(ms)));
+    let copy = g
+        .times
+        .iter()
+        .find(|(w, _)| w.id == "device/copy")
+        .map(|(w, ms)| gbps(w, median(ms)));
     let peak = match g.peak_gbps {
         Some(p) => format!("peak {p:.0} GB/s"),
         None => "peak unknown: pass `--gpu-peak-gbps`".into(),
@@ -385,10 +539,27 @@ fn render_gpu(g: &GpuRun, rounds: usize) -> String {
             (String::new(), String::new(), String::new())
         } else {
             let b = gbps(w, t);
-            let pct = |reference: Option<f64>| reference.map(|r| format!("{:.0}%", 100.0 * b / r)).unwrap_or_default();
-            (if b < 10.0 { format!("{b:.1}") } else { format!("{b:.0}") }, pct(g.peak_gbps), pct(copy))
+            let pct = |reference: Option<f64>| {
+                reference
+                    .map(|r| format!("{:.0}%", 100.0 * b / r))
+                    .unwrap_or_default()
+            };
+            (
+                if b < 10.0 {
+                    format!("{b:.1}")
+                } else {
+                    format!("{b:.0}")
+                },
+                pct(g.peak_gbps),
+                pct(copy),
+            )
         };
-        s += &format!("| `{}`: {} | {}{rate} | {bw} | {of_peak} | {of_copy} |\n", w.id, w.what, fmt_ms(t));
+        s += &format!(
+            "| `{}`: {} | {}{rate} | {bw} | {of_peak} | {of_copy} |\n",
+            w.id,
+            w.what,
+            fmt_ms(t)
+        );
     }
     s + "\n"
 }
@@ -402,9 +573,24 @@ fn render(
 ) -> String {
     let mut s = String::new();
     s += "# peft benchmark report\n\n";
-    s += &format!("Machine: {}. Build: dev profile (dependencies and peft-bench at opt-level 3).\n\n", machine());
-    let what = |id: &str| WORKLOADS.iter().find(|w| w.id == id).map(|w| w.what).unwrap_or("");
-    let tokens = |id: &str| WORKLOADS.iter().find(|w| w.id == id).map(|w| w.tokens).unwrap_or(0);
+    s += &format!(
+        "Machine: {}. Build: dev profile (dependencies and peft-bench at opt-level 3).\n\n",
+        machine()
+    );
+    let what = |id: &str| {
+        WORKLOADS
+            .iter()
+            .find(|w| w.id == id)
+            .map(|w| w.what)
+            .unwrap_or("")
+    };
+    let tokens = |id: &str| {
+        WORKLOADS
+            .iter()
+            .find(|w| w.id == id)
+            .map(|w| w.tokens)
+            .unwrap_or(0)
+    };
     if !pairs.is_empty() {
         s += &format!(
             "## Side by side with Hugging Face PEFT 0.21.2 / transformers 5.23 / bitsandbytes 0.50.2 (torch 2.15, CPU)\n\n\
@@ -419,18 +605,39 @@ fn render(
                 0 => String::new(),
                 t => format!(" ({:.0} tok/s)", t as f64 / (ms / 1e3)),
             };
-            s += &format!("| `{id}`: {} | {}{} | {}{} | {:.2} |\n", what(id), fmt_ms(a), rate(a), fmt_ms(b), rate(b), b / a);
+            s += &format!(
+                "| `{id}`: {} | {}{} | {}{} | {:.2} |\n",
+                what(id),
+                fmt_ms(a),
+                rate(a),
+                fmt_ms(b),
+                rate(b),
+                b / a
+            );
         }
         let step = |id: &str, peer: bool| {
-            pairs.iter().find(|p| p.workload.id == id).map(|p| median(if peer { &p.peer } else { &p.ours }))
+            pairs
+                .iter()
+                .find(|p| p.workload.id == id)
+                .map(|p| median(if peer { &p.peer } else { &p.ours }))
         };
-        if let (Some(lo), Some(fo), Some(lp), Some(fp)) =
-            (step("train_step/lora", false), step("train_step/full", false), step("train_step/lora", true), step("train_step/full", true))
-        {
-            s += &format!("| LoRA step time / full fine-tuning step time | {:.2} | {:.2} | |\n", lo / fo, lp / fp);
+        if let (Some(lo), Some(fo), Some(lp), Some(fp)) = (
+            step("train_step/lora", false),
+            step("train_step/full", false),
+            step("train_step/lora", true),
+            step("train_step/full", true),
+        ) {
+            s += &format!(
+                "| LoRA step time / full fine-tuning step time | {:.2} | {:.2} | |\n",
+                lo / fo,
+                lp / fp
+            );
         }
         if let (Some(d), Some(c)) = (step("nf4/dequantize", false), step("nf4/copy", false)) {
-            s += &format!("| dequantize speed as a fraction of a copy of the same bytes | {:.0}% | ", 100.0 * c / d);
+            s += &format!(
+                "| dequantize speed as a fraction of a copy of the same bytes | {:.0}% | ",
+                100.0 * c / d
+            );
             if let (Some(dp), Some(cp)) = (step("nf4/dequantize", true), step("nf4/copy", true)) {
                 s += &format!("{:.0}% | |\n", 100.0 * cp / dp);
             } else {
@@ -446,7 +653,13 @@ fn render(
             for (id, m, t) in memory {
                 s += &format!(
                     "| `{id}` | {:.0} / {:.0} MiB | {:.0} / {:.0} MiB | {:.0} / {:.0} MiB | {:.2} |\n",
-                    m.alloc_before, m.alloc_peak, m.rss_before, m.rss_peak, t.rss_before, t.rss_peak, t.rss_peak / m.rss_peak
+                    m.alloc_before,
+                    m.alloc_peak,
+                    m.rss_before,
+                    m.rss_peak,
+                    t.rss_before,
+                    t.rss_peak,
+                    t.rss_peak / m.rss_peak
                 );
             }
         }
@@ -467,19 +680,39 @@ fn render(
 }
 
 /// Horizontal bars on a log axis, one per row, starting at `baseline` (or the axis start).
-fn bar_chart(rows: &[(String, f64)], x_desc: &str, baseline: Option<f64>, out: &Path) -> Result<()> {
-    let values: Vec<f64> = rows.iter().map(|r| r.1).filter(|v| v.is_finite() && *v > 0.0).collect();
+fn bar_chart(
+    rows: &[(String, f64)],
+    x_desc: &str,
+    baseline: Option<f64>,
+    out: &Path,
+) -> Result<()> {
+    let values: Vec<f64> = rows
+        .iter()
+        .map(|r| r.1)
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .collect();
     if values.is_empty() {
         return Ok(());
     }
-    let lo = values.iter().copied().fold(baseline.unwrap_or(f64::MAX), f64::min) / 2.0;
-    let hi = values.iter().copied().fold(baseline.unwrap_or(0.0), f64::max) * 2.0;
+    let lo = values
+        .iter()
+        .copied()
+        .fold(baseline.unwrap_or(f64::MAX), f64::min)
+        / 2.0;
+    let hi = values
+        .iter()
+        .copied()
+        .fold(baseline.unwrap_or(0.0), f64::max)
+        * 2.0;
     let n = rows.len();
     let root = SVGBackend::new(out, (1000, 60 + 28 * n as u32)).into_drawing_area();
     // Row i is drawn at height n - 1 - i so the first row is on top; its name labels the axis.
     let name_at = |y: &f64| -> String {
         let i = n as f64 - 1.0 - y.floor();
-        rows.get(i as usize).filter(|_| (0.0..n as f64).contains(&i)).map(|r| r.0.clone()).unwrap_or_default()
+        rows.get(i as usize)
+            .filter(|_| (0.0..n as f64).contains(&i))
+            .map(|r| r.0.clone())
+            .unwrap_or_default()
     };
     let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
         root.fill(&WHITE)?;
@@ -493,7 +726,13 @@ fn bar_chart(rows: &[(String, f64)], x_desc: &str, baseline: Option<f64>, out: &
             .x_desc(x_desc)
             .disable_y_mesh()
             .y_labels(2 * n + 1)
-            .y_label_formatter(&|y| if (y.fract() - 0.5).abs() < 1e-6 { name_at(y) } else { String::new() })
+            .y_label_formatter(&|y| {
+                if (y.fract() - 0.5).abs() < 1e-6 {
+                    name_at(y)
+                } else {
+                    String::new()
+                }
+            })
             .y_label_style(("sans-serif", 13))
             .draw()?;
         let start = baseline.unwrap_or(lo);
@@ -507,10 +746,21 @@ fn bar_chart(rows: &[(String, f64)], x_desc: &str, baseline: Option<f64>, out: &
                 Some(_) => GREEN.mix(0.6),
                 None => BLUE.mix(0.5),
             };
-            chart.draw_series(std::iter::once(Rectangle::new([(start, y + 0.15), (*v, y + 0.85)], color.filled())))?;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(start, y + 0.15), (*v, y + 0.85)],
+                color.filled(),
+            )))?;
             // The value just past the bar's end.
-            let value = if baseline.is_some() { format!("{v:.2}") } else { fmt_ms(*v) };
-            chart.draw_series(std::iter::once(Text::new(value, (v.max(start) * 1.04, y + 0.7), ("sans-serif", 13))))?;
+            let value = if baseline.is_some() {
+                format!("{v:.2}")
+            } else {
+                fmt_ms(*v)
+            };
+            chart.draw_series(std::iter::once(Text::new(
+                value,
+                (v.max(start) * 1.04, y + 0.7),
+                ("sans-serif", 13),
+            )))?;
         }
         if let Some(b) = baseline {
             chart.draw_series(LineSeries::new([(b, 0.0), (b, n as f64)], BLACK))?;
@@ -541,20 +791,52 @@ mod tests {
     fn gpu_section_reports_bandwidth_against_copy_and_peak() {
         let w = |id: &str| peft_bench::workload(id).unwrap();
         let ms_at = |w: &Workload, gbps: f64| w.bytes as f64 / (gbps * 1e9) * 1e3;
-        let (copy, deq, step) = (w("device/copy"), w("device/dequantize"), w("train_step/lora"));
+        let (copy, deq, step) = (
+            w("device/copy"),
+            w("device/dequantize"),
+            w("train_step/lora"),
+        );
         let name = "NVIDIA H100 80GB HBM3".to_string();
         let times = vec![
-            (copy, vec![ms_at(copy, 2400.0), ms_at(copy, 2500.0), ms_at(copy, 2600.0)]),
+            (
+                copy,
+                vec![
+                    ms_at(copy, 2400.0),
+                    ms_at(copy, 2500.0),
+                    ms_at(copy, 2600.0),
+                ],
+            ),
             (deq, vec![ms_at(deq, 2000.0)]),
             (step, vec![25.6]),
         ];
-        let s = render_gpu(&GpuRun { peak_gbps: gpu_peak_gbps(&name), name, times }, 3);
-        assert!(s.contains("## GPU through wgpu: NVIDIA H100 80GB HBM3 (peak 3350 GB/s)"), "{s}");
+        let s = render_gpu(
+            &GpuRun {
+                peak_gbps: gpu_peak_gbps(&name),
+                name,
+                times,
+            },
+            3,
+        );
+        assert!(
+            s.contains("## GPU through wgpu: NVIDIA H100 80GB HBM3 (peak 3350 GB/s)"),
+            "{s}"
+        );
         assert!(s.contains("| 2500 | 75% | 100% |"), "{s}");
         assert!(s.contains("| 2000 | 60% | 80% |"), "{s}");
         assert!(s.contains("25.6 ms (20000 tok/s) |  |  |  |"), "{s}");
-        let unknown = render_gpu(&GpuRun { name: "some GPU".into(), peak_gbps: None, times: vec![(copy, vec![ms_at(copy, 7.5)])] }, 1);
-        assert!(unknown.contains("peak unknown: pass `--gpu-peak-gbps`") && unknown.contains("| 7.5 |  | 100% |"), "{unknown}");
+        let unknown = render_gpu(
+            &GpuRun {
+                name: "some GPU".into(),
+                peak_gbps: None,
+                times: vec![(copy, vec![ms_at(copy, 7.5)])],
+            },
+            1,
+        );
+        assert!(
+            unknown.contains("peak unknown: pass `--gpu-peak-gbps`")
+                && unknown.contains("| 7.5 |  | 100% |"),
+            "{unknown}"
+        );
     }
 
     /// Every row's name labels the axis and its value is printed by its bar.
@@ -562,16 +844,33 @@ mod tests {
     fn chart_names_every_row_and_its_value() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chart.svg");
-        let rows = vec![("train step LoRA".to_string(), 0.6), ("NF4 quantize".to_string(), 3.6), ("copy".to_string(), 2.57)];
+        let rows = vec![
+            ("train step LoRA".to_string(), 0.6),
+            ("NF4 quantize".to_string(), 3.6),
+            ("copy".to_string(), 2.57),
+        ];
         bar_chart(&rows, "peer / ours", Some(1.0), &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
-        for needle in ["train step LoRA", "NF4 quantize", "copy", "0.60", "3.60", "2.57"] {
+        for needle in [
+            "train step LoRA",
+            "NF4 quantize",
+            "copy",
+            "0.60",
+            "3.60",
+            "2.57",
+        ] {
             assert_eq!(svg.matches(needle).count(), 1, "`{needle}` in the chart");
         }
         // As many rows as the full report has: still one label per row.
-        let rows: Vec<(String, f64)> = (0..17).map(|i| (format!("workload-{i:02}"), 1.0 + i as f64)).collect();
+        let rows: Vec<(String, f64)> = (0..17)
+            .map(|i| (format!("workload-{i:02}"), 1.0 + i as f64))
+            .collect();
         bar_chart(&rows, "ms", None, &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
-        assert!(rows.iter().all(|(name, _)| svg.matches(name.as_str()).count() == 1), "a row label is missing or repeated");
+        assert!(
+            rows.iter()
+                .all(|(name, _)| svg.matches(name.as_str()).count() == 1),
+            "a row label is missing or repeated"
+        );
     }
 }

@@ -13,7 +13,10 @@ use anyhow::{Context, Result, bail};
 mod readers;
 
 fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
 }
 
 /// Whether `cargo +nightly fuzz` runs here.
@@ -34,7 +37,11 @@ struct TargetRun {
 }
 
 pub fn fuzz(args: &[String]) -> Result<()> {
-    let seconds: u64 = arg(args, "--seconds").map(str::parse).transpose().context("--seconds")?.unwrap_or(10);
+    let seconds: u64 = arg(args, "--seconds")
+        .map(str::parse)
+        .transpose()
+        .context("--seconds")?
+        .unwrap_or(10);
     let only = arg(args, "--only");
     let sanitizer = arg(args, "--sanitizer").unwrap_or("none");
     let root = crate::workspace_root();
@@ -45,18 +52,41 @@ pub fn fuzz(args: &[String]) -> Result<()> {
             "xtask fuzz: no nightly toolchain with cargo-fuzz here (`rustup toolchain install nightly`, \
              `cargo install cargo-fuzz`); running the stable structure-aware mutation suite instead ({cases} cases)"
         );
-        return crate::cargo(&["test", "-p", "peft-models", "--test", "malformed"], &[("PROPTEST_CASES", &cases)]);
+        return crate::cargo(
+            &["test", "-p", "peft-models", "--test", "malformed"],
+            &[("PROPTEST_CASES", &cases)],
+        );
     }
     let fuzz_dir = root.join("fuzz");
     let target_dir = crate::bench::target_dir().join("fuzz");
     let target_dir = target_dir.to_str().context("target path is not UTF-8")?;
-    let names: Vec<&'static str> =
-        readers::READERS.iter().map(|(n, _)| *n).filter(|n| only.is_none_or(|o| n.starts_with(o))).collect();
+    let names: Vec<&'static str> = readers::READERS
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| only.is_none_or(|o| n.starts_with(o)))
+        .collect();
     if names.is_empty() {
-        bail!("--only {}: no such target (targets: {})", only.unwrap_or_default(), readers::READERS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "));
+        bail!(
+            "--only {}: no such target (targets: {})",
+            only.unwrap_or_default(),
+            readers::READERS
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     let status = Command::new("cargo")
-        .args(["+nightly", "fuzz", "build", "-O", "--sanitizer", sanitizer, "--target-dir", target_dir])
+        .args([
+            "+nightly",
+            "fuzz",
+            "build",
+            "-O",
+            "--sanitizer",
+            sanitizer,
+            "--target-dir",
+            target_dir,
+        ])
         .current_dir(&root)
         .status()
         .context("cargo fuzz build")?;
@@ -68,14 +98,35 @@ pub fn fuzz(args: &[String]) -> Result<()> {
     for name in names {
         let corpus = fuzz_dir.join("corpus").join(name);
         std::fs::create_dir_all(&corpus)?;
-        for (i, bytes) in seeds.iter().filter(|(n, _)| *n == name).map(|(_, b)| b).enumerate() {
+        for (i, bytes) in seeds
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, b)| b)
+            .enumerate()
+        {
             std::fs::write(corpus.join(format!("seed-{i}")), bytes)?;
         }
         eprintln!("+ fuzz {name} for {seconds} s");
         let out = Command::new("cargo")
-            .args(["+nightly", "fuzz", "run", "-O", "--sanitizer", sanitizer, "--target-dir", target_dir, name])
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                "-O",
+                "--sanitizer",
+                sanitizer,
+                "--target-dir",
+                target_dir,
+                name,
+            ])
             .arg(&corpus)
-            .args(["--", &format!("-max_total_time={seconds}"), "-timeout=30", "-rss_limit_mb=4096", "-print_final_stats=1"])
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-timeout=30",
+                "-rss_limit_mb=4096",
+                "-print_final_stats=1",
+            ])
             .current_dir(&root)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -97,14 +148,21 @@ pub fn fuzz(args: &[String]) -> Result<()> {
             .unwrap_or(0);
         let corpus_size = std::fs::read_dir(&corpus)?.count();
         eprintln!("  {name}: {execs} executions, corpus {corpus_size} inputs, no failure");
-        runs.push(TargetRun { name, execs, corpus: corpus_size });
+        runs.push(TargetRun {
+            name,
+            execs,
+            corpus: corpus_size,
+        });
     }
     let total: u64 = runs.iter().map(|r| r.execs).sum();
     println!("| target | executions | corpus |\n|---|---|---|");
     for r in &runs {
         println!("| {} | {} | {} |", r.name, r.execs, r.corpus);
     }
-    println!("xtask fuzz: {} targets, {total} executions in {seconds} s each, sanitizer {sanitizer}, no failure", runs.len());
+    println!(
+        "xtask fuzz: {} targets, {total} executions in {seconds} s each, sanitizer {sanitizer}, no failure",
+        runs.len()
+    );
     Ok(())
 }
 
@@ -118,7 +176,10 @@ fn seed_files(root: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
         let bytes = std::fs::read(&gguf)?;
         seeds.push(("gguf", bytes[..header.min(bytes.len())].to_vec()));
     } else {
-        eprintln!("(SmolLM2 not fetched under {}; `cargo xtask fetch` adds its GGUF header as a seed)", root.display());
+        eprintln!(
+            "(SmolLM2 not fetched under {}; `cargo xtask fetch` adds its GGUF header as a seed)",
+            root.display()
+        );
     }
     Ok(seeds)
 }

@@ -40,11 +40,16 @@ static ALLOC: peft_core::alloc::HugePageAlloc = peft_core::alloc::HugePageAlloc;
 fn workspace_root() -> PathBuf {
     let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
     let manifest_dir = manifest_dir.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    manifest_dir.join("../..").canonicalize().expect("workspace root")
+    manifest_dir
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 pub(crate) fn models_dir() -> PathBuf {
-    std::env::var_os("PEFT_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("models"))
+    std::env::var_os("PEFT_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("models"))
 }
 
 fn fetch() -> Result<(PathBuf, PathBuf)> {
@@ -79,7 +84,9 @@ impl Tally {
         use std::io::{BufRead, BufReader};
         eprintln!("+ cargo {}", args.join(" "));
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(args).current_dir(workspace_root()).stdout(std::process::Stdio::piped());
+        cmd.args(args)
+            .current_dir(workspace_root())
+            .stdout(std::process::Stdio::piped());
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -90,7 +97,11 @@ impl Tally {
             if let Some(rest) = line.strip_prefix("test result: ") {
                 let count = |word: &str| -> usize {
                     rest.split(';')
-                        .find_map(|part| part.trim().strip_suffix(word).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok()))
+                        .find_map(|part| {
+                            part.trim()
+                                .strip_suffix(word)
+                                .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                        })
                         .unwrap_or(0)
                 };
                 self.passed += count(" passed");
@@ -112,13 +123,24 @@ fn test(args: &[String]) -> Result<()> {
     let mut tally = Tally::default();
     if !args.iter().any(|a| a == "--no-gpu-backends") {
         // CUDA cannot be built offline (cubecl-cuda downloads LLVM); type-check it instead.
-        cargo(&["check", "-p", "peft-models", "--features", "cuda"], &[("DOCS_RS", "1")])?;
-        // The 4-bit kernels and the LoRA layer on wgpu (Vulkan; lavapipe runs them on the CPU
-        // where no GPU is present).
-        let features = "peft-quant/wgpu,peft-lora/wgpu";
-        tally.cargo_test(&["test", "-p", "peft-quant", "-p", "peft-lora", "--features", features, "--test", "wgpu"], &env)?;
-        // QLoRA with an f16 compute type: its own process (a device's float type is set once).
-        tally.cargo_test(&["test", "-p", "peft-models", "--features", "wgpu", "--test", "wgpu_half"], &env)?;
+        cargo(
+            &["check", "-p", "peft-models", "--features", "cuda"],
+            &[("DOCS_RS", "1")],
+        )?;
+        // The 4-bit kernels, the LoRA layer and QLoRA with an f16 compute type on wgpu (Vulkan;
+        // lavapipe runs them on the CPU where no GPU is present). One cargo invocation, so burn
+        // with wgpu is built once; each test file is still its own process (a device's float
+        // type is set once per process).
+        let features = "peft-quant/wgpu,peft-lora/wgpu,peft-models/wgpu";
+        let packages = ["-p", "peft-quant", "-p", "peft-lora", "-p", "peft-models"];
+        let tests = ["--test", "wgpu", "--test", "wgpu_half"];
+        let args: Vec<&str> = ["test"]
+            .into_iter()
+            .chain(packages)
+            .chain(["--features", features])
+            .chain(tests)
+            .collect();
+        tally.cargo_test(&args, &env)?;
     }
     tally.cargo_test(&["test", "--workspace", "--doc"], &env)?;
     tally.cargo_test(&["test", "--workspace", "--all-targets"], &env)?;
@@ -145,7 +167,11 @@ fn answers(m: &LoadedModel, label: &str) -> Result<()> {
 
 fn demo(args: &[String]) -> Result<()> {
     let steps: usize = match args.iter().position(|a| a == "--steps") {
-        Some(i) => args.get(i + 1).context("--steps needs a number")?.parse().context("--steps")?,
+        Some(i) => args
+            .get(i + 1)
+            .context("--steps needs a number")?
+            .parse()
+            .context("--steps")?,
         None => 60,
     };
     let out = workspace_root().join("target/demo-adapter");
@@ -160,7 +186,10 @@ fn demo(args: &[String]) -> Result<()> {
     let LoadedModel { model, tokenizer } = loaded;
     let (train_pairs, held) = split_every(chatterbot_pairs(&corpus)?, 10);
     let examples = |pairs: &[peft_models::data::QaPair]| -> Result<Vec<_>> {
-        Ok(pairs.iter().map(|p| chat_example(&tokenizer, &p.question, &p.answer, 96)).collect::<Result<_, _>>()?)
+        Ok(pairs
+            .iter()
+            .map(|p| chat_example(&tokenizer, &p.question, &p.answer, 96))
+            .collect::<Result<_, _>>()?)
     };
     let train_set = examples(&train_pairs)?;
     let held_set = examples(&held[..held.len().min(48)])?;
@@ -170,25 +199,42 @@ fn demo(args: &[String]) -> Result<()> {
     let model = config.apply(model, "default")?;
     println!("\nLoRA r=8 on q,k,v,o: {}", ParamReport::of(&model));
     let before = eval_loss(&model, &held_set, 8, pad);
-    let cfg = TrainConfig { learning_rate: 1e-3, steps, batch_size: 8, warmup_steps: 5, ..Default::default() };
+    let cfg = TrainConfig {
+        learning_rate: 1e-3,
+        steps,
+        batch_size: 8,
+        warmup_steps: 5,
+        ..Default::default()
+    };
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("template"),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("template"),
     );
     let started = Instant::now();
     let mut tokens = 0usize;
     let model = train(model, &train_set, &cfg, pad, |r| {
         tokens += r.tokens;
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
-        bar.set_message(format!("loss {:.3} lr {:.1e} {:.0} tok/s", r.loss, r.learning_rate, tps));
+        bar.set_message(format!(
+            "loss {:.3} lr {:.1e} {:.0} tok/s",
+            r.loss, r.learning_rate, tps
+        ));
         bar.inc(1);
     });
     bar.finish();
     let after = eval_loss(&model, &held_set, 8, pad);
-    println!("held-out loss: {before:.3} -> {after:.3} ({} pairs)", held_set.len());
+    println!(
+        "held-out loss: {before:.3} -> {after:.3} ({} pairs)",
+        held_set.len()
+    );
     config.save(&model, "default", &out)?;
-    println!("adapter saved (Hugging Face PEFT format) to {}", out.display());
+    println!(
+        "adapter saved (Hugging Face PEFT format) to {}",
+        out.display()
+    );
     answers(&LoadedModel { model, tokenizer }, "After fine-tuning:")?;
     Ok(())
 }

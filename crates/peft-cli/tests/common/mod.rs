@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn peft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().expect("run peft")
+    Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(args)
+        .output()
+        .expect("run peft")
 }
 
 pub fn tiny() -> PathBuf {
@@ -16,10 +19,18 @@ pub fn tiny() -> PathBuf {
 
 /// Forty question/answer lines over the tiny tokenizer's words, as `dir/data.jsonl`.
 pub fn data(dir: &Path) -> PathBuf {
-    let words = ["hello", "what", "is", "the", "capital", "of", "france", "paris", "good", "day", "cat", "dog"];
+    let words = [
+        "hello", "what", "is", "the", "capital", "of", "france", "paris", "good", "day", "cat",
+        "dog",
+    ];
     let mut lines = String::new();
     for i in 0..40 {
-        let q = format!("{} {} {}", words[i % 12], words[(i * 5 + 1) % 12], words[(i * 7 + 2) % 12]);
+        let q = format!(
+            "{} {} {}",
+            words[i % 12],
+            words[(i * 5 + 1) % 12],
+            words[(i * 7 + 2) % 12]
+        );
         let a = format!("{} {}", words[(i * 3) % 12], words[(i + 4) % 12]);
         lines.push_str(&serde_json::json!({"question": q, "answer": a}).to_string());
         lines.push('\n');
@@ -40,5 +51,10 @@ pub fn stderr(o: &Output) -> String {
 /// Every value of an adapter folder's tensors, in key order.
 pub fn adapter_values(dir: &Path) -> Vec<f32> {
     let files = peft_core::adapter_io::load_adapter(dir).unwrap();
-    files.tensors.tensors.values().flat_map(|t| t.data.clone()).collect()
+    files
+        .tensors
+        .tensors
+        .values()
+        .flat_map(|t| t.data.clone())
+        .collect()
 }
