@@ -1,0 +1,185 @@
+//! The sites of a model, addressed by Hugging Face module path.
+//!
+//! A model declares its sites once per module type with [`site_table!`], and implements
+//! [`SiteHost`] by walking its layers; every list a method needs (linear paths, norm paths,
+//! target candidates) is derived from that.
+
+use peft_core::target::ModuleKind;
+
+use crate::linear::TunedLinear;
+use crate::norm::TunedNorm;
+
+/// What kind of site sits at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteKind {
+    /// A linear projection inside the network.
+    Linear,
+    /// The output head or classifier: a linear, never taken by `"all-linear"`.
+    Head,
+    /// An RMSNorm or LayerNorm.
+    Norm,
+}
+
+/// A site, shared.
+pub enum Site<'a> {
+    Linear(&'a TunedLinear),
+    Head(&'a TunedLinear),
+    Norm(&'a TunedNorm),
+}
+
+/// A site, mutable.
+pub enum SiteMut<'a> {
+    Linear(&'a mut TunedLinear),
+    Head(&'a mut TunedLinear),
+    Norm(&'a mut TunedNorm),
+}
+
+impl Site<'_> {
+    pub fn kind(&self) -> SiteKind {
+        match self {
+            Site::Linear(_) => SiteKind::Linear,
+            Site::Head(_) => SiteKind::Head,
+            Site::Norm(_) => SiteKind::Norm,
+        }
+    }
+}
+
+/// A field that may be absent (`Option<T>`) or always there (`T`); lets [`site_table!`] list
+/// both the same way.
+pub trait Present<'a, T> {
+    fn present(self) -> Option<&'a T>;
+}
+
+impl<'a, T> Present<'a, T> for &'a T {
+    fn present(self) -> Option<&'a T> {
+        Some(self)
+    }
+}
+
+impl<'a, T> Present<'a, T> for &'a Option<T> {
+    fn present(self) -> Option<&'a T> {
+        self.as_ref()
+    }
+}
+
+/// [`Present`], mutable.
+pub trait PresentMut<'a, T> {
+    fn present_mut(self) -> Option<&'a mut T>;
+}
+
+impl<'a, T> PresentMut<'a, T> for &'a mut T {
+    fn present_mut(self) -> Option<&'a mut T> {
+        Some(self)
+    }
+}
+
+impl<'a, T> PresentMut<'a, T> for &'a mut Option<T> {
+    fn present_mut(self) -> Option<&'a mut T> {
+        self.as_mut()
+    }
+}
+
+/// Declare the sites of a module type once: `"hf.path" => Kind(field.path)` entries, where
+/// `Kind` is `Linear`, `Head` or `Norm` and the field is a `TunedLinear`/`TunedNorm` or an
+/// `Option` of one. Generates `site_list(&self)` and `site_list_mut(&mut self)`, the sites by
+/// path relative to the module, in the order given.
+#[macro_export]
+macro_rules! site_table {
+    ($ty:ty { $($name:literal => $kind:ident ( $($field:tt)+ )),* $(,)? }) => {
+        impl $ty {
+            /// The sites of this module, by Hugging Face path relative to it.
+            pub fn site_list(&self) -> Vec<(&'static str, $crate::Site<'_>)> {
+                let mut sites = Vec::new();
+                $(
+                    if let Some(s) = $crate::host::Present::present(&self.$($field)+) {
+                        sites.push(($name, $crate::Site::$kind(s)));
+                    }
+                )*
+                sites
+            }
+
+            /// The sites of this module, mutable.
+            pub fn site_list_mut(&mut self) -> Vec<(&'static str, $crate::SiteMut<'_>)> {
+                let mut sites = Vec::new();
+                $(
+                    if let Some(s) = $crate::host::PresentMut::present_mut(&mut self.$($field)+) {
+                        sites.push(($name, $crate::SiteMut::$kind(s)));
+                    }
+                )*
+                sites
+            }
+        }
+    };
+}
+
+/// A model whose sites are addressed by Hugging Face module path.
+pub trait SiteHost {
+    /// The Hugging Face `model_type` (`"llama"`, `"bert"`): the key of the per-model default
+    /// targets of methods such as IA3 and LN tuning.
+    fn model_type(&self) -> &'static str;
+
+    /// Every site with its full path, in model order.
+    fn sites(&self) -> Vec<(String, Site<'_>)>;
+
+    /// Every site with its full path, mutable.
+    fn sites_mut(&mut self) -> Vec<(String, SiteMut<'_>)>;
+
+    /// Every linear site (head included) with its path.
+    fn linears(&self) -> Vec<(String, &TunedLinear)> {
+        self.sites()
+            .into_iter()
+            .filter_map(|(p, s)| match s {
+                Site::Linear(l) | Site::Head(l) => Some((p, l)),
+                Site::Norm(_) => None,
+            })
+            .collect()
+    }
+
+    /// The linear site at `path`.
+    fn linear_mut(&mut self, path: &str) -> Option<&mut TunedLinear> {
+        self.sites_mut().into_iter().find_map(|(p, s)| match s {
+            SiteMut::Linear(l) | SiteMut::Head(l) if p == path => Some(l),
+            _ => None,
+        })
+    }
+
+    /// Every norm site with its path.
+    fn norms(&self) -> Vec<(String, &TunedNorm)> {
+        self.sites()
+            .into_iter()
+            .filter_map(|(p, s)| match s {
+                Site::Norm(n) => Some((p, n)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The norm site at `path`.
+    fn norm_mut(&mut self, path: &str) -> Option<&mut TunedNorm> {
+        self.sites_mut().into_iter().find_map(|(p, s)| match s {
+            SiteMut::Norm(n) if p == path => Some(n),
+            _ => None,
+        })
+    }
+
+    /// The linear sites as target candidates, with the kind `target_modules` matching needs.
+    fn module_paths(&self) -> Vec<(String, ModuleKind)> {
+        self.sites()
+            .into_iter()
+            .filter_map(|(p, s)| match s {
+                Site::Linear(_) => Some((p, ModuleKind::Linear)),
+                Site::Head(_) => Some((p, ModuleKind::OutputHead)),
+                Site::Norm(_) => None,
+            })
+            .collect()
+    }
+
+    /// The paths of the sites of `kind`.
+    fn site_paths(&self, kind: SiteKind) -> Vec<String> {
+        self.sites()
+            .into_iter()
+            .filter(|(_, s)| s.kind() == kind)
+            .map(|(p, _)| p)
+            .collect()
+    }
+}

@@ -1,0 +1,20 @@
+//! # peft-sites
+//!
+//! The places a parameter-efficient method attaches to a model, below both the reference
+//! models (`peft-models`) and the method crates, so neither depends on the other:
+//!
+//! - [`TunedLinear`]: a frozen linear (dense or 4-bit) with named [`LinearPart`]s: LoRA,
+//!   input/output scales ((IA)^3), added biases.
+//! - [`TunedNorm`]: a frozen norm with named trainable copies (LN tuning).
+//! - [`SiteHost`]: a model's sites by Hugging Face path, declared once per module type with
+//!   [`site_table!`].
+//!
+//! A site with nothing attached runs the base alone.
+
+pub mod host;
+pub mod linear;
+pub mod norm;
+
+pub use host::{Site, SiteHost, SiteKind, SiteMut};
+pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, TunedLinear};
+pub use norm::{NormWeights, TunedNorm};

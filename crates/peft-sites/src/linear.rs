@@ -1,0 +1,456 @@
+//! The linear site: a frozen base (dense or 4-bit) with named parts that methods attach.
+//!
+//! What can sit on a linear is one enum ([`LinearPart`]) because burn's derived modules have
+//! no trait objects. Each part is owned by one adapter name; several can be active at once.
+//! The forward pass of a site with nothing attached is the base alone.
+
+use burn::module::{Module, Param};
+use burn::nn::Dropout;
+use burn::tensor::{DType, Tensor};
+use peft_core::params::{frozen, trainable};
+use peft_core::{PeftError, Result};
+use peft_quant::BaseLinear;
+
+/// Trainable parts are f32 whatever the base's type: their updates are small against their
+/// values, which f16/bf16 would round away (and AdamW's second moment would underflow).
+pub const ADAPTER_DTYPE: DType = DType::F32;
+
+/// One LoRA adapter: `delta(x) = scale · dropout(x) · A · B`.
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    /// `[in, r]` (Hugging Face `lora_A.weight` is its transpose `[r, in]`).
+    pub a: Param<Tensor<2>>,
+    /// `[r, out]` (Hugging Face `lora_B.weight` is its transpose `[out, r]`).
+    pub b: Param<Tensor<2>>,
+    pub dropout: Dropout,
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub scale: f64,
+}
+
+impl LoraAdapter {
+    pub fn rank(&self) -> usize {
+        self.a.shape().dims::<2>()[1]
+    }
+
+    /// The side path, computed as `(x·A)·B` so the dense `A·B` is never formed. A
+    /// half-precision input (an f16/bf16 base) goes through the adapter in f32, the adapter's
+    /// type, and comes back in its own type (Hugging Face PEFT does the same).
+    pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = self.dropout.forward(x).cast(ADAPTER_DTYPE);
+        burn::tensor::module::linear(
+            burn::tensor::module::linear(x, self.a.val(), None),
+            self.b.val(),
+            None,
+        )
+        .mul_scalar(self.scale)
+        .cast(dtype)
+    }
+
+    /// `scale · A·B`, the `[in, out]` update a merge adds to the base weight (f32).
+    pub fn delta_weight(&self) -> Tensor<2> {
+        self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
+    }
+}
+
+/// A learned vector, one entry per input or output feature.
+#[derive(Module, Debug)]
+pub struct FeatureVector {
+    pub value: Param<Tensor<1>>,
+}
+
+impl FeatureVector {
+    /// A trainable vector (f32).
+    pub fn new(value: Tensor<1>) -> Self {
+        Self {
+            value: trainable(value.cast(ADAPTER_DTYPE)),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.value.shape().dims::<1>()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The vector shaped to broadcast over the last dimension of a rank-`D` tensor of `dtype`.
+    fn broadcast<const D: usize>(&self, dtype: DType) -> Tensor<D> {
+        self.value.val().cast(dtype).unsqueeze::<D>()
+    }
+}
+
+/// What a method can attach to a linear site.
+#[derive(Module, Debug)]
+pub enum LinearPart {
+    /// LoRA: `+ scale · x·A·B` on the side path.
+    Lora(LoraAdapter),
+    /// A vector scaling the base's input, `base(x ⊙ l)` ((IA)^3 on feed-forward layers).
+    InputScale(FeatureVector),
+    /// A vector scaling the base's output, bias included, `base(x) ⊙ l` ((IA)^3).
+    OutputScale(FeatureVector),
+    /// A vector added to the output, `base(x) + b` (an added bias: BitFit/BEFT).
+    Bias(FeatureVector),
+}
+
+impl LinearPart {
+    /// The method family of the part, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Lora(_) => "LoRA",
+            Self::InputScale(_) | Self::OutputScale(_) => "input/output scale",
+            Self::Bias(_) => "bias",
+        }
+    }
+}
+
+/// A frozen linear with named parts. Several parts can be active at once: input scales act on
+/// the base's input, output scales on its output, LoRA deltas and biases add to the result.
+/// Merged parts live in the base weight and are skipped in the forward pass.
+#[derive(Module, Debug)]
+pub struct TunedLinear {
+    /// The frozen base: dense, or 4-bit (QLoRA).
+    pub base: BaseLinear,
+    pub parts: Vec<LinearPart>,
+    /// The adapter name of each entry of `parts`.
+    #[module(skip)]
+    pub names: Vec<String>,
+    /// Names of the parts used in the forward pass.
+    #[module(skip)]
+    pub active: Vec<String>,
+    /// Names of the parts folded into `base`.
+    #[module(skip)]
+    pub merged: Vec<String>,
+    /// When set, the forward pass is the base alone (Hugging Face `disable_adapter()`).
+    #[module(skip)]
+    pub disabled: bool,
+}
+
+impl TunedLinear {
+    /// Wrap a `[in, out]` weight (frozen) and optional bias.
+    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self::from_base(BaseLinear::dense(weight, bias))
+    }
+
+    pub fn from_base(base: impl Into<BaseLinear>) -> Self {
+        Self {
+            base: base.into(),
+            parts: Vec::new(),
+            names: Vec::new(),
+            active: Vec::new(),
+            merged: Vec::new(),
+            disabled: false,
+        }
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    fn index_or_err(&self, name: &str) -> Result<usize> {
+        self.index(name)
+            .ok_or_else(|| PeftError::UnknownAdapter(name.into()))
+    }
+
+    /// The part of adapter `name`.
+    pub fn part(&self, name: &str) -> Option<&LinearPart> {
+        self.index(name).map(|i| &self.parts[i])
+    }
+
+    /// The part of adapter `name`, mutable.
+    pub fn part_mut(&mut self, name: &str) -> Option<&mut LinearPart> {
+        self.index(name).map(|i| &mut self.parts[i])
+    }
+
+    /// The LoRA adapter called `name`.
+    pub fn lora(&self, name: &str) -> Option<&LoraAdapter> {
+        match self.part(name)? {
+            LinearPart::Lora(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Add (or replace) the part of adapter `name`, and make it active. One adapter name
+    /// holds one part per site: attaching a second method under the same name replaces the
+    /// first.
+    pub fn add_part(&mut self, name: &str, part: LinearPart) {
+        self.delete_adapter(name).ok();
+        self.names.push(name.to_string());
+        self.parts.push(part);
+        self.active.push(name.to_string());
+    }
+
+    /// Remove adapter `name` (unmerging it first if it was merged).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        if self.merged.iter().any(|m| m == name) {
+            self.unmerge(name)?;
+        }
+        let i = self.index_or_err(name)?;
+        self.parts.remove(i);
+        self.names.remove(i);
+        self.active.retain(|n| n != name);
+        Ok(())
+    }
+
+    /// Use exactly `names` in the forward pass.
+    pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            self.index_or_err(n)?;
+        }
+        self.active = names.iter().map(|s| s.to_string()).collect();
+        Ok(())
+    }
+
+    /// Fold adapter `name` into the base weight (and bias). A 4-bit base is dequantized,
+    /// updated and quantized again, which rounds: outputs then differ slightly from the
+    /// unmerged ones. Merge in the order the forward pass applies parts (scales before LoRA
+    /// and biases): merging a scale folds it over what is already merged.
+    pub fn merge(&mut self, name: &str) -> Result<()> {
+        let i = self.index_or_err(name)?;
+        if self.merged.iter().any(|m| m == name) {
+            return Ok(());
+        }
+        self.fold(i, false)?;
+        self.merged.push(name.to_string());
+        Ok(())
+    }
+
+    /// Take adapter `name` back out of the base weight (and bias).
+    pub fn unmerge(&mut self, name: &str) -> Result<()> {
+        let i = self.index_or_err(name)?;
+        if !self.merged.iter().any(|m| m == name) {
+            return Ok(());
+        }
+        self.fold(i, true)?;
+        self.merged.retain(|m| m != name);
+        Ok(())
+    }
+
+    /// Apply part `i` to the base weight and bias (`undo`: take it back out). Scales are
+    /// undone by dividing, exact where the scale has no zero entry.
+    fn fold(&mut self, i: usize, undo: bool) -> Result<()> {
+        let device = self.base.device();
+        let w = self.base.dense_weight(&device);
+        let dtype = w.dtype();
+        let mut bias = self.base.bias().map(|b| b.val());
+        let w = match &self.parts[i] {
+            LinearPart::Lora(a) => {
+                let delta = a.delta_weight().cast(dtype);
+                if undo { w - delta } else { w + delta }
+            }
+            LinearPart::InputScale(l) => {
+                // burn's weight is [in, out]: an input scale multiplies its rows.
+                let l = l.value.val().cast(dtype).unsqueeze_dim::<2>(1);
+                if undo { w / l } else { w * l }
+            }
+            LinearPart::OutputScale(l) => {
+                let v = l.value.val().cast(dtype);
+                bias = bias.map(|b| if undo { b / v.clone() } else { b * v.clone() });
+                let l = v.unsqueeze_dim::<2>(0);
+                if undo { w / l } else { w * l }
+            }
+            LinearPart::Bias(b) => {
+                let v = b.value.val().cast(dtype);
+                let zero = || v.zeros_like();
+                let base = bias.unwrap_or_else(zero);
+                bias = Some(if undo { base - v } else { base + v });
+                w
+            }
+        };
+        self.base.set_weight(w, false)?;
+        let trainable_bias = self.base.bias().is_some_and(|b| b.is_require_grad());
+        *self.base.bias_mut() = bias.map(|b| {
+            let b = b.detach();
+            if trainable_bias {
+                trainable(b)
+            } else {
+                frozen(b)
+            }
+        });
+        Ok(())
+    }
+
+    fn live(&self, i: usize) -> bool {
+        let name = &self.names[i];
+        self.active.contains(name) && !self.merged.contains(name)
+    }
+
+    /// `base(x ⊙ Π in-scales) ⊙ Π out-scales + Σ LoRA deltas(x) + Σ biases`, over the active
+    /// parts that are not merged.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if self.disabled {
+            // Merged parts cannot be switched off without unmerging: refuse silently wrong
+            // output.
+            assert!(
+                self.merged.is_empty(),
+                "cannot disable adapters while some are merged; unmerge first"
+            );
+            return self.base.forward(x);
+        }
+        if self.parts.is_empty() {
+            return self.base.forward(x);
+        }
+        let dtype = x.dtype();
+        let mut input = x.clone();
+        for (i, part) in self.parts.iter().enumerate() {
+            if let LinearPart::InputScale(l) = part
+                && self.live(i)
+            {
+                input = input * l.broadcast::<D>(dtype);
+            }
+        }
+        let mut y = self.base.forward(input);
+        // Scales first, then what adds: the order of the parts does not change the result.
+        for (i, part) in self.parts.iter().enumerate() {
+            if let LinearPart::OutputScale(l) = part
+                && self.live(i)
+            {
+                y = y * l.broadcast::<D>(dtype);
+            }
+        }
+        for (i, part) in self.parts.iter().enumerate() {
+            if !self.live(i) {
+                continue;
+            }
+            match part {
+                LinearPart::Lora(a) => y = y + a.delta(x.clone()),
+                LinearPart::Bias(b) => y = y + b.broadcast::<D>(dtype),
+                LinearPart::InputScale(_) | LinearPart::OutputScale(_) => {}
+            }
+        }
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::DropoutConfig;
+    use burn::tensor::{Device, Distribution, Tolerance};
+
+    pub(super) fn layer(device: &Device) -> TunedLinear {
+        device.seed(7);
+        let mut l = TunedLinear::new(
+            Tensor::random([6, 5], Distribution::Default, device),
+            Some(Tensor::random([5], Distribution::Default, device)),
+        );
+        let random =
+            |shape: [usize; 2]| trainable(Tensor::random(shape, Distribution::Default, device));
+        let lora = LoraAdapter {
+            a: random([6, 3]),
+            b: random([3, 5]),
+            dropout: DropoutConfig::new(0.0).init(),
+            scale: 2.0,
+        };
+        l.add_part("lora", LinearPart::Lora(lora));
+        let vector = |n: usize| {
+            FeatureVector::new(Tensor::random([n], Distribution::Uniform(0.5, 1.5), device))
+        };
+        l.add_part("in", LinearPart::InputScale(vector(6)));
+        l.add_part("out", LinearPart::OutputScale(vector(5)));
+        l.add_part("bias", LinearPart::Bias(vector(5)));
+        l
+    }
+
+    #[test]
+    fn parts_compose_as_documented() {
+        let device = Device::flex();
+        let l = layer(&device);
+        let x = Tensor::<2>::random([4, 6], Distribution::Default, &device);
+        let vec = |name: &str| match l.part(name).unwrap() {
+            LinearPart::InputScale(v) | LinearPart::OutputScale(v) | LinearPart::Bias(v) => {
+                v.value.val().unsqueeze::<2>()
+            }
+            LinearPart::Lora(_) => unreachable!(),
+        };
+        let expected = l.base.forward(x.clone() * vec("in")) * vec("out")
+            + l.lora("lora").unwrap().delta(x.clone())
+            + vec("bias");
+        l.forward(x)
+            .into_data()
+            .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));
+    }
+
+    #[test]
+    fn merging_every_kind_of_part_is_exact_and_undone() {
+        let device = Device::flex();
+        let mut l = layer(&device);
+        let w0 = l.base.dense_weight(&device);
+        let b0 = l.base.bias().unwrap().val();
+        let x = Tensor::<3>::random([2, 3, 6], Distribution::Default, &device);
+        let side = l.forward(x.clone());
+        // LoRA sees the unscaled input and adds after the output scale: merge it last.
+        for name in ["in", "out", "bias"] {
+            l.merge(name).unwrap();
+            assert_eq!(l.merged.last().unwrap(), name);
+        }
+        l.set_active(&["lora", "in", "out", "bias"]).unwrap();
+        let partly = l.forward(x.clone());
+        partly
+            .into_data()
+            .assert_approx_eq::<f32>(&side.into_data(), Tolerance::absolute(1e-5));
+        for name in ["bias", "out", "in"] {
+            l.unmerge(name).unwrap();
+        }
+        l.base
+            .dense_weight(&device)
+            .into_data()
+            .assert_approx_eq::<f32>(&w0.into_data(), Tolerance::absolute(1e-5));
+        l.base
+            .bias()
+            .unwrap()
+            .val()
+            .into_data()
+            .assert_approx_eq::<f32>(&b0.into_data(), Tolerance::absolute(1e-5));
+    }
+
+    #[test]
+    fn an_added_bias_merges_into_a_layer_without_one() {
+        let device = Device::flex();
+        let mut l = TunedLinear::new(Tensor::random([3, 2], Distribution::Default, &device), None);
+        l.add_part(
+            "b",
+            LinearPart::Bias(FeatureVector::new(Tensor::from_floats(
+                [1.0, -2.0],
+                &device,
+            ))),
+        );
+        let x = Tensor::<2>::random([4, 3], Distribution::Default, &device);
+        let side = l.forward(x.clone());
+        l.merge("b").unwrap();
+        assert!(l.base.bias().is_some());
+        l.forward(x)
+            .into_data()
+            .assert_approx_eq::<f32>(&side.into_data(), Tolerance::absolute(1e-6));
+    }
+
+    #[test]
+    fn an_empty_site_is_the_base_and_only_parts_get_gradients() {
+        let device = Device::flex().autodiff();
+        let mut l = layer(&device);
+        let x = Tensor::<2>::random([4, 6], Distribution::Default, &device);
+        let grads = l.forward(x.clone()).sum().backward();
+        let BaseLinear::Dense(base) = &l.base else {
+            unreachable!()
+        };
+        assert!(base.weight.val().grad(&grads).is_none());
+        for part in &l.parts {
+            let has = match part {
+                LinearPart::Lora(a) => {
+                    a.a.val().grad(&grads).is_some() && a.b.val().grad(&grads).is_some()
+                }
+                LinearPart::InputScale(v) | LinearPart::OutputScale(v) | LinearPart::Bias(v) => {
+                    v.value.val().grad(&grads).is_some()
+                }
+            };
+            assert!(has, "{} part has no gradient", part.kind());
+        }
+        for name in l.names.clone() {
+            l.delete_adapter(&name).unwrap();
+        }
+        l.forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&l.base.forward(x).into_data(), Tolerance::absolute(0.0));
+    }
+}
