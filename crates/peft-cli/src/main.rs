@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::tuner::Tuner;
 use peft_lora::{
-    LoraConfig, LoraHost, dequantize_base, merge_and_unload_state, quantize_base,
+    LoraConfig, SiteHost, dequantize_base, merge_and_unload_state, quantize_base,
     quantized_footprint,
 };
 use peft_models::generate::greedy;
@@ -170,10 +170,10 @@ fn load_with_adapters(
 }
 
 fn activate(model: &mut peft_models::llama::LlamaForCausalLM, name: &str) -> Result<()> {
-    let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
+    let paths: Vec<String> = model.linears().into_iter().map(|(p, _)| p).collect();
     for p in paths {
-        let slot = model.lora_slot_mut(&p).expect("slot");
-        let active: &[&str] = if slot.adapter(name).is_some() {
+        let slot = model.linear_mut(&p).expect("slot");
+        let active: &[&str] = if slot.lora(name).is_some() {
             &[name]
         } else {
             &[]
@@ -275,7 +275,7 @@ fn inspect(path: &Path) -> Result<()> {
         c.tie_word_embeddings
     );
     println!("parameters: {params}");
-    println!("linear modules: {}", loaded.model.lora_slots().len());
+    println!("linear modules: {}", loaded.model.linears().len());
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::target::ModuleSelector;
 use peft_core::train::{StepReport, TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, LoraHost, param_report, quantize_base};
+use peft_lora::{LoraConfig, SiteHost, param_report, quantize_base};
 use peft_models::load::load_causal_lm;
 use peft_models::train::{eval_loss, lm_batch_loss};
 use peft_quant::QuantSpec;
@@ -251,7 +251,7 @@ fn lora_config(a: &TrainArgs, classification: bool) -> Result<LoraConfig> {
 const CHECKPOINT: &str = "checkpoint";
 
 /// Replace `out/checkpoint` atomically: build it beside, then swap names.
-fn save_checkpoint<M: LoraHost + Module>(
+fn save_checkpoint<M: SiteHost + Module>(
     out: &Path,
     trainer: &Trainer<M>,
     config: &LoraConfig,
@@ -341,7 +341,7 @@ fn quant_spec(a: &TrainArgs, method: &str) -> Result<Option<QuantSpec>> {
 }
 
 /// Quantize the base when asked, saying what it saved.
-pub(crate) fn maybe_quantize<M: LoraHost>(model: M, quant: Option<QuantSpec>) -> Result<M> {
+pub(crate) fn maybe_quantize<M: SiteHost>(model: M, quant: Option<QuantSpec>) -> Result<M> {
     let Some(spec) = quant else { return Ok(model) };
     let model = quantize_base(model, spec)?;
     let (values, bytes) = peft_lora::quantized_footprint(&model);
@@ -623,7 +623,7 @@ fn train_causal_lm(run: Run) -> Result<()> {
 
 /// The loop both tasks share: resume, steps with progress, metrics, checkpoints, final
 /// adapter and loss curve. `evaluate` adds held-out metrics at each checkpoint.
-pub(crate) fn train_loop<M: LoraHost + Module, E: Clone>(
+pub(crate) fn train_loop<M: SiteHost + Module, E: Clone>(
     run: &Run,
     mut model: M,
     train_set: &[E],

@@ -580,7 +580,7 @@ fn quantize_writes_a_bitsandbytes_bert_folder() {
     let (model, _) =
         peft_models::load::load_bert_classifier(&out, 3, &burn::tensor::Device::flex()).unwrap();
     assert!(
-        peft_lora::LoraHost::lora_slots(&model)
+        peft_lora::SiteHost::linears(&model)
             .iter()
             .all(|(p, s)| s.base.is_quantized() == (p != "classifier"))
     );

@@ -1,25 +1,16 @@
-//! The contract every PEFT method implements on a model, and the addressing a model offers.
+//! The contract every PEFT method implements on a model.
 //!
-//! A model exposes its tunable modules by Hugging Face path ([`ModuleHost`]); a method
-//! ([`Tuner`]) turns a config into adapted modules, hands out its tensors under Hugging Face
-//! PEFT keys, loads them back, and merges where the method allows. Methods that do not touch
-//! linear layers (soft prompts, prefixes, bottleneck adapters) implement the same trait over
-//! the slots a model gives them (input embeddings, attention key/values, sub-layer outputs).
+//! A method ([`Tuner`]) turns a config into adapted modules, hands out its tensors under
+//! Hugging Face PEFT keys, loads them back, and merges where the method allows. Models expose
+//! the places methods attach (linears, norms, ...) through `peft_sites::SiteHost`.
 
 use std::path::Path;
 
 use serde_json::Value;
 
 use crate::adapter_io::{AdapterFiles, adapter_dir, load_adapter, save_adapter};
-use crate::target::ModuleKind;
 use crate::tensors::TensorMap;
 use crate::{PeftError, Result};
-
-/// A model whose modules can be addressed by Hugging Face path.
-pub trait ModuleHost {
-    /// Paths and kinds of the modules a method may target, in model order.
-    fn module_paths(&self) -> Vec<(String, ModuleKind)>;
-}
 
 /// A parameter-efficient fine-tuning method applied to models of type `M`.
 pub trait Tuner<M> {

@@ -205,6 +205,11 @@ impl LoraConfig {
         }
     }
 
+    /// The `modules_to_save` names (none when unset).
+    pub fn saved_modules(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
+    }
+
     /// Rank and alpha for the module at `path` (`rank_pattern`/`alpha_pattern` win; their first
     /// matching key in the config's order, as in PEFT).
     pub fn rank_alpha(&self, path: &str) -> Result<(usize, f64)> {

@@ -1,11 +1,10 @@
-//! One linear layer with LoRA adapters on its side path.
+//! LoRA on one linear site: Hugging Face's initialisation of a new adapter.
 
-use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{DType, Distribution, Tensor};
+use burn::nn::DropoutConfig;
+use burn::tensor::{Distribution, Tensor};
 use peft_core::params::trainable;
 use peft_core::{PeftError, Result};
-use peft_quant::BaseLinear;
+use peft_sites::{ADAPTER_DTYPE, LinearPart, LoraAdapter, TunedLinear};
 
 /// How new adapter weights are drawn (Hugging Face `init_lora_weights`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -18,97 +17,29 @@ pub enum LoraInit {
     Random,
 }
 
-/// Adapter weights are f32 whatever the base's type: their updates are small against their
-/// values, which f16/bf16 would round away (and AdamW's second moment would underflow).
-pub const ADAPTER_DTYPE: DType = DType::F32;
+/// A linear site used for LoRA: the [`TunedLinear`] of `peft-sites` (a frozen base with named
+/// parts), with the LoRA methods of [`LoraLayer`].
+pub type LoraLinear = TunedLinear;
 
-/// One LoRA adapter: `delta(x) = scale · dropout(x) · A · B`.
-#[derive(Module, Debug)]
-pub struct LoraAdapter {
-    /// `[in, r]` (Hugging Face `lora_A.weight` is its transpose `[r, in]`).
-    pub a: Param<Tensor<2>>,
-    /// `[r, out]` (Hugging Face `lora_B.weight` is its transpose `[out, r]`).
-    pub b: Param<Tensor<2>>,
-    pub dropout: Dropout,
-    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
-    pub scale: f64,
+/// LoRA on a linear site: add an adapter with Hugging Face's initialisation, set its weights.
+pub trait LoraLayer {
+    /// Add (or replace) LoRA adapter `name` with rank `r`, and make it active.
+    fn add_adapter(
+        &mut self,
+        name: &str,
+        r: usize,
+        alpha: f64,
+        rslora: bool,
+        dropout: f64,
+        init: LoraInit,
+    );
+
+    /// Replace the weights of LoRA adapter `name` with `[in, r]` A and `[r, out]` B.
+    fn set_weights(&mut self, name: &str, a: Tensor<2>, b: Tensor<2>) -> Result<()>;
 }
 
-impl LoraAdapter {
-    pub fn rank(&self) -> usize {
-        self.a.shape().dims::<2>()[1]
-    }
-
-    /// The side path, computed as `(x·A)·B` so the dense `A·B` is never formed. A
-    /// half-precision input (an f16/bf16 base) goes through the adapter in f32, the adapter's
-    /// type, and comes back in its own type (Hugging Face PEFT does the same).
-    pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dtype = x.dtype();
-        let x = self.dropout.forward(x).cast(ADAPTER_DTYPE);
-        burn::tensor::module::linear(
-            burn::tensor::module::linear(x, self.a.val(), None),
-            self.b.val(),
-            None,
-        )
-        .mul_scalar(self.scale)
-        .cast(dtype)
-    }
-
-    /// `scale · A·B`, the `[in, out]` update a merge adds to the base weight (f32).
-    pub fn delta_weight(&self) -> Tensor<2> {
-        self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
-    }
-}
-
-/// A frozen linear with named LoRA adapters. Several adapters can be active at once (their
-/// deltas add up); merged adapters live in the base weight and are skipped on the side path.
-#[derive(Module, Debug)]
-pub struct LoraLinear {
-    /// The frozen base: dense, or 4-bit (QLoRA).
-    pub base: BaseLinear,
-    pub adapters: Vec<LoraAdapter>,
-    /// Name of each entry of `adapters`.
-    #[module(skip)]
-    pub names: Vec<String>,
-    /// Names of the adapters used in the forward pass.
-    #[module(skip)]
-    pub active: Vec<String>,
-    /// Names of the adapters folded into `base`.
-    #[module(skip)]
-    pub merged: Vec<String>,
-    /// When set, the forward pass is the base alone (Hugging Face `disable_adapter()`).
-    #[module(skip)]
-    pub disabled: bool,
-}
-
-impl LoraLinear {
-    /// Wrap a `[in, out]` weight (frozen) and optional bias.
-    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
-        Self::from_base(BaseLinear::dense(weight, bias))
-    }
-
-    pub fn from_base(base: impl Into<BaseLinear>) -> Self {
-        Self {
-            base: base.into(),
-            adapters: Vec::new(),
-            names: Vec::new(),
-            active: Vec::new(),
-            merged: Vec::new(),
-            disabled: false,
-        }
-    }
-
-    fn index(&self, name: &str) -> Option<usize> {
-        self.names.iter().position(|n| n == name)
-    }
-
-    /// The adapter called `name`.
-    pub fn adapter(&self, name: &str) -> Option<&LoraAdapter> {
-        self.index(name).map(|i| &self.adapters[i])
-    }
-
-    /// Add (or replace) adapter `name` with rank `r`, and make it active.
-    pub fn add_adapter(
+impl LoraLayer for TunedLinear {
+    fn add_adapter(
         &mut self,
         name: &str,
         r: usize,
@@ -146,96 +77,22 @@ impl LoraLinear {
             dropout: DropoutConfig::new(dropout).init(),
             scale,
         };
-        self.delete_adapter(name).ok();
-        self.names.push(name.to_string());
-        self.adapters.push(adapter);
-        self.active.push(name.to_string());
+        self.add_part(name, LinearPart::Lora(adapter));
     }
 
-    /// Replace the weights of adapter `name` with `[in, r]` A and `[r, out]` B.
-    pub fn set_weights(&mut self, name: &str, a: Tensor<2>, b: Tensor<2>) -> Result<()> {
-        let i = self
-            .index(name)
-            .ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
-        let adapter = &mut self.adapters[i];
-        adapter.a = trainable(a.cast(ADAPTER_DTYPE));
-        adapter.b = trainable(b.cast(ADAPTER_DTYPE));
-        Ok(())
-    }
-
-    /// Remove adapter `name` (unmerging it first if it was merged).
-    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
-        if self.merged.iter().any(|m| m == name) {
-            self.unmerge(name)?;
-        }
-        let i = self
-            .index(name)
-            .ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
-        self.adapters.remove(i);
-        self.names.remove(i);
-        self.active.retain(|n| n != name);
-        Ok(())
-    }
-
-    /// Use exactly `names` in the forward pass.
-    pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
-        for n in names {
-            self.index(n)
-                .ok_or_else(|| PeftError::UnknownAdapter(n.to_string()))?;
-        }
-        self.active = names.iter().map(|s| s.to_string()).collect();
-        Ok(())
-    }
-
-    /// Fold adapter `name` into the base weight. A 4-bit base is dequantized, updated and
-    /// quantized again, which rounds: outputs then differ slightly from the unmerged ones.
-    pub fn merge(&mut self, name: &str) -> Result<()> {
-        let i = self
-            .index(name)
-            .ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
-        if self.merged.iter().any(|m| m == name) {
-            return Ok(());
-        }
-        let w = self.base.dense_weight(&self.base.device());
-        let delta = self.adapters[i].delta_weight().cast(w.dtype());
-        self.base.set_weight(w + delta, false)?;
-        self.merged.push(name.to_string());
-        Ok(())
-    }
-
-    /// Take adapter `name` back out of the base weight.
-    pub fn unmerge(&mut self, name: &str) -> Result<()> {
-        let i = self
-            .index(name)
-            .ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
-        if !self.merged.iter().any(|m| m == name) {
-            return Ok(());
-        }
-        let w = self.base.dense_weight(&self.base.device());
-        let delta = self.adapters[i].delta_weight().cast(w.dtype());
-        self.base.set_weight(w - delta, false)?;
-        self.merged.retain(|m| m != name);
-        Ok(())
-    }
-
-    /// `base(x) + Σ_active delta(x)` (merged adapters are already in `base`).
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let mut y = self.base.forward(x.clone());
-        if self.disabled {
-            // The merged adapters cannot be switched off without unmerging: refuse silently
-            // wrong output.
-            assert!(
-                self.merged.is_empty(),
-                "cannot disable adapters while some are merged; unmerge first"
-            );
-            return y;
-        }
-        for (name, adapter) in self.names.iter().zip(&self.adapters) {
-            if self.active.contains(name) && !self.merged.contains(name) {
-                y = y + adapter.delta(x.clone());
+    fn set_weights(&mut self, name: &str, a: Tensor<2>, b: Tensor<2>) -> Result<()> {
+        match self.part_mut(name) {
+            Some(LinearPart::Lora(adapter)) => {
+                adapter.a = trainable(a.cast(ADAPTER_DTYPE));
+                adapter.b = trainable(b.cast(ADAPTER_DTYPE));
+                Ok(())
             }
+            Some(other) => Err(PeftError::Other(format!(
+                "adapter `{name}` is a {} part, not LoRA",
+                other.kind()
+            ))),
+            None => Err(PeftError::UnknownAdapter(name.into())),
         }
-        y
     }
 }
 
@@ -243,6 +100,7 @@ impl LoraLinear {
 mod tests {
     use super::*;
     use burn::tensor::{Device, Tolerance};
+    use peft_quant::BaseLinear;
 
     fn layer(device: &Device) -> LoraLinear {
         device.seed(7);
@@ -292,8 +150,8 @@ mod tests {
         l.add_adapter("b", 2, 2.0, true, 0.0, LoraInit::Random);
         let x = Tensor::<2>::random([4, 6], Distribution::Default, &device);
         let expected = l.base.forward(x.clone())
-            + l.adapter("a").unwrap().delta(x.clone())
-            + l.adapter("b").unwrap().delta(x.clone());
+            + l.lora("a").unwrap().delta(x.clone())
+            + l.lora("b").unwrap().delta(x.clone());
         l.set_active(&["a", "b"]).unwrap();
         l.forward(x.clone())
             .into_data()
@@ -316,13 +174,13 @@ mod tests {
         let mut l = LoraLinear::new(Tensor::zeros([400, 300], &device), None);
         l.add_adapter("g", 4, 8.0, false, 0.0, LoraInit::Gaussian);
         l.add_adapter("k", 4, 8.0, false, 0.0, LoraInit::Default);
-        let g = l.adapter("g").unwrap();
+        let g = l.lora("g").unwrap();
         let std: f32 = g.a.val().powi_scalar(2).mean().sqrt().into_scalar();
         assert!(
             (std - 0.25).abs() < 0.01,
             "gaussian A std {std}, expected 1/r"
         );
-        let k = l.adapter("k").unwrap();
+        let k = l.lora("k").unwrap();
         let max: f32 = k.a.val().abs().max().into_scalar();
         assert!(
             max <= 1.0 / 20.0 && max > 0.045,
@@ -342,8 +200,8 @@ mod tests {
         let device = Device::flex();
         let mut l = layer(&device);
         l.add_adapter("r", 4, 8.0, true, 0.0, LoraInit::Default);
-        assert_eq!(l.adapter("r").unwrap().scale, 4.0);
-        assert_eq!(l.adapter("a").unwrap().scale, 2.0);
+        assert_eq!(l.lora("r").unwrap().scale, 4.0);
+        assert_eq!(l.lora("a").unwrap().scale, 2.0);
     }
 
     #[test]
@@ -356,7 +214,7 @@ mod tests {
             unreachable!()
         };
         assert!(base.weight.val().grad(&grads).is_none());
-        let a = l.adapter("a").unwrap();
+        let a = l.lora("a").unwrap();
         assert!(a.a.val().grad(&grads).is_some() && a.b.val().grad(&grads).is_some());
     }
 }

@@ -6,12 +6,13 @@
 //! - [`LoraLinear`]: a frozen linear with any number of named LoRA adapters; use it directly
 //!   in your own burn model.
 //! - [`LoraConfig`]: the Hugging Face PEFT `LoraConfig` (same JSON fields; unknown ones kept).
-//! - [`LoraHost`] + [`peft_core::tuner::Tuner`]: whole-model LoRA on any model that exposes
-//!   its linear slots by Hugging Face path (the `peft-models` architectures do).
+//! - [`peft_core::tuner::Tuner`] for [`LoraConfig`]: whole-model LoRA on any
+//!   [`peft_sites::SiteHost`], a model that exposes its linear sites by Hugging Face path (the
+//!   `peft-models` architectures do).
 //!
 //! ```
 //! use burn::tensor::{Device, Tensor, Distribution};
-//! use peft_lora::{LoraLinear, LoraInit};
+//! use peft_lora::{LoraInit, LoraLayer, LoraLinear};
 //!
 //! let device = Device::flex();
 //! let base = Tensor::<2>::random([16, 8], Distribution::Default, &device);
@@ -25,9 +26,11 @@ mod config;
 mod layer;
 mod model;
 
+pub use peft_sites::{LoraAdapter, SiteHost};
+
 pub use config::{InitLoraWeights, LoraConfig};
-pub use layer::{LoraAdapter, LoraInit, LoraLinear};
+pub use layer::{LoraInit, LoraLayer, LoraLinear};
 pub use model::{
-    LoraHost, dequantize_base, merge_and_unload_state, param_report, quantize_base,
-    quantized_footprint, unmerge_all,
+    dequantize_base, merge_and_unload_state, param_report, quantize_base, quantized_footprint,
+    unmerge_all,
 };

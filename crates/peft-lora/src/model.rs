@@ -1,4 +1,4 @@
-//! LoRA on a whole model: the [`Tuner`] implementation over any [`LoraHost`].
+//! LoRA on a whole model: the [`Tuner`] implementation over any [`SiteHost`].
 
 use std::path::Path;
 
@@ -6,24 +6,17 @@ use peft_core::adapter_io::KEY_PREFIX;
 use peft_core::params::{ParamReport, frozen, trainable};
 use peft_core::target::ModuleKind;
 use peft_core::tensors::{HostTensor, TensorMap};
-use peft_core::tuner::{ModuleHost, Tuner};
+use peft_core::tuner::Tuner;
 use peft_core::{PeftError, Result};
 
 use crate::config::LoraConfig;
-use crate::layer::LoraLinear;
+use crate::layer::{LoraLayer, LoraLinear};
 use peft_quant::{BaseLinear, QuantSpec};
+use peft_sites::{SiteHost, saved};
 
-/// A model whose linear layers are [`LoraLinear`] slots addressed by Hugging Face path.
-pub trait LoraHost: ModuleHost {
-    /// The linear slot at `path`.
-    fn lora_slot_mut(&mut self, path: &str) -> Option<&mut LoraLinear>;
-    /// Every linear slot with its path.
-    fn lora_slots(&self) -> Vec<(String, &LoraLinear)>;
-}
-
-fn slot<'a, M: LoraHost>(model: &'a mut M, path: &str) -> Result<&'a mut LoraLinear> {
+fn slot<'a, M: SiteHost>(model: &'a mut M, path: &str) -> Result<&'a mut LoraLinear> {
     model
-        .lora_slot_mut(path)
+        .linear_mut(path)
         .ok_or_else(|| PeftError::Other(format!("model has no linear module `{path}`")))
 }
 
@@ -36,29 +29,17 @@ fn bias_key(path: &str, adapted: bool) -> String {
     }
 }
 
-/// Slots trained and saved whole: those in or under a `modules_to_save` module (the rule that
-/// also keeps them out of the targets, `peft_core::target::in_saved_module`).
-fn saved_modules<M: LoraHost>(config: &LoraConfig, model: &M) -> Vec<String> {
-    let names = config.modules_to_save.clone().unwrap_or_default();
-    model
-        .lora_slots()
-        .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| peft_core::target::in_saved_module(p, &names))
-        .collect()
-}
-
 /// Paths of the slots that hold adapter `name`.
-fn adapted_paths<M: LoraHost>(model: &M, name: &str) -> Vec<String> {
+fn adapted_paths<M: SiteHost>(model: &M, name: &str) -> Vec<String> {
     model
-        .lora_slots()
+        .linears()
         .into_iter()
-        .filter(|(_, s)| s.adapter(name).is_some())
+        .filter(|(_, s)| s.lora(name).is_some())
         .map(|(p, _)| p)
         .collect()
 }
 
-impl<M: LoraHost> Tuner<M> for LoraConfig {
+impl<M: SiteHost> Tuner<M> for LoraConfig {
     fn peft_type(&self) -> &'static str {
         "LORA"
     }
@@ -85,17 +66,11 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
                 init,
             );
         }
-        for path in saved_modules(self, &model) {
-            let s = slot(&mut model, &path)?;
-            // A module trained whole is trained in full precision, even over a 4-bit base.
-            let w = s.base.dense_weight(&s.base.device());
-            s.base.set_weight(w, true)?;
-            s.base.set_bias_trainable(true);
-        }
+        saved::train_whole(&mut model, &self.saved_modules())?;
         // bias = "all" trains every bias, "lora_only" those of adapted layers.
         if self.bias != "none" {
             let paths: Vec<String> = if self.bias == "all" {
-                model.lora_slots().into_iter().map(|(p, _)| p).collect()
+                model.linears().into_iter().map(|(p, _)| p).collect()
             } else {
                 targets.clone()
             };
@@ -108,9 +83,10 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
 
     fn state(&self, model: &M, name: &str) -> Result<TensorMap> {
         let mut out = TensorMap::new();
-        let whole = saved_modules(self, model);
-        for (path, s) in model.lora_slots() {
-            if let Some(adapter) = s.adapter(name) {
+        let whole = saved::saved_linears(model, &self.saved_modules());
+        saved::put_whole(model, &self.saved_modules(), &mut out);
+        for (path, s) in model.linears() {
+            if let Some(adapter) = s.lora(name) {
                 out.insert(
                     format!("{KEY_PREFIX}{path}.lora_A.weight"),
                     HostTensor::from_tensor(adapter.a.val()).transposed(),
@@ -121,23 +97,16 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
                 );
             }
             if whole.contains(&path) {
-                out.insert(format!("{KEY_PREFIX}{path}.weight"), s.base.weight_hf());
-                if let Some(b) = s.base.bias() {
-                    out.insert(
-                        format!("{KEY_PREFIX}{path}.bias"),
-                        HostTensor::from_tensor(b.val()),
-                    );
-                }
                 continue;
             }
             let save_bias = match self.bias.as_str() {
                 "all" => true,
-                "lora_only" => s.adapter(name).is_some(),
+                "lora_only" => s.lora(name).is_some(),
                 _ => false,
             };
             if save_bias && let Some(b) = s.base.bias() {
                 out.insert(
-                    bias_key(&path, s.adapter(name).is_some()),
+                    bias_key(&path, s.lora(name).is_some()),
                     HostTensor::from_tensor(b.val()),
                 );
             }
@@ -154,7 +123,7 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
     ) -> Result<M> {
         for path in adapted_paths(&model, name) {
             let s = slot(&mut model, &path)?;
-            let adapter = s.adapter(name).expect("adapted");
+            let adapter = s.lora(name).expect("adapted");
             let (d_in, d_out, r) = (s.base.d_input(), s.base.d_output(), adapter.rank());
             let device = s.base.device();
             let a = tensors.take_shaped(
@@ -173,24 +142,13 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
                 b.transposed().to_tensor(&device),
             )?;
         }
-        for path in saved_modules(self, &model) {
-            let s = slot(&mut model, &path)?;
-            let device = s.base.device();
-            let (d_in, d_out) = (s.base.d_input(), s.base.d_output());
-            let w =
-                tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.weight"), &[d_out, d_in])?;
-            s.base.set_weight(w.transposed().to_tensor(&device), true)?;
-            if s.base.bias().is_some() {
-                let b = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.bias"), &[d_out])?;
-                *s.base.bias_mut() = Some(trainable(b.to_tensor(&device)));
-            }
-        }
+        saved::take_whole(&mut model, &self.saved_modules(), &mut tensors, file)?;
         if self.bias != "none" {
             for (path, _) in model.module_paths() {
-                let Some(s) = model.lora_slot_mut(&path) else {
+                let Some(s) = model.linear_mut(&path) else {
                     continue;
                 };
-                let key = bias_key(&path, s.adapter(name).is_some());
+                let key = bias_key(&path, s.lora(name).is_some());
                 if tensors.get(&key).is_none() {
                     continue;
                 }
@@ -200,17 +158,7 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
                 *s.base.bias_mut() = Some(trainable(b.to_tensor(&device)));
             }
         }
-        if !tensors.is_empty() {
-            let left: Vec<&String> = tensors.keys().take(5).collect();
-            return Err(PeftError::format(
-                file,
-                format!(
-                    "{} tensors do not belong to any adapted module of this model (first: {left:?}); \
-                     is the adapter for another base model?",
-                    tensors.len()
-                ),
-            ));
-        }
+        saved::ensure_used(&tensors, file)?;
         Ok(model)
     }
 
@@ -228,7 +176,7 @@ impl<M: LoraHost> Tuner<M> for LoraConfig {
 
 /// Quantize the base weight of every linear slot to 4 bits (QLoRA's frozen base). Embeddings,
 /// norms and the output head keep full precision, as bitsandbytes leaves them.
-pub fn quantize_base<M: LoraHost>(mut model: M, spec: QuantSpec) -> Result<M> {
+pub fn quantize_base<M: SiteHost>(mut model: M, spec: QuantSpec) -> Result<M> {
     let paths: Vec<String> = model
         .module_paths()
         .into_iter()
@@ -236,7 +184,7 @@ pub fn quantize_base<M: LoraHost>(mut model: M, spec: QuantSpec) -> Result<M> {
         .map(|(p, _)| p)
         .collect();
     for path in paths {
-        let Some(s) = model.lora_slot_mut(&path) else {
+        let Some(s) = model.linear_mut(&path) else {
             continue;
         };
         s.base
@@ -247,8 +195,8 @@ pub fn quantize_base<M: LoraHost>(mut model: M, spec: QuantSpec) -> Result<M> {
 }
 
 /// Make every 4-bit base dense again (dequantized, frozen).
-pub fn dequantize_base<M: LoraHost>(mut model: M) -> Result<M> {
-    let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
+pub fn dequantize_base<M: SiteHost>(mut model: M) -> Result<M> {
+    let paths: Vec<String> = model.linears().into_iter().map(|(p, _)| p).collect();
     for path in paths {
         slot(&mut model, &path)?.base.dequantize();
     }
@@ -257,16 +205,16 @@ pub fn dequantize_base<M: LoraHost>(mut model: M) -> Result<M> {
 
 /// The parameter counts of `model`, 4-bit base weights included (they are frozen and are not
 /// burn parameters, so [`ParamReport::of`] alone does not see them).
-pub fn param_report<M: LoraHost + burn::module::Module>(model: &M) -> ParamReport {
+pub fn param_report<M: SiteHost + burn::module::Module>(model: &M) -> ParamReport {
     let mut report = ParamReport::of(model);
     report.all += quantized_footprint(model).0;
     report
 }
 
 /// How many weights of `model` are 4-bit, and the bytes their codes and scales take.
-pub fn quantized_footprint<M: LoraHost>(model: &M) -> (usize, usize) {
+pub fn quantized_footprint<M: SiteHost>(model: &M) -> (usize, usize) {
     let (mut values, mut bytes) = (0, 0);
-    for (_, s) in model.lora_slots() {
+    for (_, s) in model.linears() {
         if let BaseLinear::Quant4(q) = &s.base {
             values += q.quantized().numel();
             bytes += q.quantized().storage_bytes();
@@ -276,8 +224,8 @@ pub fn quantized_footprint<M: LoraHost>(model: &M) -> (usize, usize) {
 }
 
 /// Unmerge every merged adapter of the model.
-pub fn unmerge_all<M: LoraHost>(mut model: M) -> Result<M> {
-    let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
+pub fn unmerge_all<M: SiteHost>(mut model: M) -> Result<M> {
+    let paths: Vec<String> = model.linears().into_iter().map(|(p, _)| p).collect();
     for path in paths {
         let s = slot(&mut model, &path)?;
         for name in s.merged.clone() {
@@ -289,8 +237,8 @@ pub fn unmerge_all<M: LoraHost>(mut model: M) -> Result<M> {
 
 /// Merge the active adapters and drop all adapters: the model becomes a plain one whose
 /// linear weights include the updates.
-pub fn merge_and_unload_state<M: LoraHost>(mut model: M) -> Result<M> {
-    let paths: Vec<String> = model.lora_slots().into_iter().map(|(p, _)| p).collect();
+pub fn merge_and_unload_state<M: SiteHost>(mut model: M) -> Result<M> {
+    let paths: Vec<String> = model.linears().into_iter().map(|(p, _)| p).collect();
     for path in paths {
         let s = slot(&mut model, &path)?;
         if !s.disabled {
@@ -298,7 +246,7 @@ pub fn merge_and_unload_state<M: LoraHost>(mut model: M) -> Result<M> {
                 s.merge(&name)?;
             }
         }
-        s.adapters.clear();
+        s.parts.clear();
         s.names.clear();
         s.active.clear();
         s.merged.clear();

@@ -4,7 +4,7 @@
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData, Tolerance};
 use peft_core::device::device_by_name;
-use peft_lora::{LoraInit, LoraLinear};
+use peft_lora::{LoraInit, LoraLayer, LoraLinear};
 
 fn run(
     device: &Device,
@@ -24,7 +24,7 @@ fn run(
         .unwrap();
     let y = layer.forward(Tensor::<2>::from_data(x.clone(), device));
     let grads = y.clone().powi_scalar(2).sum().backward();
-    let adapter = layer.adapter("default").unwrap();
+    let adapter = layer.lora("default").unwrap();
     let peft_quant::BaseLinear::Dense(base) = &layer.base else {
         unreachable!()
     };
@@ -93,7 +93,7 @@ fn lora_over_a_4bit_base_on_wgpu_matches_cpu() {
             let y = layer.forward(x.clone());
             let grads = y.clone().powi_scalar(2).sum().backward();
             let ga = layer
-                .adapter("default")
+                .lora("default")
                 .unwrap()
                 .a
                 .val()

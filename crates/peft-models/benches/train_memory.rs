@@ -6,7 +6,7 @@
 use burn::tensor::Device;
 use peft_core::train::{TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, LoraHost, quantize_base};
+use peft_lora::{LoraConfig, SiteHost, quantize_base};
 use peft_models::load::load_causal_lm;
 use peft_models::train::{Example, lm_batch_loss};
 use peft_quant::{BaseLinear, QuantSpec};
@@ -40,7 +40,7 @@ fn measure(method: &'static str, quant: Option<QuantSpec>) -> Measured {
         None => model,
     };
     let (mut linear_weights, mut linear_bytes) = (0, 0);
-    for (path, s) in model.lora_slots() {
+    for (path, s) in model.linears() {
         if path == "lm_head" {
             continue;
         }

@@ -10,16 +10,14 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use peft_core::params::frozen;
-use peft_core::target::ModuleKind;
 use peft_core::tensors::{HostTensor, TensorMap};
-use peft_core::tuner::ModuleHost;
 use peft_core::{PeftError, Result};
-use peft_lora::{LoraHost, LoraLinear};
+use peft_sites::{Site, SiteHost, SiteMut, TunedNorm, site_table};
 use serde::{Deserialize, Serialize};
 
 use peft_quant::checkpoint::weight_shape;
 
-use crate::slot::{LinearSlot, put_linear, quantization_config, take_linear};
+use crate::slot::{LinearSlot, put_sites, quantization_config, take_linear};
 
 fn default_eps() -> f64 {
     1e-12
@@ -118,23 +116,28 @@ impl BertConfig {
     }
 }
 
-/// Layer norm with a frozen scale and shift (Hugging Face `LayerNorm.weight` / `.bias`).
-#[derive(Module, Debug)]
-pub struct LayerNorm {
-    pub weight: Param<Tensor<1>>,
-    pub bias: Param<Tensor<1>>,
-    pub eps: f64,
+/// Layer norm with a frozen scale and shift (Hugging Face `LayerNorm.weight` / `.bias`): a
+/// norm site.
+pub type LayerNorm = TunedNorm;
+
+/// The LayerNorm forward pass over a norm site.
+trait LayerNormForward {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
 }
 
-impl LayerNorm {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+impl LayerNormForward for LayerNorm {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let (weight, bias) = self.scale_shift();
         let mean = x.clone().mean_dim(2);
         let centered = x - mean;
         let var = centered.clone().powi_scalar(2).mean_dim(2);
-        centered
+        let y = centered
             .div(var.add_scalar(self.eps).sqrt())
-            .mul(self.weight.val().unsqueeze::<3>())
-            + self.bias.val().unsqueeze::<3>()
+            .mul(weight.unsqueeze::<3>());
+        match bias {
+            Some(b) => y + b.unsqueeze::<3>(),
+            None => y,
+        }
     }
 }
 
@@ -173,14 +176,23 @@ pub struct BertForSequenceClassification {
     pub head_from_checkpoint: bool,
 }
 
-const LAYER_SLOTS: [&str; 6] = [
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-];
+site_table!(BertLayer {
+    "attention.self.query" => Linear(query),
+    "attention.self.key" => Linear(key),
+    "attention.self.value" => Linear(value),
+    "attention.output.dense" => Linear(attention_output),
+    "attention.output.LayerNorm" => Norm(attention_norm),
+    "intermediate.dense" => Linear(intermediate),
+    "output.dense" => Linear(output),
+    "output.LayerNorm" => Norm(output_norm),
+});
+
+site_table!(BertForSequenceClassification {
+    "bert.embeddings.LayerNorm" => Norm(embeddings_norm),
+    "bert.encoder.layer" => Each(layers),
+    "bert.pooler.dense" => Linear(pooler),
+    "classifier" => Head(classifier),
+});
 
 impl BertForSequenceClassification {
     /// Build from Hugging Face tensors (`BertModel` keys with or without the `bert.` prefix).
@@ -209,17 +221,13 @@ impl BertForSequenceClassification {
             take_linear(t, source, name, out, inp, true, device)
         };
         let norm = |t: &mut TensorMap, name: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm {
-                weight: frozen(
-                    t.take_shaped(source, &format!("{name}.weight"), &[h])?
-                        .to_tensor(device),
-                ),
-                bias: frozen(
-                    t.take_shaped(source, &format!("{name}.bias"), &[h])?
-                        .to_tensor(device),
-                ),
-                eps: config.layer_norm_eps,
-            })
+            let w = t.take_shaped(source, &format!("{name}.weight"), &[h])?;
+            let b = t.take_shaped(source, &format!("{name}.bias"), &[h])?;
+            Ok(LayerNorm::new(
+                w.to_tensor(device),
+                Some(b.to_tensor(device)),
+                config.layer_norm_eps,
+            ))
         };
         let emb = |t: &mut TensorMap, name: &str, rows: usize| -> Result<Param<Tensor<2>>> {
             Ok(frozen(
@@ -274,7 +282,7 @@ impl BertForSequenceClassification {
             head
         } else {
             let w = Tensor::<2>::random([h, num_labels], Distribution::Normal(0.0, 0.02), device);
-            LoraLinear::new(w, Some(Tensor::zeros([num_labels], device)))
+            LinearSlot::new(w, Some(Tensor::zeros([num_labels], device)))
         };
         if !t.is_empty() {
             let left: Vec<&String> = t.keys().take(5).collect();
@@ -360,35 +368,16 @@ impl BertForSequenceClassification {
     /// Every weight under its Hugging Face `BertForSequenceClassification` key.
     pub fn to_tensors(&self) -> TensorMap {
         let mut t = TensorMap::new();
-        let host1 = |p: &Param<Tensor<1>>| HostTensor::from_tensor(p.val());
-        for (path, slot) in self.lora_slots() {
-            put_linear(&mut t, &path, slot);
-        }
-        t.insert(
-            "bert.embeddings.word_embeddings.weight",
-            HostTensor::from_tensor(self.word_embeddings.val()),
-        );
-        t.insert(
-            "bert.embeddings.position_embeddings.weight",
-            HostTensor::from_tensor(self.position_embeddings.val()),
-        );
-        t.insert(
-            "bert.embeddings.token_type_embeddings.weight",
-            HostTensor::from_tensor(self.token_type_embeddings.val()),
-        );
-        let mut norm = |name: String, n: &LayerNorm| {
-            t.insert(format!("{name}.weight"), host1(&n.weight));
-            t.insert(format!("{name}.bias"), host1(&n.bias));
-        };
-        norm("bert.embeddings.LayerNorm".into(), &self.embeddings_norm);
-        for (i, l) in self.layers.iter().enumerate() {
-            norm(
-                format!("bert.encoder.layer.{i}.attention.output.LayerNorm"),
-                &l.attention_norm,
-            );
-            norm(
-                format!("bert.encoder.layer.{i}.output.LayerNorm"),
-                &l.output_norm,
+        put_sites(&mut t, self.sites());
+        let embeddings = [
+            ("word_embeddings", &self.word_embeddings),
+            ("position_embeddings", &self.position_embeddings),
+            ("token_type_embeddings", &self.token_type_embeddings),
+        ];
+        for (name, e) in embeddings {
+            t.insert(
+                format!("bert.embeddings.{name}.weight"),
+                HostTensor::from_tensor(e.val()),
             );
         }
         t
@@ -401,10 +390,7 @@ impl BertForSequenceClassification {
     /// The `quantization_config` entry of `config.json` when encoder weights are 4-bit; the
     /// classifier stays in full precision.
     pub fn quantization_config(&self) -> Option<serde_json::Value> {
-        quantization_config(
-            self.lora_slots().into_iter().map(|(_, s)| s),
-            &["classifier"],
-        )
+        quantization_config(self.linears().into_iter().map(|(_, s)| s), &["classifier"])
     }
 }
 
@@ -426,59 +412,16 @@ pub fn encode_batch(ids: &[Vec<u32>], device: &Device) -> (Tensor<2, Int>, Tenso
     )
 }
 
-impl ModuleHost for BertForSequenceClassification {
-    fn module_paths(&self) -> Vec<(String, ModuleKind)> {
-        self.lora_slots()
-            .into_iter()
-            .map(|(p, _)| {
-                let kind = if p == "classifier" {
-                    ModuleKind::OutputHead
-                } else {
-                    ModuleKind::Linear
-                };
-                (p, kind)
-            })
-            .collect()
-    }
-}
-
-impl LoraHost for BertForSequenceClassification {
-    fn lora_slot_mut(&mut self, path: &str) -> Option<&mut LoraLinear> {
-        match path {
-            "classifier" => return Some(&mut self.classifier),
-            "bert.pooler.dense" => return Some(&mut self.pooler),
-            _ => {}
-        }
-        let (idx, rest) = path.strip_prefix("bert.encoder.layer.")?.split_once('.')?;
-        let l = self.layers.get_mut(idx.parse::<usize>().ok()?)?;
-        Some(match rest {
-            "attention.self.query" => &mut l.query,
-            "attention.self.key" => &mut l.key,
-            "attention.self.value" => &mut l.value,
-            "attention.output.dense" => &mut l.attention_output,
-            "intermediate.dense" => &mut l.intermediate,
-            "output.dense" => &mut l.output,
-            _ => return None,
-        })
+impl SiteHost for BertForSequenceClassification {
+    fn model_type(&self) -> &'static str {
+        "bert"
     }
 
-    fn lora_slots(&self) -> Vec<(String, &LoraLinear)> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            let slots = [
-                &l.query,
-                &l.key,
-                &l.value,
-                &l.attention_output,
-                &l.intermediate,
-                &l.output,
-            ];
-            for (name, s) in LAYER_SLOTS.iter().zip(slots) {
-                out.push((format!("bert.encoder.layer.{i}.{name}"), s));
-            }
-        }
-        out.push(("bert.pooler.dense".into(), &self.pooler));
-        out.push(("classifier".into(), &self.classifier));
-        out
+    fn sites(&self) -> Vec<(String, Site<'_>)> {
+        self.site_list()
+    }
+
+    fn sites_mut(&mut self) -> Vec<(String, SiteMut<'_>)> {
+        self.site_list_mut()
     }
 }

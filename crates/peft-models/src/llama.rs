@@ -2,39 +2,40 @@
 //! head, KV cache) whose fields carry the Hugging Face module names, so a module's burn path
 //! is the path users know (`model.layers.3.self_attn.q_proj`).
 //!
-//! Every linear projection is a [`LinearSlot`]: a frozen base with room for adapters.
+//! Every linear projection is a [`LinearSlot`] and every norm a [`TunedNorm`]: frozen weights
+//! with room for what methods attach. The sites are declared once, in the `site_table!`s
+//! below.
 
 use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use peft_core::params::frozen;
-use peft_core::target::ModuleKind;
 use peft_core::tensors::{HostTensor, TensorMap};
-use peft_core::tuner::ModuleHost;
 use peft_core::{PeftError, Result};
-use peft_lora::{LoraHost, LoraLinear};
+use peft_sites::{Site, SiteHost, SiteMut, TunedNorm, site_table};
 
 use crate::causal_softmax::causal_softmax;
 use crate::config::LlamaConfig;
 use crate::loss::cross_entropy_rows;
 use crate::rms_norm::rms_norm;
-use crate::slot::{put_linear, quantization_config, take_linear};
+use crate::slot::{put_sites, quantization_config, take_linear};
 use crate::swiglu::swiglu;
 
 pub use crate::slot::LinearSlot;
 
-/// Root-mean-square layer norm with a learned scale.
-#[derive(Module, Debug)]
-pub struct RmsNorm {
-    pub weight: Param<Tensor<1>>,
-    pub eps: f64,
+/// Root-mean-square layer norm with a learned scale (a norm site: no shift).
+pub type RmsNorm = TunedNorm;
+
+/// The RMSNorm forward pass over a norm site.
+trait RmsForward {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
 }
 
-impl RmsNorm {
+impl RmsForward for RmsNorm {
     /// Normalised in f32 whatever the input's type (as transformers does), then scaled in it.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        rms_norm(x, self.weight.val(), self.eps)
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        rms_norm(x, self.weights().weight.val(), self.eps)
     }
 }
 
@@ -230,10 +231,7 @@ impl LlamaForCausalLM {
         };
         let norm = |t: &mut TensorMap, name: &str| -> Result<RmsNorm> {
             let w = t.take_shaped(source, &format!("{name}.weight"), &[hidden])?;
-            Ok(RmsNorm {
-                weight: frozen(w.to_tensor(device)),
-                eps: config.rms_norm_eps,
-            })
+            Ok(RmsNorm::new(w.to_tensor(device), None, config.rms_norm_eps))
         };
         let embed = t.take_shaped(
             source,
@@ -370,36 +368,11 @@ impl LlamaForCausalLM {
     /// weights in bitsandbytes' layout.
     pub fn to_tensors(&self) -> TensorMap {
         let mut t = TensorMap::new();
-        let linear = |t: &mut TensorMap, name: String, l: &LinearSlot| put_linear(t, &name, l);
         t.insert(
             "model.embed_tokens.weight",
             HostTensor::from_tensor(self.model.embed_tokens.val()),
         );
-        for (i, l) in self.model.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            linear(&mut t, format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj);
-            linear(&mut t, format!("{p}.self_attn.k_proj"), &l.self_attn.k_proj);
-            linear(&mut t, format!("{p}.self_attn.v_proj"), &l.self_attn.v_proj);
-            linear(&mut t, format!("{p}.self_attn.o_proj"), &l.self_attn.o_proj);
-            linear(&mut t, format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj);
-            linear(&mut t, format!("{p}.mlp.up_proj"), &l.mlp.up_proj);
-            linear(&mut t, format!("{p}.mlp.down_proj"), &l.mlp.down_proj);
-            t.insert(
-                format!("{p}.input_layernorm.weight"),
-                HostTensor::from_tensor(l.input_layernorm.weight.val()),
-            );
-            t.insert(
-                format!("{p}.post_attention_layernorm.weight"),
-                HostTensor::from_tensor(l.post_attention_layernorm.weight.val()),
-            );
-        }
-        t.insert(
-            "model.norm.weight",
-            HostTensor::from_tensor(self.model.norm.weight.val()),
-        );
-        if let Some(head) = &self.lm_head {
-            linear(&mut t, "lm_head".into(), head);
-        }
+        put_sites(&mut t, self.sites());
         t
     }
 
@@ -410,7 +383,7 @@ impl LlamaForCausalLM {
     /// The `quantization_config` entry of `config.json` when linear weights are 4-bit (what
     /// transformers needs to load the checkpoint pre-quantized), `None` for a dense model.
     pub fn quantization_config(&self) -> Option<serde_json::Value> {
-        quantization_config(self.lora_slots().into_iter().map(|(_, s)| s), &["lm_head"])
+        quantization_config(self.linears().into_iter().map(|(_, s)| s), &["lm_head"])
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`. With a cache, the tokens
@@ -474,66 +447,34 @@ impl LlamaForCausalLM {
     }
 }
 
-impl ModuleHost for LlamaForCausalLM {
-    /// Every linear slot in model order; the head is never taken by `"all-linear"`.
-    fn module_paths(&self) -> Vec<(String, ModuleKind)> {
-        self.lora_slots()
-            .into_iter()
-            .map(|(p, _)| {
-                let kind = if p == "lm_head" {
-                    ModuleKind::OutputHead
-                } else {
-                    ModuleKind::Linear
-                };
-                (p, kind)
-            })
-            .collect()
-    }
-}
+site_table!(DecoderLayer {
+    "self_attn.q_proj" => Linear(self_attn.q_proj),
+    "self_attn.k_proj" => Linear(self_attn.k_proj),
+    "self_attn.v_proj" => Linear(self_attn.v_proj),
+    "self_attn.o_proj" => Linear(self_attn.o_proj),
+    "mlp.gate_proj" => Linear(mlp.gate_proj),
+    "mlp.up_proj" => Linear(mlp.up_proj),
+    "mlp.down_proj" => Linear(mlp.down_proj),
+    "input_layernorm" => Norm(input_layernorm),
+    "post_attention_layernorm" => Norm(post_attention_layernorm),
+});
 
-impl LoraHost for LlamaForCausalLM {
-    fn lora_slot_mut(&mut self, path: &str) -> Option<&mut LoraLinear> {
-        if path == "lm_head" {
-            return self.lm_head.as_mut();
-        }
-        let rest = path.strip_prefix("model.layers.")?;
-        let (idx, rest) = rest.split_once('.')?;
-        let layer = self.model.layers.get_mut(idx.parse::<usize>().ok()?)?;
-        Some(match rest {
-            "self_attn.q_proj" => &mut layer.self_attn.q_proj,
-            "self_attn.k_proj" => &mut layer.self_attn.k_proj,
-            "self_attn.v_proj" => &mut layer.self_attn.v_proj,
-            "self_attn.o_proj" => &mut layer.self_attn.o_proj,
-            "mlp.gate_proj" => &mut layer.mlp.gate_proj,
-            "mlp.up_proj" => &mut layer.mlp.up_proj,
-            "mlp.down_proj" => &mut layer.mlp.down_proj,
-            _ => return None,
-        })
+site_table!(LlamaForCausalLM {
+    "model.layers" => Each(model.layers),
+    "model.norm" => Norm(model.norm),
+    "lm_head" => Head(lm_head),
+});
+
+impl SiteHost for LlamaForCausalLM {
+    fn model_type(&self) -> &'static str {
+        "llama"
     }
 
-    fn lora_slots(&self) -> Vec<(String, &LoraLinear)> {
-        let mut out = Vec::new();
-        for (i, l) in self.model.layers.iter().enumerate() {
-            let a = &l.self_attn;
-            for (n, s) in [
-                ("q_proj", &a.q_proj),
-                ("k_proj", &a.k_proj),
-                ("v_proj", &a.v_proj),
-                ("o_proj", &a.o_proj),
-            ] {
-                out.push((format!("model.layers.{i}.self_attn.{n}"), s));
-            }
-            for (n, s) in [
-                ("gate_proj", &l.mlp.gate_proj),
-                ("up_proj", &l.mlp.up_proj),
-                ("down_proj", &l.mlp.down_proj),
-            ] {
-                out.push((format!("model.layers.{i}.mlp.{n}"), s));
-            }
-        }
-        if let Some(h) = &self.lm_head {
-            out.push(("lm_head".into(), h));
-        }
-        out
+    fn sites(&self) -> Vec<(String, Site<'_>)> {
+        self.site_list()
+    }
+
+    fn sites_mut(&mut self) -> Vec<(String, SiteMut<'_>)> {
+        self.site_list_mut()
     }
 }

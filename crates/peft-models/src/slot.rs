@@ -9,12 +9,11 @@ use peft_core::Result;
 use peft_core::linear::FrozenLinear;
 use peft_core::params::frozen;
 use peft_core::tensors::{HostTensor, TensorMap};
-use peft_lora::LoraLinear;
 use peft_quant::checkpoint::{put_4bit, take_4bit};
 use peft_quant::{BaseLinear, Linear4bit};
 
-/// A tunable linear projection (today: a frozen base with LoRA adapters).
-pub type LinearSlot = LoraLinear;
+/// A tunable linear projection: a frozen base with the parts methods attach.
+pub type LinearSlot = peft_sites::TunedLinear;
 
 /// Take `<name>.weight` (`[out, inp]`, dense or bitsandbytes 4-bit, which stays 4-bit) and,
 /// with `bias`, `<name>.bias` out of `t`.
@@ -80,4 +79,23 @@ pub fn quantization_config<'a>(
         "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": skip_modules,
     }))
+}
+
+/// Put the base weights of `sites` under their paths: linears as [`put_linear`] does, norms as
+/// `<path>.weight` (and `<path>.bias`).
+pub fn put_sites(t: &mut TensorMap, sites: Vec<(String, peft_sites::Site<'_>)>) {
+    for (path, site) in sites {
+        match site {
+            peft_sites::Site::Linear(l) | peft_sites::Site::Head(l) => put_linear(t, &path, l),
+            peft_sites::Site::Norm(n) => {
+                t.insert(
+                    format!("{path}.weight"),
+                    HostTensor::from_tensor(n.base.weight.val()),
+                );
+                if let Some(b) = &n.base.bias {
+                    t.insert(format!("{path}.bias"), HostTensor::from_tensor(b.val()));
+                }
+            }
+        }
+    }
 }

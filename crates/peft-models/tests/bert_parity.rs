@@ -71,7 +71,7 @@ fn modules_to_save_container_is_trained_and_saved_whole() {
     let (_, head_only, _) = trainable(&["classifier"]);
     let (model, with_pooler, keys) = trainable(&["pooler", "classifier"]);
     assert!(
-        model.pooler.adapter("default").is_none(),
+        model.pooler.lora("default").is_none(),
         "pooler.dense must not get LoRA"
     );
     // hidden 32: the pooler's 32x32 weight and 32 biases train whole; its r=2 LoRA (2·2·32) is gone.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use peft_core::tensors::TensorMap;
-use peft_lora::{LoraHost, quantize_base};
+use peft_lora::{SiteHost, quantize_base};
 use peft_models::bert::{BertConfig, BertForSequenceClassification, encode_batch};
 use peft_models::load::load_bert_classifier;
 use peft_quant::{QuantSpec, QuantType};
@@ -57,7 +57,7 @@ fn max_err(a: Tensor<2>, b: Tensor<2>) -> f32 {
 fn prequantized_bert_matches_bitsandbytes() {
     let device = Device::flex();
     let (model, _) = load_bert_classifier(&fixtures().join("bnb_bert/nf4_dq"), 3, &device).unwrap();
-    for (path, slot) in model.lora_slots() {
+    for (path, slot) in model.linears() {
         // The head is trained whole, so it is dense; every other linear stays 4-bit.
         assert_eq!(slot.base.is_quantized(), path != "classifier", "{path}");
     }

@@ -9,7 +9,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::tensors::TensorMap;
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, LoraHost, quantize_base};
+use peft_lora::{LoraConfig, SiteHost, quantize_base};
 use peft_models::config::LlamaConfig;
 use peft_models::llama::LlamaForCausalLM;
 use peft_models::load::{load_causal_lm, read_safetensors_folder};
@@ -72,7 +72,7 @@ fn prequantized_checkpoint_matches_bitsandbytes_with_and_without_lora() {
         let model = load_causal_lm(&dir, &device).unwrap().model;
         assert!(
             model
-                .lora_slots()
+                .linears()
                 .iter()
                 .filter(|(p, _)| p != "lm_head")
                 .all(|(_, s)| s.base.is_quantized())

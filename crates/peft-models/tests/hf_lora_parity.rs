@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor, TensorData, Tolerance};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, LoraHost, merge_and_unload_state, unmerge_all};
+use peft_lora::{LoraConfig, SiteHost, merge_and_unload_state, unmerge_all};
 use peft_models::config::LlamaConfig;
 use peft_models::llama::LlamaForCausalLM;
 use peft_models::load::read_safetensors_folder;
@@ -184,12 +184,7 @@ fn merge_matches_unmerged_and_unmerge_restores_the_base() {
         .assert_approx_eq::<f32>(&base_q.into_data(), Tolerance::absolute(1e-5));
     // merge_and_unload gives a plain model with the same outputs, saved as safetensors.
     let plain = merge_and_unload_state(unmerged).unwrap();
-    assert!(
-        plain
-            .lora_slots()
-            .iter()
-            .all(|(_, s)| s.adapters.is_empty())
-    );
+    assert!(plain.linears().iter().all(|(_, s)| s.parts.is_empty()));
     let dir = tempfile::tempdir().unwrap();
     plain
         .to_tensors()
@@ -216,13 +211,13 @@ fn several_named_adapters_switch_and_disable() {
     let base_out = base_for("list_rslora", &device).forward(input.clone(), None);
     let mut model = config.apply(model, "second").unwrap();
     for (p, _) in model
-        .lora_slots()
+        .linears()
         .into_iter()
         .map(|(p, s)| (p, s.names.clone()))
         .collect::<Vec<_>>()
     {
-        let s = model.lora_slot_mut(&p).unwrap();
-        if s.adapter("default").is_some() {
+        let s = model.linear_mut(&p).unwrap();
+        if s.lora("default").is_some() {
             s.set_active(&["default"]).unwrap();
         }
     }
@@ -232,12 +227,12 @@ fn several_named_adapters_switch_and_disable() {
         .into_scalar();
     assert!(err < 1e-5, "default alone: {err}");
     for (p, _) in model
-        .lora_slots()
+        .linears()
         .into_iter()
         .map(|(p, s)| (p, s.disabled))
         .collect::<Vec<_>>()
     {
-        model.lora_slot_mut(&p).unwrap().disabled = true;
+        model.linear_mut(&p).unwrap().disabled = true;
     }
     let err: f32 = (model.forward(input, None) - base_out)
         .abs()

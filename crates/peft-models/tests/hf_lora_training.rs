@@ -10,7 +10,7 @@ use peft_core::adapter_io::{KEY_PREFIX, WEIGHTS_FILE, load_adapter};
 use peft_core::tensors::HostTensor;
 use peft_core::train::{TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, LoraHost};
+use peft_lora::{LoraConfig, SiteHost};
 use peft_models::config::LlamaConfig;
 use peft_models::llama::LlamaForCausalLM;
 use peft_models::load::read_safetensors_folder;
@@ -136,8 +136,8 @@ fn loss_and_lora_gradients_match_pytorch() {
 
     let grads = loss.backward();
     let mut checked = 0;
-    for (path, slot) in model.lora_slots() {
-        let Some(adapter) = slot.adapter("default") else {
+    for (path, slot) in model.linears() {
+        let Some(adapter) = slot.lora("default") else {
             continue;
         };
         // Ours are [in, r] and [r, out]; PyTorch's are the transposes.

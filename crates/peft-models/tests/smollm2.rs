@@ -197,7 +197,7 @@ fn qlora_fine_tuning_lowers_held_out_loss_over_a_4bit_base() {
     let model = peft_lora::quantize_base(model, peft_quant::QuantSpec::default()).unwrap();
     let before_weights = model.to_tensors();
     assert!(
-        peft_lora::LoraHost::lora_slots(&model)
+        peft_lora::SiteHost::linears(&model)
             .iter()
             .all(|(_, s)| s.base.is_quantized()),
         "a dense slot left"
@@ -237,7 +237,7 @@ fn qlora_fine_tuning_lowers_held_out_loss_over_a_4bit_base() {
 #[test]
 fn four_bit_kernel_loss_and_gradients_equal_the_dequantized_dense_model() {
     use burn::module::Module;
-    use peft_lora::LoraHost;
+    use peft_lora::SiteHost;
     let device = Device::flex().autodiff();
     device.seed(3);
     let LoadedModel { model, tokenizer } = load(&device);
@@ -264,8 +264,8 @@ fn four_bit_kernel_loss_and_gradients_equal_the_dequantized_dense_model() {
         (lq - ld).abs() < 1e-4 * ld.abs(),
         "loss {lq} (4-bit kernel) vs {ld} (dense)"
     );
-    for ((path, a), (_, b)) in q.lora_slots().into_iter().zip(dense.lora_slots()) {
-        let (Some(aa), Some(ba)) = (a.adapter("default"), b.adapter("default")) else {
+    for ((path, a), (_, b)) in q.linears().into_iter().zip(dense.linears()) {
+        let (Some(aa), Some(ba)) = (a.lora("default"), b.lora("default")) else {
             continue;
         };
         for (x, y) in [(aa.a.val(), ba.a.val()), (aa.b.val(), ba.b.val())] {

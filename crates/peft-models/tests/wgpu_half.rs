@@ -8,7 +8,7 @@ use burn::tensor::{DType, Device};
 use peft_core::device::{device_by_name, with_compute_dtype};
 use peft_core::train::{TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, LoraHost, quantize_base};
+use peft_lora::{LoraConfig, SiteHost, quantize_base};
 use peft_models::config::LlamaConfig;
 use peft_models::llama::LlamaForCausalLM;
 use peft_models::train::{Example, lm_batch_loss};
@@ -37,10 +37,10 @@ fn train(device: &Device, compute: DType) -> Vec<f64> {
         compute,
         "the base's compute type"
     );
-    let slots = model.lora_slots();
+    let slots = model.linears();
     let adapted: Vec<_> = slots
         .iter()
-        .filter_map(|(path, slot)| Some((path, slot.adapter("default")?)))
+        .filter_map(|(path, slot)| Some((path, slot.lora("default")?)))
         .collect();
     assert_eq!(adapted.len(), 6, "q, v and o of both layers");
     for (path, adapter) in adapted {

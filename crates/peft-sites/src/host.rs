@@ -81,38 +81,45 @@ impl<'a, T> PresentMut<'a, T> for &'a mut Option<T> {
 
 /// Declare the sites of a module type once: `"hf.path" => Kind(field.path)` entries, where
 /// `Kind` is `Linear`, `Head` or `Norm` and the field is a `TunedLinear`/`TunedNorm` or an
-/// `Option` of one. Generates `site_list(&self)` and `site_list_mut(&mut self)`, the sites by
-/// path relative to the module, in the order given.
+/// `Option` of one, or `Each`, a `Vec` of modules with their own table, numbered from 0 under
+/// the path (`"model.layers" => Each(model.layers)` gives `model.layers.3.<their paths>`).
+/// Generates `site_list(&self)` and `site_list_mut(&mut self)`: the sites by path relative to
+/// the module, in the order given.
 #[macro_export]
 macro_rules! site_table {
     ($ty:ty { $($name:literal => $kind:ident ( $($field:tt)+ )),* $(,)? }) => {
         impl $ty {
             /// The sites of this module, by Hugging Face path relative to it.
-            pub fn site_list(&self) -> Vec<(&'static str, $crate::Site<'_>)> {
+            pub fn site_list(&self) -> Vec<(String, $crate::Site<'_>)> {
                 let mut sites = Vec::new();
-                $(
-                    if let Some(s) = $crate::host::Present::present(&self.$($field)+) {
-                        sites.push(($name, $crate::Site::$kind(s)));
-                    }
-                )*
+                $( $crate::site_table!(@push sites, $name, $kind, &self.$($field)+, site_list, Present, present, Site); )*
                 sites
             }
 
             /// The sites of this module, mutable.
-            pub fn site_list_mut(&mut self) -> Vec<(&'static str, $crate::SiteMut<'_>)> {
+            pub fn site_list_mut(&mut self) -> Vec<(String, $crate::SiteMut<'_>)> {
                 let mut sites = Vec::new();
-                $(
-                    if let Some(s) = $crate::host::PresentMut::present_mut(&mut self.$($field)+) {
-                        sites.push(($name, $crate::SiteMut::$kind(s)));
-                    }
-                )*
+                $( $crate::site_table!(@push sites, $name, $kind, &mut self.$($field)+, site_list_mut, PresentMut, present_mut, SiteMut); )*
                 sites
             }
         }
     };
+    (@push $sites:ident, $name:literal, Each, $field:expr, $list:ident, $p:ident, $pf:ident, $site:ident) => {
+        for (i, m) in ($field).into_iter().enumerate() {
+            for (n, s) in m.$list() {
+                $sites.push((format!("{}.{i}.{n}", $name), s));
+            }
+        }
+    };
+    (@push $sites:ident, $name:literal, $kind:ident, $field:expr, $list:ident, $p:ident, $pf:ident, $site:ident) => {
+        if let Some(s) = $crate::host::$p::$pf($field) {
+            $sites.push(($name.to_string(), $crate::$site::$kind(s)));
+        }
+    };
 }
 
-/// A model whose sites are addressed by Hugging Face module path.
+/// A model whose sites are addressed by Hugging Face module path (implement it with the
+/// `site_list` functions [`site_table!`] generates).
 pub trait SiteHost {
     /// The Hugging Face `model_type` (`"llama"`, `"bert"`): the key of the per-model default
     /// targets of methods such as IA3 and LN tuning.

@@ -14,6 +14,7 @@
 pub mod host;
 pub mod linear;
 pub mod norm;
+pub mod saved;
 
 pub use host::{Site, SiteHost, SiteKind, SiteMut};
 pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, TunedLinear};
