@@ -13,6 +13,10 @@ pre-quantized, with its logits and those of a LoRA adapter on the 4-bit base.
     scripts/make_fixtures.sh --verify-4bit DIR CASE   # load a Rust-written 4-bit folder (CASE nf4_dq, fp4 or bert)
 fixtures/bnb_bert/: a tiny BERT classifier (base/) and the same model quantized by transformers +
 bitsandbytes (nf4_dq/), with the 4-bit model's logits.
+fixtures/methods_tiny/: IA3 and LN tuning adapters saved by PEFT on the tiny Llama (base_plain of
+lora_tiny) and the tiny BERT classifier (bert_tiny), with the inputs, PEFT's logits and, for the
+Llama, 8 greedy tokens after the first row of input ids.
+    scripts/make_fixtures.sh --verify-method ADAPTER_DIR EXPECTED   # load a Rust-saved adapter
 fixtures/smollm2/: prompt token ids and logits of SmolLM2-135M-Instruct loaded from the GGUF
 by transformers.
 """
@@ -434,6 +438,87 @@ def verify_4bit(model_dir, case):
     return err < 1e-3 and not missing
 
 
+METHOD_CASES = {
+    "ia3_llama": dict(model="llama", cfg=lambda: __import__("peft").IA3Config(init_ia3_weights=False)),
+    "ln_tuning_llama": dict(model="llama", cfg=lambda: __import__("peft").LNTuningConfig()),
+    "ia3_bert": dict(model="bert", cfg=lambda: __import__("peft").IA3Config(task_type="SEQ_CLS", init_ia3_weights=False)),
+    "ln_tuning_bert": dict(model="bert", cfg=lambda: __import__("peft").LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"])),
+}
+
+
+def method_base(kind):
+    from transformers import BertForSequenceClassification, LlamaForCausalLM
+
+    if kind == "llama":
+        return LlamaForCausalLM.from_pretrained(os.path.join(FIX, "lora_tiny", "base_plain"), dtype=torch.float32).eval()
+    return BertForSequenceClassification.from_pretrained(os.path.join(FIX, "bert_tiny", "model"), dtype=torch.float32).eval()
+
+
+def method_outputs(model, kind, ids):
+    """Logits (and for the Llama, 8 greedy tokens after the first row) of `model` on `ids`."""
+    with torch.no_grad():
+        if kind == "llama":
+            logits = model(input_ids=ids).logits
+            gen = model.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=8,
+                                 do_sample=False, pad_token_id=0)
+            return {"logits": logits.contiguous(), "greedy": gen[0, ids.shape[1]:].to(torch.int64).contiguous()}
+        return {"logits": model(input_ids=ids, attention_mask=(ids != 0).long()).logits.contiguous()}
+
+
+def strip_machine_paths(adapter_dir):
+    """No machine paths in committed fixtures: null the base model path and drop the model card."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["base_model_name_or_path"] = None
+    with open(path, "w") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True))
+    os.remove(os.path.join(adapter_dir, "README.md"))
+
+
+def make_methods():
+    """IA3 and LN tuning adapters with changed weights (so they change the output), saved by PEFT."""
+    from peft import get_peft_model
+
+    out = os.path.join(FIX, "methods_tiny")
+    shutil.rmtree(out, ignore_errors=True)
+    llama_ids = load_file(os.path.join(FIX, "lora_tiny", "list_rslora", "expected.safetensors"))["input_ids"]
+    bert_ids = load_file(os.path.join(FIX, "bert_tiny", "expected.safetensors"))["input_ids"]
+    for i, (case, spec) in enumerate(METHOD_CASES.items()):
+        kind = spec["model"]
+        torch.manual_seed(2000 + i)
+        model = get_peft_model(method_base(kind), spec["cfg"]())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad and "ln_tuning_layers" in n:
+                    p.mul_(1 + 0.3 * torch.randn_like(p))  # trained copies differ from the base
+        model.eval()
+        ids = llama_ids if kind == "llama" else bert_ids
+        d = os.path.join(out, case)
+        model.save_pretrained(os.path.join(d, "adapter"))
+        strip_machine_paths(os.path.join(d, "adapter"))
+        save_file({"input_ids": ids.to(torch.int64).contiguous(), **method_outputs(model, kind, ids)},
+                  os.path.join(d, "expected.safetensors"))
+        print(case, "->", d)
+
+
+def verify_method(adapter_dir, expected):
+    """Load an adapter folder written by Rust (any method) into Python PEFT on the tiny base it
+    was made for; its logits must match `expected` (written by Rust) within 1e-4 and its greedy
+    tokens exactly."""
+    from peft import PeftConfig, PeftModel
+
+    exp = load_file(expected)
+    cfg = PeftConfig.from_pretrained(adapter_dir)
+    kind = "bert" if cfg.task_type == "SEQ_CLS" else "llama"
+    model = PeftModel.from_pretrained(method_base(kind), adapter_dir).eval()
+    got = method_outputs(model, kind, exp["input_ids"])
+    err = (got["logits"] - exp["logits"]).abs().max().item()
+    same = "greedy" not in exp or torch.equal(got["greedy"], exp["greedy"])
+    print(f"{cfg.peft_type}: Python PEFT loaded {adapter_dir}; max |logits - ours| = {err:.2e}; greedy equal: {same}")
+    return err < 1e-4 and same
+
+
 def verify(adapter_dir, case):
     """Load an adapter folder written by Rust into Python PEFT and compare logits."""
     from peft import PeftModel
@@ -453,12 +538,15 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--verify", nargs=2, metavar=("ADAPTER_DIR", "CASE"))
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
-    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2"])
+    ap.add_argument("--verify-method", nargs=2, metavar=("ADAPTER_DIR", "EXPECTED"))
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
     if a.verify_4bit:
         sys.exit(0 if verify_4bit(*a.verify_4bit) else 1)
+    if a.verify_method:
+        sys.exit(0 if verify_method(*a.verify_method) else 1)
     if a.only in (None, "tiny"):
         make_tiny()
     if a.only in (None, "train"):
@@ -473,3 +561,5 @@ if __name__ == "__main__":
         make_bnb_bert()
     if a.only in (None, "smollm2"):
         make_smollm2()
+    if a.only in (None, "methods"):
+        make_methods()

@@ -1,1 +1,12 @@
-//! peft-adapter: part of the peft workspace; its methods are not implemented yet (see the README method table).
+//! # peft-adapter
+//!
+//! Methods that add small modules or vectors to a frozen model.
+//!
+//! - [`Ia3Config`]: (IA)^3 (Liu et al., 2022), Hugging Face `IA3`: learned vectors scaling
+//!   the output of target linears (`base(x) ⊙ l`) and the input of feed-forward ones
+//!   (`base(x ⊙ l)`), merged exactly into the weights. On your own burn model, put a
+//!   [`peft_sites::LinearPart::OutputScale`] or `InputScale` on a [`peft_sites::TunedLinear`].
+
+pub mod ia3;
+
+pub use ia3::Ia3Config;

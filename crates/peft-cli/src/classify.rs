@@ -6,10 +6,11 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
-use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
+use peft_core::adapter_io::load_adapter;
 use peft_core::tensors::write_atomic;
-use peft_core::tuner::Tuner;
-use peft_lora::LoraConfig;
+use peft_sites::SiteHost;
+
+use crate::methods::MethodConfig;
 use peft_models::bert::{BertForSequenceClassification, encode_batch};
 use peft_models::data::read_labeled_csv;
 use peft_models::load::load_bert_classifier;
@@ -127,7 +128,9 @@ pub(crate) fn train(run: Run) -> Result<()> {
     std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
     write_atomic(&labels_path, serde_json::to_string(&labels)?.as_bytes())?;
     let model = crate::train::maybe_quantize(model, run.quant)?;
-    let model = run.lora.apply(model, "default")?;
+    let mut run = run;
+    run.method = run.method.resolved_for(model.model_type())?;
+    let model = run.method.tuner().apply(model, "default")?;
     eprintln!(
         "{} labels {labels:?}; {} texts for training, {} held out; {}",
         labels.len(),
@@ -181,11 +184,11 @@ pub fn eval(
             )
         })?)?;
     let files = load_adapter(adapter)?;
-    let config = LoraConfig::from_json(&files.config)?;
+    let config =
+        MethodConfig::from_json(&files.config).with_context(|| format!("{}", adapter.display()))?;
     let (model, tok) = load_bert_classifier(model_dir, labels.len(), device)?;
     let max_len = crate::usage::max_len(max_len, 128, model.config.max_position_embeddings)?;
-    let model = config.apply(model, "default")?;
-    let model = config.load_state(model, "default", files.tensors, &adapter.join(WEIGHTS_FILE))?;
+    let model = config.tuner().apply_and_load(model, "default", files)?;
     let set = encode(data, text_col, label_col, &labels, &tok, max_len)?;
     let (acc, f1) = scores(&model, &set, labels.len());
     Ok(serde_json::json!({"accuracy": acc, "macro_f1": f1, "examples": set.len()}))

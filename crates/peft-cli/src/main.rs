@@ -2,6 +2,7 @@
 
 mod classify;
 mod data;
+mod methods;
 mod plot;
 mod quant;
 mod train;
@@ -11,14 +12,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use methods::MethodConfig;
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
-use peft_core::tuner::Tuner;
-use peft_lora::{
-    LoraConfig, SiteHost, dequantize_base, merge_and_unload_state, quantize_base,
-    quantized_footprint,
-};
+use peft_lora::{dequantize_base, merge_and_unload_state, quantize_base, quantized_footprint};
 use peft_models::generate::greedy;
 use peft_models::load::{LoadedModel, load_causal_lm};
+use peft_sites::{SiteHost, SiteMut};
 use usage::usage;
 
 /// Large buffers on transparent huge pages (see `peft_core::alloc`).
@@ -113,6 +112,8 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// List the fine-tuning methods (`--method` names and the `peft_type` of their folders).
+    Methods,
     /// Describe an adapter or model folder (or a .gguf file).
     Inspect { path: PathBuf },
     /// Convert a GGUF model to a Hugging Face safetensors folder.
@@ -151,7 +152,8 @@ fn adapter_names(adapters: &[PathBuf]) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Load `model` and the LoRA adapters in `adapters` (each under its folder name).
+/// Load `model` and the adapters in `adapters` (each under its folder name, of whichever
+/// method its `peft_type` names).
 fn load_with_adapters(
     model: &Path,
     adapters: &[PathBuf],
@@ -162,23 +164,22 @@ fn load_with_adapters(
     for (dir, name) in adapters.iter().zip(&names) {
         let files = load_adapter(dir)?;
         let config =
-            LoraConfig::from_json(&files.config).with_context(|| format!("{}", dir.display()))?;
-        let m = config.apply(loaded.model, name)?;
-        loaded.model = config.load_state(m, name, files.tensors, &dir.join(WEIGHTS_FILE))?;
+            MethodConfig::from_json(&files.config).with_context(|| format!("{}", dir.display()))?;
+        loaded.model = config.tuner().apply_and_load(loaded.model, name, files)?;
     }
     Ok((loaded, names))
 }
 
+/// Use adapter `name` alone: at every site that holds part of it, that part; elsewhere none.
 fn activate(model: &mut peft_models::llama::LlamaForCausalLM, name: &str) -> Result<()> {
-    let paths: Vec<String> = model.linears().into_iter().map(|(p, _)| p).collect();
-    for p in paths {
-        let slot = model.linear_mut(&p).expect("slot");
-        let active: &[&str] = if slot.lora(name).is_some() {
-            &[name]
-        } else {
-            &[]
-        };
-        slot.set_active(active)?;
+    for (_, site) in model.sites_mut() {
+        match site {
+            SiteMut::Linear(l) | SiteMut::Head(l) => {
+                let active: &[&str] = if l.part(name).is_some() { &[name] } else { &[] };
+                l.set_active(active)?;
+            }
+            SiteMut::Norm(n) => n.set_active(n.copy(name).is_some().then_some(name))?,
+        }
     }
     Ok(())
 }
@@ -235,18 +236,27 @@ fn inspect(path: &Path) -> Result<()> {
                 .as_str()
                 .unwrap_or("(not recorded)")
         );
-        println!("targets: {}", c["target_modules"]);
-        println!(
-            "rank: {}  alpha: {}  rsLoRA: {}",
-            c["r"], c["lora_alpha"], c["use_rslora"]
-        );
+        // The method's own settings, as its reference config names them.
+        let skip = [
+            "peft_type",
+            "base_model_name_or_path",
+            "inference_mode",
+            "peft_version",
+            "auto_mapping",
+            "revision",
+        ];
+        let mut settings: Vec<String> = c
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| !skip.contains(&k.as_str()) && !v.is_null())
+            .map(|(k, v)| format!("  {k}: {v}"))
+            .collect();
+        settings.sort();
+        println!("settings:\n{}", settings.join("\n"));
+        MethodConfig::from_json(c).with_context(|| format!("{}", path.display()))?;
         let params: usize = files.tensors.tensors.values().map(|t| t.numel()).sum();
-        let modules = files
-            .tensors
-            .keys()
-            .filter(|k| k.ends_with("lora_A.weight"))
-            .count();
-        println!("adapted modules: {modules}");
+        println!("tensors: {}", files.tensors.len());
         println!("parameters: {params}");
         let size = std::fs::metadata(path.join(WEIGHTS_FILE))
             .map(|m| m.len())
@@ -422,6 +432,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Inspect { path } => inspect(&path),
+        Command::Methods => {
+            for m in methods::METHODS {
+                println!("{:<10} {:<10} {}", m.name, m.peft_type, m.about);
+            }
+            Ok(())
+        }
         Command::Convert {
             input,
             out,

@@ -13,8 +13,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::target::ModuleSelector;
 use peft_core::train::{StepReport, TrainConfig, Trainer};
-use peft_core::tuner::Tuner;
 use peft_lora::{LoraConfig, SiteHost, param_report, quantize_base};
+
+use crate::methods::{self, MethodConfig};
 use peft_models::load::load_causal_lm;
 use peft_models::train::{eval_loss, lm_batch_loss};
 use peft_quant::QuantSpec;
@@ -35,10 +36,22 @@ pub struct TrainArgs {
     /// Hugging Face model folder or .gguf file.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Fine-tuning method: lora, or qlora (LoRA over an NF4 base with double quantization)
-    /// [default: lora].
+    /// Fine-tuning method: lora, qlora (LoRA over an NF4 base with double quantization), ia3
+    /// or ln-tuning [default: lora].
     #[arg(long)]
+    #[serde(skip)]
     pub method: Option<String>,
+    /// A method option under its reference config's name, e.g. `--set init_ia3_weights=false`
+    /// or `--set 'target_modules=["k_proj","v_proj"]'` (repeatable; the value is JSON, or a
+    /// string). In the --config file: a `[method]` table with `name` and the options.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    #[serde(skip)]
+    pub set: Vec<String>,
+    /// `method = "ia3"`, or a `[method]` table (`name = "ia3"` and options), in the --config
+    /// file.
+    #[arg(skip)]
+    #[serde(rename = "method", default)]
+    pub method_file: Option<MethodSpec>,
     /// Quantize the base's linear weights to 4 bits at load: nf4 or fp4 [default: none; nf4
     /// with --method qlora].
     #[arg(long)]
@@ -139,6 +152,14 @@ pub struct TrainArgs {
     pub stop_after: Option<usize>,
 }
 
+/// The `method` entry of a --config file: a name, or a table with `name` and method options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum MethodSpec {
+    Name(String),
+    Table(toml::Table),
+}
+
 macro_rules! merge {
     ($cli:ident, $file:ident, $($f:ident),*) => { $( if $cli.$f.is_none() { $cli.$f = $file.$f.take(); } )* };
 }
@@ -146,17 +167,16 @@ macro_rules! merge {
 impl TrainArgs {
     /// Fill options not given on the command line from `--config`.
     fn with_config_file(mut self) -> Result<Self> {
-        let Some(path) = &self.config else {
+        let Some(path) = self.config.clone() else {
             return Ok(self);
         };
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         let mut file: TrainArgs = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
         merge!(
             self,
             file,
             model,
-            method,
             quantize,
             quant_blocksize,
             compute_dtype,
@@ -182,6 +202,25 @@ impl TrainArgs {
             seed,
             save_every
         );
+        match file.method_file.take() {
+            Some(MethodSpec::Name(name)) => self.method = self.method.take().or(Some(name)),
+            Some(MethodSpec::Table(mut table)) => {
+                if let Some(name) = table.remove("name") {
+                    let name = name.as_str().map(String::from).ok_or_else(|| {
+                        usage!("{}: [method] name must be a string", path.display())
+                    })?;
+                    self.method = self.method.take().or(Some(name));
+                }
+                // The file's options first: --set on the command line wins.
+                let mut from_file: Vec<String> = table
+                    .into_iter()
+                    .map(|(k, v)| Ok(format!("{k}={}", serde_json::to_string(&v)?)))
+                    .collect::<Result<_>>()?;
+                from_file.append(&mut self.set);
+                self.set = from_file;
+            }
+            None => {}
+        }
         self.overwrite |= file.overwrite;
         self.double_quant |= file.double_quant;
         self.resume |= file.resume;
@@ -248,19 +287,65 @@ fn lora_config(a: &TrainArgs, classification: bool) -> Result<LoraConfig> {
     Ok(config)
 }
 
+/// The config of `--method`: LoRA from its flags, the others from their reference defaults;
+/// then `--target` and the `--set` options. The task sets `task_type` (and, for
+/// classification, trains and saves the new head whole).
+fn method_config(a: &TrainArgs, method: &str, classification: bool) -> Result<MethodConfig> {
+    let lora = matches!(method, "lora" | "qlora");
+    let config = if lora {
+        MethodConfig::Lora(lora_config(a, classification).map_err(|e| usage!("{e}"))?)
+    } else {
+        for (flag, given) in [
+            ("--r", a.r.is_some()),
+            ("--alpha", a.alpha.is_some()),
+            ("--dropout", a.dropout.is_some()),
+            ("--rslora", a.rslora.is_some()),
+        ] {
+            if given {
+                return Err(usage!(
+                    "{flag} is a LoRA option; --method {method} takes its options with --set"
+                ));
+            }
+        }
+        let mut json = MethodConfig::default_for(method)?.to_json();
+        json["task_type"] = if classification {
+            "SEQ_CLS"
+        } else {
+            "CAUSAL_LM"
+        }
+        .into();
+        if classification {
+            json["modules_to_save"] = serde_json::json!(["classifier"]);
+        }
+        if let Some(t) = &a.target {
+            json["target_modules"] = serde_json::json!(t);
+        }
+        json["base_model_name_or_path"] =
+            serde_json::json!(a.model.as_ref().map(|p| p.display().to_string()));
+        MethodConfig::from_json(&json).map_err(|e| usage!("{e:#}"))?
+    };
+    let options = a
+        .set
+        .iter()
+        .map(|o| methods::parse_option(o))
+        .collect::<Result<Vec<_>>>()?;
+    config.with_options(&options)
+}
+
 const CHECKPOINT: &str = "checkpoint";
 
 /// Replace `out/checkpoint` atomically: build it beside, then swap names.
 fn save_checkpoint<M: SiteHost + Module>(
     out: &Path,
     trainer: &Trainer<M>,
-    config: &LoraConfig,
+    config: &MethodConfig,
 ) -> Result<()> {
     let tmp = out.join(".checkpoint.tmp");
     let old = out.join(".checkpoint.old");
     let dest = out.join(CHECKPOINT);
     let _ = std::fs::remove_dir_all(&tmp);
     let written = config
+        .tuner::<M>()
         .save(trainer.model(), "default", &tmp)
         .and_then(|()| trainer.save_state(&tmp));
     if let Err(e) = written {
@@ -311,7 +396,8 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 /// What both tasks share once the options are resolved.
 pub(crate) struct Run {
     pub(crate) args: TrainArgs,
-    pub(crate) lora: LoraConfig,
+    /// The method's config (model-type defaults filled in once the model is loaded).
+    pub(crate) method: MethodConfig,
     pub(crate) out: PathBuf,
     pub(crate) resume_from: Option<PathBuf>,
     pub(crate) config: TrainConfig,
@@ -364,11 +450,7 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
     let a = args.with_config_file()?;
     a.check_ranges()?;
     let method = a.method.clone().unwrap_or_else(|| "lora".into());
-    if method != "lora" && method != "qlora" {
-        return Err(usage!(
-            "--method {method}: unknown method (supported: lora, qlora)"
-        ));
-    }
+    MethodConfig::default_for(&method)?;
     let quant = quant_spec(&a, &method)?;
     let task = a.task.clone().unwrap_or_else(|| "causal-lm".into());
     let classification = match task.as_str() {
@@ -391,7 +473,7 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
         ));
     }
     let out = a.out.clone().ok_or_else(|| usage!("--out is required"))?;
-    let lora = lora_config(&a, classification).map_err(|e| usage!("{e}"))?;
+    let method_config = method_config(&a, &method, classification)?;
     let config = TrainConfig {
         learning_rate: a.lr.unwrap_or(2e-4),
         weight_decay: a.weight_decay.unwrap_or(0.0),
@@ -411,7 +493,7 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
     let resume_from = if a.resume {
         match find_checkpoint(&out) {
             Some(ckpt) => {
-                check_resume_settings(&ckpt, &config, &lora)?;
+                check_resume_settings(&ckpt, &config, &method_config)?;
                 Some(ckpt)
             }
             // Killed before its first checkpoint: nothing to continue, start again.
@@ -456,7 +538,7 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
         device.seed(config.seed);
         let run = Run {
             args: a,
-            lora,
+            method: method_config,
             out: out.clone(),
             resume_from,
             config,
@@ -506,7 +588,7 @@ fn finish_overwrite(out: &Path, displaced: Option<PathBuf>, result: Result<()>) 
 
 /// Refuse to resume with settings other than the checkpoint's: the learning-rate schedule, the
 /// data order or the adapter's shape would change without a word.
-fn check_resume_settings(ckpt: &Path, config: &TrainConfig, lora: &LoraConfig) -> Result<()> {
+fn check_resume_settings(ckpt: &Path, config: &TrainConfig, method: &MethodConfig) -> Result<()> {
     let option = |field: &str| match field {
         "learning_rate" => "--lr",
         "weight_decay" => "--weight-decay",
@@ -532,21 +614,24 @@ fn check_resume_settings(ckpt: &Path, config: &TrainConfig, lora: &LoraConfig) -
             }
         }
     }
-    let saved_lora = load_adapter(ckpt)?.config;
-    let now_lora = serde_json::to_value(lora)?;
-    for k in [
-        "r",
-        "lora_alpha",
-        "lora_dropout",
-        "target_modules",
-        "use_rslora",
-    ] {
-        if saved_lora.get(k).is_some_and(|v| *v != now_lora[k]) {
+    // The method's settings: every field but bookkeeping (defaults filled in at apply time
+    // are compared only where this run sets them).
+    let saved_method = load_adapter(ckpt)?.config;
+    let now_method = method.to_json();
+    for (k, now) in now_method.as_object().expect("object") {
+        if ["base_model_name_or_path", "inference_mode", "peft_version"].contains(&k.as_str())
+            || now.is_null()
+        {
+            continue;
+        }
+        if saved_method.get(k).is_some_and(|v| v != now) {
+            let flag = match option(k) {
+                "" => format!("--set {k}="),
+                f => format!("{f} "),
+            };
             changed.push(format!(
-                "{} {} (the checkpoint has {})",
-                option(k),
-                now_lora[k],
-                saved_lora[k]
+                "{flag}{now} (the checkpoint has {})",
+                saved_method[k]
             ));
         }
     }
@@ -577,7 +662,7 @@ pub(crate) fn hold_out<E: Clone>(train: Vec<E>, eval: Option<Vec<E>>) -> (Vec<E>
     }
 }
 
-fn train_causal_lm(run: Run) -> Result<()> {
+fn train_causal_lm(mut run: Run) -> Result<()> {
     let a = &run.args;
     let model_path = a.model.clone().expect("checked");
     eprintln!("loading {}", model_path.display());
@@ -595,7 +680,8 @@ fn train_causal_lm(run: Run) -> Result<()> {
     let (train_set, eval_set) = hold_out(train_set, eval);
     let pad = tok.eos_ids.first().copied().unwrap_or(0);
     let model = maybe_quantize(loaded.model, run.quant)?;
-    let model = run.lora.apply(model, "default")?;
+    run.method = run.method.resolved_for(model.model_type())?;
+    let model = run.method.tuner().apply(model, "default")?;
     eprintln!(
         "{} examples for training, {} held out; {}",
         train_set.len(),
@@ -630,10 +716,11 @@ pub(crate) fn train_loop<M: SiteHost + Module, E: Clone>(
     loss_fn: impl Fn(&M, &[E]) -> (burn::tensor::Tensor<1>, usize),
     evaluate: impl Fn(&M) -> serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
-    let (lora, out, config) = (&run.lora, &run.out, &run.config);
+    let (method, out, config) = (&run.method, &run.out, &run.config);
+    let tuner = method.tuner::<M>();
     if let Some(ckpt) = &run.resume_from {
         let files = load_adapter(ckpt)?;
-        model = lora.load_state(model, "default", files.tensors, &ckpt.join(WEIGHTS_FILE))?;
+        model = tuner.load_state(model, "default", files.tensors, &ckpt.join(WEIGHTS_FILE))?;
     }
     let mut trainer = Trainer::new(model, config.clone());
     if let Some(ckpt) = &run.resume_from {
@@ -711,12 +798,12 @@ pub(crate) fn train_loop<M: SiteHost + Module, E: Clone>(
         }
         writeln!(metrics, "{line}").with_context(|| format!("{}", metrics_path.display()))?;
         if checkpoint {
-            save_checkpoint(out, &trainer, lora)?;
+            save_checkpoint(out, &trainer, method)?;
         }
     }
     bar.finish();
     let model = trainer.into_model();
-    lora.save(&model, "default", out)?;
+    tuner.save(&model, "default", out)?;
     plot_loss(&metrics_path, &out.join("loss.svg"))?;
     eprintln!(
         "adapter, metrics.jsonl and loss.svg written to {}",

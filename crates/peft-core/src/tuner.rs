@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::adapter_io::{AdapterFiles, adapter_dir, load_adapter, save_adapter};
+use crate::adapter_io::{AdapterFiles, WEIGHTS_FILE, adapter_dir, load_adapter, save_adapter};
 use crate::tensors::TensorMap;
 use crate::{PeftError, Result};
 
@@ -29,6 +29,13 @@ pub trait Tuner<M> {
     /// Load tensors (saved by [`Tuner::state`] or by Python PEFT) into adapter `name`, which
     /// [`Tuner::apply`] has created. Every key must be used; `path` names the file in errors.
     fn load_state(&self, model: M, name: &str, tensors: TensorMap, path: &Path) -> Result<M>;
+
+    /// Add adapter `name` and load the tensors of an adapter folder read with
+    /// [`crate::adapter_io::load_adapter`].
+    fn apply_and_load(&self, model: M, name: &str, files: AdapterFiles) -> Result<M> {
+        let model = self.apply(model, name)?;
+        self.load_state(model, name, files.tensors, &files.dir.join(WEIGHTS_FILE))
+    }
 
     /// Fold adapter `name` into the base weights; methods that cannot merge say so.
     fn merge(&self, model: M, name: &str) -> Result<M> {

@@ -26,11 +26,11 @@ mod config;
 mod layer;
 mod model;
 
+/// Merge the active adapters of every method and drop all adapters (`peft_sites::merge_and_unload`).
+pub use peft_sites::merge_and_unload as merge_and_unload_state;
+pub use peft_sites::unmerge_all;
 pub use peft_sites::{LoraAdapter, SiteHost};
 
 pub use config::{InitLoraWeights, LoraConfig};
 pub use layer::{LoraInit, LoraLayer, LoraLinear};
-pub use model::{
-    dequantize_base, merge_and_unload_state, param_report, quantize_base, quantized_footprint,
-    unmerge_all,
-};
+pub use model::{dequantize_base, param_report, quantize_base, quantized_footprint};

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use peft_core::adapter_io::KEY_PREFIX;
-use peft_core::params::{ParamReport, frozen, trainable};
+use peft_core::params::{ParamReport, trainable};
 use peft_core::target::ModuleKind;
 use peft_core::tensors::{HostTensor, TensorMap};
 use peft_core::tuner::Tuner;
@@ -221,40 +221,4 @@ pub fn quantized_footprint<M: SiteHost>(model: &M) -> (usize, usize) {
         }
     }
     (values, bytes)
-}
-
-/// Unmerge every merged adapter of the model.
-pub fn unmerge_all<M: SiteHost>(mut model: M) -> Result<M> {
-    let paths: Vec<String> = model.linears().into_iter().map(|(p, _)| p).collect();
-    for path in paths {
-        let s = slot(&mut model, &path)?;
-        for name in s.merged.clone() {
-            s.unmerge(&name)?;
-        }
-    }
-    Ok(model)
-}
-
-/// Merge the active adapters and drop all adapters: the model becomes a plain one whose
-/// linear weights include the updates.
-pub fn merge_and_unload_state<M: SiteHost>(mut model: M) -> Result<M> {
-    let paths: Vec<String> = model.linears().into_iter().map(|(p, _)| p).collect();
-    for path in paths {
-        let s = slot(&mut model, &path)?;
-        if !s.disabled {
-            for name in s.active.clone() {
-                s.merge(&name)?;
-            }
-        }
-        s.parts.clear();
-        s.names.clear();
-        s.active.clear();
-        s.merged.clear();
-        s.disabled = false;
-        if let BaseLinear::Dense(l) = &mut s.base {
-            l.weight = frozen(l.weight.val().detach());
-        }
-        s.base.set_bias_trainable(false);
-    }
-    Ok(model)
 }

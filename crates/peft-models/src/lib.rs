@@ -5,7 +5,9 @@
 //!
 //! - [`bert`]: BERT encoder with a sequence-classification head.
 //! - [`llama`]: Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU, tied/untied head, KV cache).
-//! - [`slot`]: the tunable linear slot and its checkpoint form (dense or bitsandbytes 4-bit).
+//! - [`slot`]: the tunable linear slot and its checkpoint form (dense or bitsandbytes 4-bit);
+//!   every model declares its sites (linears, norms) once, with `peft_sites::site_table!`.
+//! - [`reference`]: reference outputs (ids, logits, greedy tokens) that tests compare against.
 //! - [`load`]: from a Hugging Face folder (config.json + safetensors, f32/f16/bf16) or a GGUF
 //!   file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized at load).
 //! - [`tokenizer`]: `tokenizers`-crate tokenizer from tokenizer.json or GGUF, chat template.
@@ -28,6 +30,7 @@ pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod loss;
+pub mod reference;
 pub mod rms_norm;
 pub mod slot;
 pub mod swiglu;

@@ -4,7 +4,10 @@
 //! [`SiteHost`] by walking its layers; every list a method needs (linear paths, norm paths,
 //! target candidates) is derived from that.
 
+use peft_core::Result;
+use peft_core::params::frozen;
 use peft_core::target::ModuleKind;
+use peft_quant::BaseLinear;
 
 use crate::linear::TunedLinear;
 use crate::norm::TunedNorm;
@@ -189,4 +192,58 @@ pub trait SiteHost {
             .map(|(p, _)| p)
             .collect()
     }
+}
+
+/// Take every merged part and norm copy of the model back out of its base.
+pub fn unmerge_all<M: SiteHost>(mut model: M) -> Result<M> {
+    for (_, site) in model.sites_mut() {
+        match site {
+            SiteMut::Linear(s) | SiteMut::Head(s) => {
+                for name in s.merged.clone() {
+                    s.unmerge(&name)?;
+                }
+            }
+            SiteMut::Norm(n) => {
+                if let Some(name) = n.merged.clone() {
+                    n.unmerge(&name)?;
+                }
+            }
+        }
+    }
+    Ok(model)
+}
+
+/// Merge the active adapters of every method and drop all adapters: the model becomes a plain
+/// one whose weights include the updates (frozen, trained biases included).
+pub fn merge_and_unload<M: SiteHost>(mut model: M) -> Result<M> {
+    for (_, site) in model.sites_mut() {
+        match site {
+            SiteMut::Linear(s) | SiteMut::Head(s) => {
+                if !s.disabled {
+                    for name in s.active.clone() {
+                        s.merge(&name)?;
+                    }
+                }
+                s.parts.clear();
+                s.names.clear();
+                s.active.clear();
+                s.merged.clear();
+                s.disabled = false;
+                if let BaseLinear::Dense(l) = &mut s.base {
+                    l.weight = frozen(l.weight.val().detach());
+                }
+                s.base.set_bias_trainable(false);
+            }
+            SiteMut::Norm(n) => {
+                if let Some(name) = n.active.clone() {
+                    n.merge(&name)?;
+                }
+                n.copies.clear();
+                n.names.clear();
+                n.active = None;
+                n.merged = None;
+            }
+        }
+    }
+    Ok(model)
 }

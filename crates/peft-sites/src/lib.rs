@@ -16,6 +16,6 @@ pub mod linear;
 pub mod norm;
 pub mod saved;
 
-pub use host::{Site, SiteHost, SiteKind, SiteMut};
+pub use host::{Site, SiteHost, SiteKind, SiteMut, merge_and_unload, unmerge_all};
 pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, TunedLinear};
 pub use norm::{NormWeights, TunedNorm};

@@ -1,0 +1,229 @@
+//! The method registry: every method the CLI knows, by `--method` name and by Hugging Face
+//! `peft_type`. Loading an adapter folder and `--method` both dispatch through it.
+
+use anyhow::{Result, bail};
+use peft_adapter::Ia3Config;
+use peft_core::tuner::Tuner;
+use peft_lora::LoraConfig;
+use peft_select::LnTuningConfig;
+use peft_sites::SiteHost;
+use serde_json::{Map, Value};
+
+use crate::usage::usage;
+
+/// One method: its `--method` name, the `peft_type` its folders carry, and what it does.
+pub struct Method {
+    pub name: &'static str,
+    pub peft_type: &'static str,
+    pub about: &'static str,
+}
+
+/// Every method, in the order `--help` and errors list them.
+pub const METHODS: &[Method] = &[
+    Method {
+        name: "lora",
+        peft_type: "LORA",
+        about: "LoRA on the side path of target linears",
+    },
+    Method {
+        name: "qlora",
+        peft_type: "LORA",
+        about: "LoRA over an NF4 base with double quantization",
+    },
+    Method {
+        name: "ia3",
+        peft_type: "IA3",
+        about: "(IA)^3: learned vectors scaling target linears",
+    },
+    Method {
+        name: "ln-tuning",
+        peft_type: "LN_TUNING",
+        about: "LayerNorm tuning: trainable copies of the norms",
+    },
+];
+
+fn names() -> String {
+    METHODS
+        .iter()
+        .map(|m| m.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn peft_types() -> String {
+    let mut t: Vec<&str> = METHODS.iter().map(|m| m.peft_type).collect();
+    t.dedup();
+    t.join(", ")
+}
+
+/// A method's config, of whichever method it is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MethodConfig {
+    Lora(LoraConfig),
+    Ia3(Ia3Config),
+    LnTuning(LnTuningConfig),
+}
+
+impl MethodConfig {
+    /// The config an `adapter_config.json` holds, as the method its `peft_type` names.
+    pub fn from_json(config: &Value) -> Result<Self> {
+        let peft_type = config
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        Ok(match peft_type {
+            "LORA" => Self::Lora(LoraConfig::from_json(config)?),
+            "IA3" => Self::Ia3(Ia3Config::from_json(config)?),
+            "LN_TUNING" => Self::LnTuning(LnTuningConfig::from_json(config)?),
+            "" => bail!(
+                "the adapter config has no peft_type (supported: {})",
+                peft_types()
+            ),
+            other => bail!(
+                "peft_type `{other}` is not supported (supported: {})",
+                peft_types()
+            ),
+        })
+    }
+
+    /// The default config of `--method name` (its reference config's defaults).
+    pub fn default_for(name: &str) -> Result<Self> {
+        Ok(match name {
+            "lora" | "qlora" => Self::Lora(LoraConfig::default()),
+            "ia3" => Self::Ia3(Ia3Config::default()),
+            "ln-tuning" => Self::LnTuning(LnTuningConfig::default()),
+            other => {
+                return Err(usage!(
+                    "--method {other}: unknown method (supported: {})",
+                    names()
+                ));
+            }
+        })
+    }
+
+    /// The method as a [`Tuner`] of models `M`.
+    pub fn tuner<M: SiteHost>(&self) -> &dyn Tuner<M> {
+        match self {
+            Self::Lora(c) => c,
+            Self::Ia3(c) => c,
+            Self::LnTuning(c) => c,
+        }
+    }
+
+    /// The `adapter_config.json` content.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::Lora(c) => serde_json::to_value(c),
+            Self::Ia3(c) => serde_json::to_value(c),
+            Self::LnTuning(c) => serde_json::to_value(c),
+        }
+        .expect("configs serialise")
+    }
+
+    /// Fill the model type's default targets in (IA3, LN tuning), as Python PEFT does before
+    /// saving, so the saved config names what was adapted.
+    pub fn resolved_for(&self, model_type: &str) -> Result<Self> {
+        Ok(match self {
+            Self::Ia3(c) => Self::Ia3(c.with_defaults(model_type)?),
+            Self::LnTuning(c) => Self::LnTuning(c.with_defaults(model_type)?),
+            Self::Lora(c) => Self::Lora(c.clone()),
+        })
+    }
+
+    /// Set fields of the config by their reference names (`--set key=value`, a `[method]`
+    /// table): a value is read as JSON (`8`, `true`, `["q_proj"]`) and otherwise taken as a
+    /// string. Unknown keys are an error that lists the valid ones.
+    pub fn with_options(&self, options: &[(String, Value)]) -> Result<Self> {
+        if options.is_empty() {
+            return Ok(self.clone());
+        }
+        let mut json = self.to_json();
+        let known = known_fields(self);
+        let obj = json.as_object_mut().expect("configs are objects");
+        for (key, value) in options {
+            if !known.contains(key) {
+                return Err(usage!(
+                    "--set {key}: {} has no option `{key}` (valid: {})",
+                    self.to_json()["peft_type"].as_str().unwrap_or("?"),
+                    known.join(", ")
+                ));
+            }
+            obj.insert(key.clone(), value.clone());
+        }
+        Self::from_json(&json).map_err(|e| usage!("--set: {e:#}"))
+    }
+}
+
+/// The fields of a method's reference config (those its defaults serialise, `peft_type` and
+/// bookkeeping fields excluded).
+fn known_fields(config: &MethodConfig) -> Vec<String> {
+    let skip = ["peft_type", "base_model_name_or_path", "inference_mode"];
+    let defaults = match config {
+        MethodConfig::Lora(_) => MethodConfig::Lora(LoraConfig::default()),
+        MethodConfig::Ia3(_) => MethodConfig::Ia3(Ia3Config::default()),
+        MethodConfig::LnTuning(_) => MethodConfig::LnTuning(LnTuningConfig::default()),
+    };
+    let map: Map<String, Value> = defaults.to_json().as_object().cloned().unwrap_or_default();
+    map.keys()
+        .filter(|k| !skip.contains(&k.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// Parse `key=value` (`--set`): the value as JSON when it is JSON, else as a string.
+pub fn parse_option(text: &str) -> Result<(String, Value)> {
+    let (key, value) = text.split_once('=').ok_or_else(|| {
+        usage!("--set {text}: expected key=value (e.g. --set init_ia3_weights=false)")
+    })?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+    Ok((key.trim().to_string(), value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_dispatch_by_peft_type_and_unknown_types_list_the_supported() {
+        let ia3 = MethodConfig::from_json(&serde_json::json!({"peft_type": "IA3"})).unwrap();
+        assert!(matches!(ia3, MethodConfig::Ia3(_)));
+        let err = MethodConfig::from_json(&serde_json::json!({"peft_type": "VERA"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("VERA") && err.contains("LORA, IA3, LN_TUNING"),
+            "{err}"
+        );
+        let err = MethodConfig::default_for("vera").unwrap_err().to_string();
+        assert!(err.contains("lora, qlora, ia3, ln-tuning"), "{err}");
+    }
+
+    #[test]
+    fn options_use_the_reference_names_and_unknown_ones_list_the_valid() {
+        let c = MethodConfig::default_for("ia3").unwrap();
+        let set = c
+            .with_options(&[
+                parse_option("init_ia3_weights=false").unwrap(),
+                parse_option(r#"target_modules=["k_proj"]"#).unwrap(),
+            ])
+            .unwrap();
+        let MethodConfig::Ia3(ia3) = &set else {
+            unreachable!()
+        };
+        assert!(!ia3.init_ia3_weights);
+        let err = c
+            .with_options(&[parse_option("rank=4").unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`rank`") && err.contains("feedforward_modules"),
+            "{err}"
+        );
+        let err = c
+            .with_options(&[parse_option("init_ia3_weights=maybe").unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("init_ia3_weights"), "{err}");
+        assert!(parse_option("no-equals").is_err());
+    }
+}
