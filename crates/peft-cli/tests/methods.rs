@@ -1,0 +1,309 @@
+//! Every method of the registry through the `peft` binary on the tiny fixtures: train (lowering
+//! the held-out loss), resume exactly, merge, generate, inspect, options by reference name; and,
+//! with the reference venv (`PEFT_REF_PYTHON`), the trained adapters load in Python PEFT with
+//! the same logits and greedy text.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use common::{adapter_values, data, peft, s, stderr, tiny};
+use peft_models::generate::greedy;
+use peft_models::load::load_causal_lm;
+use peft_models::reference::Expected;
+
+/// The methods other than LoRA (which cli.rs covers), with a learning rate that moves them.
+const METHODS: [(&str, &str, &str); 2] =
+    [("ia3", "IA3", "0.05"), ("ln-tuning", "LN_TUNING", "0.05")];
+
+/// The tiny Llama's folder as a string (it lives as long as the tests).
+fn model() -> &'static str {
+    static MODEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| s(&tiny()).to_string())
+}
+
+fn train<'a>(method: &'a str, lr: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--method",
+        method,
+        "--model",
+        model(),
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--lr",
+        lr,
+        "--warmup",
+        "1",
+        "--save-every",
+        "4",
+        "--max-len",
+        "32",
+    ]
+}
+
+fn eval_loss(adapter: Option<&Path>, data: &Path) -> f64 {
+    let model = tiny();
+    let mut args = vec![
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(data),
+        "--max-len",
+        "32",
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", s(a)]);
+    }
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn each_method_trains_resumes_merges_generates_and_inspects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let base_loss = eval_loss(None, &data);
+    for (method, peft_type, lr) in METHODS {
+        let full = tmp.path().join(format!("{method}-full"));
+        let o = peft(&train(method, lr, s(&data), s(&full)));
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let files = peft_core::adapter_io::load_adapter(&full).unwrap();
+        assert_eq!(files.config["peft_type"], peft_type);
+        assert!(
+            files.config["target_modules"].is_array(),
+            "{method}: the model's default targets are saved"
+        );
+        let loss = eval_loss(Some(&full), &data);
+        assert!(
+            loss < base_loss - 0.01,
+            "{method}: loss {loss} vs base {base_loss}"
+        );
+
+        // Interrupted at step 4 and resumed: the same adapter as the uninterrupted run.
+        let part = tmp.path().join(format!("{method}-part"));
+        let mut args = train(method, lr, s(&data), s(&part));
+        args.extend(["--stop-after", "4"]);
+        assert!(peft(&args).status.success());
+        let mut args = train(method, lr, s(&data), s(&part));
+        args.push("--resume");
+        let o = peft(&args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        assert_eq!(
+            adapter_values(&part),
+            adapter_values(&full),
+            "{method}: resume is exact"
+        );
+
+        // Merged into a Hugging Face folder: the same loss as base + adapter.
+        let merged = tmp.path().join(format!("{method}-merged"));
+        let model = tiny();
+        let o = peft(&[
+            "merge",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&full),
+            "--out",
+            s(&merged),
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let o = peft(&[
+            "eval",
+            "--model",
+            s(&merged),
+            "--data",
+            s(&data),
+            "--max-len",
+            "32",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let merged_loss = v["loss"].as_f64().unwrap();
+        assert!(
+            (merged_loss - loss).abs() < 1e-4,
+            "{method}: merged {merged_loss} vs {loss}"
+        );
+
+        let o = peft(&[
+            "generate",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&full),
+            "--prompt",
+            "hello what",
+            "--raw",
+            "--max-new-tokens",
+            "4",
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let o = peft(&["inspect", s(&full)]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && text.contains(peft_type) && text.contains("target_modules"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn options_take_reference_names_from_the_command_line_or_a_method_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let cli = tmp.path().join("cli");
+    let mut args = train("ia3", "0.05", s(&data), s(&cli));
+    args.extend([
+        "--set",
+        "init_ia3_weights=false",
+        "--set",
+        r#"target_modules=["v_proj","down_proj"]"#,
+        "--set",
+        r#"feedforward_modules=["down_proj"]"#,
+    ]);
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config = peft_core::adapter_io::load_adapter(&cli).unwrap().config;
+    assert_eq!(config["init_ia3_weights"], false);
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["v_proj", "down_proj"])
+    );
+
+    let toml = format!(
+        "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 1\nbatch_size = 4\nlr = 0.05\nwarmup = 1\nmax_len = 32\n\n[method]\nname = \"ia3\"\ninit_ia3_weights = false\ntarget_modules = [\"v_proj\", \"down_proj\"]\nfeedforward_modules = [\"down_proj\"]\n",
+        s(&tiny()),
+        s(&data),
+        s(&tmp.path().join("file"))
+    );
+    std::fs::write(tmp.path().join("run.toml"), toml).unwrap();
+    let o = peft(&["train", "--config", s(&tmp.path().join("run.toml"))]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let from_file = peft_core::adapter_io::load_adapter(&tmp.path().join("file"))
+        .unwrap()
+        .config;
+    for k in [
+        "init_ia3_weights",
+        "target_modules",
+        "feedforward_modules",
+        "peft_type",
+    ] {
+        assert_eq!(from_file[k], config[k], "{k}");
+    }
+
+    // Unknown keys list the valid ones; LoRA flags on another method, bad values and unknown
+    // methods are usage errors (exit code 2).
+    for (extra, expected) in [
+        (vec!["--set", "rank=4"], vec!["`rank`", "init_ia3_weights"]),
+        (vec!["--r", "4"], vec!["--r", "--set"]),
+        (
+            vec!["--set", "init_ia3_weights=maybe"],
+            vec!["init_ia3_weights"],
+        ),
+        (vec!["--set", "noequals"], vec!["key=value"]),
+    ] {
+        let bad = tmp.path().join("bad");
+        let mut args = train("ia3", "0.05", s(&data), s(&bad));
+        args.extend(extra);
+        let o = peft(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            expected.iter().all(|e| err.contains(e)) && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+    let o = peft(&train("vera", "0.05", s(&data), s(&tmp.path().join("bad"))));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("lora, qlora, ia3, ln-tuning"),
+        "{}",
+        stderr(&o)
+    );
+    let o = peft(&["methods"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("LN_TUNING"));
+}
+
+/// The reference venv's python (`scripts/ref_venv.sh`), when the environment names it.
+fn reference_python() -> Option<PathBuf> {
+    std::env::var_os("PEFT_REF_PYTHON").map(PathBuf::from)
+}
+
+#[test]
+fn trained_adapters_load_in_python_peft_with_the_same_logits_and_greedy_text() {
+    let Some(python) = reference_python() else {
+        eprintln!(
+            "PEFT_REF_PYTHON is not set (scripts/ref_venv.sh prints it): the Python direction is not checked"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let fixture = Expected::read(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
+    )
+    .unwrap();
+    for (method, _, lr) in METHODS {
+        let out = tmp.path().join(method);
+        let o = peft(&train(method, lr, s(&data), s(&out)));
+        assert!(o.status.success(), "{}", stderr(&o));
+        // Our logits and greedy tokens with the trained adapter.
+        let device = Device::flex();
+        let loaded = load_causal_lm(&tiny(), &device).unwrap();
+        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+        let model = match files.config["peft_type"].as_str().unwrap() {
+            "IA3" => peft_core::tuner::Tuner::apply_and_load(
+                &peft_adapter::Ia3Config::from_json(&files.config).unwrap(),
+                loaded.model,
+                "default",
+                files,
+            )
+            .unwrap(),
+            _ => peft_core::tuner::Tuner::apply_and_load(
+                &peft_select::LnTuningConfig::from_json(&files.config).unwrap(),
+                loaded.model,
+                "default",
+                files,
+            )
+            .unwrap(),
+        };
+        let logits = model.forward(fixture.ids(&device), None);
+        let ours = Expected {
+            logits: peft_core::tensors::HostTensor::from_tensor(logits.clone()).data,
+            logits_shape: logits.dims().to_vec(),
+            greedy: Some(
+                greedy(&model, &fixture.prompt(), 8, &[])
+                    .into_iter()
+                    .map(i64::from)
+                    .collect(),
+            ),
+            ..fixture.clone()
+        };
+        let expected = tmp.path().join(format!("{method}.expected.safetensors"));
+        ours.write(&expected).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_fixtures.py");
+        let o = std::process::Command::new(&python)
+            .arg(script)
+            .args(["--verify-method", s(&out), s(&expected)])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{method}: {said}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        eprintln!("{}", said.trim());
+    }
+}
