@@ -158,16 +158,18 @@ fn load_with_adapters(
     model: &Path,
     adapters: &[PathBuf],
     dev: &burn::tensor::Device,
-) -> Result<(LoadedModel, Vec<String>)> {
+) -> Result<(LoadedModel, Vec<String>, Vec<MethodConfig>)> {
     let names = adapter_names(adapters)?;
+    let mut configs = Vec::new();
     let mut loaded = load_causal_lm(model, dev)?;
     for (dir, name) in adapters.iter().zip(&names) {
         let files = load_adapter(dir)?;
         let config =
             MethodConfig::from_json(&files.config).with_context(|| format!("{}", dir.display()))?;
         loaded.model = config.tuner().apply_and_load(loaded.model, name, files)?;
+        configs.push(config);
     }
-    Ok((loaded, names))
+    Ok((loaded, names, configs))
 }
 
 /// Use adapter `name` alone: at every site that holds part of it, that part; elsewhere none.
@@ -324,7 +326,7 @@ fn run(cli: Cli) -> Result<()> {
                     "--task {task}: unknown task (supported: causal-lm, classification)"
                 ));
             }
-            let (loaded, _) = load_with_adapters(&model, adapter.as_slice(), &dev)?;
+            let (loaded, _, _) = load_with_adapters(&model, adapter.as_slice(), &dev)?;
             let max_len =
                 usage::max_len(max_len, 256, loaded.model.config.max_position_embeddings)?;
             let examples = data::read_examples(&data, &loaded.tokenizer, max_len)?;
@@ -345,7 +347,7 @@ fn run(cli: Cli) -> Result<()> {
             raw,
         } => {
             let dev = device(&cli.device)?;
-            let (mut loaded, names) = load_with_adapters(&model, &adapter, &dev)?;
+            let (mut loaded, names, _) = load_with_adapters(&model, &adapter, &dev)?;
             if let Some(name) = &use_adapter {
                 if !names.contains(name) {
                     return Err(usage!(
@@ -386,14 +388,19 @@ fn run(cli: Cli) -> Result<()> {
             let spec = quantize.map(|k| quant.spec("--quantize", &k)).transpose()?;
             refuse_existing(&out, overwrite)?;
             let dev = device(&cli.device)?;
-            let (mut loaded, _) = load_with_adapters(&model, std::slice::from_ref(&adapter), &dev)?;
+            let (mut loaded, names, configs) =
+                load_with_adapters(&model, std::slice::from_ref(&adapter), &dev)?;
             // Merge exactly in full precision: a 4-bit base is dequantized first.
             if quantized_footprint(&loaded.model).0 > 0 && spec.is_none() {
                 eprintln!(
                     "the base is 4-bit: writing a full-precision merged model (pass --quantize nf4 to keep it 4-bit)"
                 );
             }
-            loaded.model = merge_and_unload_state(dequantize_base(loaded.model)?)?;
+            // The method merges (and may refuse, e.g. BEFT without a bias to fold into);
+            // then every adapter is dropped.
+            let dense = dequantize_base(loaded.model)?;
+            let merged = configs[0].tuner().merge(dense, &names[0])?;
+            loaded.model = merge_and_unload_state(merged)?;
             if let Some(spec) = spec {
                 eprintln!(
                     "warning: re-quantizing the merged weights to {} rounds them; outputs will differ slightly from base + adapter",

@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use peft_adapter::Ia3Config;
 use peft_core::tuner::Tuner;
 use peft_lora::LoraConfig;
-use peft_select::LnTuningConfig;
+use peft_select::{BeftConfig, BitFitConfig, LnTuningConfig};
 use peft_sites::SiteHost;
 use serde_json::{Map, Value};
 
@@ -40,6 +40,16 @@ pub const METHODS: &[Method] = &[
         peft_type: "LN_TUNING",
         about: "LayerNorm tuning: trainable copies of the norms",
     },
+    Method {
+        name: "bitfit",
+        peft_type: "BITFIT",
+        about: "BitFit: only the model's own biases train",
+    },
+    Method {
+        name: "beft",
+        peft_type: "BEFT",
+        about: "new zero-initialised biases on target linears (for models without biases)",
+    },
 ];
 
 fn names() -> String {
@@ -62,6 +72,8 @@ pub enum MethodConfig {
     Lora(LoraConfig),
     Ia3(Ia3Config),
     LnTuning(LnTuningConfig),
+    BitFit(BitFitConfig),
+    Beft(BeftConfig),
 }
 
 impl MethodConfig {
@@ -75,6 +87,8 @@ impl MethodConfig {
             "LORA" => Self::Lora(LoraConfig::from_json(config)?),
             "IA3" => Self::Ia3(Ia3Config::from_json(config)?),
             "LN_TUNING" => Self::LnTuning(LnTuningConfig::from_json(config)?),
+            "BITFIT" => Self::BitFit(BitFitConfig::from_json(config)?),
+            "BEFT" => Self::Beft(BeftConfig::from_json(config)?),
             "" => bail!(
                 "the adapter config has no peft_type (supported: {})",
                 peft_types()
@@ -92,6 +106,8 @@ impl MethodConfig {
             "lora" | "qlora" => Self::Lora(LoraConfig::default()),
             "ia3" => Self::Ia3(Ia3Config::default()),
             "ln-tuning" => Self::LnTuning(LnTuningConfig::default()),
+            "bitfit" => Self::BitFit(BitFitConfig::default()),
+            "beft" => Self::Beft(BeftConfig::default()),
             other => {
                 return Err(usage!(
                     "--method {other}: unknown method (supported: {})",
@@ -107,6 +123,8 @@ impl MethodConfig {
             Self::Lora(c) => c,
             Self::Ia3(c) => c,
             Self::LnTuning(c) => c,
+            Self::BitFit(c) => c,
+            Self::Beft(c) => c,
         }
     }
 
@@ -116,6 +134,8 @@ impl MethodConfig {
             Self::Lora(c) => serde_json::to_value(c),
             Self::Ia3(c) => serde_json::to_value(c),
             Self::LnTuning(c) => serde_json::to_value(c),
+            Self::BitFit(c) => serde_json::to_value(c),
+            Self::Beft(c) => serde_json::to_value(c),
         }
         .expect("configs serialise")
     }
@@ -126,7 +146,8 @@ impl MethodConfig {
         Ok(match self {
             Self::Ia3(c) => Self::Ia3(c.with_defaults(model_type)?),
             Self::LnTuning(c) => Self::LnTuning(c.with_defaults(model_type)?),
-            Self::Lora(c) => Self::Lora(c.clone()),
+            Self::Beft(c) => Self::Beft(c.with_defaults(model_type)?),
+            Self::Lora(_) | Self::BitFit(_) => self.clone(),
         })
     }
 
@@ -162,6 +183,8 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
         MethodConfig::Lora(_) => MethodConfig::Lora(LoraConfig::default()),
         MethodConfig::Ia3(_) => MethodConfig::Ia3(Ia3Config::default()),
         MethodConfig::LnTuning(_) => MethodConfig::LnTuning(LnTuningConfig::default()),
+        MethodConfig::BitFit(_) => MethodConfig::BitFit(BitFitConfig::default()),
+        MethodConfig::Beft(_) => MethodConfig::Beft(BeftConfig::default()),
     };
     let map: Map<String, Value> = defaults.to_json().as_object().cloned().unwrap_or_default();
     map.keys()
@@ -195,7 +218,10 @@ mod tests {
             "{err}"
         );
         let err = MethodConfig::default_for("vera").unwrap_err().to_string();
-        assert!(err.contains("lora, qlora, ia3, ln-tuning"), "{err}");
+        assert!(
+            err.contains("lora, qlora, ia3, ln-tuning, bitfit, beft"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -36,8 +36,8 @@ pub struct TrainArgs {
     /// Hugging Face model folder or .gguf file.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Fine-tuning method: lora, qlora (LoRA over an NF4 base with double quantization), ia3
-    /// or ln-tuning [default: lora].
+    /// Fine-tuning method: lora, qlora (LoRA over an NF4 base with double quantization), ia3,
+    /// ln-tuning, bitfit or beft (`peft methods` lists them) [default: lora].
     #[arg(long)]
     #[serde(skip)]
     pub method: Option<String>,
@@ -386,11 +386,9 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
                 .is_some_and(|s| (s as usize) < step)
         })
         .collect();
-    std::fs::write(
-        path,
-        kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .with_context(|| format!("{}", path.display()))
+    // Atomically: a run killed while rewriting the file must not lose the kept lines.
+    let text: String = kept.iter().map(|l| format!("{l}\n")).collect();
+    Ok(peft_core::tensors::write_atomic(path, text.as_bytes())?)
 }
 
 /// What both tasks share once the options are resolved.

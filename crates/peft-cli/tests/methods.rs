@@ -226,12 +226,131 @@ fn options_take_reference_names_from_the_command_line_or_a_method_table() {
     let o = peft(&train("vera", "0.05", s(&data), s(&tmp.path().join("bad"))));
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("lora, qlora, ia3, ln-tuning"),
+        stderr(&o).contains("lora, qlora, ia3, ln-tuning, bitfit, beft"),
         "{}",
         stderr(&o)
     );
     let o = peft(&["methods"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("LN_TUNING"));
+}
+
+#[test]
+fn bitfit_changes_only_biases_and_a_model_without_biases_is_told_to_use_beft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let with_bias =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora_tiny/base_bias");
+    let out = tmp.path().join("bitfit");
+    let mut args = train("bitfit", "0.01", s(&data), s(&out));
+    args[4] = s(&with_bias);
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+    assert_eq!(files.config["peft_type"], "BITFIT");
+    // 2 layers x 7 linears, each with a bias, under their own keys.
+    assert_eq!(files.tensors.len(), 14);
+    assert!(
+        files
+            .tensors
+            .keys()
+            .all(|k| k.starts_with("base_model.model.model.layers.") && k.ends_with(".bias"))
+    );
+
+    let merged = tmp.path().join("merged");
+    let o = peft(&[
+        "merge",
+        "--model",
+        s(&with_bias),
+        "--adapter",
+        s(&out),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let base =
+        peft_core::tensors::TensorMap::read_safetensors(&with_bias.join("model.safetensors"))
+            .unwrap();
+    let after =
+        peft_core::tensors::TensorMap::read_safetensors(&merged.join("model.safetensors")).unwrap();
+    assert_eq!(
+        base.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    let mut changed = 0;
+    for (k, t) in &base.tensors {
+        let same = after.get(k).unwrap().data == t.data;
+        assert!(
+            same || k.ends_with(".bias"),
+            "{k} changed but is not a bias"
+        );
+        changed += usize::from(!same);
+    }
+    assert_eq!(changed, 14, "every trained bias moved");
+
+    // The tiny Llama without biases: BitFit says to add some with BEFT, which trains and saves
+    // in PEFT's format; merging it is refused as PEFT refuses it (no bias to fold into).
+    let o = peft(&train(
+        "bitfit",
+        "0.01",
+        s(&data),
+        s(&tmp.path().join("none")),
+    ));
+    assert!(
+        !o.status.success() && stderr(&o).contains("--method beft"),
+        "{}",
+        stderr(&o)
+    );
+    let beft = tmp.path().join("beft");
+    let o = peft(&train("beft", "0.01", s(&data), s(&beft)));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = peft_core::adapter_io::load_adapter(&beft).unwrap();
+    assert_eq!(
+        files.config["target_modules"],
+        serde_json::json!(["v_proj"])
+    );
+    assert_eq!(
+        files
+            .tensors
+            .get("base_model.model.model.layers.0.self_attn.v_proj.beft_bias")
+            .unwrap()
+            .shape,
+        vec![1, 32]
+    );
+    let o = peft(&[
+        "merge",
+        "--model",
+        model(),
+        "--adapter",
+        s(&beft),
+        "--out",
+        s(&tmp.path().join("m2")),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("no bias"),
+        "{}",
+        stderr(&o)
+    );
+
+    // LoRA's bias="all" and BitFit on one model both claim the biases: refused, either way.
+    use peft_core::tuner::Tuner;
+    let lora = peft_lora::LoraConfig {
+        bias: "all".into(),
+        ..peft_lora::LoraConfig::new(2, 4.0, &["q_proj"])
+    };
+    let device = Device::flex().autodiff();
+    let m = lora
+        .apply(load_causal_lm(&with_bias, &device).unwrap().model, "lora")
+        .unwrap();
+    let err = peft_select::BitFitConfig::default()
+        .apply(m, "bitfit")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already trained by another method"), "{err}");
+    let m = peft_select::BitFitConfig::default()
+        .apply(load_causal_lm(&with_bias, &device).unwrap().model, "bitfit")
+        .unwrap();
+    let err = lora.apply(m, "lora").unwrap_err().to_string();
+    assert!(err.contains("already trained by another method"), "{err}");
 }
 
 /// The reference venv's python (`scripts/ref_venv.sh`), when the environment names it.
@@ -254,7 +373,7 @@ fn trained_adapters_load_in_python_peft_with_the_same_logits_and_greedy_text() {
             .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
     )
     .unwrap();
-    for (method, _, lr) in METHODS {
+    for (method, _, lr) in METHODS.into_iter().chain([("beft", "BEFT", "0.05")]) {
         let out = tmp.path().join(method);
         let o = peft(&train(method, lr, s(&data), s(&out)));
         assert!(o.status.success(), "{}", stderr(&o));
@@ -262,22 +381,21 @@ fn trained_adapters_load_in_python_peft_with_the_same_logits_and_greedy_text() {
         let device = Device::flex();
         let loaded = load_causal_lm(&tiny(), &device).unwrap();
         let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+        use peft_core::tuner::Tuner;
+        let (m, name) = (loaded.model, "default");
         let model = match files.config["peft_type"].as_str().unwrap() {
-            "IA3" => peft_core::tuner::Tuner::apply_and_load(
-                &peft_adapter::Ia3Config::from_json(&files.config).unwrap(),
-                loaded.model,
-                "default",
-                files,
-            )
-            .unwrap(),
-            _ => peft_core::tuner::Tuner::apply_and_load(
-                &peft_select::LnTuningConfig::from_json(&files.config).unwrap(),
-                loaded.model,
-                "default",
-                files,
-            )
-            .unwrap(),
-        };
+            "IA3" => peft_adapter::Ia3Config::from_json(&files.config)
+                .unwrap()
+                .apply_and_load(m, name, files),
+            "BEFT" => peft_select::BeftConfig::from_json(&files.config)
+                .unwrap()
+                .apply_and_load(m, name, files),
+            "LN_TUNING" => peft_select::LnTuningConfig::from_json(&files.config)
+                .unwrap()
+                .apply_and_load(m, name, files),
+            other => panic!("{other}"),
+        }
+        .unwrap();
         let logits = model.forward(fixture.ids(&device), None);
         let ours = Expected {
             logits: peft_core::tensors::HostTensor::from_tensor(logits.clone()).data,

@@ -74,8 +74,9 @@ impl<M: SiteHost> Tuner<M> for LoraConfig {
             } else {
                 targets.clone()
             };
-            for path in paths {
-                slot(&mut model, &path)?.base.set_bias_trainable(true);
+            let whole = saved::saved_linears(&model, &self.saved_modules());
+            for path in paths.into_iter().filter(|p| !whole.contains(p)) {
+                slot(&mut model, &path)?.claim_bias(&path, "LoRA bias")?;
             }
         }
         Ok(model)

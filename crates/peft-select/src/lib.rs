@@ -5,7 +5,16 @@
 //! - [`LnTuningConfig`]: LayerNorm tuning (Zhao et al., 2023), Hugging Face `LN_TUNING`: a
 //!   trainable copy of each targeted norm (RMSNorm or LayerNorm) replaces it. On your own
 //!   burn model, use a [`peft_sites::TunedNorm`] and its `add_copy`.
+//! - [`BitFitConfig`]: BitFit (Ben Zaken et al., 2022): only the model's biases train; saved
+//!   under their own keys, `peft_type` `BITFIT`.
+//! - [`BeftConfig`]: Hugging Face `BEFT`: new zero-initialised biases on target linears, for
+//!   bias tuning on models without biases (Llama). On your own model, put a
+//!   [`peft_sites::LinearPart::Bias`] on a [`peft_sites::TunedLinear`].
 
+pub mod beft;
+pub mod bitfit;
 pub mod ln_tuning;
 
+pub use beft::BeftConfig;
+pub use bitfit::BitFitConfig;
 pub use ln_tuning::LnTuningConfig;

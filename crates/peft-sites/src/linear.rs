@@ -271,6 +271,22 @@ impl TunedLinear {
         Ok(())
     }
 
+    /// Make the base's bias trainable on behalf of `method` (LoRA's `bias`, BitFit). A bias
+    /// that already trains belongs to another method: two methods updating one parameter is
+    /// an error naming it. Returns whether the layer has a bias.
+    pub fn claim_bias(&mut self, path: &str, method: &str) -> Result<bool> {
+        match self.base.bias() {
+            None => Ok(false),
+            Some(b) if b.is_require_grad() => Err(PeftError::Config(format!(
+                "{method}: the bias of `{path}` is already trained by another method on this model (e.g. LoRA's bias=\"all\" and BitFit); train it with one of them"
+            ))),
+            Some(_) => {
+                self.base.set_bias_trainable(true);
+                Ok(true)
+            }
+        }
+    }
+
     fn live(&self, i: usize) -> bool {
         let name = &self.names[i];
         self.active.contains(name) && !self.merged.contains(name)
