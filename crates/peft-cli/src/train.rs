@@ -12,7 +12,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::target::ModuleSelector;
-use peft_core::train::{StepReport, TrainConfig, Trainer};
+use peft_core::train::{Schedule, StepReport, TrainConfig, Trainer};
 use peft_lora::{LoraConfig, SiteHost, param_report, quantize_base};
 
 use crate::methods::{self, MethodConfig};
@@ -118,6 +118,11 @@ pub struct TrainArgs {
     /// Warmup steps [default: 10].
     #[arg(long)]
     pub warmup: Option<usize>,
+    /// Learning-rate schedule: cosine-floor (warmup, cosine to 10% of the peak), or as
+    /// transformers defines them (from 0, decaying to 0): linear, cosine, constant,
+    /// cosine-restarts[:CYCLES] [default: cosine-floor].
+    #[arg(long)]
+    pub schedule: Option<String>,
     /// Clip the global gradient norm to this [default: 1.0].
     #[arg(long, allow_hyphen_values = true)]
     pub max_grad_norm: Option<f64>,
@@ -196,6 +201,7 @@ impl TrainArgs {
             batch_size,
             grad_accum,
             warmup,
+            schedule,
             max_grad_norm,
             weight_decay,
             max_len,
@@ -481,6 +487,13 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
         grad_accum: a.grad_accum.unwrap_or(1),
         max_grad_norm: Some(a.max_grad_norm.unwrap_or(1.0)),
         seed: a.seed.unwrap_or(42),
+        schedule: match &a.schedule {
+            None => Schedule::default(),
+            Some(name) => Schedule::parse(name).ok_or_else(|| {
+                usage!("--schedule {name}: expected cosine-floor, linear, cosine, constant or cosine-restarts[:CYCLES]")
+            })?,
+        },
+        param_groups: Vec::new(),
     };
     let has_contents = out.exists()
         && out
@@ -596,6 +609,7 @@ fn check_resume_settings(ckpt: &Path, config: &TrainConfig, method: &MethodConfi
         "grad_accum" => "--grad-accum",
         "max_grad_norm" => "--max-grad-norm",
         "seed" => "--seed",
+        "schedule" => "--schedule",
         "r" => "--r",
         "lora_alpha" => "--alpha",
         "lora_dropout" => "--dropout",

@@ -353,6 +353,48 @@ fn bitfit_changes_only_biases_and_a_model_without_biases_is_told_to_use_beft() {
     assert!(err.contains("already trained by another method"), "{err}");
 }
 
+#[test]
+fn schedules_are_transformers_and_a_bad_name_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let out = tmp.path().join("linear");
+    let mut args = train("ia3", "0.04", s(&data), s(&out));
+    args.extend(["--schedule", "linear"]);
+    let warmup = args.iter().position(|a| *a == "--warmup").unwrap();
+    args[warmup + 1] = "2";
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rates: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["learning_rate"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    // Warmup 2 over 8 steps: 0, lr/2, lr, then linear to 0 at step 8.
+    let expected = [
+        0.0,
+        0.02,
+        0.04,
+        0.04 * 5.0 / 6.0,
+        0.04 * 4.0 / 6.0,
+        0.04 * 3.0 / 6.0,
+        0.04 * 2.0 / 6.0,
+        0.04 / 6.0,
+    ];
+    for (r, e) in rates.iter().zip(expected) {
+        assert!((r - e).abs() < 1e-9, "{rates:?}");
+    }
+    let bad = tmp.path().join("bad");
+    let mut args = train("ia3", "0.04", s(&data), s(&bad));
+    args.extend(["--schedule", "warm"]);
+    let o = peft(&args);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--schedule warm"), "{}", stderr(&o));
+}
+
 /// The reference venv's python (`scripts/ref_venv.sh`), when the environment names it.
 fn reference_python() -> Option<PathBuf> {
     std::env::var_os("PEFT_REF_PYTHON").map(PathBuf::from)

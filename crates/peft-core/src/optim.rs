@@ -8,6 +8,7 @@ use burn::optim::{
 };
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::device::is_cpu;
 
@@ -21,6 +22,8 @@ use crate::device::is_cpu;
 /// saved optimizer states load in either.
 #[derive(Clone)]
 pub struct AdamW {
+    /// Multiplies the learning rate (a parameter group's own rate relative to the schedule).
+    lr_scale: f64,
     beta_1: f32,
     beta_2: f32,
     epsilon: f32,
@@ -38,12 +41,19 @@ impl AdamW {
             .with_epsilon(epsilon)
             .with_weight_decay(weight_decay);
         Self {
+            lr_scale: 1.0,
             beta_1,
             beta_2,
             epsilon,
             weight_decay,
             composed: config.build(),
         }
+    }
+
+    /// The same optimizer with its learning rate scaled by `scale`.
+    pub fn with_lr_scale(mut self, scale: f64) -> Self {
+        self.lr_scale = scale;
+        self
     }
 
     /// The fused step on host data: `p`, `m`, `v` updated in place from `g` at step `time`.
@@ -83,6 +93,7 @@ impl Optimizer for AdamW {
         grad: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let lr = lr * self.lr_scale;
         let device = tensor.device();
         // AMSGrad state or moments in another dtype (a state saved elsewhere): burn's step.
         let other_state = state.as_ref().is_some_and(|s| {
@@ -177,30 +188,92 @@ pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_no
     norm
 }
 
-/// Linear warmup to `peak`, then cosine or linear decay to `peak * final_fraction`.
+/// The shape of the learning rate over a run. All but [`Schedule::CosineFloor`] are
+/// transformers' (`get_*_schedule_with_warmup`): step `s` of the warmup uses `peak · s /
+/// warmup` (so the first step's rate is 0), then the rate decays to 0 at the last step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Schedule {
+    /// Warmup from `peak / warmup`, then cosine decay to `floor · peak` (this crate's default
+    /// since its first release; floor 0.1).
+    #[default]
+    CosineFloor,
+    /// transformers' `linear`.
+    Linear,
+    /// transformers' `cosine` (half a cycle).
+    Cosine,
+    /// transformers' `constant_with_warmup`.
+    Constant,
+    /// transformers' `cosine_with_restarts` with `cycles` hard restarts.
+    CosineRestarts { cycles: usize },
+}
+
+impl Schedule {
+    /// Parse a `--schedule` name: cosine-floor, linear, cosine, constant or
+    /// cosine-restarts[:CYCLES] (default 2 cycles).
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "cosine-floor" => Self::CosineFloor,
+            "linear" => Self::Linear,
+            "cosine" => Self::Cosine,
+            "constant" => Self::Constant,
+            "cosine-restarts" => Self::CosineRestarts { cycles: 2 },
+            other => {
+                let cycles = other
+                    .strip_prefix("cosine-restarts:")?
+                    .parse()
+                    .ok()
+                    .filter(|c| *c > 0)?;
+                Self::CosineRestarts { cycles }
+            }
+        })
+    }
+}
+
+/// Warmup to `peak`, then the decay of `kind`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
     pub peak: f64,
     pub warmup_steps: usize,
     pub total_steps: usize,
-    pub final_fraction: f64,
-    pub cosine: bool,
+    pub kind: Schedule,
 }
 
 impl LrSchedule {
     /// Learning rate of optimizer step `step` (0-based).
     pub fn at(&self, step: usize) -> f64 {
-        if step < self.warmup_steps {
-            return self.peak * (step + 1) as f64 / self.warmup_steps as f64;
+        let (warmup, total) = (self.warmup_steps, self.total_steps);
+        if let Schedule::CosineFloor = self.kind {
+            if step < warmup {
+                return self.peak * (step + 1) as f64 / warmup as f64;
+            }
+            let decay_steps = total.saturating_sub(warmup).max(1);
+            let progress = ((step - warmup) as f64 / decay_steps as f64).min(1.0);
+            let floor = 0.1;
+            let shape = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+            return self.peak * (floor + (1.0 - floor) * shape);
         }
-        let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1);
-        let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
-        let shape = if self.cosine {
-            0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-        } else {
-            1.0 - progress
+        if step < warmup {
+            return self.peak * step as f64 / warmup.max(1) as f64;
+        }
+        let progress = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
+        let pi = std::f64::consts::PI;
+        let factor = match self.kind {
+            Schedule::Constant => 1.0,
+            Schedule::Linear => {
+                ((total as f64 - step as f64) / total.saturating_sub(warmup).max(1) as f64).max(0.0)
+            }
+            Schedule::Cosine => (0.5 * (1.0 + (pi * progress).cos())).max(0.0),
+            Schedule::CosineRestarts { cycles } => {
+                if progress >= 1.0 {
+                    0.0
+                } else {
+                    0.5 * (1.0 + (pi * ((cycles as f64 * progress) % 1.0)).cos())
+                }
+            }
+            Schedule::CosineFloor => unreachable!("handled above"),
         };
-        self.peak * (self.final_fraction + (1.0 - self.final_fraction) * shape)
+        self.peak * factor
     }
 }
 
@@ -215,14 +288,55 @@ mod tests {
             peak: 1.0,
             warmup_steps: 4,
             total_steps: 14,
-            final_fraction: 0.1,
-            cosine: true,
+            kind: Schedule::CosineFloor,
         };
         assert_eq!(s.at(0), 0.25);
         assert_eq!(s.at(3), 1.0);
         assert!((s.at(4) - 1.0).abs() < 1e-12);
         assert!((s.at(14) - 0.1).abs() < 1e-12);
         assert!(s.at(9) < s.at(5));
+    }
+
+    /// transformers' schedules (`get_*_schedule_with_warmup`, evaluated by hand): peak 1,
+    /// warmup 2, 10 steps.
+    #[test]
+    fn schedules_follow_transformers() {
+        let at = |kind, step| {
+            LrSchedule {
+                peak: 1.0,
+                warmup_steps: 2,
+                total_steps: 10,
+                kind,
+            }
+            .at(step)
+        };
+        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        for kind in [
+            Schedule::Linear,
+            Schedule::Cosine,
+            Schedule::Constant,
+            Schedule::CosineRestarts { cycles: 2 },
+        ] {
+            close(at(kind, 0), 0.0);
+            close(at(kind, 1), 0.5);
+            close(at(kind, 2), 1.0);
+        }
+        close(at(Schedule::Linear, 6), 0.5);
+        close(at(Schedule::Linear, 10), 0.0);
+        close(at(Schedule::Cosine, 6), 0.5);
+        close(at(Schedule::Cosine, 10), 0.0);
+        close(at(Schedule::Constant, 9), 1.0);
+        // Two cycles over 8 decay steps: back to the peak at step 6, 0.5 at steps 4 and 8.
+        close(at(Schedule::CosineRestarts { cycles: 2 }, 4), 0.5);
+        close(at(Schedule::CosineRestarts { cycles: 2 }, 6), 1.0);
+        close(at(Schedule::CosineRestarts { cycles: 2 }, 8), 0.5);
+        close(at(Schedule::CosineRestarts { cycles: 2 }, 10), 0.0);
+        assert_eq!(
+            Schedule::parse("cosine-restarts:3"),
+            Some(Schedule::CosineRestarts { cycles: 3 })
+        );
+        assert_eq!(Schedule::parse("cosine-restarts:0"), None);
+        assert_eq!(Schedule::parse("warm"), None);
     }
 
     /// The fused CPU step equals burn's AdamW with the same settings over several steps (state

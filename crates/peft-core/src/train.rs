@@ -1,14 +1,18 @@
-//! A model-agnostic training loop: AdamW over the trainable parameters, warmup + cosine
-//! schedule, gradient accumulation, global-norm clipping, a seeded data order, and
-//! checkpoints that resume to the same result as an uninterrupted run.
+//! A model-agnostic training loop: AdamW over the trainable parameters (with parameter groups
+//! of their own learning rate and weight decay), transformers' schedules, gradient
+//! accumulation, global-norm clipping, a seeded data order, hooks where methods change
+//! training ([`TrainHook`]), and checkpoints that resume to the same result as an
+//! uninterrupted run.
 
 use std::path::Path;
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::module::{Module, ModuleMapper, Param, ParamGroup, ParamId};
+use burn::optim::GradientsAccumulator;
+pub use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use crate::optim::Schedule;
 use crate::optim::{AdamW, LrSchedule, clip_grad_norm};
 use crate::{PeftError, Result};
 
@@ -24,6 +28,57 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     pub max_grad_norm: Option<f64>,
     pub seed: u64,
+    /// The learning-rate schedule.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Parameters with their own learning rate or weight decay (the last matching group wins).
+    #[serde(default)]
+    pub param_groups: Vec<ParamGroupSpec>,
+}
+
+/// Parameters (by a regex over their module path, e.g. `.*classifier.*`) trained with their own
+/// learning rate (the schedule's times `lr_scale`) and weight decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParamGroupSpec {
+    pub pattern: String,
+    #[serde(default = "one")]
+    pub lr_scale: f64,
+    /// `None`: the run's weight decay.
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// What a method changes in training, beyond its loss. Every method is optional; the state
+/// a hook keeps is saved with checkpoints and restored on resume ([`TrainHook::state`]).
+pub trait TrainHook<M: Module> {
+    /// A term added to the loss of every micro-batch (e.g. AdaLoRA's orthogonality penalty).
+    fn extra_loss(&self, _model: &M) -> Option<Tensor<1>> {
+        None
+    }
+
+    /// Sees and may change the gradients of step `step` before clipping and the optimizer
+    /// (e.g. Child-Tuning's masks).
+    fn on_gradients(&mut self, _model: &M, _grads: &mut GradientsParams, _step: usize) {}
+
+    /// Runs after the optimizer step `step`, with the optimizer (its state can be reset for a
+    /// group of parameters: e.g. ReLoRA's restarts, AdaLoRA's rank allocation).
+    fn after_step(&mut self, model: M, _optim: &mut ModuleOptimizer, _step: usize) -> M {
+        model
+    }
+
+    /// The hook's state, for checkpoints.
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Restore a state saved by [`TrainHook::state`].
+    fn load_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Default for TrainConfig {
@@ -37,11 +92,29 @@ impl Default for TrainConfig {
             grad_accum: 1,
             max_grad_norm: Some(1.0),
             seed: 42,
+            schedule: Schedule::default(),
+            param_groups: Vec::new(),
         }
     }
 }
 
 impl TrainConfig {
+    /// Check what a user can get wrong that the types do not: the parameter-group patterns.
+    pub fn check(&self) -> Result<()> {
+        for g in &self.param_groups {
+            ParamGroup::from_regex(&g.pattern).map_err(|e| {
+                PeftError::Config(format!("param_groups pattern `{}`: {e:?}", g.pattern))
+            })?;
+            if !(g.lr_scale.is_finite() && g.lr_scale >= 0.0) {
+                return Err(PeftError::Config(format!(
+                    "param_groups `{}`: lr_scale {} is not a finite number >= 0",
+                    g.pattern, g.lr_scale
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The fields in which `other` differs from `self`, as `name: ours -> theirs`.
     pub fn differences(&self, other: &TrainConfig) -> Vec<String> {
         let (a, b) = (
@@ -61,6 +134,9 @@ impl TrainConfig {
 
 /// File of a checkpoint that records the [`TrainConfig`] it was made with.
 const CONFIG_FILE: &str = "train_config.json";
+
+/// File of a checkpoint with the hooks' states.
+const HOOKS_FILE: &str = "hooks.json";
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -127,17 +203,26 @@ pub struct Trainer<M: Module> {
     pub config: TrainConfig,
     state: TrainerState,
     order: Vec<usize>,
+    hooks: Vec<Box<dyn TrainHook<M>>>,
 }
 
 impl<M: Module> Trainer<M> {
+    /// A trainer for `model`. Parameter-group patterns are checked by
+    /// [`TrainConfig::check`]; an invalid one here panics.
     pub fn new(model: M, config: TrainConfig) -> Self {
-        let optim = ModuleOptimizer::from(AdamW::new(config.weight_decay as f32));
+        let wd = config.weight_decay;
+        let mut optim = ModuleOptimizer::from(AdamW::new(wd as f32));
+        for g in &config.param_groups {
+            let group = ParamGroup::from_regex(&g.pattern)
+                .expect("param_groups checked by TrainConfig::check");
+            let adam = AdamW::new(g.weight_decay.unwrap_or(wd) as f32).with_lr_scale(g.lr_scale);
+            optim = optim.with_group(group, adam, None);
+        }
         let schedule = LrSchedule {
             peak: config.learning_rate,
             warmup_steps: config.warmup_steps,
             total_steps: config.steps,
-            final_fraction: 0.1,
-            cosine: true,
+            kind: config.schedule,
         };
         Self {
             model: Some(stable_ids(model)),
@@ -150,7 +235,19 @@ impl<M: Module> Trainer<M> {
                 cursor: 0,
             },
             order: Vec::new(),
+            hooks: Vec::new(),
         }
+    }
+
+    /// The states of the hooks, in the order added.
+    pub fn hooks_state(&self) -> Vec<serde_json::Value> {
+        self.hooks.iter().map(|h| h.state()).collect()
+    }
+
+    /// Add a hook (they run in the order added).
+    pub fn with_hook(mut self, hook: impl TrainHook<M> + 'static) -> Self {
+        self.hooks.push(Box::new(hook));
+        self
     }
 
     pub fn model(&self) -> &M {
@@ -213,13 +310,21 @@ impl<M: Module> Trainer<M> {
                 .into_iter()
                 .map(|i| data[i].clone())
                 .collect();
-            let (loss, n) = loss_fn(&model, &batch);
+            let (mut loss, n) = loss_fn(&model, &batch);
+            for hook in &self.hooks {
+                if let Some(extra) = hook.extra_loss(&model) {
+                    loss = loss + extra;
+                }
+            }
             let loss = loss.div_scalar(accum as f64);
             loss_sum += loss.clone().into_scalar::<f32>() as f64;
             tokens += n;
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
         }
         let mut grads = accumulator.grads();
+        for hook in &mut self.hooks {
+            hook.on_gradients(&model, &mut grads, self.state.step);
+        }
         // The norm is measured even without clipping: a NaN or infinite gradient must not reach
         // the weights.
         let grad_norm = clip_grad_norm(
@@ -229,11 +334,15 @@ impl<M: Module> Trainer<M> {
         );
         let lr = self.schedule.at(self.state.step);
         let skipped = !(loss_sum.is_finite() && grad_norm.is_finite());
-        self.model = Some(if skipped {
+        let mut model = if skipped {
             model
         } else {
             self.optim.step(lr, model, grads)
-        });
+        };
+        for hook in &mut self.hooks {
+            model = hook.after_step(model, &mut self.optim, self.state.step);
+        }
+        self.model = Some(model);
         let report = StepReport {
             step: self.state.step,
             loss: loss_sum,
@@ -268,6 +377,8 @@ impl<M: Module> Trainer<M> {
         })?;
         let config = serde_json::to_string_pretty(&self.config).expect("config serialises");
         crate::tensors::write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())?;
+        let hooks = serde_json::to_string(&self.hooks_state()).expect("hook states serialise");
+        crate::tensors::write_atomic(&dir.join(HOOKS_FILE), hooks.as_bytes())?;
         // Written last: a folder with trainer_state.json is a complete checkpoint.
         let text = serde_json::to_string_pretty(&self.state).expect("state serialises");
         crate::tensors::write_atomic(&dir.join("trainer_state.json"), text.as_bytes())
@@ -298,6 +409,26 @@ impl<M: Module> Trainer<M> {
         self.optim = self.optim.load(&optim).map_err(|e| {
             PeftError::format(&optim, format!("cannot load optimizer state: {e:?}"))
         })?;
+        let hooks_path = dir.join(HOOKS_FILE);
+        if hooks_path.exists() {
+            let text =
+                std::fs::read_to_string(&hooks_path).map_err(|e| PeftError::io(&hooks_path, e))?;
+            let states: Vec<serde_json::Value> = serde_json::from_str(&text)
+                .map_err(|e| PeftError::format(&hooks_path, e.to_string()))?;
+            if states.len() != self.hooks.len() {
+                return Err(PeftError::format(
+                    &hooks_path,
+                    format!(
+                        "{} hook states for {} hooks; resume with the same method",
+                        states.len(),
+                        self.hooks.len()
+                    ),
+                ));
+            }
+            for (hook, state) in self.hooks.iter_mut().zip(&states) {
+                hook.load_state(state)?;
+            }
+        }
         // next_batch rebuilds the current pass's order and continues at the cursor.
         self.order = Vec::new();
         Ok(self)
@@ -437,6 +568,177 @@ mod tests {
         assert_eq!(
             Trainer::<Line>::saved_config(dir.path()).unwrap(),
             Some(config)
+        );
+    }
+
+    #[derive(Module, Debug)]
+    struct Pair {
+        a: Param<Tensor<1>>,
+        b: Param<Tensor<1>>,
+    }
+
+    fn pair(device: &Device) -> Pair {
+        Pair {
+            a: Param::from_tensor(Tensor::from_floats([1.0, -1.0], device)),
+            b: Param::from_tensor(Tensor::from_floats([0.5], device)),
+        }
+    }
+
+    fn pair_loss(m: &Pair, batch: &[f32]) -> (Tensor<1>, usize) {
+        let x = batch.iter().sum::<f32>();
+        let pred = m.a.val().sum().mul_scalar(x) + m.b.val().sum();
+        (
+            (pred.sub_scalar(2.0)).powi_scalar(2).reshape([1]),
+            batch.len(),
+        )
+    }
+
+    fn values(p: &Param<Tensor<1>>) -> Vec<f32> {
+        p.val().into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn parameter_groups_have_their_own_rate_and_bad_patterns_are_refused() {
+        let device = Device::flex().autodiff();
+        let config = TrainConfig {
+            steps: 4,
+            batch_size: 2,
+            warmup_steps: 0,
+            learning_rate: 0.1,
+            param_groups: vec![ParamGroupSpec {
+                pattern: "(^|.*\\.)b$".into(),
+                lr_scale: 0.0,
+                weight_decay: None,
+            }],
+            ..Default::default()
+        };
+        config.check().unwrap();
+        let mut t = Trainer::new(pair(&device), config);
+        while !t.is_done() {
+            t.step(&[0.5, 1.0, 1.5], pair_loss);
+        }
+        let m = t.into_model();
+        assert_eq!(
+            values(&m.b),
+            vec![0.5],
+            "a group with lr_scale 0 does not move"
+        );
+        assert_ne!(values(&m.a), vec![1.0, -1.0]);
+        let bad = TrainConfig {
+            param_groups: vec![ParamGroupSpec {
+                pattern: "(".into(),
+                lr_scale: 1.0,
+                weight_decay: None,
+            }],
+            ..Default::default()
+        };
+        assert!(bad.check().unwrap_err().to_string().contains("`(`"));
+    }
+
+    /// A hook of every kind: an extra loss, a gradient mask on odd steps, an optimizer reset
+    /// after step 2, and a step counter as its state.
+    struct Probe {
+        count: usize,
+        b_id: ParamId,
+    }
+
+    impl TrainHook<Pair> for Probe {
+        fn extra_loss(&self, model: &Pair) -> Option<Tensor<1>> {
+            Some(
+                model
+                    .a
+                    .val()
+                    .powi_scalar(2)
+                    .sum()
+                    .mul_scalar(0.1)
+                    .reshape([1]),
+            )
+        }
+        fn on_gradients(&mut self, _model: &Pair, grads: &mut GradientsParams, step: usize) {
+            if step % 2 == 1 {
+                grads.remove::<1>(self.b_id);
+            }
+        }
+        fn after_step(&mut self, model: Pair, optim: &mut ModuleOptimizer, step: usize) -> Pair {
+            self.count += 1;
+            if step == 2 {
+                let o = std::mem::replace(optim, ModuleOptimizer::from(AdamW::new(0.0)));
+                *optim = o.with_group(
+                    ParamGroup::from_regex(".*a$").unwrap(),
+                    AdamW::new(0.0),
+                    None,
+                );
+            }
+            model
+        }
+        fn state(&self) -> serde_json::Value {
+            serde_json::json!({"count": self.count})
+        }
+        fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+            self.count = state["count"].as_u64().unwrap() as usize;
+            Ok(())
+        }
+    }
+
+    fn hooked(resume_at: Option<usize>) -> (Vec<f32>, Vec<f32>, usize, Vec<bool>) {
+        let device = Device::flex().autodiff();
+        let config = TrainConfig {
+            steps: 6,
+            batch_size: 2,
+            warmup_steps: 1,
+            learning_rate: 0.05,
+            ..Default::default()
+        };
+        let trainer = |m: Pair| {
+            let m = stable_ids(m);
+            let b_id = m.b.id;
+            Trainer::new(m, config.clone()).with_hook(Probe { count: 0, b_id })
+        };
+        let mut t = trainer(pair(&device));
+        let dir = tempfile::tempdir().unwrap();
+        let mut b_moved = Vec::new();
+        while !t.is_done() {
+            if Some(t.state().step) == resume_at {
+                t.save_state(dir.path()).unwrap();
+                let (a, b) = (t.model().a.val().into_data(), t.model().b.val().into_data());
+                let m = Pair {
+                    a: Param::from_tensor(Tensor::from_data(a, &device)),
+                    b: Param::from_tensor(Tensor::from_data(b, &device)),
+                };
+                t = trainer(m).load_state(dir.path()).unwrap();
+            }
+            let before = values(&t.model().b);
+            let step = t.state().step;
+            let report = t.step(&[0.5, 1.0, 1.5], pair_loss);
+            if step == 0 {
+                // The reported loss includes the extra term: 0.1 * (1 + 1) over the data term.
+                let data_term: f32 = pair_loss(&pair(&device), &[0.5, 1.0]).0.into_scalar();
+                assert!(
+                    (report.loss - (data_term as f64 + 0.2)).abs() < 1e-5,
+                    "{report:?}"
+                );
+            }
+            b_moved.push(values(&t.model().b) != before);
+        }
+        let m = t.model();
+        let count = t.hooks_state()[0]["count"].as_u64().unwrap() as usize;
+        (values(&m.a), values(&m.b), count, b_moved)
+    }
+
+    #[test]
+    fn hooks_change_loss_gradients_and_optimizer_and_resume_exactly() {
+        let (a, b, count, moved) = hooked(None);
+        assert_eq!(count, 6);
+        assert_eq!(
+            moved,
+            vec![true, false, true, false, true, false],
+            "odd steps had b's gradient removed"
+        );
+        let (ra, rb, rcount, _) = hooked(Some(3));
+        assert_eq!(
+            (ra, rb, rcount),
+            (a, b, count),
+            "resumed with the hook's state"
         );
     }
 
