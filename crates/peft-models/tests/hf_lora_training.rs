@@ -179,6 +179,8 @@ fn five_trainer_steps_match_torch_adamw() {
         grad_accum: 1,
         max_grad_norm: settings["max_grad_norm"].as_f64(),
         seed: 0,
+        // The fixture's schedule: warmup, cosine to 10% of the peak.
+        ..Default::default()
     };
     let (losses, norms, lrs) = (
         expected.get("losses").1,
