@@ -4,13 +4,12 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::adapter_io::load_adapter;
 use peft_core::tensors::write_atomic;
 use peft_sites::SiteHost;
 
-use crate::methods::MethodConfig;
+use peft_cli::methods::MethodConfig;
 use peft_models::bert::{BertForSequenceClassification, encode_batch};
 use peft_models::data::read_labeled_csv;
 use peft_models::load::load_bert_classifier;
@@ -46,47 +45,6 @@ fn encode(
         .collect()
 }
 
-/// Accuracy and macro-averaged F1 of `model` on `data`.
-pub fn scores(
-    model: &BertForSequenceClassification,
-    data: &[Encoded],
-    n_classes: usize,
-) -> (f64, f64) {
-    let model = model.valid();
-    let device = model.device();
-    let mut confusion = vec![vec![0usize; n_classes]; n_classes];
-    for chunk in data.chunks(64) {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|e| e.0.clone()).collect();
-        let (tokens, mask) = encode_batch(&ids, &device);
-        let pred = model
-            .forward(tokens, mask)
-            .argmax(1)
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec::<i64>()
-            .unwrap_or_default();
-        for (p, e) in pred.iter().zip(chunk) {
-            confusion[e.1 as usize][*p as usize] += 1;
-        }
-    }
-    let total: usize = confusion.iter().flatten().sum();
-    let correct: usize = (0..n_classes).map(|c| confusion[c][c]).sum();
-    let f1: f64 = (0..n_classes)
-        .map(|c| {
-            let tp = confusion[c][c] as f64;
-            let predicted: f64 = (0..n_classes).map(|r| confusion[r][c] as f64).sum();
-            let actual: f64 = confusion[c].iter().sum::<usize>() as f64;
-            if tp == 0.0 {
-                0.0
-            } else {
-                2.0 * tp / (predicted + actual)
-            }
-        })
-        .sum::<f64>()
-        / n_classes as f64;
-    (correct as f64 / total.max(1) as f64, f1)
-}
-
 pub(crate) fn train(run: Run) -> Result<()> {
     let a = &run.args;
     let (model_dir, data) = (
@@ -117,7 +75,7 @@ pub(crate) fn train(run: Run) -> Result<()> {
     }
     eprintln!("loading {}", model_dir.display());
     let (model, tok) = load_bert_classifier(&model_dir, labels.len(), &run.device)?;
-    let max_len = crate::usage::max_len(a.max_len, 128, model.config.max_position_embeddings)?;
+    let max_len = peft_cli::usage::max_len(a.max_len, 128, model.config.max_position_embeddings)?;
     let train_set = encode(&data, &text_col, &label_col, &labels, &tok, max_len)?;
     let eval = a
         .eval_data
@@ -156,7 +114,7 @@ pub(crate) fn train(run: Run) -> Result<()> {
         |m| {
             let mut metrics = serde_json::Map::new();
             if !eval_set.is_empty() {
-                let (acc, f1) = scores(m, &eval_set, n);
+                let (acc, f1) = peft_models::bert::accuracy_and_macro_f1(m, &eval_set, n);
                 metrics.insert("eval_accuracy".into(), acc.into());
                 metrics.insert("eval_macro_f1".into(), f1.into());
             }
@@ -187,10 +145,10 @@ pub fn eval(
     let config =
         MethodConfig::from_json(&files.config).with_context(|| format!("{}", adapter.display()))?;
     let (model, tok) = load_bert_classifier(model_dir, labels.len(), device)?;
-    let max_len = crate::usage::max_len(max_len, 128, model.config.max_position_embeddings)?;
+    let max_len = peft_cli::usage::max_len(max_len, 128, model.config.max_position_embeddings)?;
     let model = config.tuner().apply_and_load(model, "default", files)?;
     let set = encode(data, text_col, label_col, &labels, &tok, max_len)?;
-    let (acc, f1) = scores(&model, &set, labels.len());
+    let (acc, f1) = peft_models::bert::accuracy_and_macro_f1(&model, &set, labels.len());
     Ok(serde_json::json!({"accuracy": acc, "macro_f1": f1, "examples": set.len()}))
 }
 

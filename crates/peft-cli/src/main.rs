@@ -2,23 +2,21 @@
 
 mod classify;
 mod data;
-mod methods;
 mod plot;
 mod quant;
 mod train;
-mod usage;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use methods::MethodConfig;
+use peft_cli::methods::MethodConfig;
+use peft_cli::{methods, usage};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_lora::{dequantize_base, merge_and_unload_state, quantize_base, quantized_footprint};
 use peft_models::generate::greedy;
 use peft_models::load::{LoadedModel, load_causal_lm};
 use peft_sites::{SiteHost, SiteMut};
-use usage::usage;
 
 /// Large buffers on transparent huge pages (see `peft_core::alloc`).
 #[global_allocator]

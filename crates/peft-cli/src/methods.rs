@@ -9,7 +9,7 @@ use peft_select::{BeftConfig, BitFitConfig, LnTuningConfig};
 use peft_sites::SiteHost;
 use serde_json::{Map, Value};
 
-use crate::usage::usage;
+use crate::usage;
 
 /// One method: its `--method` name, the `peft_type` its folders carry, and what it does.
 pub struct Method {

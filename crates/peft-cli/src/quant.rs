@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 
-use crate::usage::usage;
 use clap::Args;
+use peft_cli::usage;
 use peft_quant::{BLOCK_SIZES, QuantSpec, QuantType};
 
 /// A 4-bit setting from the command line: `kind` nf4 or fp4 (given as option `option`, which

@@ -15,7 +15,7 @@ use peft_core::target::ModuleSelector;
 use peft_core::train::{Schedule, StepReport, TrainConfig, Trainer};
 use peft_lora::{LoraConfig, SiteHost, param_report, quantize_base};
 
-use crate::methods::{self, MethodConfig};
+use peft_cli::methods::{self, MethodConfig};
 use peft_models::load::load_causal_lm;
 use peft_models::train::{eval_loss, lm_batch_loss};
 use peft_quant::QuantSpec;
@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::data::read_examples;
 use crate::plot::plot_loss;
-use crate::usage::usage;
+use peft_cli::usage;
 
 /// Options of `peft train`; every one can also come from `--config run.toml` (flags win).
 #[derive(Args, Debug, Default, Deserialize)]
@@ -237,7 +237,7 @@ impl TrainArgs {
     /// Refuse values outside each option's range, naming the option (exit code 2). `--max-len`'s
     /// upper bound (the model's positions) is checked once the model is loaded.
     fn check_ranges(&self) -> Result<()> {
-        use crate::usage::{at_least, fraction, non_negative, positive};
+        use peft_cli::usage::{at_least, fraction, non_negative, positive};
         at_least("--r", self.r, 1)?;
         positive("--alpha", self.alpha)?;
         fraction("--dropout", self.dropout)?;
@@ -681,7 +681,7 @@ fn train_causal_lm(mut run: Run) -> Result<()> {
     let loaded = load_causal_lm(&model_path, &run.device)?;
     let tok = loaded.tokenizer;
     let max_len =
-        crate::usage::max_len(a.max_len, 256, loaded.model.config.max_position_embeddings)?;
+        peft_cli::usage::max_len(a.max_len, 256, loaded.model.config.max_position_embeddings)?;
     std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
     let train_set = read_examples(a.data.as_ref().expect("checked"), &tok, max_len)?;
     let eval = a

@@ -17,10 +17,10 @@ impl fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 /// `usage!("--r {r}: must be at least 1")`: an `anyhow::Error` that exits with code 2.
+#[macro_export]
 macro_rules! usage {
     ($($t:tt)*) => { anyhow::Error::new($crate::usage::UsageError(format!($($t)*))) };
 }
-pub(crate) use usage;
 
 /// Whether `e` (or anything it wraps) is a usage error.
 pub fn is_usage(e: &anyhow::Error) -> bool {

@@ -394,6 +394,47 @@ impl BertForSequenceClassification {
     }
 }
 
+/// Accuracy and macro-averaged F1 of `model` on `data`.
+pub fn accuracy_and_macro_f1(
+    model: &BertForSequenceClassification,
+    data: &[(Vec<u32>, i64)],
+    n_classes: usize,
+) -> (f64, f64) {
+    let model = model.valid();
+    let device = model.device();
+    let mut confusion = vec![vec![0usize; n_classes]; n_classes];
+    for chunk in data.chunks(64) {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|e| e.0.clone()).collect();
+        let (tokens, mask) = encode_batch(&ids, &device);
+        let pred = model
+            .forward(tokens, mask)
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap_or_default();
+        for (p, e) in pred.iter().zip(chunk) {
+            confusion[e.1 as usize][*p as usize] += 1;
+        }
+    }
+    let total: usize = confusion.iter().flatten().sum();
+    let correct: usize = (0..n_classes).map(|c| confusion[c][c]).sum();
+    let f1: f64 = (0..n_classes)
+        .map(|c| {
+            let tp = confusion[c][c] as f64;
+            let predicted: f64 = (0..n_classes).map(|r| confusion[r][c] as f64).sum();
+            let actual: f64 = confusion[c].iter().sum::<usize>() as f64;
+            if tp == 0.0 {
+                0.0
+            } else {
+                2.0 * tp / (predicted + actual)
+            }
+        })
+        .sum::<f64>()
+        / n_classes as f64;
+    (correct as f64 / total.max(1) as f64, f1)
+}
+
 /// Token ids and attention mask of a padded batch.
 pub fn encode_batch(ids: &[Vec<u32>], device: &Device) -> (Tensor<2, Int>, Tensor<2>) {
     let s = ids.iter().map(Vec::len).max().unwrap_or(1).max(1);

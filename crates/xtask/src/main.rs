@@ -8,10 +8,14 @@
 //! - `cargo xtask fuzz [--seconds N]`: every reader of outside files under cargo fuzz (nightly),
 //!   or the stable mutation suite where there is no nightly.
 //! - `cargo xtask fetch`: only fetch the model and data into `models/`.
+//! - `cargo xtask compare [--quick]`: every method on real data with the same budget, side by
+//!   side (trainable parameters, saved size, step time and memory, held-out metric); a report
+//!   under `target/compare/`.
 //! - `cargo xtask bench [--peer]`: criterion benchmarks, and with `--peer` the same work side
 //!   by side with Hugging Face PEFT and bitsandbytes; a report under `target/bench-report/`.
 
 mod bench;
+mod compare;
 mod fuzz;
 
 use std::path::PathBuf;
@@ -246,11 +250,13 @@ fn main() -> Result<()> {
         Some("test") => test(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("compare") => compare::compare(&args[1..], &workspace_root(), &models_dir()),
         Some("fetch") => fetch().map(|(m, d)| println!("{}\n{}", m.display(), d.display())),
         _ => bail!(
             "usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] [--no-fuzz] | fetch | \
              bench [--peer] [--rounds N] [--only PREFIX] [--no-criterion] | \
-             fuzz [--seconds N] [--only NAME] [--sanitizer none|address]>"
+             fuzz [--seconds N] [--only NAME] [--sanitizer none|address] | \
+             compare [--quick] [--only M1,M2] [--out DIR]>"
         ),
     }
 }

