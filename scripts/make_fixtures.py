@@ -16,7 +16,7 @@ bitsandbytes (nf4_dq/), with the 4-bit model's logits.
 fixtures/methods_tiny/: IA3 and LN tuning adapters saved by PEFT on the tiny Llama (base_plain of
 lora_tiny) and the tiny BERT classifier (bert_tiny), with the inputs, PEFT's logits and, for the
 Llama, 8 greedy tokens after the first row of input ids.
-    scripts/make_fixtures.sh --verify-method ADAPTER_DIR EXPECTED   # load a Rust-saved adapter
+    scripts/make_fixtures.sh --verify-method ADAPTER_DIR EXPECTED [BASE.gguf [TOL]]   # a Rust-saved adapter
 fixtures/smollm2/: prompt token ids and logits of SmolLM2-135M-Instruct loaded from the GGUF
 by transformers.
 """
@@ -446,9 +446,12 @@ METHOD_CASES = {
 }
 
 
-def method_base(kind):
-    from transformers import BertForSequenceClassification, LlamaForCausalLM
+def method_base(kind, base=None):
+    from transformers import AutoModelForCausalLM, BertForSequenceClassification, LlamaForCausalLM
 
+    if base is not None and base.endswith(".gguf"):
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(base), gguf_file=os.path.basename(base),
+                                                    torch_dtype=torch.float32).eval()
     if kind == "llama":
         return LlamaForCausalLM.from_pretrained(os.path.join(FIX, "lora_tiny", "base_plain"), dtype=torch.float32).eval()
     return BertForSequenceClassification.from_pretrained(os.path.join(FIX, "bert_tiny", "model"), dtype=torch.float32).eval()
@@ -461,7 +464,12 @@ def method_outputs(model, kind, ids):
             logits = model(input_ids=ids).logits
             gen = model.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=8,
                                  do_sample=False, pad_token_id=0)
-            return {"logits": logits.contiguous(), "greedy": gen[0, ids.shape[1]:].to(torch.int64).contiguous()}
+            new = gen[0, ids.shape[1]:].tolist()
+            # Like the Rust greedy: stop before the first end-of-sequence token.
+            eos = model.generation_config.eos_token_id
+            eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+            new = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
+            return {"logits": logits.contiguous(), "greedy": torch.tensor(new, dtype=torch.int64)}
         return {"logits": model(input_ids=ids, attention_mask=(ids != 0).long()).logits.contiguous()}
 
 
@@ -502,21 +510,21 @@ def make_methods():
         print(case, "->", d)
 
 
-def verify_method(adapter_dir, expected):
-    """Load an adapter folder written by Rust (any method) into Python PEFT on the tiny base it
-    was made for; its logits must match `expected` (written by Rust) within 1e-4 and its greedy
-    tokens exactly."""
+def verify_method(adapter_dir, expected, base=None, tol="1e-4"):
+    """Load an adapter folder written by Rust (any method) into Python PEFT on the base it was
+    made for (the tiny fixture, or `base`: a .gguf such as SmolLM2); its logits must match
+    `expected` (written by Rust) within `tol` and its greedy tokens exactly."""
     from peft import PeftConfig, PeftModel
 
     exp = load_file(expected)
     cfg = PeftConfig.from_pretrained(adapter_dir)
     kind = "bert" if cfg.task_type == "SEQ_CLS" else "llama"
-    model = PeftModel.from_pretrained(method_base(kind), adapter_dir).eval()
+    model = PeftModel.from_pretrained(method_base(kind, base), adapter_dir).eval()
     got = method_outputs(model, kind, exp["input_ids"])
     err = (got["logits"] - exp["logits"]).abs().max().item()
     same = "greedy" not in exp or torch.equal(got["greedy"], exp["greedy"])
     print(f"{cfg.peft_type}: Python PEFT loaded {adapter_dir}; max |logits - ours| = {err:.2e}; greedy equal: {same}")
-    return err < 1e-4 and same
+    return err < float(tol) and same
 
 
 def verify(adapter_dir, case):
@@ -538,7 +546,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--verify", nargs=2, metavar=("ADAPTER_DIR", "CASE"))
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
-    ap.add_argument("--verify-method", nargs=2, metavar=("ADAPTER_DIR", "EXPECTED"))
+    ap.add_argument("--verify-method", nargs="+", metavar="ARG",
+                    help="ADAPTER_DIR EXPECTED [BASE.gguf [TOLERANCE]]")
     ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods"])
     a = ap.parse_args()
     if a.verify:

@@ -467,3 +467,100 @@ fn trained_adapters_load_in_python_peft_with_the_same_logits_and_greedy_text() {
         eprintln!("{}", said.trim());
     }
 }
+
+/// SmolLM2-135M (the GGUF transformers also reads): IA3 and LN tuning trained here for a few
+/// steps load in Python PEFT over the same GGUF with logits within 1e-3 (the tolerance of the
+/// base model's own parity test, `peft-models/tests/smollm2.rs`) and the same greedy tokens.
+#[test]
+fn smollm2_adapters_trained_here_load_in_python_peft() {
+    let Some(python) = reference_python() else {
+        eprintln!("PEFT_REF_PYTHON is not set: the Python direction is not checked");
+        return;
+    };
+    use peft_core::tuner::Tuner;
+    let models = std::env::var_os("PEFT_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let gguf = peft_models::assets::SMOLLM2.ensure(&models).unwrap();
+    let corpus = peft_models::assets::CHATTERBOT_EN.ensure(&models).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    for (method, lr) in [("ia3", "0.01"), ("ln-tuning", "0.001")] {
+        let out = tmp.path().join(method);
+        let o = peft(&[
+            "train",
+            "--method",
+            method,
+            "--model",
+            s(&gguf),
+            "--data",
+            s(&corpus),
+            "--out",
+            s(&out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--lr",
+            lr,
+            "--warmup",
+            "1",
+            "--max-len",
+            "48",
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let loaded = load_causal_lm(&gguf, &device).unwrap();
+        let prompt = loaded
+            .tokenizer
+            .encode(
+                &loaded
+                    .tokenizer
+                    .chat_prompt("What is the capital of France?"),
+            )
+            .unwrap();
+        let eos = loaded.tokenizer.eos_ids.clone();
+        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+        let model = match method {
+            "ia3" => peft_adapter::Ia3Config::from_json(&files.config)
+                .unwrap()
+                .apply_and_load(loaded.model, "default", files),
+            _ => peft_select::LnTuningConfig::from_json(&files.config)
+                .unwrap()
+                .apply_and_load(loaded.model, "default", files),
+        }
+        .unwrap();
+        let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+        let input = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(ids.clone(), [1, ids.len()]),
+            &device,
+        );
+        let logits = model.forward(input, None);
+        let ours = Expected {
+            input_ids: ids.clone(),
+            ids_shape: [1, ids.len()],
+            logits: peft_core::tensors::HostTensor::from_tensor(logits.clone()).data,
+            logits_shape: logits.dims().to_vec(),
+            greedy: Some(
+                greedy(&model, &prompt, 8, &eos)
+                    .into_iter()
+                    .map(i64::from)
+                    .collect(),
+            ),
+        };
+        let expected = tmp.path().join(format!("{method}.expected.safetensors"));
+        ours.write(&expected).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_fixtures.py");
+        let o = std::process::Command::new(&python)
+            .arg(script)
+            .args(["--verify-method", s(&out), s(&expected), s(&gguf), "1e-3"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{method}: {said}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        eprintln!("SmolLM2 {}", said.trim());
+    }
+}

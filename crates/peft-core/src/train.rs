@@ -268,21 +268,7 @@ impl<M: Module> Trainer<M> {
 
     /// Indices of the next batch of `n` examples, in the seeded order.
     fn next_batch(&mut self, n: usize) -> Vec<usize> {
-        let mut idx = Vec::with_capacity(self.config.batch_size);
-        while idx.len() < self.config.batch_size {
-            // A fresh or resumed trainer has no order yet: build the current pass's.
-            if self.order.len() != n {
-                self.order = shuffled(n, self.config.seed.wrapping_add(self.state.epoch));
-            }
-            if self.state.cursor >= n {
-                self.state.epoch += 1;
-                self.state.cursor = 0;
-                self.order = shuffled(n, self.config.seed.wrapping_add(self.state.epoch));
-            }
-            idx.push(self.order[self.state.cursor]);
-            self.state.cursor += 1;
-        }
-        idx
+        next_batch(&mut self.state, &mut self.order, n, &self.config)
     }
 
     /// One optimizer step over `grad_accum` batches of `data`. `loss_fn` returns the mean loss
@@ -433,6 +419,46 @@ impl<M: Module> Trainer<M> {
         self.order = Vec::new();
         Ok(self)
     }
+}
+
+/// The next `config.batch_size` indices of `0..n` from `state`, in the seeded order of the
+/// current pass (`order` caches it; empty after a resume).
+fn next_batch(
+    state: &mut TrainerState,
+    order: &mut Vec<usize>,
+    n: usize,
+    config: &TrainConfig,
+) -> Vec<usize> {
+    let mut idx = Vec::with_capacity(config.batch_size);
+    while idx.len() < config.batch_size {
+        // A fresh or resumed trainer has no order yet: build the current pass's.
+        if order.len() != n {
+            *order = shuffled(n, config.seed.wrapping_add(state.epoch));
+        }
+        if state.cursor >= n {
+            state.epoch += 1;
+            state.cursor = 0;
+            *order = shuffled(n, config.seed.wrapping_add(state.epoch));
+        }
+        idx.push(order[state.cursor]);
+        state.cursor += 1;
+    }
+    idx
+}
+
+/// The example indices of every batch a run of `config` over `n` examples takes, in order
+/// (`steps × grad_accum` batches): what a reference implementation needs to train on the
+/// same batches.
+pub fn batch_plan(config: &TrainConfig, n: usize) -> Vec<Vec<usize>> {
+    let mut state = TrainerState {
+        step: 0,
+        epoch: 0,
+        cursor: 0,
+    };
+    let mut order = Vec::new();
+    (0..config.steps * config.grad_accum.max(1))
+        .map(|_| next_batch(&mut state, &mut order, n, config))
+        .collect()
 }
 
 fn model_device<M: Module>(model: &M) -> Device {
@@ -740,6 +766,28 @@ mod tests {
             (a, b, count),
             "resumed with the hook's state"
         );
+    }
+
+    #[test]
+    fn the_batch_plan_is_the_trainers_order() {
+        let device = Device::flex().autodiff();
+        let config = TrainConfig {
+            steps: 7,
+            batch_size: 3,
+            grad_accum: 2,
+            ..Default::default()
+        };
+        let plan = batch_plan(&config, 10);
+        assert_eq!(plan.len(), 14);
+        let seen = std::cell::RefCell::new(Vec::new());
+        let mut t = Trainer::new(pair(&device), config);
+        while !t.is_done() {
+            t.step(&(0..10).collect::<Vec<usize>>(), |m, b: &[usize]| {
+                seen.borrow_mut().push(b.to_vec());
+                pair_loss(m, &[1.0])
+            });
+        }
+        assert_eq!(seen.into_inner(), plan);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! For each method: trainable parameters, adapter file size, the median step time, the peak
 //! memory a step allocates, and the held-out metric. Written to `target/compare/`:
 //! `report.md`, `results.json` and `chart.svg`. `--quick` runs the same code on the tiny test
-//! fixtures in seconds (the tests run it).
+//! fixtures in seconds (the tests run it). `--peer` runs each method again in Hugging Face
+//! PEFT (`scripts/compare_peer.py`, the reference venv) on the same examples, batches,
+//! hyper-parameters and method settings.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +29,7 @@ use peft_models::load::{load_bert_classifier, load_causal_lm};
 use peft_models::train::{Example, chat_example, eval_loss, lm_batch_loss};
 use peft_quant::QuantSpec;
 use peft_sites::SiteHost;
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
 pub const METHODS: [&str; 7] = [
@@ -68,10 +70,63 @@ pub struct Row {
     pub metrics: BTreeMap<String, f64>,
     /// Why the method could not run on this task (e.g. BitFit on a model without biases).
     pub error: Option<String>,
+    /// The same run in Hugging Face PEFT (`--peer`).
+    pub peer: Option<PeerRow>,
+    /// Why the Python PEFT run failed, if it did.
+    pub peer_error: Option<String>,
+}
+
+/// A method's run in Python PEFT, as `scripts/compare_peer.py` reports it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PeerRow {
+    pub trainable: usize,
+    pub total: usize,
+    pub step_ms: f64,
+    /// Peak resident memory of a step above the RSS before it (PyTorch's CPU allocator has no
+    /// allocation counter to compare with ours).
+    pub step_peak_rss: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// What `--peer` needs: the reference python and the script.
+#[derive(Clone)]
+pub struct Peer {
+    pub python: PathBuf,
+    pub script: PathBuf,
+}
+
+impl Peer {
+    /// Run the spec; its stdout's last line is the [`PeerRow`].
+    fn run(&self, spec: &Value) -> Result<PeerRow> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("spec.json");
+        std::fs::write(&path, serde_json::to_vec(spec)?)?;
+        let out = std::process::Command::new(&self.python)
+            .arg(&self.script)
+            .arg(&path)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{} failed: {}",
+                self.script.display(),
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .last()
+            .context("compare_peer.py printed nothing")?;
+        Ok(serde_json::from_str(line).with_context(|| format!("compare_peer.py: {line}"))?)
+    }
 }
 
 struct Options {
     quick: bool,
+    peer: bool,
     only: Option<Vec<String>>,
     out: PathBuf,
 }
@@ -79,6 +134,7 @@ struct Options {
 fn parse(args: &[String], default_out: PathBuf) -> Result<Options> {
     let mut o = Options {
         quick: false,
+        peer: false,
         only: None,
         out: default_out,
     };
@@ -100,8 +156,10 @@ fn parse(args: &[String], default_out: PathBuf) -> Result<Options> {
                 o.only = Some(names);
             }
             "--out" => o.out = PathBuf::from(it.next().context("--out needs a folder")?),
-            "--peer" => bail!("--peer (the same runs in Python PEFT) is not implemented yet"),
-            other => bail!("unknown option {other} (expected --quick, --only M1,M2, --out DIR)"),
+            "--peer" => o.peer = true,
+            other => {
+                bail!("unknown option {other} (expected --quick, --peer, --only M1,M2, --out DIR)")
+            }
         }
     }
     Ok(o)
@@ -118,22 +176,52 @@ pub fn compare(args: &[String], root: &Path, models: &Path) -> Result<()> {
                 .is_none_or(|only| only.iter().any(|x| x == m))
         })
         .collect();
-    let rows = run_all(&methods, o.quick, root, models)?;
+    let peer = if o.peer {
+        let python = match std::env::var_os("PEFT_REF_PYTHON") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let out = std::process::Command::new("bash")
+                    .arg(root.join("scripts/ref_venv.sh"))
+                    .output()?;
+                PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+            }
+        };
+        Some(Peer {
+            python,
+            script: root.join("scripts/compare_peer.py"),
+        })
+    } else {
+        None
+    };
+    let rows = run_all(&methods, o.quick, root, models, peer.as_ref())?;
     write_report(&rows, &o.out, o.quick)?;
     println!("report: {}", o.out.join("report.md").display());
     Ok(())
 }
 
 /// Every method on both tasks.
-pub fn run_all(methods: &[&str], quick: bool, root: &Path, models: &Path) -> Result<Vec<Row>> {
+pub fn run_all(
+    methods: &[&str],
+    quick: bool,
+    root: &Path,
+    models: &Path,
+    peer: Option<&Peer>,
+) -> Result<Vec<Row>> {
     let sentiment = SentimentTask::load(quick, root, models)?;
     let chat = ChatTask::load(quick, root, models)?;
     let mut rows = Vec::new();
     for m in methods {
-        rows.push(sentiment.run(m)?);
-        rows.push(chat.run(m)?);
+        rows.push(sentiment.run(m, peer)?);
+        rows.push(chat.run(m, peer)?);
     }
     Ok(rows)
+}
+
+/// What every task tells its peer: the examples, the batches, the hyper-parameters.
+struct PeerSpec<'a> {
+    peer: Option<&'a Peer>,
+    /// The task's part of the spec (task, model, num_labels, train, test, pad).
+    task: Value,
 }
 
 /// The method's config for a task, from the registry with the task's settings (`None` for
@@ -199,6 +287,7 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
     loss_fn: impl Fn(&M, &[E]) -> (Tensor<1>, usize),
     evaluate: impl Fn(&M) -> BTreeMap<String, f64>,
     full_bytes: impl Fn(&M) -> Result<u64>,
+    peer: PeerSpec<'_>,
 ) -> Result<Row> {
     let mut row = Row {
         task: task.into(),
@@ -211,6 +300,8 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
         step_peak_bytes: 0,
         metrics: BTreeMap::new(),
         error: None,
+        peer: None,
+        peer_error: None,
     };
     let model = if method == "qlora" {
         peft_lora::quantize_base(model, QuantSpec::default())?
@@ -233,6 +324,24 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
     let report = peft_lora::param_report(&model);
     (row.trainable, row.total, row.trainable_percent) =
         (report.trainable, report.all, report.trainable_percent());
+    if let Some(p) = peer.peer {
+        let mut spec = peer.task;
+        let extra = json!({
+            "method": method,
+            "adapter_config": method_config.as_ref().map(|c| c.to_json()),
+            "batches": peft_core::train::batch_plan(&config, train_set.len()),
+            "lr": config.learning_rate, "warmup": config.warmup_steps, "steps": config.steps,
+            "weight_decay": config.weight_decay, "max_grad_norm": config.max_grad_norm.unwrap_or(f64::INFINITY),
+            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        });
+        spec.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        match p.run(&spec) {
+            Ok(r) => row.peer = Some(r),
+            Err(e) => row.peer_error = Some(format!("{e:#}")),
+        }
+    }
     let steps = config.steps;
     let progress = bar(steps as u64, format!("{task}/{method}"));
     let mut trainer = Trainer::new(model, config);
@@ -331,10 +440,19 @@ impl SentimentTask {
         })
     }
 
-    fn run(&self, method: &str) -> Result<Row> {
+    fn run(&self, method: &str, peer: Option<&Peer>) -> Result<Row> {
         let device = Device::flex().autodiff();
         device.seed(0);
         let (model, _) = load_bert_classifier(&self.model_dir, self.labels.len(), &device)?;
+        let rows = |set: &[Encoded]| -> Vec<Value> {
+            set.iter()
+                .map(|(ids, label)| json!({"ids": ids, "label": label}))
+                .collect()
+        };
+        let peer = PeerSpec {
+            peer,
+            task: json!({"task": "sentiment", "model": self.model_dir, "num_labels": self.labels.len(), "train": rows(&self.train), "test": rows(&self.test)}),
+        };
         let config = TrainConfig {
             learning_rate: learning_rate(method),
             steps: self.steps,
@@ -362,6 +480,7 @@ impl SentimentTask {
                 BTreeMap::from([("accuracy".to_string(), acc), ("macro_f1".to_string(), f1)])
             },
             |m| safetensors_bytes(&m.to_tensors()),
+            peer,
         )
     }
 }
@@ -413,10 +532,19 @@ impl ChatTask {
         })
     }
 
-    fn run(&self, method: &str) -> Result<Row> {
+    fn run(&self, method: &str, peer: Option<&Peer>) -> Result<Row> {
         let device = Device::flex().autodiff();
         device.seed(0);
         let model = load_causal_lm(&self.model_path, &device)?.model;
+        let rows = |set: &[Example]| -> Vec<Value> {
+            set.iter()
+                .map(|e| json!({"tokens": e.tokens, "loss_mask": e.loss_mask}))
+                .collect()
+        };
+        let peer = PeerSpec {
+            peer,
+            task: json!({"task": "chat", "model": self.model_path, "pad": self.pad, "train": rows(&self.train), "test": rows(&self.held)}),
+        };
         let config = TrainConfig {
             learning_rate: learning_rate(method),
             steps: self.steps,
@@ -440,6 +568,7 @@ impl ChatTask {
                 )])
             },
             |m| safetensors_bytes(&m.to_tensors()),
+            peer,
         )
     }
 }
@@ -494,6 +623,28 @@ fn table(rows: &[&Row]) -> String {
             mib(r.step_peak_bytes),
             values.join(" | ")
         );
+        if let Some(e) = &r.peer_error {
+            s += &format!(
+                "| {} (PEFT) | failed: {} |\n",
+                r.method,
+                e.replace('|', "/")
+            );
+        }
+        if let Some(p) = &r.peer {
+            let values: Vec<String> = metrics
+                .iter()
+                .map(|k| p.metrics.get(k).map_or("—".into(), |v| format!("{v:.4}")))
+                .collect();
+            let percent = 100.0 * p.trainable as f64 / p.total.max(1) as f64;
+            s += &format!(
+                "| {} (PEFT) | {} | {percent:.3} | | {:.0} ms | {:.0} MiB RSS | {} |\n",
+                r.method,
+                p.trainable,
+                p.step_ms,
+                mib(p.step_peak_rss),
+                values.join(" | ")
+            );
+        }
     }
     s
 }
@@ -540,7 +691,7 @@ fn write_report(rows: &[Row], out: &Path, quick: bool) -> Result<()> {
         md += &table(&task_rows);
         md += "\n";
     }
-    md += "Step peak: bytes a training step allocates above what was live before it (activations, gradients, optimizer state). Saved: the adapter file (the whole model for full fine-tuning).\n";
+    md += "Step peak: bytes a training step allocates above what was live before it (activations, gradients, optimizer state). Saved: the adapter file (the whole model for full fine-tuning). Rows marked (PEFT): the same run in Hugging Face PEFT with `--peer` (same examples, batches, hyper-parameters and method settings; its own initialisation), whose memory is the RSS a step adds (PyTorch has no allocation counter).\n";
     std::fs::write(out.join("report.md"), &md)?;
     std::fs::write(
         out.join("results.json"),
@@ -616,7 +767,7 @@ mod tests {
     fn quick_compare_runs_every_method_and_writes_the_report() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let out = tempfile::tempdir().unwrap();
-        let rows = run_all(&METHODS, true, &root, out.path()).unwrap();
+        let rows = run_all(&METHODS, true, &root, out.path(), None).unwrap();
         assert_eq!(rows.len(), 2 * METHODS.len());
         for r in &rows {
             if r.method == "bitfit" && r.task == "chat" {
