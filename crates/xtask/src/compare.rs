@@ -107,8 +107,7 @@ impl Peer {
             .output()?;
         if !out.status.success() {
             bail!(
-                "{} failed: {}",
-                self.script.display(),
+                "compare_peer.py failed: {}",
                 String::from_utf8_lossy(&out.stderr)
                     .lines()
                     .last()
