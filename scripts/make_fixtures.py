@@ -484,6 +484,40 @@ def strip_machine_paths(adapter_dir):
     os.remove(os.path.join(adapter_dir, "README.md"))
 
 
+def smollm2_gguf():
+    models = os.environ.get("PEFT_MODELS_DIR", os.path.join(ROOT, "models"))
+    return os.path.join(models, os.path.basename(GGUF))
+
+
+def make_methods_smollm2():
+    """IA3 and LN tuning on SmolLM2-135M-Instruct (the GGUF `cargo xtask fetch` downloads),
+    vectors and norm copies moved by 10% noise, with the chat prompt's ids, the logits of its
+    last position and 8 greedy tokens (the full logits would be megabytes)."""
+    from peft import IA3Config, LNTuningConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    for i, (case, cfg) in enumerate({"ia3_smollm2": IA3Config(), "ln_tuning_smollm2": LNTuningConfig()}.items()):
+        torch.manual_seed(3000 + i)
+        model = get_peft_model(method_base("llama", gguf), cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.mul_(1 + 0.1 * torch.randn_like(p))
+        model.eval()
+        out = method_outputs(model, "llama", ids)
+        d = os.path.join(FIX, "methods_tiny", case)
+        shutil.rmtree(d, ignore_errors=True)
+        model.save_pretrained(os.path.join(d, "adapter"))
+        strip_machine_paths(os.path.join(d, "adapter"))
+        save_file({"input_ids": ids.to(torch.int64).contiguous(), "logits": out["logits"][:, -1:].contiguous(),
+                   "greedy": out["greedy"]}, os.path.join(d, "expected.safetensors"))
+        print(case, "->", d, tok.decode(out["greedy"]))
+
+
 def make_methods():
     """IA3 and LN tuning adapters with changed weights (so they change the output), saved by PEFT."""
     from peft import get_peft_model
@@ -572,3 +606,4 @@ if __name__ == "__main__":
         make_smollm2()
     if a.only in (None, "methods"):
         make_methods()
+        make_methods_smollm2()

@@ -170,3 +170,27 @@ fn defaults_start_as_the_base_and_only_the_copies_train() {
         .to_string();
     assert!(err.contains("bert") && err.contains("LayerNorm"), "{err}");
 }
+
+/// SmolLM2-135M-Instruct with PEFT's LN-tuning adapter (norm copies moved by 10% noise): the last
+/// position's logits within 1e-3 (the base model's own parity with transformers,
+/// `peft-models/tests/smollm2.rs`) and the same greedy answer.
+#[test]
+fn python_smollm2_adapter_gives_the_same_answer() {
+    let device = Device::flex();
+    let gguf = peft_models::assets::SMOLLM2
+        .ensure(&peft_models::assets::models_dir())
+        .unwrap();
+    let exp = expected("ln_tuning_smollm2");
+    let base = load_causal_lm(&gguf, &device).unwrap();
+    let eos = base.tokenizer.eos_ids.clone();
+    let (model, _) = loaded("ln_tuning_smollm2", base.model);
+    let [_, s] = exp.ids_shape;
+    let last = model.forward(exp.ids(&device), None).narrow(1, s - 1, 1);
+    let err = max_abs_diff(last, exp.logits(&device));
+    assert!(err < 1e-3, "max |ours - PEFT| = {err}");
+    let ours: Vec<i64> = greedy(&model, &exp.prompt(), 8, &eos)
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    assert_eq!(Some(ours), exp.greedy);
+}
