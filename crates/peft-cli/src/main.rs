@@ -1,5 +1,6 @@
 //! `peft`: parameter-efficient fine-tuning from the command line.
 
+mod causal;
 mod classify;
 mod data;
 mod plot;
@@ -291,7 +292,13 @@ fn inspect(path: &Path) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(args) => train::run(args, &cli.device),
+        Command::Train(args) => train::run(args, &cli.device, |run, classification| {
+            if classification {
+                classify::train(run)
+            } else {
+                causal::train(run)
+            }
+        }),
         Command::Eval {
             model,
             adapter,

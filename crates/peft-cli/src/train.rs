@@ -13,15 +13,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::target::ModuleSelector;
 use peft_core::train::{Schedule, StepReport, TrainConfig, Trainer};
-use peft_lora::{LoraConfig, SiteHost, param_report, quantize_base};
+use peft_lora::{LoraConfig, SiteHost, quantize_base};
 
 use peft_cli::methods::{self, MethodConfig};
-use peft_models::load::load_causal_lm;
-use peft_models::train::{eval_loss, lm_batch_loss};
 use peft_quant::QuantSpec;
 use serde::Deserialize;
 
-use crate::data::read_examples;
 use crate::plot::plot_loss;
 use peft_cli::usage;
 
@@ -450,7 +447,13 @@ pub(crate) fn maybe_quantize<M: SiteHost>(model: M, quant: Option<QuantSpec>) ->
     Ok(model)
 }
 
-pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
+/// `peft train`: resolve and check the options, prepare the output folder, then hand the run to
+/// `train_task` (with whether the task is classification), the task's own training.
+pub fn run(
+    args: TrainArgs,
+    device_name: &str,
+    train_task: impl FnOnce(Run, bool) -> Result<()>,
+) -> Result<()> {
     let a = args.with_config_file()?;
     a.check_ranges()?;
     let method = a.method.clone().unwrap_or_else(|| "lora".into());
@@ -556,11 +559,7 @@ pub fn run(args: TrainArgs, device_name: &str) -> Result<()> {
             device,
             quant,
         };
-        if classification {
-            crate::classify::train(run)
-        } else {
-            train_causal_lm(run)
-        }
+        train_task(run, classification)
     })();
     finish_overwrite(&out, displaced, result)
 }
@@ -672,51 +671,6 @@ pub(crate) fn hold_out<E: Clone>(train: Vec<E>, eval: Option<Vec<E>>) -> (Vec<E>
         }
         None => (train, Vec::new()),
     }
-}
-
-fn train_causal_lm(mut run: Run) -> Result<()> {
-    let a = &run.args;
-    let model_path = a.model.clone().expect("checked");
-    eprintln!("loading {}", model_path.display());
-    let loaded = load_causal_lm(&model_path, &run.device)?;
-    let tok = loaded.tokenizer;
-    let max_len =
-        peft_cli::usage::max_len(a.max_len, 256, loaded.model.config.max_position_embeddings)?;
-    std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
-    let train_set = read_examples(a.data.as_ref().expect("checked"), &tok, max_len)?;
-    let eval = a
-        .eval_data
-        .as_ref()
-        .map(|p| read_examples(p, &tok, max_len))
-        .transpose()?;
-    let (train_set, eval_set) = hold_out(train_set, eval);
-    let pad = tok.eos_ids.first().copied().unwrap_or(0);
-    let model = maybe_quantize(loaded.model, run.quant)?;
-    run.method = run.method.resolved_for(model.model_type())?;
-    let model = run.method.tuner().apply(model, "default")?;
-    eprintln!(
-        "{} examples for training, {} held out; {}",
-        train_set.len(),
-        eval_set.len(),
-        param_report(&model)
-    );
-    let batch = run.config.batch_size;
-    train_loop(
-        &run,
-        model,
-        &train_set,
-        |m, b| lm_batch_loss(m, b, pad),
-        |m| {
-            let mut metrics = serde_json::Map::new();
-            if !eval_set.is_empty() {
-                metrics.insert(
-                    "eval_loss".into(),
-                    eval_loss(m, &eval_set, batch, pad).into(),
-                );
-            }
-            metrics
-        },
-    )
 }
 
 /// The loop both tasks share: resume, steps with progress, metrics, checkpoints, final

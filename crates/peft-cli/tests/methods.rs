@@ -12,6 +12,7 @@ use common::{adapter_values, data, peft, s, stderr, tiny};
 use peft_models::generate::greedy;
 use peft_models::load::load_causal_lm;
 use peft_models::reference::Expected;
+use peft_sites::SiteHost;
 
 /// The methods other than LoRA (which cli.rs covers), with a learning rate that moves them.
 const METHODS: [(&str, &str, &str); 2] =
@@ -563,4 +564,82 @@ fn smollm2_adapters_trained_here_load_in_python_peft() {
         );
         eprintln!("SmolLM2 {}", said.trim());
     }
+}
+
+/// Two methods on one model: LoRA and IA3 both act (the output differs from either alone),
+/// each saves its own folder in its reference format, and loading both folders into a fresh
+/// model gives the same logits.
+#[test]
+fn lora_and_ia3_compose_on_one_model_and_save_one_folder_each() {
+    use peft_core::tuner::Tuner;
+    let device = Device::flex();
+    let fixture = Expected::read(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
+    )
+    .unwrap();
+    let base = || load_causal_lm(&tiny(), &device).unwrap().model;
+    let lora = peft_lora::LoraConfig {
+        init_lora_weights: peft_lora::InitLoraWeights::Flag(false),
+        ..peft_lora::LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])
+    };
+    let ia3 = peft_adapter::Ia3Config {
+        init_ia3_weights: false,
+        ..Default::default()
+    };
+    let both = ia3
+        .apply(lora.apply(base(), "lora").unwrap(), "ia3")
+        .unwrap();
+    let logits = |m: &peft_models::llama::LlamaForCausalLM| m.forward(fixture.ids(&device), None);
+    let together = logits(&both);
+    // v_proj holds both a LoRA and an IA3 part.
+    let v = both
+        .linears()
+        .into_iter()
+        .find(|(p, _)| p == "model.layers.0.self_attn.v_proj")
+        .unwrap()
+        .1;
+    assert_eq!(v.names, vec!["lora", "ia3"]);
+
+    let tmp = tempfile::tempdir().unwrap();
+    lora.save(&both, "lora", tmp.path()).unwrap();
+    ia3.save(&both, "ia3", tmp.path()).unwrap();
+    let (lora_dir, ia3_dir) = (tmp.path().join("lora"), tmp.path().join("ia3"));
+    let lora_files = peft_core::adapter_io::load_adapter(&lora_dir).unwrap();
+    let ia3_files = peft_core::adapter_io::load_adapter(&ia3_dir).unwrap();
+    assert_eq!(
+        (
+            lora_files.config["peft_type"].as_str(),
+            ia3_files.config["peft_type"].as_str()
+        ),
+        (Some("LORA"), Some("IA3"))
+    );
+    assert!(
+        lora_files.tensors.keys().all(|k| k.contains("lora_"))
+            && ia3_files.tensors.keys().all(|k| k.ends_with("ia3_l"))
+    );
+
+    let lora_only = lora
+        .apply_and_load(
+            base(),
+            "lora",
+            peft_core::adapter_io::load_adapter(&lora_dir).unwrap(),
+        )
+        .unwrap();
+    let reloaded = ia3
+        .apply_and_load(
+            lora.apply_and_load(base(), "lora", lora_files).unwrap(),
+            "ia3",
+            ia3_files,
+        )
+        .unwrap();
+    assert_eq!(
+        peft_models::reference::max_abs_diff(logits(&reloaded), together.clone()),
+        0.0
+    );
+    let apart = peft_models::reference::max_abs_diff(logits(&lora_only), together);
+    assert!(
+        apart > 1e-3,
+        "IA3 must change the LoRA model's output ({apart})"
+    );
 }
