@@ -122,7 +122,7 @@ def make_tiny():
         print(case, "->", d, tuple(logits.shape))
 
 
-# The training reference: settings shared with crates/peft-models/tests/hf_lora_training.rs.
+# The training reference: settings shared with crates/peft-lora/tests/hf_lora_training.rs.
 TRAIN = dict(lr=1e-2, weight_decay=0.01, warmup=2, steps=5, final_fraction=0.1, max_grad_norm=0.5)
 
 
