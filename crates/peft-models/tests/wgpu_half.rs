@@ -33,7 +33,7 @@ fn train(device: &Device, compute: DType) -> Vec<f64> {
         .apply(model, "default")
         .unwrap();
     assert_eq!(
-        model.model.norm.weight.val().dtype(),
+        model.model.norm.base.weight.val().dtype(),
         compute,
         "the base's compute type"
     );
