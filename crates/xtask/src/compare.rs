@@ -126,6 +126,8 @@ impl Peer {
 struct Options {
     quick: bool,
     peer: bool,
+    /// Only this task (`sentiment` or `chat`).
+    task: Option<String>,
     only: Option<Vec<String>>,
     out: PathBuf,
 }
@@ -134,6 +136,7 @@ fn parse(args: &[String], default_out: PathBuf) -> Result<Options> {
     let mut o = Options {
         quick: false,
         peer: false,
+        task: None,
         only: None,
         out: default_out,
     };
@@ -156,8 +159,17 @@ fn parse(args: &[String], default_out: PathBuf) -> Result<Options> {
             }
             "--out" => o.out = PathBuf::from(it.next().context("--out needs a folder")?),
             "--peer" => o.peer = true,
+            "--task" => {
+                let t = it.next().context("--task needs sentiment or chat")?;
+                if t != "sentiment" && t != "chat" {
+                    bail!("--task {t}: expected sentiment or chat");
+                }
+                o.task = Some(t.clone());
+            }
             other => {
-                bail!("unknown option {other} (expected --quick, --peer, --only M1,M2, --out DIR)")
+                bail!(
+                    "unknown option {other} (expected --quick, --peer, --task sentiment|chat, --only M1,M2, --out DIR)"
+                )
             }
         }
     }
@@ -192,7 +204,14 @@ pub fn compare(args: &[String], root: &Path, models: &Path) -> Result<()> {
     } else {
         None
     };
-    let rows = run_all(&methods, o.quick, root, models, peer.as_ref())?;
+    let rows = run_all(
+        &methods,
+        o.quick,
+        root,
+        models,
+        peer.as_ref(),
+        o.task.as_deref(),
+    )?;
     write_report(&rows, &o.out, o.quick)?;
     println!("report: {}", o.out.join("report.md").display());
     Ok(())
@@ -205,13 +224,23 @@ pub fn run_all(
     root: &Path,
     models: &Path,
     peer: Option<&Peer>,
+    task: Option<&str>,
 ) -> Result<Vec<Row>> {
-    let sentiment = SentimentTask::load(quick, root, models)?;
-    let chat = ChatTask::load(quick, root, models)?;
+    let wanted = |t: &str| task.is_none_or(|x| x == t);
+    let sentiment = wanted("sentiment")
+        .then(|| SentimentTask::load(quick, root, models))
+        .transpose()?;
+    let chat = wanted("chat")
+        .then(|| ChatTask::load(quick, root, models))
+        .transpose()?;
     let mut rows = Vec::new();
     for m in methods {
-        rows.push(sentiment.run(m, peer)?);
-        rows.push(chat.run(m, peer)?);
+        if let Some(t) = &sentiment {
+            rows.push(t.run(m, peer)?);
+        }
+        if let Some(t) = &chat {
+            rows.push(t.run(m, peer)?);
+        }
     }
     Ok(rows)
 }
@@ -766,7 +795,7 @@ mod tests {
     fn quick_compare_runs_every_method_and_writes_the_report() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let out = tempfile::tempdir().unwrap();
-        let rows = run_all(&METHODS, true, &root, out.path(), None).unwrap();
+        let rows = run_all(&METHODS, true, &root, out.path(), None, None).unwrap();
         assert_eq!(rows.len(), 2 * METHODS.len());
         for r in &rows {
             if r.method == "bitfit" && r.task == "chat" {

@@ -256,7 +256,7 @@ fn main() -> Result<()> {
             "usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] [--no-fuzz] | fetch | \
              bench [--peer] [--rounds N] [--only PREFIX] [--no-criterion] | \
              fuzz [--seconds N] [--only NAME] [--sanitizer none|address] | \
-             compare [--quick] [--only M1,M2] [--out DIR]>"
+             compare [--quick] [--peer] [--task sentiment|chat] [--only M1,M2] [--out DIR]>"
         ),
     }
 }
