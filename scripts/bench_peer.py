@@ -137,10 +137,16 @@ def qlora_base():
 def train_step(method):
     from peft import get_peft_model
 
+    from peft import BeftConfig, IA3Config, LNTuningConfig
+
+    others = {"ia3": IA3Config, "ln_tuning": LNTuningConfig, "beft": BeftConfig}
     if method == "full":
         model = random_llama()
     elif method == "qlora":
         model = get_peft_model(qlora_base(), lora_config())
+    elif method in others:
+        # Hugging Face's defaults for Llama, as the Rust twin uses them.
+        model = get_peft_model(random_llama(), others[method]())
     else:
         model = get_peft_model(random_llama(), lora_config())
     model.train()
@@ -192,6 +198,9 @@ WORKLOADS = {
     "train_step/lora": lambda: train_step("lora"),
     "train_step/full": lambda: train_step("full"),
     "train_step/qlora": lambda: train_step("qlora"),
+    "train_step/ia3": lambda: train_step("ia3"),
+    "train_step/ln_tuning": lambda: train_step("ln_tuning"),
+    "train_step/beft": lambda: train_step("beft"),
     "generate/base": lambda: generate("base"),
     "generate/unmerged": lambda: generate("unmerged"),
     "generate/merged": lambda: generate("merged"),

@@ -143,6 +143,21 @@ pub const WORKLOADS: &[Workload] = &[
         BATCH * SEQ,
     ),
     w(
+        "train_step/ia3",
+        "AdamW step, IA3 with Hugging Face's Llama defaults (k, v, down)",
+        BATCH * SEQ,
+    ),
+    w(
+        "train_step/ln_tuning",
+        "AdamW step, LN tuning with Hugging Face's Llama defaults (every norm)",
+        BATCH * SEQ,
+    ),
+    w(
+        "train_step/beft",
+        "AdamW step, BEFT biases on v_proj (bias tuning on a model without biases)",
+        BATCH * SEQ,
+    ),
+    w(
         "generate/base",
         "greedy generation, batch 1, 16-token prompt + 32 new tokens, no adapter",
         NEW_TOKENS,
@@ -358,13 +373,23 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 drop(y);
             })
         }
-        "train_step/lora" | "train_step/full" | "train_step/qlora" => {
+        "train_step/lora"
+        | "train_step/full"
+        | "train_step/qlora"
+        | "train_step/ia3"
+        | "train_step/ln_tuning"
+        | "train_step/beft" => {
             let model = random_llama(&device.clone().autodiff())?;
             let model = match id {
                 "train_step/full" => unfreeze_all(model),
                 "train_step/qlora" => {
                     lora_config().apply(quantize_base(model, QuantSpec::default())?, "default")?
                 }
+                "train_step/ia3" => peft_adapter::Ia3Config::default().apply(model, "default")?,
+                "train_step/ln_tuning" => {
+                    peft_select::LnTuningConfig::default().apply(model, "default")?
+                }
+                "train_step/beft" => peft_select::BeftConfig::default().apply(model, "default")?,
                 _ => lora_config().apply(model, "default")?,
             };
             let config = TrainConfig {
