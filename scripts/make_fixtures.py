@@ -443,6 +443,7 @@ METHOD_CASES = {
     "ln_tuning_llama": dict(model="llama", cfg=lambda: __import__("peft").LNTuningConfig()),
     "ia3_bert": dict(model="bert", cfg=lambda: __import__("peft").IA3Config(task_type="SEQ_CLS", init_ia3_weights=False)),
     "ln_tuning_bert": dict(model="bert", cfg=lambda: __import__("peft").LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"])),
+    "beft_llama": dict(model="llama", cfg=lambda: __import__("peft").BeftConfig()),
 }
 
 
@@ -518,15 +519,17 @@ def make_methods_smollm2():
         print(case, "->", d, tok.decode(out["greedy"]))
 
 
-def make_methods():
-    """IA3 and LN tuning adapters with changed weights (so they change the output), saved by PEFT."""
+def make_methods(cases=None):
+    """IA3, LN tuning and BEFT adapters with changed weights (so they change the output), saved
+    by PEFT (`cases`: only these, keeping the others' folders)."""
     from peft import get_peft_model
 
     out = os.path.join(FIX, "methods_tiny")
-    shutil.rmtree(out, ignore_errors=True)
     llama_ids = load_file(os.path.join(FIX, "lora_tiny", "list_rslora", "expected.safetensors"))["input_ids"]
     bert_ids = load_file(os.path.join(FIX, "bert_tiny", "expected.safetensors"))["input_ids"]
     for i, (case, spec) in enumerate(METHOD_CASES.items()):
+        if cases is not None and case not in cases:
+            continue
         kind = spec["model"]
         torch.manual_seed(2000 + i)
         model = get_peft_model(method_base(kind), spec["cfg"]())
@@ -534,9 +537,12 @@ def make_methods():
             for n, p in model.named_parameters():
                 if p.requires_grad and "ln_tuning_layers" in n:
                     p.mul_(1 + 0.3 * torch.randn_like(p))  # trained copies differ from the base
+                elif p.requires_grad and "beft_bias" in n:
+                    p.add_(0.1 * torch.randn_like(p))  # trained biases are not zero
         model.eval()
         ids = llama_ids if kind == "llama" else bert_ids
         d = os.path.join(out, case)
+        shutil.rmtree(d, ignore_errors=True)
         model.save_pretrained(os.path.join(d, "adapter"))
         strip_machine_paths(os.path.join(d, "adapter"))
         save_file({"input_ids": ids.to(torch.int64).contiguous(), **method_outputs(model, kind, ids)},
