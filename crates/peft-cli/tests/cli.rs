@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{adapter_values, data, peft, s, stderr, tiny};
+use common::{adapter_values, data, eval_loss, peft, s, stderr, tiny};
 
 fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
@@ -399,25 +399,6 @@ fn classification_trains_the_head_and_reports_accuracy() {
         !o.status.success() && err.contains("no column `sentiment`") && err.contains("text, label"),
         "{err}"
     );
-}
-
-fn eval_loss(model: &Path, adapter: Option<&Path>, data: &Path) -> f64 {
-    let mut args = vec![
-        "eval",
-        "--model",
-        s(model),
-        "--data",
-        s(data),
-        "--max-len",
-        "32",
-    ];
-    if let Some(a) = adapter {
-        args.extend(["--adapter", s(a)]);
-    }
-    let o = peft(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["loss"].as_f64().unwrap()
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{adapter_values, data, peft, s, stderr, tiny};
+use common::{adapter_values, data, eval_loss, peft, s, stderr, tiny};
 use peft_models::generate::greedy;
 use peft_models::load::load_causal_lm;
 use peft_models::reference::Expected;
@@ -50,31 +50,11 @@ fn train<'a>(method: &'a str, lr: &'a str, data: &'a str, out: &'a str) -> Vec<&
     ]
 }
 
-fn eval_loss(adapter: Option<&Path>, data: &Path) -> f64 {
-    let model = tiny();
-    let mut args = vec![
-        "eval",
-        "--model",
-        s(&model),
-        "--data",
-        s(data),
-        "--max-len",
-        "32",
-    ];
-    if let Some(a) = adapter {
-        args.extend(["--adapter", s(a)]);
-    }
-    let o = peft(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["loss"].as_f64().unwrap()
-}
-
 #[test]
 fn each_method_trains_resumes_merges_generates_and_inspects() {
     let tmp = tempfile::tempdir().unwrap();
     let data = data(tmp.path());
-    let base_loss = eval_loss(None, &data);
+    let base_loss = eval_loss(&tiny(), None, &data);
     for (method, peft_type, lr) in METHODS {
         let full = tmp.path().join(format!("{method}-full"));
         let o = peft(&train(method, lr, s(&data), s(&full)));
@@ -85,7 +65,7 @@ fn each_method_trains_resumes_merges_generates_and_inspects() {
             files.config["target_modules"].is_array(),
             "{method}: the model's default targets are saved"
         );
-        let loss = eval_loss(Some(&full), &data);
+        let loss = eval_loss(&tiny(), Some(&full), &data);
         assert!(
             loss < base_loss - 0.01,
             "{method}: loss {loss} vs base {base_loss}"

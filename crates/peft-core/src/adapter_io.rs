@@ -106,6 +106,28 @@ pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<Value> {
     Ok(config)
 }
 
+/// A method's config from an `adapter_config.json` value: field errors name the field, and a
+/// config of another method (its `peft_type` is not `peft_type`; `what` names the method in
+/// the message, e.g. "a BEFT") is an error.
+pub fn method_config<T: serde::de::DeserializeOwned>(
+    value: &Value,
+    peft_type: &str,
+    what: &str,
+) -> Result<T> {
+    let config: T = crate::error::from_json_value(value.clone())
+        .map_err(|e| PeftError::Config(format!("adapter_config.json: {e}")))?;
+    let found = value
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .unwrap_or(peft_type);
+    if found != peft_type {
+        return Err(PeftError::Config(format!(
+            "peft_type is `{found}`, this is {what} config (`{peft_type}`)"
+        )));
+    }
+    Ok(config)
+}
+
 /// Write an adapter folder: weights first, then the config, each atomically.
 pub fn save_adapter(dir: &Path, config: &Value, tensors: &TensorMap) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;

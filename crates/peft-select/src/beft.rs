@@ -59,15 +59,7 @@ fn key(path: &str) -> String {
 impl BeftConfig {
     /// Parse an `adapter_config.json` value; fields of other methods are an error.
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        let config: Self = peft_core::error::from_json_value(value.clone())
-            .map_err(|e| PeftError::Config(format!("adapter_config.json: {e}")))?;
-        if config.peft_type != "BEFT" {
-            return Err(PeftError::Config(format!(
-                "peft_type is `{}`, this is a BEFT config (`BEFT`)",
-                config.peft_type
-            )));
-        }
-        Ok(config)
+        peft_core::adapter_io::method_config(value, "BEFT", "a BEFT")
     }
 
     /// Fill unset `target_modules` with Hugging Face's default for `model_type`.

@@ -68,10 +68,7 @@ impl LnTuningConfig {
 
     /// Parse an `adapter_config.json` value; fields of other methods are an error.
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        let config: Self = peft_core::error::from_json_value(value.clone())
-            .map_err(|e| PeftError::Config(format!("adapter_config.json: {e}")))?;
-        config.validate()?;
-        Ok(config)
+        peft_core::adapter_io::method_config(value, "LN_TUNING", "a LayerNorm-tuning")
     }
 
     pub fn validate(&self) -> Result<()> {

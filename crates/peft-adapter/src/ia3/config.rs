@@ -79,8 +79,7 @@ impl Ia3Config {
 
     /// Parse an `adapter_config.json` value; fields of other methods are an error.
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        let config: Self = peft_core::error::from_json_value(value.clone())
-            .map_err(|e| PeftError::Config(format!("adapter_config.json: {e}")))?;
+        let config: Self = peft_core::adapter_io::method_config(value, "IA3", "an IA3")?;
         config.validate()?;
         Ok(config)
     }

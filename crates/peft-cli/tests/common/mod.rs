@@ -58,3 +58,23 @@ pub fn adapter_values(dir: &Path) -> Vec<f32> {
         .flat_map(|t| t.data.clone())
         .collect()
 }
+
+/// Held-out loss of `model` (with `adapter`) on `data`, as `peft eval` prints it (max-len 32).
+pub fn eval_loss(model: &Path, adapter: Option<&Path>, data: &Path) -> f64 {
+    let mut args = vec![
+        "eval",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--max-len",
+        "32",
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", s(a)]);
+    }
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["loss"].as_f64().unwrap()
+}
