@@ -480,6 +480,8 @@ def strip_machine_paths(adapter_dir):
     with open(path) as f:
         cfg = json.load(f)
     cfg["base_model_name_or_path"] = None
+    if cfg.get("tokenizer_name_or_path"):
+        cfg["tokenizer_name_or_path"] = None
     with open(path, "w") as f:
         f.write(json.dumps(cfg, indent=2, sort_keys=True))
     os.remove(os.path.join(adapter_dir, "README.md"))
@@ -550,6 +552,53 @@ def make_methods(cases=None):
         print(case, "->", d)
 
 
+PROMPT_CASES = {
+    # name: (peft config class, kwargs); num_virtual_tokens 5 unless given.
+    "prompt_random_llama": ("PromptTuningConfig", dict()),
+    "prompt_text_llama": ("PromptTuningConfig", dict(num_virtual_tokens=8, prompt_tuning_init="TEXT",
+                                                      prompt_tuning_init_text="what is the capital of france")),
+    "p_tuning_mlp_llama": ("PromptEncoderConfig", dict(encoder_hidden_size=32)),
+    "p_tuning_lstm_llama": ("PromptEncoderConfig", dict(encoder_reparameterization_type="LSTM",
+                                                         encoder_hidden_size=16, encoder_num_layers=2)),
+    "prefix_llama": ("PrefixTuningConfig", dict()),
+    "prefix_proj_llama": ("PrefixTuningConfig", dict(prefix_projection=True, encoder_hidden_size=32)),
+}
+
+
+def make_prompts(cases=None):
+    """Prompt tuning (random and text init), P-tuning (MLP, LSTM) and prefix tuning (with and
+    without the projection) on the tiny Llama, saved by PEFT in training mode (so the file holds
+    the encoder's output), with the logits of the real positions, 8 greedy tokens, and the
+    encoder's own weights (`encoder.safetensors`, PEFT's names under `prompt_encoder.default.`) so
+    the Rust encoders can be checked against torch's."""
+    import peft
+    from peft import get_peft_model
+
+    base_dir = os.path.join(FIX, "lora_tiny", "base_plain")
+    ids = load_file(os.path.join(FIX, "lora_tiny", "list_rslora", "expected.safetensors"))["input_ids"]
+    for i, (case, (cls, kw)) in enumerate(PROMPT_CASES.items()):
+        if cases is not None and case not in cases:
+            continue
+        kw = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 5, **kw}
+        if kw.get("prompt_tuning_init") == "TEXT":
+            kw["tokenizer_name_or_path"] = base_dir
+        torch.manual_seed(4000 + i)
+        model = get_peft_model(method_base("llama"), getattr(peft, cls)(**kw))
+        model.eval()
+        n_v = kw["num_virtual_tokens"]
+        out = method_outputs(model, "llama", ids)
+        if cls != "PrefixTuningConfig":
+            out["logits"] = out["logits"][:, n_v:].contiguous()  # the real positions
+        d = os.path.join(FIX, "prompts_tiny", case)
+        shutil.rmtree(d, ignore_errors=True)
+        model.save_pretrained(os.path.join(d, "adapter"))
+        strip_machine_paths(os.path.join(d, "adapter"))
+        encoder = {n: p.detach().contiguous() for n, p in model.named_parameters() if "prompt_encoder" in n}
+        save_file(encoder, os.path.join(d, "encoder.safetensors"))
+        save_file({"input_ids": ids.to(torch.int64).contiguous(), **out}, os.path.join(d, "expected.safetensors"))
+        print(case, "->", d, sorted(encoder), tuple(out["logits"].shape), out["greedy"].tolist())
+
+
 def verify_method(adapter_dir, expected, base=None, tol="1e-4"):
     """Load an adapter folder written by Rust (any method) into Python PEFT on the base it was
     made for (the tiny fixture, or `base`: a .gguf such as SmolLM2); its logits must match
@@ -588,7 +637,7 @@ if __name__ == "__main__":
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
     ap.add_argument("--verify-method", nargs="+", metavar="ARG",
                     help="ADAPTER_DIR EXPECTED [BASE.gguf [TOLERANCE]]")
-    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods"])
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -613,3 +662,5 @@ if __name__ == "__main__":
     if a.only in (None, "methods"):
         make_methods()
         make_methods_smollm2()
+    if a.only in (None, "prompts"):
+        make_prompts()

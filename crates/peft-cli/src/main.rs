@@ -180,6 +180,7 @@ fn activate(model: &mut peft_models::llama::LlamaForCausalLM, name: &str) -> Res
                 l.set_active(active)?;
             }
             SiteMut::Norm(n) => n.set_active(n.copy(name).is_some().then_some(name))?,
+            SiteMut::Prompt(p) => p.set_active(p.encoder(name).is_some().then_some(name))?,
         }
     }
     Ok(())

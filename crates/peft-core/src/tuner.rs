@@ -13,6 +13,9 @@ use crate::tensors::TensorMap;
 use crate::{PeftError, Result};
 
 /// A parameter-efficient fine-tuning method applied to models of type `M`.
+/// The file of a checkpoint holding [`Tuner::training_extras`].
+pub const TRAINING_EXTRAS_FILE: &str = "training_extras.safetensors";
+
 pub trait Tuner<M> {
     /// Hugging Face `peft_type` (`LORA`, `IA3`, `PROMPT_TUNING`, ...).
     fn peft_type(&self) -> &'static str;
@@ -35,6 +38,37 @@ pub trait Tuner<M> {
     fn apply_and_load(&self, model: M, name: &str, files: AdapterFiles) -> Result<M> {
         let model = self.apply(model, name)?;
         self.load_state(model, name, files.tensors, &files.dir.join(WEIGHTS_FILE))
+    }
+
+    /// Tensors a resumed run needs beyond [`Tuner::state`], which the reference format does
+    /// not keep (e.g. the network of a P-tuning encoder, of which PEFT saves only the output).
+    /// Written into a run's checkpoint as [`TRAINING_EXTRAS_FILE`]; none by default.
+    fn training_extras(&self, model: &M, name: &str) -> Result<TensorMap> {
+        let _ = (model, name);
+        Ok(TensorMap::new())
+    }
+
+    /// Put [`Tuner::training_extras`] back into adapter `name` after [`Tuner::load_state`];
+    /// `path` names the file in errors.
+    fn load_training_extras(
+        &self,
+        model: M,
+        name: &str,
+        tensors: TensorMap,
+        path: &Path,
+    ) -> Result<M> {
+        let _ = (name, path);
+        if !tensors.is_empty() {
+            return Err(PeftError::format(
+                path,
+                format!(
+                    "{} keeps no training extras, but the file holds {} tensors",
+                    self.peft_type(),
+                    tensors.len()
+                ),
+            ));
+        }
+        Ok(model)
     }
 
     /// Fold adapter `name` into the base weights; methods that cannot merge say so.

@@ -13,7 +13,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use peft_core::params::frozen;
 use peft_core::tensors::{HostTensor, TensorMap};
 use peft_core::{PeftError, Result};
-use peft_sites::{Site, SiteHost, SiteMut, TunedNorm, site_table};
+use peft_sites::{PromptPlace, PromptSite, Site, SiteHost, SiteMut, TunedNorm, site_table};
 
 use crate::causal_softmax::causal_softmax;
 use crate::config::LlamaConfig;
@@ -81,6 +81,10 @@ pub struct LlamaModel {
     pub embed_tokens: Param<Tensor<2>>,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
+    /// Soft prompts placed before the input embeddings (prompt tuning, P-tuning).
+    pub prompt: PromptSite,
+    /// Key/value prefixes of every attention layer (prefix tuning), one encoder for all.
+    pub prefix: PromptSite,
 }
 
 /// A causal language model (Hugging Face `LlamaForCausalLM`).
@@ -115,6 +119,12 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Start every layer's cache with these keys and values (`[batch, kv_heads, n, head_dim]`
+    /// each, one pair per layer): a prefix that every later position attends to.
+    pub fn prefill(&mut self, layers: Vec<(Tensor<4>, Tensor<4>)>) {
+        self.layers = layers.into_iter().map(Some).collect();
     }
 }
 
@@ -298,6 +308,14 @@ impl LlamaForCausalLM {
                 embed_tokens: frozen(embed.to_tensor(device)),
                 layers,
                 norm: final_norm,
+                prompt: PromptSite::new(PromptPlace::Input, hidden, h, config.num_hidden_layers),
+                // As PEFT sizes it under grouped-query attention: key/value heads only.
+                prefix: PromptSite::new(
+                    PromptPlace::Prefix,
+                    kvh * hd,
+                    kvh,
+                    config.num_hidden_layers,
+                ),
             },
             lm_head,
             config,
@@ -399,22 +417,53 @@ impl LlamaForCausalLM {
     }
 
     /// Final hidden states `[batch, seq, hidden]`.
+    ///
+    /// At the first call of a sequence (no cache, or an empty one) the active virtual tokens
+    /// enter as Hugging Face PEFT puts them: a soft prompt before the token embeddings (its
+    /// positions take the first position ids; their hidden states are not returned), a prefix
+    /// as the cached keys and values of every layer (the tokens start at position
+    /// `n_virtual`). With a cache, both stay in it for the later calls.
     pub fn hidden_states(
         &self,
         tokens: Tensor<2, Int>,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
         let device = tokens.device();
-        let [_, s] = tokens.dims();
+        let [b, s] = tokens.dims();
+        let n_layers = self.model.layers.len();
+        let fresh = cache.as_ref().is_none_or(|c| c.is_empty());
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), tokens);
+        let mut n_prompt = 0;
+        if fresh && let Some(p) = self.model.prompt.input_prompt(b) {
+            n_prompt = p.dims()[1];
+            x = Tensor::cat(vec![p.cast(x.dtype()), x], 1);
+        }
+        // A prefix without a caller's cache lives in one for this call only.
+        let mut local = None;
+        if fresh && let Some(kv) = self.model.prefix.prefix_kv(b) {
+            let dtype = x.dtype();
+            let kv = kv
+                .into_iter()
+                .map(|(k, v)| (k.cast(dtype), v.cast(dtype)))
+                .collect();
+            match cache.as_mut() {
+                Some(c) => c.prefill(kv),
+                None => {
+                    let mut c = KvCache::new();
+                    c.prefill(kv);
+                    local = Some(c);
+                }
+            }
+        }
+        let mut cache = cache.or(local.as_mut());
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if let Some(c) = cache.as_mut()
-            && c.layers.len() != self.model.layers.len()
+            && c.layers.len() != n_layers
         {
-            c.layers = vec![None; self.model.layers.len()];
+            c.layers = vec![None; n_layers];
         }
         let cfg = &self.config;
-        let rope = rope_tables(start, s, cfg.head_dim(), cfg.rope_theta, &device);
-        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), tokens);
+        let rope = rope_tables(start, n_prompt + s, cfg.head_dim(), cfg.rope_theta, &device);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let a = layer.self_attn.forward(
@@ -424,6 +473,9 @@ impl LlamaForCausalLM {
             );
             x = x + a;
             x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        }
+        if n_prompt > 0 {
+            x = x.narrow(1, n_prompt, s);
         }
         self.model.norm.forward(x)
     }
@@ -460,7 +512,9 @@ site_table!(DecoderLayer {
 });
 
 site_table!(LlamaForCausalLM {
+    "model.embed_tokens" => Prompt(model.prompt),
     "model.layers" => Each(model.layers),
+    "model.layers" => Prompt(model.prefix),
     "model.norm" => Norm(model.norm),
     "lm_head" => Head(lm_head),
 });
@@ -476,5 +530,9 @@ impl SiteHost for LlamaForCausalLM {
 
     fn sites_mut(&mut self) -> Vec<(String, SiteMut<'_>)> {
         self.site_list_mut()
+    }
+
+    fn input_embeddings(&self) -> Option<Tensor<2>> {
+        Some(self.model.embed_tokens.val())
     }
 }

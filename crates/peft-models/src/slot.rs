@@ -96,6 +96,8 @@ pub fn put_sites(t: &mut TensorMap, sites: Vec<(String, peft_sites::Site<'_>)>) 
                     t.insert(format!("{path}.bias"), HostTensor::from_tensor(b.val()));
                 }
             }
+            // Virtual tokens are adapter state, never part of the base checkpoint.
+            peft_sites::Site::Prompt(_) => {}
         }
     }
 }

@@ -64,7 +64,12 @@ impl BitFitConfig {
 
     /// The sites (linears and norms) whose biases this config trains, bias or not.
     fn selected<M: SiteHost>(&self, model: &M) -> Result<Vec<String>> {
-        let paths: Vec<String> = model.sites().into_iter().map(|(p, _)| p).collect();
+        let paths: Vec<String> = model
+            .sites()
+            .into_iter()
+            .filter(|(_, s)| s.kind() != peft_sites::SiteKind::Prompt)
+            .map(|(p, _)| p)
+            .collect();
         let saved = self.saved_modules();
         let spec = TargetSpec {
             target_modules: Some(
@@ -87,6 +92,7 @@ fn bias_slot<'a>(
     match site {
         SiteMut::Linear(l) | SiteMut::Head(l) => l.base.bias_mut(),
         SiteMut::Norm(n) => &mut n.base.bias,
+        SiteMut::Prompt(_) => unreachable!("BitFit selects linears and norms only"),
     }
 }
 
@@ -120,6 +126,7 @@ impl<M: SiteHost> Tuner<M> for BitFitConfig {
                         true
                     }
                 },
+                SiteMut::Prompt(_) => false,
             };
             trained += usize::from(has);
         }
@@ -140,6 +147,7 @@ impl<M: SiteHost> Tuner<M> for BitFitConfig {
             let bias = match site {
                 peft_sites::Site::Linear(l) | peft_sites::Site::Head(l) => l.base.bias(),
                 peft_sites::Site::Norm(n) => n.base.bias.as_ref(),
+                peft_sites::Site::Prompt(_) => None,
             };
             if let Some(b) = bias.filter(|_| selected.contains(&path)) {
                 out.insert(key(&path), HostTensor::from_tensor(b.val()));

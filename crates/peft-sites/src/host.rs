@@ -11,6 +11,7 @@ use peft_quant::BaseLinear;
 
 use crate::linear::TunedLinear;
 use crate::norm::TunedNorm;
+use crate::prompt::PromptSite;
 
 /// What kind of site sits at a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,8 @@ pub enum SiteKind {
     Head,
     /// An RMSNorm or LayerNorm.
     Norm,
+    /// Virtual tokens: before the input embeddings, or keys/values of every attention layer.
+    Prompt,
 }
 
 /// A site, shared.
@@ -28,6 +31,7 @@ pub enum Site<'a> {
     Linear(&'a TunedLinear),
     Head(&'a TunedLinear),
     Norm(&'a TunedNorm),
+    Prompt(&'a PromptSite),
 }
 
 /// A site, mutable.
@@ -35,6 +39,7 @@ pub enum SiteMut<'a> {
     Linear(&'a mut TunedLinear),
     Head(&'a mut TunedLinear),
     Norm(&'a mut TunedNorm),
+    Prompt(&'a mut PromptSite),
 }
 
 impl Site<'_> {
@@ -43,6 +48,7 @@ impl Site<'_> {
             Site::Linear(_) => SiteKind::Linear,
             Site::Head(_) => SiteKind::Head,
             Site::Norm(_) => SiteKind::Norm,
+            Site::Prompt(_) => SiteKind::Prompt,
         }
     }
 }
@@ -140,7 +146,7 @@ pub trait SiteHost {
             .into_iter()
             .filter_map(|(p, s)| match s {
                 Site::Linear(l) | Site::Head(l) => Some((p, l)),
-                Site::Norm(_) => None,
+                _ => None,
             })
             .collect()
     }
@@ -172,6 +178,31 @@ pub trait SiteHost {
         })
     }
 
+    /// Every virtual-token site with its path.
+    fn prompt_sites(&self) -> Vec<(String, &PromptSite)> {
+        self.sites()
+            .into_iter()
+            .filter_map(|(p, s)| match s {
+                Site::Prompt(v) => Some((p, v)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The virtual-token site for `place`, mutable (`None`: the model has none there).
+    fn prompt_site_mut(&mut self, place: crate::prompt::PromptPlace) -> Option<&mut PromptSite> {
+        self.sites_mut().into_iter().find_map(|(_, s)| match s {
+            SiteMut::Prompt(v) if v.place == place => Some(v),
+            _ => None,
+        })
+    }
+
+    /// The input embedding table `[vocab, hidden]` (what prompt tuning's `TEXT` and
+    /// `SAMPLE_VOCAB` initialisations copy rows of).
+    fn input_embeddings(&self) -> Option<burn::tensor::Tensor<2>> {
+        None
+    }
+
     /// The linear sites as target candidates, with the kind `target_modules` matching needs.
     fn module_paths(&self) -> Vec<(String, ModuleKind)> {
         self.sites()
@@ -179,7 +210,7 @@ pub trait SiteHost {
             .filter_map(|(p, s)| match s {
                 Site::Linear(_) => Some((p, ModuleKind::Linear)),
                 Site::Head(_) => Some((p, ModuleKind::OutputHead)),
-                Site::Norm(_) => None,
+                _ => None,
             })
             .collect()
     }
@@ -208,16 +239,31 @@ pub fn unmerge_all<M: SiteHost>(mut model: M) -> Result<M> {
                     n.unmerge(&name)?;
                 }
             }
+            SiteMut::Prompt(_) => {}
         }
     }
     Ok(model)
 }
 
 /// Merge the active adapters of every method and drop all adapters: the model becomes a plain
-/// one whose weights include the updates (frozen, trained biases included).
+/// one whose weights include the updates (frozen, trained biases included). Virtual tokens
+/// cannot be merged into weights: an active prompt or prefix is an error, before anything
+/// changes.
 pub fn merge_and_unload<M: SiteHost>(mut model: M) -> Result<M> {
+    for (path, site) in model.prompt_sites() {
+        if let Some(name) = &site.active {
+            return Err(peft_core::PeftError::Other(format!(
+                "adapter `{name}` puts virtual tokens at {path}: prompt and prefix adapters \
+                 cannot be merged into the weights (use the adapter folder with the base model)"
+            )));
+        }
+    }
     for (_, site) in model.sites_mut() {
         match site {
+            SiteMut::Prompt(p) => {
+                p.encoders.clear();
+                p.names.clear();
+            }
             SiteMut::Linear(s) | SiteMut::Head(s) => {
                 if !s.disabled {
                     for name in s.active.clone() {

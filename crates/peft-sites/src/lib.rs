@@ -6,6 +6,8 @@
 //! - [`TunedLinear`]: a frozen linear (dense or 4-bit) with named [`LinearPart`]s: LoRA,
 //!   input/output scales ((IA)^3), added biases.
 //! - [`TunedNorm`]: a frozen norm with named trainable copies (LN tuning).
+//! - [`PromptSite`]: virtual tokens before the input embeddings (prompt tuning, P-tuning) or
+//!   as keys/values of every attention layer (prefix tuning), from named [`PromptEncoder`]s.
 //! - [`SiteHost`]: a model's sites by Hugging Face path, declared once per module type with
 //!   [`site_table!`].
 //!
@@ -14,8 +16,10 @@
 pub mod host;
 pub mod linear;
 pub mod norm;
+pub mod prompt;
 pub mod saved;
 
 pub use host::{Site, SiteHost, SiteKind, SiteMut, merge_and_unload, unmerge_all};
 pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, TunedLinear};
 pub use norm::{NormWeights, TunedNorm};
+pub use prompt::{PromptEncoder, PromptPlace, PromptSite};
