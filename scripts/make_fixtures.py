@@ -610,6 +610,8 @@ def verify_method(adapter_dir, expected, base=None, tol="1e-4"):
     kind = "bert" if cfg.task_type == "SEQ_CLS" else "llama"
     model = PeftModel.from_pretrained(method_base(kind, base), adapter_dir).eval()
     got = method_outputs(model, kind, exp["input_ids"])
+    if cfg.peft_type in ("PROMPT_TUNING", "P_TUNING"):
+        got["logits"] = got["logits"][:, cfg.num_virtual_tokens:]  # the real positions, as ours
     err = (got["logits"] - exp["logits"]).abs().max().item()
     same = "greedy" not in exp or torch.equal(got["greedy"], exp["greedy"])
     print(f"{cfg.peft_type}: Python PEFT loaded {adapter_dir}; max |logits - ours| = {err:.2e}; greedy equal: {same}")

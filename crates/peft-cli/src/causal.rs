@@ -5,7 +5,6 @@ use anyhow::{Context, Result};
 use peft_lora::param_report;
 use peft_models::load::load_causal_lm;
 use peft_models::train::{eval_loss, lm_batch_loss};
-use peft_sites::SiteHost;
 
 use crate::data::read_examples;
 use crate::train::{Run, hold_out, maybe_quantize, train_loop};
@@ -29,7 +28,10 @@ pub fn train(mut run: Run) -> Result<()> {
     let (train_set, eval_set) = hold_out(train_set, eval);
     let pad = tok.eos_ids.first().copied().unwrap_or(0);
     let model = maybe_quantize(loaded.model, run.quant)?;
-    run.method = run.method.resolved_for(model.model_type())?;
+    run.method = run.method.resolved_for(&model)?.with_text_ids(
+        |text| Ok(tok.encode_with_special(text, usize::MAX)?),
+        &model_path.display().to_string(),
+    )?;
     let model = run.method.tuner().apply(model, "default")?;
     eprintln!(
         "{} examples for training, {} held out; {}",

@@ -7,7 +7,6 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::adapter_io::load_adapter;
 use peft_core::tensors::write_atomic;
-use peft_sites::SiteHost;
 
 use peft_cli::methods::MethodConfig;
 use peft_models::bert::{BertForSequenceClassification, encode_batch};
@@ -87,7 +86,7 @@ pub(crate) fn train(run: Run) -> Result<()> {
     write_atomic(&labels_path, serde_json::to_string(&labels)?.as_bytes())?;
     let model = crate::train::maybe_quantize(model, run.quant)?;
     let mut run = run;
-    run.method = run.method.resolved_for(model.model_type())?;
+    run.method = run.method.resolved_for(&model)?;
     let model = run.method.tuner().apply(model, "default")?;
     eprintln!(
         "{} labels {labels:?}; {} texts for training, {} held out; {}",

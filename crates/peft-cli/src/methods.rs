@@ -5,6 +5,7 @@ use anyhow::{Result, bail};
 use peft_adapter::Ia3Config;
 use peft_core::tuner::Tuner;
 use peft_lora::LoraConfig;
+use peft_prompt::{PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig};
 use peft_select::{BeftConfig, BitFitConfig, LnTuningConfig};
 use peft_sites::SiteHost;
 use serde_json::{Map, Value};
@@ -50,6 +51,21 @@ pub const METHODS: &[Method] = &[
         peft_type: "BEFT",
         about: "new zero-initialised biases on target linears (for models without biases)",
     },
+    Method {
+        name: "prompt-tuning",
+        peft_type: "PROMPT_TUNING",
+        about: "trainable virtual tokens before the input (init RANDOM, TEXT or SAMPLE_VOCAB)",
+    },
+    Method {
+        name: "p-tuning",
+        peft_type: "P_TUNING",
+        about: "virtual tokens from an MLP or LSTM prompt encoder",
+    },
+    Method {
+        name: "prefix-tuning",
+        peft_type: "PREFIX_TUNING",
+        about: "trainable keys and values in every attention layer (P-tuning v2)",
+    },
 ];
 
 fn names() -> String {
@@ -74,6 +90,9 @@ pub enum MethodConfig {
     LnTuning(LnTuningConfig),
     BitFit(BitFitConfig),
     Beft(BeftConfig),
+    PromptTuning(PromptTuningConfig),
+    PTuning(PromptEncoderConfig),
+    PrefixTuning(PrefixTuningConfig),
 }
 
 impl MethodConfig {
@@ -89,6 +108,9 @@ impl MethodConfig {
             "LN_TUNING" => Self::LnTuning(LnTuningConfig::from_json(config)?),
             "BITFIT" => Self::BitFit(BitFitConfig::from_json(config)?),
             "BEFT" => Self::Beft(BeftConfig::from_json(config)?),
+            "PROMPT_TUNING" => Self::PromptTuning(PromptTuningConfig::from_json(config)?),
+            "P_TUNING" => Self::PTuning(PromptEncoderConfig::from_json(config)?),
+            "PREFIX_TUNING" => Self::PrefixTuning(PrefixTuningConfig::from_json(config)?),
             "" => bail!(
                 "the adapter config has no peft_type (supported: {})",
                 peft_types()
@@ -108,6 +130,9 @@ impl MethodConfig {
             "ln-tuning" => Self::LnTuning(LnTuningConfig::default()),
             "bitfit" => Self::BitFit(BitFitConfig::default()),
             "beft" => Self::Beft(BeftConfig::default()),
+            "prompt-tuning" => Self::PromptTuning(PromptTuningConfig::default()),
+            "p-tuning" => Self::PTuning(PromptEncoderConfig::default()),
+            "prefix-tuning" => Self::PrefixTuning(PrefixTuningConfig::default()),
             other => {
                 return Err(usage!(
                     "--method {other}: unknown method (supported: {})",
@@ -125,6 +150,9 @@ impl MethodConfig {
             Self::LnTuning(c) => c,
             Self::BitFit(c) => c,
             Self::Beft(c) => c,
+            Self::PromptTuning(c) => c,
+            Self::PTuning(c) => c,
+            Self::PrefixTuning(c) => c,
         }
     }
 
@@ -136,19 +164,51 @@ impl MethodConfig {
             Self::LnTuning(c) => serde_json::to_value(c),
             Self::BitFit(c) => serde_json::to_value(c),
             Self::Beft(c) => serde_json::to_value(c),
+            Self::PromptTuning(c) => serde_json::to_value(c),
+            Self::PTuning(c) => serde_json::to_value(c),
+            Self::PrefixTuning(c) => serde_json::to_value(c),
         }
         .expect("configs serialise")
     }
 
-    /// Fill the model type's default targets in (IA3, LN tuning), as Python PEFT does before
-    /// saving, so the saved config names what was adapted.
-    pub fn resolved_for(&self, model_type: &str) -> Result<Self> {
+    /// Fill in what depends on the model, as Python PEFT does before saving, so the saved
+    /// config says what was adapted: the model type's default targets (IA3, LN tuning, BEFT),
+    /// the model facts of prompt methods (`token_dim`, `num_layers`, ...).
+    pub fn resolved_for<M: SiteHost>(&self, model: &M) -> Result<Self> {
+        let model_type = model.model_type();
         Ok(match self {
             Self::Ia3(c) => Self::Ia3(c.with_defaults(model_type)?),
             Self::LnTuning(c) => Self::LnTuning(c.with_defaults(model_type)?),
             Self::Beft(c) => Self::Beft(c.with_defaults(model_type)?),
+            Self::PromptTuning(c) => Self::PromptTuning(c.resolved_for(model)?),
+            Self::PTuning(c) => Self::PTuning(c.resolved_for(model)?),
+            Self::PrefixTuning(c) => Self::PrefixTuning(c.resolved_for(model)?),
             Self::Lora(_) | Self::BitFit(_) => self.clone(),
         })
+    }
+
+    /// Prompt tuning's `TEXT` init: tokenize `prompt_tuning_init_text` with the model's
+    /// tokenizer (`encode`, special tokens included as PEFT's tokenizer call adds them) and
+    /// name the tokenizer as PEFT's config requires. Other methods are unchanged.
+    pub fn with_text_ids(
+        mut self,
+        encode: impl Fn(&str) -> Result<Vec<u32>>,
+        tokenizer_path: &str,
+    ) -> Result<Self> {
+        if let Self::PromptTuning(c) = &mut self
+            && c.prompt_tuning_init == "TEXT"
+            && !c.base.inference_mode
+        {
+            let text = c.prompt_tuning_init_text.clone().unwrap_or_default();
+            let ids = encode(&text)?;
+            if ids.is_empty() {
+                bail!("prompt_tuning_init_text `{text}` gives no tokens");
+            }
+            c.init_token_ids = Some(ids);
+            c.tokenizer_name_or_path
+                .get_or_insert_with(|| tokenizer_path.to_string());
+        }
+        Ok(self)
     }
 
     /// Set fields of the config by their reference names (`--set key=value`, a `[method]`
@@ -185,6 +245,9 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
         MethodConfig::LnTuning(_) => MethodConfig::LnTuning(LnTuningConfig::default()),
         MethodConfig::BitFit(_) => MethodConfig::BitFit(BitFitConfig::default()),
         MethodConfig::Beft(_) => MethodConfig::Beft(BeftConfig::default()),
+        MethodConfig::PromptTuning(_) => MethodConfig::PromptTuning(Default::default()),
+        MethodConfig::PTuning(_) => MethodConfig::PTuning(Default::default()),
+        MethodConfig::PrefixTuning(_) => MethodConfig::PrefixTuning(Default::default()),
     };
     let map: Map<String, Value> = defaults.to_json().as_object().cloned().unwrap_or_default();
     map.keys()

@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::target::ModuleSelector;
 use peft_core::train::{Schedule, StepReport, TrainConfig, Trainer};
+use peft_core::tuner::TRAINING_EXTRAS_FILE;
 use peft_lora::{LoraConfig, SiteHost, quantize_base};
 
 use peft_cli::methods::{self, MethodConfig};
@@ -321,6 +322,11 @@ fn method_config(a: &TrainArgs, method: &str, classification: bool) -> Result<Me
             json["modules_to_save"] = serde_json::json!(["classifier"]);
         }
         if let Some(t) = &a.target {
+            if json.get("target_modules").is_none() {
+                return Err(usage!(
+                    "--target: --method {method} attaches no modules (its options: --set key=value)"
+                ));
+            }
             json["target_modules"] = serde_json::json!(t);
         }
         json["base_model_name_or_path"] =
@@ -347,10 +353,18 @@ fn save_checkpoint<M: SiteHost + Module>(
     let old = out.join(".checkpoint.old");
     let dest = out.join(CHECKPOINT);
     let _ = std::fs::remove_dir_all(&tmp);
-    let written = config
-        .tuner::<M>()
+    let tuner = config.tuner::<M>();
+    let written = tuner
         .save(trainer.model(), "default", &tmp)
-        .and_then(|()| trainer.save_state(&tmp));
+        .and_then(|()| trainer.save_state(&tmp))
+        .and_then(|()| {
+            // What the reference format does not keep (a prompt encoder's network).
+            let extras = tuner.training_extras(trainer.model(), "default")?;
+            if extras.is_empty() {
+                return Ok(());
+            }
+            extras.write_safetensors(&tmp.join(TRAINING_EXTRAS_FILE))
+        });
     if let Err(e) = written {
         // The previous checkpoint is untouched; drop the partial one.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -687,6 +701,11 @@ pub(crate) fn train_loop<M: SiteHost + Module, E: Clone>(
     if let Some(ckpt) = &run.resume_from {
         let files = load_adapter(ckpt)?;
         model = tuner.load_state(model, "default", files.tensors, &ckpt.join(WEIGHTS_FILE))?;
+        let extras = ckpt.join(TRAINING_EXTRAS_FILE);
+        if extras.exists() {
+            let tensors = peft_core::tensors::TensorMap::read_safetensors(&extras)?;
+            model = tuner.load_training_extras(model, "default", tensors, &extras)?;
+        }
     }
     let mut trainer = Trainer::new(model, config.clone());
     if let Some(ckpt) = &run.resume_from {

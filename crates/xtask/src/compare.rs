@@ -337,7 +337,7 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
         model
     };
     let method_config = method_config(method, classification)?
-        .map(|c| c.resolved_for(model.model_type()))
+        .map(|c| c.resolved_for(&model))
         .transpose()?;
     let model = match &method_config {
         None => unfreeze_all(model),

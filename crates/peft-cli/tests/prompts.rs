@@ -1,0 +1,234 @@
+//! Prompt tuning (TEXT init), P-tuning (LSTM) and prefix tuning (projected) through the `peft`
+//! binary on the tiny Llama: train (lowering the held-out loss), resume exactly (the encoder's
+//! network travels in the checkpoint), generate, inspect, a clear refusal to merge; and, with
+//! the reference venv (`PEFT_REF_PYTHON`), the trained adapters load in Python PEFT with the
+//! same logits and greedy text.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use common::{adapter_values, data, eval_loss, peft, s, stderr, tiny};
+use peft_cli::methods::MethodConfig;
+use peft_models::generate::greedy;
+use peft_models::load::load_causal_lm;
+use peft_models::reference::Expected;
+
+/// `--method`, its `peft_type`, its options, a learning rate that moves it.
+const METHODS: [(&str, &str, &[&str], &str); 3] = [
+    (
+        "prompt-tuning",
+        "PROMPT_TUNING",
+        &[
+            "prompt_tuning_init=TEXT",
+            "prompt_tuning_init_text=hello what is your name",
+        ],
+        "0.1",
+    ),
+    (
+        "p-tuning",
+        "P_TUNING",
+        &[
+            "encoder_reparameterization_type=LSTM",
+            "encoder_hidden_size=16",
+        ],
+        "0.01",
+    ),
+    (
+        "prefix-tuning",
+        "PREFIX_TUNING",
+        &["prefix_projection=true", "encoder_hidden_size=32"],
+        "0.01",
+    ),
+];
+
+fn train(method: &str, options: &[&str], lr: &str, data: &Path, out: &Path) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--method",
+        method,
+        "--model",
+        s(&tiny()),
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--lr",
+        lr,
+        "--warmup",
+        "1",
+        "--save-every",
+        "4",
+        "--max-len",
+        "32",
+        "--set",
+        "num_virtual_tokens=4",
+    ]
+    .map(String::from)
+    .to_vec();
+    for o in options {
+        args.extend(["--set".to_string(), o.to_string()]);
+    }
+    args
+}
+
+fn run(args: &[String]) -> std::process::Output {
+    peft(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn prompt_methods_train_resume_generate_and_refuse_to_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let base_loss = eval_loss(&tiny(), None, &data);
+    for (method, peft_type, options, lr) in METHODS {
+        let full = tmp.path().join(format!("{method}-full"));
+        let o = run(&train(method, options, lr, &data, &full));
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let files = peft_core::adapter_io::load_adapter(&full).unwrap();
+        assert_eq!(files.config["peft_type"], peft_type);
+        assert_eq!(
+            files.config["token_dim"],
+            if method == "prefix-tuning" { 32 } else { 64 }
+        );
+        assert_eq!(files.config["num_virtual_tokens"], 4);
+        assert_eq!(
+            files.tensors.keys().collect::<Vec<_>>(),
+            ["prompt_embeddings"]
+        );
+        let loss = eval_loss(&tiny(), Some(&full), &data);
+        assert!(
+            loss < base_loss - 0.01,
+            "{method}: loss {loss} vs base {base_loss}"
+        );
+
+        // Interrupted at step 4 and resumed: the same adapter as the uninterrupted run.
+        let part = tmp.path().join(format!("{method}-part"));
+        let mut args = train(method, options, lr, &data, &part);
+        args.extend(["--stop-after".into(), "4".into()]);
+        assert!(run(&args).status.success());
+        if method != "prompt-tuning" {
+            assert!(
+                part.join("checkpoint/training_extras.safetensors").exists(),
+                "{method}: the encoder's network is checkpointed"
+            );
+        }
+        let mut args = train(method, options, lr, &data, &part);
+        args.push("--resume".into());
+        let o = run(&args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        assert_eq!(
+            adapter_values(&part),
+            adapter_values(&full),
+            "{method}: resume is exact"
+        );
+
+        let o = peft(&[
+            "generate",
+            "--model",
+            s(&tiny()),
+            "--adapter",
+            s(&full),
+            "--prompt",
+            "hello what",
+            "--raw",
+            "--max-new-tokens",
+            "4",
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let o = peft(&["inspect", s(&full)]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && text.contains(peft_type), "{text}");
+        let o = peft(&[
+            "merge",
+            "--model",
+            s(&tiny()),
+            "--adapter",
+            s(&full),
+            "--out",
+            s(&tmp.path().join("merged")),
+        ]);
+        assert!(!o.status.success(), "{method}: merge must refuse");
+        assert!(stderr(&o).contains("cannot be merged"), "{}", stderr(&o));
+        assert!(!tmp.path().join("merged").exists());
+    }
+    // Prompt methods attach to no modules.
+    let o = peft(&[
+        "train",
+        "--method",
+        "prefix-tuning",
+        "--model",
+        s(&tiny()),
+        "--data",
+        s(&data),
+        "--out",
+        s(&tmp.path().join("x")),
+        "--target",
+        "q_proj",
+    ]);
+    assert!(stderr(&o).contains("--target"), "{}", stderr(&o));
+}
+
+fn reference_python() -> Option<PathBuf> {
+    std::env::var_os("PEFT_REF_PYTHON").map(PathBuf::from)
+}
+
+#[test]
+fn trained_prompt_adapters_load_in_python_peft_with_the_same_logits_and_greedy_text() {
+    let Some(python) = reference_python() else {
+        eprintln!("PEFT_REF_PYTHON is not set: the Python direction is not checked");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let fixture = Expected::read(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
+    )
+    .unwrap();
+    for (method, _, options, lr) in METHODS {
+        let out = tmp.path().join(method);
+        let o = run(&train(method, options, lr, &data, &out));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let device = Device::flex();
+        let loaded = load_causal_lm(&tiny(), &device).unwrap();
+        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+        let config = MethodConfig::from_json(&files.config).unwrap();
+        let model = config
+            .tuner()
+            .apply_and_load(loaded.model, "default", files)
+            .unwrap();
+        let logits = model.forward(fixture.ids(&device), None);
+        let ours = Expected {
+            logits: peft_core::tensors::HostTensor::from_tensor(logits.clone()).data,
+            logits_shape: logits.dims().to_vec(),
+            greedy: Some(
+                greedy(&model, &fixture.prompt(), 8, &[])
+                    .into_iter()
+                    .map(i64::from)
+                    .collect(),
+            ),
+            ..fixture.clone()
+        };
+        let expected = tmp.path().join(format!("{method}.expected.safetensors"));
+        ours.write(&expected).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_fixtures.py");
+        let o = std::process::Command::new(&python)
+            .arg(script)
+            .args(["--verify-method", s(&out), s(&expected)])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{method}: {said}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        eprintln!("{}", said.trim());
+    }
+}
