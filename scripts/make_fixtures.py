@@ -599,6 +599,38 @@ def make_prompts(cases=None):
         print(case, "->", d, sorted(encoder), tuple(out["logits"].shape), out["greedy"].tolist())
 
 
+def make_prompts_smollm2():
+    """Prompt tuning and prefix tuning (grouped-query attention: 3 key/value heads of 64) on
+    SmolLM2-135M-Instruct, with the chat prompt's ids, the logits of its last position and 8
+    greedy tokens. The random virtual tokens are scaled to the model's embedding scale so the
+    answer stays text."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    cases = {"prompt_smollm2": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+             "prefix_smollm2": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8)}
+    for i, (case, cfg) in enumerate(cases.items()):
+        torch.manual_seed(5000 + i)
+        model = get_peft_model(method_base("llama", gguf), cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.mul_(0.05)
+        model.eval()
+        out = method_outputs(model, "llama", ids)
+        d = os.path.join(FIX, "prompts_tiny", case)
+        shutil.rmtree(d, ignore_errors=True)
+        model.save_pretrained(os.path.join(d, "adapter"))
+        strip_machine_paths(os.path.join(d, "adapter"))
+        save_file({"input_ids": ids.to(torch.int64).contiguous(), "logits": out["logits"][:, -1:].contiguous(),
+                   "greedy": out["greedy"]}, os.path.join(d, "expected.safetensors"))
+        print(case, "->", d, tok.decode(out["greedy"]))
+
+
 def verify_method(adapter_dir, expected, base=None, tol="1e-4"):
     """Load an adapter folder written by Rust (any method) into Python PEFT on the base it was
     made for (the tiny fixture, or `base`: a .gguf such as SmolLM2); its logits must match
@@ -639,7 +671,7 @@ if __name__ == "__main__":
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
     ap.add_argument("--verify-method", nargs="+", metavar="ARG",
                     help="ADAPTER_DIR EXPECTED [BASE.gguf [TOLERANCE]]")
-    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts"])
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -666,3 +698,6 @@ if __name__ == "__main__":
         make_methods_smollm2()
     if a.only in (None, "prompts"):
         make_prompts()
+        make_prompts_smollm2()
+    if a.only == "prompts_smollm2":
+        make_prompts_smollm2()

@@ -8,8 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{adapter_values, data, eval_loss, peft, s, stderr, tiny};
-use peft_models::generate::greedy;
+use common::{
+    adapter_values, agrees_in_python, data, eval_loss, peft, reference_python, s, stderr, tiny,
+};
 use peft_models::load::load_causal_lm;
 use peft_models::reference::Expected;
 use peft_sites::SiteHost;
@@ -377,10 +378,6 @@ fn schedules_are_transformers_and_a_bad_name_is_a_usage_error() {
 }
 
 /// The reference venv's python (`scripts/ref_venv.sh`), when the environment names it.
-fn reference_python() -> Option<PathBuf> {
-    std::env::var_os("PEFT_REF_PYTHON").map(PathBuf::from)
-}
-
 #[test]
 fn trained_adapters_load_in_python_peft_with_the_same_logits_and_greedy_text() {
     let Some(python) = reference_python() else {
@@ -400,65 +397,30 @@ fn trained_adapters_load_in_python_peft_with_the_same_logits_and_greedy_text() {
         let out = tmp.path().join(method);
         let o = peft(&train(method, lr, s(&data), s(&out)));
         assert!(o.status.success(), "{}", stderr(&o));
-        // Our logits and greedy tokens with the trained adapter.
-        let device = Device::flex();
-        let loaded = load_causal_lm(&tiny(), &device).unwrap();
-        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
-        use peft_core::tuner::Tuner;
-        let (m, name) = (loaded.model, "default");
-        let model = match files.config["peft_type"].as_str().unwrap() {
-            "IA3" => peft_adapter::Ia3Config::from_json(&files.config)
-                .unwrap()
-                .apply_and_load(m, name, files),
-            "BEFT" => peft_select::BeftConfig::from_json(&files.config)
-                .unwrap()
-                .apply_and_load(m, name, files),
-            "LN_TUNING" => peft_select::LnTuningConfig::from_json(&files.config)
-                .unwrap()
-                .apply_and_load(m, name, files),
-            other => panic!("{other}"),
-        }
-        .unwrap();
-        let logits = model.forward(fixture.ids(&device), None);
-        let ours = Expected {
-            logits: peft_core::tensors::HostTensor::from_tensor(logits.clone()).data,
-            logits_shape: logits.dims().to_vec(),
-            greedy: Some(
-                greedy(&model, &fixture.prompt(), 8, &[])
-                    .into_iter()
-                    .map(i64::from)
-                    .collect(),
-            ),
-            ..fixture.clone()
-        };
-        let expected = tmp.path().join(format!("{method}.expected.safetensors"));
-        ours.write(&expected).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_fixtures.py");
-        let o = std::process::Command::new(&python)
-            .arg(script)
-            .args(["--verify-method", s(&out), s(&expected)])
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{method}: {said}{}",
-            String::from_utf8_lossy(&o.stderr)
+        // The fixture's first row (the greedy prompt) and both rows' logits, as the fixture.
+        let said = agrees_in_python(
+            &python,
+            &out,
+            &tiny(),
+            &fixture.input_ids,
+            fixture.ids_shape,
+            &[],
+            None,
         );
         eprintln!("{}", said.trim());
     }
 }
 
-/// SmolLM2-135M (the GGUF transformers also reads): IA3 and LN tuning trained here for a few
-/// steps load in Python PEFT over the same GGUF with logits within 1e-3 (the tolerance of the
-/// base model's own parity test, `peft-models/tests/smollm2.rs`) and the same greedy tokens.
+/// SmolLM2-135M (the GGUF transformers also reads): IA3, LN tuning, prompt tuning and prefix
+/// tuning trained here for a few steps load in Python PEFT over the same GGUF with logits
+/// within 1e-3 (the tolerance of the base model's own parity test,
+/// `peft-models/tests/smollm2.rs`) and the same greedy tokens.
 #[test]
 fn smollm2_adapters_trained_here_load_in_python_peft() {
     let Some(python) = reference_python() else {
         eprintln!("PEFT_REF_PYTHON is not set: the Python direction is not checked");
         return;
     };
-    use peft_core::tuner::Tuner;
     let models = std::env::var_os("PEFT_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"));
@@ -466,9 +428,22 @@ fn smollm2_adapters_trained_here_load_in_python_peft() {
     let corpus = peft_models::assets::CHATTERBOT_EN.ensure(&models).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let device = Device::flex();
-    for (method, lr) in [("ia3", "0.01"), ("ln-tuning", "0.001")] {
+    let loaded = load_causal_lm(&gguf, &device).unwrap();
+    let tok = &loaded.tokenizer;
+    let prompt: Vec<i64> = tok
+        .encode(&tok.chat_prompt("What is the capital of France?"))
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    for (method, lr, set) in [
+        ("ia3", "0.01", None),
+        ("ln-tuning", "0.001", None),
+        ("prompt-tuning", "0.01", Some("num_virtual_tokens=8")),
+        ("prefix-tuning", "0.01", Some("num_virtual_tokens=8")),
+    ] {
         let out = tmp.path().join(method);
-        let o = peft(&[
+        let mut args = vec![
             "train",
             "--method",
             method,
@@ -488,59 +463,20 @@ fn smollm2_adapters_trained_here_load_in_python_peft() {
             "1",
             "--max-len",
             "48",
-        ]);
-        assert!(o.status.success(), "{method}: {}", stderr(&o));
-        let loaded = load_causal_lm(&gguf, &device).unwrap();
-        let prompt = loaded
-            .tokenizer
-            .encode(
-                &loaded
-                    .tokenizer
-                    .chat_prompt("What is the capital of France?"),
-            )
-            .unwrap();
-        let eos = loaded.tokenizer.eos_ids.clone();
-        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
-        let model = match method {
-            "ia3" => peft_adapter::Ia3Config::from_json(&files.config)
-                .unwrap()
-                .apply_and_load(loaded.model, "default", files),
-            _ => peft_select::LnTuningConfig::from_json(&files.config)
-                .unwrap()
-                .apply_and_load(loaded.model, "default", files),
+        ];
+        if let Some(o) = set {
+            args.extend(["--set", o]);
         }
-        .unwrap();
-        let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
-        let input = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
-            burn::tensor::TensorData::new(ids.clone(), [1, ids.len()]),
-            &device,
-        );
-        let logits = model.forward(input, None);
-        let ours = Expected {
-            input_ids: ids.clone(),
-            ids_shape: [1, ids.len()],
-            logits: peft_core::tensors::HostTensor::from_tensor(logits.clone()).data,
-            logits_shape: logits.dims().to_vec(),
-            greedy: Some(
-                greedy(&model, &prompt, 8, &eos)
-                    .into_iter()
-                    .map(i64::from)
-                    .collect(),
-            ),
-        };
-        let expected = tmp.path().join(format!("{method}.expected.safetensors"));
-        ours.write(&expected).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_fixtures.py");
-        let o = std::process::Command::new(&python)
-            .arg(script)
-            .args(["--verify-method", s(&out), s(&expected), s(&gguf), "1e-3"])
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{method}: {said}{}",
-            String::from_utf8_lossy(&o.stderr)
+        let o = peft(&args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let said = agrees_in_python(
+            &python,
+            &out,
+            &gguf,
+            &prompt,
+            [1, prompt.len()],
+            &tok.eos_ids,
+            Some((&gguf, "1e-3")),
         );
         eprintln!("SmolLM2 {}", said.trim());
     }

@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use burn::tensor::Device;
-use common::{adapter_values, data, eval_loss, peft, s, stderr, tiny};
-use peft_cli::methods::MethodConfig;
-use peft_models::generate::greedy;
-use peft_models::load::load_causal_lm;
+use common::{
+    adapter_values, agrees_in_python, data, eval_loss, peft, reference_python, s, stderr, tiny,
+};
 use peft_models::reference::Expected;
 
 /// `--method`, its `peft_type`, its options, a learning rate that moves it.
@@ -174,10 +172,6 @@ fn prompt_methods_train_resume_generate_and_refuse_to_merge() {
     assert!(stderr(&o).contains("--target"), "{}", stderr(&o));
 }
 
-fn reference_python() -> Option<PathBuf> {
-    std::env::var_os("PEFT_REF_PYTHON").map(PathBuf::from)
-}
-
 #[test]
 fn trained_prompt_adapters_load_in_python_peft_with_the_same_logits_and_greedy_text() {
     let Some(python) = reference_python() else {
@@ -195,39 +189,14 @@ fn trained_prompt_adapters_load_in_python_peft_with_the_same_logits_and_greedy_t
         let out = tmp.path().join(method);
         let o = run(&train(method, options, lr, &data, &out));
         assert!(o.status.success(), "{}", stderr(&o));
-        let device = Device::flex();
-        let loaded = load_causal_lm(&tiny(), &device).unwrap();
-        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
-        let config = MethodConfig::from_json(&files.config).unwrap();
-        let model = config
-            .tuner()
-            .apply_and_load(loaded.model, "default", files)
-            .unwrap();
-        let logits = model.forward(fixture.ids(&device), None);
-        let ours = Expected {
-            logits: peft_core::tensors::HostTensor::from_tensor(logits.clone()).data,
-            logits_shape: logits.dims().to_vec(),
-            greedy: Some(
-                greedy(&model, &fixture.prompt(), 8, &[])
-                    .into_iter()
-                    .map(i64::from)
-                    .collect(),
-            ),
-            ..fixture.clone()
-        };
-        let expected = tmp.path().join(format!("{method}.expected.safetensors"));
-        ours.write(&expected).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_fixtures.py");
-        let o = std::process::Command::new(&python)
-            .arg(script)
-            .args(["--verify-method", s(&out), s(&expected)])
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{method}: {said}{}",
-            String::from_utf8_lossy(&o.stderr)
+        let said = agrees_in_python(
+            &python,
+            &out,
+            &tiny(),
+            &fixture.input_ids,
+            fixture.ids_shape,
+            &[],
+            None,
         );
         eprintln!("{}", said.trim());
     }

@@ -326,3 +326,37 @@ fn wrong_shapes_and_missing_sites_are_clear_errors() {
         ["model.embed_tokens", "model.layers"]
     );
 }
+
+/// SmolLM2-135M-Instruct (grouped-query attention: 9 query and 3 key/value heads): PEFT's
+/// prompt and prefix adapters give the last position's logits within 1e-3 (the tolerance of
+/// the base model's own parity test, `peft-models/tests/smollm2.rs`) and the same answer.
+#[test]
+fn python_smollm2_adapters_give_the_same_answer() {
+    let device = Device::flex();
+    let gguf = peft_models::assets::SMOLLM2
+        .ensure(&peft_models::assets::models_dir())
+        .unwrap();
+    for case in ["prompt_smollm2", "prefix_smollm2"] {
+        let exp = expected(case);
+        let base = load_causal_lm(&gguf, &device).unwrap();
+        let eos = base.tokenizer.eos_ids.clone();
+        let [_, s] = exp.ids_shape;
+        let last = |m: &LlamaForCausalLM| m.forward(exp.ids(&device), None).narrow(1, s - 1, 1);
+        let base_err = max_abs_diff(last(&base.model), exp.logits(&device));
+        let files = adapter(case);
+        let model = Prompt::from_json(&files.config)
+            .tuner()
+            .apply_and_load(base.model, "default", files)
+            .unwrap();
+        let err = max_abs_diff(last(&model), exp.logits(&device));
+        assert!(
+            err < 1e-3 && base_err > 1e-2,
+            "{case}: max |ours - PEFT| = {err}, base {base_err}"
+        );
+        let ours: Vec<i64> = greedy(&model, &exp.prompt(), 8, &eos)
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        assert_eq!(Some(ours), exp.greedy, "{case}");
+    }
+}

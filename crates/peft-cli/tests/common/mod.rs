@@ -78,3 +78,67 @@ pub fn eval_loss(model: &Path, adapter: Option<&Path>, data: &Path) -> f64 {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["loss"].as_f64().unwrap()
 }
+
+/// The reference venv's Python (`PEFT_REF_PYTHON`, which scripts/ref_venv.sh prints), if set.
+pub fn reference_python() -> Option<PathBuf> {
+    std::env::var_os("PEFT_REF_PYTHON").map(PathBuf::from)
+}
+
+/// Load the adapter folder `adapter` onto `base` here (any method, through the registry),
+/// write our logits for the token ids `ids` (`shape` rows × length) and 8 greedy tokens after
+/// the first row (stopping at `eos`), then have
+/// Python PEFT load the same folder and compare within `tol` (`scripts/make_fixtures.py
+/// --verify-method`; `gguf`: the base is that GGUF file, else the tiny Llama). Panics with what Python said when they disagree; returns it otherwise.
+pub fn agrees_in_python(
+    python: &Path,
+    adapter: &Path,
+    base: &Path,
+    ids: &[i64],
+    shape: [usize; 2],
+    eos: &[u32],
+    gguf_and_tol: Option<(&Path, &str)>,
+) -> String {
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    let device = Device::flex();
+    let loaded = peft_models::load::load_causal_lm(base, &device).unwrap();
+    let files = peft_core::adapter_io::load_adapter(adapter).unwrap();
+    let config = peft_cli::methods::MethodConfig::from_json(&files.config).unwrap();
+    let model = config
+        .tuner()
+        .apply_and_load(loaded.model, "default", files)
+        .unwrap();
+    let n = shape[1];
+    let input = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), shape), &device);
+    let logits = model.forward(input, None);
+    let prompt: Vec<u32> = ids[..n].iter().map(|&t| t as u32).collect();
+    let ours = peft_models::reference::Expected {
+        input_ids: ids.to_vec(),
+        ids_shape: shape,
+        logits: peft_core::tensors::HostTensor::from_tensor(logits.clone()).data,
+        logits_shape: logits.dims().to_vec(),
+        greedy: Some(
+            peft_models::generate::greedy(&model, &prompt, 8, eos)
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+        ),
+    };
+    let expected = adapter.with_extension("expected.safetensors");
+    ours.write(&expected).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_fixtures.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(script)
+        .args(["--verify-method", s(adapter), s(&expected)]);
+    if let Some((gguf, tol)) = gguf_and_tol {
+        cmd.args([s(gguf), tol]);
+    }
+    let o = cmd.output().unwrap();
+    let said = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{}: {said}{}",
+        adapter.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    said
+}
