@@ -562,6 +562,8 @@ PROMPT_CASES = {
                                                          encoder_hidden_size=16, encoder_num_layers=2)),
     "prefix_llama": ("PrefixTuningConfig", dict()),
     "prefix_proj_llama": ("PrefixTuningConfig", dict(prefix_projection=True, encoder_hidden_size=32)),
+    "prompt_random_bert": ("PromptTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=4)),
+    "prefix_bert": ("PrefixTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=3)),
 }
 
 
@@ -575,19 +577,26 @@ def make_prompts(cases=None):
     from peft import get_peft_model
 
     base_dir = os.path.join(FIX, "lora_tiny", "base_plain")
-    ids = load_file(os.path.join(FIX, "lora_tiny", "list_rslora", "expected.safetensors"))["input_ids"]
+    llama_ids = load_file(os.path.join(FIX, "lora_tiny", "list_rslora", "expected.safetensors"))["input_ids"]
+    bert_ids = load_file(os.path.join(FIX, "bert_tiny", "expected.safetensors"))["input_ids"]
     for i, (case, (cls, kw)) in enumerate(PROMPT_CASES.items()):
         if cases is not None and case not in cases:
             continue
         kw = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 5, **kw}
+        kind = "bert" if kw["task_type"] == "SEQ_CLS" else "llama"
+        ids = bert_ids if kind == "bert" else llama_ids
         if kw.get("prompt_tuning_init") == "TEXT":
             kw["tokenizer_name_or_path"] = base_dir
         torch.manual_seed(4000 + i)
-        model = get_peft_model(method_base("llama"), getattr(peft, cls)(**kw))
+        model = get_peft_model(method_base(kind), getattr(peft, cls)(**kw))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad and "classifier" in n:
+                    p.add_(0.1 * torch.randn_like(p))  # the trained head differs from the base's
         model.eval()
         n_v = kw["num_virtual_tokens"]
-        out = method_outputs(model, "llama", ids)
-        if cls != "PrefixTuningConfig":
+        out = method_outputs(model, kind, ids)
+        if cls != "PrefixTuningConfig" and kind == "llama":
             out["logits"] = out["logits"][:, n_v:].contiguous()  # the real positions
         d = os.path.join(FIX, "prompts_tiny", case)
         shutil.rmtree(d, ignore_errors=True)
@@ -596,7 +605,7 @@ def make_prompts(cases=None):
         encoder = {n: p.detach().contiguous() for n, p in model.named_parameters() if "prompt_encoder" in n}
         save_file(encoder, os.path.join(d, "encoder.safetensors"))
         save_file({"input_ids": ids.to(torch.int64).contiguous(), **out}, os.path.join(d, "expected.safetensors"))
-        print(case, "->", d, sorted(encoder), tuple(out["logits"].shape), out["greedy"].tolist())
+        print(case, "->", d, sorted(encoder), tuple(out["logits"].shape), out.get("greedy"))
 
 
 def make_prompts_smollm2():

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{adapter_values, data, eval_loss, peft, s, stderr, tiny};
+use common::{adapter_values, data, eval_loss, peft, s, sentiment_csv, stderr, tiny};
 
 fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
@@ -302,27 +302,7 @@ fn user_errors_are_one_line() {
 fn classification_trains_the_head_and_reports_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/bert_tiny/model");
-    let (pos, neg) = (
-        ["good", "happy", "hot", "yes"],
-        ["bad", "sad", "cold", "no"],
-    );
-    let fill = ["the", "day", "is", "a", "cat", "dog", "sun", "moon"];
-    let mut csv = String::from("text,label\n");
-    for i in 0..64 {
-        let (word, label) = if i % 2 == 0 {
-            (pos[i % 4], "positive")
-        } else {
-            (neg[i % 4], "negative")
-        };
-        csv.push_str(&format!(
-            "{} {} {},{label}\n",
-            fill[i % 8],
-            word,
-            fill[(i * 3 + 1) % 8]
-        ));
-    }
-    let data = tmp.path().join("data.csv");
-    std::fs::write(&data, csv).unwrap();
+    let data = sentiment_csv(tmp.path());
     let out = tmp.path().join("cls");
     let o = peft(&[
         "train",

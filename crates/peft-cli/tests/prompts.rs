@@ -9,7 +9,8 @@ mod common;
 use std::path::Path;
 
 use common::{
-    adapter_values, agrees_in_python, data, eval_loss, peft, reference_python, s, stderr, tiny,
+    adapter_values, agrees_in_python, data, eval_loss, peft, reference_python, s, sentiment_csv,
+    stderr, tiny, tiny_bert,
 };
 use peft_models::reference::Expected;
 
@@ -199,5 +200,74 @@ fn trained_prompt_adapters_load_in_python_peft_with_the_same_logits_and_greedy_t
             None,
         );
         eprintln!("{}", said.trim());
+    }
+}
+
+/// On the tiny BERT classifier: prompt tuning and prefix tuning train with the new head
+/// (saved as PEFT saves it for prompt methods, `base_model.classifier.*`) and `peft eval`
+/// scores the folder.
+#[test]
+fn prompt_methods_train_a_bert_classifier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sentiment_csv(tmp.path());
+    for method in ["prompt-tuning", "prefix-tuning"] {
+        let out = tmp.path().join(method);
+        let o = peft(&[
+            "train",
+            "--task",
+            "classification",
+            "--method",
+            method,
+            "--model",
+            s(&tiny_bert()),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "60",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.05",
+            "--warmup",
+            "3",
+            "--save-every",
+            "20",
+            "--set",
+            "num_virtual_tokens=4",
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+        let mut keys: Vec<_> = files.tensors.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "base_model.classifier.bias",
+                "base_model.classifier.weight",
+                "prompt_embeddings"
+            ],
+            "{method}"
+        );
+        assert_eq!(files.config["task_type"], "SEQ_CLS");
+        let o = peft(&[
+            "eval",
+            "--task",
+            "classification",
+            "--model",
+            s(&tiny_bert()),
+            "--adapter",
+            s(&out),
+            "--data",
+            s(&data),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let scores: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        eprintln!("{method}: {scores}");
+        assert!(
+            scores["accuracy"].as_f64().unwrap() > 0.9,
+            "{method}: {scores}"
+        );
     }
 }

@@ -12,7 +12,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use peft_core::params::frozen;
 use peft_core::tensors::{HostTensor, TensorMap};
 use peft_core::{PeftError, Result};
-use peft_sites::{Site, SiteHost, SiteMut, TunedNorm, site_table};
+use peft_sites::{PromptPlace, PromptSite, Site, SiteHost, SiteMut, TunedNorm, site_table};
 use serde::{Deserialize, Serialize};
 
 use peft_quant::checkpoint::weight_shape;
@@ -167,6 +167,10 @@ pub struct BertForSequenceClassification {
     /// `bert.pooler.dense` (tanh of it on `[CLS]`).
     pub pooler: LinearSlot,
     pub classifier: LinearSlot,
+    /// Soft prompts placed before the word embeddings (prompt tuning, P-tuning).
+    pub prompt: PromptSite,
+    /// Key/value prefixes of every attention layer (prefix tuning, P-tuning v2).
+    pub prefix: PromptSite,
     pub n_heads: usize,
     #[module(skip)]
     pub config: BertConfig,
@@ -188,8 +192,10 @@ site_table!(BertLayer {
 });
 
 site_table!(BertForSequenceClassification {
+    "bert.embeddings.word_embeddings" => Prompt(prompt),
     "bert.embeddings.LayerNorm" => Norm(embeddings_norm),
     "bert.encoder.layer" => Each(layers),
+    "bert.encoder.layer" => Prompt(prefix),
     "bert.pooler.dense" => Linear(pooler),
     "classifier" => Head(classifier),
 });
@@ -304,6 +310,18 @@ impl BertForSequenceClassification {
             layers,
             pooler,
             classifier,
+            prompt: PromptSite::new(
+                PromptPlace::Input,
+                config.hidden_size,
+                config.num_attention_heads,
+                config.num_hidden_layers,
+            ),
+            prefix: PromptSite::new(
+                PromptPlace::Prefix,
+                config.hidden_size,
+                config.num_attention_heads,
+                config.num_hidden_layers,
+            ),
             n_heads: config.num_attention_heads,
             config,
             head_from_checkpoint,
@@ -311,13 +329,32 @@ impl BertForSequenceClassification {
     }
 
     /// Class logits `[batch, num_labels]` for token ids and a 1/0 attention mask `[batch, seq]`.
+    ///
+    /// Active virtual tokens enter as Hugging Face PEFT puts them: a soft prompt before the
+    /// word embeddings (positions from 0, token type 0; the pooled state is then the first
+    /// virtual token's), a prefix as extra keys and values in every layer (the tokens'
+    /// positions start at `n_virtual`). Both are always attended to.
     pub fn forward(&self, tokens: Tensor<2, Int>, attention_mask: Tensor<2>) -> Tensor<2> {
         let device = tokens.device();
-        let [b, s] = tokens.dims();
+        let [b, _] = tokens.dims();
         let h = self.config.hidden_size;
         let (nh, hd) = (self.n_heads, h / self.n_heads);
-        let positions = Tensor::<1, Int>::arange(0..s as i64, &device).reshape([1, s]);
-        let mut x = burn::tensor::module::embedding(self.word_embeddings.val(), tokens)
+        let mut x = burn::tensor::module::embedding(self.word_embeddings.val(), tokens);
+        let mut mask = attention_mask;
+        if let Some(p) = self.prompt.input_prompt(b) {
+            let n = p.dims()[1];
+            x = Tensor::cat(vec![p, x], 1);
+            mask = Tensor::cat(vec![Tensor::ones([b, n], &device), mask], 1);
+        }
+        let s = x.dims()[1];
+        let prefix = self.prefix.prefix_kv(b);
+        let start = prefix.as_ref().map_or(0, |kv| kv[0].0.dims()[2]);
+        if start > 0 {
+            mask = Tensor::cat(vec![Tensor::ones([b, start], &device), mask], 1);
+        }
+        let positions =
+            Tensor::<1, Int>::arange(start as i64..(start + s) as i64, &device).reshape([1, s]);
+        x = x
             + burn::tensor::module::embedding(self.position_embeddings.val(), positions)
             + self
                 .token_type_embeddings
@@ -326,18 +363,23 @@ impl BertForSequenceClassification {
                 .reshape([1, 1, h]);
         x = self.embeddings_norm.forward(x);
         // Padding keys get a large negative score, so softmax gives them zero weight.
-        let bias = attention_mask
+        let t = start + s;
+        let bias = mask
             .neg()
             .add_scalar(1.0)
             .mul_scalar(-1e9)
-            .reshape([b, 1, 1, s]);
-        for l in &self.layers {
+            .reshape([b, 1, 1, t]);
+        for (i, l) in self.layers.iter().enumerate() {
             let heads = |slot: &LinearSlot, x: Tensor<3>| {
                 slot.forward(x).reshape([b, s, nh, hd]).swap_dims(1, 2)
             };
             let q = heads(&l.query, x.clone());
-            let k = heads(&l.key, x.clone());
-            let v = heads(&l.value, x.clone());
+            let mut k = heads(&l.key, x.clone());
+            let mut v = heads(&l.value, x.clone());
+            if let Some(kv) = &prefix {
+                k = Tensor::cat(vec![kv[i].0.clone(), k], 2);
+                v = Tensor::cat(vec![kv[i].1.clone(), v], 2);
+            }
             let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt()) + bias.clone();
             let ctx = softmax(scores, 3)
                 .matmul(v)
@@ -464,5 +506,9 @@ impl SiteHost for BertForSequenceClassification {
 
     fn sites_mut(&mut self) -> Vec<(String, SiteMut<'_>)> {
         self.site_list_mut()
+    }
+
+    fn input_embeddings(&self) -> Option<Tensor<2>> {
+        Some(self.word_embeddings.val())
     }
 }

@@ -20,6 +20,9 @@ use crate::encoder::{
 /// The one tensor PEFT saves for every prompt-learning method.
 pub const PROMPT_KEY: &str = "prompt_embeddings";
 
+/// Where PEFT keys `modules_to_save` of prompt-learning models (`base_model.classifier.weight`).
+pub const SAVED_PREFIX: &str = "base_model.";
+
 /// What differs between the three methods.
 trait PromptMethod {
     fn base(&self) -> &PromptLearningConfig;
@@ -113,7 +116,12 @@ fn state<C: PromptMethod, M: SiteHost>(config: &C, model: &M, name: &str) -> Res
     let mut out = TensorMap::new();
     let e = encoder(model, config.place(), name)?;
     out.insert(PROMPT_KEY, HostTensor::from_tensor(e.output().detach()));
-    saved::put_whole(model, &config.base().saved_modules(), &mut out);
+    saved::put_whole_under(
+        model,
+        &config.base().saved_modules(),
+        &mut out,
+        SAVED_PREFIX,
+    );
     Ok(out)
 }
 
@@ -137,7 +145,13 @@ fn load_state<C: PromptMethod + Clone, M: SiteHost>(
         .ok_or_else(|| PeftError::Other(format!("adapter `{name}` has not been applied")))?;
     // As PEFT loads it: the saved output becomes the table, the network is gone.
     *e = PromptEncoder::table(table.to_tensor(&device));
-    saved::take_whole(&mut model, &c.base().saved_modules(), &mut tensors, path)?;
+    saved::take_whole_under(
+        &mut model,
+        &c.base().saved_modules(),
+        &mut tensors,
+        path,
+        SAVED_PREFIX,
+    )?;
     saved::ensure_used(&tensors, path)?;
     Ok(model)
 }

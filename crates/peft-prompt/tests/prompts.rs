@@ -11,9 +11,10 @@ use peft_core::adapter_io::{AdapterFiles, load_adapter};
 use peft_core::params::ParamReport;
 use peft_core::tensors::TensorMap;
 use peft_core::tuner::Tuner;
+use peft_models::bert::BertForSequenceClassification;
 use peft_models::generate::greedy;
 use peft_models::llama::{KvCache, LlamaForCausalLM};
-use peft_models::load::load_causal_lm;
+use peft_models::load::{load_bert_classifier, load_causal_lm};
 use peft_models::reference::{Expected, max_abs_diff};
 use peft_prompt::{PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig};
 use peft_sites::SiteHost;
@@ -60,7 +61,7 @@ impl Prompt {
         }
     }
 
-    fn tuner(&self) -> &dyn Tuner<LlamaForCausalLM> {
+    fn tuner<M: SiteHost>(&self) -> &dyn Tuner<M> {
         match self {
             Self::Tuning(c) => c,
             Self::PTuning(c) => c,
@@ -358,5 +359,44 @@ fn python_smollm2_adapters_give_the_same_answer() {
             .map(i64::from)
             .collect();
         assert_eq!(Some(ours), exp.greedy, "{case}");
+    }
+}
+
+/// The tiny BERT classifier with PEFT's prompt-tuning and prefix-tuning adapters (and their
+/// trained classifier, saved as `base_model.classifier.*`): the same logits on a padded batch,
+/// and saved back bit for bit.
+#[test]
+fn python_bert_adapters_give_the_same_logits_and_save_back() {
+    let device = Device::flex();
+    let bert = || -> BertForSequenceClassification {
+        load_bert_classifier(&fixtures().join("bert_tiny/model"), 3, &device)
+            .unwrap()
+            .0
+    };
+    for case in ["prompt_random_bert", "prefix_bert"] {
+        let exp = expected(case);
+        let (ids, mask) = exp.padded_batch(&device);
+        let base_err = max_abs_diff(
+            bert().forward(ids.clone(), mask.clone()),
+            exp.logits(&device),
+        );
+        let files = adapter(case);
+        let config = Prompt::from_json(&files.config);
+        let model = config
+            .tuner()
+            .apply_and_load(bert(), "default", files)
+            .unwrap();
+        let err = max_abs_diff(model.forward(ids, mask), exp.logits(&device));
+        assert!(
+            err < 1e-5 && base_err > 1e-3,
+            "{case}: max |ours - PEFT| = {err}, base {base_err}"
+        );
+        let out = tempfile::tempdir().unwrap();
+        config.tuner().save(&model, "default", out.path()).unwrap();
+        assert_eq!(
+            load_adapter(out.path()).unwrap().tensors,
+            adapter(case).tensors,
+            "{case}"
+        );
     }
 }

@@ -36,14 +36,25 @@ pub fn train_whole<M: SiteHost>(model: &mut M, modules_to_save: &[String]) -> Re
 
 /// Put the saved modules' weights and biases into `out` under their adapter keys.
 pub fn put_whole<M: SiteHost>(model: &M, modules_to_save: &[String], out: &mut TensorMap) {
+    put_whole_under(model, modules_to_save, out, KEY_PREFIX)
+}
+
+/// [`put_whole`] with keys `<prefix><path>.weight`: prompt-learning methods save them under
+/// `base_model.` (PEFT puts no tuner wrapper between the model and its saved modules there).
+pub fn put_whole_under<M: SiteHost>(
+    model: &M,
+    modules_to_save: &[String],
+    out: &mut TensorMap,
+    prefix: &str,
+) {
     for (path, s) in model.linears() {
         if !in_saved_module(&path, modules_to_save) {
             continue;
         }
-        out.insert(format!("{KEY_PREFIX}{path}.weight"), s.base.weight_hf());
+        out.insert(format!("{prefix}{path}.weight"), s.base.weight_hf());
         if let Some(b) = s.base.bias() {
             out.insert(
-                format!("{KEY_PREFIX}{path}.bias"),
+                format!("{prefix}{path}.bias"),
                 HostTensor::from_tensor(b.val()),
             );
         }
@@ -58,14 +69,25 @@ pub fn take_whole<M: SiteHost>(
     tensors: &mut TensorMap,
     file: &Path,
 ) -> Result<()> {
+    take_whole_under(model, modules_to_save, tensors, file, KEY_PREFIX)
+}
+
+/// [`take_whole`] from keys `<prefix><path>.weight` (see [`put_whole_under`]).
+pub fn take_whole_under<M: SiteHost>(
+    model: &mut M,
+    modules_to_save: &[String],
+    tensors: &mut TensorMap,
+    file: &Path,
+    prefix: &str,
+) -> Result<()> {
     for path in saved_linears(model, modules_to_save) {
         let s = model.linear_mut(&path).expect("listed");
         let device = s.base.device();
         let (d_in, d_out) = (s.base.d_input(), s.base.d_output());
-        let w = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.weight"), &[d_out, d_in])?;
+        let w = tensors.take_shaped(file, &format!("{prefix}{path}.weight"), &[d_out, d_in])?;
         s.base.set_weight(w.transposed().to_tensor(&device), true)?;
         if s.base.bias().is_some() {
-            let b = tensors.take_shaped(file, &format!("{KEY_PREFIX}{path}.bias"), &[d_out])?;
+            let b = tensors.take_shaped(file, &format!("{prefix}{path}.bias"), &[d_out])?;
             *s.base.bias_mut() = Some(trainable(b.to_tensor(&device)));
         }
     }

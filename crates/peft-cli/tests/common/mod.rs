@@ -40,6 +40,37 @@ pub fn data(dir: &Path) -> PathBuf {
     p
 }
 
+/// The tiny BERT classifier's folder.
+pub fn tiny_bert() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/bert_tiny/model")
+}
+
+/// Sixty-four `text,label` rows (positive/negative by one word), as `dir/data.csv`.
+pub fn sentiment_csv(dir: &Path) -> PathBuf {
+    let (pos, neg) = (
+        ["good", "happy", "hot", "yes"],
+        ["bad", "sad", "cold", "no"],
+    );
+    let fill = ["the", "day", "is", "a", "cat", "dog", "sun", "moon"];
+    let mut csv = String::from("text,label\n");
+    for i in 0..64 {
+        let (word, label) = if i % 2 == 0 {
+            (pos[i % 4], "positive")
+        } else {
+            (neg[i % 4], "negative")
+        };
+        csv.push_str(&format!(
+            "{} {} {},{label}\n",
+            fill[i % 8],
+            word,
+            fill[(i * 3 + 1) % 8]
+        ));
+    }
+    let data = dir.join("data.csv");
+    std::fs::write(&data, csv).unwrap();
+    data
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
