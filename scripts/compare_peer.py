@@ -79,6 +79,7 @@ def apply_method(model, spec):
     config = dict(spec["adapter_config"])
     for k in ("peft_version", "base_model_name_or_path", "auto_mapping"):
         config.pop(k, None)
+    config["inference_mode"] = False  # saved configs say true; this one trains
     return get_peft_model(model, PeftConfig.from_peft_type(**config))
 
 
@@ -108,6 +109,7 @@ def chat_batch(rows, pad):
 def chat_loss(model, ids, mask):
     """Mean cross-entropy over the predicted positions whose mask is 1 (as the Rust loss)."""
     logits = model(input_ids=ids[:, :-1]).logits
+    logits = logits[:, logits.shape[1] - (ids.shape[1] - 1):]  # prompt tuning adds virtual positions
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                             reduction="none").reshape(ids.shape[0], -1)
     m = mask[:, 1:]

@@ -32,7 +32,7 @@ use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 7] = [
+pub const METHODS: [&str; 10] = [
     "full",
     "lora",
     "qlora",
@@ -40,6 +40,9 @@ pub const METHODS: [&str; 7] = [
     "bitfit",
     "beft",
     "ln-tuning",
+    "prompt-tuning",
+    "p-tuning",
+    "prefix-tuning",
 ];
 
 /// The learning rate of each method (the budget, steps and batch, is the same for all; the
@@ -48,12 +51,14 @@ fn learning_rate(method: &str) -> f64 {
     match method {
         "full" => 5e-5,
         "ia3" => 1e-2,
+        // Virtual tokens move slowly at LoRA's rate (PEFT's prompt-tuning examples use 3e-2).
+        "prompt-tuning" | "p-tuning" | "prefix-tuning" => 3e-2,
         _ => 1e-3,
     }
 }
 
 /// One method on one task.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub task: String,
     pub method: String,
@@ -212,9 +217,51 @@ pub fn compare(args: &[String], root: &Path, models: &Path) -> Result<()> {
         peer.as_ref(),
         o.task.as_deref(),
     )?;
+    // A narrowed run (--only, --task) adds its rows to the report already in --out.
+    let rows = if o.only.is_some() || o.task.is_some() {
+        merge_rows(earlier_rows(&o.out, o.quick)?, rows)
+    } else {
+        rows
+    };
     write_report(&rows, &o.out, o.quick)?;
     println!("report: {}", o.out.join("report.md").display());
     Ok(())
+}
+
+/// The rows of the report already in `out` (none if there is none, or it is of the other
+/// mode: quick rows never mix with real ones).
+fn earlier_rows(out: &Path, quick: bool) -> Result<Vec<Row>> {
+    let path = out.join("results.json");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let v: Value = serde_json::from_slice(&std::fs::read(&path)?)
+        .with_context(|| path.display().to_string())?;
+    if v["quick"].as_bool() != Some(quick) {
+        return Ok(Vec::new());
+    }
+    serde_json::from_value(v["rows"].clone()).with_context(|| path.display().to_string())
+}
+
+/// `earlier` with the rows of `new` replacing those of the same task and method, in the
+/// order of [`METHODS`] (sentiment before chat within a method, as a full run writes them).
+fn merge_rows(earlier: Vec<Row>, new: Vec<Row>) -> Vec<Row> {
+    let mut rows: Vec<Row> = earlier
+        .into_iter()
+        .filter(|e| !new.iter().any(|n| n.task == e.task && n.method == e.method))
+        .collect();
+    rows.extend(new);
+    let rank = |r: &Row| {
+        (
+            METHODS
+                .iter()
+                .position(|m| *m == r.method)
+                .unwrap_or(usize::MAX),
+            usize::from(r.task != "sentiment"),
+        )
+    };
+    rows.sort_by_key(rank);
+    rows
 }
 
 /// Every method on both tasks.
@@ -824,5 +871,45 @@ mod tests {
             assert!(md.contains(&format!("| {m} |")), "{md}");
         }
         assert!(out.path().join("chart.svg").exists() && out.path().join("results.json").exists());
+    }
+
+    #[test]
+    fn a_narrowed_run_replaces_its_rows_and_keeps_the_others_in_method_order() {
+        let row = |task: &str, method: &str, step_ms: f64| Row {
+            task: task.into(),
+            method: method.into(),
+            trainable: 1,
+            total: 1,
+            trainable_percent: 100.0,
+            saved_bytes: 1,
+            step_ms,
+            step_peak_bytes: 1,
+            metrics: BTreeMap::new(),
+            error: None,
+            peer: None,
+            peer_error: None,
+        };
+        let earlier = vec![
+            row("sentiment", "full", 1.0),
+            row("chat", "full", 1.0),
+            row("sentiment", "lora", 1.0),
+            row("chat", "lora", 1.0),
+        ];
+        let new = vec![row("chat", "prompt-tuning", 2.0), row("chat", "full", 3.0)];
+        let merged = merge_rows(earlier, new);
+        let got: Vec<(&str, &str, f64)> = merged
+            .iter()
+            .map(|r| (r.task.as_str(), r.method.as_str(), r.step_ms))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("sentiment", "full", 1.0),
+                ("chat", "full", 3.0),
+                ("sentiment", "lora", 1.0),
+                ("chat", "lora", 1.0),
+                ("chat", "prompt-tuning", 2.0),
+            ]
+        );
     }
 }
