@@ -137,9 +137,12 @@ def qlora_base():
 def train_step(method):
     from peft import get_peft_model
 
-    from peft import BeftConfig, IA3Config, LNTuningConfig
+    from peft import BeftConfig, IA3Config, LNTuningConfig, PrefixTuningConfig, PromptTuningConfig
 
-    others = {"ia3": IA3Config, "ln_tuning": LNTuningConfig, "beft": BeftConfig}
+    others = {"ia3": IA3Config, "ln_tuning": LNTuningConfig, "beft": BeftConfig,
+              # 20 virtual tokens, as the Rust twin's default.
+              "prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
+              "prefix_tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)}
     if method == "full":
         model = random_llama()
     elif method == "qlora":
@@ -201,6 +204,8 @@ WORKLOADS = {
     "train_step/ia3": lambda: train_step("ia3"),
     "train_step/ln_tuning": lambda: train_step("ln_tuning"),
     "train_step/beft": lambda: train_step("beft"),
+    "train_step/prompt_tuning": lambda: train_step("prompt_tuning"),
+    "train_step/prefix_tuning": lambda: train_step("prefix_tuning"),
     "generate/base": lambda: generate("base"),
     "generate/unmerged": lambda: generate("unmerged"),
     "generate/merged": lambda: generate("merged"),

@@ -158,6 +158,16 @@ pub const WORKLOADS: &[Workload] = &[
         BATCH * SEQ,
     ),
     w(
+        "train_step/prompt_tuning",
+        "AdamW step, prompt tuning with 20 virtual tokens",
+        BATCH * SEQ,
+    ),
+    w(
+        "train_step/prefix_tuning",
+        "AdamW step, prefix tuning with 20 virtual tokens (keys and values in every layer)",
+        BATCH * SEQ,
+    ),
+    w(
         "generate/base",
         "greedy generation, batch 1, 16-token prompt + 32 new tokens, no adapter",
         NEW_TOKENS,
@@ -378,7 +388,9 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
         | "train_step/qlora"
         | "train_step/ia3"
         | "train_step/ln_tuning"
-        | "train_step/beft" => {
+        | "train_step/beft"
+        | "train_step/prompt_tuning"
+        | "train_step/prefix_tuning" => {
             let model = random_llama(&device.clone().autodiff())?;
             let model = match id {
                 "train_step/full" => unfreeze_all(model),
@@ -390,6 +402,12 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                     peft_select::LnTuningConfig::default().apply(model, "default")?
                 }
                 "train_step/beft" => peft_select::BeftConfig::default().apply(model, "default")?,
+                "train_step/prompt_tuning" => {
+                    peft_prompt::PromptTuningConfig::default().apply(model, "default")?
+                }
+                "train_step/prefix_tuning" => {
+                    peft_prompt::PrefixTuningConfig::default().apply(model, "default")?
+                }
                 _ => lora_config().apply(model, "default")?,
             };
             let config = TrainConfig {

@@ -271,3 +271,53 @@ fn prompt_methods_train_a_bert_classifier() {
         );
     }
 }
+
+/// Prompt tuning and LoRA on one model: both act (the output differs from LoRA alone), each
+/// saves its own folder in its reference format, and loading both into a fresh model gives
+/// the same logits.
+#[test]
+fn prompt_tuning_and_lora_compose_on_one_model() {
+    use burn::tensor::Device;
+    use peft_core::tuner::Tuner;
+    use peft_models::reference::max_abs_diff;
+    let device = Device::flex();
+    let fixture = Expected::read(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
+    )
+    .unwrap();
+    let base = || {
+        peft_models::load::load_causal_lm(&tiny(), &device)
+            .unwrap()
+            .model
+    };
+    let lora = peft_lora::LoraConfig {
+        init_lora_weights: peft_lora::InitLoraWeights::Flag(false),
+        ..peft_lora::LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])
+    };
+    let prompt = peft_prompt::PromptTuningConfig::default();
+    let both = prompt
+        .apply(lora.apply(base(), "lora").unwrap(), "prompt")
+        .unwrap();
+    let logits = |m: &peft_models::llama::LlamaForCausalLM| m.forward(fixture.ids(&device), None);
+    let together = logits(&both);
+    let tmp = tempfile::tempdir().unwrap();
+    lora.save(&both, "lora", tmp.path()).unwrap();
+    prompt.save(&both, "prompt", tmp.path()).unwrap();
+    let load = |name: &str| peft_core::adapter_io::load_adapter(&tmp.path().join(name)).unwrap();
+    assert_eq!(load("prompt").config["peft_type"], "PROMPT_TUNING");
+    let lora_only = lora.apply_and_load(base(), "lora", load("lora")).unwrap();
+    let reloaded = prompt
+        .apply_and_load(
+            lora.apply_and_load(base(), "lora", load("lora")).unwrap(),
+            "prompt",
+            load("prompt"),
+        )
+        .unwrap();
+    assert_eq!(max_abs_diff(logits(&reloaded), together.clone()), 0.0);
+    let apart = max_abs_diff(logits(&lora_only), together);
+    assert!(
+        apart > 1e-3,
+        "the prompt must change the LoRA model's output ({apart})"
+    );
+}
