@@ -15,7 +15,7 @@ use peft_cli::methods::MethodConfig;
 use peft_cli::{methods, usage};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_lora::{dequantize_base, merge_and_unload_state, quantize_base, quantized_footprint};
-use peft_models::generate::greedy;
+use peft_models::generate::{greedy, greedy_batch};
 use peft_models::load::{LoadedModel, load_causal_lm};
 use peft_sites::{SiteHost, SiteMut};
 
@@ -70,8 +70,10 @@ enum Command {
         /// Name of the adapter to use (the folder name) when several are loaded.
         #[arg(long = "use")]
         use_adapter: Option<String>,
-        #[arg(long)]
-        prompt: String,
+        /// The prompt; several `--prompt`s are answered together in one padded batch, one
+        /// answer per line.
+        #[arg(long, required = true)]
+        prompt: Vec<String>,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
         /// Send the prompt as is, without the chat template.
@@ -368,19 +370,33 @@ fn run(cli: Cli) -> Result<()> {
                     names.join(", ")
                 ));
             }
-            let text = if raw {
-                prompt
+            let mut ids = Vec::with_capacity(prompt.len());
+            for p in &prompt {
+                let text = if raw {
+                    p.clone()
+                } else {
+                    loaded.tokenizer.chat_prompt(p)
+                };
+                ids.push(loaded.tokenizer.encode(&text)?);
+            }
+            let eos = &loaded.tokenizer.eos_ids;
+            let outs = if ids.len() == 1 {
+                vec![greedy(&loaded.model, &ids[0], max_new_tokens, eos)]
             } else {
-                loaded.tokenizer.chat_prompt(&prompt)
+                greedy_batch(&loaded.model, &ids, max_new_tokens, eos)
             };
-            let ids = loaded.tokenizer.encode(&text)?;
-            let out = greedy(
-                &loaded.model,
-                &ids,
-                max_new_tokens,
-                &loaded.tokenizer.eos_ids,
-            );
-            println!("{}", loaded.tokenizer.decode(&out)?);
+            for out in outs {
+                // One answer per line, whatever newlines the answers hold.
+                let text = loaded.tokenizer.decode(&out)?;
+                println!(
+                    "{}",
+                    if ids.len() == 1 {
+                        text
+                    } else {
+                        text.replace('\n', " ")
+                    }
+                );
+            }
             Ok(())
         }
         Command::Merge {

@@ -321,3 +321,34 @@ fn prompt_tuning_and_lora_compose_on_one_model() {
         "the prompt must change the LoRA model's output ({apart})"
     );
 }
+
+/// `peft generate` with several prompts answers them in one padded batch, each line what the
+/// prompt gets alone (here with PEFT's prefix adapter).
+#[test]
+fn several_prompts_are_answered_together_as_each_alone() {
+    let adapter = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/prompts_tiny/prefix_llama/adapter");
+    let prompts = ["hello what is your name", "good day", "the cat is"];
+    let model = tiny();
+    let generate = |ps: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&adapter),
+            "--raw",
+            "--max-new-tokens",
+            "5",
+        ];
+        for p in ps {
+            args.extend(["--prompt", p]);
+        }
+        let o = peft(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let alone: String = prompts.iter().map(|p| generate(&[p])).collect();
+    assert_eq!(generate(&prompts), alone);
+    assert_eq!(alone.lines().count(), 3);
+}

@@ -26,3 +26,70 @@ pub fn greedy(model: &LlamaForCausalLM, prompt: &[u32], max_new: usize, eos: &[u
     }
     out
 }
+
+/// Continue every prompt greedily at once, in one left-padded batch, for at most `max_new`
+/// tokens each, a row stopping at any of `eos`. Returns the new tokens of each prompt: what
+/// [`greedy`] returns for it alone (padding is masked and each row keeps its own positions).
+pub fn greedy_batch(
+    model: &LlamaForCausalLM,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    eos: &[u32],
+) -> Vec<Vec<u32>> {
+    let device = model.device();
+    let b = prompts.len();
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if b == 0 || width == 0 {
+        return vec![Vec::new(); b];
+    }
+    let pad = eos.first().copied().unwrap_or(0) as i64;
+    let mut ids = Vec::with_capacity(b * width);
+    let mut mask = Vec::with_capacity(b);
+    for p in prompts {
+        let n = width - p.len();
+        ids.extend(std::iter::repeat_n(pad, n));
+        ids.extend(p.iter().map(|&t| t as i64));
+        mask.push([vec![0.0; n], vec![1.0; p.len()]].concat());
+    }
+    let mut cache = KvCache::new();
+    let mut tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, width]), &device);
+    let mut out = vec![Vec::new(); b];
+    let mut done: Vec<bool> = prompts.iter().map(|p| p.is_empty()).collect();
+    for _ in 0..max_new {
+        let n = tokens.dims()[1];
+        let logits = model.forward_padded(tokens, &mask, Some(&mut cache));
+        let vocab = logits.dims()[2];
+        let next: Vec<i64> = logits
+            .narrow(1, n - 1, 1)
+            .reshape([b, vocab])
+            .argmax(1)
+            .into_data()
+            .iter::<i64>()
+            .collect();
+        for (r, &t) in next.iter().enumerate() {
+            if done[r] {
+                continue;
+            }
+            if eos.contains(&(t as u32)) {
+                done[r] = true;
+            } else {
+                out[r].push(t as u32);
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        // A finished row is fed padding, masked, so the others go on unchanged.
+        mask = done
+            .iter()
+            .map(|&d| vec![if d { 0.0 } else { 1.0 }])
+            .collect();
+        let feed: Vec<i64> = next
+            .iter()
+            .zip(&done)
+            .map(|(&t, &d)| if d { pad } else { t })
+            .collect();
+        tokens = Tensor::from_data(TensorData::new(feed, [b, 1]), &device);
+    }
+    out
+}

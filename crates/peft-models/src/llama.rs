@@ -101,6 +101,9 @@ pub struct LlamaForCausalLM {
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// For a padded batch ([`LlamaForCausalLM::forward_padded`]): per row, 1 on the real
+    /// cached positions and 0 on padding, and the position id each row's next token takes.
+    padding: Option<(Vec<Vec<f32>>, Vec<usize>)>,
 }
 
 impl KvCache {
@@ -137,10 +140,22 @@ fn rope_tables(
     theta: f64,
     device: &Device,
 ) -> (Tensor<4>, Tensor<4>) {
+    let positions: Vec<usize> = (start..start + seq).collect();
+    rope_rows(&[positions], head_dim, theta, device)
+}
+
+/// RoPE tables `[rows, 1, seq, head_dim]`, row `r` at the position ids `positions[r]`.
+fn rope_rows(
+    positions: &[Vec<usize>],
+    head_dim: usize,
+    theta: f64,
+    device: &Device,
+) -> (Tensor<4>, Tensor<4>) {
     let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(seq * head_dim);
-    let mut sin = Vec::with_capacity(seq * head_dim);
-    for p in start..start + seq {
+    let (rows, seq) = (positions.len(), positions[0].len());
+    let mut cos = Vec::with_capacity(rows * seq * head_dim);
+    let mut sin = Vec::with_capacity(rows * seq * head_dim);
+    for &p in positions.iter().flatten() {
         for i in 0..head_dim {
             let inv = 1.0 / (theta as f32).powf((2 * (i % half)) as f32 / head_dim as f32);
             let angle = p as f32 * inv;
@@ -148,11 +163,40 @@ fn rope_tables(
             sin.push(angle.sin());
         }
     }
-    let shape = [1, 1, seq, head_dim];
+    let shape = [rows, 1, seq, head_dim];
     (
         Tensor::from_data(TensorData::new(cos, shape), device),
         Tensor::from_data(TensorData::new(sin, shape), device),
     )
+}
+
+/// Position ids and key mask of a padded block: each row continues at `next[r]` and counts
+/// its real tokens only (Hugging Face's `cumsum(mask) - 1`; padding repeats the row's next
+/// position), so a row computes what it computes alone. Updates `cached` and `next`.
+fn padded_positions(
+    block: &[Vec<f32>],
+    cached: &mut Vec<Vec<f32>>,
+    next: &mut [usize],
+) -> Vec<Vec<usize>> {
+    block
+        .iter()
+        .zip(cached.iter_mut())
+        .zip(next.iter_mut())
+        .map(|((row, keys), n)| {
+            let ids = row
+                .iter()
+                .map(|&m| {
+                    let id = *n;
+                    if m > 0.5 {
+                        *n += 1;
+                    }
+                    id
+                })
+                .collect();
+            keys.extend_from_slice(row);
+            ids
+        })
+        .collect()
 }
 
 fn apply_rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
@@ -164,11 +208,13 @@ fn apply_rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
 }
 
 impl Attention {
+    /// `key_bias` `[batch, 1, 1, keys]`: added to the scores (large negative on padding).
     fn forward(
         &self,
         x: Tensor<3>,
         rope: (Tensor<4>, Tensor<4>),
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        key_bias: Option<Tensor<4>>,
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -213,7 +259,10 @@ impl Attention {
         };
         // Query i (absolute position t - s + i) sees keys 0..=t - s + i. Softmax in f32
         // whatever the compute type (as transformers does).
-        let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
+        let mut scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
+        if let Some(bias) = key_bias {
+            scores = scores + bias;
+        }
         let out = causal_softmax(scores, 1.0 / (d as f64).sqrt())
             .cast(v.dtype())
             .matmul(v);
@@ -408,6 +457,24 @@ impl LlamaForCausalLM {
     /// continue the cached positions and the cache is extended.
     pub fn forward(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
         let h = self.hidden_states(tokens, cache);
+        self.head(h)
+    }
+
+    /// Logits of a left-padded batch: `mask[r]` is 1 on the real tokens of row `r` and 0 on
+    /// its padding. Every row gets what it gets alone: padding is never attended to and a
+    /// row's position ids count its real tokens only. With a cache, later calls continue each
+    /// row where it stopped (their tokens all real, or padding for a finished row).
+    pub fn forward_padded(
+        &self,
+        tokens: Tensor<2, Int>,
+        mask: &[Vec<f32>],
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let h = self.hidden_states_with(tokens, Some(mask), cache);
+        self.head(h)
+    }
+
+    fn head(&self, h: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => {
@@ -423,9 +490,16 @@ impl LlamaForCausalLM {
     /// positions take the first position ids; their hidden states are not returned), a prefix
     /// as the cached keys and values of every layer (the tokens start at position
     /// `n_virtual`). With a cache, both stay in it for the later calls.
-    pub fn hidden_states(
+    pub fn hidden_states(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.hidden_states_with(tokens, None, cache)
+    }
+
+    /// [`Self::hidden_states`], of a padded batch when `padding` is given (see
+    /// [`Self::forward_padded`]).
+    fn hidden_states_with(
         &self,
         tokens: Tensor<2, Int>,
+        padding: Option<&[Vec<f32>]>,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
         let device = tokens.device();
@@ -463,13 +537,50 @@ impl LlamaForCausalLM {
             c.layers = vec![None; n_layers];
         }
         let cfg = &self.config;
-        let rope = rope_tables(start, n_prompt + s, cfg.head_dim(), cfg.rope_theta, &device);
+        // A padded batch (now, or earlier in the cache): positions and key mask per row.
+        let earlier = cache.as_ref().and_then(|c| c.padding.clone());
+        let (rope, key_bias) = if padding.is_some() || earlier.is_some() {
+            let (mut keys, mut next) =
+                earlier.unwrap_or_else(|| (vec![vec![1.0; start]; b], vec![start; b]));
+            // Virtual tokens are real positions of every row.
+            let block: Vec<Vec<f32>> = (0..b)
+                .map(|r| {
+                    let mut row = vec![1.0; n_prompt];
+                    match padding {
+                        Some(m) => row.extend_from_slice(&m[r]),
+                        None => row.extend(std::iter::repeat_n(1.0, s)),
+                    }
+                    row
+                })
+                .collect();
+            let positions = padded_positions(&block, &mut keys, &mut next);
+            let t = keys[0].len();
+            let bias: Vec<f32> = keys
+                .iter()
+                .flatten()
+                .map(|&m| if m > 0.5 { 0.0 } else { -1e9 })
+                .collect();
+            let bias = Tensor::<4>::from_data(TensorData::new(bias, [b, 1, 1, t]), &device);
+            if let Some(c) = cache.as_mut() {
+                c.padding = Some((keys, next));
+            }
+            (
+                rope_rows(&positions, cfg.head_dim(), cfg.rope_theta, &device),
+                Some(bias),
+            )
+        } else {
+            (
+                rope_tables(start, n_prompt + s, cfg.head_dim(), cfg.rope_theta, &device),
+                None,
+            )
+        };
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let a = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
                 rope.clone(),
                 slot,
+                key_bias.clone(),
             );
             x = x + a;
             x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));

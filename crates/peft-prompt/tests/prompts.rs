@@ -400,3 +400,20 @@ fn python_bert_adapters_give_the_same_logits_and_save_back() {
         );
     }
 }
+
+/// A left-padded batch with a soft prompt or a prefix: each row's greedy tokens are what it
+/// gets alone (the virtual tokens are real positions of every row, padding is masked).
+#[test]
+fn padded_batches_with_virtual_tokens_generate_what_each_row_generates_alone() {
+    let device = Device::flex();
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 2, 33, 7, 8], vec![12], vec![40, 41, 3]];
+    for case in ["prompt_random_llama", "p_tuning_mlp_llama", "prefix_llama"] {
+        let model = loaded(case, &device);
+        let alone: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&model, p, 6, &[])).collect();
+        assert_eq!(
+            peft_models::generate::greedy_batch(&model, &prompts, 6, &[]),
+            alone,
+            "{case}"
+        );
+    }
+}
