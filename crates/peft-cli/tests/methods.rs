@@ -393,9 +393,39 @@ fn trained_adapters_load_in_python_peft_with_the_same_logits_and_greedy_text() {
             .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
     )
     .unwrap();
-    for (method, _, lr) in METHODS.into_iter().chain([("beft", "BEFT", "0.05")]) {
+    // The prompt methods with their encoders (tests/prompts.rs trains them more fully).
+    let prompt_options: [(&str, &[&str]); 3] = [
+        (
+            "prompt-tuning",
+            &[
+                "prompt_tuning_init=TEXT",
+                "prompt_tuning_init_text=hello what is",
+            ],
+        ),
+        (
+            "p-tuning",
+            &[
+                "encoder_reparameterization_type=LSTM",
+                "encoder_hidden_size=16",
+            ],
+        ),
+        (
+            "prefix-tuning",
+            &["prefix_projection=true", "encoder_hidden_size=32"],
+        ),
+    ];
+    let runs = METHODS
+        .into_iter()
+        .map(|(m, _, lr)| (m, lr, &[][..]))
+        .chain([("beft", "0.05", &[][..])])
+        .chain(prompt_options.map(|(m, o)| (m, "0.01", o)));
+    for (method, lr, options) in runs {
         let out = tmp.path().join(method);
-        let o = peft(&train(method, lr, s(&data), s(&out)));
+        let mut args = train(method, lr, s(&data), s(&out));
+        for o in options {
+            args.extend(["--set", o]);
+        }
+        let o = peft(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         // The fixture's first row (the greedy prompt) and both rows' logits, as the fixture.
         let said = agrees_in_python(

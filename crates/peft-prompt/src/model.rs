@@ -23,11 +23,15 @@ pub const PROMPT_KEY: &str = "prompt_embeddings";
 /// Where PEFT keys `modules_to_save` of prompt-learning models (`base_model.classifier.weight`).
 pub const SAVED_PREFIX: &str = "base_model.";
 
-/// What differs between the three methods.
-trait PromptMethod {
+/// The shared fields of a method's config and the site it attaches to.
+trait PromptBase {
     fn base(&self) -> &PromptLearningConfig;
     fn base_mut(&mut self) -> &mut PromptLearningConfig;
     fn place(&self) -> PromptPlace;
+}
+
+/// What differs between the three methods.
+trait PromptMethod: PromptBase {
     /// The encoder a training run builds (a loaded adapter is a table).
     fn training_shape(&self, token_dim: usize) -> EncoderShape;
     /// The embeddings a training run starts from, `[n, dim]`.
@@ -205,7 +209,21 @@ fn load_training_extras<C: PromptMethod + Clone, M: SiteHost>(
 }
 
 macro_rules! prompt_tuner {
-    ($ty:ty, $peft_type:literal) => {
+    ($ty:ty, $peft_type:literal, $place:expr) => {
+        impl PromptBase for $ty {
+            fn base(&self) -> &PromptLearningConfig {
+                &self.base
+            }
+
+            fn base_mut(&mut self) -> &mut PromptLearningConfig {
+                &mut self.base
+            }
+
+            fn place(&self) -> PromptPlace {
+                $place
+            }
+        }
+
         impl $ty {
             /// The config with the model facts (`token_dim`, `num_attention_heads`,
             /// `num_layers`, `encoder_hidden_size`) filled in, as PEFT saves it.
@@ -261,9 +279,9 @@ macro_rules! prompt_tuner {
     };
 }
 
-prompt_tuner!(PromptTuningConfig, "PROMPT_TUNING");
-prompt_tuner!(PromptEncoderConfig, "P_TUNING");
-prompt_tuner!(PrefixTuningConfig, "PREFIX_TUNING");
+prompt_tuner!(PromptTuningConfig, "PROMPT_TUNING", PromptPlace::Input);
+prompt_tuner!(PromptEncoderConfig, "P_TUNING", PromptPlace::Input);
+prompt_tuner!(PrefixTuningConfig, "PREFIX_TUNING", PromptPlace::Prefix);
 
 /// `ids` repeated and cut to `n`, as PEFT fits a `TEXT` init to the virtual tokens.
 pub fn fit_ids(ids: &[u32], n: usize) -> Vec<u32> {
@@ -271,18 +289,6 @@ pub fn fit_ids(ids: &[u32], n: usize) -> Vec<u32> {
 }
 
 impl PromptMethod for PromptTuningConfig {
-    fn base(&self) -> &PromptLearningConfig {
-        &self.base
-    }
-
-    fn base_mut(&mut self) -> &mut PromptLearningConfig {
-        &mut self.base
-    }
-
-    fn place(&self) -> PromptPlace {
-        PromptPlace::Input
-    }
-
     fn training_shape(&self, _token_dim: usize) -> EncoderShape {
         EncoderShape::Table
     }
@@ -328,18 +334,6 @@ impl PromptMethod for PromptTuningConfig {
 }
 
 impl PromptMethod for PromptEncoderConfig {
-    fn base(&self) -> &PromptLearningConfig {
-        &self.base
-    }
-
-    fn base_mut(&mut self) -> &mut PromptLearningConfig {
-        &mut self.base
-    }
-
-    fn place(&self) -> PromptPlace {
-        PromptPlace::Input
-    }
-
     fn training_shape(&self, token_dim: usize) -> EncoderShape {
         let hidden = self.encoder_hidden_size.unwrap_or(token_dim);
         match self.encoder_reparameterization_type.as_str() {
@@ -362,18 +356,6 @@ impl PromptMethod for PromptEncoderConfig {
 }
 
 impl PromptMethod for PrefixTuningConfig {
-    fn base(&self) -> &PromptLearningConfig {
-        &self.base
-    }
-
-    fn base_mut(&mut self) -> &mut PromptLearningConfig {
-        &mut self.base
-    }
-
-    fn place(&self) -> PromptPlace {
-        PromptPlace::Prefix
-    }
-
     fn training_shape(&self, token_dim: usize) -> EncoderShape {
         if self.prefix_projection {
             EncoderShape::Projection {

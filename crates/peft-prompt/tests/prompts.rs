@@ -417,3 +417,42 @@ fn padded_batches_with_virtual_tokens_generate_what_each_row_generates_alone() {
         );
     }
 }
+
+/// `SAMPLE_VOCAB` takes whole rows of the word embeddings; prefix tuning's `init_weights =
+/// "zero"` zeroes the prefixes (or the projection's last layer, so its output is zero too).
+#[test]
+fn sample_vocab_and_zero_inits_are_what_peft_defines() {
+    let device = Device::flex();
+    let model = llama(&device);
+    let words: Vec<Vec<f32>> = {
+        let e = model.input_embeddings().unwrap();
+        let [v, d] = e.dims();
+        let flat: Vec<f32> = e.into_data().iter::<f32>().collect();
+        (0..v).map(|i| flat[i * d..(i + 1) * d].to_vec()).collect()
+    };
+    let config = PromptTuningConfig::from_json(
+        &serde_json::json!({"prompt_tuning_init": "SAMPLE_VOCAB", "num_virtual_tokens": 6}),
+    )
+    .unwrap();
+    let m = config.apply(model, "default").unwrap();
+    let table = config.state(&m, "default").unwrap();
+    let table = table.get("prompt_embeddings").unwrap();
+    assert_eq!(table.shape, [6, 64]);
+    for row in table.data.chunks(64) {
+        assert!(
+            words.iter().any(|w| w == row),
+            "a row that is no word's embedding"
+        );
+    }
+    for projection in [false, true] {
+        let config = PrefixTuningConfig::from_json(&serde_json::json!({
+            "init_weights": "zero", "num_virtual_tokens": 3, "prefix_projection": projection
+        }))
+        .unwrap();
+        let m = config.apply(llama(&device), "default").unwrap();
+        let saved = config.state(&m, "default").unwrap();
+        let t = saved.get("prompt_embeddings").unwrap();
+        assert_eq!(t.shape, [3, 2 * 2 * 32]);
+        assert!(t.data.iter().all(|&x| x == 0.0), "projection {projection}");
+    }
+}
