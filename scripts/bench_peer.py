@@ -170,8 +170,12 @@ def train_step(method):
 def generate(variant):
     from peft import get_peft_model
 
+    from peft import PrefixTuningConfig
+
     model = random_llama()
-    if variant != "base":
+    if variant == "prefix":
+        model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
+    elif variant != "base":
         model = get_peft_model(model, lora_config())
         if variant == "merged":
             model.merge_adapter()
@@ -209,6 +213,7 @@ WORKLOADS = {
     "generate/base": lambda: generate("base"),
     "generate/unmerged": lambda: generate("unmerged"),
     "generate/merged": lambda: generate("merged"),
+    "generate/prefix": lambda: generate("prefix"),
 }
 
 

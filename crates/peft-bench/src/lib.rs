@@ -182,6 +182,11 @@ pub const WORKLOADS: &[Workload] = &[
         "same with the LoRA merged into the weights",
         NEW_TOKENS,
     ),
+    w(
+        "generate/prefix",
+        "same with a 20-token prefix (prefix tuning) in every layer's keys and values",
+        NEW_TOKENS,
+    ),
 ];
 
 /// The device kernels, measured against a device copy: only in the GPU run.
@@ -433,11 +438,14 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 sync();
             })
         }
-        "generate/base" | "generate/unmerged" | "generate/merged" => {
+        "generate/base" | "generate/unmerged" | "generate/merged" | "generate/prefix" => {
             let config = lora_config();
             let base = random_llama(device)?;
             let model = match id {
                 "generate/base" => base,
+                "generate/prefix" => {
+                    peft_prompt::PrefixTuningConfig::default().apply(base, "default")?
+                }
                 "generate/unmerged" => config.apply(base, "default")?,
                 _ => config.merge(config.apply(base, "default")?, "default")?,
             };

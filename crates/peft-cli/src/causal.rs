@@ -16,8 +16,12 @@ pub fn train(mut run: Run) -> Result<()> {
     eprintln!("loading {}", model_path.display());
     let loaded = load_causal_lm(&model_path, &run.device)?;
     let tok = loaded.tokenizer;
-    let max_len =
-        peft_cli::usage::max_len(a.max_len, 256, loaded.model.config.max_position_embeddings)?;
+    let max_len = peft_cli::usage::max_len(
+        a.max_len,
+        256,
+        loaded.model.config.max_position_embeddings,
+        run.method.virtual_tokens(),
+    )?;
     std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
     let train_set = read_examples(a.data.as_ref().expect("checked"), &tok, max_len)?;
     let eval = a

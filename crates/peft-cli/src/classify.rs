@@ -74,7 +74,12 @@ pub(crate) fn train(run: Run) -> Result<()> {
     }
     eprintln!("loading {}", model_dir.display());
     let (model, tok) = load_bert_classifier(&model_dir, labels.len(), &run.device)?;
-    let max_len = peft_cli::usage::max_len(a.max_len, 128, model.config.max_position_embeddings)?;
+    let max_len = peft_cli::usage::max_len(
+        a.max_len,
+        128,
+        model.config.max_position_embeddings,
+        run.method.virtual_tokens(),
+    )?;
     let train_set = encode(&data, &text_col, &label_col, &labels, &tok, max_len)?;
     let eval = a
         .eval_data
@@ -144,7 +149,12 @@ pub fn eval(
     let config =
         MethodConfig::from_json(&files.config).with_context(|| format!("{}", adapter.display()))?;
     let (model, tok) = load_bert_classifier(model_dir, labels.len(), device)?;
-    let max_len = peft_cli::usage::max_len(max_len, 128, model.config.max_position_embeddings)?;
+    let max_len = peft_cli::usage::max_len(
+        max_len,
+        128,
+        model.config.max_position_embeddings,
+        config.virtual_tokens(),
+    )?;
     let model = config.tuner().apply_and_load(model, "default", files)?;
     let set = encode(data, text_col, label_col, &labels, &tok, max_len)?;
     let (acc, f1) = peft_models::bert::accuracy_and_macro_f1(&model, &set, labels.len());

@@ -334,9 +334,14 @@ fn run(cli: Cli) -> Result<()> {
                     "--task {task}: unknown task (supported: causal-lm, classification)"
                 ));
             }
-            let (loaded, _, _) = load_with_adapters(&model, adapter.as_slice(), &dev)?;
-            let max_len =
-                usage::max_len(max_len, 256, loaded.model.config.max_position_embeddings)?;
+            let (loaded, _, configs) = load_with_adapters(&model, adapter.as_slice(), &dev)?;
+            let virtual_tokens = configs.iter().map(|c| c.virtual_tokens()).max();
+            let max_len = usage::max_len(
+                max_len,
+                256,
+                loaded.model.config.max_position_embeddings,
+                virtual_tokens.unwrap_or(0),
+            )?;
             let examples = data::read_examples(&data, &loaded.tokenizer, max_len)?;
             let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
             let loss = peft_models::train::eval_loss(&loaded.model, &examples, 8, pad);

@@ -187,6 +187,18 @@ impl MethodConfig {
         })
     }
 
+    /// Positions the method's virtual tokens take ahead of every sequence (0 for methods
+    /// without them).
+    pub fn virtual_tokens(&self) -> usize {
+        let base = match self {
+            Self::PromptTuning(c) => &c.base,
+            Self::PTuning(c) => &c.base,
+            Self::PrefixTuning(c) => &c.base,
+            _ => return 0,
+        };
+        base.total_virtual_tokens().unwrap_or(0)
+    }
+
     /// Prompt tuning's `TEXT` init: tokenize `prompt_tuning_init_text` with the model's
     /// tokenizer (`encode`, special tokens included as PEFT's tokenizer call adds them) and
     /// name the tokenizer as PEFT's config requires. Other methods are unchanged.

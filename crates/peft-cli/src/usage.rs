@@ -66,13 +66,32 @@ pub fn fraction(option: &str, value: Option<f64>) -> anyhow::Result<()> {
 /// `--max-len`: the `given` value must be at least 2 tokens (an input and a target) and no more
 /// than the model's positions (`positions`, its `max_position_embeddings`); without one, the
 /// `default` capped at the model's positions.
-pub fn max_len(given: Option<usize>, default: usize, positions: usize) -> anyhow::Result<usize> {
+pub fn max_len(
+    given: Option<usize>,
+    default: usize,
+    positions: usize,
+    virtual_tokens: usize,
+) -> anyhow::Result<usize> {
+    // Virtual tokens (prompt methods) take positions ahead of every sequence.
+    let room = positions.saturating_sub(virtual_tokens);
+    let why = if virtual_tokens > 0 {
+        format!(
+            "the model's max_position_embeddings {positions} less {virtual_tokens} virtual tokens"
+        )
+    } else {
+        "the model's max_position_embeddings".to_string()
+    };
+    if room < 2 {
+        return Err(usage!(
+            "num_virtual_tokens {virtual_tokens}: leaves no room for a sequence (max_position_embeddings {positions})"
+        ));
+    }
     match given {
-        Some(v) if v < 2 || v > positions => Err(usage!(
-            "--max-len {v}: must be between 2 and {positions} (the model's max_position_embeddings)"
+        Some(v) if v < 2 || v > room => Err(usage!(
+            "--max-len {v}: must be between 2 and {room} ({why})"
         )),
         Some(v) => Ok(v),
-        None => Ok(default.min(positions)),
+        None => Ok(default.min(room)),
     }
 }
 
@@ -96,13 +115,22 @@ mod tests {
                 .contains("--r 0")
         );
         assert!(
-            max_len(Some(513), 128, 512)
+            max_len(Some(513), 128, 512, 0)
                 .unwrap_err()
                 .to_string()
                 .contains("512")
         );
-        assert_eq!(max_len(None, 256, 64).unwrap(), 64);
-        assert_eq!(max_len(Some(32), 256, 64).unwrap(), 32);
+        assert_eq!(max_len(None, 256, 64, 0).unwrap(), 64);
+        assert_eq!(max_len(None, 256, 64, 20).unwrap(), 44);
+        let e = max_len(Some(500), 128, 512, 20).unwrap_err().to_string();
+        assert!(e.contains("492") && e.contains("20 virtual tokens"), "{e}");
+        assert!(
+            max_len(None, 128, 512, 511)
+                .unwrap_err()
+                .to_string()
+                .contains("num_virtual_tokens 511")
+        );
+        assert_eq!(max_len(Some(32), 256, 64, 0).unwrap(), 32);
         assert!(!is_usage(&anyhow::anyhow!("disk full")));
         assert!(is_usage(&usage!("x").context("while training")));
     }

@@ -237,6 +237,30 @@ fn prompt_methods_train_a_bert_classifier() {
             "{method}: {scores}"
         );
     }
+    // Virtual tokens take positions: the tiny BERT has 64, so 4 virtual tokens leave 60.
+    let o = peft(&[
+        "train",
+        "--task",
+        "classification",
+        "--method",
+        "prompt-tuning",
+        "--model",
+        s(&tiny_bert()),
+        "--data",
+        s(&data),
+        "--out",
+        s(&tmp.path().join("long")),
+        "--set",
+        "num_virtual_tokens=4",
+        "--max-len",
+        "62",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--max-len 62") && err.contains("less 4 virtual tokens"),
+        "{err}"
+    );
 }
 
 /// Prompt tuning and LoRA on one model: both act (the output differs from LoRA alone), each
