@@ -175,7 +175,7 @@ fn rope_rows(
 /// position), so a row computes what it computes alone. Updates `cached` and `next`.
 fn padded_positions(
     block: &[Vec<f32>],
-    cached: &mut Vec<Vec<f32>>,
+    cached: &mut [Vec<f32>],
     next: &mut [usize],
 ) -> Vec<Vec<usize>> {
     block
