@@ -564,6 +564,8 @@ PROMPT_CASES = {
     "prefix_proj_llama": ("PrefixTuningConfig", dict(prefix_projection=True, encoder_hidden_size=32)),
     "prompt_random_bert": ("PromptTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=4)),
     "prefix_bert": ("PrefixTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=3)),
+    "p_tuning_mlp_bert": ("PromptEncoderConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=3,
+                                                      encoder_hidden_size=16)),
 }
 
 

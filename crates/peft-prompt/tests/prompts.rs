@@ -362,7 +362,7 @@ fn python_smollm2_adapters_give_the_same_answer() {
     }
 }
 
-/// The tiny BERT classifier with PEFT's prompt-tuning and prefix-tuning adapters (and their
+/// The tiny BERT classifier with PEFT's prompt-tuning, P-tuning and prefix-tuning adapters (and their
 /// trained classifier, saved as `base_model.classifier.*`): the same logits on a padded batch,
 /// and saved back bit for bit.
 #[test]
@@ -373,7 +373,7 @@ fn python_bert_adapters_give_the_same_logits_and_save_back() {
             .unwrap()
             .0
     };
-    for case in ["prompt_random_bert", "prefix_bert"] {
+    for case in ["prompt_random_bert", "p_tuning_mlp_bert", "prefix_bert"] {
         let exp = expected(case);
         let (ids, mask) = exp.padded_batch(&device);
         let base_err = max_abs_diff(
