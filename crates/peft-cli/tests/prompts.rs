@@ -343,3 +343,91 @@ fn several_prompts_are_answered_together_as_each_alone() {
     assert_eq!(generate(&prompts), alone);
     assert_eq!(alone.lines().count(), 3);
 }
+
+/// Prompt, P-tuning and prefix adapters trained here on the tiny BERT classifier (three labels,
+/// as the fixture's config) load in Python PEFT with the same logits
+/// (`make_fixtures.py --verify-method`; only where `PEFT_REF_PYTHON` is set).
+#[test]
+fn bert_prompt_adapters_trained_here_load_in_python_peft() {
+    let Some(python) = common::reference_python() else {
+        eprintln!("PEFT_REF_PYTHON is not set: the Python direction is not checked");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let words = ["good", "bad", "cat"];
+    let mut csv = String::from("text,label\n");
+    for i in 0..48 {
+        csv.push_str(&format!(
+            "the {} day,{}\n",
+            words[i % 3],
+            ["a", "b", "c"][i % 3]
+        ));
+    }
+    let data = tmp.path().join("three.csv");
+    std::fs::write(&data, csv).unwrap();
+    let fixture = Expected::read(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/bert_tiny/expected.safetensors"),
+    )
+    .unwrap();
+    let device = burn::tensor::Device::flex();
+    for method in ["prompt-tuning", "p-tuning", "prefix-tuning"] {
+        let out = tmp.path().join(method);
+        let o = peft(&[
+            "train",
+            "--task",
+            "classification",
+            "--method",
+            method,
+            "--model",
+            s(&tiny_bert()),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.05",
+            "--warmup",
+            "1",
+            "--set",
+            "num_virtual_tokens=3",
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+        let config = peft_cli::methods::MethodConfig::from_json(&files.config).unwrap();
+        let base = peft_models::load::load_bert_classifier(&tiny_bert(), 3, &device)
+            .unwrap()
+            .0;
+        let model = config
+            .tuner()
+            .apply_and_load(base, "default", files)
+            .unwrap();
+        let (ids, mask) = fixture.padded_batch(&device);
+        let logits = model.forward(ids, mask);
+        let ours = Expected {
+            logits: peft_core::tensors::HostTensor::from_tensor(logits.clone()).data,
+            logits_shape: logits.dims().to_vec(),
+            greedy: None,
+            ..fixture.clone()
+        };
+        let expected = tmp.path().join(format!("{method}.expected.safetensors"));
+        ours.write(&expected).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_fixtures.py");
+        let o = std::process::Command::new(&python)
+            .arg(script)
+            .args(["--verify-method", s(&out), s(&expected)])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{method}: {said}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        eprintln!("BERT {}", said.trim());
+    }
+}
