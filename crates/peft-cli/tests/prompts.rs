@@ -170,6 +170,31 @@ fn prompt_methods_train_resume_generate_and_refuse_to_merge() {
     assert!(stderr(&o).contains("--target"), "{}", stderr(&o));
 }
 
+/// `peft train --task classification --method METHOD` on the tiny BERT with `data` into `out`
+/// (batch 8, rate 0.05), with the further arguments `extra`.
+fn train_bert(method: &str, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let model = tiny_bert();
+    let mut args = vec![
+        "train",
+        "--task",
+        "classification",
+        "--method",
+        method,
+        "--model",
+        s(&model),
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+    ];
+    args.extend(extra);
+    peft(&args)
+}
+
 /// On the tiny BERT classifier: prompt tuning and prefix tuning train with the new head
 /// (saved as PEFT saves it for prompt methods, `base_model.classifier.*`) and `peft eval`
 /// scores the folder.
@@ -179,31 +204,21 @@ fn prompt_methods_train_a_bert_classifier() {
     let data = sentiment_csv(tmp.path());
     for method in ["prompt-tuning", "prefix-tuning"] {
         let out = tmp.path().join(method);
-        let o = peft(&[
-            "train",
-            "--task",
-            "classification",
-            "--method",
+        let o = train_bert(
             method,
-            "--model",
-            s(&tiny_bert()),
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
-            "--steps",
-            "60",
-            "--batch-size",
-            "8",
-            "--lr",
-            "0.05",
-            "--warmup",
-            "3",
-            "--save-every",
-            "20",
-            "--set",
-            "num_virtual_tokens=4",
-        ]);
+            &data,
+            &out,
+            &[
+                "--steps",
+                "60",
+                "--warmup",
+                "3",
+                "--save-every",
+                "20",
+                "--set",
+                "num_virtual_tokens=4",
+            ],
+        );
         assert!(o.status.success(), "{method}: {}", stderr(&o));
         let files = peft_core::adapter_io::load_adapter(&out).unwrap();
         let mut keys: Vec<_> = files.tensors.keys().cloned().collect();
@@ -238,23 +253,12 @@ fn prompt_methods_train_a_bert_classifier() {
         );
     }
     // Virtual tokens take positions: the tiny BERT has 64, so 4 virtual tokens leave 60.
-    let o = peft(&[
-        "train",
-        "--task",
-        "classification",
-        "--method",
+    let o = train_bert(
         "prompt-tuning",
-        "--model",
-        s(&tiny_bert()),
-        "--data",
-        s(&data),
-        "--out",
-        s(&tmp.path().join("long")),
-        "--set",
-        "num_virtual_tokens=4",
-        "--max-len",
-        "62",
-    ]);
+        &data,
+        &tmp.path().join("long"),
+        &["--set", "num_virtual_tokens=4", "--max-len", "62"],
+    );
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
@@ -373,29 +377,19 @@ fn bert_prompt_adapters_trained_here_load_in_python_peft() {
     let device = burn::tensor::Device::flex();
     for method in ["prompt-tuning", "p-tuning", "prefix-tuning"] {
         let out = tmp.path().join(method);
-        let o = peft(&[
-            "train",
-            "--task",
-            "classification",
-            "--method",
+        let o = train_bert(
             method,
-            "--model",
-            s(&tiny_bert()),
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
-            "--steps",
-            "6",
-            "--batch-size",
-            "8",
-            "--lr",
-            "0.05",
-            "--warmup",
-            "1",
-            "--set",
-            "num_virtual_tokens=3",
-        ]);
+            &data,
+            &out,
+            &[
+                "--steps",
+                "6",
+                "--warmup",
+                "1",
+                "--set",
+                "num_virtual_tokens=3",
+            ],
+        );
         assert!(o.status.success(), "{method}: {}", stderr(&o));
         let files = peft_core::adapter_io::load_adapter(&out).unwrap();
         let config = peft_cli::methods::MethodConfig::from_json(&files.config).unwrap();
@@ -416,18 +410,7 @@ fn bert_prompt_adapters_trained_here_load_in_python_peft() {
         };
         let expected = tmp.path().join(format!("{method}.expected.safetensors"));
         ours.write(&expected).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_fixtures.py");
-        let o = std::process::Command::new(&python)
-            .arg(script)
-            .args(["--verify-method", s(&out), s(&expected)])
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{method}: {said}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let said = common::python_verifies(&python, &out, &expected, &[]);
         eprintln!("BERT {}", said.trim());
     }
 }

@@ -67,31 +67,43 @@ fn device_of<M: SiteHost>(model: &M) -> Result<burn::tensor::Device> {
         .ok_or_else(|| PeftError::Config("the model exposes no input embeddings".into()))
 }
 
-/// The config with the model facts filled in (what the saved `adapter_config.json` holds).
-fn resolved<C: PromptMethod + Clone, M: SiteHost>(config: &C, model: &M) -> Result<C> {
+/// The config with the model facts filled in (what the saved `adapter_config.json` holds),
+/// and those facts (the site's widths, heads and layers).
+fn resolved<C: PromptMethod + Clone, M: SiteHost>(
+    config: &C,
+    model: &M,
+) -> Result<(C, PromptSite)> {
     let facts = site(model, config.place(), &config.base().peft_type)?;
     let mut c = config.clone();
     c.base_mut().fill_from(&facts)?;
     c.fill_more(facts.token_dim);
-    Ok(c)
+    Ok((c, facts))
+}
+
+/// The encoder a training run of `c` builds at a site with these `facts`, over `table`
+/// (`[n, embedding_dim]`); its head, if any, with torch's default init.
+fn training_encoder<C: PromptMethod>(
+    c: &C,
+    facts: &PromptSite,
+    table: impl FnOnce(usize) -> Result<Tensor<2>>,
+    device: &burn::tensor::Device,
+) -> Result<PromptEncoder> {
+    let width = facts.row_width();
+    let shape = c.training_shape(facts.token_dim);
+    Ok(PromptEncoder {
+        embedding: trainable(table(shape.embedding_dim(facts.token_dim, width))?),
+        head: shape.head(facts.token_dim, width, device),
+    })
 }
 
 fn apply<C: PromptMethod + Clone, M: SiteHost>(config: &C, mut model: M, name: &str) -> Result<M> {
-    let c = resolved(config, &model)?;
-    let facts = site(&model, c.place(), &c.base().peft_type)?;
+    let (c, facts) = resolved(config, &model)?;
     let n = c.base().total_virtual_tokens()?;
-    let width = facts.row_width();
     let device = device_of(&model)?;
     let encoder = if c.base().inference_mode {
-        PromptEncoder::table(Tensor::zeros([n, width], &device))
+        PromptEncoder::table(Tensor::zeros([n, facts.row_width()], &device))
     } else {
-        let shape = c.training_shape(facts.token_dim);
-        let dim = shape.embedding_dim(facts.token_dim, width);
-        let table = c.init_table(&model, n, dim)?;
-        let mut e = PromptEncoder {
-            embedding: trainable(table),
-            head: shape.head(facts.token_dim, width, &device),
-        };
+        let mut e = training_encoder(&c, &facts, |dim| c.init_table(&model, n, dim), &device)?;
         c.finish(&mut e);
         e
     };
@@ -136,7 +148,7 @@ fn load_state<C: PromptMethod + Clone, M: SiteHost>(
     mut tensors: TensorMap,
     path: &Path,
 ) -> Result<M> {
-    let c = resolved(config, &model)?;
+    let (c, _) = resolved(config, &model)?;
     let n = c.base().total_virtual_tokens()?;
     let device = device_of(&model)?;
     let site = model
@@ -187,17 +199,16 @@ fn load_training_extras<C: PromptMethod + Clone, M: SiteHost>(
     if tensors.is_empty() {
         return Ok(model);
     }
-    let c = resolved(config, &model)?;
-    let facts = site(&model, c.place(), &c.base().peft_type)?;
+    let (c, facts) = resolved(config, &model)?;
     let n = c.base().total_virtual_tokens()?;
-    let width = facts.row_width();
     let device = device_of(&model)?;
     let shape = c.training_shape(facts.token_dim);
-    let dim = shape.embedding_dim(facts.token_dim, width);
-    let fresh = PromptEncoder {
-        embedding: trainable(Tensor::zeros([n, dim], &device)),
-        head: shape.head(facts.token_dim, width, &device),
-    };
+    let fresh = training_encoder(
+        &c,
+        &facts,
+        |dim| Ok(Tensor::zeros([n, dim], &device)),
+        &device,
+    )?;
     let loaded = load_encoder_tensors(fresh, &shape, name, &mut tensors, path)?;
     saved::ensure_used(&tensors, path)?;
     let e = model
@@ -228,7 +239,7 @@ macro_rules! prompt_tuner {
             /// The config with the model facts (`token_dim`, `num_attention_heads`,
             /// `num_layers`, `encoder_hidden_size`) filled in, as PEFT saves it.
             pub fn resolved_for<M: SiteHost>(&self, model: &M) -> Result<Self> {
-                resolved(self, model)
+                resolved(self, model).map(|(c, _)| c)
             }
         }
 

@@ -288,26 +288,23 @@ fn training_moves_only_the_virtual_tokens_and_lowers_the_loss() {
 #[test]
 fn wrong_shapes_and_missing_sites_are_clear_errors() {
     let device = Device::flex();
-    let mut files = adapter("prefix_llama");
-    files.config["num_virtual_tokens"] = 6.into();
-    let err = Prompt::from_json(&files.config)
-        .tuner()
-        .apply_and_load(llama(&device), "default", files)
-        .err()
-        .unwrap()
-        .to_string();
+    // The error of loading `case`'s adapter with one config field changed.
+    let load_err = |case: &str, field: &str, value: usize| {
+        let mut files = adapter(case);
+        files.config[field] = value.into();
+        Prompt::from_json(&files.config)
+            .tuner()
+            .apply_and_load(llama(&device), "default", files)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let err = load_err("prefix_llama", "num_virtual_tokens", 6);
     assert!(
         err.contains("prompt_embeddings") && err.contains("[6, 128]"),
         "{err}"
     );
-    let mut files = adapter("prompt_random_llama");
-    files.config["token_dim"] = 32.into();
-    let err = Prompt::from_json(&files.config)
-        .tuner()
-        .apply_and_load(llama(&device), "default", files)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_err("prompt_random_llama", "token_dim", 32);
     assert!(
         err.contains("token_dim") && err.contains("another base model"),
         "{err}"

@@ -156,14 +156,26 @@ pub fn agrees_in_python(
     };
     let expected = adapter.with_extension("expected.safetensors");
     ours.write(&expected).unwrap();
+    let extra = gguf_and_tol.map(|(gguf, tol)| [s(gguf), tol]);
+    python_verifies(
+        python,
+        adapter,
+        &expected,
+        extra.as_ref().map_or(&[][..], |e| &e[..]),
+    )
+}
+
+/// Have Python PEFT load the adapter folder `adapter` and compare its outputs with ours in
+/// `expected` (`scripts/make_fixtures.py --verify-method ADAPTER EXPECTED [extra...]`). Panics
+/// with what Python said when they disagree; returns it otherwise.
+pub fn python_verifies(python: &Path, adapter: &Path, expected: &Path, extra: &[&str]) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_fixtures.py");
-    let mut cmd = Command::new(python);
-    cmd.arg(script)
-        .args(["--verify-method", s(adapter), s(&expected)]);
-    if let Some((gguf, tol)) = gguf_and_tol {
-        cmd.args([s(gguf), tol]);
-    }
-    let o = cmd.output().unwrap();
+    let o = Command::new(python)
+        .arg(script)
+        .args(["--verify-method", s(adapter), s(expected)])
+        .args(extra)
+        .output()
+        .unwrap();
     let said = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
         o.status.success(),
