@@ -183,6 +183,7 @@ fn activate(model: &mut peft_models::llama::LlamaForCausalLM, name: &str) -> Res
             }
             SiteMut::Norm(n) => n.set_active(n.copy(name).is_some().then_some(name))?,
             SiteMut::Prompt(p) => p.set_active(p.encoder(name).is_some().then_some(name))?,
+            SiteMut::Sublayer(b) => b.set_active(b.adapter(name).is_some().then_some(name))?,
         }
     }
     Ok(())

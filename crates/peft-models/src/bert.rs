@@ -12,7 +12,10 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use peft_core::params::frozen;
 use peft_core::tensors::{HostTensor, TensorMap};
 use peft_core::{PeftError, Result};
-use peft_sites::{PromptPlace, PromptSite, Site, SiteHost, SiteMut, TunedNorm, site_table};
+use peft_sites::{
+    PromptPlace, PromptSite, Site, SiteHost, SiteMut, SubNorm, SublayerPlace, SublayerSite,
+    TunedNorm, site_table,
+};
 use serde::{Deserialize, Serialize};
 
 use peft_quant::checkpoint::weight_shape;
@@ -154,6 +157,20 @@ pub struct BertLayer {
     /// `output.dense`
     pub output: LinearSlot,
     pub output_norm: LayerNorm,
+    /// `attention.output`'s `LayerNorm(h + input)`, with room for bottleneck adapters
+    /// (AdapterHub's `mh_adapter` location).
+    pub attention_adapters: SublayerSite,
+    /// `output`'s `LayerNorm(h + input)` after the feed-forward block (`output_adapter`).
+    pub output_adapters: SublayerSite,
+}
+
+/// A BERT sub-layer's LayerNorm, as the sub-layer site calls it.
+struct SubLayerNorm<'a>(&'a LayerNorm);
+
+impl SubNorm for SubLayerNorm<'_> {
+    fn norm(&self, x: Tensor<3>) -> Tensor<3> {
+        self.0.forward(x)
+    }
 }
 
 /// BERT with a classification head on the pooled `[CLS]` state.
@@ -189,6 +206,8 @@ site_table!(BertLayer {
     "intermediate.dense" => Linear(intermediate),
     "output.dense" => Linear(output),
     "output.LayerNorm" => Norm(output_norm),
+    "attention.output" => Sublayer(attention_adapters),
+    "output" => Sublayer(output_adapters),
 });
 
 site_table!(BertForSequenceClassification {
@@ -271,6 +290,8 @@ impl BertForSequenceClassification {
                     config.intermediate_size,
                 )?,
                 output_norm: norm(&mut t, &format!("{p}.output.LayerNorm"))?,
+                attention_adapters: SublayerSite::new(SublayerPlace::Attention, i, h),
+                output_adapters: SublayerSite::new(SublayerPlace::Output, i, h),
             });
         }
         let pooler = linear(&mut t, "pooler.dense", h, h)?;
@@ -385,11 +406,15 @@ impl BertForSequenceClassification {
                 .matmul(v)
                 .swap_dims(1, 2)
                 .reshape([b, s, h]);
-            x = l
-                .attention_norm
-                .forward(x + l.attention_output.forward(ctx));
+            x = l.attention_adapters.forward(
+                l.attention_output.forward(ctx),
+                x,
+                Some(&SubLayerNorm(&l.attention_norm)),
+            );
             let ff = l.output.forward(gelu(l.intermediate.forward(x.clone())));
-            x = l.output_norm.forward(x + ff);
+            x = l
+                .output_adapters
+                .forward(ff, x, Some(&SubLayerNorm(&l.output_norm)));
         }
         let cls = x.narrow(1, 0, 1).reshape([b, h]);
         let pooled = self.pooler.forward(cls).tanh();

@@ -13,7 +13,10 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use peft_core::params::frozen;
 use peft_core::tensors::{HostTensor, TensorMap};
 use peft_core::{PeftError, Result};
-use peft_sites::{PromptPlace, PromptSite, Site, SiteHost, SiteMut, TunedNorm, site_table};
+use peft_sites::{
+    PromptPlace, PromptSite, Site, SiteHost, SiteMut, SublayerPlace, SublayerSite, TunedNorm,
+    site_table,
+};
 
 use crate::causal_softmax::causal_softmax;
 use crate::config::LlamaConfig;
@@ -72,6 +75,11 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
+    /// After the attention block: `o_proj`'s output plus the residual (AdapterHub's
+    /// `attention_adapters`).
+    pub attention_adapters: SublayerSite,
+    /// After the MLP: its output plus the residual (AdapterHub's `output_adapters`).
+    pub output_adapters: SublayerSite,
 }
 
 /// The embeddings, decoder stack and final norm (Hugging Face `LlamaModel`).
@@ -331,6 +339,8 @@ impl LlamaForCausalLM {
                 },
                 input_layernorm: norm(&mut t, &format!("{p}.input_layernorm"))?,
                 post_attention_layernorm: norm(&mut t, &format!("{p}.post_attention_layernorm"))?,
+                attention_adapters: SublayerSite::new(SublayerPlace::Attention, i, hidden),
+                output_adapters: SublayerSite::new(SublayerPlace::Output, i, hidden),
             });
         }
         let final_norm = norm(&mut t, "model.norm")?;
@@ -582,8 +592,9 @@ impl LlamaForCausalLM {
                 slot,
                 key_bias.clone(),
             );
-            x = x + a;
-            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+            x = layer.attention_adapters.forward(a, x, None);
+            let m = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
+            x = layer.output_adapters.forward(m, x, None);
         }
         if n_prompt > 0 {
             x = x.narrow(1, n_prompt, s);
@@ -620,6 +631,8 @@ site_table!(DecoderLayer {
     "mlp.down_proj" => Linear(mlp.down_proj),
     "input_layernorm" => Norm(input_layernorm),
     "post_attention_layernorm" => Norm(post_attention_layernorm),
+    "attention_adapters" => Sublayer(attention_adapters),
+    "output_adapters" => Sublayer(output_adapters),
 });
 
 site_table!(LlamaForCausalLM {

@@ -97,7 +97,7 @@ pub fn put_sites(t: &mut TensorMap, sites: Vec<(String, peft_sites::Site<'_>)>) 
                 }
             }
             // Virtual tokens are adapter state, never part of the base checkpoint.
-            peft_sites::Site::Prompt(_) => {}
+            peft_sites::Site::Prompt(_) | peft_sites::Site::Sublayer(_) => {}
         }
     }
 }

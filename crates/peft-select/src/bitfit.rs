@@ -92,7 +92,9 @@ fn bias_slot<'a>(
     match site {
         SiteMut::Linear(l) | SiteMut::Head(l) => l.base.bias_mut(),
         SiteMut::Norm(n) => &mut n.base.bias,
-        SiteMut::Prompt(_) => unreachable!("BitFit selects linears and norms only"),
+        SiteMut::Prompt(_) | SiteMut::Sublayer(_) => {
+            unreachable!("BitFit selects linears and norms only")
+        }
     }
 }
 
@@ -126,7 +128,7 @@ impl<M: SiteHost> Tuner<M> for BitFitConfig {
                         true
                     }
                 },
-                SiteMut::Prompt(_) => false,
+                SiteMut::Prompt(_) | SiteMut::Sublayer(_) => false,
             };
             trained += usize::from(has);
         }
@@ -147,7 +149,7 @@ impl<M: SiteHost> Tuner<M> for BitFitConfig {
             let bias = match site {
                 peft_sites::Site::Linear(l) | peft_sites::Site::Head(l) => l.base.bias(),
                 peft_sites::Site::Norm(n) => n.base.bias.as_ref(),
-                peft_sites::Site::Prompt(_) => None,
+                peft_sites::Site::Prompt(_) | peft_sites::Site::Sublayer(_) => None,
             };
             if let Some(b) = bias.filter(|_| selected.contains(&path)) {
                 out.insert(key(&path), HostTensor::from_tensor(b.val()));

@@ -11,6 +11,7 @@ use peft_quant::BaseLinear;
 
 use crate::linear::TunedLinear;
 use crate::norm::TunedNorm;
+use crate::bottleneck::SublayerSite;
 use crate::prompt::PromptSite;
 
 /// What kind of site sits at a path.
@@ -24,6 +25,8 @@ pub enum SiteKind {
     Norm,
     /// Virtual tokens: before the input embeddings, or keys/values of every attention layer.
     Prompt,
+    /// The output of a layer's attention or feed-forward block (bottleneck adapters).
+    Sublayer,
 }
 
 /// A site, shared.
@@ -32,6 +35,7 @@ pub enum Site<'a> {
     Head(&'a TunedLinear),
     Norm(&'a TunedNorm),
     Prompt(&'a PromptSite),
+    Sublayer(&'a SublayerSite),
 }
 
 /// A site, mutable.
@@ -40,6 +44,7 @@ pub enum SiteMut<'a> {
     Head(&'a mut TunedLinear),
     Norm(&'a mut TunedNorm),
     Prompt(&'a mut PromptSite),
+    Sublayer(&'a mut SublayerSite),
 }
 
 impl Site<'_> {
@@ -49,6 +54,7 @@ impl Site<'_> {
             Site::Head(_) => SiteKind::Head,
             Site::Norm(_) => SiteKind::Norm,
             Site::Prompt(_) => SiteKind::Prompt,
+            Site::Sublayer(_) => SiteKind::Sublayer,
         }
     }
 }
@@ -197,6 +203,25 @@ pub trait SiteHost {
         })
     }
 
+    /// Every sub-layer output site with its path.
+    fn sublayers(&self) -> Vec<(String, &SublayerSite)> {
+        self.sites()
+            .into_iter()
+            .filter_map(|(p, s)| match s {
+                Site::Sublayer(v) => Some((p, v)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The sub-layer output site at `path`, mutable.
+    fn sublayer_mut(&mut self, path: &str) -> Option<&mut SublayerSite> {
+        self.sites_mut().into_iter().find_map(|(p, s)| match s {
+            SiteMut::Sublayer(v) if p == path => Some(v),
+            _ => None,
+        })
+    }
+
     /// The input embedding table `[vocab, hidden]` (what prompt tuning's `TEXT` and
     /// `SAMPLE_VOCAB` initialisations copy rows of).
     fn input_embeddings(&self) -> Option<burn::tensor::Tensor<2>> {
@@ -239,16 +264,16 @@ pub fn unmerge_all<M: SiteHost>(mut model: M) -> Result<M> {
                     n.unmerge(&name)?;
                 }
             }
-            SiteMut::Prompt(_) => {}
+            SiteMut::Prompt(_) | SiteMut::Sublayer(_) => {}
         }
     }
     Ok(model)
 }
 
 /// Merge the active adapters of every method and drop all adapters: the model becomes a plain
-/// one whose weights include the updates (frozen, trained biases included). Virtual tokens
-/// cannot be merged into weights: an active prompt or prefix is an error, before anything
-/// changes.
+/// one whose weights include the updates (frozen, trained biases included). Virtual tokens and
+/// bottleneck adapters (non-linear modules) cannot be merged into weights: an active one is an
+/// error, before anything changes.
 pub fn merge_and_unload<M: SiteHost>(mut model: M) -> Result<M> {
     for (path, site) in model.prompt_sites() {
         if let Some(name) = &site.active {
@@ -258,8 +283,21 @@ pub fn merge_and_unload<M: SiteHost>(mut model: M) -> Result<M> {
             )));
         }
     }
+    for (path, site) in model.sublayers() {
+        if let Some(name) = &site.active {
+            return Err(peft_core::PeftError::Other(format!(
+                "adapter `{name}` puts a bottleneck adapter at {path}: bottleneck adapters are \
+                 networks and cannot be merged into the weights (use the adapter folder with \
+                 the base model)"
+            )));
+        }
+    }
     for (_, site) in model.sites_mut() {
         match site {
+            SiteMut::Sublayer(b) => {
+                b.adapters.clear();
+                b.names.clear();
+            }
             SiteMut::Prompt(p) => {
                 p.encoders.clear();
                 p.names.clear();

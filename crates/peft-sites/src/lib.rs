@@ -8,17 +8,24 @@
 //! - [`TunedNorm`]: a frozen norm with named trainable copies (LN tuning).
 //! - [`PromptSite`]: virtual tokens before the input embeddings (prompt tuning, P-tuning) or
 //!   as keys/values of every attention layer (prefix tuning), from named [`PromptEncoder`]s.
+//! - [`SublayerSite`]: the output of a layer's attention or feed-forward block, with named
+//!   [`Bottleneck`] adapters (AdapterHub's bottleneck adapters).
 //! - [`SiteHost`]: a model's sites by Hugging Face path, declared once per module type with
 //!   [`site_table!`].
 //!
 //! A site with nothing attached runs the base alone.
 
+pub mod bottleneck;
 pub mod host;
 pub mod linear;
 pub mod norm;
 pub mod prompt;
 pub mod saved;
 
+pub use bottleneck::{
+    BnActivation, BnInit, BnScaling, BnShape, BnWiring, Bottleneck, ResidualFrom, SubNorm,
+    SublayerPlace, SublayerSite,
+};
 pub use host::{Site, SiteHost, SiteKind, SiteMut, merge_and_unload, unmerge_all};
 pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, TunedLinear};
 pub use norm::{NormWeights, TunedNorm};
