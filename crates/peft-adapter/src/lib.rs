@@ -7,6 +7,12 @@
 //!   (`base(x ⊙ l)`), merged exactly into the weights. On your own burn model, put a
 //!   [`peft_sites::LinearPart::OutputScale`] or `InputScale` on a [`peft_sites::TunedLinear`].
 
+//! - [`BottleneckConfig`]: bottleneck adapters (Houlsby, Pfeiffer, parallel) after a layer's
+//!   attention and feed-forward blocks, in AdapterHub `adapters`' layout and semantics. On your
+//!   own burn model, put a [`peft_sites::Bottleneck`] in a [`peft_sites::SublayerSite`].
+
+pub mod bottleneck;
 pub mod ia3;
 
+pub use bottleneck::{BnConfig, BottleneckConfig};
 pub use ia3::Ia3Config;

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use peft_cli::methods::MethodConfig;
 use peft_cli::{methods, usage};
-use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
+use peft_core::adapter_io::load_adapter;
 use peft_lora::{dequantize_base, merge_and_unload_state, quantize_base, quantized_footprint};
 use peft_models::generate::{greedy, greedy_batch};
 use peft_models::load::{LoadedModel, load_causal_lm};
@@ -234,11 +234,25 @@ fn inspect(path: &Path) -> Result<()> {
         let files = load_adapter(path)?;
         let c = &files.config;
         println!("adapter: {}", path.display());
-        println!("method: {}", files.peft_type()?);
+        let adapterhub = peft_core::adapter_io::is_adapterhub_config(c);
+        println!(
+            "method: {}{}",
+            files.peft_type()?,
+            if adapterhub {
+                " (AdapterHub layout)"
+            } else {
+                ""
+            }
+        );
+        let base = if adapterhub {
+            &c["model_name"]
+        } else {
+            &c["base_model_name_or_path"]
+        };
         println!(
             "base model: {}",
-            c["base_model_name_or_path"]
-                .as_str()
+            base.as_str()
+                .filter(|s| !s.is_empty())
                 .unwrap_or("(not recorded)")
         );
         // The method's own settings, as its reference config names them.
@@ -250,7 +264,9 @@ fn inspect(path: &Path) -> Result<()> {
             "auto_mapping",
             "revision",
         ];
-        let mut settings: Vec<String> = c
+        // AdapterHub keeps the method's settings in its `config` object.
+        let settings_of = if adapterhub { &c["config"] } else { c };
+        let mut settings: Vec<String> = settings_of
             .as_object()
             .into_iter()
             .flatten()
@@ -263,7 +279,7 @@ fn inspect(path: &Path) -> Result<()> {
         let params: usize = files.tensors.tensors.values().map(|t| t.numel()).sum();
         println!("tensors: {}", files.tensors.len());
         println!("parameters: {params}");
-        let size = std::fs::metadata(path.join(WEIGHTS_FILE))
+        let size = std::fs::metadata(&files.weights)
             .map(|m| m.len())
             .unwrap_or(0);
         println!("size: {:.2} MB", size as f64 / 1e6);

@@ -2,7 +2,8 @@
 //! `peft_type`. Loading an adapter folder and `--method` both dispatch through it.
 
 use anyhow::{Result, bail};
-use peft_adapter::Ia3Config;
+use peft_adapter::{BottleneckConfig, Ia3Config};
+use peft_core::adapter_io::{BOTTLENECK_TYPE, is_adapterhub_config};
 use peft_core::tuner::Tuner;
 use peft_lora::LoraConfig;
 use peft_prompt::{PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig};
@@ -66,7 +67,32 @@ pub const METHODS: &[Method] = &[
         peft_type: "PREFIX_TUNING",
         about: "trainable keys and values in every attention layer (P-tuning v2)",
     },
+    Method {
+        name: "pfeiffer",
+        peft_type: BOTTLENECK_TYPE,
+        about: "bottleneck adapter after the feed-forward block (AdapterHub seq_bn)",
+    },
+    Method {
+        name: "houlsby",
+        peft_type: BOTTLENECK_TYPE,
+        about: "bottleneck adapters after attention and feed-forward (AdapterHub double_seq_bn)",
+    },
+    Method {
+        name: "parallel-adapter",
+        peft_type: BOTTLENECK_TYPE,
+        about: "bottleneck adapter beside the feed-forward block (AdapterHub par_bn)",
+    },
 ];
+
+/// The AdapterHub preset of a bottleneck `--method`.
+fn bottleneck_preset(method: &str) -> Option<&'static str> {
+    match method {
+        "pfeiffer" => Some("seq_bn"),
+        "houlsby" => Some("double_seq_bn"),
+        "parallel-adapter" => Some("par_bn"),
+        _ => None,
+    }
+}
 
 fn names() -> String {
     METHODS
@@ -93,11 +119,21 @@ pub enum MethodConfig {
     PromptTuning(PromptTuningConfig),
     PTuning(PromptEncoderConfig),
     PrefixTuning(PrefixTuningConfig),
+    /// Bottleneck adapters, in AdapterHub's layout.
+    Bottleneck(BottleneckConfig),
 }
 
 impl MethodConfig {
-    /// The config an `adapter_config.json` holds, as the method its `peft_type` names.
+    /// The config an `adapter_config.json` holds, as the method its `peft_type` names (an
+    /// AdapterHub config: by its layout).
     pub fn from_json(config: &Value) -> Result<Self> {
+        if is_adapterhub_config(config) {
+            let arch = config["config"].get("architecture").and_then(Value::as_str);
+            if let Some(a) = arch.filter(|a| *a != "bottleneck") {
+                bail!("AdapterHub `{a}` adapters are not supported (bottleneck adapters are)");
+            }
+            return Ok(Self::Bottleneck(BottleneckConfig::from_json(config)?));
+        }
         let peft_type = config
             .get("peft_type")
             .and_then(Value::as_str)
@@ -133,6 +169,9 @@ impl MethodConfig {
             "prompt-tuning" => Self::PromptTuning(PromptTuningConfig::default()),
             "p-tuning" => Self::PTuning(PromptEncoderConfig::default()),
             "prefix-tuning" => Self::PrefixTuning(PrefixTuningConfig::default()),
+            m if bottleneck_preset(m).is_some() => Self::Bottleneck(BottleneckConfig::preset(
+                bottleneck_preset(m).expect("matched"),
+            )?),
             other => {
                 return Err(usage!(
                     "--method {other}: unknown method (supported: {})",
@@ -153,6 +192,7 @@ impl MethodConfig {
             Self::PromptTuning(c) => c,
             Self::PTuning(c) => c,
             Self::PrefixTuning(c) => c,
+            Self::Bottleneck(c) => c,
         }
     }
 
@@ -167,6 +207,7 @@ impl MethodConfig {
             Self::PromptTuning(c) => serde_json::to_value(c),
             Self::PTuning(c) => serde_json::to_value(c),
             Self::PrefixTuning(c) => serde_json::to_value(c),
+            Self::Bottleneck(c) => serde_json::to_value(c),
         }
         .expect("configs serialise")
     }
@@ -183,6 +224,7 @@ impl MethodConfig {
             Self::PromptTuning(c) => Self::PromptTuning(c.resolved_for(model)?),
             Self::PTuning(c) => Self::PTuning(c.resolved_for(model)?),
             Self::PrefixTuning(c) => Self::PrefixTuning(c.resolved_for(model)?),
+            Self::Bottleneck(c) => Self::Bottleneck(c.resolved_for(model)?),
             Self::Lora(_) | Self::BitFit(_) => self.clone(),
         })
     }
@@ -232,12 +274,20 @@ impl MethodConfig {
         }
         let mut json = self.to_json();
         let known = known_fields(self);
-        let obj = json.as_object_mut().expect("configs are objects");
+        let method = self.to_json()["peft_type"]
+            .as_str()
+            .unwrap_or(BOTTLENECK_TYPE)
+            .to_string();
+        // AdapterHub keeps the method's options in the `config` object.
+        let obj = match self {
+            Self::Bottleneck(_) => json["config"].as_object_mut(),
+            _ => json.as_object_mut(),
+        }
+        .expect("configs are objects");
         for (key, value) in options {
             if !known.contains(key) {
                 return Err(usage!(
-                    "--set {key}: {} has no option `{key}` (valid: {})",
-                    self.to_json()["peft_type"].as_str().unwrap_or("?"),
+                    "--set {key}: {method} has no option `{key}` (valid: {})",
                     known.join(", ")
                 ));
             }
@@ -260,6 +310,16 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
         MethodConfig::PromptTuning(_) => MethodConfig::PromptTuning(Default::default()),
         MethodConfig::PTuning(_) => MethodConfig::PTuning(Default::default()),
         MethodConfig::PrefixTuning(_) => MethodConfig::PrefixTuning(Default::default()),
+        MethodConfig::Bottleneck(c) => {
+            // The options are the `config` object's (every preset has the same fields).
+            let mut keys: Vec<String> = serde_json::to_value(&c.config)
+                .expect("serialises")
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            keys.sort();
+            return keys;
+        }
     };
     let map: Map<String, Value> = defaults.to_json().as_object().cloned().unwrap_or_default();
     map.keys()

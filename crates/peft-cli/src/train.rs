@@ -10,7 +10,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
+use peft_core::adapter_io::load_adapter;
 use peft_core::target::ModuleSelector;
 use peft_core::train::{Schedule, StepReport, TrainConfig, Trainer};
 use peft_core::tuner::TRAINING_EXTRAS_FILE;
@@ -700,7 +700,7 @@ pub(crate) fn train_loop<M: SiteHost + Module, E: Clone>(
     let tuner = method.tuner::<M>();
     if let Some(ckpt) = &run.resume_from {
         let files = load_adapter(ckpt)?;
-        model = tuner.load_state(model, "default", files.tensors, &ckpt.join(WEIGHTS_FILE))?;
+        model = tuner.load_state(model, "default", files.tensors, &files.weights)?;
         let extras = ckpt.join(TRAINING_EXTRAS_FILE);
         if extras.exists() {
             let tensors = peft_core::tensors::TensorMap::read_safetensors(&extras)?;

@@ -4,6 +4,10 @@
 //! a save; each method deserialises the fields it knows from it. Tensor keys carry no adapter
 //! name (`base_model.model.<module>.lora_A.weight`); an adapter not named `default` lives in a
 //! sub-folder named after it, as Python PEFT writes it.
+//!
+//! The same reader takes AdapterHub `adapters` folders (`adapter_config.json` whose `config`
+//! object holds the method's fields, `adapter.safetensors`, and optionally a static head in
+//! `model_head.safetensors`): see [`is_adapterhub_config`].
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +20,38 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// Prefix of every adapter tensor key (`PeftModel.base_model.model`).
 pub const KEY_PREFIX: &str = "base_model.model.";
+/// AdapterHub's weights file (`save_adapter(..., use_safetensors=True)`).
+pub const ADAPTERHUB_WEIGHTS_FILE: &str = "adapter.safetensors";
+/// AdapterHub's static head weights (e.g. a classifier trained with the adapter).
+pub const ADAPTERHUB_HEAD_FILE: &str = "model_head.safetensors";
+/// The config of [`ADAPTERHUB_HEAD_FILE`].
+pub const ADAPTERHUB_HEAD_CONFIG: &str = "head_config.json";
+/// The method name AdapterHub bottleneck adapters dispatch under (their layout has no
+/// `peft_type`; the registry lists them under this one).
+pub const BOTTLENECK_TYPE: &str = "BOTTLENECK";
+
+/// Whether an `adapter_config.json` is AdapterHub's: no `peft_type`, a `config` object and a
+/// `version` of `adapters.*`.
+pub fn is_adapterhub_config(config: &Value) -> bool {
+    config.get("peft_type").is_none()
+        && config.get("config").is_some_and(Value::is_object)
+        && config
+            .get("version")
+            .and_then(Value::as_str)
+            .is_some_and(|v| v.starts_with("adapters."))
+}
+
+/// The method of an AdapterHub config: `config.architecture` (absent or null for bottleneck
+/// adapters) as the type the registry dispatches on.
+fn adapterhub_type(path: &Path, config: &Value) -> Result<&'static str> {
+    match config["config"].get("architecture").and_then(Value::as_str) {
+        None | Some("bottleneck") => Ok(BOTTLENECK_TYPE),
+        Some(other) => Err(PeftError::format(
+            path,
+            format!("AdapterHub `{other}` adapters are not supported (bottleneck adapters are)"),
+        )),
+    }
+}
 
 /// An adapter as stored on disk.
 #[derive(Debug, Clone)]
@@ -26,11 +62,17 @@ pub struct AdapterFiles {
     pub tensors: TensorMap,
     /// The folder it was read from.
     pub dir: PathBuf,
+    /// The weights file read (named in errors about its tensors).
+    pub weights: PathBuf,
 }
 
 impl AdapterFiles {
-    /// The `peft_type` of the config (`LORA`, `IA3`, ...).
+    /// The `peft_type` of the config (`LORA`, `IA3`, ...; [`BOTTLENECK_TYPE`] for an
+    /// AdapterHub bottleneck adapter).
     pub fn peft_type(&self) -> Result<&str> {
+        if is_adapterhub_config(&self.config) {
+            return adapterhub_type(&self.dir.join(CONFIG_FILE), &self.config);
+        }
         self.config
             .get("peft_type")
             .and_then(Value::as_str)
@@ -69,6 +111,9 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
     let config_path = dir.join(CONFIG_FILE);
     let bytes = std::fs::read(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
     let config = parse_config(&config_path, &bytes)?;
+    if is_adapterhub_config(&config) {
+        return load_adapterhub(dir, config);
+    }
     let weights = dir.join(WEIGHTS_FILE);
     let tensors = if weights.exists() {
         TensorMap::read_safetensors(&weights)?
@@ -87,9 +132,51 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
         config,
         tensors,
         dir: dir.to_path_buf(),
+        weights,
     };
     files.peft_type()?;
     Ok(files)
+}
+
+/// Read an AdapterHub folder: `adapter.safetensors`, plus the static head's tensors from
+/// `model_head.safetensors` when there is one (their keys, e.g. `classifier.weight`, never
+/// meet the adapter's).
+fn load_adapterhub(dir: &Path, config: Value) -> Result<AdapterFiles> {
+    adapterhub_type(&dir.join(CONFIG_FILE), &config)?;
+    let weights = dir.join(ADAPTERHUB_WEIGHTS_FILE);
+    if !weights.exists() {
+        let pickled = dir.join("pytorch_adapter.bin");
+        if pickled.exists() {
+            return Err(PeftError::format(
+                pickled,
+                "pickled PyTorch adapters are not supported; re-save it with \
+                 save_adapter(..., use_safetensors=True)",
+            ));
+        }
+        return Err(PeftError::io(
+            &weights,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights not found"),
+        ));
+    }
+    let mut tensors = TensorMap::read_safetensors(&weights)?;
+    let head = dir.join(ADAPTERHUB_HEAD_FILE);
+    if head.exists() {
+        for (key, t) in TensorMap::read_safetensors(&head)?.tensors {
+            if tensors.get(&key).is_some() {
+                return Err(PeftError::format(
+                    &head,
+                    format!("`{key}` is also in {ADAPTERHUB_WEIGHTS_FILE}"),
+                ));
+            }
+            tensors.insert(key, t);
+        }
+    }
+    Ok(AdapterFiles {
+        config,
+        tensors,
+        dir: dir.to_path_buf(),
+        weights,
+    })
 }
 
 /// Parse the bytes of an `adapter_config.json` (`path` names it in errors): a JSON object with
@@ -100,7 +187,7 @@ pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<Value> {
     if !config.is_object() {
         return Err(PeftError::format(path, "expected a JSON object"));
     }
-    if !config.get("peft_type").is_some_and(Value::is_string) {
+    if !config.get("peft_type").is_some_and(Value::is_string) && !is_adapterhub_config(&config) {
         return Err(PeftError::format(path, "missing string field `peft_type`"));
     }
     Ok(config)
@@ -126,6 +213,29 @@ pub fn method_config<T: serde::de::DeserializeOwned>(
         )));
     }
     Ok(config)
+}
+
+/// Write an AdapterHub folder: `adapter.safetensors` and the config (sorted keys, as
+/// AdapterHub writes them), and the static head when `head` has tensors.
+pub fn save_adapterhub(
+    dir: &Path,
+    config: &Value,
+    tensors: &TensorMap,
+    head: Option<(&Value, &TensorMap)>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+    tensors.write_safetensors(&dir.join(ADAPTERHUB_WEIGHTS_FILE))?;
+    if let Some((head_config, head_tensors)) = head {
+        head_tensors.write_safetensors(&dir.join(ADAPTERHUB_HEAD_FILE))?;
+        write_json(&dir.join(ADAPTERHUB_HEAD_CONFIG), head_config)?;
+    }
+    write_json(&dir.join(CONFIG_FILE), config)
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| PeftError::Other(format!("cannot serialise {}: {e}", path.display())))?;
+    write_atomic(path, text.as_bytes())
 }
 
 /// Write an adapter folder: weights first, then the config, each atomically.

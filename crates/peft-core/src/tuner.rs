@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::adapter_io::{AdapterFiles, WEIGHTS_FILE, adapter_dir, load_adapter, save_adapter};
+use crate::adapter_io::{AdapterFiles, adapter_dir, load_adapter, save_adapter};
 use crate::tensors::TensorMap;
 use crate::{PeftError, Result};
 
@@ -37,7 +37,7 @@ pub trait Tuner<M> {
     /// [`crate::adapter_io::load_adapter`].
     fn apply_and_load(&self, model: M, name: &str, files: AdapterFiles) -> Result<M> {
         let model = self.apply(model, name)?;
-        self.load_state(model, name, files.tensors, &files.dir.join(WEIGHTS_FILE))
+        self.load_state(model, name, files.tensors, &files.weights)
     }
 
     /// Tensors a resumed run needs beyond [`Tuner::state`], which the reference format does

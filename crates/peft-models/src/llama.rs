@@ -593,7 +593,9 @@ impl LlamaForCausalLM {
                 key_bias.clone(),
             );
             x = layer.attention_adapters.forward(a, x, None);
-            let m = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
+            let m = layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x.clone()));
             x = layer.output_adapters.forward(m, x, None);
         }
         if n_prompt > 0 {

@@ -260,11 +260,8 @@ impl Bottleneck {
             Some(n) => n.forward(x),
             None => x,
         };
-        let down = burn::tensor::module::linear(
-            x,
-            self.down_weight.val(),
-            Some(self.down_bias.val()),
-        );
+        let down =
+            burn::tensor::module::linear(x, self.down_weight.val(), Some(self.down_bias.val()));
         let up = burn::tensor::module::linear(
             self.activation.apply(down),
             self.up_weight.val(),
@@ -430,7 +427,9 @@ impl SublayerSite {
         if let Some(n) = name
             && self.index(n).is_none()
         {
-            return Err(PeftError::Other(format!("no bottleneck adapter named `{n}`")));
+            return Err(PeftError::Other(format!(
+                "no bottleneck adapter named `{n}`"
+            )));
         }
         self.active = name.map(str::to_string);
         Ok(())

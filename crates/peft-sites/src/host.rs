@@ -9,9 +9,9 @@ use peft_core::params::frozen;
 use peft_core::target::ModuleKind;
 use peft_quant::BaseLinear;
 
+use crate::bottleneck::SublayerSite;
 use crate::linear::TunedLinear;
 use crate::norm::TunedNorm;
-use crate::bottleneck::SublayerSite;
 use crate::prompt::PromptSite;
 
 /// What kind of site sits at a path.

@@ -23,8 +23,8 @@ pub mod prompt;
 pub mod saved;
 
 pub use bottleneck::{
-    BnActivation, BnInit, BnScaling, BnShape, BnWiring, Bottleneck, ResidualFrom, SubNorm,
-    SublayerPlace, SublayerSite,
+    AdapterNorm, BnActivation, BnInit, BnScaling, BnShape, BnWiring, Bottleneck, ResidualFrom,
+    SubNorm, SublayerPlace, SublayerSite,
 };
 pub use host::{Site, SiteHost, SiteKind, SiteMut, merge_and_unload, unmerge_all};
 pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, TunedLinear};
