@@ -167,6 +167,31 @@ def train_step(method):
     return run
 
 
+def train_step_adapterhub(preset):
+    """A bottleneck adapter step in AdapterHub `adapters` 1.3.0: this runs in its own venv
+    (transformers 4.57.6, scripts/adapters_venv.sh), which `cargo xtask bench --peer` uses for
+    these workloads."""
+    import adapters
+
+    model = random_llama()
+    adapters.init(model)
+    model.add_adapter("bench", config=preset)
+    model.train_adapter("bench")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    ids = torch.tensor([[(i * 31 + b * 977) % 8192 for i in range(SEQ)] for b in range(BATCH)])
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss.item()
+    return run
+
+
 def generate(variant):
     from peft import get_peft_model
 
@@ -210,6 +235,8 @@ WORKLOADS = {
     "train_step/beft": lambda: train_step("beft"),
     "train_step/prompt_tuning": lambda: train_step("prompt_tuning"),
     "train_step/prefix_tuning": lambda: train_step("prefix_tuning"),
+    "train_step/pfeiffer": lambda: train_step_adapterhub("seq_bn"),
+    "train_step/houlsby": lambda: train_step_adapterhub("double_seq_bn"),
     "generate/base": lambda: generate("base"),
     "generate/unmerged": lambda: generate("unmerged"),
     "generate/merged": lambda: generate("merged"),

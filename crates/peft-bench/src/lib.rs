@@ -168,6 +168,16 @@ pub const WORKLOADS: &[Workload] = &[
         BATCH * SEQ,
     ),
     w(
+        "train_step/pfeiffer",
+        "AdamW step, Pfeiffer bottleneck adapters (AdapterHub seq_bn, reduction 16) after every MLP",
+        BATCH * SEQ,
+    ),
+    w(
+        "train_step/houlsby",
+        "AdamW step, Houlsby bottleneck adapters (AdapterHub double_seq_bn) after attention and MLP",
+        BATCH * SEQ,
+    ),
+    w(
         "generate/base",
         "greedy generation, batch 1, 16-token prompt + 32 new tokens, no adapter",
         NEW_TOKENS,
@@ -395,7 +405,9 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
         | "train_step/ln_tuning"
         | "train_step/beft"
         | "train_step/prompt_tuning"
-        | "train_step/prefix_tuning" => {
+        | "train_step/prefix_tuning"
+        | "train_step/pfeiffer"
+        | "train_step/houlsby" => {
             let model = random_llama(&device.clone().autodiff())?;
             let model = match id {
                 "train_step/full" => unfreeze_all(model),
@@ -413,6 +425,11 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 "train_step/prefix_tuning" => {
                     peft_prompt::PrefixTuningConfig::default().apply(model, "default")?
                 }
+                "train_step/pfeiffer" => {
+                    peft_adapter::BottleneckConfig::preset("seq_bn")?.apply(model, "default")?
+                }
+                "train_step/houlsby" => peft_adapter::BottleneckConfig::preset("double_seq_bn")?
+                    .apply(model, "default")?,
                 _ => lora_config().apply(model, "default")?,
             };
             let config = TrainConfig {

@@ -362,26 +362,53 @@ pub fn bench(args: &[String]) -> Result<()> {
     let mut pairs = Vec::new();
     let mut memory_rows = Vec::new();
     if o.peer && !selected.is_empty() {
-        let python = reference_python()?;
+        // Each workload's peer: Hugging Face PEFT, or AdapterHub (its own venv) for the
+        // bottleneck adapters PEFT does not have.
+        let needs = |ah: bool| selected.iter().any(|w| adapterhub_peer(w.id) == ah);
+        let python = if needs(false) {
+            Some(reference_python()?)
+        } else {
+            None
+        };
+        let ah_python = if needs(true) {
+            Some(adapters_python()?)
+        } else {
+            None
+        };
         let script = workspace_root().join("scripts/bench_peer.py");
-        // Either side's command with `args`, both pinned to the same thread count.
-        let side = |ours: bool, args: &[&str]| {
-            let mut c = if ours {
-                Command::new(&bin)
-            } else {
-                Command::new(&python)
+        // Our side (`python` None) or a peer's command with `args`, all pinned to the same
+        // thread count.
+        let side = |python: Option<&PathBuf>, args: &[&str]| {
+            let mut c = match python {
+                None => Command::new(&bin),
+                Some(p) => {
+                    let mut c = Command::new(p);
+                    c.arg(&script);
+                    c
+                }
             };
-            if !ours {
-                c.arg(&script);
-            }
             c.args(args).current_dir(workspace_root());
             c.env("RAYON_NUM_THREADS", THREADS)
                 .env("OMP_NUM_THREADS", THREADS)
                 .env("PEFT_BENCH_THREADS", THREADS);
             c
         };
-        let mut ours = Worker::spawn("peft", side(true, &["serve"]))?;
-        let mut peer = Worker::spawn("python", side(false, &["serve"]))?;
+        let peer_of = |id: &str| {
+            if adapterhub_peer(id) {
+                ah_python.as_ref()
+            } else {
+                python.as_ref()
+            }
+        };
+        let mut ours = Worker::spawn("peft", side(None, &["serve"]))?;
+        let mut peft_peer = match &python {
+            Some(p) => Some(Worker::spawn("python", side(Some(p), &["serve"]))?),
+            None => None,
+        };
+        let mut ah_peer = match &ah_python {
+            Some(p) => Some(Worker::spawn("python (AdapterHub)", side(Some(p), &["serve"]))?),
+            None => None,
+        };
         pairs = selected
             .iter()
             .map(|&w| Pair {
@@ -394,6 +421,12 @@ pub fn bench(args: &[String]) -> Result<()> {
             eprintln!("side by side: round {}/{}", round + 1, o.rounds);
             for p in &mut pairs {
                 let n = iterations(p.workload.id);
+                let peer = if adapterhub_peer(p.workload.id) {
+                    ah_peer.as_mut()
+                } else {
+                    peft_peer.as_mut()
+                }
+                .expect("spawned for the selected workloads");
                 // Alternate who goes first so neither side always runs on a warmer machine.
                 if round % 2 == 0 {
                     p.ours.extend(ours.run(p.workload.id, n)?);
@@ -404,11 +437,11 @@ pub fn bench(args: &[String]) -> Result<()> {
                 }
             }
         }
-        drop((ours, peer));
+        drop((ours, peft_peer, ah_peer));
         for w in selected.iter().filter(|w| w.id.starts_with("train_step/")) {
             eprintln!("peak memory: {}", w.id);
-            let mine = memory(side(true, &["memory", w.id]), "peft", w.id)?;
-            let theirs = memory(side(false, &["memory", w.id]), "python", w.id)?;
+            let mine = memory(side(None, &["memory", w.id]), "peft", w.id)?;
+            let theirs = memory(side(peer_of(w.id), &["memory", w.id]), "python", w.id)?;
             memory_rows.push((w.id, mine, theirs));
         }
     }
@@ -483,6 +516,28 @@ pub fn bench(args: &[String]) -> Result<()> {
     println!("{report}");
     println!("report: {}", report_dir.join("report.md").display());
     Ok(())
+}
+
+/// Workloads whose peer is AdapterHub `adapters` (bottleneck adapters; PEFT has none).
+fn adapterhub_peer(id: &str) -> bool {
+    matches!(id, "train_step/pfeiffer" | "train_step/houlsby")
+}
+
+/// The AdapterHub venv's python: `$PEFT_ADAPTERS_PYTHON`, else the one
+/// scripts/adapters_venv.sh creates once.
+fn adapters_python() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("PEFT_ADAPTERS_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    let out = Command::new("bash")
+        .arg(workspace_root().join("scripts/adapters_venv.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running scripts/adapters_venv.sh")?;
+    if !out.status.success() {
+        bail!("scripts/adapters_venv.sh could not set up the AdapterHub venv");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
 /// The reference venv's python (created once by scripts/ref_venv.sh).
@@ -595,7 +650,8 @@ fn render(
         s += &format!(
             "## Side by side with Hugging Face PEFT 0.21.2 / transformers 5.23 / bitsandbytes 0.50.2 (torch 2.15, CPU)\n\n\
              {} interleaved rounds; medians over every iteration of every round. Ratio = peer time / our time \
-             (above 1: we are faster).\n\n| work | ours | peer | ratio |\n|---|---|---|---|\n",
+             (above 1: we are faster). The bottleneck adapters' peer (`train_step/pfeiffer`, `train_step/houlsby`) \
+             is AdapterHub `adapters` 1.3.0 on transformers 4.57.6 (PEFT has none).\n\n| work | ours | peer | ratio |\n|---|---|---|---|\n",
             o.rounds
         );
         for p in pairs {

@@ -32,7 +32,7 @@ use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 10] = [
+pub const METHODS: [&str; 13] = [
     "full",
     "lora",
     "qlora",
@@ -43,7 +43,15 @@ pub const METHODS: [&str; 10] = [
     "prompt-tuning",
     "p-tuning",
     "prefix-tuning",
+    "pfeiffer",
+    "houlsby",
+    "parallel-adapter",
 ];
+
+/// Methods Hugging Face PEFT does not have (AdapterHub's bottleneck adapters): no `--peer` run.
+fn without_peft_peer(method: &str) -> bool {
+    matches!(method, "pfeiffer" | "houlsby" | "parallel-adapter")
+}
 
 /// The learning rate of each method (the budget, steps and batch, is the same for all; the
 /// rate is each method's own usual one).
@@ -305,6 +313,14 @@ fn method_config(method: &str, classification: bool) -> Result<Option<MethodConf
     if method == "full" {
         return Ok(None);
     }
+    if without_peft_peer(method) {
+        // AdapterHub's config: the preset as it is; a classifier trains beside it.
+        let mut json = MethodConfig::default_for(method)?.to_json();
+        if classification {
+            json["modules_to_save"] = json!(["classifier"]);
+        }
+        return Ok(Some(MethodConfig::from_json(&json)?));
+    }
     let mut options = vec![(
         "task_type".to_string(),
         json!(if classification {
@@ -399,7 +415,9 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
     let report = peft_lora::param_report(&model);
     (row.trainable, row.total, row.trainable_percent) =
         (report.trainable, report.all, report.trainable_percent());
-    if let Some(p) = peer.peer {
+    if peer.peer.is_some() && without_peft_peer(method) {
+        row.peer_error = Some("Hugging Face PEFT has no bottleneck adapters".into());
+    } else if let Some(p) = peer.peer {
         let mut spec = peer.task;
         let extra = json!({
             "method": method,
@@ -450,10 +468,23 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
         Some(c) => {
             let dir = tempfile::tempdir()?;
             c.tuner::<M>().save(&model, "default", dir.path())?;
-            std::fs::metadata(dir.path().join(peft_core::adapter_io::WEIGHTS_FILE))?.len()
+            folder_tensor_bytes(dir.path())?
         }
     };
     Ok(row)
+}
+
+/// Bytes of the tensor files of a saved adapter folder (the weights file, and an AdapterHub
+/// folder's head file).
+fn folder_tensor_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            total += std::fs::metadata(&path)?.len();
+        }
+    }
+    Ok(total)
 }
 
 /// Bytes of a tensor map written as safetensors.
