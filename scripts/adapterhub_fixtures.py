@@ -3,11 +3,14 @@ made by scripts/adapters_venv.sh, see shared formats.md §B).
 
     python scripts/adapterhub_fixtures.py                          # write fixtures/adapterhub_tiny/
     python scripts/adapterhub_fixtures.py --verify DIR EXPECTED    # load a Rust-saved adapter
+    python scripts/adapterhub_fixtures.py --verify-fusion A B FUSION EXPECTED   # and a fusion
 
 fixtures/adapterhub_tiny/<case>/: a bottleneck adapter saved by AdapterHub
 (`save_adapter(..., use_safetensors=True)`) on the tiny Llama (lora_tiny/base_plain) or the tiny
 BERT classifier (bert_tiny/model), its weights moved by noise so that it changes the output,
 with the input ids, AdapterHub's logits and, for the Llama, 8 greedy tokens after the first row.
+fixtures/adapterhub_tiny/fusion_*/: two Pfeiffer adapters (a/, b/) and their AdapterFusion
+(fusion/), dynamic and static, with the fused model's outputs.
 """
 import argparse
 import json
@@ -110,6 +113,67 @@ def make(cases=None):
         print(case, "->", d)
 
 
+FUSION_CASES = {
+    # name: (model, fusion preset); two seq_bn adapters `a` and `b` fused.
+    "fusion_llama": ("llama", "dynamic"),
+    "fusion_bert": ("bert", "dynamic"),
+    "fusion_static_llama": ("llama", "static"),
+}
+
+
+def make_fusions(cases=None):
+    """AdapterFusion of two Pfeiffer adapters (`a`, `b`), every weight moved by noise: the two
+    adapters and the fusion saved as AdapterHub saves them, with the fused model's logits."""
+    import adapters
+    from adapters.composition import Fuse
+
+    for i, (case, (kind, preset)) in enumerate(FUSION_CASES.items()):
+        if cases and case not in cases:
+            continue
+        torch.manual_seed(5000 + i)
+        model = base_model(kind)
+        for name in ("a", "b"):
+            model.add_adapter(name, config=adapters.SeqBnConfig(reduction_factor=4))
+        model.add_adapter_fusion(Fuse("a", "b"), config=preset)
+        model.set_active_adapters(Fuse("a", "b"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".adapters." in n or "adapter_fusion_layer" in n:
+                    p.add_(0.1 * torch.randn_like(p))
+        model.eval()
+        ids = inputs(kind)
+        d = os.path.join(FIX, "adapterhub_tiny", case)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        for name in ("a", "b"):
+            model.save_adapter(os.path.join(d, name), name, use_safetensors=True, with_head=False)
+        model.save_adapter_fusion(os.path.join(d, "fusion"), "a,b", use_safetensors=True, with_head=False)
+        save_file({"input_ids": ids.to(torch.int64).contiguous(), **outputs(model, kind, ids)},
+                  os.path.join(d, "expected.safetensors"))
+        print(case, "->", d)
+
+
+def verify_fusion(a_dir, b_dir, fusion_dir, expected, tol="1e-4"):
+    """Load two adapters and a fusion written by Rust into AdapterHub; compare as `verify`."""
+    from adapters.composition import Fuse
+
+    exp = load_file(expected)
+    with open(os.path.join(fusion_dir, "adapter_fusion_config.json")) as f:
+        cfg = json.load(f)
+    kind = "bert" if cfg.get("model_type") == "bert" else "llama"
+    model = base_model(kind)
+    for d in (a_dir, b_dir):
+        model.load_adapter(d, use_safetensors=True, with_head=False)
+    model.load_adapter_fusion(fusion_dir, use_safetensors=True, with_head=False)
+    model.set_active_adapters(Fuse(*cfg["adapter_names"]))
+    model.eval()
+    got = outputs(model, kind, exp["input_ids"])
+    err = (got["logits"] - exp["logits"]).abs().max().item()
+    same = "greedy" not in exp or torch.equal(got["greedy"], exp["greedy"])
+    print(f"AdapterHub loaded the fusion {fusion_dir}; max |logits - ours| = {err:.2e}; greedy equal: {same}")
+    return err < float(tol) and same
+
+
 def verify(adapter_dir, expected, tol="1e-4"):
     """Load an adapter folder written by Rust into AdapterHub on the tiny base it was made for;
     its logits must match `expected` (written by Rust) within `tol` and its greedy tokens exactly."""
@@ -130,8 +194,13 @@ def verify(adapter_dir, expected, tol="1e-4"):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--verify", nargs="+", metavar="ARG", help="ADAPTER_DIR EXPECTED [TOLERANCE]")
-    ap.add_argument("--only", nargs="+", choices=list(CASES))
+    ap.add_argument("--verify-fusion", nargs="+", metavar="ARG",
+                    help="A_DIR B_DIR FUSION_DIR EXPECTED [TOLERANCE]")
+    ap.add_argument("--only", nargs="+", choices=list(CASES) + list(FUSION_CASES))
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
+    if a.verify_fusion:
+        sys.exit(0 if verify_fusion(*a.verify_fusion) else 1)
     make(a.only)
+    make_fusions(a.only)

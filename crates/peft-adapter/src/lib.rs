@@ -10,9 +10,10 @@
 //! - [`BottleneckConfig`]: bottleneck adapters (Houlsby, Pfeiffer, parallel) after a layer's
 //!   attention and feed-forward blocks, in AdapterHub `adapters`' layout and semantics. On your
 //!   own burn model, put a [`peft_sites::Bottleneck`] in a [`peft_sites::SublayerSite`].
+//! - [`FusionConfig`]: AdapterFusion over loaded bottleneck adapters, in AdapterHub's layout.
 
 pub mod bottleneck;
 pub mod ia3;
 
-pub use bottleneck::{BnConfig, BottleneckConfig};
+pub use bottleneck::{BnConfig, BottleneckConfig, FusionConfig, FusionSettings};
 pub use ia3::Ia3Config;

@@ -26,6 +26,12 @@ pub const ADAPTERHUB_WEIGHTS_FILE: &str = "adapter.safetensors";
 pub const ADAPTERHUB_HEAD_FILE: &str = "model_head.safetensors";
 /// The config of [`ADAPTERHUB_HEAD_FILE`].
 pub const ADAPTERHUB_HEAD_CONFIG: &str = "head_config.json";
+/// AdapterHub's AdapterFusion config (in place of `adapter_config.json`).
+pub const ADAPTERHUB_FUSION_CONFIG: &str = "adapter_fusion_config.json";
+/// AdapterHub's AdapterFusion weights.
+pub const ADAPTERHUB_FUSION_WEIGHTS: &str = "model_adapter_fusion.safetensors";
+/// The method name AdapterHub fusion folders dispatch under.
+pub const FUSION_TYPE: &str = "FUSION";
 /// The method name AdapterHub bottleneck adapters dispatch under (their layout has no
 /// `peft_type`; the registry lists them under this one).
 pub const BOTTLENECK_TYPE: &str = "BOTTLENECK";
@@ -44,6 +50,9 @@ pub fn is_adapterhub_config(config: &Value) -> bool {
 /// The method of an AdapterHub config: `config.architecture` (absent or null for bottleneck
 /// adapters) as the type the registry dispatches on.
 fn adapterhub_type(path: &Path, config: &Value) -> Result<&'static str> {
+    if config.get("adapter_names").is_some() {
+        return Ok(FUSION_TYPE);
+    }
     match config["config"].get("architecture").and_then(Value::as_str) {
         None | Some("bottleneck") => Ok(BOTTLENECK_TYPE),
         Some(other) => Err(PeftError::format(
@@ -67,8 +76,8 @@ pub struct AdapterFiles {
 }
 
 impl AdapterFiles {
-    /// The `peft_type` of the config (`LORA`, `IA3`, ...; [`BOTTLENECK_TYPE`] for an
-    /// AdapterHub bottleneck adapter).
+    /// The `peft_type` of the config (`LORA`, `IA3`, ...; [`BOTTLENECK_TYPE`] or
+    /// [`FUSION_TYPE`] for AdapterHub's folders).
     pub fn peft_type(&self) -> Result<&str> {
         if is_adapterhub_config(&self.config) {
             return adapterhub_type(&self.dir.join(CONFIG_FILE), &self.config);
@@ -106,8 +115,28 @@ pub fn adapter_dir(root: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Read an adapter folder.
+/// Read an adapter folder (or an AdapterHub fusion folder: `adapter_fusion_config.json` +
+/// `model_adapter_fusion.safetensors`).
 pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
+    let fusion_config = dir.join(ADAPTERHUB_FUSION_CONFIG);
+    if !dir.join(CONFIG_FILE).exists() && fusion_config.exists() {
+        let bytes = std::fs::read(&fusion_config).map_err(|e| PeftError::io(&fusion_config, e))?;
+        let config = parse_config(&fusion_config, &bytes)?;
+        if !is_adapterhub_config(&config) || config.get("adapter_names").is_none() {
+            return Err(PeftError::format(
+                &fusion_config,
+                "expected AdapterHub's fusion config (`adapter_names`, `config`, `version`)",
+            ));
+        }
+        let weights = dir.join(ADAPTERHUB_FUSION_WEIGHTS);
+        let tensors = TensorMap::read_safetensors(&weights)?;
+        return Ok(AdapterFiles {
+            config,
+            tensors,
+            dir: dir.to_path_buf(),
+            weights,
+        });
+    }
     let config_path = dir.join(CONFIG_FILE);
     let bytes = std::fs::read(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
     let config = parse_config(&config_path, &bytes)?;
@@ -213,6 +242,14 @@ pub fn method_config<T: serde::de::DeserializeOwned>(
         )));
     }
     Ok(config)
+}
+
+/// Write an AdapterHub fusion folder: `model_adapter_fusion.safetensors` and
+/// `adapter_fusion_config.json`.
+pub fn save_adapterhub_fusion(dir: &Path, config: &Value, tensors: &TensorMap) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+    tensors.write_safetensors(&dir.join(ADAPTERHUB_FUSION_WEIGHTS))?;
+    write_json(&dir.join(ADAPTERHUB_FUSION_CONFIG), config)
 }
 
 /// Write an AdapterHub folder: `adapter.safetensors` and the config (sorted keys, as

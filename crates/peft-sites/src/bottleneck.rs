@@ -14,6 +14,7 @@ use burn::tensor::{Distribution, Tensor};
 use peft_core::params::trainable;
 use peft_core::{PeftError, Result};
 
+use crate::fusion::FusionLayer;
 use crate::linear::ADAPTER_DTYPE;
 
 /// The non-linearity between the down and up projections (transformers' `get_activation`
@@ -285,39 +286,48 @@ impl Bottleneck {
     pub fn forward(&self, h: Tensor<3>, inp: Tensor<3>, norm: Option<&dyn SubNorm>) -> Tensor<3> {
         let dtype = h.dtype();
         let (h, inp) = (h.cast(ADAPTER_DTYPE), inp.cast(ADAPTER_DTYPE));
-        let w = self.wiring;
-        let after = |x: Tensor<3>, inp: Tensor<3>| -> Tensor<3> {
-            if !w.original_ln_after {
-                return x;
-            }
-            match norm {
-                Some(n) => n.norm(x + inp),
-                None => x + inp,
-            }
-        };
-        if w.parallel {
-            let out = self.up(inp.clone());
-            let out = match &self.norm_after {
-                Some(n) => n.forward(out),
-                None => out,
-            };
-            return after(out + h, inp).cast(dtype);
-        }
-        let (x, residual) = self.pre_forward(h, inp.clone(), norm);
+        let (x, residual) = self.pre_forward(h.clone(), inp.clone(), norm);
         let mut out = self.up(x);
-        if w.adapter_residual_before_ln {
-            out = out + residual.clone();
+        if self.wiring.parallel {
+            if let Some(n) = &self.norm_after {
+                out = n.forward(out);
+            }
+        } else {
+            if self.wiring.adapter_residual_before_ln {
+                out = out + residual.clone();
+            }
+            if let Some(n) = &self.norm_after {
+                out = n.forward(out);
+            }
+            if !self.wiring.adapter_residual_before_ln {
+                out = out + residual;
+            }
         }
-        if let Some(n) = &self.norm_after {
-            out = n.forward(out);
+        self.post_forward(out, h, inp, norm).cast(dtype)
+    }
+
+    /// What follows the adapter (AdapterHub's `post_forward`): a parallel adapter's output
+    /// joins the sub-block's `h`; then `norm(out + inp)` (or `out + inp` without a norm) when
+    /// `original_ln_after`.
+    pub fn post_forward(
+        &self,
+        out: Tensor<3>,
+        h: Tensor<3>,
+        inp: Tensor<3>,
+        norm: Option<&dyn SubNorm>,
+    ) -> Tensor<3> {
+        let out = if self.wiring.parallel { out + h } else { out };
+        if !self.wiring.original_ln_after {
+            return out;
         }
-        if !w.adapter_residual_before_ln {
-            out = out + residual;
+        match norm {
+            Some(n) => n.norm(out + inp),
+            None => out + inp,
         }
-        after(out, inp).cast(dtype)
     }
 
     /// The adapter's input and its residual (AdapterHub's `pre_forward`).
+    /// A parallel adapter reads the sub-block's input, which is also its residual.
     pub fn pre_forward(
         &self,
         h: Tensor<3>,
@@ -325,6 +335,9 @@ impl Bottleneck {
         norm: Option<&dyn SubNorm>,
     ) -> (Tensor<3>, Tensor<3>) {
         let w = self.wiring;
+        if w.parallel {
+            return (inp.clone(), inp);
+        }
         let mut residual = (w.residual == ResidualFrom::Output).then(|| h.clone());
         let mut x = h;
         if w.original_ln_before {
@@ -358,7 +371,8 @@ pub enum SublayerPlace {
     Output,
 }
 
-/// A sub-layer output with named bottleneck adapters, of which at most one is active.
+/// A sub-layer output with named bottleneck adapters and named fusion layers over them; at
+/// most one of them is active (an adapter alone, or a fusion of several).
 #[derive(Module, Debug)]
 pub struct SublayerSite {
     pub adapters: Vec<Bottleneck>,
@@ -366,6 +380,12 @@ pub struct SublayerSite {
     pub names: Vec<String>,
     #[module(skip)]
     pub active: Option<String>,
+    pub fusions: Vec<FusionLayer>,
+    #[module(skip)]
+    pub fusion_names: Vec<String>,
+    /// The fusion used in the forward pass (it takes precedence over `active`).
+    #[module(skip)]
+    pub active_fusion: Option<String>,
     #[module(skip)]
     pub place: SublayerPlace,
     /// The layer's index (AdapterHub's `leave_out` and per-layer `reduction_factor` use it).
@@ -381,6 +401,9 @@ impl SublayerSite {
             adapters: Vec::new(),
             names: Vec::new(),
             active: None,
+            fusions: Vec::new(),
+            fusion_names: Vec::new(),
+            active_fusion: None,
             place,
             layer,
             hidden,
@@ -419,6 +442,18 @@ impl SublayerSite {
             self.active = None;
         }
         self.names.remove(i);
+        // A fusion over it has nothing to fuse any more.
+        while let Some(f) = self
+            .fusions
+            .iter()
+            .position(|f| f.adapters.iter().any(|a| a == name))
+        {
+            self.fusions.remove(f);
+            let gone = self.fusion_names.remove(f);
+            if self.active_fusion.as_ref() == Some(&gone) {
+                self.active_fusion = None;
+            }
+        }
         Some(self.adapters.remove(i))
     }
 
@@ -435,9 +470,56 @@ impl SublayerSite {
         Ok(())
     }
 
+    /// Add fusion layer `name` (over adapters this site holds) and make it the active one.
+    pub fn add_fusion(&mut self, name: &str, fusion: FusionLayer) -> Result<()> {
+        if self.fusion(name).is_some() {
+            return Err(PeftError::Other(format!(
+                "fusion `{name}` already exists here"
+            )));
+        }
+        if let Some(missing) = fusion.adapters.iter().find(|a| self.adapter(a).is_none()) {
+            return Err(PeftError::Other(format!(
+                "fusion `{name}` needs adapter `{missing}`, which is not loaded"
+            )));
+        }
+        self.fusions.push(fusion);
+        self.fusion_names.push(name.to_string());
+        self.active_fusion = Some(name.to_string());
+        Ok(())
+    }
+
+    pub fn fusion(&self, name: &str) -> Option<&FusionLayer> {
+        let i = self.fusion_names.iter().position(|n| n == name)?;
+        Some(&self.fusions[i])
+    }
+
+    pub fn fusion_mut(&mut self, name: &str) -> Option<&mut FusionLayer> {
+        let i = self.fusion_names.iter().position(|n| n == name)?;
+        Some(&mut self.fusions[i])
+    }
+
+    /// Use fusion `name`, or none.
+    pub fn set_active_fusion(&mut self, name: Option<&str>) -> Result<()> {
+        if let Some(n) = name
+            && self.fusion(n).is_none()
+        {
+            return Err(PeftError::Other(format!("no fusion named `{n}`")));
+        }
+        self.active_fusion = name.map(str::to_string);
+        Ok(())
+    }
+
     /// The layer's output after this sub-layer: `norm(h + inp)` (or `h + inp` without a norm)
-    /// with no adapter active, else the active adapter's.
+    /// with nothing active, else the active fusion's or adapter's.
     pub fn forward(&self, h: Tensor<3>, inp: Tensor<3>, norm: Option<&dyn SubNorm>) -> Tensor<3> {
+        if let Some(f) = self.active_fusion.as_deref().and_then(|n| self.fusion(n)) {
+            let adapters: Vec<&Bottleneck> = f
+                .adapters
+                .iter()
+                .map(|a| self.adapter(a).expect("checked when the fusion was added"))
+                .collect();
+            return f.forward(&adapters, h, inp, norm);
+        }
         match self.active.as_deref().and_then(|n| self.adapter(n)) {
             Some(adapter) => adapter.forward(h, inp, norm),
             None => match norm {

@@ -284,7 +284,7 @@ pub fn merge_and_unload<M: SiteHost>(mut model: M) -> Result<M> {
         }
     }
     for (path, site) in model.sublayers() {
-        if let Some(name) = &site.active {
+        if let Some(name) = site.active_fusion.as_ref().or(site.active.as_ref()) {
             return Err(peft_core::PeftError::Other(format!(
                 "adapter `{name}` puts a bottleneck adapter at {path}: bottleneck adapters are \
                  networks and cannot be merged into the weights (use the adapter folder with \
@@ -297,6 +297,8 @@ pub fn merge_and_unload<M: SiteHost>(mut model: M) -> Result<M> {
             SiteMut::Sublayer(b) => {
                 b.adapters.clear();
                 b.names.clear();
+                b.fusions.clear();
+                b.fusion_names.clear();
             }
             SiteMut::Prompt(p) => {
                 p.encoders.clear();

@@ -10,12 +10,14 @@
 //!   as keys/values of every attention layer (prefix tuning), from named [`PromptEncoder`]s.
 //! - [`SublayerSite`]: the output of a layer's attention or feed-forward block, with named
 //!   [`Bottleneck`] adapters (AdapterHub's bottleneck adapters).
+//! - [`FusionLayer`]: AdapterFusion's attention over several bottleneck adapters at a site.
 //! - [`SiteHost`]: a model's sites by Hugging Face path, declared once per module type with
 //!   [`site_table!`].
 //!
 //! A site with nothing attached runs the base alone.
 
 pub mod bottleneck;
+pub mod fusion;
 pub mod host;
 pub mod linear;
 pub mod norm;
@@ -26,6 +28,7 @@ pub use bottleneck::{
     AdapterNorm, BnActivation, BnInit, BnScaling, BnShape, BnWiring, Bottleneck, ResidualFrom,
     SubNorm, SublayerPlace, SublayerSite,
 };
+pub use fusion::{FusionDense, FusionLayer, FusionWiring};
 pub use host::{Site, SiteHost, SiteKind, SiteMut, merge_and_unload, unmerge_all};
 pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, TunedLinear};
 pub use norm::{NormWeights, TunedNorm};

@@ -406,7 +406,10 @@ pub fn bench(args: &[String]) -> Result<()> {
             None => None,
         };
         let mut ah_peer = match &ah_python {
-            Some(p) => Some(Worker::spawn("python (AdapterHub)", side(Some(p), &["serve"]))?),
+            Some(p) => Some(Worker::spawn(
+                "python (AdapterHub)",
+                side(Some(p), &["serve"]),
+            )?),
             None => None,
         };
         pairs = selected

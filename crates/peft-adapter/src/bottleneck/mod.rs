@@ -2,6 +2,8 @@
 //! form), interchangeable with AdapterHub `adapters` 1.3.0.
 
 mod config;
+mod fusion;
 mod model;
 
 pub use config::{ADAPTERHUB_VERSION, BnConfig, BottleneckConfig};
+pub use fusion::{FusionConfig, FusionSettings};

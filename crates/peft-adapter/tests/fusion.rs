@@ -1,0 +1,229 @@
+//! AdapterFusion against AdapterHub `adapters` 1.3.0: two Pfeiffer adapters and their fusion
+//! saved by AdapterHub (dynamic and static, tiny Llama and tiny BERT) load here with the same
+//! logits and save back bit for bit; training moves only the fusion; ours load in AdapterHub
+//! (fixtures: scripts/adapterhub_fixtures.py, `adapterhub_tiny/fusion_*`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use peft_adapter::{BottleneckConfig, FusionConfig};
+use peft_core::adapter_io::load_adapter;
+use peft_core::params::ParamReport;
+use peft_core::tuner::Tuner;
+use peft_models::bert::BertForSequenceClassification;
+use peft_models::generate::greedy;
+use peft_models::llama::LlamaForCausalLM;
+use peft_models::load::{load_bert_classifier, load_causal_lm};
+use peft_models::reference::{Expected, max_abs_diff};
+use peft_sites::SiteHost;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn case_dir(case: &str) -> PathBuf {
+    fixtures().join("adapterhub_tiny").join(case)
+}
+
+fn llama(device: &Device) -> LlamaForCausalLM {
+    load_causal_lm(&fixtures().join("lora_tiny/base_plain"), device)
+        .unwrap()
+        .model
+}
+
+fn bert(device: &Device) -> BertForSequenceClassification {
+    load_bert_classifier(&fixtures().join("bert_tiny/model"), 3, device)
+        .unwrap()
+        .0
+}
+
+/// Adapters `a` and `b` of `dir` loaded under their AdapterHub names, then the fusion.
+fn fused<M: SiteHost>(dir: &Path, mut model: M) -> (M, FusionConfig) {
+    for name in ["a", "b"] {
+        let files = load_adapter(&dir.join(name)).unwrap();
+        let config = BottleneckConfig::from_json(&files.config).unwrap();
+        assert_eq!(config.name, name);
+        model = config.apply_and_load(model, name, files).unwrap();
+    }
+    let files = load_adapter(&dir.join("fusion")).unwrap();
+    assert_eq!(files.peft_type().unwrap(), "FUSION");
+    let config = FusionConfig::from_json(&files.config).unwrap();
+    let model = config.apply_and_load(model, "f", files).unwrap();
+    (model, config)
+}
+
+#[test]
+fn adapterhub_fusions_give_the_same_logits_and_save_back() {
+    let device = Device::flex();
+    for case in ["fusion_llama", "fusion_static_llama"] {
+        let exp = Expected::read(&case_dir(case).join("expected.safetensors")).unwrap();
+        let (model, config) = fused(&case_dir(case), llama(&device));
+        let err = max_abs_diff(model.forward(exp.ids(&device), None), exp.logits(&device));
+        assert!(err < 1e-5, "{case}: max |ours - AdapterHub| = {err}");
+        let ours: Vec<i64> = greedy(&model, &exp.prompt(), 8, &[2])
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        assert_eq!(Some(ours), exp.greedy, "{case}");
+        // Without the fusion, adapter `b` alone: another output.
+        let mut alone = model;
+        for (_, s) in alone.sites_mut() {
+            if let peft_sites::SiteMut::Sublayer(s) = s
+                && s.adapter("b").is_some()
+            {
+                s.set_active_fusion(None).unwrap();
+                s.set_active(Some("b")).unwrap();
+            }
+        }
+        let apart = max_abs_diff(alone.forward(exp.ids(&device), None), exp.logits(&device));
+        assert!(apart > 1e-3, "{case}: the fusion matters ({apart})");
+        let (model, _) = fused(&case_dir(case), llama(&device));
+        let out = tempfile::tempdir().unwrap();
+        config.save(&model, "f", out.path()).unwrap();
+        let theirs = load_adapter(&case_dir(case).join("fusion")).unwrap();
+        let ours = load_adapter(&out.path().join("f")).unwrap();
+        assert_eq!(ours.tensors, theirs.tensors, "{case}: bit for bit");
+        assert_eq!(ours.config, theirs.config, "{case}: the same config");
+    }
+    let exp = Expected::read(&case_dir("fusion_bert").join("expected.safetensors")).unwrap();
+    let (model, _) = fused(&case_dir("fusion_bert"), bert(&device));
+    let (ids, mask) = exp.padded_batch(&device);
+    let err = max_abs_diff(model.forward(ids, mask), exp.logits(&device));
+    assert!(err < 1e-5, "fusion_bert: max |ours - AdapterHub| = {err}");
+}
+
+#[test]
+fn fusion_trains_only_its_layers_and_needs_its_adapters() {
+    use peft_core::train::{TrainConfig, Trainer};
+    let device = Device::flex().autodiff();
+    device.seed(3);
+    let dir = case_dir("fusion_llama");
+    let (model, config) = fused(&dir, llama(&device));
+    // The fixture's fusion is loaded trainable; the adapters are frozen.
+    let report = ParamReport::of(&model);
+    // q, k (weight + bias) and v (weight) of hidden 64 at the 2 output sites.
+    assert_eq!(report.trainable, 2 * (2 * (64 * 64 + 64) + 64 * 64));
+    let adapters_before =
+        BottleneckConfig::from_json(&load_adapter(&dir.join("a")).unwrap().config)
+            .unwrap()
+            .state(&model, "a")
+            .unwrap();
+    let ids: Vec<i64> = (0..18).map(|i| if i % 2 == 0 { 17 } else { 42 }).collect();
+    let examples = vec![(
+        Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 9]), &device),
+        Tensor::<2>::ones([2, 9], &device),
+    )];
+    let reg = config.clone();
+    let loss_fn = move |m: &LlamaForCausalLM, b: &[(Tensor<2, Int>, Tensor<2>)]| {
+        let loss = m.causal_lm_loss(b[0].0.clone(), b[0].1.clone());
+        let loss = match reg.regularization(m, "f") {
+            Some(r) => loss + r,
+            None => loss,
+        };
+        (loss, 18)
+    };
+    let mut trainer = Trainer::new(
+        model,
+        TrainConfig {
+            learning_rate: 1e-2,
+            warmup_steps: 0,
+            steps: 20,
+            batch_size: 1,
+            ..TrainConfig::default()
+        },
+    );
+    let first = trainer.step(&examples, &loss_fn).loss;
+    let mut last = first;
+    while !trainer.is_done() {
+        last = trainer.step(&examples, &loss_fn).loss;
+    }
+    assert!(last < first, "loss {first} -> {last}");
+    let model = trainer.into_model();
+    let a = BottleneckConfig::from_json(&load_adapter(&dir.join("a")).unwrap().config).unwrap();
+    assert_eq!(
+        a.state(&model, "a").unwrap(),
+        adapters_before,
+        "the adapters never move"
+    );
+    let moved = config.state(&model, "f").unwrap();
+    let fixture = load_adapter(&dir.join("fusion")).unwrap().tensors;
+    assert_ne!(moved, fixture, "the fusion moved");
+    assert!(model.clone().valid().num_params() > 0);
+
+    // A fusion over adapters that are not loaded.
+    let lone = FusionConfig::new(&["a".into(), "zzz".into()], "dynamic").unwrap();
+    let err = lone
+        .apply(llama(&Device::flex()), "f")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a, zzz") && err.contains("load them first"),
+        "{err}"
+    );
+    assert!(FusionConfig::new(&["a".into()], "dynamic").is_err());
+}
+
+/// A fusion made here, over adapters made here, loads in AdapterHub with the same logits
+/// (where `PEFT_ADAPTERS_PYTHON` names the AdapterHub venv's python).
+#[test]
+fn our_fusions_load_in_adapterhub_with_the_same_logits() {
+    let Some(python) = std::env::var_os("PEFT_ADAPTERS_PYTHON").map(PathBuf::from) else {
+        eprintln!("PEFT_ADAPTERS_PYTHON is not set: skipped");
+        return;
+    };
+    let device = Device::flex();
+    let out = tempfile::tempdir().unwrap();
+    let (model, config) = fused(&case_dir("fusion_llama"), llama(&device));
+    // Move every fusion weight, as training would.
+    let mut state = config.state(&model, "f").unwrap();
+    for t in state.tensors.values_mut() {
+        for (i, v) in t.data.iter_mut().enumerate() {
+            *v += ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.1;
+        }
+    }
+    let model = config
+        .load_state(model, "f", state, Path::new("moved"))
+        .unwrap();
+    for name in ["a", "b"] {
+        let files = load_adapter(&case_dir("fusion_llama").join(name)).unwrap();
+        let c = BottleneckConfig::from_json(&files.config).unwrap();
+        c.save(&model, name, out.path()).unwrap();
+    }
+    config.save(&model, "f", out.path()).unwrap();
+    let exp = Expected::read(&case_dir("fusion_llama").join("expected.safetensors")).unwrap();
+    let logits = model.forward(exp.ids(&device), None);
+    let ours = Expected {
+        logits: peft_core::tensors::HostTensor::from_tensor(logits.clone()).data,
+        logits_shape: logits.dims().to_vec(),
+        greedy: Some(
+            greedy(&model, &exp.prompt(), 8, &[2])
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+        ),
+        ..exp
+    };
+    let file = out.path().join("expected.safetensors");
+    ours.write(&file).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/adapterhub_fixtures.py");
+    let o = Command::new(python)
+        .arg(script)
+        .arg("--verify-fusion")
+        .args([
+            out.path().join("a"),
+            out.path().join("b"),
+            out.path().join("f"),
+            file,
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eprintln!("{said}");
+}
