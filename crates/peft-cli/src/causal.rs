@@ -8,6 +8,7 @@ use peft_models::train::{eval_loss, lm_batch_loss};
 
 use crate::data::read_examples;
 use crate::train::{Run, hold_out, maybe_quantize, train_loop};
+use peft_cli::methods::MethodConfig;
 
 /// Train the causal LM of `run`; the held-out loss is measured at every checkpoint.
 pub fn train(mut run: Run) -> Result<()> {
@@ -36,6 +37,7 @@ pub fn train(mut run: Run) -> Result<()> {
         |text| Ok(tok.encode_with_special(text, usize::MAX)?),
         &model_path.display().to_string(),
     )?;
+    let model = crate::train::load_fused(&run, model)?;
     let model = run.method.tuner().apply(model, "default")?;
     eprintln!(
         "{} examples for training, {} held out; {}",
@@ -44,11 +46,25 @@ pub fn train(mut run: Run) -> Result<()> {
         param_report(&model)
     );
     let batch = run.config.batch_size;
+    let fusion = match &run.method {
+        MethodConfig::Fusion(f) => Some(f.clone()),
+        _ => None,
+    };
     train_loop(
         &run,
         model,
         &train_set,
-        |m, b| lm_batch_loss(m, b, pad),
+        |m, b| {
+            let (loss, tokens) = lm_batch_loss(m, b, pad);
+            // AdapterFusion's pull of its value matrices towards the identity.
+            match &fusion {
+                Some(f) => match f.regularization(m, "default") {
+                    Some(r) => (loss + r, tokens),
+                    None => (loss, tokens),
+                },
+                None => (loss, tokens),
+            }
+        },
         |m| {
             let mut metrics = serde_json::Map::new();
             if !eval_set.is_empty() {

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use peft_cli::methods::MethodConfig;
 use peft_cli::{methods, usage};
 use peft_core::adapter_io::load_adapter;
+use peft_core::tuner::Tuner;
 use peft_lora::{dequantize_base, merge_and_unload_state, quantize_base, quantized_footprint};
 use peft_models::generate::{greedy, greedy_batch};
 use peft_models::load::{LoadedModel, load_causal_lm};
@@ -45,8 +46,12 @@ enum Command {
     Eval {
         #[arg(long)]
         model: PathBuf,
+        /// Adapter folder; several with --fusion (causal-lm).
         #[arg(long)]
-        adapter: Option<PathBuf>,
+        adapter: Vec<PathBuf>,
+        /// An AdapterFusion folder over the --adapter folders (AdapterHub's layout).
+        #[arg(long)]
+        fusion: Option<PathBuf>,
         #[arg(long)]
         data: PathBuf,
         /// Longest sequence in tokens [default: 256 for causal-lm, 128 for classification].
@@ -70,6 +75,10 @@ enum Command {
         /// Name of the adapter to use (the folder name) when several are loaded.
         #[arg(long = "use")]
         use_adapter: Option<String>,
+        /// An AdapterFusion folder over the --adapter folders (AdapterHub's layout): the fused
+        /// adapters answer together.
+        #[arg(long)]
+        fusion: Option<PathBuf>,
         /// The prompt; several `--prompt`s are answered together in one padded batch, one
         /// answer per line.
         #[arg(long, required = true)]
@@ -171,6 +180,53 @@ fn load_with_adapters(
         configs.push(config);
     }
     Ok((loaded, names, configs))
+}
+
+/// Load the AdapterFusion folder `fusion` over the loaded bottleneck adapters (`names` and
+/// `configs` as [`load_with_adapters`] gives them) and make it the active composition. Each
+/// fused adapter is found by its AdapterHub name (the `name` in its config).
+fn load_fusion(
+    mut loaded: LoadedModel,
+    fusion: &Path,
+    names: &[String],
+    configs: &[MethodConfig],
+) -> Result<LoadedModel> {
+    let files = load_adapter(fusion)?;
+    let MethodConfig::Fusion(mut config) =
+        MethodConfig::from_json(&files.config).with_context(|| format!("{}", fusion.display()))?
+    else {
+        return Err(usage!(
+            "--fusion {}: not an AdapterFusion folder (adapter_fusion_config.json)",
+            fusion.display()
+        ));
+    };
+    let hub_names: Vec<&str> = configs
+        .iter()
+        .map(|c| match c {
+            MethodConfig::Bottleneck(b) => b.name.as_str(),
+            _ => "",
+        })
+        .collect();
+    let mut internal = Vec::new();
+    for wanted in &config.adapter_names {
+        let i = hub_names.iter().position(|n| n == wanted).ok_or_else(|| {
+            usage!(
+                "--fusion {}: it fuses adapter `{wanted}`, which no --adapter folder holds \
+                 (loaded: {})",
+                fusion.display(),
+                hub_names
+                    .iter()
+                    .filter(|n| !n.is_empty())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        internal.push(names[i].clone());
+    }
+    config.loaded_as = Some(internal);
+    loaded.model = config.apply_and_load(loaded.model, "fusion", files)?;
+    Ok(loaded)
 }
 
 /// Use adapter `name` alone: at every site that holds part of it, that part; elsewhere none.
@@ -322,6 +378,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval {
             model,
             adapter,
+            fusion,
             data,
             max_len,
             task,
@@ -330,9 +387,14 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let dev = device(&cli.device)?;
             if task == "classification" {
-                let adapter = adapter.ok_or_else(|| {
-                    usage!("--adapter is required for classification (the head is trained)")
-                })?;
+                let [adapter] = adapter.as_slice() else {
+                    return Err(usage!(
+                        "classification takes one --adapter (the head is trained with it)"
+                    ));
+                };
+                if fusion.is_some() {
+                    return Err(usage!("--fusion: causal-lm only for now"));
+                }
                 println!(
                     "{}",
                     classify::eval(
@@ -351,7 +413,17 @@ fn run(cli: Cli) -> Result<()> {
                     "--task {task}: unknown task (supported: causal-lm, classification)"
                 ));
             }
-            let (loaded, _, configs) = load_with_adapters(&model, adapter.as_slice(), &dev)?;
+            let (mut loaded, names, configs) = load_with_adapters(&model, &adapter, &dev)?;
+            match &fusion {
+                Some(f) => loaded = load_fusion(loaded, f, &names, &configs)?,
+                None if names.len() > 1 => {
+                    return Err(usage!(
+                        "several adapters loaded ({}); eval takes one, or several with --fusion",
+                        names.join(", ")
+                    ));
+                }
+                None => {}
+            }
             let virtual_tokens = configs.iter().map(|c| c.virtual_tokens()).max();
             let max_len = usage::max_len(
                 max_len,
@@ -372,13 +444,19 @@ fn run(cli: Cli) -> Result<()> {
             model,
             adapter,
             use_adapter,
+            fusion,
             prompt,
             max_new_tokens,
             raw,
         } => {
             let dev = device(&cli.device)?;
-            let (mut loaded, names, _) = load_with_adapters(&model, &adapter, &dev)?;
-            if let Some(name) = &use_adapter {
+            let (mut loaded, names, configs) = load_with_adapters(&model, &adapter, &dev)?;
+            if let Some(f) = &fusion {
+                if use_adapter.is_some() {
+                    return Err(usage!("--use and --fusion: pick one"));
+                }
+                loaded = load_fusion(loaded, f, &names, &configs)?;
+            } else if let Some(name) = &use_adapter {
                 if !names.contains(name) {
                     return Err(usage!(
                         "--use {name}: no such adapter (loaded: {})",

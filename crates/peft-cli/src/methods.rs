@@ -2,8 +2,8 @@
 //! `peft_type`. Loading an adapter folder and `--method` both dispatch through it.
 
 use anyhow::{Result, bail};
-use peft_adapter::{BottleneckConfig, Ia3Config};
-use peft_core::adapter_io::{BOTTLENECK_TYPE, is_adapterhub_config};
+use peft_adapter::{BottleneckConfig, FusionConfig, Ia3Config};
+use peft_core::adapter_io::{BOTTLENECK_TYPE, FUSION_TYPE, is_adapterhub_config};
 use peft_core::tuner::Tuner;
 use peft_lora::LoraConfig;
 use peft_prompt::{PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig};
@@ -82,6 +82,11 @@ pub const METHODS: &[Method] = &[
         peft_type: BOTTLENECK_TYPE,
         about: "bottleneck adapter beside the feed-forward block (AdapterHub par_bn)",
     },
+    Method {
+        name: "fusion",
+        peft_type: FUSION_TYPE,
+        about: "AdapterFusion over bottleneck adapters given with --fuse A,B (AdapterHub dynamic)",
+    },
 ];
 
 /// The AdapterHub preset of a bottleneck `--method`.
@@ -121,6 +126,8 @@ pub enum MethodConfig {
     PrefixTuning(PrefixTuningConfig),
     /// Bottleneck adapters, in AdapterHub's layout.
     Bottleneck(BottleneckConfig),
+    /// AdapterFusion over bottleneck adapters, in AdapterHub's layout.
+    Fusion(FusionConfig),
 }
 
 impl MethodConfig {
@@ -128,6 +135,9 @@ impl MethodConfig {
     /// AdapterHub config: by its layout).
     pub fn from_json(config: &Value) -> Result<Self> {
         if is_adapterhub_config(config) {
+            if config.get("adapter_names").is_some() {
+                return Ok(Self::Fusion(FusionConfig::from_json(config)?));
+            }
             let arch = config["config"].get("architecture").and_then(Value::as_str);
             if let Some(a) = arch.filter(|a| *a != "bottleneck") {
                 bail!("AdapterHub `{a}` adapters are not supported (bottleneck adapters are)");
@@ -172,6 +182,8 @@ impl MethodConfig {
             m if bottleneck_preset(m).is_some() => Self::Bottleneck(BottleneckConfig::preset(
                 bottleneck_preset(m).expect("matched"),
             )?),
+            // A template: the fused adapters come from `--fuse` ([`Self::fusing`]).
+            "fusion" => Self::Fusion(FusionConfig::new(&["a".into(), "b".into()], "dynamic")?),
             other => {
                 return Err(usage!(
                     "--method {other}: unknown method (supported: {})",
@@ -193,6 +205,7 @@ impl MethodConfig {
             Self::PTuning(c) => c,
             Self::PrefixTuning(c) => c,
             Self::Bottleneck(c) => c,
+            Self::Fusion(c) => c,
         }
     }
 
@@ -208,6 +221,7 @@ impl MethodConfig {
             Self::PTuning(c) => serde_json::to_value(c),
             Self::PrefixTuning(c) => serde_json::to_value(c),
             Self::Bottleneck(c) => serde_json::to_value(c),
+            Self::Fusion(c) => serde_json::to_value(c),
         }
         .expect("configs serialise")
     }
@@ -225,6 +239,7 @@ impl MethodConfig {
             Self::PTuning(c) => Self::PTuning(c.resolved_for(model)?),
             Self::PrefixTuning(c) => Self::PrefixTuning(c.resolved_for(model)?),
             Self::Bottleneck(c) => Self::Bottleneck(c.resolved_for(model)?),
+            Self::Fusion(c) => Self::Fusion(c.resolved_for(model)?),
             Self::Lora(_) | Self::BitFit(_) => self.clone(),
         })
     }
@@ -265,6 +280,67 @@ impl MethodConfig {
         Ok(self)
     }
 
+    /// A fusion of the bottleneck adapters `configs` (read from the `--fuse` folders `dirs`),
+    /// with this fusion's settings: their AdapterHub names must differ and their placement
+    /// (`mh_adapter`, `output_adapter`) agree, as AdapterHub requires. Other methods are
+    /// unchanged.
+    pub fn fusing(self, dirs: &[std::path::PathBuf], configs: &[MethodConfig]) -> Result<Self> {
+        let Self::Fusion(mut fusion) = self else {
+            return Ok(self);
+        };
+        let mut names = Vec::new();
+        let mut first: Option<(&std::path::PathBuf, &BottleneckConfig)> = None;
+        for (dir, c) in dirs.iter().zip(configs) {
+            let MethodConfig::Bottleneck(b) = c else {
+                bail!(
+                    "--fuse {}: a {} adapter; AdapterFusion fuses bottleneck adapters",
+                    dir.display(),
+                    c.to_json()["peft_type"].as_str().unwrap_or("?")
+                );
+            };
+            if let Some(i) = names.iter().position(|n| *n == b.name) {
+                bail!(
+                    "--fuse {} and --fuse {} are both named `{}` (the `name` in their \
+                     adapter_config.json); fused adapters need different names",
+                    dirs[i].display(),
+                    dir.display(),
+                    b.name
+                );
+            }
+            if let Some((fdir, f)) = first {
+                for (field, x, y) in [
+                    ("mh_adapter", f.config.mh_adapter, b.config.mh_adapter),
+                    (
+                        "output_adapter",
+                        f.config.output_adapter,
+                        b.config.output_adapter,
+                    ),
+                ] {
+                    if x != y {
+                        bail!(
+                            "--fuse: {} and {} differ in {field} ({x} and {y}); AdapterFusion \
+                             fuses adapters placed alike",
+                            fdir.display(),
+                            dir.display()
+                        );
+                    }
+                }
+            } else {
+                first = Some((dir, b));
+            }
+            names.push(b.name.clone());
+        }
+        if names.len() < 2 {
+            bail!(
+                "--fuse needs at least two adapter folders, got {}",
+                names.len()
+            );
+        }
+        fusion.name = names.join(",");
+        fusion.adapter_names = names;
+        Ok(Self::Fusion(fusion))
+    }
+
     /// Set fields of the config by their reference names (`--set key=value`, a `[method]`
     /// table): a value is read as JSON (`8`, `true`, `["q_proj"]`) and otherwise taken as a
     /// string. Unknown keys are an error that lists the valid ones.
@@ -280,7 +356,7 @@ impl MethodConfig {
             .to_string();
         // AdapterHub keeps the method's options in the `config` object.
         let obj = match self {
-            Self::Bottleneck(_) => json["config"].as_object_mut(),
+            Self::Bottleneck(_) | Self::Fusion(_) => json["config"].as_object_mut(),
             _ => json.as_object_mut(),
         }
         .expect("configs are objects");
@@ -310,6 +386,15 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
         MethodConfig::PromptTuning(_) => MethodConfig::PromptTuning(Default::default()),
         MethodConfig::PTuning(_) => MethodConfig::PTuning(Default::default()),
         MethodConfig::PrefixTuning(_) => MethodConfig::PrefixTuning(Default::default()),
+        MethodConfig::Fusion(c) => {
+            let mut keys: Vec<String> = serde_json::to_value(&c.config)
+                .expect("serialises")
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            keys.sort();
+            return keys;
+        }
         MethodConfig::Bottleneck(c) => {
             // The options are the `config` object's (every preset has the same fields).
             let mut keys: Vec<String> = serde_json::to_value(&c.config)

@@ -14,6 +14,7 @@ use peft_core::adapter_io::load_adapter;
 use peft_core::target::ModuleSelector;
 use peft_core::train::{Schedule, StepReport, TrainConfig, Trainer};
 use peft_core::tuner::TRAINING_EXTRAS_FILE;
+use peft_core::tuner::Tuner;
 use peft_lora::{LoraConfig, SiteHost, quantize_base};
 
 use peft_cli::methods::{self, MethodConfig};
@@ -149,6 +150,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = false)]
     #[serde(default)]
     pub skip_nonfinite: bool,
+    /// With --method fusion: the bottleneck adapter folders to fuse (two or more,
+    /// comma-separated); they stay frozen, only the fusion trains.
+    #[arg(long, value_delimiter = ',')]
+    pub fuse: Option<Vec<PathBuf>>,
     /// Stop after this many steps, as an interruption would (for testing resume).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -204,7 +209,8 @@ impl TrainArgs {
             weight_decay,
             max_len,
             seed,
-            save_every
+            save_every,
+            fuse
         );
         match file.method_file.take() {
             Some(MethodSpec::Name(name)) => self.method = self.method.take().or(Some(name)),
@@ -331,6 +337,12 @@ fn method_config(a: &TrainArgs, method: &str, classification: bool) -> Result<Me
         }
         json["base_model_name_or_path"] =
             serde_json::json!(a.model.as_ref().map(|p| p.display().to_string()));
+        if peft_core::adapter_io::is_adapterhub_config(&json) && json.get("adapter_names").is_none()
+        {
+            // AdapterHub names an adapter inside its keys; name it after the output folder, so
+            // adapters trained here can be fused (their names must differ).
+            json["name"] = adapterhub_name(a.out.as_deref()).into();
+        }
         MethodConfig::from_json(&json).map_err(|e| usage!("{e:#}"))?
     };
     let options = a
@@ -339,6 +351,62 @@ fn method_config(a: &TrainArgs, method: &str, classification: bool) -> Result<Me
         .map(|o| methods::parse_option(o))
         .collect::<Result<Vec<_>>>()?;
     config.with_options(&options)
+}
+
+/// An AdapterHub adapter name from the output folder's name: letters, digits, `_` and `-`
+/// kept, anything else (`.` and `,` split AdapterHub's keys and fusion names) becomes `_`.
+fn adapterhub_name(out: Option<&Path>) -> String {
+    let name: String = out
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("default")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        "default".into()
+    } else {
+        name
+    }
+}
+
+/// The `--fuse` folders read as the registry reads them (config only), for
+/// [`MethodConfig::fusing`]; `--fuse` with another method than fusion is refused.
+fn fused_configs(a: &TrainArgs, method: &str) -> Result<Vec<MethodConfig>> {
+    match (&a.fuse, method) {
+        (None, "fusion") => Err(usage!(
+            "--method fusion needs --fuse A,B (the bottleneck adapter folders to fuse)"
+        )),
+        (Some(_), m) if m != "fusion" => Err(usage!("--fuse is for --method fusion")),
+        (None, _) => Ok(Vec::new()),
+        (Some(dirs), _) => dirs
+            .iter()
+            .map(|d| {
+                let files = load_adapter(d)?;
+                MethodConfig::from_json(&files.config)
+                    .with_context(|| format!("--fuse {}", d.display()))
+            })
+            .collect(),
+    }
+}
+
+/// Load the `--fuse` adapters, frozen by the fusion later, under their AdapterHub names.
+pub(crate) fn load_fused<M: SiteHost>(run: &Run, mut model: M) -> Result<M> {
+    for dir in run.args.fuse.iter().flatten() {
+        let files = load_adapter(dir)?;
+        if let MethodConfig::Bottleneck(c) = MethodConfig::from_json(&files.config)? {
+            model = c
+                .apply_and_load(model, &c.name, files)
+                .with_context(|| format!("--fuse {}", dir.display()))?;
+        }
+    }
+    Ok(model)
 }
 
 const CHECKPOINT: &str = "checkpoint";
@@ -494,7 +562,15 @@ pub fn run(
         ));
     }
     let out = a.out.clone().ok_or_else(|| usage!("--out is required"))?;
-    let method_config = method_config(&a, &method, classification)?;
+    let fused = fused_configs(&a, &method)?;
+    let method_config = method_config(&a, &method, classification)?
+        .fusing(a.fuse.as_deref().unwrap_or_default(), &fused)
+        .map_err(|e| usage!("{e:#}"))?;
+    if classification && matches!(method_config, MethodConfig::Fusion(_)) {
+        return Err(usage!(
+            "--method fusion trains on causal-lm data here (classification: not yet)"
+        ));
+    }
     let config = TrainConfig {
         learning_rate: a.lr.unwrap_or(2e-4),
         weight_decay: a.weight_decay.unwrap_or(0.0),

@@ -66,10 +66,9 @@ fn bottleneck_methods_train_resume_generate_and_refuse_to_merge() {
         let mut placed: Vec<&str> = sites
             .iter()
             .filter(|site| {
-                files
-                    .tensors
-                    .keys()
-                    .any(|k| k.starts_with(&format!("model.layers.1.{site}.adapters.default.")))
+                files.tensors.keys().any(|k| {
+                    k.starts_with(&format!("model.layers.1.{site}.adapters.{method}-full."))
+                })
             })
             .copied()
             .collect();
@@ -184,7 +183,7 @@ fn pfeiffer_trains_a_bert_classifier_with_adapterhubs_head_files() {
     assert!(
         files
             .tensors
-            .get("bert.encoder.layer.1.output.adapters.default.adapter_up.weight")
+            .get("bert.encoder.layer.1.output.adapters.pfeiffer.adapter_up.weight")
             .is_some()
     );
     let o = peft(&[
@@ -221,4 +220,160 @@ fn bad_bottleneck_options_are_one_line_errors() {
         assert!(err.trim().lines().count() <= 2, "{set}: {err}");
     }
     assert!(!tmp.path().join("x/adapter.safetensors").exists());
+}
+
+/// `dir/name.jsonl`: question/answer lines over the tiny tokenizer's words where the answer
+/// follows `rule` from the question's first word (two "topics" for two adapters).
+fn topic(dir: &Path, name: &str, rule: impl Fn(usize) -> (usize, usize)) -> std::path::PathBuf {
+    let words = [
+        "hello", "what", "is", "the", "capital", "of", "france", "paris", "good", "day", "cat",
+        "dog",
+    ];
+    let mut lines = String::new();
+    for i in 0..40 {
+        let (a, b) = rule(i);
+        let q = format!(
+            "{} {} {}",
+            words[i % 12],
+            words[(i * 5 + 1) % 12],
+            words[(i * 7 + 2) % 12]
+        );
+        let line = serde_json::json!({"question": q, "answer": format!("{} {}", words[a % 12], words[b % 12])});
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    let p = dir.join(format!("{name}.jsonl"));
+    std::fs::write(&p, lines).unwrap();
+    p
+}
+
+/// Two Pfeiffer adapters trained on two topics, fused on the mix: the fusion trains (resuming
+/// exactly), `generate` and `eval` run the fused model, and mismatched inputs are one-line
+/// errors.
+#[test]
+fn fusion_of_two_adapters_trains_generates_and_evaluates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a_data = topic(tmp.path(), "a", |i| (i, i + 1));
+    let b_data = topic(tmp.path(), "b", |i| (i * 5 + 3, 7));
+    let mix = tmp.path().join("mix.jsonl");
+    let both =
+        std::fs::read_to_string(&a_data).unwrap() + &std::fs::read_to_string(&b_data).unwrap();
+    std::fs::write(&mix, both).unwrap();
+    let (a, b) = (tmp.path().join("topic_a"), tmp.path().join("topic.b"));
+    for (data, out) in [(&a_data, &a), (&b_data, &b)] {
+        let o = train("pfeiffer", data, out, &["--set", "reduction_factor=8"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    // Adapters are named after their folders (AdapterHub's keys cannot hold a `.`).
+    let name = |d: &Path| peft_core::adapter_io::load_adapter(d).unwrap().config["name"].clone();
+    assert_eq!((name(&a), name(&b)), ("topic_a".into(), "topic_b".into()));
+    let fuse = format!("{},{}", s(&a), s(&b));
+    let fusion = tmp.path().join("fusion");
+    let o = train("fusion", &mix, &fusion, &["--fuse", &fuse]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "adapter_fusion_config.json",
+        "model_adapter_fusion.safetensors",
+    ] {
+        assert!(fusion.join(f).exists(), "{f}");
+    }
+    let files = peft_core::adapter_io::load_adapter(&fusion).unwrap();
+    assert_eq!(files.config["name"], "topic_a,topic_b");
+    assert!(
+        files
+            .tensors
+            .keys()
+            .all(|k| k.contains(".adapter_fusion_layer.topic_a,topic_b."))
+    );
+    // Resumed: the same fusion.
+    let part = tmp.path().join("fusion-part");
+    assert!(
+        train(
+            "fusion",
+            &mix,
+            &part,
+            &["--fuse", &fuse, "--stop-after", "4"]
+        )
+        .status
+        .success()
+    );
+    let o = train("fusion", &mix, &part, &["--fuse", &fuse, "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        adapter_values(&part),
+        adapter_values(&fusion),
+        "resume is exact"
+    );
+
+    let model = tiny();
+    let run = |cmd: &str, extra: &[&str]| {
+        let mut args = vec![
+            cmd,
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&a),
+            "--adapter",
+            s(&b),
+        ];
+        args.extend(extra);
+        peft(&args)
+    };
+    let o = run(
+        "generate",
+        &[
+            "--fusion",
+            s(&fusion),
+            "--prompt",
+            "hello what",
+            "--raw",
+            "--max-new-tokens",
+            "3",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(
+        "eval",
+        &["--fusion", s(&fusion), "--data", s(&mix), "--max-len", "32"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fused: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let alone = eval_loss(&model, Some(&a), &mix);
+    eprintln!("mix: fused {} vs adapter a alone {alone}", fused["loss"]);
+    assert!(fused["loss"].as_f64().unwrap().is_finite());
+
+    // A fusion whose adapters are not loaded; two adapters without --fusion; unlike adapters.
+    let o = peft(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&a),
+        "--fusion",
+        s(&fusion),
+        "--prompt",
+        "hi",
+    ]);
+    assert!(
+        stderr(&o).contains("fuses adapter `topic_b`, which no --adapter folder holds"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run("eval", &["--data", s(&mix)]);
+    assert!(stderr(&o).contains("--fusion"), "{}", stderr(&o));
+    let h = tmp.path().join("houlsby");
+    assert!(train("houlsby", &a_data, &h, &[]).status.success());
+    let o = train(
+        "fusion",
+        &mix,
+        &tmp.path().join("bad"),
+        &["--fuse", &format!("{},{}", s(&a), s(&h))],
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("differ in mh_adapter (false and true)"),
+        "{err}"
+    );
+    let o = train("fusion", &mix, &tmp.path().join("bad"), &[]);
+    assert!(stderr(&o).contains("--fuse"), "{}", stderr(&o));
 }
