@@ -17,6 +17,7 @@ fixtures/methods_tiny/: IA3 and LN tuning adapters saved by PEFT on the tiny Lla
 lora_tiny) and the tiny BERT classifier (bert_tiny), with the inputs, PEFT's logits and, for the
 Llama, 8 greedy tokens after the first row of input ids.
     scripts/make_fixtures.sh --verify-method ADAPTER_DIR EXPECTED [BASE.gguf [TOL]]   # a Rust-saved adapter
+fixtures/proxy_tiny/: proxy-tuning's combined logits and greedy tokens in PyTorch (tiny Llamas).
 fixtures/smollm2/: prompt token ids and logits of SmolLM2-135M-Instruct loaded from the GGUF
 by transformers.
 """
@@ -642,6 +643,38 @@ def make_prompts_smollm2():
         print(case, "->", d, tok.decode(out["greedy"]))
 
 
+def make_proxy():
+    """Proxy-tuning in PyTorch: the tiny Llama with biases (base_bias) steered by the tiny
+    Llama without (base_plain) plus its list_rslora LoRA adapter (expert) against base_plain
+    alone (anti-expert), alpha 0.5: the combined logits of the list_rslora ids and 8 greedy
+    tokens decoded from the combined logits (each step a full forward of the three models)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    load = lambda name: LlamaForCausalLM.from_pretrained(os.path.join(FIX, "lora_tiny", name),
+                                                         dtype=torch.float32).eval()
+    base, anti = load("base_bias"), load("base_plain")
+    expert = PeftModel.from_pretrained(load("base_plain"), os.path.join(FIX, "lora_tiny", "list_rslora", "adapter")).eval()
+    ids = load_file(os.path.join(FIX, "lora_tiny", "list_rslora", "expected.safetensors"))["input_ids"]
+    alpha = 0.5
+    combined = lambda x: base(input_ids=x).logits + alpha * (expert(input_ids=x).logits - anti(input_ids=x).logits)
+    with torch.no_grad():
+        logits = combined(ids)
+        seq, new = ids[:1], []
+        for _ in range(8):
+            nxt = combined(seq)[0, -1].argmax().item()
+            if nxt == 2:
+                break
+            new.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+    d = os.path.join(FIX, "proxy_tiny")
+    os.makedirs(d, exist_ok=True)
+    save_file({"input_ids": ids.to(torch.int64).contiguous(), "logits": logits.contiguous(),
+               "greedy": torch.tensor(new, dtype=torch.int64), "alpha": torch.tensor([alpha])},
+              os.path.join(d, "expected.safetensors"))
+    print("proxy_tiny ->", d, new)
+
+
 def verify_method(adapter_dir, expected, base=None, tol="1e-4"):
     """Load an adapter folder written by Rust (any method) into Python PEFT on the base it was
     made for (the tiny fixture, or `base`: a .gguf such as SmolLM2); its logits must match
@@ -682,7 +715,7 @@ if __name__ == "__main__":
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
     ap.add_argument("--verify-method", nargs="+", metavar="ARG",
                     help="ADAPTER_DIR EXPECTED [BASE.gguf [TOLERANCE]]")
-    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2"])
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -712,3 +745,5 @@ if __name__ == "__main__":
         make_prompts_smollm2()
     if a.only == "prompts_smollm2":
         make_prompts_smollm2()
+    if a.only in (None, "proxy"):
+        make_proxy()

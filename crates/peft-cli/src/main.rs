@@ -18,6 +18,7 @@ use peft_core::tuner::Tuner;
 use peft_lora::{dequantize_base, merge_and_unload_state, quantize_base, quantized_footprint};
 use peft_models::generate::{greedy, greedy_batch};
 use peft_models::load::{LoadedModel, load_causal_lm};
+use peft_models::proxy::Proxy;
 use peft_sites::{SiteHost, SiteMut};
 
 /// Large buffers on transparent huge pages (see `peft_core::alloc`).
@@ -38,6 +39,71 @@ struct Cli {
     command: Command,
 }
 
+/// Proxy-tuning (Liu et al., 2024): `--model`'s logits steered by a small tuned model
+/// (expert) against the same small model untuned (anti-expert), `s + α·(s_expert − s_anti)`.
+#[derive(clap::Args, Debug, Default)]
+struct ProxyArgs {
+    /// The small model whose tuned copy steers --model (the anti-expert); with
+    /// --proxy-adapter, which makes the expert.
+    #[arg(long)]
+    proxy_base: Option<PathBuf>,
+    /// The adapter (any method) that tunes --proxy-base into the expert.
+    #[arg(long)]
+    proxy_adapter: Option<PathBuf>,
+    /// Instead of --proxy-base/--proxy-adapter: the tuned small model, a full model folder.
+    #[arg(long)]
+    proxy_expert: Option<PathBuf>,
+    /// With --proxy-expert: the untuned small model.
+    #[arg(long)]
+    proxy_anti_expert: Option<PathBuf>,
+    /// α, how far to follow the expert [default: 1].
+    #[arg(long, allow_hyphen_values = true)]
+    proxy_alpha: Option<f64>,
+}
+
+/// The expert and anti-expert `proxy` asks for, if any; a half-given pair is a usage error.
+fn load_proxy(
+    proxy: &ProxyArgs,
+    dev: &burn::tensor::Device,
+) -> Result<
+    Option<(
+        peft_models::llama::LlamaForCausalLM,
+        peft_models::llama::LlamaForCausalLM,
+    )>,
+> {
+    let p = proxy;
+    let pairs = (
+        &p.proxy_base,
+        &p.proxy_adapter,
+        &p.proxy_expert,
+        &p.proxy_anti_expert,
+    );
+    let (expert, anti) = match pairs {
+        (None, None, None, None) => {
+            if p.proxy_alpha.is_some() {
+                return Err(usage!(
+                    "--proxy-alpha needs --proxy-base and --proxy-adapter (or --proxy-expert and --proxy-anti-expert)"
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(small), Some(adapter), None, None) => {
+            let (expert, _, _) = load_with_adapters(small, std::slice::from_ref(adapter), dev)?;
+            (expert.model, load_causal_lm(small, dev)?.model)
+        }
+        (None, None, Some(expert), Some(anti)) => (
+            load_causal_lm(expert, dev)?.model,
+            load_causal_lm(anti, dev)?.model,
+        ),
+        _ => {
+            return Err(usage!(
+                "proxy-tuning takes --proxy-base with --proxy-adapter, or --proxy-expert with --proxy-anti-expert"
+            ));
+        }
+    };
+    Ok(Some((expert, anti)))
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Fine-tune a model with an adapter.
@@ -52,6 +118,8 @@ enum Command {
         /// An AdapterFusion folder over the --adapter folders (AdapterHub's layout).
         #[arg(long)]
         fusion: Option<PathBuf>,
+        #[command(flatten)]
+        proxy: ProxyArgs,
         #[arg(long)]
         data: PathBuf,
         /// Longest sequence in tokens [default: 256 for causal-lm, 128 for classification].
@@ -79,6 +147,8 @@ enum Command {
         /// adapters answer together.
         #[arg(long)]
         fusion: Option<PathBuf>,
+        #[command(flatten)]
+        proxy: ProxyArgs,
         /// The prompt; several `--prompt`s are answered together in one padded batch, one
         /// answer per line.
         #[arg(long, required = true)]
@@ -379,6 +449,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             adapter,
             fusion,
+            proxy,
             data,
             max_len,
             task,
@@ -392,8 +463,8 @@ fn run(cli: Cli) -> Result<()> {
                         "classification takes one --adapter (the head is trained with it)"
                     ));
                 };
-                if fusion.is_some() {
-                    return Err(usage!("--fusion: causal-lm only for now"));
+                if fusion.is_some() || proxy.proxy_base.is_some() || proxy.proxy_expert.is_some() {
+                    return Err(usage!("--fusion and proxy-tuning: causal-lm only"));
                 }
                 println!(
                     "{}",
@@ -433,7 +504,13 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             let examples = data::read_examples(&data, &loaded.tokenizer, max_len)?;
             let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
-            let loss = peft_models::train::eval_loss(&loaded.model, &examples, 8, pad);
+            let loss = match load_proxy(&proxy, &dev)? {
+                Some((expert, anti)) => {
+                    let alpha = proxy.proxy_alpha.unwrap_or(1.0);
+                    Proxy::new(&loaded.model, &expert, &anti, alpha)?.eval_loss(&examples, 8, pad)
+                }
+                None => peft_models::train::eval_loss(&loaded.model, &examples, 8, pad),
+            };
             println!(
                 "{}",
                 serde_json::json!({"loss": loss, "perplexity": loss.exp(), "examples": examples.len()})
@@ -445,6 +522,7 @@ fn run(cli: Cli) -> Result<()> {
             adapter,
             use_adapter,
             fusion,
+            proxy,
             prompt,
             max_new_tokens,
             raw,
@@ -480,7 +558,14 @@ fn run(cli: Cli) -> Result<()> {
                 ids.push(loaded.tokenizer.encode(&text)?);
             }
             let eos = &loaded.tokenizer.eos_ids;
-            let outs = if ids.len() == 1 {
+            let proxy_models = load_proxy(&proxy, &dev)?;
+            let outs = if let Some((expert, anti)) = &proxy_models {
+                let alpha = proxy.proxy_alpha.unwrap_or(1.0);
+                let p = Proxy::new(&loaded.model, expert, anti, alpha)?;
+                ids.iter()
+                    .map(|i| p.greedy(i, max_new_tokens, eos))
+                    .collect()
+            } else if ids.len() == 1 {
                 vec![greedy(&loaded.model, &ids[0], max_new_tokens, eos)]
             } else {
                 greedy_batch(&loaded.model, &ids, max_new_tokens, eos)

@@ -12,6 +12,7 @@
 //!   file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantized at load).
 //! - [`tokenizer`]: `tokenizers`-crate tokenizer from tokenizer.json or GGUF, chat template.
 //! - [`generate`]: greedy generation with the KV cache.
+//! - [`proxy`]: proxy-tuning, three models' logits combined at decoding time.
 //! - [`assets`]: models and data fetched from the Python package registry.
 //! - [`data`]: question/answer pairs (chatterbot corpus).
 //! - [`train`]: the causal-LM training loop (AdamW, schedule, accumulation, clipping).
@@ -30,6 +31,7 @@ pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod loss;
+pub mod proxy;
 pub mod reference;
 pub mod rms_norm;
 pub mod slot;

@@ -607,20 +607,31 @@ impl LlamaForCausalLM {
     /// Mean cross-entropy of predicting `tokens[:, t+1]` from `tokens[:, ..=t]`, counting only
     /// positions where `loss_mask[:, t+1]` is 1 (e.g. answer tokens, not padding).
     pub fn causal_lm_loss(&self, tokens: Tensor<2, Int>, loss_mask: Tensor<2>) -> Tensor<1> {
-        let [b, s] = tokens.dims();
+        let s = tokens.dims()[1];
         let logits = self.forward(tokens.clone().narrow(1, 0, s - 1), None);
-        let targets = tokens.narrow(1, 1, s - 1);
-        // The loss in f32 whatever the compute type (as transformers does).
-        let mask = loss_mask.narrow(1, 1, s - 1).cast(DType::F32);
-        let v = logits.dims()[2];
-        let rows = b * (s - 1);
-        let nll = cross_entropy_rows(
-            logits.cast(DType::F32).reshape([rows, v]),
-            targets.reshape([rows]),
-        );
-        let count = mask.clone().sum().clamp_min(1.0);
-        nll.reshape([b, s - 1]).mul(mask).sum().div(count)
+        shifted_lm_loss(logits, tokens, loss_mask)
     }
+}
+
+/// The loss of [`LlamaForCausalLM::causal_lm_loss`] from the logits of `tokens[:, ..s-1]`
+/// (whatever computed them, e.g. several models' combined).
+pub fn shifted_lm_loss(
+    logits: Tensor<3>,
+    tokens: Tensor<2, Int>,
+    loss_mask: Tensor<2>,
+) -> Tensor<1> {
+    let [b, s] = tokens.dims();
+    let targets = tokens.narrow(1, 1, s - 1);
+    // The loss in f32 whatever the compute type (as transformers does).
+    let mask = loss_mask.narrow(1, 1, s - 1).cast(DType::F32);
+    let v = logits.dims()[2];
+    let rows = b * (s - 1);
+    let nll = cross_entropy_rows(
+        logits.cast(DType::F32).reshape([rows, v]),
+        targets.reshape([rows]),
+    );
+    let count = mask.clone().sum().clamp_min(1.0);
+    nll.reshape([b, s - 1]).mul(mask).sum().div(count)
 }
 
 site_table!(DecoderLayer {

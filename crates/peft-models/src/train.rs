@@ -69,15 +69,28 @@ pub fn eval_loss(
     pad: u32,
 ) -> f64 {
     let model = model.valid();
-    let device = model.device();
+    eval_loss_with(&model.device(), examples, batch_size, pad, |ids, mask| {
+        model.causal_lm_loss(ids, mask)
+    })
+}
+
+/// [`eval_loss`] with any batch loss (`loss` gets right-padded ids and the loss mask and
+/// returns the mean loss per predicted token, as [`LlamaForCausalLM::causal_lm_loss`]).
+pub fn eval_loss_with(
+    device: &Device,
+    examples: &[Example],
+    batch_size: usize,
+    pad: u32,
+    loss: impl Fn(Tensor<2, Int>, Tensor<2>) -> Tensor<1>,
+) -> f64 {
     let (mut total, mut count) = (0.0, 0.0);
     for chunk in examples.chunks(batch_size.max(1)) {
-        let (ids, mask) = batch(chunk, pad, &device);
+        let (ids, mask) = batch(chunk, pad, device);
         let n: f64 = chunk
             .iter()
             .map(|e| e.loss_mask[1..].iter().sum::<f32>() as f64)
             .sum();
-        let loss: f32 = model.causal_lm_loss(ids, mask).into_scalar();
+        let loss: f32 = loss(ids, mask).into_scalar();
         total += loss as f64 * n;
         count += n;
     }
