@@ -11,9 +11,13 @@
 //!   attention and feed-forward blocks, in AdapterHub `adapters`' layout and semantics. On your
 //!   own burn model, put a [`peft_sites::Bottleneck`] in a [`peft_sites::SublayerSite`].
 //! - [`FusionConfig`]: AdapterFusion over loaded bottleneck adapters, in AdapterHub's layout.
+//! - [`SsfConfig`]: SSF, a learned scale and shift after linears and LayerNorms, merged
+//!   exactly ([`peft_sites::LinearPart::ScaleShift`], `TunedNorm::add_scale_shift`).
 
 pub mod bottleneck;
 pub mod ia3;
+pub mod ssf;
 
 pub use bottleneck::{BnConfig, BottleneckConfig, FusionConfig, FusionSettings};
 pub use ia3::Ia3Config;
+pub use ssf::SsfConfig;

@@ -607,7 +607,8 @@ fn run(cli: Cli) -> Result<()> {
             // then every adapter is dropped.
             let dense = dequantize_base(loaded.model)?;
             let merged = configs[0].tuner().merge(dense, &names[0])?;
-            loaded.model = merge_and_unload_state(merged)?;
+            // A merge that added biases (SSF's shift) switches them on model-wide.
+            loaded.model = merge_and_unload_state(merged)?.complete_biases()?;
             if let Some(spec) = spec {
                 eprintln!(
                     "warning: re-quantizing the merged weights to {} rounds them; outputs will differ slightly from base + adapter",

@@ -2,7 +2,7 @@
 //! `peft_type`. Loading an adapter folder and `--method` both dispatch through it.
 
 use anyhow::{Result, bail};
-use peft_adapter::{BottleneckConfig, FusionConfig, Ia3Config};
+use peft_adapter::{BottleneckConfig, FusionConfig, Ia3Config, SsfConfig};
 use peft_core::adapter_io::{BOTTLENECK_TYPE, FUSION_TYPE, is_adapterhub_config};
 use peft_core::tuner::Tuner;
 use peft_lora::LoraConfig;
@@ -68,6 +68,11 @@ pub const METHODS: &[Method] = &[
         about: "trainable keys and values in every attention layer (P-tuning v2)",
     },
     Method {
+        name: "ssf",
+        peft_type: "SSF",
+        about: "SSF: a learned scale and shift after target linears and LayerNorms",
+    },
+    Method {
         name: "pfeiffer",
         peft_type: BOTTLENECK_TYPE,
         about: "bottleneck adapter after the feed-forward block (AdapterHub seq_bn)",
@@ -124,6 +129,7 @@ pub enum MethodConfig {
     PromptTuning(PromptTuningConfig),
     PTuning(PromptEncoderConfig),
     PrefixTuning(PrefixTuningConfig),
+    Ssf(SsfConfig),
     /// Bottleneck adapters, in AdapterHub's layout.
     Bottleneck(BottleneckConfig),
     /// AdapterFusion over bottleneck adapters, in AdapterHub's layout.
@@ -157,6 +163,7 @@ impl MethodConfig {
             "PROMPT_TUNING" => Self::PromptTuning(PromptTuningConfig::from_json(config)?),
             "P_TUNING" => Self::PTuning(PromptEncoderConfig::from_json(config)?),
             "PREFIX_TUNING" => Self::PrefixTuning(PrefixTuningConfig::from_json(config)?),
+            "SSF" => Self::Ssf(SsfConfig::from_json(config)?),
             "" => bail!(
                 "the adapter config has no peft_type (supported: {})",
                 peft_types()
@@ -179,6 +186,7 @@ impl MethodConfig {
             "prompt-tuning" => Self::PromptTuning(PromptTuningConfig::default()),
             "p-tuning" => Self::PTuning(PromptEncoderConfig::default()),
             "prefix-tuning" => Self::PrefixTuning(PrefixTuningConfig::default()),
+            "ssf" => Self::Ssf(SsfConfig::default()),
             m if bottleneck_preset(m).is_some() => Self::Bottleneck(BottleneckConfig::preset(
                 bottleneck_preset(m).expect("matched"),
             )?),
@@ -204,6 +212,7 @@ impl MethodConfig {
             Self::PromptTuning(c) => c,
             Self::PTuning(c) => c,
             Self::PrefixTuning(c) => c,
+            Self::Ssf(c) => c,
             Self::Bottleneck(c) => c,
             Self::Fusion(c) => c,
         }
@@ -220,6 +229,7 @@ impl MethodConfig {
             Self::PromptTuning(c) => serde_json::to_value(c),
             Self::PTuning(c) => serde_json::to_value(c),
             Self::PrefixTuning(c) => serde_json::to_value(c),
+            Self::Ssf(c) => serde_json::to_value(c),
             Self::Bottleneck(c) => serde_json::to_value(c),
             Self::Fusion(c) => serde_json::to_value(c),
         }
@@ -235,6 +245,7 @@ impl MethodConfig {
             Self::Ia3(c) => Self::Ia3(c.with_defaults(model_type)?),
             Self::LnTuning(c) => Self::LnTuning(c.with_defaults(model_type)?),
             Self::Beft(c) => Self::Beft(c.with_defaults(model_type)?),
+            Self::Ssf(c) => Self::Ssf(c.with_defaults(model_type)?),
             Self::PromptTuning(c) => Self::PromptTuning(c.resolved_for(model)?),
             Self::PTuning(c) => Self::PTuning(c.resolved_for(model)?),
             Self::PrefixTuning(c) => Self::PrefixTuning(c.resolved_for(model)?),
@@ -386,6 +397,7 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
         MethodConfig::PromptTuning(_) => MethodConfig::PromptTuning(Default::default()),
         MethodConfig::PTuning(_) => MethodConfig::PTuning(Default::default()),
         MethodConfig::PrefixTuning(_) => MethodConfig::PrefixTuning(Default::default()),
+        MethodConfig::Ssf(_) => MethodConfig::Ssf(SsfConfig::default()),
         MethodConfig::Fusion(c) => {
             let mut keys: Vec<String> = serde_json::to_value(&c.config)
                 .expect("serialises")

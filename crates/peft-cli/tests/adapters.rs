@@ -377,3 +377,38 @@ fn fusion_of_two_adapters_trains_generates_and_evaluates() {
     let o = train("fusion", &mix, &tmp.path().join("bad"), &[]);
     assert!(stderr(&o).contains("--fuse"), "{}", stderr(&o));
 }
+
+/// SSF through the binary: trains, and `peft merge` writes a plain Hugging Face folder (with
+/// the biases the shifts need switched on) whose loss equals the adapter's on the base.
+#[test]
+fn ssf_trains_and_merges_into_a_plain_folder_with_the_same_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let out = tmp.path().join("ssf");
+    let o = train("ssf", &data, &out, &["--set", "init_ssf_weights=false"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+    assert_eq!(files.config["peft_type"], "SSF");
+    let merged = tmp.path().join("merged");
+    let o = peft(&[
+        "merge",
+        "--model",
+        s(&tiny()),
+        "--adapter",
+        s(&out),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(merged.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["attention_bias"], true);
+    assert_eq!(config["mlp_bias"], true);
+    let with_adapter = eval_loss(&tiny(), Some(&out), &data);
+    let folded = eval_loss(&merged, None, &data);
+    assert!(
+        (with_adapter - folded).abs() < 1e-5,
+        "{with_adapter} vs {folded}"
+    );
+    assert!((eval_loss(&tiny(), None, &data) - with_adapter).abs() > 1e-4);
+}

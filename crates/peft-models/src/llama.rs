@@ -457,6 +457,45 @@ impl LlamaForCausalLM {
         self.model.embed_tokens.device()
     }
 
+    /// Make the biases expressible in a Hugging Face checkpoint after a merge that gave some
+    /// linears one (SSF's shift, an added bias): `attention_bias` (q, k, v, o) and `mlp_bias`
+    /// (gate, up, down) switch on for the whole model, with zero biases where a layer had none.
+    /// A bias on the output head has no place in a Llama checkpoint: an error.
+    pub fn complete_biases(mut self) -> Result<Self> {
+        let has = |group: &[&str], m: &Self| {
+            m.linears()
+                .iter()
+                .any(|(p, l)| group.iter().any(|g| p.ends_with(g)) && l.base.bias().is_some())
+        };
+        if self
+            .lm_head
+            .as_ref()
+            .is_some_and(|h| h.base.bias().is_some())
+        {
+            return Err(PeftError::Other(
+                "the merged lm_head has a bias, which a Llama checkpoint cannot hold; \
+                 leave the head out of the adapter's targets"
+                    .into(),
+            ));
+        }
+        const ATTENTION: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+        const MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+        let attention = has(&ATTENTION, &self);
+        let mlp = has(&MLP, &self);
+        self.config.attention_bias |= attention;
+        self.config.mlp_bias |= mlp;
+        for (path, site) in self.sites_mut() {
+            let SiteMut::Linear(l) = site else { continue };
+            let wanted = (attention && ATTENTION.iter().any(|g| path.ends_with(g)))
+                || (mlp && MLP.iter().any(|g| path.ends_with(g)));
+            if wanted && l.base.bias().is_none() {
+                let zeros = Tensor::<1>::zeros([l.base.d_output()], &l.base.device());
+                *l.base.bias_mut() = Some(peft_core::params::frozen(zeros));
+            }
+        }
+        Ok(self)
+    }
+
     /// The `quantization_config` entry of `config.json` when linear weights are 4-bit (what
     /// transformers needs to load the checkpoint pre-quantized), `None` for a dense model.
     pub fn quantization_config(&self) -> Option<serde_json::Value> {

@@ -559,8 +559,8 @@ mod tests {
 
     fn close(a: Tensor<3>, b: Tensor<3>) {
         let (a, b): (Vec<f32>, Vec<f32>) = (
-            a.into_data().to_vec().unwrap(),
-            b.into_data().to_vec().unwrap(),
+            a.into_data().try_to_vec::<f32>().unwrap(),
+            b.into_data().try_to_vec::<f32>().unwrap(),
         );
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");

@@ -260,6 +260,9 @@ pub fn unmerge_all<M: SiteHost>(mut model: M) -> Result<M> {
                 }
             }
             SiteMut::Norm(n) => {
+                if let Some(name) = n.scale_shift_merged.clone() {
+                    n.fold_scale_shift(&name, true)?;
+                }
                 if let Some(name) = n.merged.clone() {
                     n.unmerge(&name)?;
                 }
@@ -324,10 +327,19 @@ pub fn merge_and_unload<M: SiteHost>(mut model: M) -> Result<M> {
                 if let Some(name) = n.active.clone() {
                     n.merge(&name)?;
                 }
+                if let Some(name) = n.scale_shift_active.clone()
+                    && n.scale_shift_merged.is_none()
+                {
+                    n.fold_scale_shift(&name, false)?;
+                }
                 n.copies.clear();
                 n.names.clear();
                 n.active = None;
                 n.merged = None;
+                n.scale_shifts.clear();
+                n.scale_shift_names.clear();
+                n.scale_shift_active = None;
+                n.scale_shift_merged = None;
             }
         }
     }

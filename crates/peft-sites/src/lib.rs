@@ -30,6 +30,6 @@ pub use bottleneck::{
 };
 pub use fusion::{FusionDense, FusionLayer, FusionWiring};
 pub use host::{Site, SiteHost, SiteKind, SiteMut, merge_and_unload, unmerge_all};
-pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, TunedLinear};
+pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, ScaleShift, TunedLinear};
 pub use norm::{NormWeights, TunedNorm};
 pub use prompt::{PromptEncoder, PromptPlace, PromptSite};

@@ -81,6 +81,13 @@ impl FeatureVector {
     }
 }
 
+/// A learned scale and shift of every output feature (SSF): `y ⊙ scale + shift`.
+#[derive(Module, Debug)]
+pub struct ScaleShift {
+    pub scale: FeatureVector,
+    pub shift: FeatureVector,
+}
+
 /// What a method can attach to a linear site.
 #[derive(Module, Debug)]
 pub enum LinearPart {
@@ -92,6 +99,8 @@ pub enum LinearPart {
     OutputScale(FeatureVector),
     /// A vector added to the output, `base(x) + b` (an added bias: BitFit/BEFT).
     Bias(FeatureVector),
+    /// `base(x) ⊙ scale + shift` (SSF).
+    ScaleShift(ScaleShift),
 }
 
 impl LinearPart {
@@ -101,6 +110,7 @@ impl LinearPart {
             Self::Lora(_) => "LoRA",
             Self::InputScale(_) | Self::OutputScale(_) => "input/output scale",
             Self::Bias(_) => "bias",
+            Self::ScaleShift(_) => "scale and shift",
         }
     }
 }
@@ -257,6 +267,21 @@ impl TunedLinear {
                 bias = Some(if undo { base - v } else { base + v });
                 w
             }
+            LinearPart::ScaleShift(ss) => {
+                // y·γ + β: the columns and the bias scale, then the shift joins the bias.
+                let (g, b) = (
+                    ss.scale.value.val().cast(dtype),
+                    ss.shift.value.val().cast(dtype),
+                );
+                let base = bias.unwrap_or_else(|| b.zeros_like());
+                bias = Some(if undo {
+                    (base - b) / g.clone()
+                } else {
+                    base * g.clone() + b
+                });
+                let g = g.unsqueeze_dim::<2>(0);
+                if undo { w / g } else { w * g }
+            }
         };
         self.base.set_weight(w, false)?;
         let trainable_bias = self.base.bias().is_some_and(|b| b.is_require_grad());
@@ -319,10 +344,13 @@ impl TunedLinear {
         let mut y = self.base.forward(input);
         // Scales first, then what adds: the order of the parts does not change the result.
         for (i, part) in self.parts.iter().enumerate() {
-            if let LinearPart::OutputScale(l) = part
-                && self.live(i)
-            {
-                y = y * l.broadcast::<D>(dtype);
+            if !self.live(i) {
+                continue;
+            }
+            match part {
+                LinearPart::OutputScale(l) => y = y * l.broadcast::<D>(dtype),
+                LinearPart::ScaleShift(ss) => y = y * ss.scale.broadcast::<D>(dtype),
+                _ => {}
             }
         }
         for (i, part) in self.parts.iter().enumerate() {
@@ -332,6 +360,7 @@ impl TunedLinear {
             match part {
                 LinearPart::Lora(a) => y = y + a.delta(x.clone()),
                 LinearPart::Bias(b) => y = y + b.broadcast::<D>(dtype),
+                LinearPart::ScaleShift(ss) => y = y + ss.shift.broadcast::<D>(dtype),
                 LinearPart::InputScale(_) | LinearPart::OutputScale(_) => {}
             }
         }
@@ -366,6 +395,13 @@ mod tests {
         l.add_part("in", LinearPart::InputScale(vector(6)));
         l.add_part("out", LinearPart::OutputScale(vector(5)));
         l.add_part("bias", LinearPart::Bias(vector(5)));
+        l.add_part(
+            "ss",
+            LinearPart::ScaleShift(ScaleShift {
+                scale: vector(5),
+                shift: vector(5),
+            }),
+        );
         l
     }
 
@@ -378,11 +414,19 @@ mod tests {
             LinearPart::InputScale(v) | LinearPart::OutputScale(v) | LinearPart::Bias(v) => {
                 v.value.val().unsqueeze::<2>()
             }
-            LinearPart::Lora(_) => unreachable!(),
+            _ => unreachable!(),
         };
-        let expected = l.base.forward(x.clone() * vec("in")) * vec("out")
+        let LinearPart::ScaleShift(ss) = l.part("ss").unwrap() else {
+            unreachable!()
+        };
+        let (g, b) = (
+            ss.scale.value.val().unsqueeze::<2>(),
+            ss.shift.value.val().unsqueeze::<2>(),
+        );
+        let expected = l.base.forward(x.clone() * vec("in")) * vec("out") * g
             + l.lora("lora").unwrap().delta(x.clone())
-            + vec("bias");
+            + vec("bias")
+            + b;
         l.forward(x)
             .into_data()
             .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));
@@ -396,17 +440,19 @@ mod tests {
         let b0 = l.base.bias().unwrap().val();
         let x = Tensor::<3>::random([2, 3, 6], Distribution::Default, &device);
         let side = l.forward(x.clone());
-        // LoRA sees the unscaled input and adds after the output scale: merge it last.
-        for name in ["in", "out", "bias"] {
+        // LoRA sees the unscaled input and adds after the output scale: merge it last. The
+        // scale and shift scales what is merged before it, then adds: after the scales,
+        // before the biases.
+        for name in ["in", "out", "ss", "bias"] {
             l.merge(name).unwrap();
             assert_eq!(l.merged.last().unwrap(), name);
         }
-        l.set_active(&["lora", "in", "out", "bias"]).unwrap();
+        l.set_active(&["lora", "in", "out", "ss", "bias"]).unwrap();
         let partly = l.forward(x.clone());
         partly
             .into_data()
             .assert_approx_eq::<f32>(&side.into_data(), Tolerance::absolute(1e-5));
-        for name in ["bias", "out", "in"] {
+        for name in ["bias", "ss", "out", "in"] {
             l.unmerge(name).unwrap();
         }
         l.base
@@ -458,6 +504,10 @@ mod tests {
                 }
                 LinearPart::InputScale(v) | LinearPart::OutputScale(v) | LinearPart::Bias(v) => {
                     v.value.val().grad(&grads).is_some()
+                }
+                LinearPart::ScaleShift(ss) => {
+                    ss.scale.value.val().grad(&grads).is_some()
+                        && ss.shift.value.val().grad(&grads).is_some()
                 }
             };
             assert!(has, "{} part has no gradient", part.kind());

@@ -9,6 +9,8 @@ use burn::tensor::Tensor;
 use peft_core::params::{frozen, trainable};
 use peft_core::{PeftError, Result};
 
+use crate::linear::ScaleShift;
+
 /// A norm's scale and optional shift.
 #[derive(Module, Debug)]
 pub struct NormWeights {
@@ -48,6 +50,16 @@ pub struct TunedNorm {
     /// The copy swapped into `base` by a merge (the original then sits in its place).
     #[module(skip)]
     pub merged: Option<String>,
+    /// SSF: named scales and shifts of the norm's output, `norm(x) ⊙ scale + shift`, for a
+    /// norm with a shift of its own (LayerNorm); at most one active.
+    pub scale_shifts: Vec<ScaleShift>,
+    #[module(skip)]
+    pub scale_shift_names: Vec<String>,
+    #[module(skip)]
+    pub scale_shift_active: Option<String>,
+    /// The scale and shift folded into `base` by a merge.
+    #[module(skip)]
+    pub scale_shift_merged: Option<String>,
 }
 
 impl TunedNorm {
@@ -63,6 +75,10 @@ impl TunedNorm {
             names: Vec::new(),
             active: None,
             merged: None,
+            scale_shifts: Vec::new(),
+            scale_shift_names: Vec::new(),
+            scale_shift_active: None,
+            scale_shift_merged: None,
         }
     }
 
@@ -88,10 +104,95 @@ impl TunedNorm {
         }
     }
 
-    /// The scale and shift the forward pass uses.
+    /// The scale and shift the forward pass uses (an active SSF folded in:
+    /// `w ⊙ γ`, `b ⊙ γ + β`).
     pub fn scale_shift(&self) -> (Tensor<1>, Option<Tensor<1>>) {
         let w = self.weights();
-        (w.weight.val(), w.bias.as_ref().map(|b| b.val()))
+        let (weight, bias) = (w.weight.val(), w.bias.as_ref().map(|b| b.val()));
+        match self.live_scale_shift() {
+            Some(ss) => {
+                let (g, b) = (ss.scale.value.val(), ss.shift.value.val());
+                let bias = match bias {
+                    Some(old) => old * g.clone() + b,
+                    None => b,
+                };
+                (weight * g, Some(bias))
+            }
+            None => (weight, bias),
+        }
+    }
+
+    /// The active, unmerged SSF scale and shift.
+    fn live_scale_shift(&self) -> Option<&ScaleShift> {
+        let name = self.scale_shift_active.as_ref()?;
+        if self.scale_shift_merged.as_ref() == Some(name) {
+            return None;
+        }
+        let i = self.scale_shift_names.iter().position(|n| n == name)?;
+        Some(&self.scale_shifts[i])
+    }
+
+    /// The SSF scale and shift of adapter `name`.
+    pub fn scale_shift_of(&self, name: &str) -> Option<&ScaleShift> {
+        let i = self.scale_shift_names.iter().position(|n| n == name)?;
+        Some(&self.scale_shifts[i])
+    }
+
+    /// The SSF scale and shift of adapter `name`, mutable.
+    pub fn scale_shift_of_mut(&mut self, name: &str) -> Option<&mut ScaleShift> {
+        let i = self.scale_shift_names.iter().position(|n| n == name)?;
+        Some(&mut self.scale_shifts[i])
+    }
+
+    /// Add (or replace) SSF's scale and shift called `name` and make it the active one. The
+    /// norm must have a shift of its own to fold it into (a LayerNorm, not an RMSNorm).
+    pub fn add_scale_shift(&mut self, name: &str, ss: ScaleShift) -> Result<()> {
+        if self.base.bias.is_none() {
+            return Err(PeftError::Config(
+                "an RMSNorm has no shift to take SSF's: target linears or LayerNorms".into(),
+            ));
+        }
+        if let Some(i) = self.scale_shift_names.iter().position(|n| n == name) {
+            self.scale_shifts.remove(i);
+            self.scale_shift_names.remove(i);
+        }
+        self.scale_shifts.push(ss);
+        self.scale_shift_names.push(name.into());
+        self.scale_shift_active = Some(name.into());
+        Ok(())
+    }
+
+    /// Use SSF scale and shift `name`, or none.
+    pub fn set_scale_shift_active(&mut self, name: Option<&str>) -> Result<()> {
+        if let Some(n) = name
+            && self.scale_shift_of(n).is_none()
+        {
+            return Err(PeftError::UnknownAdapter(n.into()));
+        }
+        self.scale_shift_active = name.map(String::from);
+        Ok(())
+    }
+
+    /// Fold SSF scale and shift `name` into the base (`undo`: take it back out); exact where
+    /// the scale has no zero entry.
+    pub fn fold_scale_shift(&mut self, name: &str, undo: bool) -> Result<()> {
+        let ss = self
+            .scale_shift_of(name)
+            .ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
+        let (g, b) = (ss.scale.value.val(), ss.shift.value.val());
+        let (w, bias) = (
+            self.base.weight.val(),
+            self.base.bias.as_ref().expect("checked when added").val(),
+        );
+        let (w, bias) = if undo {
+            (w / g.clone(), (bias - b) / g)
+        } else {
+            (w * g.clone(), bias * g + b)
+        };
+        self.base.weight = frozen(w.detach());
+        self.base.bias = Some(frozen(bias.detach()));
+        self.scale_shift_merged = if undo { None } else { Some(name.into()) };
+        Ok(())
     }
 
     /// The copy of adapter `name`.

@@ -374,7 +374,7 @@ mod tests {
         for (l, (k, v)) in kv.iter().enumerate() {
             assert_eq!(k.dims(), [3, heads, n, d]);
             for (which, t) in [(0, k), (1, v)] {
-                let got: Vec<f32> = t.to_data().to_vec().unwrap();
+                let got: Vec<f32> = t.to_data().try_to_vec::<f32>().unwrap();
                 for b in 0..3 {
                     for hh in 0..heads {
                         for tok in 0..n {

@@ -32,7 +32,7 @@ use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 13] = [
+pub const METHODS: [&str; 14] = [
     "full",
     "lora",
     "qlora",
@@ -43,13 +43,20 @@ pub const METHODS: [&str; 13] = [
     "prompt-tuning",
     "p-tuning",
     "prefix-tuning",
+    "ssf",
     "pfeiffer",
     "houlsby",
     "parallel-adapter",
 ];
 
-/// Methods Hugging Face PEFT does not have (AdapterHub's bottleneck adapters): no `--peer` run.
+/// Methods Hugging Face PEFT does not have (SSF, AdapterHub's bottleneck adapters): no
+/// `--peer` run.
 fn without_peft_peer(method: &str) -> bool {
+    matches!(method, "ssf" | "pfeiffer" | "houlsby" | "parallel-adapter")
+}
+
+/// AdapterHub's methods, whose configs are AdapterHub's (no PEFT fields to set).
+fn adapterhub_method(method: &str) -> bool {
     matches!(method, "pfeiffer" | "houlsby" | "parallel-adapter")
 }
 
@@ -58,7 +65,11 @@ fn without_peft_peer(method: &str) -> bool {
 fn learning_rate(method: &str) -> f64 {
     match method {
         "full" => 5e-5,
-        "ia3" => 1e-2,
+        // Vectors scaling features: (IA)^3's and SSF's usual rate.
+        "ia3" | "ssf" => 1e-2,
+        // The parallel adapter's output is scaled by 4 and it is wide (reduction 2): at 1e-3
+        // it overshot on the chat task (held-out loss 2.77, observed once).
+        "parallel-adapter" => 2e-4,
         // Virtual tokens move slowly at LoRA's rate (PEFT's prompt-tuning examples use 3e-2).
         "prompt-tuning" | "p-tuning" | "prefix-tuning" => 3e-2,
         _ => 1e-3,
@@ -313,7 +324,7 @@ fn method_config(method: &str, classification: bool) -> Result<Option<MethodConf
     if method == "full" {
         return Ok(None);
     }
-    if without_peft_peer(method) {
+    if adapterhub_method(method) {
         // AdapterHub's config: the preset as it is; a classifier trains beside it.
         let mut json = MethodConfig::default_for(method)?.to_json();
         if classification {
@@ -416,7 +427,7 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
     (row.trainable, row.total, row.trainable_percent) =
         (report.trainable, report.all, report.trainable_percent());
     if peer.peer.is_some() && without_peft_peer(method) {
-        row.peer_error = Some("Hugging Face PEFT has no bottleneck adapters".into());
+        row.peer_error = Some(format!("Hugging Face PEFT has no {method}"));
     } else if let Some(p) = peer.peer {
         let mut spec = peer.task;
         let extra = json!({
