@@ -163,11 +163,12 @@ pub fn tokenizer(bytes: &[u8]) -> Outcome {
     tok.decode(&ids).map(drop).map_err(err)
 }
 
-/// An `adapter_config.json`, parsed as the CLI parses it and applied to the tiny Llama.
+/// An `adapter_config.json`, parsed as the CLI parses it and applied to the tiny Llama: a
+/// LoRA config, or AdapterHub's (a bottleneck adapter, or a fusion over two adapters `a` and
+/// `b` the model holds).
 pub fn adapter_config(bytes: &[u8]) -> Outcome {
     let path = Path::new("adapter_config.json");
     let value = peft_core::adapter_io::parse_config(path, bytes).map_err(err)?;
-    let config = peft_lora::LoraConfig::from_json(&value).map_err(err)?;
     let model = LlamaForCausalLM::from_tensors(
         tiny_config().clone(),
         tiny_tensors().clone(),
@@ -175,6 +176,22 @@ pub fn adapter_config(bytes: &[u8]) -> Outcome {
         &Device::flex(),
     )
     .map_err(err)?;
+    if !peft_core::adapter_io::is_adapterhub_config(&value) {
+        let config = peft_lora::LoraConfig::from_json(&value).map_err(err)?;
+        return config.apply(model, "default").map(drop).map_err(err);
+    }
+    if value.get("adapter_names").is_some() {
+        let fusion = peft_adapter::FusionConfig::from_json(&value).map_err(err)?;
+        let bn = peft_adapter::BottleneckConfig::preset("seq_bn").map_err(err)?;
+        let model = bn.apply(model, "a").map_err(err)?;
+        let model = bn.apply(model, "b").map_err(err)?;
+        let fusion = peft_adapter::FusionConfig {
+            loaded_as: Some(vec!["a".into(), "b".into()]),
+            ..fusion
+        };
+        return fusion.apply(model, "f").map(drop).map_err(err);
+    }
+    let config = peft_adapter::BottleneckConfig::from_json(&value).map_err(err)?;
     config.apply(model, "default").map(drop).map_err(err)
 }
 
@@ -241,6 +258,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("tokenizer", fixture("lora_tiny/base_plain/tokenizer.json")),
         ("adapter_config", fixture("lora_tiny/list_rslora/adapter/adapter_config.json")),
         ("adapter_config", fixture("lora_tiny/regex_patterns/adapter/adapter_config.json")),
+        ("adapter_config", fixture("adapterhub_tiny/custom_llama/adapter/adapter_config.json")),
+        ("adapter_config", fixture("adapterhub_tiny/fusion_llama/fusion/adapter_fusion_config.json")),
         ("quant_state", state),
         ("jsonl", b"{\"question\": \"the capital\", \"answer\": \"paris\"}\n{\"text\": \"the cat is good\"}\n{\"instruction\": \"what\", \"input\": \"day\", \"output\": \"good\"}\n".to_vec()),
         ("csv", b"text,label\n\"the, cat\",positive\ndog,negative\n".to_vec()),

@@ -63,10 +63,27 @@ impl PeftError {
     }
 
     /// A format error for `path`.
+    /// A malformed file. Names taken from the file may hold newlines or other control
+    /// characters: they are escaped, so the error stays one line.
     pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        let message: String = message.into();
+        let message = if message.chars().any(char::is_control) {
+            message
+                .chars()
+                .flat_map(|c| {
+                    if c.is_control() {
+                        c.escape_default().collect::<Vec<_>>()
+                    } else {
+                        vec![c]
+                    }
+                })
+                .collect()
+        } else {
+            message
+        };
         Self::Format {
             path: path.into(),
-            message: message.into(),
+            message,
         }
     }
 }

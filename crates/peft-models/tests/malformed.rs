@@ -325,6 +325,63 @@ fn malformed_tokenizer_and_adapter_config() {
         );
     }
     refused("adapter_config", b"null", &["adapter_config.json"]);
+    // AdapterHub's configs: the bottleneck options inside `config`, a fusion's switches.
+    let hub = |key: &str, value: Value| {
+        let mut v: Value = serde_json::from_slice(&read(
+            "adapterhub_tiny/custom_llama/adapter/adapter_config.json",
+        ))
+        .unwrap();
+        v["config"][key] = value;
+        serde_json::to_vec(&v).unwrap()
+    };
+    for (key, value, needle) in [
+        ("reduction_factor", json!(0), "reduction_factor"),
+        ("reduction_factor", json!("x"), "reduction_factor"),
+        ("reduction_factor", json!({"1": 4}), "default"),
+        (
+            "reduction_factor",
+            json!(1000),
+            "larger than the hidden size",
+        ),
+        ("non_linearity", json!("softsign"), "softsign"),
+        ("use_gating", json!(true), "use_gating"),
+        ("phm_layer", json!(true), "phm_layer"),
+        ("residual_before_ln", json!("maybe"), "residual_before_ln"),
+        ("scaling", json!("huge"), "scaling"),
+        ("init_weights", json!("zeros"), "init_weights"),
+        ("dropout", json!(1.0), "dropout"),
+        ("mh_adapter", json!(false), "output_adapter"),
+        ("leave_out", json!("all"), "leave_out"),
+    ] {
+        let mut bytes = hub(key, value);
+        if key == "mh_adapter" {
+            let mut v: Value = serde_json::from_slice(&bytes).unwrap();
+            v["config"]["output_adapter"] = json!(false);
+            bytes = serde_json::to_vec(&v).unwrap();
+        }
+        refused("adapter_config", &bytes, &[needle]);
+    }
+    let fusion = |key: &str, value: Value| {
+        let mut v: Value = serde_json::from_slice(&read(
+            "adapterhub_tiny/fusion_llama/fusion/adapter_fusion_config.json",
+        ))
+        .unwrap();
+        v["config"][key] = value;
+        serde_json::to_vec(&v).unwrap()
+    };
+    refused(
+        "adapter_config",
+        &fusion("temperature", json!(true)),
+        &["temperature"],
+    );
+    refused("adapter_config", &fusion("query", json!("yes")), &["query"]);
+    let mut none = fusion("query", json!(false));
+    for k in ["key", "value"] {
+        let mut v: Value = serde_json::from_slice(&none).unwrap();
+        v["config"][k] = json!(false);
+        none = serde_json::to_vec(&v).unwrap();
+    }
+    refused("adapter_config", &none, &["nothing to learn"]);
 }
 
 #[test]
