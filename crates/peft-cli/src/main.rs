@@ -356,7 +356,11 @@ fn write_hf_files(loaded: &LoadedModel, tmp: &Path) -> Result<()> {
 }
 
 fn inspect(path: &Path) -> Result<()> {
-    if path.join(peft_core::adapter_io::CONFIG_FILE).exists() {
+    if path.join(peft_core::adapter_io::CONFIG_FILE).exists()
+        || path
+            .join(peft_core::adapter_io::ADAPTERHUB_FUSION_CONFIG)
+            .exists()
+    {
         let files = load_adapter(path)?;
         let c = &files.config;
         println!("adapter: {}", path.display());

@@ -285,6 +285,9 @@ fn fusion_of_two_adapters_trains_generates_and_evaluates() {
             .keys()
             .all(|k| k.contains(".adapter_fusion_layer.topic_a,topic_b."))
     );
+    let o = peft(&["inspect", s(&fusion)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("FUSION (AdapterHub layout)"), "{text}");
     // Resumed: the same fusion.
     let part = tmp.path().join("fusion-part");
     assert!(
