@@ -3,18 +3,19 @@
 //! for bit in its layout, train only themselves, and ours load in AdapterHub (fixtures:
 //! scripts/adapterhub_fixtures.py, `adapterhub_tiny`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
+use common::{bert, fixtures, llama, train_alternating};
 use peft_adapter::BottleneckConfig;
 use peft_core::adapter_io::{AdapterFiles, load_adapter};
 use peft_core::params::ParamReport;
 use peft_core::tuner::Tuner;
 use peft_models::bert::BertForSequenceClassification;
 use peft_models::generate::greedy;
-use peft_models::llama::LlamaForCausalLM;
-use peft_models::load::{load_bert_classifier, load_causal_lm};
 use peft_models::reference::{Expected, max_abs_diff};
 use peft_sites::SiteHost;
 
@@ -31,24 +32,8 @@ const BERT_CASES: [&str; 4] = [
     "custom_bert",
 ];
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
 fn case_dir(case: &str) -> PathBuf {
     fixtures().join("adapterhub_tiny").join(case)
-}
-
-fn llama(device: &Device) -> LlamaForCausalLM {
-    load_causal_lm(&fixtures().join("lora_tiny/base_plain"), device)
-        .unwrap()
-        .model
-}
-
-fn bert(device: &Device) -> BertForSequenceClassification {
-    load_bert_classifier(&fixtures().join("bert_tiny/model"), 3, device)
-        .unwrap()
-        .0
 }
 
 fn adapter(case: &str) -> AdapterFiles {
@@ -142,20 +127,8 @@ fn adapters_save_back_as_adapterhub_saved_them() {
     }
 }
 
-/// Two rows alternating two words: a pattern an adapter can learn in a few steps.
-fn batch(device: &Device) -> (Tensor<2, Int>, Tensor<2>) {
-    let ids: Vec<i64> = (0..2 * 9)
-        .map(|i| if i % 2 == 0 { 17 } else { 42 })
-        .collect();
-    (
-        Tensor::from_data(TensorData::new(ids, [2, 9]), device),
-        Tensor::ones([2, 9], device),
-    )
-}
-
 #[test]
 fn training_moves_only_the_adapters_and_lowers_the_loss() {
-    use peft_core::train::{TrainConfig, Trainer};
     let device = Device::flex().autodiff();
     device.seed(11);
     for preset in ["seq_bn", "double_seq_bn", "par_bn"] {
@@ -171,28 +144,8 @@ fn training_moves_only_the_adapters_and_lowers_the_loss() {
         };
         assert_eq!(report.trainable, want, "{preset}");
         let base = llama(&Device::flex()).to_tensors();
-        let (ids, mask) = batch(&device);
-        let examples = vec![(ids, mask)];
-        let loss_fn = |m: &LlamaForCausalLM, b: &[(Tensor<2, Int>, Tensor<2>)]| {
-            (m.causal_lm_loss(b[0].0.clone(), b[0].1.clone()), 18)
-        };
-        let mut trainer = Trainer::new(
-            model,
-            TrainConfig {
-                learning_rate: 1e-2,
-                warmup_steps: 0,
-                steps: 30,
-                batch_size: 1,
-                ..TrainConfig::default()
-            },
-        );
-        let first = trainer.step(&examples, &loss_fn).loss;
-        let mut last = first;
-        while !trainer.is_done() {
-            last = trainer.step(&examples, &loss_fn).loss;
-        }
+        let (first, last, model) = train_alternating(model, 1e-2, 30, |_| None);
         assert!(last < first * 0.8, "{preset}: loss {first} -> {last}");
-        let model = trainer.into_model();
         assert_eq!(model.to_tensors(), base, "{preset}: the base never moves");
         // State round trip.
         let state = config.state(&model, "default").unwrap();

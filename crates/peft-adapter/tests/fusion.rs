@@ -3,40 +3,24 @@
 //! logits and save back bit for bit; training moves only the fusion; ours load in AdapterHub
 //! (fixtures: scripts/adapterhub_fixtures.py, `adapterhub_tiny/fusion_*`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
+use common::{bert, fixtures, llama, train_alternating};
 use peft_adapter::{BottleneckConfig, FusionConfig};
 use peft_core::adapter_io::load_adapter;
 use peft_core::params::ParamReport;
 use peft_core::tuner::Tuner;
-use peft_models::bert::BertForSequenceClassification;
 use peft_models::generate::greedy;
-use peft_models::llama::LlamaForCausalLM;
-use peft_models::load::{load_bert_classifier, load_causal_lm};
 use peft_models::reference::{Expected, max_abs_diff};
 use peft_sites::SiteHost;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
 fn case_dir(case: &str) -> PathBuf {
     fixtures().join("adapterhub_tiny").join(case)
-}
-
-fn llama(device: &Device) -> LlamaForCausalLM {
-    load_causal_lm(&fixtures().join("lora_tiny/base_plain"), device)
-        .unwrap()
-        .model
-}
-
-fn bert(device: &Device) -> BertForSequenceClassification {
-    load_bert_classifier(&fixtures().join("bert_tiny/model"), 3, device)
-        .unwrap()
-        .0
 }
 
 /// Adapters `a` and `b` of `dir` loaded under their AdapterHub names, then the fusion.
@@ -96,7 +80,6 @@ fn adapterhub_fusions_give_the_same_logits_and_save_back() {
 
 #[test]
 fn fusion_trains_only_its_layers_and_needs_its_adapters() {
-    use peft_core::train::{TrainConfig, Trainer};
     let device = Device::flex().autodiff();
     device.seed(3);
     let dir = case_dir("fusion_llama");
@@ -110,37 +93,9 @@ fn fusion_trains_only_its_layers_and_needs_its_adapters() {
             .unwrap()
             .state(&model, "a")
             .unwrap();
-    let ids: Vec<i64> = (0..18).map(|i| if i % 2 == 0 { 17 } else { 42 }).collect();
-    let examples = vec![(
-        Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 9]), &device),
-        Tensor::<2>::ones([2, 9], &device),
-    )];
     let reg = config.clone();
-    let loss_fn = move |m: &LlamaForCausalLM, b: &[(Tensor<2, Int>, Tensor<2>)]| {
-        let loss = m.causal_lm_loss(b[0].0.clone(), b[0].1.clone());
-        let loss = match reg.regularization(m, "f") {
-            Some(r) => loss + r,
-            None => loss,
-        };
-        (loss, 18)
-    };
-    let mut trainer = Trainer::new(
-        model,
-        TrainConfig {
-            learning_rate: 1e-2,
-            warmup_steps: 0,
-            steps: 20,
-            batch_size: 1,
-            ..TrainConfig::default()
-        },
-    );
-    let first = trainer.step(&examples, &loss_fn).loss;
-    let mut last = first;
-    while !trainer.is_done() {
-        last = trainer.step(&examples, &loss_fn).loss;
-    }
+    let (first, last, model) = train_alternating(model, 1e-2, 20, |m| reg.regularization(m, "f"));
     assert!(last < first, "loss {first} -> {last}");
-    let model = trainer.into_model();
     let a = BottleneckConfig::from_json(&load_adapter(&dir.join("a")).unwrap().config).unwrap();
     assert_eq!(
         a.state(&model, "a").unwrap(),

@@ -2,7 +2,9 @@
 //! logits and greedy text (tiny Llama, tiny BERT classifier), ours save under the same keys and
 //! config, merge exactly, and train (fixtures: scripts/make_fixtures.py, `methods_tiny`).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{bert, fixtures, llama};
 
 use burn::tensor::{Device, Tensor};
 use peft_adapter::Ia3Config;
@@ -11,27 +13,10 @@ use peft_core::params::ParamReport;
 use peft_core::tuner::Tuner;
 use peft_models::bert::BertForSequenceClassification;
 use peft_models::generate::greedy;
-use peft_models::llama::LlamaForCausalLM;
-use peft_models::load::{load_bert_classifier, load_causal_lm};
+use peft_models::load::load_causal_lm;
 use peft_models::reference::{Expected, max_abs_diff};
 use peft_quant::BaseLinear;
 use peft_sites::{LinearPart, SiteHost};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn llama(device: &Device) -> LlamaForCausalLM {
-    load_causal_lm(&fixtures().join("lora_tiny/base_plain"), device)
-        .unwrap()
-        .model
-}
-
-fn bert(device: &Device) -> BertForSequenceClassification {
-    load_bert_classifier(&fixtures().join("bert_tiny/model"), 3, device)
-        .unwrap()
-        .0
-}
 
 /// The fixture adapter of `case` applied and loaded onto `model`.
 fn loaded<M: SiteHost>(case: &str, model: M) -> (M, Ia3Config) {

@@ -4,33 +4,18 @@
 //! No reference implementation exists (PEFT and AdapterHub have no SSF): these are the
 //! method's defining properties.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::path::Path;
+
+use burn::tensor::{Device, Int, Tensor};
+use common::{bert, fixtures, llama, train_alternating};
 use peft_adapter::SsfConfig;
 use peft_core::params::ParamReport;
 use peft_core::tuner::Tuner;
-use peft_models::bert::BertForSequenceClassification;
 use peft_models::llama::LlamaForCausalLM;
-use peft_models::load::{load_bert_classifier, load_causal_lm};
 use peft_models::reference::{Expected, max_abs_diff};
 use peft_sites::{SiteHost, merge_and_unload};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn llama(device: &Device) -> LlamaForCausalLM {
-    load_causal_lm(&fixtures().join("lora_tiny/base_plain"), device)
-        .unwrap()
-        .model
-}
-
-fn bert(device: &Device) -> BertForSequenceClassification {
-    load_bert_classifier(&fixtures().join("bert_tiny/model"), 3, device)
-        .unwrap()
-        .0
-}
 
 fn ids(device: &Device) -> Tensor<2, Int> {
     Expected::read(&fixtures().join("lora_tiny/list_rslora/expected.safetensors"))
@@ -64,30 +49,7 @@ fn ssf_starts_as_the_base_and_trains_only_its_vectors() {
         }
     }
     // Training moves the loss.
-    use peft_core::train::{TrainConfig, Trainer};
-    let batch: Vec<i64> = (0..18).map(|i| if i % 2 == 0 { 17 } else { 42 }).collect();
-    let examples = vec![(
-        Tensor::<2, Int>::from_data(TensorData::new(batch, [2, 9]), &device),
-        Tensor::<2>::ones([2, 9], &device),
-    )];
-    let loss_fn = |m: &LlamaForCausalLM, b: &[(Tensor<2, Int>, Tensor<2>)]| {
-        (m.causal_lm_loss(b[0].0.clone(), b[0].1.clone()), 18)
-    };
-    let mut trainer = Trainer::new(
-        model,
-        TrainConfig {
-            learning_rate: 5e-2,
-            warmup_steps: 0,
-            steps: 30,
-            batch_size: 1,
-            ..TrainConfig::default()
-        },
-    );
-    let first = trainer.step(&examples, &loss_fn).loss;
-    let mut last = first;
-    while !trainer.is_done() {
-        last = trainer.step(&examples, &loss_fn).loss;
-    }
+    let (first, last, _) = train_alternating(model, 5e-2, 30, |_| None);
     assert!(last < first * 0.8, "loss {first} -> {last}");
 }
 

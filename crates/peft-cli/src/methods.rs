@@ -398,19 +398,9 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
         MethodConfig::PTuning(_) => MethodConfig::PTuning(Default::default()),
         MethodConfig::PrefixTuning(_) => MethodConfig::PrefixTuning(Default::default()),
         MethodConfig::Ssf(_) => MethodConfig::Ssf(SsfConfig::default()),
-        MethodConfig::Fusion(c) => {
-            let mut keys: Vec<String> = serde_json::to_value(&c.config)
-                .expect("serialises")
-                .as_object()
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default();
-            keys.sort();
-            return keys;
-        }
-        MethodConfig::Bottleneck(c) => {
-            // The options are the `config` object's (every preset has the same fields).
-            let mut keys: Vec<String> = serde_json::to_value(&c.config)
-                .expect("serialises")
+        // AdapterHub's options are its `config` object's (the same fields for every preset).
+        MethodConfig::Bottleneck(_) | MethodConfig::Fusion(_) => {
+            let mut keys: Vec<String> = config.to_json()["config"]
                 .as_object()
                 .map(|m| m.keys().cloned().collect())
                 .unwrap_or_default();

@@ -8,7 +8,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{adapter_values, data, eval_loss, peft, s, sentiment_csv, stderr, tiny, tiny_bert};
+use common::{
+    adapter_values, data, eval_loss, generates_inspects_and_refuses_merge, peft, s, sentiment_csv,
+    stderr, tiny, tiny_bert,
+};
 
 fn train(method: &str, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let model = tiny();
@@ -103,39 +106,12 @@ fn bottleneck_methods_train_resume_generate_and_refuse_to_merge() {
             "{method}: resume is exact"
         );
 
-        let o = peft(&[
-            "generate",
-            "--model",
-            s(&tiny()),
-            "--adapter",
-            s(&full),
-            "--prompt",
-            "hello what",
-            "--raw",
-            "--max-new-tokens",
-            "4",
-        ]);
-        assert!(o.status.success(), "{method}: {}", stderr(&o));
-        let o = peft(&["inspect", s(&full)]);
-        let text = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success() && text.contains("BOTTLENECK (AdapterHub layout)"),
-            "{text}"
+        let text = generates_inspects_and_refuses_merge(
+            &full,
+            "BOTTLENECK (AdapterHub layout)",
+            tmp.path(),
         );
         assert!(text.contains("reduction_factor: 8"), "{text}");
-        let merged = tmp.path().join("merged");
-        let o = peft(&[
-            "merge",
-            "--model",
-            s(&tiny()),
-            "--adapter",
-            s(&full),
-            "--out",
-            s(&merged),
-        ]);
-        assert!(!o.status.success(), "{method}: merge must refuse");
-        assert!(stderr(&o).contains("cannot be merged"), "{}", stderr(&o));
-        assert!(!merged.exists());
     }
 }
 
@@ -287,7 +263,10 @@ fn fusion_of_two_adapters_trains_generates_and_evaluates() {
     );
     let o = peft(&["inspect", s(&fusion)]);
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && text.contains("FUSION (AdapterHub layout)"), "{text}");
+    assert!(
+        o.status.success() && text.contains("FUSION (AdapterHub layout)"),
+        "{text}"
+    );
     // Resumed: the same fusion.
     let part = tmp.path().join("fusion-part");
     assert!(

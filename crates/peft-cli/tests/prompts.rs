@@ -8,7 +8,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{adapter_values, data, eval_loss, peft, s, sentiment_csv, stderr, tiny, tiny_bert};
+use common::{
+    adapter_values, data, eval_loss, generates_inspects_and_refuses_merge, peft, s, sentiment_csv,
+    stderr, tiny, tiny_bert,
+};
 use peft_models::reference::Expected;
 
 /// `--method`, its `peft_type`, its options, a learning rate that moves it.
@@ -124,34 +127,7 @@ fn prompt_methods_train_resume_generate_and_refuse_to_merge() {
             "{method}: resume is exact"
         );
 
-        let o = peft(&[
-            "generate",
-            "--model",
-            s(&tiny()),
-            "--adapter",
-            s(&full),
-            "--prompt",
-            "hello what",
-            "--raw",
-            "--max-new-tokens",
-            "4",
-        ]);
-        assert!(o.status.success(), "{method}: {}", stderr(&o));
-        let o = peft(&["inspect", s(&full)]);
-        let text = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success() && text.contains(peft_type), "{text}");
-        let o = peft(&[
-            "merge",
-            "--model",
-            s(&tiny()),
-            "--adapter",
-            s(&full),
-            "--out",
-            s(&tmp.path().join("merged")),
-        ]);
-        assert!(!o.status.success(), "{method}: merge must refuse");
-        assert!(stderr(&o).contains("cannot be merged"), "{}", stderr(&o));
-        assert!(!tmp.path().join("merged").exists());
+        generates_inspects_and_refuses_merge(&full, peft_type, tmp.path());
     }
     // Prompt methods attach to no modules.
     let o = peft(&[

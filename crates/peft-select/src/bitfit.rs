@@ -67,7 +67,12 @@ impl BitFitConfig {
         let paths: Vec<String> = model
             .sites()
             .into_iter()
-            .filter(|(_, s)| s.kind() != peft_sites::SiteKind::Prompt)
+            .filter(|(_, s)| {
+                !matches!(
+                    s.kind(),
+                    peft_sites::SiteKind::Prompt | peft_sites::SiteKind::Sublayer
+                )
+            })
             .map(|(p, _)| p)
             .collect();
         let saved = self.saved_modules();

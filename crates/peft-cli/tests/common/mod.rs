@@ -185,3 +185,40 @@ pub fn python_verifies(python: &Path, adapter: &Path, expected: &Path, extra: &[
     );
     said
 }
+
+/// `peft generate` on the tiny Llama with `adapter` answers, `peft inspect` names `method`,
+/// and `peft merge` refuses (what is not a weight update cannot be merged) and writes nothing
+/// under `tmp`. Returns what inspect printed.
+pub fn generates_inspects_and_refuses_merge(adapter: &Path, method: &str, tmp: &Path) -> String {
+    let model = tiny();
+    let o = peft(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(adapter),
+        "--prompt",
+        "hello what",
+        "--raw",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(o.status.success(), "{method}: {}", stderr(&o));
+    let o = peft(&["inspect", s(adapter)]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success() && text.contains(method), "{text}");
+    let merged = tmp.join("merged");
+    let o = peft(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(adapter),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(!o.status.success(), "{method}: merge must refuse");
+    assert!(stderr(&o).contains("cannot be merged"), "{}", stderr(&o));
+    assert!(!merged.exists());
+    text
+}
