@@ -137,14 +137,7 @@ pub fn eval(
     max_len: Option<usize>,
     device: &burn::tensor::Device,
 ) -> Result<serde_json::Value> {
-    let labels_path = adapter.join(LABELS_FILE);
-    let labels: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(&labels_path).with_context(|| {
-            format!(
-                "{} (written by peft train --task classification)",
-                labels_path.display()
-            )
-        })?)?;
+    let labels = read_labels(adapter)?;
     let files = load_adapter(adapter)?;
     let config =
         MethodConfig::from_json(&files.config).with_context(|| format!("{}", adapter.display()))?;
@@ -159,6 +152,98 @@ pub fn eval(
     let set = encode(data, text_col, label_col, &labels, &tok, max_len)?;
     let (acc, f1) = peft_models::bert::accuracy_and_macro_f1(&model, &set, labels.len());
     Ok(serde_json::json!({"accuracy": acc, "macro_f1": f1, "examples": set.len()}))
+}
+
+/// The class names a classification run wrote beside its adapter.
+fn read_labels(adapter: &Path) -> Result<Vec<String>> {
+    let labels_path = adapter.join(LABELS_FILE);
+    let text = std::fs::read_to_string(&labels_path).with_context(|| {
+        format!(
+            "{} (written by peft train --task classification)",
+            labels_path.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", labels_path.display()))
+}
+
+/// `peft merge` for a BERT classifier: the adapter (and the head trained with it) folded into
+/// the weights, written as a Hugging Face folder: the source's config with the run's labels
+/// (and `quantization_config` when `quantize` asks for 4 bits), `model.safetensors` and the
+/// tokenizer files.
+pub fn merge_folder(
+    model_dir: &Path,
+    adapter: &Path,
+    out: &Path,
+    quantize: Option<peft_quant::QuantSpec>,
+) -> Result<()> {
+    let labels = read_labels(adapter)?;
+    let files = load_adapter(adapter)?;
+    let config =
+        MethodConfig::from_json(&files.config).with_context(|| format!("{}", adapter.display()))?;
+    let device = burn::tensor::Device::flex();
+    let (model, _) = load_bert_classifier(model_dir, labels.len(), &device)?;
+    let model = config.tuner().apply_and_load(model, "default", files)?;
+    let model = peft_lora::dequantize_base(model)?;
+    let model = config.tuner().merge(model, "default")?;
+    let mut model = peft_sites::merge_and_unload(model)?;
+    let config_path = model_dir.join("config.json");
+    let mut hf: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path)
+            .with_context(|| config_path.display().to_string())?,
+    )
+    .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
+    hf["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    hf["num_labels"] = labels.len().into();
+    hf["id2label"] = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), serde_json::json!(l)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    hf["label2id"] = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), serde_json::json!(i)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    if let Some(obj) = hf.as_object_mut() {
+        obj.remove("quantization_config");
+    }
+    if let Some(spec) = quantize {
+        model = peft_lora::quantize_base(model, spec)?;
+        hf["quantization_config"] = model
+            .quantization_config()
+            .context("no linear weight to quantize")?;
+    }
+    let tensors = model.to_tensors();
+    peft_core::folder::write_folder(out, |tmp| -> Result<()> {
+        write_atomic(
+            &tmp.join("config.json"),
+            serde_json::to_string_pretty(&hf)?.as_bytes(),
+        )?;
+        tensors.write_safetensors(&tmp.join("model.safetensors"))?;
+        copy_tokenizer_files(model_dir, tmp)
+    })?;
+    Ok(())
+}
+
+/// Copy the tokenizer files of a Hugging Face folder into `to`.
+fn copy_tokenizer_files(model_dir: &Path, to: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(model_dir).with_context(|| model_dir.display().to_string())? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if path.is_file()
+            && (name.starts_with("tokenizer")
+                || name == "special_tokens_map.json"
+                || name == "vocab.txt")
+        {
+            std::fs::copy(&path, to.join(name)).with_context(|| path.display().to_string())?;
+        }
+    }
+    Ok(())
 }
 
 /// `peft quantize` for a BERT folder: the encoder's linear weights to 4 bits (the classifier
@@ -195,23 +280,7 @@ pub fn quantize_folder(
             serde_json::to_string_pretty(&config)?.as_bytes(),
         )?;
         tensors.write_safetensors(&tmp.join("model.safetensors"))?;
-        for entry in
-            std::fs::read_dir(model_dir).with_context(|| model_dir.display().to_string())?
-        {
-            let path = entry?.path();
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            if path.is_file()
-                && (name.starts_with("tokenizer")
-                    || name == "special_tokens_map.json"
-                    || name == "vocab.txt")
-            {
-                std::fs::copy(&path, tmp.join(name)).with_context(|| path.display().to_string())?;
-            }
-        }
-        Ok(())
+        copy_tokenizer_files(model_dir, tmp)
     })?;
     Ok(peft_lora::quantized_footprint(&model))
 }

@@ -598,6 +598,11 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let spec = quantize.map(|k| quant.spec("--quantize", &k)).transpose()?;
             refuse_existing(&out, overwrite)?;
+            if peft_models::bert::is_bert_folder(&model) {
+                classify::merge_folder(&model, &adapter, &out, spec)?;
+                eprintln!("merged model written to {}", out.display());
+                return Ok(());
+            }
             let dev = device(&cli.device)?;
             let (mut loaded, names, configs) =
                 load_with_adapters(&model, std::slice::from_ref(&adapter), &dev)?;

@@ -394,3 +394,73 @@ fn ssf_trains_and_merges_into_a_plain_folder_with_the_same_outputs() {
     );
     assert!((eval_loss(&tiny(), None, &data) - with_adapter).abs() > 1e-4);
 }
+
+/// `peft merge` of BERT classifiers (SSF with its LayerNorm scale-shifts, and LoRA): a Hugging
+/// Face folder with the run's labels whose logits equal the adapter's on the base within 1e-5.
+#[test]
+fn bert_classifiers_merge_into_a_folder_with_the_same_logits() {
+    use burn::tensor::Device;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sentiment_csv(tmp.path());
+    let bert = tiny_bert();
+    for (method, extra) in [
+        ("ssf", &["--set", "init_ssf_weights=false"][..]),
+        ("lora", &["--target", "query,value"][..]),
+    ] {
+        let out = tmp.path().join(method);
+        let mut args = vec![
+            "train",
+            "--task",
+            "classification",
+            "--method",
+            method,
+            "--model",
+            s(&bert),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "10",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.05",
+        ];
+        args.extend(extra);
+        let o = peft(&args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let merged = tmp.path().join(format!("{method}-merged"));
+        let o = peft(&[
+            "merge",
+            "--model",
+            s(&bert),
+            "--adapter",
+            s(&out),
+            "--out",
+            s(&merged),
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(merged.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["id2label"]["0"], "negative", "{config}");
+        assert!(merged.join("tokenizer.json").exists());
+
+        let device = Device::flex();
+        let (ours, tok) = peft_models::load::load_bert_classifier(&merged, 2, &device).unwrap();
+        let (base, _) = peft_models::load::load_bert_classifier(&bert, 2, &device).unwrap();
+        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+        let c = peft_cli::methods::MethodConfig::from_json(&files.config).unwrap();
+        let adapted = c.tuner().apply_and_load(base, "default", files).unwrap();
+        let ids: Vec<Vec<u32>> = ["the good day", "a bad moon is cold"]
+            .iter()
+            .map(|t| tok.encode(t).unwrap())
+            .collect();
+        let (ids, mask) = peft_models::bert::encode_batch(&ids, &device);
+        let err = peft_models::reference::max_abs_diff(
+            ours.forward(ids.clone(), mask.clone()),
+            adapted.forward(ids, mask),
+        );
+        assert!(err < 1e-5, "{method}: merged vs adapter: {err}");
+    }
+}
