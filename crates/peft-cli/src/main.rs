@@ -474,7 +474,7 @@ fn run(cli: Cli) -> Result<()> {
                     "{}",
                     classify::eval(
                         &model,
-                        &adapter,
+                        adapter,
                         &data,
                         &text_column,
                         &label_column,

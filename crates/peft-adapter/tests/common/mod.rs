@@ -61,10 +61,10 @@ pub fn train_alternating(
             ..TrainConfig::default()
         },
     );
-    let first = trainer.step(&examples, &loss_fn).loss;
+    let first = trainer.step(&examples, loss_fn).loss;
     let mut last = first;
     while !trainer.is_done() {
-        last = trainer.step(&examples, &loss_fn).loss;
+        last = trainer.step(&examples, loss_fn).loss;
     }
     (first, last, trainer.into_model())
 }
