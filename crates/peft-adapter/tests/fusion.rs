@@ -182,3 +182,40 @@ fn our_fusions_load_in_adapterhub_with_the_same_logits() {
     );
     eprintln!("{said}");
 }
+
+/// Adapters trained in this process, then fused: the fusion trains (the adapters' parameters,
+/// fresh from an optimizer, are frozen as new detached values).
+#[test]
+fn adapters_trained_here_fuse_and_the_fusion_trains() {
+    let device = Device::flex().autodiff();
+    device.seed(13);
+    let mut model = llama(&device);
+    for name in ["a", "b"] {
+        let mut adapter = BottleneckConfig::preset("seq_bn").unwrap();
+        adapter.name = name.into();
+        model = adapter.apply(model, name).unwrap();
+        model = train_alternating(model, 1e-2, 2, |_| None).2;
+    }
+    let fusion = FusionConfig::new(&["a".into(), "b".into()], "dynamic").unwrap();
+    let model = fusion.apply(model, "f").unwrap();
+    let a_before = BottleneckConfig::preset("seq_bn")
+        .map(|c| BottleneckConfig {
+            name: "a".into(),
+            ..c
+        })
+        .unwrap()
+        .state(&model, "a")
+        .unwrap();
+    let (first, last, model) =
+        train_alternating(model, 1e-2, 10, |m| fusion.regularization(m, "f"));
+    assert!(last < first, "loss {first} -> {last}");
+    let a = BottleneckConfig {
+        name: "a".into(),
+        ..BottleneckConfig::preset("seq_bn").unwrap()
+    };
+    assert_eq!(
+        a.state(&model, "a").unwrap(),
+        a_before,
+        "the adapters stay frozen"
+    );
+}

@@ -67,6 +67,18 @@ pub fn trainable<const D: usize>(tensor: Tensor<D>) -> Param<Tensor<D>> {
     Param::from_tensor(tensor)
 }
 
+/// Freeze every parameter of `model`: each becomes a new frozen parameter holding its value,
+/// detached from any graph it was part of (e.g. a module trained before and now kept fixed).
+pub fn freeze_all<M: Module>(model: M) -> M {
+    struct Freeze;
+    impl ModuleMapper for Freeze {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            frozen(param.val().detach())
+        }
+    }
+    model.map(&mut Freeze)
+}
+
 /// Make every parameter of `model` trainable (full fine-tuning).
 pub fn unfreeze_all<M: Module>(model: M) -> M {
     struct Unfreeze;

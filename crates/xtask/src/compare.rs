@@ -32,7 +32,7 @@ use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 14] = [
+pub const METHODS: [&str; 15] = [
     "full",
     "lora",
     "qlora",
@@ -47,17 +47,58 @@ pub const METHODS: [&str; 14] = [
     "pfeiffer",
     "houlsby",
     "parallel-adapter",
+    "fusion",
 ];
 
 /// Methods Hugging Face PEFT does not have (SSF, AdapterHub's bottleneck adapters): no
 /// `--peer` run.
 fn without_peft_peer(method: &str) -> bool {
-    matches!(method, "ssf" | "pfeiffer" | "houlsby" | "parallel-adapter")
+    matches!(
+        method,
+        "ssf" | "pfeiffer" | "houlsby" | "parallel-adapter" | "fusion"
+    )
 }
 
 /// AdapterHub's methods, whose configs are AdapterHub's (no PEFT fields to set).
 fn adapterhub_method(method: &str) -> bool {
-    matches!(method, "pfeiffer" | "houlsby" | "parallel-adapter")
+    matches!(
+        method,
+        "pfeiffer" | "houlsby" | "parallel-adapter" | "fusion"
+    )
+}
+
+/// The fusion row's adapters: two Pfeiffer adapters `a` and `b`, each trained first on one
+/// half of the training examples with the row's budget (not timed: the row measures the
+/// fusion), which the fusion then freezes.
+fn fused_adapters<M: SiteHost + Module + 'static, E: Clone>(
+    mut model: M,
+    classification: bool,
+    train_set: &[E],
+    config: &TrainConfig,
+    loss_fn: &impl Fn(&M, &[E]) -> (Tensor<1>, usize),
+) -> Result<M> {
+    use peft_core::tuner::Tuner as _;
+    let half = train_set.len() / 2;
+    for (name, part) in [("a", &train_set[..half]), ("b", &train_set[half..])] {
+        let mut json = MethodConfig::default_for("pfeiffer")?.to_json();
+        json["name"] = name.into();
+        if classification {
+            json["modules_to_save"] = json!(["classifier"]);
+        }
+        let MethodConfig::Bottleneck(adapter) = MethodConfig::from_json(&json)? else {
+            unreachable!("pfeiffer is a bottleneck adapter")
+        };
+        model = adapter.apply(model, name)?;
+        let progress = bar(config.steps as u64, format!("fusion: adapter {name}"));
+        let mut trainer = Trainer::new(model, config.clone());
+        while !trainer.is_done() {
+            trainer.step(part, loss_fn);
+            progress.inc(1);
+        }
+        progress.finish();
+        model = trainer.into_model();
+    }
+    Ok(model)
 }
 
 /// The learning rate of each method (the budget, steps and batch, is the same for all; the
@@ -410,9 +451,26 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
     } else {
         model
     };
+    let model = if method == "fusion" {
+        fused_adapters(model, classification, train_set, &config, &loss_fn)?
+    } else {
+        model
+    };
     let method_config = method_config(method, classification)?
         .map(|c| c.resolved_for(&model))
         .transpose()?;
+    // AdapterFusion's pull of its value matrices towards the identity joins the loss.
+    let fusion = match &method_config {
+        Some(MethodConfig::Fusion(f)) => Some(f.clone()),
+        _ => None,
+    };
+    let loss_fn = |m: &M, b: &[E]| {
+        let (loss, n) = loss_fn(m, b);
+        match fusion.as_ref().and_then(|f| f.regularization(m, "default")) {
+            Some(r) => (loss + r, n),
+            None => (loss, n),
+        }
+    };
     let model = match &method_config {
         None => unfreeze_all(model),
         Some(c) => match c.tuner::<M>().apply(model, "default") {

@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use burn::module::Module;
 use burn::tensor::Tensor;
 use peft_core::adapter_io::{FUSION_TYPE, adapter_dir, save_adapterhub_fusion};
 use peft_core::params::trainable;
@@ -291,8 +290,7 @@ impl<M: SiteHost> Tuner<M> for FusionConfig {
             let site = model.sublayer_mut(&path).expect("listed");
             for a in &names {
                 let adapter = site.adapter_mut(a).expect("holds it");
-                let frozen = adapter.clone().no_grad();
-                *adapter = frozen;
+                *adapter = peft_core::params::freeze_all(adapter.clone());
             }
             let device = site
                 .adapter(&names[0])
