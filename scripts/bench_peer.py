@@ -134,6 +134,24 @@ def qlora_base():
         return LlamaForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
 
 
+def adamw_steps(model):
+    """One training step of `model`'s trainable parameters per call, as the Rust twin's
+    `Trainer`: AdamW lr 1e-4, gradient clipping at 1.0, the fixed batch of token ids."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    ids = torch.tensor([[(i * 31 + b * 977) % 8192 for i in range(SEQ)] for b in range(BATCH)])
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss.item()
+    return run
+
+
 def train_step(method):
     from peft import get_peft_model
 
@@ -152,19 +170,7 @@ def train_step(method):
         model = get_peft_model(random_llama(), others[method]())
     else:
         model = get_peft_model(random_llama(), lora_config())
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    ids = torch.tensor([[(i * 31 + b * 977) % 8192 for i in range(SEQ)] for b in range(BATCH)])
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        loss.item()
-    return run
+    return adamw_steps(model)
 
 
 def train_step_adapterhub(preset):
@@ -178,19 +184,7 @@ def train_step_adapterhub(preset):
     model.add_adapter("bench", config=preset)
     model.train_adapter("bench")  # freezes the rest; in 1.3.0 it does not activate the adapter
     model.set_active_adapters("bench")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    ids = torch.tensor([[(i * 31 + b * 977) % 8192 for i in range(SEQ)] for b in range(BATCH)])
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        loss.item()
-    return run
+    return adamw_steps(model)
 
 
 def generate(variant):
