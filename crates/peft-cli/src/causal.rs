@@ -8,7 +8,6 @@ use peft_models::train::{eval_loss, lm_batch_loss};
 
 use crate::data::read_examples;
 use crate::train::{Run, hold_out, maybe_quantize, train_loop};
-use peft_cli::methods::MethodConfig;
 
 /// Train the causal LM of `run`; the held-out loss is measured at every checkpoint.
 pub fn train(mut run: Run) -> Result<()> {
@@ -46,25 +45,11 @@ pub fn train(mut run: Run) -> Result<()> {
         param_report(&model)
     );
     let batch = run.config.batch_size;
-    let fusion = match &run.method {
-        MethodConfig::Fusion(f) => Some(f.clone()),
-        _ => None,
-    };
     train_loop(
         &run,
         model,
         &train_set,
-        |m, b| {
-            let (loss, tokens) = lm_batch_loss(m, b, pad);
-            // AdapterFusion's pull of its value matrices towards the identity.
-            match &fusion {
-                Some(f) => match f.regularization(m, "default") {
-                    Some(r) => (loss + r, tokens),
-                    None => (loss, tokens),
-                },
-                None => (loss, tokens),
-            }
-        },
+        |m, b| lm_batch_loss(m, b, pad),
         |m| {
             let mut metrics = serde_json::Map::new();
             if !eval_set.is_empty() {

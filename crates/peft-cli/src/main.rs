@@ -61,16 +61,27 @@ struct ProxyArgs {
     proxy_alpha: Option<f64>,
 }
 
+/// The small models of proxy-tuning, loaded.
+struct ProxyModels {
+    expert: peft_models::llama::LlamaForCausalLM,
+    anti_expert: peft_models::llama::LlamaForCausalLM,
+    alpha: f64,
+}
+
+impl ProxyModels {
+    /// The proxy that steers `base` with them.
+    fn over<'a>(&'a self, base: &'a peft_models::llama::LlamaForCausalLM) -> Result<Proxy<'a>> {
+        Ok(Proxy::new(
+            base,
+            &self.expert,
+            &self.anti_expert,
+            self.alpha,
+        )?)
+    }
+}
+
 /// The expert and anti-expert `proxy` asks for, if any; a half-given pair is a usage error.
-fn load_proxy(
-    proxy: &ProxyArgs,
-    dev: &burn::tensor::Device,
-) -> Result<
-    Option<(
-        peft_models::llama::LlamaForCausalLM,
-        peft_models::llama::LlamaForCausalLM,
-    )>,
-> {
+fn load_proxy(proxy: &ProxyArgs, dev: &burn::tensor::Device) -> Result<Option<ProxyModels>> {
     let p = proxy;
     let pairs = (
         &p.proxy_base,
@@ -78,7 +89,7 @@ fn load_proxy(
         &p.proxy_expert,
         &p.proxy_anti_expert,
     );
-    let (expert, anti) = match pairs {
+    let (expert, anti_expert) = match pairs {
         (None, None, None, None) => {
             if p.proxy_alpha.is_some() {
                 return Err(usage!(
@@ -101,7 +112,11 @@ fn load_proxy(
             ));
         }
     };
-    Ok(Some((expert, anti)))
+    Ok(Some(ProxyModels {
+        expert,
+        anti_expert,
+        alpha: p.proxy_alpha.unwrap_or(1.0),
+    }))
 }
 
 #[derive(Subcommand)]
@@ -509,10 +524,7 @@ fn run(cli: Cli) -> Result<()> {
             let examples = data::read_examples(&data, &loaded.tokenizer, max_len)?;
             let pad = loaded.tokenizer.eos_ids.first().copied().unwrap_or(0);
             let loss = match load_proxy(&proxy, &dev)? {
-                Some((expert, anti)) => {
-                    let alpha = proxy.proxy_alpha.unwrap_or(1.0);
-                    Proxy::new(&loaded.model, &expert, &anti, alpha)?.eval_loss(&examples, 8, pad)
-                }
+                Some(p) => p.over(&loaded.model)?.eval_loss(&examples, 8, pad),
                 None => peft_models::train::eval_loss(&loaded.model, &examples, 8, pad),
             };
             println!(
@@ -563,9 +575,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             let eos = &loaded.tokenizer.eos_ids;
             let proxy_models = load_proxy(&proxy, &dev)?;
-            let outs = if let Some((expert, anti)) = &proxy_models {
-                let alpha = proxy.proxy_alpha.unwrap_or(1.0);
-                let p = Proxy::new(&loaded.model, expert, anti, alpha)?;
+            let outs = if let Some(models) = &proxy_models {
+                let p = models.over(&loaded.model)?;
                 ids.iter()
                     .map(|i| p.greedy(i, max_new_tokens, eos))
                     .collect()

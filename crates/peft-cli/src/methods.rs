@@ -2,8 +2,11 @@
 //! `peft_type`. Loading an adapter folder and `--method` both dispatch through it.
 
 use anyhow::{Result, bail};
+use burn::module::Module;
+use burn::tensor::Tensor;
 use peft_adapter::{BottleneckConfig, FusionConfig, Ia3Config, SsfConfig};
 use peft_core::adapter_io::{BOTTLENECK_TYPE, FUSION_TYPE, is_adapterhub_config};
+use peft_core::train::{TrainHook, Trainer};
 use peft_core::tuner::Tuner;
 use peft_lora::LoraConfig;
 use peft_prompt::{PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig};
@@ -187,17 +190,17 @@ impl MethodConfig {
             "p-tuning" => Self::PTuning(PromptEncoderConfig::default()),
             "prefix-tuning" => Self::PrefixTuning(PrefixTuningConfig::default()),
             "ssf" => Self::Ssf(SsfConfig::default()),
-            m if bottleneck_preset(m).is_some() => Self::Bottleneck(BottleneckConfig::preset(
-                bottleneck_preset(m).expect("matched"),
-            )?),
             // A template: the fused adapters come from `--fuse` ([`Self::fusing`]).
             "fusion" => Self::Fusion(FusionConfig::new(&["a".into(), "b".into()], "dynamic")?),
-            other => {
-                return Err(usage!(
-                    "--method {other}: unknown method (supported: {})",
-                    names()
-                ));
-            }
+            other => match bottleneck_preset(other) {
+                Some(preset) => Self::Bottleneck(BottleneckConfig::preset(preset)?),
+                None => {
+                    return Err(usage!(
+                        "--method {other}: unknown method (supported: {})",
+                        names()
+                    ));
+                }
+            },
         })
     }
 
@@ -361,10 +364,11 @@ impl MethodConfig {
         }
         let mut json = self.to_json();
         let known = known_fields(self);
-        let method = self.to_json()["peft_type"]
-            .as_str()
-            .unwrap_or(BOTTLENECK_TYPE)
-            .to_string();
+        let method = match self {
+            Self::Bottleneck(_) => BOTTLENECK_TYPE.to_string(),
+            Self::Fusion(_) => FUSION_TYPE.to_string(),
+            _ => json["peft_type"].as_str().unwrap_or("?").to_string(),
+        };
         // AdapterHub keeps the method's options in the `config` object.
         let obj = match self {
             Self::Bottleneck(_) | Self::Fusion(_) => json["config"].as_object_mut(),
@@ -413,6 +417,30 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
         .filter(|k| !skip.contains(&k.as_str()))
         .cloned()
         .collect()
+}
+
+/// The method's own loss term ([`Tuner::extra_loss`] of adapter `default`, e.g.
+/// AdapterFusion's regularisation) as a trainer hook.
+pub struct MethodLoss(pub MethodConfig);
+
+impl<M: SiteHost + Module> TrainHook<M> for MethodLoss {
+    fn extra_loss(&self, model: &M) -> Option<Tensor<1>> {
+        self.0.tuner::<M>().extra_loss(model, "default")
+    }
+}
+
+/// `trainer` with the loss term of `method`, when the method has one on this model (so
+/// checkpoints of methods without one keep no hook state).
+pub fn with_method_loss<M: SiteHost + Module + 'static>(
+    trainer: Trainer<M>,
+    method: &MethodConfig,
+) -> Trainer<M> {
+    let tuner = method.tuner::<M>();
+    if tuner.extra_loss(trainer.model(), "default").is_some() {
+        trainer.with_hook(MethodLoss(method.clone()))
+    } else {
+        trainer
+    }
 }
 
 /// Parse `key=value` (`--set`): the value as JSON when it is JSON, else as a string.

@@ -765,7 +765,7 @@ pub(crate) fn hold_out<E: Clone>(train: Vec<E>, eval: Option<Vec<E>>) -> (Vec<E>
 
 /// The loop both tasks share: resume, steps with progress, metrics, checkpoints, final
 /// adapter and loss curve. `evaluate` adds held-out metrics at each checkpoint.
-pub(crate) fn train_loop<M: SiteHost + Module, E: Clone>(
+pub(crate) fn train_loop<M: SiteHost + Module + 'static, E: Clone>(
     run: &Run,
     mut model: M,
     train_set: &[E],
@@ -783,7 +783,7 @@ pub(crate) fn train_loop<M: SiteHost + Module, E: Clone>(
             model = tuner.load_training_extras(model, "default", tensors, &extras)?;
         }
     }
-    let mut trainer = Trainer::new(model, config.clone());
+    let mut trainer = methods::with_method_loss(Trainer::new(model, config.clone()), method);
     if let Some(ckpt) = &run.resume_from {
         trainer = trainer.load_state(ckpt)?;
         eprintln!("resuming at step {}", trainer.state().step);

@@ -129,7 +129,11 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
             ));
         }
         let weights = dir.join(ADAPTERHUB_FUSION_WEIGHTS);
-        let tensors = TensorMap::read_safetensors(&weights)?;
+        let tensors = read_weights(
+            &weights,
+            "pytorch_model_adapter_fusion.bin",
+            "save_adapter_fusion(..., use_safetensors=True)",
+        )?;
         return Ok(AdapterFiles {
             config,
             tensors,
@@ -144,19 +148,7 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
         return load_adapterhub(dir, config);
     }
     let weights = dir.join(WEIGHTS_FILE);
-    let tensors = if weights.exists() {
-        TensorMap::read_safetensors(&weights)?
-    } else if dir.join("adapter_model.bin").exists() {
-        return Err(PeftError::format(
-            dir.join("adapter_model.bin"),
-            "pickled PyTorch adapters are not supported; re-save it with safe_serialization=True",
-        ));
-    } else {
-        return Err(PeftError::io(
-            &weights,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights not found"),
-        ));
-    };
+    let tensors = read_weights(&weights, "adapter_model.bin", "safe_serialization=True")?;
     let files = AdapterFiles {
         config,
         tensors,
@@ -167,27 +159,36 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
     Ok(files)
 }
 
+/// The tensors of the safetensors file `weights`; where only the pickled twin `pickled` (in
+/// the same folder) exists, an error saying how to re-save it (`resave`).
+fn read_weights(weights: &Path, pickled: &str, resave: &str) -> Result<TensorMap> {
+    if weights.exists() {
+        return TensorMap::read_safetensors(weights);
+    }
+    let pickled = weights.with_file_name(pickled);
+    if pickled.exists() {
+        return Err(PeftError::format(
+            pickled,
+            format!("pickled PyTorch adapters are not supported; re-save it with {resave}"),
+        ));
+    }
+    Err(PeftError::io(
+        weights,
+        std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights not found"),
+    ))
+}
+
 /// Read an AdapterHub folder: `adapter.safetensors`, plus the static head's tensors from
 /// `model_head.safetensors` when there is one (their keys, e.g. `classifier.weight`, never
 /// meet the adapter's).
 fn load_adapterhub(dir: &Path, config: Value) -> Result<AdapterFiles> {
     adapterhub_type(&dir.join(CONFIG_FILE), &config)?;
     let weights = dir.join(ADAPTERHUB_WEIGHTS_FILE);
-    if !weights.exists() {
-        let pickled = dir.join("pytorch_adapter.bin");
-        if pickled.exists() {
-            return Err(PeftError::format(
-                pickled,
-                "pickled PyTorch adapters are not supported; re-save it with \
-                 save_adapter(..., use_safetensors=True)",
-            ));
-        }
-        return Err(PeftError::io(
-            &weights,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights not found"),
-        ));
-    }
-    let mut tensors = TensorMap::read_safetensors(&weights)?;
+    let mut tensors = read_weights(
+        &weights,
+        "pytorch_adapter.bin",
+        "save_adapter(..., use_safetensors=True)",
+    )?;
     let head = dir.join(ADAPTERHUB_HEAD_FILE);
     if head.exists() {
         for (key, t) in TensorMap::read_safetensors(&head)?.tensors {

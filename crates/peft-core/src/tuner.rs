@@ -71,6 +71,14 @@ pub trait Tuner<M> {
         Ok(model)
     }
 
+    /// A term the method adds to the training loss of adapter `name` (e.g. AdapterFusion's
+    /// regularisation); none by default. Trainers add it through
+    /// [`crate::train::TrainHook::extra_loss`].
+    fn extra_loss(&self, model: &M, name: &str) -> Option<burn::tensor::Tensor<1>> {
+        let _ = (model, name);
+        None
+    }
+
     /// Fold adapter `name` into the base weights; methods that cannot merge say so.
     fn merge(&self, model: M, name: &str) -> Result<M> {
         let _ = (model, name);

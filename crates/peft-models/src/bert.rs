@@ -131,16 +131,7 @@ trait LayerNormForward {
 impl LayerNormForward for LayerNorm {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (weight, bias) = self.scale_shift();
-        let mean = x.clone().mean_dim(2);
-        let centered = x - mean;
-        let var = centered.clone().powi_scalar(2).mean_dim(2);
-        let y = centered
-            .div(var.add_scalar(self.eps).sqrt())
-            .mul(weight.unsqueeze::<3>());
-        match bias {
-            Some(b) => y + b.unsqueeze::<3>(),
-            None => y,
-        }
+        peft_sites::ops::layer_norm(x, weight, bias, self.eps)
     }
 }
 

@@ -16,6 +16,7 @@ use peft_core::{PeftError, Result};
 
 use crate::fusion::FusionLayer;
 use crate::linear::ADAPTER_DTYPE;
+use crate::ops::{dropout_while_training, layer_norm};
 
 /// The non-linearity between the down and up projections (transformers' `get_activation`
 /// names, as AdapterHub's `non_linearity` takes them).
@@ -112,11 +113,7 @@ impl AdapterNorm {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let mean = x.clone().mean_dim(2);
-        let centered = x - mean;
-        let var = centered.clone().powi_scalar(2).mean_dim(2);
-        centered.div(var.add_scalar(1e-5).sqrt()) * self.weight.val().unsqueeze::<3>()
-            + self.bias.val().unsqueeze::<3>()
+        layer_norm(x, self.weight.val(), Some(self.bias.val()), 1e-5)
     }
 }
 
@@ -249,11 +246,6 @@ impl Bottleneck {
         }
     }
 
-    /// The bottleneck width.
-    pub fn down(&self) -> usize {
-        self.down_weight.shape().dims::<2>()[1]
-    }
-
     /// `up(act(down(x)))·scaling` (dropout while training), without any residual: the
     /// part AdapterFusion combines.
     pub fn up(&self, x: Tensor<3>) -> Tensor<3> {
@@ -273,12 +265,7 @@ impl Bottleneck {
             BnScaling::Fixed(s) => up.mul_scalar(*s),
             BnScaling::Learned(s) => up * s.val().unsqueeze::<3>(),
         };
-        if self.dropout > 0.0 && self.up_weight.is_require_grad() {
-            let keep = up.random_like(Distribution::Bernoulli(1.0 - self.dropout));
-            up * keep / (1.0 - self.dropout)
-        } else {
-            up
-        }
+        dropout_while_training(up, self.dropout, self.up_weight.is_require_grad())
     }
 
     /// The layer's output for sub-block output `h` and residual input `inp`, with the

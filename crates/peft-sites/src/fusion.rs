@@ -9,6 +9,7 @@ use peft_core::params::trainable;
 
 use crate::bottleneck::{Bottleneck, SubNorm};
 use crate::linear::ADAPTER_DTYPE;
+use crate::ops::dropout_while_training;
 
 /// A linear layer in burn's layout (`[in, out]`; AdapterHub's `.weight` is its transpose).
 #[derive(Module, Debug)]
@@ -146,10 +147,7 @@ impl FusionLayer {
             .or(self.key.as_ref())
             .or(self.value.as_ref())
             .is_some_and(|l| l.weight.is_require_grad());
-        if training && self.dropout > 0.0 {
-            let keep = scores.random_like(Distribution::Bernoulli(1.0 - self.dropout));
-            scores = scores * keep / (1.0 - self.dropout);
-        }
+        scores = dropout_while_training(scores, self.dropout, training);
         let p = softmax(scores, 2);
         // p is [batch, seq, adapters, 1]: weight each adapter's value and sum them.
         let [b, s, _, hd] = v.dims();

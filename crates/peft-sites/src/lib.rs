@@ -21,6 +21,7 @@ pub mod fusion;
 pub mod host;
 pub mod linear;
 pub mod norm;
+pub mod ops;
 pub mod prompt;
 pub mod saved;
 

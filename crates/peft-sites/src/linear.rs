@@ -88,6 +88,24 @@ pub struct ScaleShift {
     pub shift: FeatureVector,
 }
 
+impl ScaleShift {
+    /// The scale `γ` and shift `β` as tensors of `dtype`.
+    pub fn vectors(&self, dtype: DType) -> (Tensor<1>, Tensor<1>) {
+        (
+            self.scale.value.val().cast(dtype),
+            self.shift.value.val().cast(dtype),
+        )
+    }
+
+    /// A layer's bias (of `dtype`) with this scale and shift folded in, `b ⊙ γ + β` (a
+    /// missing bias is zero), or taken back out, `(b − β) / γ`.
+    pub fn fold_bias(&self, bias: Option<Tensor<1>>, dtype: DType, undo: bool) -> Tensor<1> {
+        let (g, b) = self.vectors(dtype);
+        let bias = bias.unwrap_or_else(|| b.zeros_like());
+        if undo { (bias - b) / g } else { bias * g + b }
+    }
+}
+
 /// What a method can attach to a linear site.
 #[derive(Module, Debug)]
 pub enum LinearPart {
@@ -269,17 +287,8 @@ impl TunedLinear {
             }
             LinearPart::ScaleShift(ss) => {
                 // y·γ + β: the columns and the bias scale, then the shift joins the bias.
-                let (g, b) = (
-                    ss.scale.value.val().cast(dtype),
-                    ss.shift.value.val().cast(dtype),
-                );
-                let base = bias.unwrap_or_else(|| b.zeros_like());
-                bias = Some(if undo {
-                    (base - b) / g.clone()
-                } else {
-                    base * g.clone() + b
-                });
-                let g = g.unsqueeze_dim::<2>(0);
+                bias = Some(ss.fold_bias(bias, dtype, undo));
+                let g = ss.vectors(dtype).0.unsqueeze_dim::<2>(0);
                 if undo { w / g } else { w * g }
             }
         };

@@ -111,12 +111,11 @@ impl TunedNorm {
         let (weight, bias) = (w.weight.val(), w.bias.as_ref().map(|b| b.val()));
         match self.live_scale_shift() {
             Some(ss) => {
-                let (g, b) = (ss.scale.value.val(), ss.shift.value.val());
-                let bias = match bias {
-                    Some(old) => old * g.clone() + b,
-                    None => b,
-                };
-                (weight * g, Some(bias))
+                let dtype = weight.dtype();
+                (
+                    weight * ss.vectors(dtype).0,
+                    Some(ss.fold_bias(bias, dtype, false)),
+                )
             }
             None => (weight, bias),
         }
@@ -128,8 +127,7 @@ impl TunedNorm {
         if self.scale_shift_merged.as_ref() == Some(name) {
             return None;
         }
-        let i = self.scale_shift_names.iter().position(|n| n == name)?;
-        Some(&self.scale_shifts[i])
+        self.scale_shift_of(name)
     }
 
     /// The SSF scale and shift of adapter `name`.
@@ -179,16 +177,11 @@ impl TunedNorm {
         let ss = self
             .scale_shift_of(name)
             .ok_or_else(|| PeftError::UnknownAdapter(name.into()))?;
-        let (g, b) = (ss.scale.value.val(), ss.shift.value.val());
-        let (w, bias) = (
-            self.base.weight.val(),
-            self.base.bias.as_ref().expect("checked when added").val(),
-        );
-        let (w, bias) = if undo {
-            (w / g.clone(), (bias - b) / g)
-        } else {
-            (w * g.clone(), bias * g + b)
-        };
+        let w = self.base.weight.val();
+        let dtype = w.dtype();
+        let g = ss.vectors(dtype).0;
+        let w = if undo { w / g } else { w * g };
+        let bias = ss.fold_bias(self.base.bias.as_ref().map(|b| b.val()), dtype, undo);
         self.base.weight = frozen(w.detach());
         self.base.bias = Some(frozen(bias.detach()));
         self.scale_shift_merged = if undo { None } else { Some(name.into()) };

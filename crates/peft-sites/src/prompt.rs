@@ -12,6 +12,7 @@ use peft_core::params::trainable;
 use peft_core::{PeftError, Result};
 
 use crate::linear::ADAPTER_DTYPE;
+use crate::ops::dropout_while_training;
 
 /// `[out, in]` weight and `[out]` bias, as torch's `nn.Linear` stores them.
 #[derive(Module, Debug)]
@@ -160,9 +161,8 @@ impl LstmHead {
     pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
         let training = self.mlp.layers[0].weight.is_require_grad();
         for (l, (fw, bw)) in self.forward.iter().zip(&self.reverse).enumerate() {
-            if l > 0 && training && self.dropout > 0.0 {
-                let keep = x.random_like(Distribution::Bernoulli(1.0 - self.dropout));
-                x = x * keep / (1.0 - self.dropout);
+            if l > 0 {
+                x = dropout_while_training(x, self.dropout, training);
             }
             x = Tensor::cat(vec![fw.run(x.clone(), false), bw.run(x, true)], 1);
         }

@@ -459,18 +459,6 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
     let method_config = method_config(method, classification)?
         .map(|c| c.resolved_for(&model))
         .transpose()?;
-    // AdapterFusion's pull of its value matrices towards the identity joins the loss.
-    let fusion = match &method_config {
-        Some(MethodConfig::Fusion(f)) => Some(f.clone()),
-        _ => None,
-    };
-    let loss_fn = |m: &M, b: &[E]| {
-        let (loss, n) = loss_fn(m, b);
-        match fusion.as_ref().and_then(|f| f.regularization(m, "default")) {
-            Some(r) => (loss + r, n),
-            None => (loss, n),
-        }
-    };
     let model = match &method_config {
         None => unfreeze_all(model),
         Some(c) => match c.tuner::<M>().apply(model, "default") {
@@ -507,6 +495,9 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
     let steps = config.steps;
     let progress = bar(steps as u64, format!("{task}/{method}"));
     let mut trainer = Trainer::new(model, config);
+    if let Some(c) = &method_config {
+        trainer = peft_cli::methods::with_method_loss(trainer, c);
+    }
     let mut times = Vec::new();
     while !trainer.is_done() {
         let live = peft_core::alloc::live_bytes();

@@ -174,27 +174,11 @@ impl FusionConfig {
 
     /// The config with the model facts AdapterHub records filled in.
     pub fn resolved_for<M: SiteHost>(&self, model: &M) -> Result<Self> {
-        let hidden = model
-            .sublayers()
-            .first()
-            .map(|(_, s)| s.hidden)
-            .ok_or_else(|| {
-                PeftError::Config(format!(
-                    "this {} model has no sub-layer sites for adapters",
-                    model.model_type()
-                ))
-            })?;
+        let (hidden, model_type, class) = super::model::model_facts(model)?;
         let mut c = self.clone();
         c.hidden_size = Some(hidden);
-        c.model_type = Some(model.model_type().into());
-        c.model_class = Some(
-            if model.model_type() == "bert" {
-                "BertForSequenceClassification"
-            } else {
-                "LlamaForCausalLM"
-            }
-            .into(),
-        );
+        c.model_type = Some(model_type);
+        c.model_class = Some(class);
         Ok(c)
     }
 
@@ -358,6 +342,10 @@ impl<M: SiteHost> Tuner<M> for FusionConfig {
         }
         peft_sites::saved::ensure_used(&tensors, file)?;
         Ok(model)
+    }
+
+    fn extra_loss(&self, model: &M, name: &str) -> Option<Tensor<1>> {
+        self.regularization(model, name)
     }
 
     fn save(&self, model: &M, name: &str, root: &Path) -> Result<()> {

@@ -17,12 +17,24 @@ use serde_json::{Value, json};
 
 use super::config::{ADAPTERHUB_VERSION, BottleneckConfig};
 
-/// Hugging Face's class name of the model AdapterHub records (`model_class`).
-fn model_class(model_type: &str) -> &'static str {
-    match model_type {
+/// The model facts AdapterHub records in its configs: `hidden_size`, `model_type` and
+/// `model_class` (Hugging Face's class name).
+pub(super) fn model_facts<M: SiteHost>(model: &M) -> Result<(usize, String, String)> {
+    let model_type = model.model_type();
+    let hidden = model
+        .sublayers()
+        .first()
+        .map(|(_, s)| s.hidden)
+        .ok_or_else(|| {
+            PeftError::Config(format!(
+                "this {model_type} model has no sub-layer output sites for adapters"
+            ))
+        })?;
+    let class = match model_type {
         "bert" => "BertForSequenceClassification",
         _ => "LlamaForCausalLM",
-    }
+    };
+    Ok((hidden, model_type.into(), class.into()))
 }
 
 /// Whether the config puts an adapter at `site`.
@@ -117,17 +129,11 @@ impl BottleneckConfig {
     /// The config with the model facts AdapterHub records filled in (`hidden_size`,
     /// `model_class`, `model_type`).
     pub fn resolved_for<M: SiteHost>(&self, model: &M) -> Result<Self> {
-        let sites = model.sublayers();
-        let Some((_, first)) = sites.first() else {
-            return Err(PeftError::Config(format!(
-                "this {} model has no sub-layer output sites for bottleneck adapters",
-                model.model_type()
-            )));
-        };
+        let (hidden, model_type, class) = model_facts(model)?;
         let mut c = self.clone();
-        c.hidden_size = Some(first.hidden);
-        c.model_type = Some(model.model_type().into());
-        c.model_class = Some(model_class(model.model_type()).into());
+        c.hidden_size = Some(hidden);
+        c.model_type = Some(model_type);
+        c.model_class = Some(class);
         c.version = ADAPTERHUB_VERSION.into();
         Ok(c)
     }
