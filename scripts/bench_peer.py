@@ -173,6 +173,22 @@ def train_step(method):
     return adamw_steps(model)
 
 
+def train_step_adapterhub_fusion():
+    """AdapterFusion (dynamic) over two Pfeiffer adapters in AdapterHub, only the fusion
+    trainable (`train_adapter_fusion`)."""
+    import adapters
+    from adapters.composition import Fuse
+
+    model = random_llama()
+    adapters.init(model)
+    for name in ("a", "b"):
+        model.add_adapter(name, config="seq_bn")
+    model.add_adapter_fusion(Fuse("a", "b"))
+    model.train_adapter_fusion(Fuse("a", "b"))
+    model.set_active_adapters(Fuse("a", "b"))
+    return adamw_steps(model)
+
+
 def train_step_adapterhub(preset):
     """A bottleneck adapter step in AdapterHub `adapters` 1.3.0: this runs in its own venv
     (transformers 4.57.6, scripts/adapters_venv.sh), which `cargo xtask bench --peer` uses for
@@ -232,6 +248,8 @@ WORKLOADS = {
     "train_step/prefix_tuning": lambda: train_step("prefix_tuning"),
     "train_step/pfeiffer": lambda: train_step_adapterhub("seq_bn"),
     "train_step/houlsby": lambda: train_step_adapterhub("double_seq_bn"),
+    "train_step/parallel_adapter": lambda: train_step_adapterhub("par_bn"),
+    "train_step/fusion": train_step_adapterhub_fusion,
     "generate/base": lambda: generate("base"),
     "generate/unmerged": lambda: generate("unmerged"),
     "generate/merged": lambda: generate("merged"),

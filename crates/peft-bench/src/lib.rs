@@ -178,6 +178,16 @@ pub const WORKLOADS: &[Workload] = &[
         BATCH * SEQ,
     ),
     w(
+        "train_step/parallel_adapter",
+        "AdamW step, a parallel bottleneck adapter (AdapterHub par_bn, reduction 2) beside every MLP",
+        BATCH * SEQ,
+    ),
+    w(
+        "train_step/fusion",
+        "AdamW step, AdapterFusion (dynamic) over two frozen Pfeiffer adapters",
+        BATCH * SEQ,
+    ),
+    w(
         "generate/base",
         "greedy generation, batch 1, 16-token prompt + 32 new tokens, no adapter",
         NEW_TOKENS,
@@ -407,7 +417,9 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
         | "train_step/prompt_tuning"
         | "train_step/prefix_tuning"
         | "train_step/pfeiffer"
-        | "train_step/houlsby" => {
+        | "train_step/houlsby"
+        | "train_step/parallel_adapter"
+        | "train_step/fusion" => {
             let model = random_llama(&device.clone().autodiff())?;
             let model = match id {
                 "train_step/full" => unfreeze_all(model),
@@ -430,6 +442,21 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 }
                 "train_step/houlsby" => peft_adapter::BottleneckConfig::preset("double_seq_bn")?
                     .apply(model, "default")?,
+                "train_step/parallel_adapter" => {
+                    peft_adapter::BottleneckConfig::preset("par_bn")?.apply(model, "default")?
+                }
+                "train_step/fusion" => {
+                    let mut model = model;
+                    for name in ["a", "b"] {
+                        let adapter = peft_adapter::BottleneckConfig {
+                            name: name.into(),
+                            ..peft_adapter::BottleneckConfig::preset("seq_bn")?
+                        };
+                        model = adapter.apply(model, name)?;
+                    }
+                    peft_adapter::FusionConfig::new(&["a".into(), "b".into()], "dynamic")?
+                        .apply(model, "default")?
+                }
                 _ => lora_config().apply(model, "default")?,
             };
             let config = TrainConfig {

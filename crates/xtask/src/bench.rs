@@ -523,7 +523,13 @@ pub fn bench(args: &[String]) -> Result<()> {
 
 /// Workloads whose peer is AdapterHub `adapters` (bottleneck adapters; PEFT has none).
 fn adapterhub_peer(id: &str) -> bool {
-    matches!(id, "train_step/pfeiffer" | "train_step/houlsby")
+    matches!(
+        id,
+        "train_step/pfeiffer"
+            | "train_step/houlsby"
+            | "train_step/parallel_adapter"
+            | "train_step/fusion"
+    )
 }
 
 /// The AdapterHub venv's python: `$PEFT_ADAPTERS_PYTHON`, else the one
@@ -653,7 +659,7 @@ fn render(
         s += &format!(
             "## Side by side with Hugging Face PEFT 0.21.2 / transformers 5.23 / bitsandbytes 0.50.2 (torch 2.15, CPU)\n\n\
              {} interleaved rounds; medians over every iteration of every round. Ratio = peer time / our time \
-             (above 1: we are faster). The bottleneck adapters' peer (`train_step/pfeiffer`, `train_step/houlsby`) \
+             (above 1: we are faster). The bottleneck adapters' and fusion's peer (`train_step/pfeiffer`, `houlsby`, `parallel_adapter`, `fusion`) \
              is AdapterHub `adapters` 1.3.0 on transformers 4.57.6 (PEFT has none).\n\n| work | ours | peer | ratio |\n|---|---|---|---|\n",
             o.rounds
         );
