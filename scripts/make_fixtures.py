@@ -445,6 +445,14 @@ METHOD_CASES = {
     "ia3_bert": dict(model="bert", cfg=lambda: __import__("peft").IA3Config(task_type="SEQ_CLS", init_ia3_weights=False)),
     "ln_tuning_bert": dict(model="bert", cfg=lambda: __import__("peft").LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"])),
     "beft_llama": dict(model="llama", cfg=lambda: __import__("peft").BeftConfig()),
+    # DoRA: random A and B (so B·A is not zero) and magnitudes moved off the norms (so m/‖W'‖ is
+    # not 1); the Llama also has the gradients of its loss (grads.safetensors).
+    "dora_llama": dict(model="llama", cfg=lambda: __import__("peft").LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+        target_modules=["q_proj", "v_proj", "down_proj"])),
+    "dora_bert": dict(model="bert", cfg=lambda: __import__("peft").LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+        target_modules=["query", "value", "output.dense"])),
 }
 
 
@@ -473,6 +481,21 @@ def method_outputs(model, kind, ids):
             new = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
             return {"logits": logits.contiguous(), "greedy": torch.tensor(new, dtype=torch.int64)}
         return {"logits": model(input_ids=ids, attention_mask=(ids != 0).long()).logits.contiguous()}
+
+
+def method_grads(model, ids):
+    """The causal-LM loss of `model` on `ids` (labels = ids) and the gradient of every trainable
+    parameter (named as in `named_parameters`, adapter name `default`), in training mode."""
+    model.train()
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    out = {"loss": loss.detach().reshape(1)}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            out[n] = p.grad.detach().contiguous()
+    model.zero_grad()
+    return out
 
 
 def strip_machine_paths(adapter_dir):
@@ -542,6 +565,9 @@ def make_methods(cases=None):
                     p.mul_(1 + 0.3 * torch.randn_like(p))  # trained copies differ from the base
                 elif p.requires_grad and "beft_bias" in n:
                     p.add_(0.1 * torch.randn_like(p))  # trained biases are not zero
+                elif p.requires_grad and "lora_magnitude_vector" in n:
+                    p.mul_(1 + 0.1 * torch.randn_like(p))  # trained magnitudes are not the norms
+        grads = method_grads(model, llama_ids) if case == "dora_llama" else None
         model.eval()
         ids = llama_ids if kind == "llama" else bert_ids
         d = os.path.join(out, case)
@@ -550,6 +576,8 @@ def make_methods(cases=None):
         strip_machine_paths(os.path.join(d, "adapter"))
         save_file({"input_ids": ids.to(torch.int64).contiguous(), **method_outputs(model, kind, ids)},
                   os.path.join(d, "expected.safetensors"))
+        if grads is not None:
+            save_file(grads, os.path.join(d, "grads.safetensors"))
         print(case, "->", d)
 
 
@@ -715,7 +743,7 @@ if __name__ == "__main__":
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
     ap.add_argument("--verify-method", nargs="+", metavar="ARG",
                     help="ADAPTER_DIR EXPECTED [BASE.gguf [TOLERANCE]]")
-    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy"])
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -745,5 +773,7 @@ if __name__ == "__main__":
         make_prompts_smollm2()
     if a.only == "prompts_smollm2":
         make_prompts_smollm2()
+    if a.only == "dora":
+        make_methods(["dora_llama", "dora_bert"])
     if a.only in (None, "proxy"):
         make_proxy()

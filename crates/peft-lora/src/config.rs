@@ -168,11 +168,6 @@ impl LoraConfig {
                 self.bias
             )));
         }
-        if self.use_dora {
-            return Err(PeftError::Config(
-                "use_dora: DoRA is not implemented yet".into(),
-            ));
-        }
         if self.fan_in_fan_out {
             return Err(PeftError::Config(
                 "fan_in_fan_out = true (GPT-2 Conv1D layers) is not supported by these models"

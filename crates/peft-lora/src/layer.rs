@@ -4,7 +4,7 @@ use burn::nn::DropoutConfig;
 use burn::tensor::{Distribution, Tensor};
 use peft_core::params::trainable;
 use peft_core::{PeftError, Result};
-use peft_sites::{ADAPTER_DTYPE, LinearPart, LoraAdapter, TunedLinear};
+use peft_sites::{ADAPTER_DTYPE, LinearPart, LoraAdapter, Magnitude, TunedLinear};
 
 /// How new adapter weights are drawn (Hugging Face `init_lora_weights`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,6 +36,25 @@ pub trait LoraLayer {
 
     /// Replace the weights of LoRA adapter `name` with `[in, r]` A and `[r, out]` B.
     fn set_weights(&mut self, name: &str, a: Tensor<2>, b: Tensor<2>) -> Result<()>;
+
+    /// Make LoRA adapter `name` a DoRA one: its magnitude starts at `‖W + s·A·B‖` per output
+    /// row, so the layer's output is unchanged (PEFT's `dora_init`).
+    fn enable_dora(&mut self, name: &str) -> Result<()>;
+
+    /// Replace DoRA adapter `name`'s magnitude (`[out]`).
+    fn set_magnitude(&mut self, name: &str, m: Tensor<1>) -> Result<()>;
+}
+
+/// The LoRA adapter `name` of `layer`, mutable, or an error naming what is there instead.
+fn lora_mut<'a>(layer: &'a mut TunedLinear, name: &str) -> Result<&'a mut LoraAdapter> {
+    match layer.part_mut(name) {
+        Some(LinearPart::Lora(adapter)) => Ok(adapter),
+        Some(other) => Err(PeftError::Other(format!(
+            "adapter `{name}` is a {} part, not LoRA",
+            other.kind()
+        ))),
+        None => Err(PeftError::UnknownAdapter(name.into())),
+    }
 }
 
 impl LoraLayer for TunedLinear {
@@ -76,22 +95,38 @@ impl LoraLayer for TunedLinear {
             b: trainable(b),
             dropout: DropoutConfig::new(dropout).init(),
             scale,
+            magnitude: None,
         };
         self.add_part(name, LinearPart::Lora(adapter));
     }
 
     fn set_weights(&mut self, name: &str, a: Tensor<2>, b: Tensor<2>) -> Result<()> {
-        match self.part_mut(name) {
-            Some(LinearPart::Lora(adapter)) => {
-                adapter.a = trainable(a.cast(ADAPTER_DTYPE));
-                adapter.b = trainable(b.cast(ADAPTER_DTYPE));
+        let adapter = lora_mut(self, name)?;
+        adapter.a = trainable(a.cast(ADAPTER_DTYPE));
+        adapter.b = trainable(b.cast(ADAPTER_DTYPE));
+        Ok(())
+    }
+
+    fn enable_dora(&mut self, name: &str) -> Result<()> {
+        let norm = {
+            let adapter = lora_mut(self, name)?;
+            adapter.magnitude = None;
+            peft_sites::dora::weight_norm(&self.base, self.lora(name).expect("LoRA"))
+        };
+        lora_mut(self, name)?.magnitude = Some(Magnitude::new(norm));
+        Ok(())
+    }
+
+    fn set_magnitude(&mut self, name: &str, m: Tensor<1>) -> Result<()> {
+        let adapter = lora_mut(self, name)?;
+        match &mut adapter.magnitude {
+            Some(magnitude) => {
+                *magnitude = Magnitude::new(m);
                 Ok(())
             }
-            Some(other) => Err(PeftError::Other(format!(
-                "adapter `{name}` is a {} part, not LoRA",
-                other.kind()
+            None => Err(PeftError::Other(format!(
+                "adapter `{name}` is a LoRA adapter without DoRA's magnitude"
             ))),
-            None => Err(PeftError::UnknownAdapter(name.into())),
         }
     }
 }
@@ -196,6 +231,38 @@ mod tests {
     }
 
     #[test]
+    fn dora_starts_as_the_layer_and_several_adapters_follow_peft() {
+        let device = Device::flex();
+        let mut l = layer(&device);
+        let x = Tensor::<2>::random([4, 6], Distribution::Default, &device);
+        let before = l.forward(x.clone());
+        l.enable_dora("a").unwrap();
+        l.forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&before.into_data(), Tolerance::absolute(1e-5));
+        // A second DoRA adapter rescales the running output minus the bias, the first
+        // adapter's delta included (PEFT's `base_result` is the result so far).
+        l.add_adapter("b", 2, 2.0, false, 0.0, LoraInit::Random);
+        l.enable_dora("b").unwrap();
+        let m = Tensor::<1>::random([5], Distribution::Uniform(0.5, 1.5), &device);
+        l.set_magnitude("b", m.clone()).unwrap();
+        l.set_active(&["a", "b"]).unwrap();
+        let bias = l.base.bias().unwrap().val().unsqueeze::<2>();
+        let after_a = l.base.forward(x.clone()) + l.lora("a").unwrap().delta(x.clone());
+        let b = l.lora("b").unwrap();
+        let f = (m / peft_sites::dora::weight_norm(&l.base, b)).unsqueeze::<2>();
+        let expected =
+            after_a.clone() + (f.clone() - 1.0) * (after_a - bias) + f * b.delta(x.clone());
+        l.forward(x)
+            .into_data()
+            .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));
+        assert!(
+            l.set_magnitude("nope", Tensor::zeros([5], &device))
+                .is_err()
+        );
+    }
+
+    #[test]
     fn rslora_scale() {
         let device = Device::flex();
         let mut l = layer(&device);
@@ -243,6 +310,32 @@ mod properties {
             merged.assert_approx_eq::<f32>(&side, burn::tensor::Tolerance::absolute(1e-4));
             l.unmerge("x").unwrap();
             l.base.dense_weight(&l.base.device()).into_data().assert_approx_eq::<f32>(&w.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+        }
+
+        /// DoRA, for any shape, bias and magnitude: merged == side path
+        /// (`(m/‖W'‖)·W'x + b`), and unmerging gives the base weight back.
+        #[test]
+        fn dora_merge_is_exact(d_in in 1usize..24, d_out in 1usize..24, r in 1usize..8, alpha in 0.5f64..16.0, seed in any::<u64>()) {
+            let device = Device::flex();
+            device.seed(seed);
+            let w = Tensor::<2>::random([d_in, d_out], Distribution::Default, &device);
+            let bias = Tensor::<1>::random([d_out], Distribution::Default, &device);
+            let mut l = LoraLinear::new(w.clone(), Some(bias.clone()));
+            l.add_adapter("x", r, alpha, false, 0.0, LoraInit::Random);
+            l.enable_dora("x").unwrap();
+            let m = Tensor::<1>::random([d_out], Distribution::Uniform(0.5, 2.0), &device);
+            l.set_magnitude("x", m.clone()).unwrap();
+            let x = Tensor::<2>::random([3, d_in], Distribution::Default, &device);
+            let lora = l.lora("x").unwrap();
+            let w2 = w.clone() + lora.delta_weight();
+            let norm = w2.clone().powi_scalar(2).sum_dim(0).sqrt();
+            let expected = x.clone().matmul(w2 * (m.unsqueeze::<2>() / norm)) + bias.unsqueeze::<2>();
+            let side: TensorData = l.forward(x.clone()).into_data();
+            side.assert_approx_eq::<f32>(&expected.into_data(), burn::tensor::Tolerance::absolute(1e-4));
+            l.merge("x").unwrap();
+            l.forward(x).into_data().assert_approx_eq::<f32>(&side, burn::tensor::Tolerance::absolute(1e-4));
+            l.unmerge("x").unwrap();
+            l.base.dense_weight(&l.base.device()).into_data().assert_approx_eq::<f32>(&w.into_data(), burn::tensor::Tolerance::absolute(1e-4));
         }
     }
 }

@@ -20,6 +20,9 @@ fn slot<'a, M: SiteHost>(model: &'a mut M, path: &str) -> Result<&'a mut LoraLin
         .ok_or_else(|| PeftError::Other(format!("model has no linear module `{path}`")))
 }
 
+/// DoRA's magnitude, saved without the `.weight` of PEFT's in-memory module.
+const MAGNITUDE_KEY: &str = "lora_magnitude_vector";
+
 /// Key of a trained bias: Python PEFT wraps adapted layers, so theirs sit under `base_layer`.
 fn bias_key(path: &str, adapted: bool) -> String {
     if adapted {
@@ -57,14 +60,11 @@ impl<M: SiteHost> Tuner<M> for LoraConfig {
             .select(modules.iter().map(|(p, k)| (p.as_str(), *k)))?;
         for path in &targets {
             let (r, alpha) = self.rank_alpha(path)?;
-            slot(&mut model, path)?.add_adapter(
-                name,
-                r,
-                alpha,
-                self.use_rslora,
-                self.lora_dropout,
-                init,
-            );
+            let s = slot(&mut model, path)?;
+            s.add_adapter(name, r, alpha, self.use_rslora, self.lora_dropout, init);
+            if self.use_dora {
+                s.enable_dora(name)?;
+            }
         }
         saved::train_whole(&mut model, &self.saved_modules())?;
         // bias = "all" trains every bias, "lora_only" those of adapted layers.
@@ -96,6 +96,12 @@ impl<M: SiteHost> Tuner<M> for LoraConfig {
                     format!("{KEY_PREFIX}{path}.lora_B.weight"),
                     HostTensor::from_tensor(adapter.b.val()).transposed(),
                 );
+                if let Some(m) = &adapter.magnitude {
+                    out.insert(
+                        format!("{KEY_PREFIX}{path}.{MAGNITUDE_KEY}"),
+                        HostTensor::from_tensor(m.value.val()),
+                    );
+                }
             }
             if whole.contains(&path) {
                 continue;
@@ -137,11 +143,17 @@ impl<M: SiteHost> Tuner<M> for LoraConfig {
                 &format!("{KEY_PREFIX}{path}.lora_B.weight"),
                 &[d_out, r],
             )?;
+            let is_dora = adapter.magnitude.is_some();
             s.set_weights(
                 name,
                 a.transposed().to_tensor(&device),
                 b.transposed().to_tensor(&device),
             )?;
+            if is_dora {
+                let key = format!("{KEY_PREFIX}{path}.{MAGNITUDE_KEY}");
+                let m = tensors.take_shaped(file, &key, &[d_out])?;
+                s.set_magnitude(name, m.to_tensor(&device))?;
+            }
         }
         saved::take_whole(&mut model, &self.saved_modules(), &mut tensors, file)?;
         if self.bias != "none" {

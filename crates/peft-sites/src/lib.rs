@@ -3,8 +3,8 @@
 //! The places a parameter-efficient method attaches to a model, below both the reference
 //! models (`peft-models`) and the method crates, so neither depends on the other:
 //!
-//! - [`TunedLinear`]: a frozen linear (dense or 4-bit) with named [`LinearPart`]s: LoRA,
-//!   input/output scales ((IA)^3), added biases.
+//! - [`TunedLinear`]: a frozen linear (dense or 4-bit) with named [`LinearPart`]s: LoRA (and
+//!   DoRA, [`dora`]), input/output scales ((IA)^3), added biases.
 //! - [`TunedNorm`]: a frozen norm with named trainable copies (LN tuning).
 //! - [`PromptSite`]: virtual tokens before the input embeddings (prompt tuning, P-tuning) or
 //!   as keys/values of every attention layer (prefix tuning), from named [`PromptEncoder`]s.
@@ -17,6 +17,7 @@
 //! A site with nothing attached runs the base alone.
 
 pub mod bottleneck;
+pub mod dora;
 pub mod fusion;
 pub mod host;
 pub mod linear;
@@ -29,6 +30,7 @@ pub use bottleneck::{
     AdapterNorm, BnActivation, BnInit, BnScaling, BnShape, BnWiring, Bottleneck, ResidualFrom,
     SubNorm, SublayerPlace, SublayerSite,
 };
+pub use dora::Magnitude;
 pub use fusion::{FusionDense, FusionLayer, FusionWiring};
 pub use host::{Site, SiteHost, SiteKind, SiteMut, merge_and_unload, unmerge_all};
 pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, ScaleShift, TunedLinear};

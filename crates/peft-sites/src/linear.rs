@@ -11,6 +11,8 @@ use peft_core::params::{frozen, trainable};
 use peft_core::{PeftError, Result};
 use peft_quant::BaseLinear;
 
+use crate::dora::{self, Magnitude};
+
 /// Trainable parts are f32 whatever the base's type: their updates are small against their
 /// values, which f16/bf16 would round away (and AdamW's second moment would underflow).
 pub const ADAPTER_DTYPE: DType = DType::F32;
@@ -25,6 +27,8 @@ pub struct LoraAdapter {
     pub dropout: Dropout,
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub scale: f64,
+    /// DoRA's magnitude vector, when the adapter is a DoRA one (see [`crate::dora`]).
+    pub magnitude: Option<Magnitude>,
 }
 
 impl LoraAdapter {
@@ -36,8 +40,13 @@ impl LoraAdapter {
     /// half-precision input (an f16/bf16 base) goes through the adapter in f32, the adapter's
     /// type, and comes back in its own type (Hugging Face PEFT does the same).
     pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.side_path(self.dropout.forward(x))
+    }
+
+    /// `scale · x·A·B` without dropout (the caller applied it).
+    pub fn side_path<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
-        let x = self.dropout.forward(x).cast(ADAPTER_DTYPE);
+        let x = x.cast(ADAPTER_DTYPE);
         burn::tensor::module::linear(
             burn::tensor::module::linear(x, self.a.val(), None),
             self.b.val(),
@@ -262,11 +271,25 @@ impl TunedLinear {
         let w = self.base.dense_weight(&device);
         let dtype = w.dtype();
         let mut bias = self.base.bias().map(|b| b.val());
+        let mut merged_norm = None;
         let w = match &self.parts[i] {
-            LinearPart::Lora(a) => {
-                let delta = a.delta_weight().cast(dtype);
-                if undo { w - delta } else { w + delta }
-            }
+            LinearPart::Lora(a) => match (&a.magnitude, undo) {
+                (Some(m), false) => {
+                    let (w, norm) = dora::merged_weight(w, a, m);
+                    merged_norm = Some(norm);
+                    w
+                }
+                (Some(m), true) => {
+                    let norm = m.merged_norm.as_deref().ok_or_else(|| {
+                        PeftError::Other("DoRA adapter has no norm from its merge".into())
+                    })?;
+                    dora::unmerged_weight(w, a, m, norm)
+                }
+                (None, _) => {
+                    let delta = a.delta_weight().cast(dtype);
+                    if undo { w - delta } else { w + delta }
+                }
+            },
             LinearPart::InputScale(l) => {
                 // burn's weight is [in, out]: an input scale multiplies its rows.
                 let l = l.value.val().cast(dtype).unsqueeze_dim::<2>(1);
@@ -293,6 +316,12 @@ impl TunedLinear {
             }
         };
         self.base.set_weight(w, false)?;
+        if let LinearPart::Lora(LoraAdapter {
+            magnitude: Some(m), ..
+        }) = &mut self.parts[i]
+        {
+            m.merged_norm = merged_norm;
+        }
         let trainable_bias = self.base.bias().is_some_and(|b| b.is_require_grad());
         *self.base.bias_mut() = bias.map(|b| {
             let b = b.detach();
@@ -367,7 +396,12 @@ impl TunedLinear {
                 continue;
             }
             match part {
-                LinearPart::Lora(a) => y = y + a.delta(x.clone()),
+                LinearPart::Lora(a) => {
+                    y = match &a.magnitude {
+                        None => y + a.delta(x.clone()),
+                        Some(m) => dora::forward(a, m, &self.base, x.clone(), y),
+                    }
+                }
                 LinearPart::Bias(b) => y = y + b.broadcast::<D>(dtype),
                 LinearPart::ScaleShift(ss) => y = y + ss.shift.broadcast::<D>(dtype),
                 LinearPart::InputScale(_) | LinearPart::OutputScale(_) => {}
@@ -396,6 +430,7 @@ mod tests {
             b: random([3, 5]),
             dropout: DropoutConfig::new(0.0).init(),
             scale: 2.0,
+            magnitude: None,
         };
         l.add_part("lora", LinearPart::Lora(lora));
         let vector = |n: usize| {
