@@ -36,6 +36,11 @@ pub const METHODS: &[Method] = &[
         about: "LoRA over an NF4 base with double quantization",
     },
     Method {
+        name: "dora",
+        peft_type: "LORA",
+        about: "DoRA: LoRA with a learned magnitude per output row (use_dora; QDoRA with --quantize nf4)",
+    },
+    Method {
         name: "ia3",
         peft_type: "IA3",
         about: "(IA)^3: learned vectors scaling target linears",
@@ -182,6 +187,10 @@ impl MethodConfig {
     pub fn default_for(name: &str) -> Result<Self> {
         Ok(match name {
             "lora" | "qlora" => Self::Lora(LoraConfig::default()),
+            "dora" => Self::Lora(LoraConfig {
+                use_dora: true,
+                ..Default::default()
+            }),
             "ia3" => Self::Ia3(Ia3Config::default()),
             "ln-tuning" => Self::LnTuning(LnTuningConfig::default()),
             "bitfit" => Self::BitFit(BitFitConfig::default()),
@@ -469,7 +478,7 @@ mod tests {
         );
         let err = MethodConfig::default_for("vera").unwrap_err().to_string();
         assert!(
-            err.contains("lora, qlora, ia3, ln-tuning, bitfit, beft"),
+            err.contains("lora, qlora, dora, ia3, ln-tuning, bitfit, beft"),
             "{err}"
         );
     }

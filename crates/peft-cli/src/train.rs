@@ -301,9 +301,11 @@ fn lora_config(a: &TrainArgs, classification: bool) -> Result<LoraConfig> {
 /// then `--target` and the `--set` options. The task sets `task_type` (and, for
 /// classification, trains and saves the new head whole).
 fn method_config(a: &TrainArgs, method: &str, classification: bool) -> Result<MethodConfig> {
-    let lora = matches!(method, "lora" | "qlora");
+    let lora = matches!(method, "lora" | "qlora" | "dora");
     let config = if lora {
-        MethodConfig::Lora(lora_config(a, classification).map_err(|e| usage!("{e}"))?)
+        let mut c = lora_config(a, classification).map_err(|e| usage!("{e}"))?;
+        c.use_dora = method == "dora";
+        MethodConfig::Lora(c)
     } else {
         for (flag, given) in [
             ("--r", a.r.is_some()),
