@@ -165,6 +165,10 @@ def train_step(method):
         model = random_llama()
     elif method == "qlora":
         model = get_peft_model(qlora_base(), lora_config())
+    elif method == "dora":
+        cfg = lora_config()
+        cfg.use_dora = True
+        model = get_peft_model(random_llama(), cfg)
     elif method in others:
         # Hugging Face's defaults for Llama, as the Rust twin uses them.
         model = get_peft_model(random_llama(), others[method]())
@@ -241,6 +245,7 @@ WORKLOADS = {
     "train_step/lora": lambda: train_step("lora"),
     "train_step/full": lambda: train_step("full"),
     "train_step/qlora": lambda: train_step("qlora"),
+    "train_step/dora": lambda: train_step("dora"),
     "train_step/ia3": lambda: train_step("ia3"),
     "train_step/ln_tuning": lambda: train_step("ln_tuning"),
     "train_step/beft": lambda: train_step("beft"),

@@ -143,6 +143,11 @@ pub const WORKLOADS: &[Workload] = &[
         BATCH * SEQ,
     ),
     w(
+        "train_step/dora",
+        "AdamW step, DoRA r=16 on q,v (LoRA with a magnitude per output row)",
+        BATCH * SEQ,
+    ),
+    w(
         "train_step/ia3",
         "AdamW step, IA3 with Hugging Face's Llama defaults (k, v, down)",
         BATCH * SEQ,
@@ -411,6 +416,7 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
         "train_step/lora"
         | "train_step/full"
         | "train_step/qlora"
+        | "train_step/dora"
         | "train_step/ia3"
         | "train_step/ln_tuning"
         | "train_step/beft"
@@ -426,6 +432,11 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 "train_step/qlora" => {
                     lora_config().apply(quantize_base(model, QuantSpec::default())?, "default")?
                 }
+                "train_step/dora" => LoraConfig {
+                    use_dora: true,
+                    ..lora_config()
+                }
+                .apply(model, "default")?,
                 "train_step/ia3" => peft_adapter::Ia3Config::default().apply(model, "default")?,
                 "train_step/ln_tuning" => {
                     peft_select::LnTuningConfig::default().apply(model, "default")?

@@ -32,10 +32,11 @@ use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 15] = [
+pub const METHODS: [&str; 16] = [
     "full",
     "lora",
     "qlora",
+    "dora",
     "ia3",
     "bitfit",
     "beft",
@@ -385,7 +386,7 @@ fn method_config(method: &str, classification: bool) -> Result<Option<MethodConf
         options.push(("modules_to_save".into(), json!(["classifier"])));
     }
     match method {
-        "lora" | "qlora" => {
+        "lora" | "qlora" | "dora" => {
             let targets = if classification {
                 json!(["query", "value"])
             } else {
