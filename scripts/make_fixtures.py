@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 import torch
 from safetensors.torch import save_file, load_file
@@ -508,7 +509,9 @@ def strip_machine_paths(adapter_dir):
         cfg["tokenizer_name_or_path"] = None
     with open(path, "w") as f:
         f.write(json.dumps(cfg, indent=2, sort_keys=True))
-    os.remove(os.path.join(adapter_dir, "README.md"))
+    readme = os.path.join(adapter_dir, "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)
 
 
 def smollm2_gguf():
@@ -671,6 +674,69 @@ def make_prompts_smollm2():
         print(case, "->", d, tok.decode(out["greedy"]))
 
 
+COMBINE_CASES = {
+    # case: (combination_type, adapters, weights, extra add_weighted_adapter arguments)
+    **{t: (t, ["a", "b"], [0.7, -0.4], dict(density=0.5)) for t in [
+        "svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+        "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]},
+    "ties_frequency": ("ties", ["a", "b"], [0.6, 0.5], dict(density=0.3, majority_sign_method="frequency")),
+    "cat_three_ranks": ("cat", ["a", "b", "c"], [0.5, 0.3, 0.2], {}),
+    "svd_three_rank2": ("svd", ["a", "b", "c"], [0.5, 0.3, 0.2], dict(svd_rank=2)),
+    "svd_clamp": ("svd", ["a", "b"], [0.7, 0.3], dict(svd_clamp=0.9)),
+    "single_linear": ("svd", ["b"], [0.8], {}),
+}
+
+
+def make_combine():
+    """Three random LoRA adapters on the tiny Llama (a: r 4, alpha 8; b: r 4, alpha 16,
+    rsLoRA; c: r 2, alpha 4) and PEFT's `add_weighted_adapter` of them for every combination
+    type, each saved as PEFT saves it, with the arguments (`case.json`) and DARE's Bernoulli
+    masks in the order torch drew them (`masks.safetensors`)."""
+    from peft import LoraConfig, get_peft_model
+
+    out = os.path.join(FIX, "combine_tiny")
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(4000)
+    targets = ["q_proj", "v_proj"]
+    cfgs = {
+        "a": LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets),
+        "b": LoraConfig(r=4, lora_alpha=16, use_rslora=True, init_lora_weights=False, target_modules=targets),
+        "c": LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=targets),
+    }
+    model = get_peft_model(method_base("llama"), cfgs["a"], adapter_name="a")
+    for name in ("b", "c"):
+        model.add_adapter(name, cfgs[name])
+    model.save_pretrained(os.path.join(out, "adapters"), selected_adapters=["a", "b", "c"])
+    os.remove(os.path.join(out, "adapters", "README.md"))
+    for name in ("a", "b", "c"):
+        strip_machine_paths(os.path.join(out, "adapters", name))
+    real_bernoulli = torch.bernoulli
+    for case, (ctype, adapters, weights, extra) in COMBINE_CASES.items():
+        drawn = []
+
+        def recording(t, *args, **kwargs):
+            m = real_bernoulli(t, *args, **kwargs)
+            drawn.append(m.detach().to(torch.uint8).contiguous())
+            return m
+        torch.manual_seed(5000)
+        torch.bernoulli = recording
+        try:
+            model.add_weighted_adapter(adapters, weights, case, combination_type=ctype, **extra)
+        finally:
+            torch.bernoulli = real_bernoulli
+        d = os.path.join(out, case)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp, selected_adapters=[case])
+            shutil.copytree(os.path.join(tmp, case), d)
+        strip_machine_paths(d)
+        with open(os.path.join(d, "case.json"), "w") as f:
+            json.dump(dict(combination_type=ctype, adapters=adapters, weights=weights, **extra), f, indent=2)
+        if drawn:
+            save_file({f"mask_{i}": m for i, m in enumerate(drawn)}, os.path.join(d, "masks.safetensors"))
+        model.delete_adapter(case)
+        print(case, "->", d, f"({len(drawn)} masks)")
+
+
 def make_proxy():
     """Proxy-tuning in PyTorch: the tiny Llama with biases (base_bias) steered by the tiny
     Llama without (base_plain) plus its list_rslora LoRA adapter (expert) against base_plain
@@ -743,7 +809,7 @@ if __name__ == "__main__":
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
     ap.add_argument("--verify-method", nargs="+", metavar="ARG",
                     help="ADAPTER_DIR EXPECTED [BASE.gguf [TOLERANCE]]")
-    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora"])
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora", "combine"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -773,6 +839,8 @@ if __name__ == "__main__":
         make_prompts_smollm2()
     if a.only == "prompts_smollm2":
         make_prompts_smollm2()
+    if a.only in (None, "combine"):
+        make_combine()
     if a.only == "dora":
         make_methods(["dora_llama", "dora_bert"])
     if a.only in (None, "proxy"):

@@ -9,6 +9,8 @@
 //! - [`peft_core::tuner::Tuner`] for [`LoraConfig`]: whole-model LoRA on any
 //!   [`peft_sites::SiteHost`], a model that exposes its linear sites by Hugging Face path (the
 //!   `peft-models` architectures do).
+//! - DoRA (`use_dora`): a magnitude per output row on a LoRA adapter (`peft_sites::dora`).
+//! - [`combine`]: weighted combinations of LoRA adapters (PEFT's `add_weighted_adapter`).
 //!
 //! ```
 //! use burn::tensor::{Device, Tensor, Distribution};
@@ -22,6 +24,7 @@
 //! assert_eq!(y.dims(), [2, 3, 8]);
 //! ```
 
+pub mod combine;
 mod config;
 mod layer;
 mod model;
@@ -31,6 +34,9 @@ pub use peft_sites::merge_and_unload as merge_and_unload_state;
 pub use peft_sites::unmerge_all;
 pub use peft_sites::{LoraAdapter, SiteHost};
 
+pub use combine::{
+    AdapterToCombine, Combination, CombineSpec, MajoritySign, combine, combine_with_masks,
+};
 pub use config::{InitLoraWeights, LoraConfig};
 pub use layer::{LoraInit, LoraLayer, LoraLinear};
 pub use model::{dequantize_base, param_report, quantize_base, quantized_footprint};
