@@ -2,6 +2,7 @@
 
 mod causal;
 mod classify;
+mod combine;
 mod data;
 mod plot;
 mod quant;
@@ -192,6 +193,9 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Combine LoRA adapters with weights into a new LoRA adapter (Hugging Face PEFT's
+    /// add_weighted_adapter: svd, linear, cat, ties, dare_*, magnitude_prune*).
+    Combine(combine::CombineArgs),
     /// Quantize a model's linear weights to 4 bits and write a bitsandbytes-compatible
     /// Hugging Face folder (loads in transformers with bitsandbytes installed).
     Quantize {
@@ -666,6 +670,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Combine(args) => combine::run(args),
         Command::Inspect { path } => inspect(&path),
         Command::Methods => {
             for m in methods::METHODS {
