@@ -230,6 +230,39 @@ def generate(variant):
     return run
 
 
+MIXED_PROMPTS, MIXED_ADAPTERS = 8, 4
+
+
+def generate_mixed(batched):
+    """8 prompts over 4 random LoRA adapters: one `generate(adapter_names=...)` call, or one
+    `set_adapter` + `generate` per prompt."""
+    from peft import get_peft_model
+
+    cfg = lora_config()
+    cfg.init_lora_weights = False
+    names = [f"a{a}" for a in range(MIXED_ADAPTERS)]
+    model = get_peft_model(random_llama(), cfg, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, cfg)
+    model.eval()
+    rows = [names[p % MIXED_ADAPTERS] for p in range(MIXED_PROMPTS)]
+    prompts = torch.tensor([[(i * 131 + 7 + p * 17) % 8192 for i in range(PROMPT)] for p in range(MIXED_PROMPTS)])
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+              eos_token_id=None)
+
+    def run():
+        with torch.no_grad():
+            if batched:
+                out = model.generate(input_ids=prompts, adapter_names=rows, **kw)
+                assert out.shape == (MIXED_PROMPTS, PROMPT + NEW_TOKENS)
+            else:
+                for p, name in enumerate(rows):
+                    model.set_adapter(name)
+                    out = model.generate(input_ids=prompts[p:p + 1], **kw)
+                    assert out.shape[1] == PROMPT + NEW_TOKENS
+    return run
+
+
 WORKLOADS = {
     "linear/plain_fwd": lambda: linear("linear/plain_fwd"),
     "linear/lora_fwd": lambda: linear("linear/lora_fwd"),
@@ -242,6 +275,8 @@ WORKLOADS = {
     "matmul_4bit/batch1": lambda: matmul_4bit(1),
     "matmul_4bit/batch8": lambda: matmul_4bit(8),
     "matmul_4bit/batch128": lambda: matmul_4bit(128),
+    "generate/mixed_batch": lambda: generate_mixed(True),
+    "generate/one_by_one": lambda: generate_mixed(False),
     "train_step/lora": lambda: train_step("lora"),
     "train_step/full": lambda: train_step("full"),
     "train_step/qlora": lambda: train_step("qlora"),

@@ -212,7 +212,21 @@ pub const WORKLOADS: &[Workload] = &[
         "same with a 20-token prefix (prefix tuning) in every layer's keys and values",
         NEW_TOKENS,
     ),
+    w(
+        "generate/mixed_batch",
+        "8 prompts over 4 LoRA adapters (r=16 on q,v; 2 prompts each) in one batched pass, 16 + 32 tokens each",
+        MIXED_PROMPTS * NEW_TOKENS,
+    ),
+    w(
+        "generate/one_by_one",
+        "the same 8 prompts one at a time, each with its adapter active",
+        MIXED_PROMPTS * NEW_TOKENS,
+    ),
 ];
+
+/// Prompts and adapters of the mixed-batch workloads.
+const MIXED_PROMPTS: usize = 8;
+const MIXED_ADAPTERS: usize = 4;
 
 /// The device kernels, measured against a device copy: only in the GPU run.
 pub const DEVICE_KERNELS: &[Workload] = &[
@@ -511,6 +525,50 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 let out = greedy(&model, &prompt, NEW_TOKENS, &[]);
                 assert_eq!(out.len(), NEW_TOKENS);
             })
+        }
+        "generate/mixed_batch" | "generate/one_by_one" => {
+            let mut model = random_llama(device)?;
+            let config = LoraConfig {
+                init_lora_weights: peft_lora::InitLoraWeights::Flag(false),
+                ..lora_config()
+            };
+            let names: Vec<String> = (0..MIXED_ADAPTERS).map(|a| format!("a{a}")).collect();
+            for name in &names {
+                model = config.apply(model, name)?;
+            }
+            let rows: Vec<String> = (0..MIXED_PROMPTS)
+                .map(|p| names[p % MIXED_ADAPTERS].clone())
+                .collect();
+            let vocab = llama_config().vocab_size as u32;
+            let prompts: Vec<Vec<u32>> = (0..MIXED_PROMPTS as u32)
+                .map(|p| {
+                    (0..PROMPT as u32)
+                        .map(|i| (i * 131 + 7 + p * 17) % vocab)
+                        .collect()
+                })
+                .collect();
+            if id == "generate/mixed_batch" {
+                peft_sites::set_row_adapters(&mut model, Some(&rows))?;
+                Box::new(move || {
+                    let out =
+                        peft_models::generate::greedy_batch(&model, &prompts, NEW_TOKENS, &[]);
+                    assert!(out.iter().all(|o| o.len() == NEW_TOKENS));
+                })
+            } else {
+                Box::new(move || {
+                    for (prompt, name) in prompts.iter().zip(&rows) {
+                        for (_, site) in model.sites_mut() {
+                            if let peft_sites::SiteMut::Linear(l) = site
+                                && l.part(name).is_some()
+                            {
+                                l.set_active(&[name]).expect("loaded");
+                            }
+                        }
+                        let out = greedy(&model, prompt, NEW_TOKENS, &[]);
+                        assert_eq!(out.len(), NEW_TOKENS);
+                    }
+                })
+            }
         }
         other => {
             workload(other)?;

@@ -62,6 +62,17 @@ struct ProxyArgs {
     proxy_alpha: Option<f64>,
 }
 
+impl ProxyArgs {
+    /// Whether any proxy-tuning option is given.
+    fn any(&self) -> bool {
+        self.proxy_base.is_some()
+            || self.proxy_adapter.is_some()
+            || self.proxy_expert.is_some()
+            || self.proxy_anti_expert.is_some()
+            || self.proxy_alpha.is_some()
+    }
+}
+
 /// The small models of proxy-tuning, loaded.
 struct ProxyModels {
     expert: peft_models::llama::LlamaForCausalLM,
@@ -169,6 +180,10 @@ enum Command {
         /// answer per line.
         #[arg(long, required = true)]
         prompt: Vec<String>,
+        /// The adapter of each --prompt, comma-separated (folder names, `__base__` for none):
+        /// one batched pass where each prompt uses its own LoRA adapter.
+        #[arg(long, value_delimiter = ',')]
+        per_prompt: Vec<String>,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
         /// Send the prompt as is, without the chat template.
@@ -269,6 +284,41 @@ fn load_with_adapters(
         configs.push(config);
     }
     Ok((loaded, names, configs))
+}
+
+/// `--per-prompt`: one name per prompt, each a loaded adapter (by folder name) or `__base__`,
+/// and only LoRA adapters loaded.
+fn check_per_prompt(
+    per_prompt: &[String],
+    prompts: &[String],
+    names: &[String],
+    configs: &[MethodConfig],
+) -> Result<()> {
+    if per_prompt.len() != prompts.len() {
+        return Err(usage!(
+            "--per-prompt names {} adapters for {} --prompt: one per prompt",
+            per_prompt.len(),
+            prompts.len()
+        ));
+    }
+    for n in per_prompt {
+        if n != peft_sites::BASE_ROW && !names.contains(n) {
+            return Err(usage!(
+                "--per-prompt {n}: no such adapter (loaded: {}; `{}` for none)",
+                names.join(", "),
+                peft_sites::BASE_ROW
+            ));
+        }
+    }
+    for (name, c) in names.iter().zip(configs) {
+        if !matches!(c, MethodConfig::Lora(_)) {
+            return Err(usage!(
+                "--per-prompt: adapter `{name}` is {}; mixed batches take LoRA adapters",
+                c.to_json()["peft_type"].as_str().unwrap_or("not LoRA")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Load the AdapterFusion folder `fusion` over the loaded bottleneck adapters (`names` and
@@ -544,12 +594,22 @@ fn run(cli: Cli) -> Result<()> {
             fusion,
             proxy,
             prompt,
+            per_prompt,
             max_new_tokens,
             raw,
         } => {
             let dev = device(&cli.device)?;
             let (mut loaded, names, configs) = load_with_adapters(&model, &adapter, &dev)?;
-            if let Some(f) = &fusion {
+            let mixed = !per_prompt.is_empty();
+            if mixed {
+                check_per_prompt(&per_prompt, &prompt, &names, &configs)?;
+                if use_adapter.is_some() || fusion.is_some() || proxy.any() {
+                    return Err(usage!(
+                        "--per-prompt picks each prompt's adapter: leave out --use, --fusion and the --proxy options"
+                    ));
+                }
+                peft_sites::set_row_adapters(&mut loaded.model, Some(&per_prompt))?;
+            } else if let Some(f) = &fusion {
                 if use_adapter.is_some() {
                     return Err(usage!("--use and --fusion: pick one"));
                 }
@@ -584,7 +644,7 @@ fn run(cli: Cli) -> Result<()> {
                 ids.iter()
                     .map(|i| p.greedy(i, max_new_tokens, eos))
                     .collect()
-            } else if ids.len() == 1 {
+            } else if ids.len() == 1 && !mixed {
                 vec![greedy(&loaded.model, &ids[0], max_new_tokens, eos)]
             } else {
                 greedy_batch(&loaded.model, &ids, max_new_tokens, eos)

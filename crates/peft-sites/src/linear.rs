@@ -6,7 +6,8 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Dropout;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::IndexingUpdateOp;
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use peft_core::params::{frozen, trainable};
 use peft_core::{PeftError, Result};
 use peft_quant::BaseLinear;
@@ -162,6 +163,10 @@ pub struct TunedLinear {
     /// When set, the forward pass is the base alone (Hugging Face `disable_adapter()`).
     #[module(skip)]
     pub disabled: bool,
+    /// A mixed batch: the LoRA adapter of each row (dim 0) of the input, `__base__` for none
+    /// (Hugging Face's `adapter_names`); set through [`crate::mixed::set_row_adapters`].
+    #[module(skip)]
+    pub row_adapters: Option<Vec<String>>,
 }
 
 impl TunedLinear {
@@ -178,6 +183,7 @@ impl TunedLinear {
             active: Vec::new(),
             merged: Vec::new(),
             disabled: false,
+            row_adapters: None,
         }
     }
 
@@ -370,6 +376,9 @@ impl TunedLinear {
         if self.parts.is_empty() {
             return self.base.forward(x);
         }
+        if let Some(rows) = &self.row_adapters {
+            return self.forward_mixed(x, rows);
+        }
         let dtype = x.dtype();
         let mut input = x.clone();
         for (i, part) in self.parts.iter().enumerate() {
@@ -406,6 +415,42 @@ impl TunedLinear {
                 LinearPart::ScaleShift(ss) => y = y + ss.shift.broadcast::<D>(dtype),
                 LinearPart::InputScale(_) | LinearPart::OutputScale(_) => {}
             }
+        }
+        y
+    }
+}
+
+impl TunedLinear {
+    /// The base's output plus, for each row of the batch, the delta of that row's LoRA
+    /// adapter (PEFT's `_mixed_batch_forward`: one sub-batch per adapter). Adapters this layer
+    /// does not have leave their rows as the base's.
+    fn forward_mixed<const D: usize>(&self, x: Tensor<D>, rows: &[String]) -> Tensor<D> {
+        assert_eq!(
+            x.dims()[0],
+            rows.len(),
+            "a mixed batch names one adapter per row"
+        );
+        let device = x.device();
+        let mut y = self.base.forward(x.clone());
+        let mut done: Vec<&str> = Vec::new();
+        for name in rows {
+            if name == crate::mixed::BASE_ROW || done.contains(&name.as_str()) {
+                continue;
+            }
+            done.push(name);
+            let Some(lora) = self.lora(name) else {
+                continue;
+            };
+            let idx: Vec<i64> = rows
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| *n == name)
+                .map(|(i, _)| i as i64)
+                .collect();
+            let n = idx.len();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device);
+            let delta = lora.delta(x.clone().select(0, idx.clone()));
+            y = y.select_assign(0, idx, delta, IndexingUpdateOp::Add);
         }
         y
     }
