@@ -16,7 +16,9 @@ use peft_core::params::unfreeze_all;
 use peft_core::tensors::HostTensor;
 use peft_core::train::{TrainConfig, Trainer};
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, LoraInit, LoraLayer, LoraLinear, quantize_base, unmerge_all};
+use peft_lora::{
+    LoraConfig, LoraInit, LoraLayer, LoraLinear, SiteHost, quantize_base, unmerge_all,
+};
 use peft_models::config::LlamaConfig;
 use peft_models::generate::greedy;
 use peft_models::llama::LlamaForCausalLM;
