@@ -451,6 +451,12 @@ METHOD_CASES = {
     "dora_llama": dict(model="llama", cfg=lambda: __import__("peft").LoraConfig(
         r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
         target_modules=["q_proj", "v_proj", "down_proj"])),
+    # PiSSA and OLoRA: A and B from the base's SVD / QR, the residual left in the base; then
+    # moved by noise, as training would.
+    "pissa_llama": dict(model="llama", cfg=lambda: __import__("peft").LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["q_proj", "v_proj", "down_proj"])),
+    "olora_llama": dict(model="llama", cfg=lambda: __import__("peft").LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["q_proj", "v_proj", "down_proj"])),
     "dora_bert": dict(model="bert", cfg=lambda: __import__("peft").LoraConfig(
         task_type="SEQ_CLS", r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
         target_modules=["query", "value", "output.dense"])),
@@ -568,6 +574,8 @@ def make_methods(cases=None):
                     p.mul_(1 + 0.3 * torch.randn_like(p))  # trained copies differ from the base
                 elif p.requires_grad and "beft_bias" in n:
                     p.add_(0.1 * torch.randn_like(p))  # trained biases are not zero
+                elif p.requires_grad and case in ("pissa_llama", "olora_llama"):
+                    p.add_(0.05 * p.abs().mean() * torch.randn_like(p))  # trained factors moved
                 elif p.requires_grad and "lora_magnitude_vector" in n:
                     p.mul_(1 + 0.1 * torch.randn_like(p))  # trained magnitudes are not the norms
         grads = method_grads(model, llama_ids) if case == "dora_llama" else None
@@ -809,7 +817,7 @@ if __name__ == "__main__":
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
     ap.add_argument("--verify-method", nargs="+", metavar="ARG",
                     help="ADAPTER_DIR EXPECTED [BASE.gguf [TOLERANCE]]")
-    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora", "combine"])
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora", "combine", "pissa"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -843,5 +851,7 @@ if __name__ == "__main__":
         make_combine()
     if a.only == "dora":
         make_methods(["dora_llama", "dora_bert"])
+    if a.only == "pissa":
+        make_methods(["pissa_llama", "olora_llama"])
     if a.only in (None, "proxy"):
         make_proxy()

@@ -490,21 +490,15 @@ fn svd_factors(
     rank: usize,
     clamp: Option<f64>,
 ) -> Result<(HostTensor, HostTensor)> {
-    let m = faer::Mat::<f64>::from_fn(out, d_in, |i, j| delta[i * d_in + j] as f64);
-    let svd = m
-        .thin_svd()
-        .map_err(|e| PeftError::Other(format!("SVD did not converge: {e:?}")))?;
-    let (u, v, s) = (svd.U(), svd.V(), svd.S().column_vector());
+    let lr = crate::linalg::svd(delta, out, d_in, rank)?;
     let mut b = vec![0f32; out * rank];
-    let mut a = vec![0f32; rank * d_in];
-    for k in 0..rank {
-        for i in 0..out {
-            b[i * rank + k] = (u[(i, k)] * s[k]) as f32;
-        }
-        for j in 0..d_in {
-            a[k * d_in + j] = v[(j, k)] as f32;
+    for i in 0..out {
+        for k in 0..lr.k {
+            b[i * rank + k] = (lr.u[i * lr.k + k] * lr.s[k]) as f32;
         }
     }
+    let mut a: Vec<f32> = lr.vt.iter().map(|&x| x as f32).collect();
+    a.resize(rank * d_in, 0.0);
     if let Some(q) = clamp {
         let all: Vec<f32> = b.iter().chain(&a).copied().collect();
         let hi = quantile(&all, q);

@@ -5,7 +5,7 @@ use peft_core::target::{LayerIndices, LayersPattern, ModuleSelector, TargetSpec}
 use peft_core::{PeftError, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::layer::LoraInit;
+use crate::layer::{BaseInit, LoraInit};
 
 /// `init_lora_weights`: `true`, `false` or a method name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,15 +22,36 @@ impl Default for InitLoraWeights {
 }
 
 impl InitLoraWeights {
+    /// How A and B are drawn before any initialisation from the base ([`Self::base_init`]).
     pub fn to_init(&self) -> Result<LoraInit> {
+        self.base_init()?;
         match self {
             InitLoraWeights::Flag(true) => Ok(LoraInit::Default),
             InitLoraWeights::Flag(false) => Ok(LoraInit::Random),
             InitLoraWeights::Method(m) if m == "gaussian" => Ok(LoraInit::Gaussian),
-            InitLoraWeights::Method(m) => Err(PeftError::Config(format!(
-                "init_lora_weights = \"{m}\" is not supported (use true, false or \"gaussian\")"
-            ))),
+            // Replaced by the base's factors.
+            InitLoraWeights::Method(_) => Ok(LoraInit::Default),
         }
+    }
+
+    /// An initialisation from the base weight, which also changes the base (PiSSA, OLoRA).
+    pub fn base_init(&self) -> Result<Option<BaseInit>> {
+        let InitLoraWeights::Method(m) = self else {
+            return Ok(None);
+        };
+        Ok(match m.as_str() {
+            "gaussian" => None,
+            "pissa" => Some(BaseInit::Pissa { niter: None }),
+            "olora" => Some(BaseInit::Olora),
+            other => match other.strip_prefix("pissa_niter_").map(str::parse::<usize>) {
+                Some(Ok(n)) => Some(BaseInit::Pissa { niter: Some(n) }),
+                _ => {
+                    return Err(PeftError::Config(format!(
+                        "init_lora_weights = \"{m}\" is not supported (use true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\" or \"olora\")"
+                    )));
+                }
+            },
+        })
     }
 }
 

@@ -17,6 +17,17 @@ pub enum LoraInit {
     Random,
 }
 
+/// An initialisation of A and B from the base weight `W` that also leaves the residual in the
+/// base, `W ← W − s·B·A`, so the model starts unchanged (PEFT's `pissa_init`, `olora_init`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BaseInit {
+    /// PiSSA: the leading `r` singular triplets, `A = √(S/s)·Vᵀ`, `B = U·√(S/s)`; with `niter`,
+    /// from a randomized SVD with that many power iterations (`pissa_niter_K`).
+    Pissa { niter: Option<usize> },
+    /// OLoRA: the thin QR `W = Q·R`, `A = R[:r]`, `B = Q[:, :r]`.
+    Olora,
+}
+
 /// A linear site used for LoRA: the [`TunedLinear`] of `peft-sites` (a frozen base with named
 /// parts), with the LoRA methods of [`LoraLayer`].
 pub type LoraLinear = TunedLinear;
@@ -43,6 +54,11 @@ pub trait LoraLayer {
 
     /// Replace DoRA adapter `name`'s magnitude (`[out]`).
     fn set_magnitude(&mut self, name: &str, m: Tensor<1>) -> Result<()>;
+
+    /// Initialise LoRA adapter `name` from the base weight and leave the residual in the base
+    /// (PiSSA, OLoRA). A 4-bit base is dequantized and the residual quantized again (OLoRA, as
+    /// PEFT does); PiSSA needs a dense base, as in PEFT.
+    fn init_from_base(&mut self, name: &str, init: BaseInit) -> Result<()>;
 }
 
 /// The LoRA adapter `name` of `layer`, mutable, or an error naming what is there instead.
@@ -114,6 +130,72 @@ impl LoraLayer for TunedLinear {
             peft_sites::dora::weight_norm(&self.base, self.lora(name).expect("LoRA"))
         };
         lora_mut(self, name)?.magnitude = Some(Magnitude::new(norm));
+        Ok(())
+    }
+
+    fn init_from_base(&mut self, name: &str, init: BaseInit) -> Result<()> {
+        let (r, scale) = {
+            let a = lora_mut(self, name)?;
+            (a.rank(), a.scale)
+        };
+        if matches!(init, BaseInit::Pissa { .. }) && self.base.is_quantized() {
+            return Err(PeftError::Config(
+                "PiSSA needs a float base: initialise it on the dense model, then quantize the residual (as PEFT requires)".into(),
+            ));
+        }
+        let w = self.base.weight_hf();
+        let (out, d_in) = (w.shape[0], w.shape[1]);
+        if r > out.min(d_in) {
+            return Err(PeftError::Config(format!(
+                "rank {r} is above the rank a {out}x{d_in} weight can have"
+            )));
+        }
+        // A `[r, in]` and B `[out, r]` in Hugging Face layout.
+        let (a, b): (Vec<f32>, Vec<f32>) = match init {
+            BaseInit::Pissa { niter } => {
+                let lr = match niter {
+                    None => crate::linalg::svd(&w.data, out, d_in, r)?,
+                    Some(n) => crate::linalg::randomized_svd(&w.data, out, d_in, r, n, 0)?,
+                };
+                let root: Vec<f64> = lr.s.iter().map(|s| (s / scale).sqrt()).collect();
+                let a = (0..r * d_in)
+                    .map(|x| (root[x / d_in] * lr.vt[x]) as f32)
+                    .collect();
+                let b = (0..out * r)
+                    .map(|x| (lr.u[x] * root[x % r]) as f32)
+                    .collect();
+                (a, b)
+            }
+            BaseInit::Olora => {
+                let (q, rr, k) = crate::linalg::qr(&w.data, out, d_in);
+                let a = rr[..r * d_in].iter().map(|&x| x as f32).collect();
+                let b = (0..out * r)
+                    .map(|x| q[(x / r) * k + x % r] as f32)
+                    .collect();
+                (a, b)
+            }
+        };
+        // The residual W − s·B·A, in burn's [in, out] layout.
+        let mut residual = vec![0f32; d_in * out];
+        for o in 0..out {
+            for j in 0..d_in {
+                let ba: f64 = (0..r)
+                    .map(|k| b[o * r + k] as f64 * a[k * d_in + j] as f64)
+                    .sum();
+                residual[j * out + o] = (w.data[o * d_in + j] as f64 - scale * ba) as f32;
+            }
+        }
+        let device = self.base.device();
+        let host =
+            |v: Vec<f32>, shape: [usize; 2]| peft_core::tensors::HostTensor::new(shape.to_vec(), v);
+        let a_t = host(a, [r, d_in]).transposed().to_tensor::<2>(&device);
+        let b_t = host(b, [out, r]).transposed().to_tensor::<2>(&device);
+        self.set_weights(name, a_t, b_t)?;
+        let dtype = self.base.dense_weight(&device).dtype();
+        let residual = host(residual, [d_in, out])
+            .to_tensor::<2>(&device)
+            .cast(dtype);
+        self.base.set_weight(residual, false)?;
         Ok(())
     }
 

@@ -27,6 +27,7 @@
 pub mod combine;
 mod config;
 mod layer;
+mod linalg;
 mod model;
 
 /// Merge the active adapters of every method and drop all adapters (`peft_sites::merge_and_unload`).
@@ -38,5 +39,5 @@ pub use combine::{
     AdapterToCombine, Combination, CombineSpec, MajoritySign, combine, combine_with_masks,
 };
 pub use config::{InitLoraWeights, LoraConfig};
-pub use layer::{LoraInit, LoraLayer, LoraLinear};
+pub use layer::{BaseInit, LoraInit, LoraLayer, LoraLinear};
 pub use model::{dequantize_base, param_report, quantize_base, quantized_footprint};

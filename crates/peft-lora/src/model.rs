@@ -54,6 +54,7 @@ impl<M: SiteHost> Tuner<M> for LoraConfig {
     fn apply(&self, mut model: M, name: &str) -> Result<M> {
         self.validate()?;
         let init = self.init_lora_weights.to_init()?;
+        let base_init = self.init_lora_weights.base_init()?;
         let modules = model.module_paths();
         let targets = self
             .target_spec()
@@ -62,6 +63,10 @@ impl<M: SiteHost> Tuner<M> for LoraConfig {
             let (r, alpha) = self.rank_alpha(path)?;
             let s = slot(&mut model, path)?;
             s.add_adapter(name, r, alpha, self.use_rslora, self.lora_dropout, init);
+            if let Some(from_base) = base_init {
+                s.init_from_base(name, from_base)
+                    .map_err(|e| PeftError::Config(format!("`{path}`: {e}")))?;
+            }
             if self.use_dora {
                 s.enable_dora(name)?;
             }
