@@ -41,6 +41,16 @@ pub const METHODS: &[Method] = &[
         about: "DoRA: LoRA with a learned magnitude per output row (use_dora; QDoRA with --quantize nf4)",
     },
     Method {
+        name: "pissa",
+        peft_type: "LORA",
+        about: "LoRA initialised from the base's principal singular vectors (init_lora_weights=pissa)",
+    },
+    Method {
+        name: "olora",
+        peft_type: "LORA",
+        about: "LoRA initialised from the QR decomposition of the base (init_lora_weights=olora)",
+    },
+    Method {
         name: "ia3",
         peft_type: "IA3",
         about: "(IA)^3: learned vectors scaling target linears",
@@ -189,6 +199,10 @@ impl MethodConfig {
             "lora" | "qlora" => Self::Lora(LoraConfig::default()),
             "dora" => Self::Lora(LoraConfig {
                 use_dora: true,
+                ..Default::default()
+            }),
+            "pissa" | "olora" => Self::Lora(LoraConfig {
+                init_lora_weights: peft_lora::InitLoraWeights::Method(name.into()),
                 ..Default::default()
             }),
             "ia3" => Self::Ia3(Ia3Config::default()),
@@ -478,7 +492,7 @@ mod tests {
         );
         let err = MethodConfig::default_for("vera").unwrap_err().to_string();
         assert!(
-            err.contains("lora, qlora, dora, ia3, ln-tuning, bitfit, beft"),
+            err.contains("lora, qlora, dora, pissa, olora, ia3, ln-tuning, bitfit, beft"),
             "{err}"
         );
     }

@@ -301,10 +301,13 @@ fn lora_config(a: &TrainArgs, classification: bool) -> Result<LoraConfig> {
 /// then `--target` and the `--set` options. The task sets `task_type` (and, for
 /// classification, trains and saves the new head whole).
 fn method_config(a: &TrainArgs, method: &str, classification: bool) -> Result<MethodConfig> {
-    let lora = matches!(method, "lora" | "qlora" | "dora");
+    let lora = matches!(method, "lora" | "qlora" | "dora" | "pissa" | "olora");
     let config = if lora {
         let mut c = lora_config(a, classification).map_err(|e| usage!("{e}"))?;
         c.use_dora = method == "dora";
+        if matches!(method, "pissa" | "olora") {
+            c.init_lora_weights = peft_lora::InitLoraWeights::Method(method.into());
+        }
         MethodConfig::Lora(c)
     } else {
         for (flag, given) in [

@@ -16,10 +16,12 @@ use peft_models::reference::Expected;
 use peft_sites::SiteHost;
 
 /// The methods other than LoRA (which cli.rs covers), with a learning rate that moves them.
-const METHODS: [(&str, &str, &str); 3] = [
+const METHODS: [(&str, &str, &str); 5] = [
     ("ia3", "IA3", "0.05"),
     ("ln-tuning", "LN_TUNING", "0.05"),
     ("dora", "LORA", "0.01"),
+    ("pissa", "LORA", "0.01"),
+    ("olora", "LORA", "0.01"),
 ];
 
 /// The tiny Llama's folder as a string (it lives as long as the tests).
@@ -211,7 +213,7 @@ fn options_take_reference_names_from_the_command_line_or_a_method_table() {
     let o = peft(&train("vera", "0.05", s(&data), s(&tmp.path().join("bad"))));
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("lora, qlora, dora, ia3, ln-tuning, bitfit, beft"),
+        stderr(&o).contains("lora, qlora, dora, pissa, olora, ia3, ln-tuning, bitfit, beft"),
         "{}",
         stderr(&o)
     );
