@@ -32,11 +32,12 @@ use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 16] = [
+pub const METHODS: [&str; 17] = [
     "full",
     "lora",
     "qlora",
     "dora",
+    "pissa",
     "ia3",
     "bitfit",
     "beft",
@@ -386,7 +387,7 @@ fn method_config(method: &str, classification: bool) -> Result<Option<MethodConf
         options.push(("modules_to_save".into(), json!(["classifier"])));
     }
     match method {
-        "lora" | "qlora" | "dora" => {
+        "lora" | "qlora" | "dora" | "pissa" => {
             let targets = if classification {
                 json!(["query", "value"])
             } else {
