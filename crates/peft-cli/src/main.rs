@@ -131,6 +131,8 @@ fn load_proxy(proxy: &ProxyArgs, dev: &burn::tensor::Device) -> Result<Option<Pr
     }))
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Fine-tune a model with an adapter.

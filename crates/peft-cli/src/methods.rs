@@ -8,7 +8,7 @@ use peft_adapter::{BottleneckConfig, FusionConfig, Ia3Config, SsfConfig};
 use peft_core::adapter_io::{BOTTLENECK_TYPE, FUSION_TYPE, is_adapterhub_config};
 use peft_core::train::{TrainHook, Trainer};
 use peft_core::tuner::Tuner;
-use peft_lora::LoraConfig;
+use peft_lora::{LoraConfig, ReloraConfig};
 use peft_prompt::{PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig};
 use peft_select::{BeftConfig, BitFitConfig, LnTuningConfig};
 use peft_sites::SiteHost;
@@ -49,6 +49,11 @@ pub const METHODS: &[Method] = &[
         name: "olora",
         peft_type: "LORA",
         about: "LoRA initialised from the QR decomposition of the base (init_lora_weights=olora)",
+    },
+    Method {
+        name: "relora",
+        peft_type: "LORA",
+        about: "ReLoRA: LoRA merged into the base and restarted every relora_steps steps (--set relora_steps=N; saved as one LoRA adapter)",
     },
     Method {
         name: "ia3",
@@ -140,6 +145,8 @@ fn peft_types() -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub enum MethodConfig {
     Lora(LoraConfig),
+    /// LoRA trained in ReLoRA's cycles (saved as a plain LoRA adapter).
+    Relora(ReloraConfig),
     Ia3(Ia3Config),
     LnTuning(LnTuningConfig),
     BitFit(BitFitConfig),
@@ -201,6 +208,8 @@ impl MethodConfig {
                 use_dora: true,
                 ..Default::default()
             }),
+            // relora_steps has no default that suits every run: --set it.
+            "relora" => Self::Relora(ReloraConfig::new(LoraConfig::default(), 0)),
             "pissa" | "olora" => Self::Lora(LoraConfig {
                 init_lora_weights: peft_lora::InitLoraWeights::Method(name.into()),
                 ..Default::default()
@@ -231,6 +240,7 @@ impl MethodConfig {
     pub fn tuner<M: SiteHost>(&self) -> &dyn Tuner<M> {
         match self {
             Self::Lora(c) => c,
+            Self::Relora(c) => c,
             Self::Ia3(c) => c,
             Self::LnTuning(c) => c,
             Self::BitFit(c) => c,
@@ -248,6 +258,7 @@ impl MethodConfig {
     pub fn to_json(&self) -> Value {
         match self {
             Self::Lora(c) => serde_json::to_value(c),
+            Self::Relora(c) => serde_json::to_value(c),
             Self::Ia3(c) => serde_json::to_value(c),
             Self::LnTuning(c) => serde_json::to_value(c),
             Self::BitFit(c) => serde_json::to_value(c),
@@ -277,7 +288,7 @@ impl MethodConfig {
             Self::PrefixTuning(c) => Self::PrefixTuning(c.resolved_for(model)?),
             Self::Bottleneck(c) => Self::Bottleneck(c.resolved_for(model)?),
             Self::Fusion(c) => Self::Fusion(c.resolved_for(model)?),
-            Self::Lora(_) | Self::BitFit(_) => self.clone(),
+            Self::Lora(_) | Self::Relora(_) | Self::BitFit(_) => self.clone(),
         })
     }
 
@@ -407,6 +418,12 @@ impl MethodConfig {
             }
             obj.insert(key.clone(), value.clone());
         }
+        if let Self::Relora(_) = self {
+            // A ReLoRA config is a LoRA config with the cycle settings beside it.
+            let c: ReloraConfig = serde_json::from_value(json).map_err(|e| usage!("--set: {e}"))?;
+            c.validate().map_err(|e| usage!("--set: {e}"))?;
+            return Ok(Self::Relora(c));
+        }
         Self::from_json(&json).map_err(|e| usage!("--set: {e:#}"))
     }
 }
@@ -417,6 +434,9 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
     let skip = ["peft_type", "base_model_name_or_path", "inference_mode"];
     let defaults = match config {
         MethodConfig::Lora(_) => MethodConfig::Lora(LoraConfig::default()),
+        MethodConfig::Relora(_) => {
+            MethodConfig::Relora(ReloraConfig::new(LoraConfig::default(), 0))
+        }
         MethodConfig::Ia3(_) => MethodConfig::Ia3(Ia3Config::default()),
         MethodConfig::LnTuning(_) => MethodConfig::LnTuning(LnTuningConfig::default()),
         MethodConfig::BitFit(_) => MethodConfig::BitFit(BitFitConfig::default()),
@@ -452,17 +472,24 @@ impl<M: SiteHost + Module> TrainHook<M> for MethodLoss {
     }
 }
 
-/// `trainer` with the loss term of `method`, when the method has one on this model (so
-/// checkpoints of methods without one keep no hook state).
-pub fn with_method_loss<M: SiteHost + Module + 'static>(
+/// `trainer` with what `method` changes in training: its loss term, when it has one on this
+/// model (so checkpoints of methods without one keep no hook state), and ReLoRA's restarts.
+pub fn with_method_hooks<M: SiteHost + Module + 'static>(
     trainer: Trainer<M>,
     method: &MethodConfig,
 ) -> Trainer<M> {
     let tuner = method.tuner::<M>();
-    if tuner.extra_loss(trainer.model(), "default").is_some() {
+    let trainer = if tuner.extra_loss(trainer.model(), "default").is_some() {
         trainer.with_hook(MethodLoss(method.clone()))
     } else {
         trainer
+    };
+    match method {
+        MethodConfig::Relora(c) => {
+            let steps = trainer.config.steps;
+            trainer.with_hook(c.hook("default", steps))
+        }
+        _ => trainer,
     }
 }
 
@@ -492,7 +519,7 @@ mod tests {
         );
         let err = MethodConfig::default_for("vera").unwrap_err().to_string();
         assert!(
-            err.contains("lora, qlora, dora, pissa, olora, ia3, ln-tuning, bitfit, beft"),
+            err.contains("lora, qlora, dora, pissa, olora, relora, ia3, ln-tuning, bitfit, beft"),
             "{err}"
         );
     }

@@ -301,14 +301,21 @@ fn lora_config(a: &TrainArgs, classification: bool) -> Result<LoraConfig> {
 /// then `--target` and the `--set` options. The task sets `task_type` (and, for
 /// classification, trains and saves the new head whole).
 fn method_config(a: &TrainArgs, method: &str, classification: bool) -> Result<MethodConfig> {
-    let lora = matches!(method, "lora" | "qlora" | "dora" | "pissa" | "olora");
+    let lora = matches!(
+        method,
+        "lora" | "qlora" | "dora" | "pissa" | "olora" | "relora"
+    );
     let config = if lora {
         let mut c = lora_config(a, classification).map_err(|e| usage!("{e}"))?;
         c.use_dora = method == "dora";
         if matches!(method, "pissa" | "olora") {
             c.init_lora_weights = peft_lora::InitLoraWeights::Method(method.into());
         }
-        MethodConfig::Lora(c)
+        if method == "relora" {
+            MethodConfig::Relora(peft_lora::ReloraConfig::new(c, 0))
+        } else {
+            MethodConfig::Lora(c)
+        }
     } else {
         for (flag, given) in [
             ("--r", a.r.is_some()),
@@ -355,7 +362,12 @@ fn method_config(a: &TrainArgs, method: &str, classification: bool) -> Result<Me
         .iter()
         .map(|o| methods::parse_option(o))
         .collect::<Result<Vec<_>>>()?;
-    config.with_options(&options)
+    let config = config.with_options(&options)?;
+    if let MethodConfig::Relora(c) = &config {
+        c.validate()
+            .map_err(|e| usage!("--method relora: {e} (--set relora_steps=N)"))?;
+    }
+    Ok(config)
 }
 
 /// An AdapterHub adapter name from the output folder's name: letters, digits, `_` and `-`
@@ -723,7 +735,18 @@ fn check_resume_settings(ckpt: &Path, config: &TrainConfig, method: &MethodConfi
     // The method's settings: every field but bookkeeping (defaults filled in at apply time
     // are compared only where this run sets them).
     let saved_method = load_adapter(ckpt)?.config;
-    let now_method = method.to_json();
+    let now_method = match method {
+        // Saved as one LoRA adapter of all finished cycles: rank and alpha times their number
+        // (the cycle settings are checked by the trainer hook's state).
+        MethodConfig::Relora(c) => {
+            let cycles = saved_method["r"].as_u64().unwrap_or(0) as usize / c.lora.r.max(1);
+            let mut lora = c.lora.clone();
+            lora.r *= cycles.max(1);
+            lora.lora_alpha *= cycles.max(1) as f64;
+            serde_json::to_value(&lora)?
+        }
+        _ => method.to_json(),
+    };
     for (k, now) in now_method.as_object().expect("object") {
         if ["base_model_name_or_path", "inference_mode", "peft_version"].contains(&k.as_str())
             || now.is_null()
@@ -788,7 +811,7 @@ pub(crate) fn train_loop<M: SiteHost + Module + 'static, E: Clone>(
             model = tuner.load_training_extras(model, "default", tensors, &extras)?;
         }
     }
-    let mut trainer = methods::with_method_loss(Trainer::new(model, config.clone()), method);
+    let mut trainer = methods::with_method_hooks(Trainer::new(model, config.clone()), method);
     if let Some(ckpt) = &run.resume_from {
         trainer = trainer.load_state(ckpt)?;
         eprintln!("resuming at step {}", trainer.state().step);

@@ -213,7 +213,8 @@ fn options_take_reference_names_from_the_command_line_or_a_method_table() {
     let o = peft(&train("vera", "0.05", s(&data), s(&tmp.path().join("bad"))));
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("lora, qlora, dora, pissa, olora, ia3, ln-tuning, bitfit, beft"),
+        stderr(&o)
+            .contains("lora, qlora, dora, pissa, olora, relora, ia3, ln-tuning, bitfit, beft"),
         "{}",
         stderr(&o)
     );
@@ -593,4 +594,81 @@ fn lora_and_ia3_compose_on_one_model_and_save_one_folder_each() {
         apart > 1e-3,
         "IA3 must change the LoRA model's output ({apart})"
     );
+}
+
+/// ReLoRA through the CLI: cycles of 3 steps in an 8-step run (restarts after steps 3 and 6),
+/// saved as one plain LoRA adapter of rank 16·3 that lowers the loss, resumes exactly across a
+/// restart, and loads in Python PEFT; without `relora_steps` it is a usage error.
+#[test]
+fn relora_trains_in_cycles_saves_one_lora_adapter_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let base_loss = eval_loss(&tiny(), None, &data);
+    let options = ["--set", "relora_steps=3", "--set", "relora_warmup=1"];
+    let full = tmp.path().join("relora-full");
+    let mut args = train("relora", "0.01", s(&data), s(&full));
+    args.extend(options);
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = peft_core::adapter_io::load_adapter(&full).unwrap();
+    assert_eq!(files.config["peft_type"], "LORA");
+    assert_eq!(
+        files.config["r"], 48,
+        "three cycles of rank 16 (--r's default) side by side"
+    );
+    let loss = eval_loss(&tiny(), Some(&full), &data);
+    assert!(loss < base_loss - 0.01, "loss {loss} vs base {base_loss}");
+
+    // Stopped at step 4 (after the first restart) and resumed: the same adapter.
+    let part = tmp.path().join("relora-part");
+    let mut args = train("relora", "0.01", s(&data), s(&part));
+    args.extend(options);
+    args.extend(["--stop-after", "4"]);
+    assert!(peft(&args).status.success());
+    let mut args = train("relora", "0.01", s(&data), s(&part));
+    args.extend([
+        "--set",
+        "relora_steps=4",
+        "--set",
+        "relora_warmup=1",
+        "--resume",
+    ]);
+    let o = peft(&args);
+    assert!(
+        !o.status.success() && stderr(&o).contains("relora_steps=4"),
+        "other cycles are refused: {}",
+        stderr(&o)
+    );
+    let mut args = train("relora", "0.01", s(&data), s(&part));
+    args.extend(options);
+    args.push("--resume");
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        adapter_values(&part),
+        adapter_values(&full),
+        "resume is exact"
+    );
+
+    let o = peft(&train("relora", "0.01", s(&data), s(&tmp.path().join("x"))));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("relora_steps"), "{}", stderr(&o));
+
+    if let Some(python) = reference_python() {
+        let fixture = Expected::read(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
+        )
+        .unwrap();
+        let said = agrees_in_python(
+            &python,
+            &full,
+            &tiny(),
+            &fixture.input_ids,
+            fixture.ids_shape,
+            &[],
+            None,
+        );
+        eprintln!("{}", said.trim());
+    }
 }

@@ -47,8 +47,8 @@ fn each_prompt_is_answered_as_its_adapter_alone_answers_it() {
         assert!(o.status.success(), "{}", stderr(&o));
         String::from_utf8_lossy(&o.stdout).trim_end().to_string()
     };
-    assert_eq!(mixed[0], alone(&[a.clone()], prompts[0]));
-    assert_eq!(mixed[1], alone(&[c.clone()], prompts[1]));
+    assert_eq!(mixed[0], alone(std::slice::from_ref(&a), prompts[0]));
+    assert_eq!(mixed[1], alone(std::slice::from_ref(&c), prompts[1]));
     assert_eq!(mixed[2], alone(&[], prompts[2]));
 
     for (extra, says) in [

@@ -4,7 +4,8 @@
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{
-    AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, Optimizer,
+    AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer,
+    Optimizer,
 };
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
@@ -140,6 +141,62 @@ impl Optimizer for AdamW {
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
         <burn::optim::AdamW as Optimizer>::to_device(state, device)
+    }
+}
+
+/// Zero the `fraction` of smallest-magnitude entries of every state tensor (AdamW's two
+/// moments) of the parameters `params`, keeping the others and the step counts: ReLoRA's
+/// partial reset at each restart (Lialin et al., 2023, §3). The state goes through the
+/// optimizer's own record, so what it holds for other parameters is untouched.
+pub fn prune_state(
+    optim: ModuleOptimizer,
+    params: &[ParamId],
+    fraction: f64,
+) -> crate::Result<ModuleOptimizer> {
+    use std::collections::HashSet;
+    let err = |e: &dyn std::fmt::Display| crate::PeftError::Other(format!("optimizer state: {e}"));
+    let ids: HashSet<u64> = params.iter().map(|p| p.val()).collect();
+    let bytes = optim.to_record().into_bytes().map_err(|e| err(&e))?;
+    let reader = burn_pack::Reader::from_bytes(bytes).map_err(|e| err(&e))?;
+    let scalars = reader.scalars().clone();
+    let metadata = reader.metadata().clone();
+    let mut tensors = Vec::new();
+    for t in reader.into_tensors().map_err(|e| err(&e))? {
+        let (name, dtype, shape, id, bytes) = t.into_parts().map_err(|e| err(&e))?;
+        let bytes = if id.is_some_and(|i| ids.contains(&i)) && dtype == DType::F32 {
+            let data = TensorData::from_bytes(bytes, shape.clone(), dtype);
+            let mut v: Vec<f32> = data
+                .try_to_vec::<f32>()
+                .map_err(|e| err(&format!("{e:?}")))?;
+            zero_smallest(&mut v, fraction);
+            TensorData::new(v, shape.clone()).into_bytes()
+        } else {
+            bytes
+        };
+        tensors.push(burn_pack::Tensor::new(name, dtype, shape, id, bytes));
+    }
+    let mut writer = burn_pack::Writer::new(tensors);
+    for (k, v) in &scalars {
+        writer = writer.with_scalar(k, *v);
+    }
+    for (k, v) in &metadata {
+        writer = writer.with_metadata(k, v);
+    }
+    let bytes = writer.into_bytes().map_err(|e| err(&e))?;
+    let record = burn::optim::OptimizerRecord::from_bytes(bytes).map_err(|e| err(&e))?;
+    Ok(optim.load_record(record))
+}
+
+/// Set the `⌊fraction·n⌋` entries of smallest magnitude to zero.
+fn zero_smallest(values: &mut [f32], fraction: f64) {
+    let k = ((fraction.clamp(0.0, 1.0) * values.len() as f64) as usize).min(values.len());
+    if k == 0 {
+        return;
+    }
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.select_nth_unstable_by(k - 1, |&a, &b| values[a].abs().total_cmp(&values[b].abs()));
+    for &i in &order[..k] {
+        values[i] = 0.0;
     }
 }
 
@@ -281,6 +338,59 @@ impl LrSchedule {
 mod tests {
     use super::*;
     use burn::tensor::Device;
+
+    #[derive(Module, Debug)]
+    struct Two {
+        a: Param<Tensor<1>>,
+        b: Param<Tensor<1>>,
+    }
+
+    /// The state tensors of parameter `id` (name, values) from the optimizer's record.
+    fn state_of(optim: &ModuleOptimizer, id: ParamId) -> Vec<(String, Vec<f32>)> {
+        let reader =
+            burn_pack::Reader::from_bytes(optim.to_record().into_bytes().unwrap()).unwrap();
+        reader
+            .into_tensors()
+            .unwrap()
+            .into_iter()
+            .filter_map(|t| {
+                let (name, dtype, shape, pid, bytes) = t.into_parts().unwrap();
+                (pid == Some(id.val())).then(|| {
+                    let v = TensorData::from_bytes(bytes, shape, dtype)
+                        .try_to_vec::<f32>()
+                        .unwrap();
+                    (name, v)
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pruning_zeroes_the_smallest_state_of_the_chosen_parameters_only() {
+        let device = Device::flex().autodiff();
+        let values: Vec<f32> = (1..=10).map(|i| i as f32).collect();
+        let mut model = Two {
+            a: Param::from_tensor(Tensor::from_floats(values.as_slice(), &device)),
+            b: Param::from_tensor(Tensor::from_floats(values.as_slice(), &device)),
+        };
+        let mut optim = ModuleOptimizer::from(AdamW::new(0.0));
+        for _ in 0..2 {
+            let loss = (model.a.val().powi_scalar(2) + model.b.val().powi_scalar(3)).sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(0.1, model, grads);
+        }
+        let (a, b) = (model.a.id, model.b.id);
+        let before_b = state_of(&optim, b);
+        let optim = prune_state(optim, &[a], 0.7).unwrap();
+        let after_a = state_of(&optim, a);
+        assert_eq!(after_a.len(), 2, "both moments: {after_a:?}");
+        for (name, v) in &after_a {
+            assert_eq!(v.iter().filter(|x| **x == 0.0).count(), 7, "{name}: {v:?}");
+            // The largest magnitudes (the last entries: gradient 2x grows with x) are kept.
+            assert!(v[7..].iter().all(|x| *x != 0.0), "{name}: {v:?}");
+        }
+        assert_eq!(state_of(&optim, b), before_b, "other parameters untouched");
+    }
 
     #[test]
     fn schedule_warms_up_then_decays() {

@@ -64,6 +64,12 @@ pub trait TrainHook<M: Module> {
     /// (e.g. Child-Tuning's masks).
     fn on_gradients(&mut self, _model: &M, _grads: &mut GradientsParams, _step: usize) {}
 
+    /// Multiplies the scheduled learning rate of step `step` (e.g. ReLoRA's warmup after each
+    /// restart, which makes the schedule jagged); 1 by default.
+    fn lr_factor(&self, _step: usize) -> f64 {
+        1.0
+    }
+
     /// Runs after the optimizer step `step`, with the optimizer (its state can be reset for a
     /// group of parameters: e.g. ReLoRA's restarts, AdaLoRA's rank allocation).
     fn after_step(&mut self, model: M, _optim: &mut ModuleOptimizer, _step: usize) -> M {
@@ -318,7 +324,13 @@ impl<M: Module> Trainer<M> {
             &mut grads,
             self.config.max_grad_norm.unwrap_or(f64::INFINITY),
         );
-        let lr = self.schedule.at(self.state.step);
+        let step = self.state.step;
+        let lr = self.schedule.at(step)
+            * self
+                .hooks
+                .iter()
+                .map(|h| h.lr_factor(step))
+                .product::<f64>();
         let skipped = !(loss_sum.is_finite() && grad_norm.is_finite());
         let mut model = if skipped {
             model

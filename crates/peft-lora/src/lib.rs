@@ -10,6 +10,7 @@
 //!   [`peft_sites::SiteHost`], a model that exposes its linear sites by Hugging Face path (the
 //!   `peft-models` architectures do).
 //! - DoRA (`use_dora`): a magnitude per output row on a LoRA adapter (`peft_sites::dora`).
+//! - [`relora`]: ReLoRA's cycles of merge and restart.
 //! - [`combine`]: weighted combinations of LoRA adapters (PEFT's `add_weighted_adapter`).
 //!
 //! ```
@@ -27,8 +28,9 @@
 pub mod combine;
 mod config;
 mod layer;
-mod linalg;
+pub mod linalg;
 mod model;
+pub mod relora;
 
 /// Merge the active adapters of every method and drop all adapters (`peft_sites::merge_and_unload`).
 pub use peft_sites::merge_and_unload as merge_and_unload_state;
@@ -41,3 +43,4 @@ pub use combine::{
 pub use config::{InitLoraWeights, LoraConfig};
 pub use layer::{BaseInit, LoraInit, LoraLayer, LoraLinear};
 pub use model::{dequantize_base, param_report, quantize_base, quantized_footprint};
+pub use relora::{ReloraConfig, ReloraHook};

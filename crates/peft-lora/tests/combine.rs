@@ -151,11 +151,10 @@ fn every_combination_type_matches_peft() {
                 assert!(err < 1e-5, "{case}: {key} differs by {err}");
             }
         }
-        if spec.svd_clamp.is_some() {
+        if let Some(q) = spec.svd_clamp {
             // The clamp is at a quantile of the signed entries of U·S and Vᴴ, which depends on
             // the sign each SVD routine gives each component (PEFT's own result changes with
             // the torch driver): check what it promises instead.
-            let q = spec.svd_clamp.unwrap();
             let all: Vec<f32> = ours.tensors.values().flat_map(|t| t.data.clone()).collect();
             let bound = all.iter().map(|x| x.abs()).fold(0.0, f32::max);
             let mut unclamped_spec = spec.clone();

@@ -32,12 +32,13 @@ use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 17] = [
+pub const METHODS: [&str; 18] = [
     "full",
     "lora",
     "qlora",
     "dora",
     "pissa",
+    "relora",
     "ia3",
     "bitfit",
     "beft",
@@ -57,7 +58,7 @@ pub const METHODS: [&str; 17] = [
 fn without_peft_peer(method: &str) -> bool {
     matches!(
         method,
-        "ssf" | "pfeiffer" | "houlsby" | "parallel-adapter" | "fusion"
+        "relora" | "ssf" | "pfeiffer" | "houlsby" | "parallel-adapter" | "fusion"
     )
 }
 
@@ -387,7 +388,7 @@ fn method_config(method: &str, classification: bool) -> Result<Option<MethodConf
         options.push(("modules_to_save".into(), json!(["classifier"])));
     }
     match method {
-        "lora" | "qlora" | "dora" | "pissa" => {
+        "lora" | "qlora" | "dora" | "pissa" | "relora" => {
             let targets = if classification {
                 json!(["query", "value"])
             } else {
@@ -398,6 +399,15 @@ fn method_config(method: &str, classification: bool) -> Result<Option<MethodConf
                 ("lora_alpha".into(), json!(16)),
                 ("target_modules".into(), targets),
             ]);
+            if method == "relora" {
+                // Four cycles of each task's budget (150 and 40 steps), a fifth of each
+                // warming up again.
+                let (cycle, warmup) = if classification { (38, 8) } else { (10, 2) };
+                options.extend([
+                    ("relora_steps".into(), json!(cycle)),
+                    ("relora_warmup".into(), json!(warmup)),
+                ]);
+            }
         }
         "ln-tuning" if classification => {
             options.push(("target_modules".into(), json!(["LayerNorm"])))
@@ -498,7 +508,7 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
     let progress = bar(steps as u64, format!("{task}/{method}"));
     let mut trainer = Trainer::new(model, config);
     if let Some(c) = &method_config {
-        trainer = peft_cli::methods::with_method_loss(trainer, c);
+        trainer = peft_cli::methods::with_method_hooks(trainer, c);
     }
     let mut times = Vec::new();
     while !trainer.is_done() {
