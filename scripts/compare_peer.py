@@ -144,6 +144,9 @@ def main(spec_path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, spec["max_grad_norm"])
         opt.step()
+        if spec["method"] == "adalora":
+            # AdaLoRA's rank allocation runs after each optimizer step, as PEFT documents.
+            model.base_model.update_and_allocate(step)
         times.append((time.perf_counter() - t) * 1e3)
         peak = max(peak, rss("VmHWM") - before)
     model.eval()

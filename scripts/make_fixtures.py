@@ -745,6 +745,52 @@ def make_combine():
         print(case, "->", d, f"({len(drawn)} masks)")
 
 
+ADALORA = dict(init_r=6, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=12, lora_alpha=8,
+               beta1=0.85, beta2=0.85, orth_reg_weight=0.5, target_modules=["q_proj", "v_proj"])
+
+
+def make_adalora():
+    """A 12-step AdaLoRA run of PEFT on the tiny Llama (the settings in ADALORA; AdamW lr 1e-2
+    without weight decay or clipping, the same two rows every step, `update_and_allocate(step)`
+    after each optimizer step): the initial and final A, E, B (`initial.safetensors`,
+    `final.safetensors`, PEFT's parameter names), each step's loss and budget and the final
+    `rank_pattern` (`trace.json`), the adapter as PEFT saves it (cut to the kept ranks) and the
+    trained model's logits and greedy tokens."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    d = os.path.join(FIX, "adalora_tiny")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    ids = load_file(os.path.join(FIX, "lora_tiny", "list_rslora", "expected.safetensors"))["input_ids"]
+    torch.manual_seed(6000)
+    model = get_peft_model(method_base("llama"), AdaLoraConfig(**ADALORA))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    save_file({n: p.detach().clone().contiguous() for n, p in params.items()},
+              os.path.join(d, "initial.safetensors"))
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-2, weight_decay=0.0)
+    model.train()
+    trace = {"losses": [], "budgets": []}
+    for step in range(ADALORA["total_step"]):
+        loss = model(input_ids=ids, labels=ids).loss  # the orthogonality penalty included
+        loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        trace["budgets"].append(model.base_model.rankallocator.budget_schedule(step)[0])
+        opt.zero_grad()
+        trace["losses"].append(loss.item())
+    trace["rank_pattern"] = model.peft_config["default"].rank_pattern
+    save_file({n: p.detach().clone().contiguous() for n, p in params.items()},
+              os.path.join(d, "final.safetensors"))
+    with open(os.path.join(d, "trace.json"), "w") as f:
+        json.dump(trace, f, indent=1)
+    model.eval()
+    model.save_pretrained(os.path.join(d, "adapter"))
+    strip_machine_paths(os.path.join(d, "adapter"))
+    save_file({"input_ids": ids.to(torch.int64).contiguous(), **method_outputs(model, "llama", ids)},
+              os.path.join(d, "expected.safetensors"))
+    print("adalora_tiny ->", d, trace["budgets"], trace["rank_pattern"])
+
+
 def make_proxy():
     """Proxy-tuning in PyTorch: the tiny Llama with biases (base_bias) steered by the tiny
     Llama without (base_plain) plus its list_rslora LoRA adapter (expert) against base_plain
@@ -817,7 +863,7 @@ if __name__ == "__main__":
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
     ap.add_argument("--verify-method", nargs="+", metavar="ARG",
                     help="ADAPTER_DIR EXPECTED [BASE.gguf [TOLERANCE]]")
-    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora", "combine", "pissa"])
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora", "combine", "pissa", "adalora"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -847,6 +893,8 @@ if __name__ == "__main__":
         make_prompts_smollm2()
     if a.only == "prompts_smollm2":
         make_prompts_smollm2()
+    if a.only in (None, "adalora"):
+        make_adalora()
     if a.only in (None, "combine"):
         make_combine()
     if a.only == "dora":

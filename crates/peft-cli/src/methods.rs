@@ -8,7 +8,7 @@ use peft_adapter::{BottleneckConfig, FusionConfig, Ia3Config, SsfConfig};
 use peft_core::adapter_io::{BOTTLENECK_TYPE, FUSION_TYPE, is_adapterhub_config};
 use peft_core::train::{TrainHook, Trainer};
 use peft_core::tuner::Tuner;
-use peft_lora::{LoraConfig, ReloraConfig};
+use peft_lora::{AdaLoraConfig, LoraConfig, ReloraConfig};
 use peft_prompt::{PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig};
 use peft_select::{BeftConfig, BitFitConfig, LnTuningConfig};
 use peft_sites::SiteHost;
@@ -54,6 +54,11 @@ pub const METHODS: &[Method] = &[
         name: "relora",
         peft_type: "LORA",
         about: "ReLoRA: LoRA merged into the base and restarted every relora_steps steps (--set relora_steps=N; saved as one LoRA adapter)",
+    },
+    Method {
+        name: "adalora",
+        peft_type: "ADALORA",
+        about: "AdaLoRA: LoRA in SVD form whose rank budget shrinks from init_r to target_r by importance",
     },
     Method {
         name: "ia3",
@@ -117,6 +122,9 @@ pub const METHODS: &[Method] = &[
     },
 ];
 
+/// AdaLoRA's `total_step` before a run sets it (the CLI sets it to `--steps`).
+const DEFAULT_TOTAL_STEP: usize = 100;
+
 /// The AdapterHub preset of a bottleneck `--method`.
 fn bottleneck_preset(method: &str) -> Option<&'static str> {
     match method {
@@ -147,6 +155,7 @@ pub enum MethodConfig {
     Lora(LoraConfig),
     /// LoRA trained in ReLoRA's cycles (saved as a plain LoRA adapter).
     Relora(ReloraConfig),
+    AdaLora(AdaLoraConfig),
     Ia3(Ia3Config),
     LnTuning(LnTuningConfig),
     BitFit(BitFitConfig),
@@ -189,6 +198,7 @@ impl MethodConfig {
             "P_TUNING" => Self::PTuning(PromptEncoderConfig::from_json(config)?),
             "PREFIX_TUNING" => Self::PrefixTuning(PrefixTuningConfig::from_json(config)?),
             "SSF" => Self::Ssf(SsfConfig::from_json(config)?),
+            "ADALORA" => Self::AdaLora(AdaLoraConfig::from_json(config)?),
             "" => bail!(
                 "the adapter config has no peft_type (supported: {})",
                 peft_types()
@@ -210,6 +220,11 @@ impl MethodConfig {
             }),
             // relora_steps has no default that suits every run: --set it.
             "relora" => Self::Relora(ReloraConfig::new(LoraConfig::default(), 0)),
+            // total_step comes from --steps (see `train::method_config`).
+            "adalora" => Self::AdaLora(AdaLoraConfig {
+                total_step: Some(DEFAULT_TOTAL_STEP),
+                ..Default::default()
+            }),
             "pissa" | "olora" => Self::Lora(LoraConfig {
                 init_lora_weights: peft_lora::InitLoraWeights::Method(name.into()),
                 ..Default::default()
@@ -241,6 +256,7 @@ impl MethodConfig {
         match self {
             Self::Lora(c) => c,
             Self::Relora(c) => c,
+            Self::AdaLora(c) => c,
             Self::Ia3(c) => c,
             Self::LnTuning(c) => c,
             Self::BitFit(c) => c,
@@ -259,6 +275,7 @@ impl MethodConfig {
         match self {
             Self::Lora(c) => serde_json::to_value(c),
             Self::Relora(c) => serde_json::to_value(c),
+            Self::AdaLora(c) => serde_json::to_value(c),
             Self::Ia3(c) => serde_json::to_value(c),
             Self::LnTuning(c) => serde_json::to_value(c),
             Self::BitFit(c) => serde_json::to_value(c),
@@ -288,6 +305,7 @@ impl MethodConfig {
             Self::PrefixTuning(c) => Self::PrefixTuning(c.resolved_for(model)?),
             Self::Bottleneck(c) => Self::Bottleneck(c.resolved_for(model)?),
             Self::Fusion(c) => Self::Fusion(c.resolved_for(model)?),
+            Self::AdaLora(c) => Self::AdaLora(c.with_defaults(model_type)?),
             Self::Lora(_) | Self::Relora(_) | Self::BitFit(_) => self.clone(),
         })
     }
@@ -437,6 +455,7 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
         MethodConfig::Relora(_) => {
             MethodConfig::Relora(ReloraConfig::new(LoraConfig::default(), 0))
         }
+        MethodConfig::AdaLora(_) => MethodConfig::AdaLora(AdaLoraConfig::default()),
         MethodConfig::Ia3(_) => MethodConfig::Ia3(Ia3Config::default()),
         MethodConfig::LnTuning(_) => MethodConfig::LnTuning(LnTuningConfig::default()),
         MethodConfig::BitFit(_) => MethodConfig::BitFit(BitFitConfig::default()),
@@ -489,6 +508,7 @@ pub fn with_method_hooks<M: SiteHost + Module + 'static>(
             let steps = trainer.config.steps;
             trainer.with_hook(c.hook("default", steps))
         }
+        MethodConfig::AdaLora(c) => trainer.with_hook(c.allocator("default")),
         _ => trainer,
     }
 }
@@ -519,7 +539,9 @@ mod tests {
         );
         let err = MethodConfig::default_for("vera").unwrap_err().to_string();
         assert!(
-            err.contains("lora, qlora, dora, pissa, olora, relora, ia3, ln-tuning, bitfit, beft"),
+            err.contains(
+                "lora, qlora, dora, pissa, olora, relora, adalora, ia3, ln-tuning, bitfit, beft"
+            ),
             "{err}"
         );
     }

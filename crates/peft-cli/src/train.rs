@@ -297,6 +297,9 @@ fn lora_config(a: &TrainArgs, classification: bool) -> Result<LoraConfig> {
     Ok(config)
 }
 
+/// Training steps without `--steps`.
+const DEFAULT_STEPS: usize = 100;
+
 /// The config of `--method`: LoRA from its flags, the others from their reference defaults;
 /// then `--target` and the `--set` options. The task sets `task_type` (and, for
 /// classification, trains and saves the new head whole).
@@ -349,6 +352,10 @@ fn method_config(a: &TrainArgs, method: &str, classification: bool) -> Result<Me
         }
         json["base_model_name_or_path"] =
             serde_json::json!(a.model.as_ref().map(|p| p.display().to_string()));
+        if method == "adalora" {
+            // The budget schedule spans the run.
+            json["total_step"] = a.steps.unwrap_or(DEFAULT_STEPS).into();
+        }
         if peft_core::adapter_io::is_adapterhub_config(&json) && json.get("adapter_names").is_none()
         {
             // AdapterHub names an adapter inside its keys; name it after the output folder, so
@@ -592,7 +599,7 @@ pub fn run(
         learning_rate: a.lr.unwrap_or(2e-4),
         weight_decay: a.weight_decay.unwrap_or(0.0),
         warmup_steps: a.warmup.unwrap_or(10),
-        steps: a.steps.unwrap_or(100),
+        steps: a.steps.unwrap_or(DEFAULT_STEPS),
         batch_size: a.batch_size.unwrap_or(8),
         grad_accum: a.grad_accum.unwrap_or(1),
         max_grad_norm: Some(a.max_grad_norm.unwrap_or(1.0)),
@@ -614,6 +621,11 @@ pub fn run(
     let resume_from = if a.resume {
         match find_checkpoint(&out) {
             Some(ckpt) => {
+                if let MethodConfig::AdaLora(_) = method_config {
+                    return Err(usage!(
+                        "--resume: AdaLoRA runs cannot be resumed yet (the importance estimates of the rank allocation are not in the checkpoint); start anew with --overwrite"
+                    ));
+                }
                 check_resume_settings(&ckpt, &config, &method_config)?;
                 Some(ckpt)
             }

@@ -213,8 +213,9 @@ fn options_take_reference_names_from_the_command_line_or_a_method_table() {
     let o = peft(&train("vera", "0.05", s(&data), s(&tmp.path().join("bad"))));
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o)
-            .contains("lora, qlora, dora, pissa, olora, relora, ia3, ln-tuning, bitfit, beft"),
+        stderr(&o).contains(
+            "lora, qlora, dora, pissa, olora, relora, adalora, ia3, ln-tuning, bitfit, beft"
+        ),
         "{}",
         stderr(&o)
     );
@@ -667,6 +668,96 @@ fn relora_trains_in_cycles_saves_one_lora_adapter_and_resumes_exactly() {
             &fixture.input_ids,
             fixture.ids_shape,
             &[],
+            None,
+        );
+        eprintln!("{}", said.trim());
+    }
+}
+
+/// AdaLoRA through the CLI: `total_step` follows `--steps`, the budget shrinks from 4 ranks per
+/// module to 2 on average, the adapter is saved cut to the kept ranks with PEFT's
+/// `rank_pattern`, lowers the loss, merges to the same loss, and loads in Python PEFT;
+/// resuming is refused (the importance estimates are not checkpointed).
+#[test]
+fn adalora_allocates_its_budget_and_saves_the_kept_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let base_loss = eval_loss(&tiny(), None, &data);
+    let out = tmp.path().join("adalora");
+    // E starts at zero and A, B at N(0, 0.02): a high rate to move in 8 steps.
+    let mut args = train("adalora", "0.2", s(&data), s(&out));
+    args.extend([
+        "--set",
+        "init_r=4",
+        "--set",
+        "target_r=2",
+        "--set",
+        "tinit=1",
+        "--set",
+        "tfinal=2",
+    ]);
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+    assert_eq!(files.config["peft_type"], "ADALORA");
+    assert_eq!(files.config["total_step"], 8);
+    let pattern = files.config["rank_pattern"]
+        .as_object()
+        .expect("a rank pattern");
+    let kept: usize = pattern
+        .values()
+        .map(|m| {
+            m.as_array()
+                .unwrap()
+                .iter()
+                .filter(|k| k.as_bool().unwrap())
+                .count()
+        })
+        .sum();
+    assert_eq!(
+        kept,
+        2 * pattern.len(),
+        "the target budget: 2 ranks per module on average"
+    );
+    let loss = eval_loss(&tiny(), Some(&out), &data);
+    assert!(loss < base_loss - 0.01, "loss {loss} vs base {base_loss}");
+
+    let merged = tmp.path().join("adalora-merged");
+    let o = peft(&[
+        "merge",
+        "--model",
+        s(&tiny()),
+        "--adapter",
+        s(&out),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let merged_loss = eval_loss(&merged, None, &data);
+    assert!(
+        (merged_loss - loss).abs() < 1e-4,
+        "merged {merged_loss} vs {loss}"
+    );
+
+    let mut args = train("adalora", "0.2", s(&data), s(&out));
+    args.push("--resume");
+    let o = peft(&args);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("AdaLoRA"), "{}", stderr(&o));
+
+    if let Some(python) = reference_python() {
+        let fixture = Expected::read(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
+        )
+        .unwrap();
+        let said = agrees_in_python(
+            &python,
+            &out,
+            &tiny(),
+            &fixture.input_ids,
+            fixture.ids_shape,
+            &[2],
             None,
         );
         eprintln!("{}", said.trim());

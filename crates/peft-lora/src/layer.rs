@@ -112,6 +112,7 @@ impl LoraLayer for TunedLinear {
             dropout: DropoutConfig::new(dropout).init(),
             scale,
             magnitude: None,
+            singular: None,
         };
         self.add_part(name, LinearPart::Lora(adapter));
     }

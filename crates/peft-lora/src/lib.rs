@@ -10,6 +10,7 @@
 //!   [`peft_sites::SiteHost`], a model that exposes its linear sites by Hugging Face path (the
 //!   `peft-models` architectures do).
 //! - DoRA (`use_dora`): a magnitude per output row on a LoRA adapter (`peft_sites::dora`).
+//! - [`adalora`]: AdaLoRA's SVD-form update, orthogonality penalty and rank budget.
 //! - [`relora`]: ReLoRA's cycles of merge and restart.
 //! - [`combine`]: weighted combinations of LoRA adapters (PEFT's `add_weighted_adapter`).
 //!
@@ -25,6 +26,7 @@
 //! assert_eq!(y.dims(), [2, 3, 8]);
 //! ```
 
+pub mod adalora;
 pub mod combine;
 mod config;
 mod layer;
@@ -37,6 +39,7 @@ pub use peft_sites::merge_and_unload as merge_and_unload_state;
 pub use peft_sites::unmerge_all;
 pub use peft_sites::{LoraAdapter, SiteHost};
 
+pub use adalora::{AdaLoraConfig, RankAllocator};
 pub use combine::{
     AdapterToCombine, Combination, CombineSpec, MajoritySign, combine, combine_with_masks,
 };

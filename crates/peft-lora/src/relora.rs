@@ -133,6 +133,7 @@ fn frozen_copy(a: &LoraAdapter) -> LoraAdapter {
         dropout: burn::nn::DropoutConfig::new(0.0).init(),
         scale: a.scale,
         magnitude: None,
+        singular: None,
     }
 }
 
@@ -395,6 +396,7 @@ impl<M: SiteHost> Tuner<M> for ReloraConfig {
                         dropout: burn::nn::DropoutConfig::new(0.0).init(),
                         scale,
                         magnitude: None,
+                        singular: None,
                     };
                     keep_cycle(layer, name, c, part)?;
                 }

@@ -34,7 +34,9 @@ pub use bottleneck::{
 pub use dora::Magnitude;
 pub use fusion::{FusionDense, FusionLayer, FusionWiring};
 pub use host::{Site, SiteHost, SiteKind, SiteMut, merge_and_unload, unmerge_all};
-pub use linear::{ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, ScaleShift, TunedLinear};
+pub use linear::{
+    ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, ScaleShift, Singular, TunedLinear,
+};
 pub use mixed::{BASE_ROW, set_row_adapters};
 pub use norm::{NormWeights, TunedNorm};
 pub use prompt::{PromptEncoder, PromptPlace, PromptSite};

@@ -30,6 +30,19 @@ pub struct LoraAdapter {
     pub scale: f64,
     /// DoRA's magnitude vector, when the adapter is a DoRA one (see [`crate::dora`]).
     pub magnitude: Option<Magnitude>,
+    /// AdaLoRA's singular values `E` (`[r]`): the update is `A·diag(E)·B` (`P·Λ·Q`).
+    pub singular: Option<Singular>,
+}
+
+/// AdaLoRA's singular values of a LoRA part: `x·A ⊙ E · B` instead of `x·A·B`.
+#[derive(Module, Debug)]
+pub struct Singular {
+    /// `[r]` (PEFT's `lora_E` is `[r, 1]`).
+    pub value: Param<Tensor<1>>,
+    /// The ranks kept by the last budget allocation (PEFT's `rank_pattern` entry), when one
+    /// has run: saving keeps only these.
+    #[module(skip)]
+    pub keep: Option<Vec<bool>>,
 }
 
 impl LoraAdapter {
@@ -48,18 +61,22 @@ impl LoraAdapter {
     pub fn side_path<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let x = x.cast(ADAPTER_DTYPE);
-        burn::tensor::module::linear(
-            burn::tensor::module::linear(x, self.a.val(), None),
-            self.b.val(),
-            None,
-        )
-        .mul_scalar(self.scale)
-        .cast(dtype)
+        let mut xa = burn::tensor::module::linear(x, self.a.val(), None);
+        if let Some(e) = &self.singular {
+            xa = xa * e.value.val().unsqueeze::<D>();
+        }
+        burn::tensor::module::linear(xa, self.b.val(), None)
+            .mul_scalar(self.scale)
+            .cast(dtype)
     }
 
     /// `scale · A·B`, the `[in, out]` update a merge adds to the base weight (f32).
     pub fn delta_weight(&self) -> Tensor<2> {
-        self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
+        let a = match &self.singular {
+            Some(e) => self.a.val() * e.value.val().unsqueeze::<2>(),
+            None => self.a.val(),
+        };
+        a.matmul(self.b.val()).mul_scalar(self.scale)
     }
 }
 
@@ -476,6 +493,7 @@ mod tests {
             dropout: DropoutConfig::new(0.0).init(),
             scale: 2.0,
             magnitude: None,
+            singular: None,
         };
         l.add_part("lora", LinearPart::Lora(lora));
         let vector = |n: usize| {

@@ -46,6 +46,11 @@ fn check_row_adapter<M: SiteHost>(model: &M, name: &str) -> Result<()> {
                     )));
                 }
                 match l.part(name) {
+                    Some(LinearPart::Lora(a)) if a.singular.is_some() => {
+                        return Err(PeftError::Config(format!(
+                            "adapter `{name}` is an AdaLoRA adapter: mixed batches take LoRA adapters"
+                        )));
+                    }
                     Some(LinearPart::Lora(a)) if a.magnitude.is_some() => {
                         return Err(PeftError::Config(format!(
                             "adapter `{name}` is a DoRA adapter: mixed batches take LoRA adapters (PEFT refuses DoRA too)"

@@ -32,13 +32,14 @@ use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 18] = [
+pub const METHODS: [&str; 19] = [
     "full",
     "lora",
     "qlora",
     "dora",
     "pissa",
     "relora",
+    "adalora",
     "ia3",
     "bitfit",
     "beft",
@@ -408,6 +409,14 @@ fn method_config(method: &str, classification: bool) -> Result<Option<MethodConf
                     ("relora_warmup".into(), json!(warmup)),
                 ]);
             }
+        }
+        "adalora" => {
+            // The budget schedule spans each task's steps; PEFT's other defaults
+            // (init_r 12 -> target_r 8, on query/value or q_proj/v_proj).
+            options.push((
+                "total_step".into(),
+                json!(if classification { 150 } else { 40 }),
+            ));
         }
         "ln-tuning" if classification => {
             options.push(("target_modules".into(), json!(["LayerNorm"])))
