@@ -299,7 +299,7 @@ fn malformed_tokenizer_and_adapter_config() {
         ("bias", json!("some"), "bias"),
         ("peft_type", json!("NOT_A_METHOD"), "NOT_A_METHOD"),
         ("peft_type", json!(3), "peft_type"),
-        ("use_dora", json!(true), "DoRA"),
+        ("use_dora", json!("yes"), "use_dora"),
     ] {
         refused("adapter_config", &json_with(adapter, key, value), &[needle]);
     }
