@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use common::{
-    adapter_values, agrees_in_python, data, eval_loss, peft, reference_python, s, stderr, tiny,
+    adapter_values, agrees_in_python, agrees_on_tiny_in_python, data, eval_loss, peft,
+    reference_python, s, stderr, tiny,
 };
 use peft_models::load::load_causal_lm;
 use peft_models::reference::Expected;
@@ -655,23 +656,7 @@ fn relora_trains_in_cycles_saves_one_lora_adapter_and_resumes_exactly() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("relora_steps"), "{}", stderr(&o));
 
-    if let Some(python) = reference_python() {
-        let fixture = Expected::read(
-            &Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
-        )
-        .unwrap();
-        let said = agrees_in_python(
-            &python,
-            &full,
-            &tiny(),
-            &fixture.input_ids,
-            fixture.ids_shape,
-            &[],
-            None,
-        );
-        eprintln!("{}", said.trim());
-    }
+    agrees_on_tiny_in_python(&full, &[]);
 }
 
 /// AdaLoRA through the CLI: `total_step` follows `--steps`, the budget shrinks from 4 ranks per
@@ -745,21 +730,5 @@ fn adalora_allocates_its_budget_and_saves_the_kept_ranks() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("AdaLoRA"), "{}", stderr(&o));
 
-    if let Some(python) = reference_python() {
-        let fixture = Expected::read(
-            &Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
-        )
-        .unwrap();
-        let said = agrees_in_python(
-            &python,
-            &out,
-            &tiny(),
-            &fixture.input_ids,
-            fixture.ids_shape,
-            &[2],
-            None,
-        );
-        eprintln!("{}", said.trim());
-    }
+    agrees_on_tiny_in_python(&out, &[2]);
 }

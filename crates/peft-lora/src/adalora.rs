@@ -469,10 +469,7 @@ impl<M: SiteHost> Tuner<M> for AdaLoraConfig {
 
 /// A parameter's values on the host.
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32")
+    HostTensor::from_tensor(t).data
 }
 
 /// PEFT's `RankAllocator`: after each optimizer step, the importance of every entry of A, E

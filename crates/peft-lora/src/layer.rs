@@ -61,6 +61,32 @@ pub trait LoraLayer {
     fn init_from_base(&mut self, name: &str, init: BaseInit) -> Result<()>;
 }
 
+/// New `[in, r]` A and `[r, out]` B as Hugging Face draws them for `init` (f32).
+pub fn new_factors(
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+    init: LoraInit,
+    device: &burn::tensor::Device,
+) -> (Tensor<2>, Tensor<2>) {
+    let a_bound = 1.0 / (d_in as f64).sqrt();
+    let f32_on = (device, ADAPTER_DTYPE);
+    let a = match init {
+        LoraInit::Gaussian => {
+            Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), f32_on)
+        }
+        _ => Tensor::random([d_in, r], Distribution::Uniform(-a_bound, a_bound), f32_on),
+    };
+    let b = match init {
+        LoraInit::Random => {
+            let b_bound = 1.0 / (r as f64).sqrt();
+            Tensor::random([r, d_out], Distribution::Uniform(-b_bound, b_bound), f32_on)
+        }
+        _ => Tensor::zeros([r, d_out], f32_on),
+    };
+    (a, b)
+}
+
 /// The LoRA adapter `name` of `layer`, mutable, or an error naming what is there instead.
 fn lora_mut<'a>(layer: &'a mut TunedLinear, name: &str) -> Result<&'a mut LoraAdapter> {
     match layer.part_mut(name) {
@@ -86,21 +112,7 @@ impl LoraLayer for TunedLinear {
         assert!(r > 0, "LoRA rank must be positive");
         let device = self.base.device();
         let (d_in, d_out) = (self.base.d_input(), self.base.d_output());
-        let a_bound = 1.0 / (d_in as f64).sqrt();
-        let f32_on = (&device, ADAPTER_DTYPE);
-        let a = match init {
-            LoraInit::Gaussian => {
-                Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), f32_on)
-            }
-            _ => Tensor::random([d_in, r], Distribution::Uniform(-a_bound, a_bound), f32_on),
-        };
-        let b = match init {
-            LoraInit::Random => {
-                let b_bound = 1.0 / (r as f64).sqrt();
-                Tensor::random([r, d_out], Distribution::Uniform(-b_bound, b_bound), f32_on)
-            }
-            _ => Tensor::zeros([r, d_out], f32_on),
-        };
+        let (a, b) = new_factors(d_in, d_out, r, init, &device);
         let scale = if rslora {
             alpha / (r as f64).sqrt()
         } else {

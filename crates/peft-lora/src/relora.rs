@@ -26,7 +26,7 @@ use peft_sites::{LinearPart, LoraAdapter, SiteHost, SiteMut};
 use serde::{Deserialize, Serialize};
 
 use crate::config::LoraConfig;
-use crate::layer::{LoraInit, LoraLayer};
+use crate::layer::{LoraInit, LoraLayer, new_factors};
 
 fn default_prune() -> f64 {
     0.99
@@ -177,13 +177,8 @@ pub fn restart<M: SiteHost>(model: &mut M, name: &str) -> Result<Vec<ParamId>> {
             let a = layer.lora(name).expect("live");
             (a.rank(), a.scale)
         };
-        let fresh = format!("{name}.relora_fresh");
-        layer.add_adapter(&fresh, r, 1.0, false, 0.0, LoraInit::Default);
-        let Some(LinearPart::Lora(new)) = layer.part(&fresh) else {
-            unreachable!("just added")
-        };
-        let (a_new, b_new) = (new.a.val().detach(), new.b.val().detach());
-        layer.delete_adapter(&fresh)?;
+        let (d_in, d_out) = (layer.base.d_input(), layer.base.d_output());
+        let (a_new, b_new) = new_factors(d_in, d_out, r, LoraInit::Default, &layer.base.device());
         let Some(LinearPart::Lora(live)) = layer.part_mut(name) else {
             unreachable!("live")
         };

@@ -39,13 +39,13 @@ impl Magnitude {
 pub fn weight_norm(base: &BaseLinear, lora: &LoraAdapter) -> Tensor<1> {
     let device = base.device();
     let w = base.dense_weight(&device).cast(ADAPTER_DTYPE).detach();
-    let delta = lora.delta_weight().detach();
+    output_norms(w + lora.delta_weight().detach())
+}
+
+/// The norm of every output column of a burn `[in, out]` weight.
+fn output_norms(w: Tensor<2>) -> Tensor<1> {
     let [_, d_out] = w.dims();
-    (w + delta)
-        .powi_scalar(2)
-        .sum_dim(0)
-        .sqrt()
-        .reshape([d_out])
+    w.powi_scalar(2).sum_dim(0).sqrt().reshape([d_out])
 }
 
 /// The DoRA forward on top of the running output `y` (the base's output plus what the parts
@@ -93,8 +93,7 @@ pub fn merged_weight(
 ) -> (Tensor<2>, Vec<f32>) {
     let dtype = w.dtype();
     let w = w.cast(ADAPTER_DTYPE) + lora.delta_weight().detach();
-    let [_, d_out] = w.dims();
-    let norm = w.clone().powi_scalar(2).sum_dim(0).sqrt().reshape([d_out]);
+    let norm = output_norms(w.clone());
     let f = magnitude.value.val().detach() / norm.clone();
     let merged = (w * f.unsqueeze_dim::<2>(0)).cast(dtype);
     let norm = norm

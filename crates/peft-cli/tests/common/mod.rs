@@ -165,6 +165,29 @@ pub fn agrees_in_python(
     )
 }
 
+/// [`agrees_in_python`] on the tiny Llama with the token ids of the IA3 fixture (two rows; the
+/// first one the greedy prompt), where `PEFT_REF_PYTHON` is set; prints what Python said.
+pub fn agrees_on_tiny_in_python(adapter: &Path, eos: &[u32]) {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    let fixture = peft_models::reference::Expected::read(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/methods_tiny/ia3_llama/expected.safetensors"),
+    )
+    .unwrap();
+    let said = agrees_in_python(
+        &python,
+        adapter,
+        &tiny(),
+        &fixture.input_ids,
+        fixture.ids_shape,
+        eos,
+        None,
+    );
+    eprintln!("{}", said.trim());
+}
+
 /// Have Python PEFT load the adapter folder `adapter` and compare its outputs with ours in
 /// `expected` (`scripts/make_fixtures.py --verify-method ADAPTER EXPECTED [extra...]`). Panics
 /// with what Python said when they disagree; returns it otherwise.
