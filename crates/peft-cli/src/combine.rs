@@ -48,6 +48,40 @@ pub struct CombineArgs {
     overwrite: bool,
 }
 
+/// A LoRA adapter read from its folder: the folder (for messages), config and tensors.
+pub type LoadedLora = (String, LoraConfig, peft_core::tensors::TensorMap);
+
+/// Read LoRA adapter folders; another `peft_type` is an error naming the folder and `command`.
+pub fn load_lora_adapters(dirs: &[PathBuf], command: &str) -> Result<Vec<LoadedLora>> {
+    let mut loaded = Vec::new();
+    for dir in dirs {
+        let files = load_adapter(dir)?;
+        let peft_type = files.config["peft_type"].as_str().unwrap_or("?");
+        if peft_type != "LORA" {
+            anyhow::bail!(
+                "{}: a {peft_type} adapter; {command} takes LoRA adapters",
+                dir.display()
+            );
+        }
+        let config = LoraConfig::from_json(&files.config)
+            .with_context(|| format!("{}", files.dir.display()))?;
+        loaded.push((dir.display().to_string(), config, files.tensors));
+    }
+    Ok(loaded)
+}
+
+/// The loaded adapters as the library's inputs.
+pub fn to_combine(loaded: &[LoadedLora]) -> Vec<AdapterToCombine<'_>> {
+    loaded
+        .iter()
+        .map(|(label, config, tensors)| AdapterToCombine {
+            label,
+            config,
+            tensors,
+        })
+        .collect()
+}
+
 pub fn run(a: CombineArgs) -> Result<()> {
     let combination: Combination = a.kind.parse().map_err(|_| {
         let names: Vec<&str> = COMBINATIONS.iter().map(|(n, _)| *n).collect();
@@ -82,28 +116,8 @@ pub fn run(a: CombineArgs) -> Result<()> {
             a.out.display()
         ));
     }
-    let mut loaded = Vec::new();
-    for dir in &a.adapter {
-        let files = load_adapter(dir)?;
-        let peft_type = files.config["peft_type"].as_str().unwrap_or("?");
-        if peft_type != "LORA" {
-            anyhow::bail!(
-                "{}: a {peft_type} adapter; peft combine combines LoRA adapters",
-                dir.display()
-            );
-        }
-        let config = LoraConfig::from_json(&files.config)
-            .with_context(|| format!("{}", files.dir.display()))?;
-        loaded.push((dir.display().to_string(), config, files.tensors));
-    }
-    let inputs: Vec<AdapterToCombine> = loaded
-        .iter()
-        .map(|(label, config, tensors)| AdapterToCombine {
-            label,
-            config,
-            tensors,
-        })
-        .collect();
+    let loaded = load_lora_adapters(&a.adapter, "peft combine")?;
+    let inputs = to_combine(&loaded);
     let spec = CombineSpec {
         density: a.density,
         majority_sign,

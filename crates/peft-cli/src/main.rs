@@ -4,6 +4,7 @@ mod causal;
 mod classify;
 mod combine;
 mod data;
+mod lorahub;
 mod plot;
 mod quant;
 mod train;
@@ -213,6 +214,9 @@ enum Command {
     /// Combine LoRA adapters with weights into a new LoRA adapter (Hugging Face PEFT's
     /// add_weighted_adapter: svd, linear, cat, ties, dare_*, magnitude_prune*).
     Combine(combine::CombineArgs),
+    /// Compose LoRA adapters of other tasks for a new task from a few of its examples
+    /// (LoRAHub: weights searched without gradients, CMA-ES), saved as a LoRA adapter.
+    Lorahub(lorahub::LoraHubArgs),
     /// Quantize a model's linear weights to 4 bits and write a bitsandbytes-compatible
     /// Hugging Face folder (loads in transformers with bitsandbytes installed).
     Quantize {
@@ -733,6 +737,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Combine(args) => combine::run(args),
+        Command::Lorahub(args) => lorahub::run(args, &device(&cli.device)?),
         Command::Inspect { path } => inspect(&path),
         Command::Methods => {
             for m in methods::METHODS {

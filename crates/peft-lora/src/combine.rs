@@ -184,16 +184,16 @@ pub struct AdapterToCombine<'a> {
 }
 
 /// One adapter's factors of one module, in Hugging Face layout.
-struct Factors {
+pub(crate) struct Factors {
     /// `[r, in]`.
-    a: HostTensor,
+    pub(crate) a: HostTensor,
     /// `[out, r]`.
-    b: HostTensor,
-    scale: f64,
+    pub(crate) b: HostTensor,
+    pub(crate) scale: f64,
 }
 
 impl Factors {
-    fn rank(&self) -> usize {
+    pub(crate) fn rank(&self) -> usize {
         self.a.shape[0]
     }
 
@@ -216,7 +216,7 @@ impl Factors {
     }
 }
 
-fn lora_key(path: &str, which: &str) -> String {
+pub(crate) fn lora_key(path: &str, which: &str) -> String {
     format!("{KEY_PREFIX}{path}.lora_{which}.weight")
 }
 
@@ -234,7 +234,7 @@ fn natural_order(paths: &mut [String]) {
 }
 
 /// The adapter's LoRA modules (paths) and their factors, checked.
-fn modules_of(adapter: &AdapterToCombine) -> Result<Vec<(String, Factors)>> {
+pub(crate) fn modules_of(adapter: &AdapterToCombine) -> Result<Vec<(String, Factors)>> {
     let label = adapter.label;
     let c = adapter.config;
     if c.use_dora {
@@ -350,6 +350,49 @@ fn target_union(adapters: &[AdapterToCombine]) -> Result<Option<ModuleSelector>>
     Err(PeftError::Config(
         "the adapters' target_modules mix lists and regular expressions, which PEFT cannot combine either".into(),
     ))
+}
+
+/// The adapters adapt the same modules with the same shapes, on the same base (by name where
+/// their configs name it); errors name both adapters and the module.
+pub(crate) fn check_same_modules(
+    adapters: &[AdapterToCombine],
+    modules: &[Vec<(String, Factors)>],
+) -> Result<()> {
+    let first = adapters[0].label;
+    let paths: Vec<&String> = modules[0].iter().map(|(p, _)| p).collect();
+    for (adapter, theirs) in adapters.iter().zip(modules).skip(1) {
+        if let (Some(x), Some(y)) = (base_name(adapters[0].config), base_name(adapter.config))
+            && x != y
+        {
+            return Err(PeftError::Config(format!(
+                "{first} was trained on `{x}` and {} on `{y}`: adapters of different base models cannot be combined",
+                adapter.label
+            )));
+        }
+        let mine: BTreeSet<&String> = paths.iter().copied().collect();
+        let other: BTreeSet<&String> = theirs.iter().map(|(p, _)| p).collect();
+        if let Some(p) = mine.difference(&other).next() {
+            return Err(PeftError::Config(format!(
+                "{first} adapts `{p}` and {} does not: combine adapters of the same target modules",
+                adapter.label
+            )));
+        }
+        if let Some(p) = other.difference(&mine).next() {
+            return Err(PeftError::Config(format!(
+                "{} adapts `{p}` and {first} does not: combine adapters of the same target modules",
+                adapter.label
+            )));
+        }
+        for ((p, f0), (_, f)) in modules[0].iter().zip(theirs) {
+            if f0.a.shape[1] != f.a.shape[1] || f0.b.shape[0] != f.b.shape[0] {
+                return Err(PeftError::Config(format!(
+                    "`{p}` is {}x{} in {first} and {}x{} in {}: adapters of different base models cannot be combined",
+                    f0.b.shape[0], f0.a.shape[1], f.b.shape[0], f.a.shape[1], adapter.label
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where DARE's keep-masks come from: a seeded generator, or given masks (to follow a
@@ -561,41 +604,7 @@ pub fn combine_with_masks(
     let modules: Vec<Vec<(String, Factors)>> =
         adapters.iter().map(modules_of).collect::<Result<_>>()?;
 
-    // The same modules with the same shapes, on the same base.
-    let first = adapters[0].label;
-    let paths: Vec<&String> = modules[0].iter().map(|(p, _)| p).collect();
-    for (adapter, theirs) in adapters.iter().zip(&modules).skip(1) {
-        if let (Some(x), Some(y)) = (base_name(adapters[0].config), base_name(adapter.config))
-            && x != y
-        {
-            return Err(PeftError::Config(format!(
-                "{first} was trained on `{x}` and {} on `{y}`: adapters of different base models cannot be combined",
-                adapter.label
-            )));
-        }
-        let mine: BTreeSet<&String> = paths.iter().copied().collect();
-        let other: BTreeSet<&String> = theirs.iter().map(|(p, _)| p).collect();
-        if let Some(p) = mine.difference(&other).next() {
-            return Err(PeftError::Config(format!(
-                "{first} adapts `{p}` and {} does not: combine adapters of the same target modules",
-                adapter.label
-            )));
-        }
-        if let Some(p) = other.difference(&mine).next() {
-            return Err(PeftError::Config(format!(
-                "{} adapts `{p}` and {first} does not: combine adapters of the same target modules",
-                adapter.label
-            )));
-        }
-        for ((p, f0), (_, f)) in modules[0].iter().zip(theirs) {
-            if f0.a.shape[1] != f.a.shape[1] || f0.b.shape[0] != f.b.shape[0] {
-                return Err(PeftError::Config(format!(
-                    "`{p}` is {}x{} in {first} and {}x{} in {}: adapters of different base models cannot be combined",
-                    f0.b.shape[0], f0.a.shape[1], f.b.shape[0], f.a.shape[1], adapter.label
-                )));
-            }
-        }
-    }
+    check_same_modules(adapters, &modules)?;
 
     // The new rank, as PEFT's `_check_add_weighted_adapter` sets it (per adapter: r, or the
     // largest rank of its rank_pattern).

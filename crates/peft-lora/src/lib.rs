@@ -13,6 +13,7 @@
 //! - [`adalora`]: AdaLoRA's SVD-form update, orthogonality penalty and rank budget.
 //! - [`relora`]: ReLoRA's cycles of merge and restart.
 //! - [`combine`]: weighted combinations of LoRA adapters (PEFT's `add_weighted_adapter`).
+//! - [`lorahub`]: LoRAHub, adapters of other tasks composed for a new one from a few examples.
 //!
 //! ```
 //! use burn::tensor::{Device, Tensor, Distribution};
@@ -31,6 +32,7 @@ pub mod combine;
 mod config;
 mod layer;
 pub mod linalg;
+pub mod lorahub;
 mod model;
 pub mod relora;
 
