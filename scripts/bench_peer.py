@@ -134,13 +134,15 @@ def qlora_base():
         return LlamaForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
 
 
-def adamw_steps(model):
+def adamw_steps(model, after_step=None):
     """One training step of `model`'s trainable parameters per call, as the Rust twin's
-    `Trainer`: AdamW lr 1e-4, gradient clipping at 1.0, the fixed batch of token ids."""
+    `Trainer`: AdamW lr 1e-4, gradient clipping at 1.0, the fixed batch of token ids.
+    `after_step(opt, step)` runs after each optimizer step, gradients still in place."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     ids = torch.tensor([[(i * 31 + b * 977) % 8192 for i in range(SEQ)] for b in range(BATCH)])
+    step = [0]
 
     def run():
         opt.zero_grad(set_to_none=True)
@@ -148,7 +150,71 @@ def adamw_steps(model):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        step[0] += 1
+        if after_step is not None:
+            after_step(opt, step[0])
         loss.item()
+    return run
+
+
+RELORA_STEPS, RELORA_WARMUP, RELORA_PRUNE = 10, 2, 0.99
+
+
+def train_step_relora():
+    """ReLoRA as the paper's code does it, on PEFT's LoRA layers (PEFT has no ReLoRA): every
+    RELORA_STEPS steps merge s·B·A into the base weight, re-initialise A and B, prune each
+    Adam moment of A and B by magnitude; the learning rate warms up again over
+    RELORA_WARMUP steps."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    model = get_peft_model(random_llama(), lora_config())
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+    def prune(t):
+        threshold = torch.quantile(t.abs().flatten().float(), RELORA_PRUNE)
+        t.mul_(t.abs() > threshold)
+
+    @torch.no_grad()
+    def after_step(opt, step):
+        if step % RELORA_STEPS == 0:
+            for layer in layers:
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                layer.get_base_layer().weight += layer.scaling["default"] * (b @ a)
+                layer.reset_lora_parameters("default", True)
+                for p in (a, b):
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        prune(opt.state[p][key])
+        since = step % RELORA_STEPS
+        for g in opt.param_groups:
+            g["lr"] = 1e-4 * min(1.0, (since + 1) / RELORA_WARMUP)
+
+    return adamw_steps(model, after_step)
+
+
+def train_step_adalora():
+    """PEFT's AdaLoRA with its defaults (init_r 12, target_r 8, alpha 8) on q and v, the rank
+    allocator after every optimizer step (masking from step 0: tinit 0, deltaT 1)."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    cfg = AdaLoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"],
+                        total_step=1_000_000)
+    model = get_peft_model(random_llama(), cfg)
+    return adamw_steps(model, lambda opt, step: model.base_model.update_and_allocate(step))
+
+
+def init_pissa(method):
+    """PEFT's PiSSA initialisation (`pissa_init`, the base weight replaced by its residual) of
+    every q and v LoRA layer of the Llama."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    model = get_peft_model(random_llama(), lora_config())
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+    def run():
+        for layer in layers:
+            layer.pissa_init("default", method)
     return run
 
 
@@ -281,6 +347,10 @@ WORKLOADS = {
     "train_step/full": lambda: train_step("full"),
     "train_step/qlora": lambda: train_step("qlora"),
     "train_step/dora": lambda: train_step("dora"),
+    "train_step/adalora": train_step_adalora,
+    "train_step/relora": train_step_relora,
+    "init/pissa": lambda: init_pissa("pissa"),
+    "init/pissa_niter_4": lambda: init_pissa("pissa_niter_4"),
     "train_step/ia3": lambda: train_step("ia3"),
     "train_step/ln_tuning": lambda: train_step("ln_tuning"),
     "train_step/beft": lambda: train_step("beft"),

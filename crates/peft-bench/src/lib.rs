@@ -150,6 +150,26 @@ pub const WORKLOADS: &[Workload] = &[
         BATCH * SEQ,
     ),
     w(
+        "train_step/adalora",
+        "AdamW step, AdaLoRA init_r 12 -> target_r 8 on q,v: orthogonality penalty, importance update and rank masking every step",
+        BATCH * SEQ,
+    ),
+    w(
+        "train_step/relora",
+        "AdamW step, ReLoRA r=16 on q,v restarting every 10 steps (merge, new factors, optimizer state pruned)",
+        BATCH * SEQ,
+    ),
+    w(
+        "init/pissa",
+        "PiSSA initialisation of LoRA r=16 on q,v of the 4-layer Llama (full SVD of each weight)",
+        0,
+    ),
+    w(
+        "init/pissa_niter_4",
+        "PiSSA initialisation with a randomized SVD (4 subspace iterations)",
+        0,
+    ),
+    w(
         "train_step/ia3",
         "AdamW step, IA3 with Hugging Face's Llama defaults (k, v, down)",
         BATCH * SEQ,
@@ -307,6 +327,32 @@ fn lora_config() -> LoraConfig {
     LoraConfig::new(RANK, ALPHA, &["q_proj", "v_proj"])
 }
 
+/// ReLoRA's restart interval and warmup in `train_step/relora` (as `scripts/bench_peer.py`).
+const RELORA_STEPS: usize = 10;
+const RELORA_WARMUP: usize = 2;
+
+/// AdaLoRA as `scripts/bench_peer.py` sets it: PEFT's defaults (init_r 12, target_r 8, alpha
+/// 8, masking every step from step 0) on q and v, a budget schedule longer than any run.
+fn adalora_config() -> peft_lora::AdaLoraConfig {
+    peft_lora::AdaLoraConfig {
+        target_modules: Some(peft_core::target::ModuleSelector::List(vec![
+            "q_proj".into(),
+            "v_proj".into(),
+        ])),
+        total_step: Some(1_000_000),
+        ..Default::default()
+    }
+}
+
+/// AdaLoRA's orthogonality penalty in the loss (what `peft train` adds through its method hook).
+struct AdaLoraPenalty(peft_lora::AdaLoraConfig);
+
+impl peft_core::train::TrainHook<LlamaForCausalLM> for AdaLoraPenalty {
+    fn extra_loss(&self, model: &LlamaForCausalLM) -> Option<Tensor<1>> {
+        self.0.extra_loss(model, "default")
+    }
+}
+
 /// The weight of the 4-bit workloads, as `scripts/bench_peer.py` builds it.
 fn quant_matrix() -> HostTensor {
     let data = wave(QUANT_DIM * QUANT_DIM, 0.618)
@@ -429,10 +475,25 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 drop(y);
             })
         }
+        "init/pissa" | "init/pissa_niter_4" => {
+            let method = id.strip_prefix("init/").expect("init/ id");
+            let config = LoraConfig {
+                init_lora_weights: peft_lora::InitLoraWeights::Method(method.into()),
+                ..lora_config()
+            };
+            let model = random_llama(device)?;
+            Box::new(move || {
+                let adapted = config.apply(model.clone(), "default").expect("pissa");
+                sync();
+                drop(adapted);
+            })
+        }
         "train_step/lora"
         | "train_step/full"
         | "train_step/qlora"
         | "train_step/dora"
+        | "train_step/adalora"
+        | "train_step/relora"
         | "train_step/ia3"
         | "train_step/ln_tuning"
         | "train_step/beft"
@@ -453,6 +514,7 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                     ..lora_config()
                 }
                 .apply(model, "default")?,
+                "train_step/adalora" => adalora_config().apply(model, "default")?,
                 "train_step/ia3" => peft_adapter::Ia3Config::default().apply(model, "default")?,
                 "train_step/ln_tuning" => {
                     peft_select::LnTuningConfig::default().apply(model, "default")?
@@ -504,6 +566,22 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 })
                 .collect();
             let mut trainer = Trainer::new(model, config);
+            match id {
+                "train_step/adalora" => {
+                    let c = adalora_config();
+                    trainer = trainer
+                        .with_hook(AdaLoraPenalty(c.clone()))
+                        .with_hook(c.allocator("default"));
+                }
+                "train_step/relora" => {
+                    let c = peft_lora::ReloraConfig {
+                        relora_warmup: RELORA_WARMUP,
+                        ..peft_lora::ReloraConfig::new(lora_config(), RELORA_STEPS)
+                    };
+                    trainer = trainer.with_hook(c.hook("default", usize::MAX));
+                }
+                _ => {}
+            }
             Box::new(move || {
                 trainer.step(&data, |m, b| lm_batch_loss(m, b, 0));
                 sync();

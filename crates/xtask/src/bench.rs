@@ -41,6 +41,7 @@ fn iterations(id: &str) -> usize {
         Some("train_step" | "generate") => 2,
         Some("nf4") if id == "nf4/quantize" => 2,
         Some("merge" | "linear") => 10,
+        Some("init") => 2,
         _ => 5,
     }
 }
