@@ -225,12 +225,12 @@ fn options(args: &[String]) -> Result<Options> {
             "--only" => {
                 o.only = Some(
                     it.next()
-                        .context("--only needs a workload id prefix")?
+                        .context("--only needs workload id prefixes (comma-separated)")?
                         .clone(),
                 )
             }
             other => bail!(
-                "unknown bench option `{other}` (expected --peer, --gpu, --no-gpu, --gpu-peak-gbps GBPS, --rounds N, --only PREFIX, --no-criterion)"
+                "unknown bench option `{other}` (expected --peer, --gpu, --no-gpu, --gpu-peak-gbps GBPS, --rounds N, --only PREFIX[,PREFIX...], --no-criterion)"
             ),
         }
     }
@@ -300,17 +300,22 @@ struct Pair {
     peer: Vec<f64>,
 }
 
+/// Whether `--only` (comma-separated id prefixes) selects workload `id`.
+fn selects(only: Option<&str>, id: &str) -> bool {
+    only.is_none_or(|list| list.split(',').any(|p| id.starts_with(p)))
+}
+
 pub fn bench(args: &[String]) -> Result<()> {
     let o = options(args)?;
     let selected: Vec<&'static Workload> = WORKLOADS
         .iter()
-        .filter(|w| o.only.as_deref().is_none_or(|p| w.id.starts_with(p)))
+        .filter(|w| selects(o.only.as_deref(), w.id))
         .collect();
     let gpu_name = nvidia_gpu();
     let run_gpu = o.gpu.unwrap_or(gpu_name.is_some());
     let on_device: Vec<&'static Workload> = peft_bench::ON_DEVICE
         .iter()
-        .filter(|id| run_gpu && o.only.as_deref().is_none_or(|p| id.starts_with(p)))
+        .filter(|id| run_gpu && selects(o.only.as_deref(), id))
         .map(|id| peft_bench::workload(id))
         .collect::<Result<_>>()?;
     if selected.is_empty() && on_device.is_empty() {
@@ -331,8 +336,10 @@ pub fn bench(args: &[String]) -> Result<()> {
             "--bench",
             "hot_paths",
         ];
-        if let Some(p) = &o.only {
-            bench_args.extend(["--", p.as_str()]);
+        // Criterion's filter is a regular expression: the prefixes as alternatives.
+        let filter = o.only.as_ref().map(|p| p.replace(',', "|"));
+        if let Some(f) = &filter {
+            bench_args.extend(["--", f.as_str()]);
         }
         cargo(&bench_args, &threads)?;
         criterion_medians(&selected)?

@@ -254,7 +254,7 @@ fn main() -> Result<()> {
         Some("fetch") => fetch().map(|(m, d)| println!("{}\n{}", m.display(), d.display())),
         _ => bail!(
             "usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] [--no-fuzz] | fetch | \
-             bench [--peer] [--rounds N] [--only PREFIX] [--no-criterion] | \
+             bench [--peer] [--rounds N] [--only PREFIX[,PREFIX]] [--no-criterion] | \
              fuzz [--seconds N] [--only NAME] [--sanitizer none|address] | \
              compare [--quick] [--peer] [--task sentiment|chat] [--only M1,M2] [--out DIR]>"
         ),
