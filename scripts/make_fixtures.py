@@ -460,6 +460,14 @@ METHOD_CASES = {
     "dora_bert": dict(model="bert", cfg=lambda: __import__("peft").LoraConfig(
         task_type="SEQ_CLS", r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
         target_modules=["query", "value", "output.dense"])),
+    # LoftQ: the base becomes its NF4 values, A and B the rank-4 SVD of what NF4 lost (one and
+    # two rounds). PEFT's loftq_init runs on CUDA only; `cpu_loftq` runs the same code on the CPU.
+    "loftq_llama": dict(model="llama", cfg=lambda: __import__("peft").LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights="loftq", target_modules=["q_proj", "v_proj", "down_proj"],
+        loftq_config=__import__("peft").LoftQConfig(loftq_bits=4, loftq_iter=1))),
+    "loftq2_llama": dict(model="llama", cfg=lambda: __import__("peft").LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights="loftq", target_modules=["q_proj", "v_proj", "down_proj"],
+        loftq_config=__import__("peft").LoftQConfig(loftq_bits=4, loftq_iter=2))),
 }
 
 
@@ -554,6 +562,47 @@ def make_methods_smollm2():
         print(case, "->", d, tok.decode(out["greedy"]))
 
 
+class cpu_loftq:
+    """PEFT's `loftq_init` moves the weight to "cuda" (or "xpu") to quantize it; while this is
+    entered, such moves stay on the CPU, where bitsandbytes quantizes as well."""
+
+    def __enter__(self):
+        import bitsandbytes as bnb
+
+        self.saved = (torch.Tensor.to, bnb.nn.Params4bit.to)
+        tensor_to, params_to = self.saved
+
+        def cpu(args, kwargs):
+            args = tuple("cpu" if a in ("cuda", "xpu") else a for a in args)
+            if kwargs.get("device") in ("cuda", "xpu"):
+                kwargs = {**kwargs, "device": "cpu"}
+            return args, kwargs
+
+        def t_to(self_, *args, **kwargs):
+            args, kwargs = cpu(args, kwargs)
+            return tensor_to(self_, *args, **kwargs)
+
+        def p_to(self_, *args, **kwargs):
+            args, kwargs = cpu(args, kwargs)
+            return params_to(self_, *args, **kwargs)
+
+        torch.Tensor.to, bnb.nn.Params4bit.to = t_to, p_to
+
+    def __exit__(self, *exc):
+        import bitsandbytes as bnb
+
+        torch.Tensor.to, bnb.nn.Params4bit.to = self.saved
+
+
+def lora_products(model):
+    """`B·A` of every LoRA module (Hugging Face key of its A, `.lora_A` cut off)."""
+    out = {}
+    for n, m in model.named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            out[n] = (m.lora_B["default"].weight @ m.lora_A["default"].weight).detach().contiguous()
+    return out
+
+
 def make_methods(cases=None):
     """IA3, LN tuning and BEFT adapters with changed weights (so they change the output), saved
     by PEFT (`cases`: only these, keeping the others' folders)."""
@@ -567,14 +616,23 @@ def make_methods(cases=None):
             continue
         kind = spec["model"]
         torch.manual_seed(2000 + i)
-        model = get_peft_model(method_base(kind), spec["cfg"]())
+        if case.startswith("loftq"):
+            with cpu_loftq():
+                model = get_peft_model(method_base(kind), spec["cfg"]())
+            # The initialisation itself: the NF4 base and B·A before any training.
+            init = {f"{n}.base": m.get_base_layer().weight.detach().contiguous()
+                    for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+            init.update({f"{n}.ba": t for n, t in lora_products(model).items()})
+        else:
+            model = get_peft_model(method_base(kind), spec["cfg"]())
+            init = None
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad and "ln_tuning_layers" in n:
                     p.mul_(1 + 0.3 * torch.randn_like(p))  # trained copies differ from the base
                 elif p.requires_grad and "beft_bias" in n:
                     p.add_(0.1 * torch.randn_like(p))  # trained biases are not zero
-                elif p.requires_grad and case in ("pissa_llama", "olora_llama"):
+                elif p.requires_grad and case in ("pissa_llama", "olora_llama", "loftq_llama", "loftq2_llama"):
                     p.add_(0.05 * p.abs().mean() * torch.randn_like(p))  # trained factors moved
                 elif p.requires_grad and "lora_magnitude_vector" in n:
                     p.mul_(1 + 0.1 * torch.randn_like(p))  # trained magnitudes are not the norms
@@ -589,6 +647,8 @@ def make_methods(cases=None):
                   os.path.join(d, "expected.safetensors"))
         if grads is not None:
             save_file(grads, os.path.join(d, "grads.safetensors"))
+        if init is not None:
+            save_file(init, os.path.join(d, "init.safetensors"))
         print(case, "->", d)
 
 
@@ -863,7 +923,7 @@ if __name__ == "__main__":
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
     ap.add_argument("--verify-method", nargs="+", metavar="ARG",
                     help="ADAPTER_DIR EXPECTED [BASE.gguf [TOLERANCE]]")
-    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora", "combine", "pissa", "adalora"])
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora", "combine", "pissa", "loftq", "adalora"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -901,5 +961,7 @@ if __name__ == "__main__":
         make_methods(["dora_llama", "dora_bert"])
     if a.only == "pissa":
         make_methods(["pissa_llama", "olora_llama"])
+    if a.only == "loftq":
+        make_methods(["loftq_llama", "loftq2_llama"])
     if a.only in (None, "proxy"):
         make_proxy()

@@ -43,11 +43,13 @@ impl InitLoraWeights {
             "gaussian" => None,
             "pissa" => Some(BaseInit::Pissa { niter: None }),
             "olora" => Some(BaseInit::Olora),
+            // PEFT's LoftQConfig defaults; `LoraConfig::base_init` reads `loftq_config`.
+            "loftq" => Some(BaseInit::Loftq { bits: 4, iter: 1 }),
             other => match other.strip_prefix("pissa_niter_").map(str::parse::<usize>) {
                 Some(Ok(n)) => Some(BaseInit::Pissa { niter: Some(n) }),
                 _ => {
                     return Err(PeftError::Config(format!(
-                        "init_lora_weights = \"{m}\" is not supported (use true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\" or \"olora\")"
+                        "init_lora_weights = \"{m}\" is not supported (use true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\" or \"loftq\")"
                     )));
                 }
             },
@@ -166,6 +168,33 @@ impl LoraConfig {
         Ok(config)
     }
 
+    /// The initialisation from the base weight, if any (PiSSA, OLoRA, LoftQ with this config's
+    /// `loftq_config`: PEFT's `loftq_bits` and `loftq_iter`, both required with `loftq`, as
+    /// PEFT requires `loftq_config`).
+    pub fn base_init(&self) -> Result<Option<BaseInit>> {
+        let init = self.init_lora_weights.base_init()?;
+        if !matches!(init, Some(BaseInit::Loftq { .. })) {
+            return Ok(init);
+        }
+        let field = |key: &str| -> Result<u64> {
+            let c = self.extra.get("loftq_config").ok_or_else(|| {
+                PeftError::Config(
+                    "init_lora_weights = \"loftq\" needs loftq_config (e.g. {\"loftq_bits\": 4, \"loftq_iter\": 1})".into(),
+                )
+            })?;
+            c.get(key).and_then(|v| v.as_u64()).ok_or_else(|| {
+                PeftError::Config(format!(
+                    "loftq_config.{key}: expected a non-negative integer, got {}",
+                    c.get(key).map_or("nothing".into(), |v| v.to_string())
+                ))
+            })
+        };
+        Ok(Some(BaseInit::Loftq {
+            bits: field("loftq_bits")? as u32,
+            iter: field("loftq_iter")? as usize,
+        }))
+    }
+
     /// Check the values a user can get wrong.
     pub fn validate(&self) -> Result<()> {
         if self.peft_type != "LORA" {
@@ -177,6 +206,7 @@ impl LoraConfig {
         if self.r == 0 {
             return Err(PeftError::Config("r must be positive".into()));
         }
+        self.base_init()?;
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(PeftError::Config(format!(
                 "lora_dropout {} is not in [0, 1)",

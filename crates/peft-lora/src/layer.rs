@@ -26,6 +26,51 @@ pub enum BaseInit {
     Pissa { niter: Option<usize> },
     /// OLoRA: the thin QR `W = Q·R`, `A = R[:r]`, `B = Q[:, :r]`.
     Olora,
+    /// LoftQ (Li et al., 2023), as PEFT's `loftq_init`: `iter` rounds of quantizing the
+    /// residual to NF4 (blocks of 64, no double quantization, bitsandbytes' `Params4bit`
+    /// defaults) and taking the rank-`r` SVD of what the quantization lost,
+    /// `A = √S·Vᵀ`, `B = U·√S` (no division by the LoRA scale, as in PEFT); the base becomes
+    /// the dequantized NF4 weight. `bits`: only 4 is supported.
+    Loftq { bits: u32, iter: usize },
+}
+
+/// LoftQ's factors and base of a `[out, in]` weight (Hugging Face layout): A `[r, in]`,
+/// B `[out, r]` and the dequantized NF4 base `[out, in]`.
+fn loftq(
+    w: &[f32],
+    out: usize,
+    d_in: usize,
+    r: usize,
+    iter: usize,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    use peft_quant::{QuantType, dequantize_4bit, quantize_4bit};
+    const BLOCK: usize = 64;
+    let mut residual = w.to_vec();
+    let mut result = None;
+    for i in 0..iter {
+        let (packed, absmax) = quantize_4bit(&residual, BLOCK, QuantType::Nf4)?;
+        let deq = dequantize_4bit(&packed, &absmax, w.len(), BLOCK, QuantType::Nf4)?;
+        let lost: Vec<f32> = w.iter().zip(&deq).map(|(x, q)| x - q).collect();
+        let lr = crate::linalg::svd(&lost, out, d_in, r)?;
+        let root: Vec<f64> = lr.s.iter().map(|s| s.sqrt()).collect();
+        let a: Vec<f32> = (0..r * d_in)
+            .map(|x| (root[x / d_in] * lr.vt[x]) as f32)
+            .collect();
+        let b: Vec<f32> = (0..out * r)
+            .map(|x| (lr.u[x] * root[x % r]) as f32)
+            .collect();
+        if i + 1 < iter {
+            // The next round quantizes what the low-rank part does not hold.
+            for o in 0..out {
+                for j in 0..d_in {
+                    let ba: f32 = (0..r).map(|k| b[o * r + k] * a[k * d_in + j]).sum();
+                    residual[o * d_in + j] = w[o * d_in + j] - ba;
+                }
+            }
+        }
+        result = Some((a, b, deq));
+    }
+    result.ok_or_else(|| PeftError::Config("loftq_iter must be at least 1".into()))
 }
 
 /// A linear site used for LoRA: the [`TunedLinear`] of `peft-sites` (a frozen base with named
@@ -99,6 +144,30 @@ fn lora_mut<'a>(layer: &'a mut TunedLinear, name: &str) -> Result<&'a mut LoraAd
     }
 }
 
+/// Set adapter `name`'s A `[r, in]` and B `[out, r]` and the base weight `[out, in]` (all in
+/// Hugging Face layout) after an initialisation from the base.
+fn set_from_base(
+    layer: &mut TunedLinear,
+    name: &str,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    base: Vec<f32>,
+    [out, d_in, r]: [usize; 3],
+) -> Result<()> {
+    let device = layer.base.device();
+    let host =
+        |v: Vec<f32>, shape: [usize; 2]| peft_core::tensors::HostTensor::new(shape.to_vec(), v);
+    let a_t = host(a, [r, d_in]).transposed().to_tensor::<2>(&device);
+    let b_t = host(b, [out, r]).transposed().to_tensor::<2>(&device);
+    layer.set_weights(name, a_t, b_t)?;
+    let dtype = layer.base.dense_weight(&device).dtype();
+    let base = host(base, [out, d_in])
+        .transposed()
+        .to_tensor::<2>(&device)
+        .cast(dtype);
+    layer.base.set_weight(base, false)
+}
+
 impl LoraLayer for TunedLinear {
     fn add_adapter(
         &mut self,
@@ -156,6 +225,23 @@ impl LoraLayer for TunedLinear {
                 "PiSSA needs a float base: initialise it on the dense model, then quantize the residual (as PEFT requires)".into(),
             ));
         }
+        if let BaseInit::Loftq { bits, iter } = init {
+            if bits != 4 {
+                return Err(PeftError::Config(format!(
+                    "loftq_bits {bits}: only 4-bit (NF4) LoftQ is supported"
+                )));
+            }
+            if iter == 0 {
+                return Err(PeftError::Config(
+                    "loftq_iter 0: LoftQ needs at least one round".into(),
+                ));
+            }
+            if self.base.is_quantized() {
+                return Err(PeftError::Config(
+                    "LoftQ needs the full-precision weight: initialise it on the dense model (it then holds the NF4 values), then quantize".into(),
+                ));
+            }
+        }
         let w = self.base.weight_hf();
         let (out, d_in) = (w.shape[0], w.shape[1]);
         if r > out.min(d_in) {
@@ -164,6 +250,10 @@ impl LoraLayer for TunedLinear {
             )));
         }
         // A `[r, in]` and B `[out, r]` in Hugging Face layout.
+        if let BaseInit::Loftq { iter, .. } = init {
+            let (a, b, base) = loftq(&w.data, out, d_in, r, iter)?;
+            return set_from_base(self, name, a, b, base, [out, d_in, r]);
+        }
         let (a, b): (Vec<f32>, Vec<f32>) = match init {
             BaseInit::Pissa { niter } => {
                 let lr = match niter {
@@ -187,29 +277,19 @@ impl LoraLayer for TunedLinear {
                     .collect();
                 (a, b)
             }
+            BaseInit::Loftq { .. } => unreachable!("handled above"),
         };
-        // The residual W − s·B·A, in burn's [in, out] layout.
-        let mut residual = vec![0f32; d_in * out];
+        // The residual W − s·B·A (Hugging Face layout).
+        let mut residual = vec![0f32; out * d_in];
         for o in 0..out {
             for j in 0..d_in {
                 let ba: f64 = (0..r)
                     .map(|k| b[o * r + k] as f64 * a[k * d_in + j] as f64)
                     .sum();
-                residual[j * out + o] = (w.data[o * d_in + j] as f64 - scale * ba) as f32;
+                residual[o * d_in + j] = (w.data[o * d_in + j] as f64 - scale * ba) as f32;
             }
         }
-        let device = self.base.device();
-        let host =
-            |v: Vec<f32>, shape: [usize; 2]| peft_core::tensors::HostTensor::new(shape.to_vec(), v);
-        let a_t = host(a, [r, d_in]).transposed().to_tensor::<2>(&device);
-        let b_t = host(b, [out, r]).transposed().to_tensor::<2>(&device);
-        self.set_weights(name, a_t, b_t)?;
-        let dtype = self.base.dense_weight(&device).dtype();
-        let residual = host(residual, [d_in, out])
-            .to_tensor::<2>(&device)
-            .cast(dtype);
-        self.base.set_weight(residual, false)?;
-        Ok(())
+        set_from_base(self, name, a, b, residual, [out, d_in, r])
     }
 
     fn set_magnitude(&mut self, name: &str, m: Tensor<1>) -> Result<()> {

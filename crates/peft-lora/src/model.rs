@@ -54,7 +54,7 @@ impl<M: SiteHost> Tuner<M> for LoraConfig {
     fn apply(&self, mut model: M, name: &str) -> Result<M> {
         self.validate()?;
         let init = self.init_lora_weights.to_init()?;
-        let base_init = self.init_lora_weights.base_init()?;
+        let base_init = self.base_init()?;
         let modules = model.module_paths();
         let targets = self
             .target_spec()
