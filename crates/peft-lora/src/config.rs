@@ -120,6 +120,10 @@ pub struct LoraConfig {
     pub use_dora: bool,
     #[serde(default)]
     pub init_lora_weights: InitLoraWeights,
+    /// LoftQ's settings (`loftq_bits`, `loftq_iter`) with `init_lora_weights = "loftq"`;
+    /// empty otherwise (PEFT writes `{}`).
+    #[serde(default)]
+    pub loftq_config: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
     pub layers_to_transform: Option<LayerIndices>,
     #[serde(default)]
@@ -177,7 +181,9 @@ impl LoraConfig {
             return Ok(init);
         }
         let field = |key: &str| -> Result<u64> {
-            let c = self.extra.get("loftq_config").ok_or_else(|| {
+            let c = (!self.loftq_config.is_empty())
+                .then_some(&self.loftq_config)
+                .ok_or_else(|| {
                 PeftError::Config(
                     "init_lora_weights = \"loftq\" needs loftq_config (e.g. {\"loftq_bits\": 4, \"loftq_iter\": 1})".into(),
                 )
