@@ -48,6 +48,10 @@ pub struct LoraHubArgs {
     /// Seed of the search.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Search as the paper does, from all weights 0 only, without first trying the uniform
+    /// average (every weight 1/n).
+    #[arg(long)]
+    no_uniform_start: bool,
     /// Longest example in tokens [default: 256].
     #[arg(long)]
     max_len: Option<usize>,
@@ -64,6 +68,7 @@ pub fn run(a: LoraHubArgs, device: &burn::tensor::Device) -> Result<()> {
         bound: a.bound,
         sigma: a.sigma,
         seed: a.seed,
+        try_uniform: !a.no_uniform_start,
     };
     config.validate().map_err(|e| usage!("{e}"))?;
     if let Some(w) = &a.weights
@@ -153,6 +158,7 @@ pub fn run(a: LoraHubArgs, device: &burn::tensor::Device) -> Result<()> {
         "bound": config.bound,
         "sigma": config.sigma,
         "seed": config.seed,
+        "uniform_start": config.try_uniform,
     });
     peft_core::folder::write_folder(&a.out, |tmp| -> Result<()> {
         save_adapter(tmp, &json, &tensors)?;

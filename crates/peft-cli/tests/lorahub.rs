@@ -59,9 +59,10 @@ fn the_composition_found_is_saved_as_a_lora_adapter_with_the_loss_reported() {
     // The saved folder gives the loss the search measured.
     let reloaded = eval_loss(&tiny(), Some(&out), &few);
     assert!((reloaded - loss).abs() < 1e-5, "{reloaded} vs {loss}");
-    // The search's best is no worse (in objective) than the uniform average it reports.
+    // The search tried the uniform average first: its best is no worse in objective.
     let uniform = r["uniform_loss"].as_f64().unwrap();
-    assert!(uniform.is_finite());
+    assert_eq!(r["uniform_start"], true);
+    assert!(objective <= uniform + 0.05 * 0.5 + 1e-9, "{r}");
     // Stdout is the same report.
     let printed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(printed, r);

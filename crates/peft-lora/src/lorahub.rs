@@ -37,6 +37,10 @@ pub struct LoraHubConfig {
     pub sigma: f64,
     /// Seed of CMA-ES's samples.
     pub seed: u64,
+    /// Evaluate the uniform average (every weight `1/n`) first, so the result is never worse
+    /// on the examples than the baseline the paper compares against (one evaluation of the
+    /// budget; not in the paper, whose search starts and stays with `w = 0`).
+    pub try_uniform: bool,
 }
 
 impl Default for LoraHubConfig {
@@ -47,6 +51,7 @@ impl Default for LoraHubConfig {
             bound: 1.5,
             sigma: 0.5,
             seed: 0,
+            try_uniform: true,
         }
     }
 }
@@ -232,7 +237,8 @@ pub struct SearchResult {
 /// real loss, finite (CMA-ES stops on a NaN).
 const REJECTED: f64 = 1e30;
 
-/// Minimise `config.objective(loss(w), w)` over `n` weights with CMA-ES from `w = 0`: at most
+/// Minimise `config.objective(loss(w), w)` over `n` weights with CMA-ES from `w = 0` (after
+/// the uniform average with `config.try_uniform`): at most
 /// `config.max_evals` calls of `loss`, each with weights inside the bounds (CMA-ES's samples are
 /// clamped to them). `on_eval` sees each evaluation and the best so far. An error of `loss`
 /// ends the search with that error; a non-finite loss is kept in the history and never chosen.
@@ -250,7 +256,7 @@ pub fn search(
     let mut best: Option<Evaluation> = None;
     let mut failure: Option<PeftError> = None;
     {
-        let objective = |x: &DVector<f64>| -> f64 {
+        let mut objective = |x: &[f64]| -> f64 {
             if failure.is_some() || history.len() >= config.max_evals {
                 return REJECTED;
             }
@@ -282,12 +288,20 @@ pub fn search(
             history.push(e);
             objective
         };
-        let mut cmaes = CMAESOptions::new(vec![0.0; n], config.sigma)
-            .max_function_evals(config.max_evals)
-            .seed(config.seed)
-            .build(objective)
-            .map_err(|e| PeftError::Config(format!("CMA-ES: {e:?}")))?;
-        let _ = cmaes.run();
+        if config.try_uniform {
+            objective(&vec![1.0 / n as f64; n]);
+        }
+        let left = config
+            .max_evals
+            .saturating_sub(usize::from(config.try_uniform));
+        if left > 0 {
+            let mut cmaes = CMAESOptions::new(vec![0.0; n], config.sigma)
+                .max_function_evals(left)
+                .seed(config.seed)
+                .build(|x: &DVector<f64>| objective(x.as_slice()))
+                .map_err(|e| PeftError::Config(format!("CMA-ES: {e:?}")))?;
+            let _ = cmaes.run();
+        }
     }
     if let Some(e) = failure {
         return Err(e);
@@ -410,6 +424,33 @@ mod tests {
             "{:?}",
             r.best.weights
         );
+    }
+
+    #[test]
+    fn the_uniform_average_is_tried_first_unless_asked_not_to() {
+        // A loss whose only good region is around the uniform point (0.25 each).
+        let loss = |w: &[f64]| {
+            Ok(if w.iter().all(|x| (x - 0.25).abs() < 1e-9) {
+                0.0
+            } else {
+                1.0
+            })
+        };
+        let config = LoraHubConfig {
+            max_evals: 10,
+            ..Default::default()
+        };
+        let r = search(4, &config, loss, |_, _| {}).unwrap();
+        assert_eq!(r.history[0].weights, vec![0.25; 4]);
+        assert_eq!(r.best.weights, vec![0.25; 4]);
+        assert_eq!(r.history.len(), 10);
+        let paper = LoraHubConfig {
+            try_uniform: false,
+            ..config
+        };
+        let r = search(4, &paper, loss, |_, _| {}).unwrap();
+        assert_ne!(r.best.weights, vec![0.25; 4]);
+        assert_eq!(r.history.len(), 10);
     }
 
     #[test]
