@@ -61,11 +61,9 @@ fn loftq(
             .collect();
         if i + 1 < iter {
             // The next round quantizes what the low-rank part does not hold.
-            for o in 0..out {
-                for j in 0..d_in {
-                    let ba: f32 = (0..r).map(|k| b[o * r + k] * a[k * d_in + j]).sum();
-                    residual[o * d_in + j] = w[o * d_in + j] - ba;
-                }
+            let ba = crate::linalg::product(&b, &a, out, r, d_in);
+            for ((x, w), ba) in residual.iter_mut().zip(w).zip(ba) {
+                *x = w - ba as f32;
             }
         }
         result = Some((a, b, deq));
@@ -280,15 +278,13 @@ impl LoraLayer for TunedLinear {
             BaseInit::Loftq { .. } => unreachable!("handled above"),
         };
         // The residual W − s·B·A (Hugging Face layout).
-        let mut residual = vec![0f32; out * d_in];
-        for o in 0..out {
-            for j in 0..d_in {
-                let ba: f64 = (0..r)
-                    .map(|k| b[o * r + k] as f64 * a[k * d_in + j] as f64)
-                    .sum();
-                residual[o * d_in + j] = (w.data[o * d_in + j] as f64 - scale * ba) as f32;
-            }
-        }
+        let ba = crate::linalg::product(&b, &a, out, r, d_in);
+        let residual: Vec<f32> = w
+            .data
+            .iter()
+            .zip(ba)
+            .map(|(w, ba)| (*w as f64 - scale * ba) as f32)
+            .collect();
         set_from_base(self, name, a, b, residual, [out, d_in, r])
     }
 
