@@ -3,10 +3,13 @@
 //! weights (losses, budgets, the final rank pattern and weights), and PEFT's saved adapter (cut
 //! to the kept ranks, with `rank_pattern`) loads here with the same logits and saves back.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
+use common::llama;
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::optim::Schedule;
 use peft_core::params::trainable;
@@ -16,21 +19,11 @@ use peft_core::tuner::Tuner;
 use peft_lora::{AdaLoraConfig, SiteHost, merge_and_unload_state};
 use peft_models::generate::greedy;
 use peft_models::llama::LlamaForCausalLM;
-use peft_models::load::load_causal_lm;
 use peft_models::reference::{Expected, max_abs_diff};
 use peft_sites::{LinearPart, SiteMut};
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/adalora_tiny")
-}
-
-fn llama(device: &Device) -> LlamaForCausalLM {
-    load_causal_lm(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora_tiny/base_plain"),
-        device,
-    )
-    .unwrap()
-    .model
 }
 
 fn trace() -> serde_json::Value {

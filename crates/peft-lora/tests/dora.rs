@@ -3,32 +3,24 @@
 //! biases), ours save under the same keys, merge exactly, and work over a 4-bit base (QDoRA)
 //! as PEFT's does: on the dequantized weight. Fixtures: `scripts/make_fixtures.py --only dora`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use burn::tensor::{Device, Int, Tensor};
+use common::{fixtures, llama};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::tensors::TensorMap;
 use peft_core::tuner::Tuner;
 use peft_lora::{LoraConfig, SiteHost, dequantize_base, merge_and_unload_state, quantize_base};
 use peft_models::bert::BertForSequenceClassification;
 use peft_models::generate::greedy;
-use peft_models::llama::LlamaForCausalLM;
-use peft_models::load::{load_bert_classifier, load_causal_lm};
+use peft_models::load::load_bert_classifier;
 use peft_models::reference::{Expected, max_abs_diff};
 use peft_quant::QuantSpec;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
 fn case_dir(case: &str) -> PathBuf {
     fixtures().join("methods_tiny").join(case)
-}
-
-fn llama(device: &Device) -> LlamaForCausalLM {
-    load_causal_lm(&fixtures().join("lora_tiny/base_plain"), device)
-        .unwrap()
-        .model
 }
 
 fn bert(device: &Device) -> BertForSequenceClassification {

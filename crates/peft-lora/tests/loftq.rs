@@ -3,27 +3,16 @@
 //! the NF4 values bit for bit, `B·A` is the rank-r SVD of what NF4 lost, and PEFT's saved
 //! adapters give the same logits. Fixtures: `scripts/make_fixtures.py --only loftq`.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::tensor::Device;
+use common::{fixtures, llama};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::tensors::TensorMap;
 use peft_core::tuner::Tuner;
 use peft_lora::{LoraConfig, SiteHost, quantize_base};
-use peft_models::llama::LlamaForCausalLM;
-use peft_models::load::load_causal_lm;
 use peft_models::reference::{Expected, max_abs_diff};
 use peft_quant::QuantSpec;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn llama(device: &Device) -> LlamaForCausalLM {
-    load_causal_lm(&fixtures().join("lora_tiny/base_plain"), device)
-        .unwrap()
-        .model
-}
 
 #[test]
 fn loftq_matches_peft_base_factors_and_logits() {

@@ -3,23 +3,17 @@
 //! adapter, beats the uniform average, and leaves the model holding the composition it found
 //! (`Σ wᵢ·Aᵢ`, `Σ wᵢ·Bᵢ`).
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::tensor::Device;
+use common::llama;
 use peft_core::tensors::TensorMap;
 use peft_core::train::TrainConfig;
 use peft_core::tuner::Tuner;
 use peft_lora::lorahub::{Composer, LoraHubConfig, lorahub};
 use peft_lora::{AdapterToCombine, LoraConfig};
 use peft_models::llama::LlamaForCausalLM;
-use peft_models::load::load_causal_lm;
 use peft_models::train::{Example, eval_loss, train};
-
-fn llama(device: &Device) -> LlamaForCausalLM {
-    let dir: PathBuf =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lora_tiny/base_plain");
-    load_causal_lm(&dir, device).unwrap().model
-}
 
 /// Four sequences of a fixed pattern of tokens from `start` (a "task").
 fn task(start: u32) -> Vec<Example> {

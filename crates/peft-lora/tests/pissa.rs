@@ -4,26 +4,15 @@
 //! initialisation on load, as in PEFT) give the same logits here. Fixtures:
 //! `scripts/make_fixtures.py --only pissa`.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::tensor::Device;
+use common::{fixtures, llama};
 use peft_core::adapter_io::{WEIGHTS_FILE, load_adapter};
 use peft_core::tuner::Tuner;
 use peft_lora::{InitLoraWeights, LoraConfig, SiteHost, merge_and_unload_state, quantize_base};
-use peft_models::llama::LlamaForCausalLM;
-use peft_models::load::load_causal_lm;
 use peft_models::reference::{Expected, max_abs_diff};
 use peft_quant::QuantSpec;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn llama(device: &Device) -> LlamaForCausalLM {
-    load_causal_lm(&fixtures().join("lora_tiny/base_plain"), device)
-        .unwrap()
-        .model
-}
 
 fn config(init: &str) -> LoraConfig {
     LoraConfig {

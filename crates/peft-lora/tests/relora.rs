@@ -2,9 +2,10 @@
 //! `r`, the saved adapter is a plain LoRA adapter that gives the trained model's output on the
 //! original base (in PEFT's format), and a run resumes from it.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::llama;
 use peft_core::adapter_io::load_adapter;
 use peft_core::train::{TrainConfig, TrainHook, Trainer};
 use peft_core::tuner::Tuner;
@@ -13,19 +14,8 @@ use peft_lora::{
     LoraConfig, ReloraConfig, SiteHost, linalg, merge_and_unload_state, quantize_base,
 };
 use peft_models::llama::LlamaForCausalLM;
-use peft_models::load::load_causal_lm;
 use peft_models::reference::max_abs_diff;
 use peft_quant::QuantSpec;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn llama(device: &Device) -> LlamaForCausalLM {
-    load_causal_lm(&fixtures().join("lora_tiny/base_plain"), device)
-        .unwrap()
-        .model
-}
 
 fn config(steps: usize) -> ReloraConfig {
     ReloraConfig::new(LoraConfig::new(2, 4.0, &["q_proj", "v_proj"]), steps)
