@@ -101,9 +101,16 @@ pub fn run(a: LoraHubArgs, device: &burn::tensor::Device) -> Result<()> {
     let loss = |m: &peft_models::llama::LlamaForCausalLM| eval_loss(m, &examples, batch, pad);
     const NAME: &str = "lorahub";
 
-    let (model, weights, found) = match &a.weights {
+    // The uniform average, the baseline the paper compares against.
+    let uniform = vec![1.0 / composer.len() as f64; composer.len()];
+    let uniform_loss_of = |model| -> Result<_> {
+        let model = load_composition(model, &composer, NAME, &uniform)?;
+        Ok((loss(&model), model))
+    };
+    let (model, weights, found, uniform_loss) = match &a.weights {
         Some(w) => {
             let model = composer.config().apply(base.model, NAME)?;
+            let (uniform_loss, model) = uniform_loss_of(model)?;
             let model = load_composition(model, &composer, NAME, w)?;
             let l = loss(&model);
             let found = Evaluation {
@@ -111,7 +118,7 @@ pub fn run(a: LoraHubArgs, device: &burn::tensor::Device) -> Result<()> {
                 loss: l,
                 objective: config.objective(l, w),
             };
-            (model, w.clone(), found)
+            (model, w.clone(), found, uniform_loss)
         }
         None => {
             eprintln!(
@@ -134,14 +141,25 @@ pub fn run(a: LoraHubArgs, device: &burn::tensor::Device) -> Result<()> {
                     ));
                 })?;
             bar.finish();
-            (model, result.best.weights.clone(), result.best)
+            // The search's first evaluation is the uniform average, unless told otherwise.
+            let (uniform_loss, model) = match result.history.first() {
+                Some(e) if config.try_uniform => (e.loss, model),
+                _ => {
+                    let (l, model) = uniform_loss_of(model)?;
+                    (
+                        l,
+                        load_composition(model, &composer, NAME, &result.best.weights)?,
+                    )
+                }
+            };
+            (
+                model,
+                result.best.weights.clone(),
+                result.best,
+                uniform_loss,
+            )
         }
     };
-    // The uniform average, the baseline the paper compares against.
-    let uniform = vec![1.0 / composer.len() as f64; composer.len()];
-    let model = load_composition(model, &composer, NAME, &uniform)?;
-    let uniform_loss = loss(&model);
-    let model = load_composition(model, &composer, NAME, &weights)?;
 
     let tensors = composer.config().state(&model, NAME)?;
     let json = serde_json::to_value(composer.config())?;
