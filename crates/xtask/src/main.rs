@@ -7,6 +7,8 @@
 //!   nightly toolchain are installed, every fuzz target for 3 seconds.
 //! - `cargo xtask fuzz [--seconds N]`: every reader of outside files under cargo fuzz (nightly),
 //!   or the stable mutation suite where there is no nightly.
+//! - `cargo xtask sweep`: delete the build outputs in the target folder that the tests no
+//!   longer use (old feature sets and flags pile up there and fill the disk).
 //! - `cargo xtask fetch`: only fetch the model and data into `models/`.
 //! - `cargo xtask compare [--quick]`: every method on real data with the same budget, side by
 //!   side (trainable parameters, saved size, step time and memory, held-out metric); a report
@@ -17,6 +19,7 @@
 mod bench;
 mod compare;
 mod fuzz;
+mod sweep;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -119,35 +122,71 @@ impl Tally {
     }
 }
 
-fn test(args: &[String]) -> Result<()> {
-    fetch()?;
-    let models = models_dir();
-    let models = models.to_str().context("models path is not UTF-8")?;
-    let env = [("PEFT_MODELS_DIR", models)];
-    let mut tally = Tally::default();
-    if !args.iter().any(|a| a == "--no-gpu-backends") {
+/// One cargo invocation of `cargo xtask test`.
+pub(crate) struct Phase {
+    pub(crate) args: Vec<&'static str>,
+    pub(crate) envs: Vec<(&'static str, &'static str)>,
+}
+
+/// The cargo invocations of `cargo xtask test` (also what `cargo xtask sweep` keeps the outputs
+/// of). The first, with `gpu_backends`, is a type-check; the others run tests.
+pub(crate) fn test_phases(gpu_backends: bool) -> Vec<Phase> {
+    let mut phases = Vec::new();
+    if gpu_backends {
         // CUDA cannot be built offline (cubecl-cuda downloads LLVM); type-check it instead.
-        cargo(
-            &["check", "-p", "peft-models", "--features", "cuda"],
-            &[("DOCS_RS", "1")],
-        )?;
+        phases.push(Phase {
+            args: vec!["check", "-p", "peft-models", "--features", "cuda"],
+            envs: vec![("DOCS_RS", "1")],
+        });
         // The 4-bit kernels, the LoRA layer and QLoRA with an f16 compute type on wgpu (Vulkan;
         // lavapipe runs them on the CPU where no GPU is present). One cargo invocation, so burn
         // with wgpu is built once; each test file is still its own process (a device's float
         // type is set once per process).
-        let features = "peft-quant/wgpu,peft-lora/wgpu,peft-models/wgpu";
-        let packages = ["-p", "peft-quant", "-p", "peft-lora", "-p", "peft-models"];
-        let tests = ["--test", "wgpu", "--test", "wgpu_half"];
-        let args: Vec<&str> = ["test"]
-            .into_iter()
-            .chain(packages)
-            .chain(["--features", features])
-            .chain(tests)
-            .collect();
-        tally.cargo_test(&args, &env)?;
+        phases.push(Phase {
+            args: vec![
+                "test",
+                "-p",
+                "peft-quant",
+                "-p",
+                "peft-lora",
+                "-p",
+                "peft-models",
+                "--features",
+                "peft-quant/wgpu,peft-lora/wgpu,peft-models/wgpu",
+                "--test",
+                "wgpu",
+                "--test",
+                "wgpu_half",
+            ],
+            envs: vec![],
+        });
     }
-    tally.cargo_test(&["test", "--workspace", "--doc"], &env)?;
-    tally.cargo_test(&["test", "--workspace", "--all-targets"], &env)?;
+    phases.push(Phase {
+        args: vec!["test", "--workspace", "--doc"],
+        envs: vec![],
+    });
+    phases.push(Phase {
+        args: vec!["test", "--workspace", "--all-targets"],
+        envs: vec![],
+    });
+    phases
+}
+
+fn test(args: &[String]) -> Result<()> {
+    fetch()?;
+    let models = models_dir();
+    let models = models.to_str().context("models path is not UTF-8")?;
+    let mut tally = Tally::default();
+    let gpu_backends = !args.iter().any(|a| a == "--no-gpu-backends");
+    for phase in test_phases(gpu_backends) {
+        let mut envs = phase.envs.clone();
+        envs.push(("PEFT_MODELS_DIR", models));
+        if phase.args[0] == "test" {
+            tally.cargo_test(&phase.args, &envs)?;
+        } else {
+            cargo(&phase.args, &envs)?;
+        }
+    }
     println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
     // Coverage-guided fuzzing of every reader, a few seconds each (the stable mutation suite ran
     // above with the tests); `cargo xtask fuzz --seconds N` runs longer.
@@ -251,9 +290,10 @@ fn main() -> Result<()> {
         Some("bench") => bench::bench(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("compare") => compare::compare(&args[1..], &workspace_root(), &models_dir()),
+        Some("sweep") => sweep::sweep(),
         Some("fetch") => fetch().map(|(m, d)| println!("{}\n{}", m.display(), d.display())),
         _ => bail!(
-            "usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] [--no-fuzz] | fetch | \
+            "usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] [--no-fuzz] | sweep | fetch | \
              bench [--peer] [--rounds N] [--only PREFIX[,PREFIX]] [--no-criterion] | \
              fuzz [--seconds N] [--only NAME] [--sanitizer none|address] | \
              compare [--quick] [--peer] [--task sentiment|chat] [--only M1,M2] [--out DIR]>"
