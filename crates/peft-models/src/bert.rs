@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use peft_quant::checkpoint::weight_shape;
 
-use crate::slot::{LinearSlot, put_sites, quantization_config, take_linear};
+use crate::slot::{
+    LinearSlot, placeholder_linear, placeholder_norm, put_sites, quantization_config, take_sites,
+};
 
 fn default_eps() -> f64 {
     1e-12
@@ -222,106 +224,69 @@ impl BertForSequenceClassification {
         source: &Path,
         device: &Device,
     ) -> Result<Self> {
-        let prefixed: Vec<String> = t
+        // A `BertModel` checkpoint has the keys of `BertForSequenceClassification` less `bert.`.
+        let bare: Vec<String> = t
             .keys()
-            .filter(|k| k.starts_with("bert."))
+            .filter(|k| {
+                ["embeddings.", "encoder.", "pooler."]
+                    .iter()
+                    .any(|m| k.starts_with(m))
+            })
             .cloned()
             .collect();
-        for k in prefixed {
+        for k in bare {
             let v = t.remove(&k).expect("present");
-            t.insert(k.trim_start_matches("bert.").to_string(), v);
+            t.insert(format!("bert.{k}"), v);
         }
         t.tensors.retain(|k, _| !k.ends_with("position_ids"));
         let h = config.hidden_size;
-        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize| {
-            take_linear(t, source, name, out, inp, true, device)
-        };
-        let norm = |t: &mut TensorMap, name: &str| -> Result<LayerNorm> {
-            let w = t.take_shaped(source, &format!("{name}.weight"), &[h])?;
-            let b = t.take_shaped(source, &format!("{name}.bias"), &[h])?;
-            Ok(LayerNorm::new(
-                w.to_tensor(device),
-                Some(b.to_tensor(device)),
-                config.layer_norm_eps,
-            ))
-        };
-        let emb = |t: &mut TensorMap, name: &str, rows: usize| -> Result<Param<Tensor<2>>> {
-            Ok(frozen(
-                t.take_shaped(source, &format!("embeddings.{name}.weight"), &[rows, h])?
-                    .to_tensor(device),
-            ))
-        };
-        let word_embeddings = emb(&mut t, "word_embeddings", config.vocab_size)?;
-        let position_embeddings = emb(
-            &mut t,
-            "position_embeddings",
-            config.max_position_embeddings,
-        )?;
-        let token_type_embeddings = emb(&mut t, "token_type_embeddings", config.type_vocab_size)?;
-        let embeddings_norm = norm(&mut t, "embeddings.LayerNorm")?;
-        let mut layers = Vec::new();
-        for i in 0..config.num_hidden_layers {
-            let p = format!("encoder.layer.{i}");
-            layers.push(BertLayer {
-                query: linear(&mut t, &format!("{p}.attention.self.query"), h, h)?,
-                key: linear(&mut t, &format!("{p}.attention.self.key"), h, h)?,
-                value: linear(&mut t, &format!("{p}.attention.self.value"), h, h)?,
-                attention_output: linear(&mut t, &format!("{p}.attention.output.dense"), h, h)?,
-                attention_norm: norm(&mut t, &format!("{p}.attention.output.LayerNorm"))?,
-                intermediate: linear(
-                    &mut t,
-                    &format!("{p}.intermediate.dense"),
-                    config.intermediate_size,
-                    h,
-                )?,
-                output: linear(
-                    &mut t,
-                    &format!("{p}.output.dense"),
-                    h,
-                    config.intermediate_size,
-                )?,
-                output_norm: norm(&mut t, &format!("{p}.output.LayerNorm"))?,
-                attention_adapters: SublayerSite::new(SublayerPlace::Attention, i, h),
-                output_adapters: SublayerSite::new(SublayerPlace::Output, i, h),
-            });
+        let mut embeddings = Vec::new();
+        for (name, rows) in [
+            ("word_embeddings", config.vocab_size),
+            ("position_embeddings", config.max_position_embeddings),
+            ("token_type_embeddings", config.type_vocab_size),
+        ] {
+            let key = format!("bert.embeddings.{name}.weight");
+            embeddings.push(frozen(
+                t.take_shaped(source, &key, &[rows, h])?.to_tensor(device),
+            ));
         }
-        let pooler = linear(&mut t, "pooler.dense", h, h)?;
+        let [word_embeddings, position_embeddings, token_type_embeddings] =
+            <[_; 3]>::try_from(embeddings).expect("three embeddings");
+
         let head_shape = weight_shape(&t, source, "classifier.weight")?;
         let head_from_checkpoint = head_shape.as_ref().is_some_and(|s| s[0] == num_labels);
         // A head for another number of classes is replaced by a new one.
         if head_shape.is_some() && !head_from_checkpoint {
             t.tensors.retain(|k, _| !k.starts_with("classifier."));
         }
-        let classifier = if head_from_checkpoint {
-            // The head is trained whole, so one stored 4-bit (transformers quantizes it too
-            // unless told to skip it) is made dense.
-            let mut head = linear(&mut t, "classifier", num_labels, h)?;
-            head.base.dequantize();
-            head
-        } else {
-            let w = Tensor::<2>::random([h, num_labels], Distribution::Normal(0.0, 0.02), device);
-            LinearSlot::new(w, Some(Tensor::zeros([num_labels], device)))
-        };
-        if !t.is_empty() {
-            let left: Vec<&String> = t.keys().take(5).collect();
-            return Err(PeftError::format(
-                source,
-                format!(
-                    "{} tensors are not part of a BERT model (first: {left:?})",
-                    t.len()
-                ),
-            ));
-        }
+        let eps = config.layer_norm_eps;
+        let norm = || placeholder_norm(h, true, eps);
+        let inter = config.intermediate_size;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| BertLayer {
+                query: placeholder_linear(h, h, true),
+                key: placeholder_linear(h, h, true),
+                value: placeholder_linear(h, h, true),
+                attention_output: placeholder_linear(h, h, true),
+                attention_norm: norm(),
+                intermediate: placeholder_linear(inter, h, true),
+                output: placeholder_linear(h, inter, true),
+                output_norm: norm(),
+                attention_adapters: SublayerSite::new(SublayerPlace::Attention, i, h),
+                output_adapters: SublayerSite::new(SublayerPlace::Output, i, h),
+            })
+            .collect();
         let mut config = config;
         config.num_labels = Some(num_labels);
-        Ok(Self {
+        let mut model = Self {
             word_embeddings,
             position_embeddings,
             token_type_embeddings,
-            embeddings_norm,
+            embeddings_norm: norm(),
             layers,
-            pooler,
-            classifier,
+            pooler: placeholder_linear(h, h, true),
+            classifier: placeholder_linear(num_labels, h, true),
             prompt: PromptSite::new(
                 PromptPlace::Input,
                 config.hidden_size,
@@ -337,7 +302,29 @@ impl BertForSequenceClassification {
             n_heads: config.num_attention_heads,
             config,
             head_from_checkpoint,
-        })
+        };
+        let sites = model.sites_mut().into_iter();
+        let sites = sites.filter(|(_, s)| head_from_checkpoint || !matches!(s, SiteMut::Head(_)));
+        take_sites(&mut t, source, sites.collect(), device)?;
+        if head_from_checkpoint {
+            // The head is trained whole, so one stored 4-bit (transformers quantizes it too
+            // unless told to skip it) is made dense.
+            model.classifier.base.dequantize();
+        } else {
+            let w = Tensor::<2>::random([h, num_labels], Distribution::Normal(0.0, 0.02), device);
+            model.classifier = LinearSlot::new(w, Some(Tensor::zeros([num_labels], device)));
+        }
+        if !t.is_empty() {
+            let left: Vec<&String> = t.keys().take(5).collect();
+            return Err(PeftError::format(
+                source,
+                format!(
+                    "{} tensors are not part of a BERT model (first: {left:?})",
+                    t.len()
+                ),
+            ));
+        }
+        Ok(model)
     }
 
     /// Class logits `[batch, num_labels]` for token ids and a 1/0 attention mask `[batch, seq]`.

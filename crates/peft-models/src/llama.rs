@@ -22,10 +22,15 @@ use crate::causal_softmax::causal_softmax;
 use crate::config::LlamaConfig;
 use crate::loss::cross_entropy_rows;
 use crate::rms_norm::rms_norm;
-use crate::slot::{put_sites, quantization_config, take_linear};
+use crate::slot::{
+    placeholder_linear, placeholder_norm, put_sites, quantization_config, take_sites,
+};
 use crate::swiglu::swiglu;
 
 pub use crate::slot::LinearSlot;
+
+/// The input embeddings' key: the one base tensor that is not a site's.
+const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 
 /// Root-mean-square layer norm with a learned scale (a norm site: no shift).
 pub type RmsNorm = TunedNorm;
@@ -280,6 +285,59 @@ impl Attention {
 }
 
 impl LlamaForCausalLM {
+    /// The model's structure with placeholder weights ([`placeholder_linear`]), which
+    /// [`take_sites`] fills by the paths of the site tables.
+    fn skeleton(config: LlamaConfig) -> Self {
+        let (hd, kvh, h) = (
+            config.head_dim(),
+            config.kv_heads(),
+            config.num_attention_heads,
+        );
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let (ab, mb) = (config.attention_bias, config.mlp_bias);
+        let norm = || placeholder_norm(hidden, false, config.rms_norm_eps);
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer {
+                self_attn: Attention {
+                    q_proj: placeholder_linear(h * hd, hidden, ab),
+                    k_proj: placeholder_linear(kvh * hd, hidden, ab),
+                    v_proj: placeholder_linear(kvh * hd, hidden, ab),
+                    o_proj: placeholder_linear(hidden, h * hd, ab),
+                    n_heads: h,
+                    n_kv_heads: kvh,
+                    head_dim: hd,
+                },
+                mlp: Mlp {
+                    gate_proj: placeholder_linear(inter, hidden, mb),
+                    up_proj: placeholder_linear(inter, hidden, mb),
+                    down_proj: placeholder_linear(hidden, inter, mb),
+                },
+                input_layernorm: norm(),
+                post_attention_layernorm: norm(),
+                attention_adapters: SublayerSite::new(SublayerPlace::Attention, i, hidden),
+                output_adapters: SublayerSite::new(SublayerPlace::Output, i, hidden),
+            })
+            .collect();
+        Self {
+            model: LlamaModel {
+                embed_tokens: frozen(Tensor::zeros([config.vocab_size, hidden], &Device::flex())),
+                layers,
+                norm: norm(),
+                prompt: PromptSite::new(PromptPlace::Input, hidden, h, config.num_hidden_layers),
+                // As PEFT sizes it under grouped-query attention: key/value heads only.
+                prefix: PromptSite::new(
+                    PromptPlace::Prefix,
+                    kvh * hd,
+                    kvh,
+                    config.num_hidden_layers,
+                ),
+            },
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| placeholder_linear(config.vocab_size, hidden, false)),
+            config,
+        }
+    }
+
     /// Build from Hugging Face-named tensors; every tensor must be used and have its shape.
     pub fn from_tensors(
         config: LlamaConfig,
@@ -287,70 +345,18 @@ impl LlamaForCausalLM {
         source: &Path,
         device: &Device,
     ) -> Result<Self> {
-        let (hd, kvh, h) = (
-            config.head_dim(),
-            config.kv_heads(),
-            config.num_attention_heads,
-        );
-        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
-        let linear = |t: &mut TensorMap, name: &str, out: usize, inp: usize, bias: bool| {
-            take_linear(t, source, name, out, inp, bias, device)
-        };
-        let norm = |t: &mut TensorMap, name: &str| -> Result<RmsNorm> {
-            let w = t.take_shaped(source, &format!("{name}.weight"), &[hidden])?;
-            Ok(RmsNorm::new(w.to_tensor(device), None, config.rms_norm_eps))
-        };
         let embed = t.take_shaped(
             source,
-            "model.embed_tokens.weight",
-            &[config.vocab_size, hidden],
+            EMBED_TOKENS,
+            &[config.vocab_size, config.hidden_size],
         )?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let ab = config.attention_bias;
-            let mb = config.mlp_bias;
-            layers.push(DecoderLayer {
-                self_attn: Attention {
-                    q_proj: linear(&mut t, &format!("{p}.self_attn.q_proj"), h * hd, hidden, ab)?,
-                    k_proj: linear(
-                        &mut t,
-                        &format!("{p}.self_attn.k_proj"),
-                        kvh * hd,
-                        hidden,
-                        ab,
-                    )?,
-                    v_proj: linear(
-                        &mut t,
-                        &format!("{p}.self_attn.v_proj"),
-                        kvh * hd,
-                        hidden,
-                        ab,
-                    )?,
-                    o_proj: linear(&mut t, &format!("{p}.self_attn.o_proj"), hidden, h * hd, ab)?,
-                    n_heads: h,
-                    n_kv_heads: kvh,
-                    head_dim: hd,
-                },
-                mlp: Mlp {
-                    gate_proj: linear(&mut t, &format!("{p}.mlp.gate_proj"), inter, hidden, mb)?,
-                    up_proj: linear(&mut t, &format!("{p}.mlp.up_proj"), inter, hidden, mb)?,
-                    down_proj: linear(&mut t, &format!("{p}.mlp.down_proj"), hidden, inter, mb)?,
-                },
-                input_layernorm: norm(&mut t, &format!("{p}.input_layernorm"))?,
-                post_attention_layernorm: norm(&mut t, &format!("{p}.post_attention_layernorm"))?,
-                attention_adapters: SublayerSite::new(SublayerPlace::Attention, i, hidden),
-                output_adapters: SublayerSite::new(SublayerPlace::Output, i, hidden),
-            });
-        }
-        let final_norm = norm(&mut t, "model.norm")?;
         // Checkpoints of tied models sometimes still carry a copy of the head.
-        let lm_head = if config.tie_word_embeddings {
+        if config.tie_word_embeddings {
             t.remove("lm_head.weight");
-            None
-        } else {
-            Some(linear(&mut t, "lm_head", config.vocab_size, hidden, false)?)
-        };
+        }
+        let mut model = Self::skeleton(config);
+        model.model.embed_tokens = frozen(embed.to_tensor(device));
+        take_sites(&mut t, source, model.sites_mut(), device)?;
         t.tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
         if !t.is_empty() {
             let left: Vec<&String> = t.keys().take(5).collect();
@@ -362,23 +368,7 @@ impl LlamaForCausalLM {
                 ),
             ));
         }
-        Ok(Self {
-            model: LlamaModel {
-                embed_tokens: frozen(embed.to_tensor(device)),
-                layers,
-                norm: final_norm,
-                prompt: PromptSite::new(PromptPlace::Input, hidden, h, config.num_hidden_layers),
-                // As PEFT sizes it under grouped-query attention: key/value heads only.
-                prefix: PromptSite::new(
-                    PromptPlace::Prefix,
-                    kvh * hd,
-                    kvh,
-                    config.num_hidden_layers,
-                ),
-            },
-            lm_head,
-            config,
-        })
+        Ok(model)
     }
 
     /// A model with random weights, for benchmarks and tests that need no checkpoint: every
@@ -395,48 +385,29 @@ impl LlamaForCausalLM {
             ))
         };
         let ones = |n: usize| HostTensor::new(vec![n], vec![1.0; n]);
-        let (hd, kvh, h) = (
-            config.head_dim(),
-            config.kv_heads(),
-            config.num_attention_heads,
-        );
-        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let zeros = |n: usize| HostTensor::new(vec![n], vec![0.0; n]);
         let mut t = TensorMap::new();
         t.insert(
-            "model.embed_tokens.weight",
-            normal([config.vocab_size, hidden]),
+            EMBED_TOKENS,
+            normal([config.vocab_size, config.hidden_size]),
         );
-        for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let shapes = [
-                ("self_attn.q_proj", [h * hd, hidden]),
-                ("self_attn.k_proj", [kvh * hd, hidden]),
-                ("self_attn.v_proj", [kvh * hd, hidden]),
-                ("self_attn.o_proj", [hidden, h * hd]),
-                ("mlp.gate_proj", [inter, hidden]),
-                ("mlp.up_proj", [inter, hidden]),
-                ("mlp.down_proj", [hidden, inter]),
-            ];
-            for (name, shape) in shapes {
-                t.insert(format!("{p}.{name}.weight"), normal(shape));
-                let bias = if name.starts_with("mlp") {
-                    config.mlp_bias
-                } else {
-                    config.attention_bias
-                };
-                if bias {
-                    t.insert(
-                        format!("{p}.{name}.bias"),
-                        HostTensor::new(vec![shape[0]], vec![0.0; shape[0]]),
-                    );
+        // The keys and shapes are the skeleton's sites.
+        let mut skeleton = Self::skeleton(config.clone());
+        for (path, site) in skeleton.sites_mut() {
+            match site {
+                SiteMut::Linear(l) | SiteMut::Head(l) => {
+                    let out = l.base.d_output();
+                    t.insert(format!("{path}.weight"), normal([out, l.base.d_input()]));
+                    if l.base.bias().is_some() {
+                        t.insert(format!("{path}.bias"), zeros(out));
+                    }
                 }
+                SiteMut::Norm(n) => t.insert(
+                    format!("{path}.weight"),
+                    ones(n.base.weight.val().dims()[0]),
+                ),
+                SiteMut::Prompt(_) | SiteMut::Sublayer(_) => {}
             }
-            t.insert(format!("{p}.input_layernorm.weight"), ones(hidden));
-            t.insert(format!("{p}.post_attention_layernorm.weight"), ones(hidden));
-        }
-        t.insert("model.norm.weight", ones(hidden));
-        if !config.tie_word_embeddings {
-            t.insert("lm_head.weight", normal([config.vocab_size, hidden]));
         }
         Self::from_tensors(config, t, Path::new("<random weights>"), device)
     }
@@ -446,7 +417,7 @@ impl LlamaForCausalLM {
     pub fn to_tensors(&self) -> TensorMap {
         let mut t = TensorMap::new();
         t.insert(
-            "model.embed_tokens.weight",
+            EMBED_TOKENS,
             HostTensor::from_tensor(self.model.embed_tokens.val()),
         );
         put_sites(&mut t, self.sites());
@@ -462,10 +433,12 @@ impl LlamaForCausalLM {
     /// (gate, up, down) switch on for the whole model, with zero biases where a layer had none.
     /// A bias on the output head has no place in a Llama checkpoint: an error.
     pub fn complete_biases(mut self) -> Result<Self> {
-        let has = |group: &[&str], m: &Self| {
+        // `attention_bias` covers the linears of `self_attn`, `mlp_bias` those of `mlp`.
+        let in_group = |path: &str, group: &str| path.contains(&format!(".{group}."));
+        let has = |group: &str, m: &Self| {
             m.linears()
                 .iter()
-                .any(|(p, l)| group.iter().any(|g| p.ends_with(g)) && l.base.bias().is_some())
+                .any(|(p, l)| in_group(p, group) && l.base.bias().is_some())
         };
         if self
             .lm_head
@@ -478,16 +451,14 @@ impl LlamaForCausalLM {
                     .into(),
             ));
         }
-        const ATTENTION: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
-        const MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
-        let attention = has(&ATTENTION, &self);
-        let mlp = has(&MLP, &self);
+        let attention = has("self_attn", &self);
+        let mlp = has("mlp", &self);
         self.config.attention_bias |= attention;
         self.config.mlp_bias |= mlp;
         for (path, site) in self.sites_mut() {
             let SiteMut::Linear(l) = site else { continue };
-            let wanted = (attention && ATTENTION.iter().any(|g| path.ends_with(g)))
-                || (mlp && MLP.iter().any(|g| path.ends_with(g)));
+            let wanted =
+                (attention && in_group(&path, "self_attn")) || (mlp && in_group(&path, "mlp"));
             if wanted && l.base.bias().is_none() {
                 let zeros = Tensor::<1>::zeros([l.base.d_output()], &l.base.device());
                 *l.base.bias_mut() = Some(peft_core::params::frozen(zeros));

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use peft_core::Result;
 use peft_core::linear::FrozenLinear;
 use peft_core::params::frozen;
@@ -14,6 +14,60 @@ use peft_quant::{BaseLinear, Linear4bit};
 
 /// A tunable linear projection: a frozen base with the parts methods attach.
 pub type LinearSlot = peft_sites::TunedLinear;
+
+/// A linear of the model's structure before its weights are read: zeros on the host, from an
+/// allocation the kernel maps lazily, so a model-sized skeleton costs no memory until
+/// [`take_sites`] replaces every one of them.
+pub fn placeholder_linear(out: usize, inp: usize, bias: bool) -> LinearSlot {
+    let host = Device::flex();
+    LinearSlot::new(
+        Tensor::zeros([inp, out], &host),
+        bias.then(|| Tensor::zeros([out], &host)),
+    )
+}
+
+/// A norm of the model's structure before its weights are read (see [`placeholder_linear`]).
+pub fn placeholder_norm(len: usize, bias: bool, eps: f64) -> peft_sites::TunedNorm {
+    let host = Device::flex();
+    peft_sites::TunedNorm::new(
+        Tensor::zeros([len], &host),
+        bias.then(|| Tensor::zeros([len], &host)),
+        eps,
+    )
+}
+
+/// Fill a model's linear and norm sites from Hugging Face-named tensors: each site at `path`
+/// takes `<path>.weight` (and `<path>.bias` where the site has one) out of `t`, with the shape
+/// the site was built with. The inverse of [`put_sites`], so a model's module names are the
+/// ones of its site table and nowhere else.
+pub fn take_sites(
+    t: &mut TensorMap,
+    source: &Path,
+    sites: Vec<(String, peft_sites::SiteMut<'_>)>,
+    device: &Device,
+) -> Result<()> {
+    for (path, site) in sites {
+        match site {
+            peft_sites::SiteMut::Linear(l) | peft_sites::SiteMut::Head(l) => {
+                let (out, inp) = (l.base.d_output(), l.base.d_input());
+                let bias = l.base.bias().is_some();
+                *l = take_linear(t, source, &path, out, inp, bias, device)?;
+            }
+            peft_sites::SiteMut::Norm(n) => {
+                let len = n.base.weight.val().dims()[0];
+                let w = t.take_shaped(source, &format!("{path}.weight"), &[len])?;
+                n.base.weight = frozen(w.to_tensor(device));
+                if n.base.bias.is_some() {
+                    let b = t.take_shaped(source, &format!("{path}.bias"), &[len])?;
+                    n.base.bias = Some(frozen(b.to_tensor(device)));
+                }
+            }
+            // Virtual tokens and sub-layer adapters are adapter state, never in a checkpoint.
+            peft_sites::SiteMut::Prompt(_) | peft_sites::SiteMut::Sublayer(_) => {}
+        }
+    }
+    Ok(())
+}
 
 /// Take `<name>.weight` (`[out, inp]`, dense or bitsandbytes 4-bit, which stays 4-bit) and,
 /// with `bias`, `<name>.bias` out of `t`.
