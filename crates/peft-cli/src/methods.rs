@@ -10,7 +10,7 @@ use peft_core::train::{TrainHook, Trainer};
 use peft_core::tuner::Tuner;
 use peft_lora::{AdaLoraConfig, LoraConfig, ReloraConfig};
 use peft_prompt::{PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig};
-use peft_select::{BeftConfig, BitFitConfig, LnTuningConfig};
+use peft_select::{BeftConfig, BitFitConfig, LnTuningConfig, SelectConfig};
 use peft_sites::SiteHost;
 use serde_json::{Map, Value};
 
@@ -74,6 +74,11 @@ pub const METHODS: &[Method] = &[
         name: "bitfit",
         peft_type: "BITFIT",
         about: "BitFit: only the model's own biases train",
+    },
+    Method {
+        name: "select",
+        peft_type: "SELECT",
+        about: "layer and module selection: chosen existing weights train in full (--set module_groups=[\"attention\",\"mlp\",\"norms\",\"biases\",\"head\"] --set layers_to_transform=[...])",
     },
     Method {
         name: "beft",
@@ -159,6 +164,7 @@ pub enum MethodConfig {
     Ia3(Ia3Config),
     LnTuning(LnTuningConfig),
     BitFit(BitFitConfig),
+    Select(SelectConfig),
     Beft(BeftConfig),
     PromptTuning(PromptTuningConfig),
     PTuning(PromptEncoderConfig),
@@ -193,6 +199,7 @@ impl MethodConfig {
             "IA3" => Self::Ia3(Ia3Config::from_json(config)?),
             "LN_TUNING" => Self::LnTuning(LnTuningConfig::from_json(config)?),
             "BITFIT" => Self::BitFit(BitFitConfig::from_json(config)?),
+            "SELECT" => Self::Select(SelectConfig::from_json(config)?),
             "BEFT" => Self::Beft(BeftConfig::from_json(config)?),
             "PROMPT_TUNING" => Self::PromptTuning(PromptTuningConfig::from_json(config)?),
             "P_TUNING" => Self::PTuning(PromptEncoderConfig::from_json(config)?),
@@ -232,6 +239,7 @@ impl MethodConfig {
             "ia3" => Self::Ia3(Ia3Config::default()),
             "ln-tuning" => Self::LnTuning(LnTuningConfig::default()),
             "bitfit" => Self::BitFit(BitFitConfig::default()),
+            "select" => Self::Select(SelectConfig::default()),
             "beft" => Self::Beft(BeftConfig::default()),
             "prompt-tuning" => Self::PromptTuning(PromptTuningConfig::default()),
             "p-tuning" => Self::PTuning(PromptEncoderConfig::default()),
@@ -260,6 +268,7 @@ impl MethodConfig {
             Self::Ia3(c) => c,
             Self::LnTuning(c) => c,
             Self::BitFit(c) => c,
+            Self::Select(c) => c,
             Self::Beft(c) => c,
             Self::PromptTuning(c) => c,
             Self::PTuning(c) => c,
@@ -279,6 +288,7 @@ impl MethodConfig {
             Self::Ia3(c) => serde_json::to_value(c),
             Self::LnTuning(c) => serde_json::to_value(c),
             Self::BitFit(c) => serde_json::to_value(c),
+            Self::Select(c) => serde_json::to_value(c),
             Self::Beft(c) => serde_json::to_value(c),
             Self::PromptTuning(c) => serde_json::to_value(c),
             Self::PTuning(c) => serde_json::to_value(c),
@@ -306,7 +316,7 @@ impl MethodConfig {
             Self::Bottleneck(c) => Self::Bottleneck(c.resolved_for(model)?),
             Self::Fusion(c) => Self::Fusion(c.resolved_for(model)?),
             Self::AdaLora(c) => Self::AdaLora(c.with_defaults(model_type)?),
-            Self::Lora(_) | Self::Relora(_) | Self::BitFit(_) => self.clone(),
+            Self::Lora(_) | Self::Relora(_) | Self::BitFit(_) | Self::Select(_) => self.clone(),
         })
     }
 
@@ -459,6 +469,7 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
         MethodConfig::Ia3(_) => MethodConfig::Ia3(Ia3Config::default()),
         MethodConfig::LnTuning(_) => MethodConfig::LnTuning(LnTuningConfig::default()),
         MethodConfig::BitFit(_) => MethodConfig::BitFit(BitFitConfig::default()),
+        MethodConfig::Select(_) => MethodConfig::Select(SelectConfig::default()),
         MethodConfig::Beft(_) => MethodConfig::Beft(BeftConfig::default()),
         MethodConfig::PromptTuning(_) => MethodConfig::PromptTuning(Default::default()),
         MethodConfig::PTuning(_) => MethodConfig::PTuning(Default::default()),

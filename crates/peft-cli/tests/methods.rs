@@ -224,6 +224,91 @@ fn options_take_reference_names_from_the_command_line_or_a_method_table() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("LN_TUNING"));
 }
 
+/// `--method select` on layer 1's attention and norms: the held-out loss drops, the folder
+/// holds those tensors under their own keys, resume is exact, and the merged model differs
+/// from the base in exactly those tensors.
+#[test]
+fn select_trains_chosen_layers_modules_and_merges_into_them_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let base_loss = eval_loss(&tiny(), None, &data);
+    let out = tmp.path().join("select");
+    let mut args = train("select", "0.01", s(&data), s(&out));
+    let set = [
+        "--set",
+        r#"module_groups=["attention","norms"]"#,
+        "--set",
+        "layers_to_transform=[1]",
+    ];
+    args.extend(set);
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+    assert_eq!(files.config["peft_type"], "SELECT");
+    assert_eq!(files.config["layers_to_transform"], serde_json::json!([1]));
+    let selected = |k: &str| {
+        k.starts_with("model.layers.1.self_attn.")
+            || (k.starts_with("model.layers.1.") && k.contains("layernorm"))
+    };
+    let mut keys: Vec<&String> = files.tensors.keys().collect();
+    keys.sort();
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    assert!(
+        keys.iter()
+            .all(|k| selected(k.trim_start_matches("base_model.model."))),
+        "{keys:?}"
+    );
+    let loss = eval_loss(&tiny(), Some(&out), &data);
+    assert!(loss < base_loss - 0.01, "loss {loss} vs base {base_loss}");
+
+    // Stopped after the checkpoint at step 4 and resumed: the same adapter as the whole run.
+    let part = tmp.path().join("select-part");
+    let mut first = train("select", "0.01", s(&data), s(&part));
+    first.extend(set);
+    first.extend(["--stop-after", "4"]);
+    let o = peft(&first);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut resume = train("select", "0.01", s(&data), s(&part));
+    resume.extend(set);
+    resume.push("--resume");
+    let o = peft(&resume);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(adapter_values(&part), adapter_values(&out));
+
+    let merged = tmp.path().join("merged");
+    let o = peft(&[
+        "merge",
+        "--model",
+        model(),
+        "--adapter",
+        s(&out),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |dir: &Path| {
+        peft_core::tensors::TensorMap::read_safetensors(&dir.join("model.safetensors")).unwrap()
+    };
+    let (base, after) = (read(&tiny()), read(&merged));
+    let mut changed = 0;
+    for (k, t) in &base.tensors {
+        let same = after.get(k).unwrap().data == t.data;
+        assert_eq!(same, !selected(k), "{k}");
+        changed += usize::from(!same);
+    }
+    assert_eq!(changed, 6);
+
+    let bad_out = tmp.path().join("bad");
+    let mut bad = train("select", "0.01", s(&data), s(&bad_out));
+    bad.extend(["--set", r#"module_groups=["attn"]"#]);
+    let o = peft(&bad);
+    assert!(
+        !o.status.success() && stderr(&o).contains("`attn`"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn bitfit_changes_only_biases_and_a_model_without_biases_is_told_to_use_beft() {
     let tmp = tempfile::tempdir().unwrap();

@@ -152,9 +152,10 @@ impl TargetSpec {
         Ok(selected)
     }
 
-    /// `layers_to_transform` filter: Hugging Face reads the first numbered segment after a
-    /// `layers_pattern` name (or after any name when no pattern is given).
-    fn layer_allowed(&self, path: &str) -> Result<bool> {
+    /// Whether `path` lies in a layer of `layers_to_transform` (always, when unset; never for a
+    /// module outside the numbered layers, as Hugging Face PEFT has it). Hugging Face reads the
+    /// first numbered segment after a `layers_pattern` name (or after any name without one).
+    pub fn layer_allowed(&self, path: &str) -> Result<bool> {
         let Some(indices) = &self.layers_to_transform else {
             return Ok(true);
         };

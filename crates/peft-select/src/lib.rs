@@ -10,11 +10,15 @@
 //! - [`BeftConfig`]: Hugging Face `BEFT`: new zero-initialised biases on target linears, for
 //!   bias tuning on models without biases (Llama). On your own model, put a
 //!   [`peft_sites::LinearPart::Bias`] on a [`peft_sites::TunedLinear`].
+//! - [`SelectConfig`]: layer and module selection: chosen existing weights (module groups,
+//!   target modules, `layers_to_transform`) train in full; `peft_type` `SELECT`.
 
 pub mod beft;
 pub mod bitfit;
 pub mod ln_tuning;
+pub mod select;
 
 pub use beft::BeftConfig;
 pub use bitfit::BitFitConfig;
 pub use ln_tuning::LnTuningConfig;
+pub use select::SelectConfig;

@@ -32,8 +32,9 @@ use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 19] = [
+pub const METHODS: [&str; 20] = [
     "full",
+    "select",
     "lora",
     "qlora",
     "dora",
@@ -59,7 +60,7 @@ pub const METHODS: [&str; 19] = [
 fn without_peft_peer(method: &str) -> bool {
     matches!(
         method,
-        "relora" | "ssf" | "pfeiffer" | "houlsby" | "parallel-adapter" | "fusion"
+        "select" | "relora" | "ssf" | "pfeiffer" | "houlsby" | "parallel-adapter" | "fusion"
     )
 }
 
@@ -109,7 +110,8 @@ fn fused_adapters<M: SiteHost + Module + 'static, E: Clone>(
 /// rate is each method's own usual one).
 fn learning_rate(method: &str) -> f64 {
     match method {
-        "full" => 5e-5,
+        // Whole weights train: full fine-tuning's rate.
+        "full" | "select" => 5e-5,
         // Vectors scaling features: (IA)^3's and SSF's usual rate.
         "ia3" | "ssf" => 1e-2,
         // The parallel adapter's output is scaled by 4 and it is wide (reduction 2): at 1e-3
@@ -365,7 +367,11 @@ struct PeerSpec<'a> {
 
 /// The method's config for a task, from the registry with the task's settings (`None` for
 /// full fine-tuning).
-fn method_config(method: &str, classification: bool) -> Result<Option<MethodConfig>> {
+fn method_config(
+    method: &str,
+    classification: bool,
+    num_layers: usize,
+) -> Result<Option<MethodConfig>> {
     if method == "full" {
         return Ok(None);
     }
@@ -418,6 +424,14 @@ fn method_config(method: &str, classification: bool) -> Result<Option<MethodConf
                 json!(if classification { 150 } else { 40 }),
             ));
         }
+        "select" => {
+            // The last quarter of the layers (rounded up), attention, feed-forward and norms.
+            let first = num_layers - num_layers.div_ceil(4);
+            options.push((
+                "layers_to_transform".into(),
+                json!((first..num_layers).collect::<Vec<_>>()),
+            ));
+        }
         "ln-tuning" if classification => {
             options.push(("target_modules".into(), json!(["LayerNorm"])))
         }
@@ -425,6 +439,17 @@ fn method_config(method: &str, classification: bool) -> Result<Option<MethodConf
     }
     let config = MethodConfig::default_for(method)?.with_options(&options)?;
     Ok(Some(config))
+}
+
+/// The number of numbered layers of `model` (one more than the highest layer index in a
+/// site's path).
+fn num_layers<M: SiteHost>(model: &M) -> usize {
+    model
+        .sites()
+        .iter()
+        .filter_map(|(path, _)| path.split('.').find_map(|part| part.parse::<usize>().ok()))
+        .max()
+        .map_or(0, |i| i + 1)
 }
 
 fn bar(len: u64, label: String) -> ProgressBar {
@@ -477,7 +502,7 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
     } else {
         model
     };
-    let method_config = method_config(method, classification)?
+    let method_config = method_config(method, classification, num_layers(&model))?
         .map(|c| c.resolved_for(&model))
         .transpose()?;
     let model = match &method_config {
