@@ -76,14 +76,19 @@ pub const METHODS: &[Method] = &[
         about: "BitFit: only the model's own biases train",
     },
     Method {
+        name: "beft",
+        peft_type: "BEFT",
+        about: "new zero-initialised biases on target linears (for models without biases)",
+    },
+    Method {
         name: "select",
         peft_type: "SELECT",
         about: "layer and module selection: chosen existing weights train in full (--set module_groups=[\"attention\",\"mlp\",\"norms\",\"biases\",\"head\"] --set layers_to_transform=[...])",
     },
     Method {
-        name: "beft",
-        peft_type: "BEFT",
-        about: "new zero-initialised biases on target linears (for models without biases)",
+        name: "child-tuning-f",
+        peft_type: "SELECT",
+        about: "Child-Tuning-F: the selected weights train in full through a fresh Bernoulli(density) gradient mask each step (--set density=0.3)",
     },
     Method {
         name: "prompt-tuning",
@@ -240,6 +245,11 @@ impl MethodConfig {
             "ln-tuning" => Self::LnTuning(LnTuningConfig::default()),
             "bitfit" => Self::BitFit(BitFitConfig::default()),
             "select" => Self::Select(SelectConfig::default()),
+            // The paper's best reserve probability on GLUE is 0.2-0.3.
+            "child-tuning-f" => Self::Select(SelectConfig {
+                density: Some(0.3),
+                ..Default::default()
+            }),
             "beft" => Self::Beft(BeftConfig::default()),
             "prompt-tuning" => Self::PromptTuning(PromptTuningConfig::default()),
             "p-tuning" => Self::PTuning(PromptEncoderConfig::default()),
@@ -520,6 +530,14 @@ pub fn with_method_hooks<M: SiteHost + Module + 'static>(
             trainer.with_hook(c.hook("default", steps))
         }
         MethodConfig::AdaLora(c) => trainer.with_hook(c.allocator("default")),
+        MethodConfig::Select(c) => {
+            let seed = trainer.config.seed;
+            match c.gradient_mask(trainer.model(), seed) {
+                Ok(Some(mask)) => trainer.with_hook(mask),
+                // Nothing selected was refused when the method was applied.
+                _ => trainer,
+            }
+        }
         _ => trainer,
     }
 }

@@ -309,6 +309,45 @@ fn select_trains_chosen_layers_modules_and_merges_into_them_only() {
     );
 }
 
+/// `--method child-tuning-f`: trains every layer's attention, MLP and norms through random
+/// gradient masks, saves a selection recording its density, and resumes exactly (the masks are
+/// drawn from the seed and the step).
+#[test]
+fn child_tuning_f_trains_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let base_loss = eval_loss(&tiny(), None, &data);
+    let out = tmp.path().join("ctf");
+    let o = peft(&train("child-tuning-f", "0.01", s(&data), s(&out)));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+    assert_eq!(files.config["peft_type"], "SELECT");
+    assert_eq!(files.config["density"], 0.3);
+    // 2 layers x (7 linears + 2 norms), and the final norm.
+    assert_eq!(files.tensors.len(), 19);
+    let loss = eval_loss(&tiny(), Some(&out), &data);
+    assert!(loss < base_loss - 0.01, "loss {loss} vs base {base_loss}");
+
+    let part = tmp.path().join("ctf-part");
+    let mut first = train("child-tuning-f", "0.01", s(&data), s(&part));
+    first.extend(["--stop-after", "4"]);
+    let o = peft(&first);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut resume = train("child-tuning-f", "0.01", s(&data), s(&part));
+    resume.push("--resume");
+    let o = peft(&resume);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(adapter_values(&part), adapter_values(&out));
+
+    // Another density moves the weights differently.
+    let other = tmp.path().join("ctf-other");
+    let mut args = train("child-tuning-f", "0.01", s(&data), s(&other));
+    args.extend(["--set", "density=0.6"]);
+    let o = peft(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(adapter_values(&other), adapter_values(&out));
+}
+
 #[test]
 fn bitfit_changes_only_biases_and_a_model_without_biases_is_told_to_use_beft() {
     let tmp = tempfile::tempdir().unwrap();

@@ -11,10 +11,13 @@
 //!   bias tuning on models without biases (Llama). On your own model, put a
 //!   [`peft_sites::LinearPart::Bias`] on a [`peft_sites::TunedLinear`].
 //! - [`SelectConfig`]: layer and module selection: chosen existing weights (module groups,
-//!   target modules, `layers_to_transform`) train in full; `peft_type` `SELECT`.
+//!   target modules, `layers_to_transform`) train in full; `peft_type` `SELECT`. With
+//!   `density`, Child-Tuning-F ([`child_tuning`]): a fresh Bernoulli mask on their gradients
+//!   every step.
 
 pub mod beft;
 pub mod bitfit;
+pub mod child_tuning;
 pub mod ln_tuning;
 pub mod select;
 

@@ -53,6 +53,11 @@ pub struct SelectConfig {
     pub layers_pattern: Option<LayersPattern>,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// Child-Tuning-F: at every training step each gradient entry of the selected weights is
+    /// kept with this probability and scaled by its inverse ([`crate::child_tuning`]). Unset:
+    /// plain selection. The saved adapter is the same either way.
+    #[serde(default)]
+    pub density: Option<f64>,
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
     #[serde(default)]
@@ -135,12 +140,35 @@ impl SelectConfig {
                 GROUPS.join(", ")
             )));
         }
+        if let Some(d) = self.density
+            && !(d > 0.0 && d <= 1.0)
+        {
+            return Err(PeftError::Config(format!(
+                "density {d}: the probability of keeping a gradient entry must be in (0, 1]"
+            )));
+        }
         if self.module_groups.is_empty() && self.target_modules.is_none() {
             return Err(PeftError::Config(
                 "selection: nothing to train; give module_groups or target_modules".into(),
             ));
         }
         Ok(())
+    }
+
+    /// Child-Tuning-F's trainer hook when `density` is set: masks drawn from `seed` and the
+    /// step over the selected modules of `model`.
+    pub fn gradient_mask<M: SiteHost>(
+        &self,
+        model: &M,
+        seed: u64,
+    ) -> Result<Option<crate::child_tuning::GradientMask>> {
+        let Some(density) = self.density else {
+            return Ok(None);
+        };
+        let paths = self.selected(model)?.into_iter().map(|(p, _)| p).collect();
+        Ok(Some(crate::child_tuning::GradientMask::new(
+            density, seed, paths,
+        )))
     }
 
     /// The `modules_to_save` names (none when unset).

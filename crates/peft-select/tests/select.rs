@@ -171,3 +171,67 @@ fn bad_selections_are_clear_errors() {
     let json = serde_json::json!({"peft_type": "LORA"});
     assert!(SelectConfig::from_json(&json).is_err());
 }
+
+/// Child-Tuning-F's hook on the tiny Llama's layer-1 attention: each gradient entry is either 0
+/// or the full gradient over `density`, about `density` of them are kept, the same step draws
+/// the same mask (exact resume) and another step another one.
+#[test]
+fn child_tuning_f_masks_gradients_with_a_fresh_mask_per_step() {
+    use burn::optim::GradientsParams;
+    use peft_core::train::TrainHook;
+    use peft_quant::BaseLinear;
+
+    let device = Device::flex().autodiff();
+    let config = SelectConfig {
+        density: Some(0.25),
+        ..SelectConfig::new(&["attention"], &[1])
+    };
+    let model = config.apply(llama(&device), "default").unwrap();
+    let grads = || {
+        let loss = model.causal_lm_loss(ids(&device), Tensor::ones([2, 9], &device));
+        GradientsParams::from_grads(loss.backward(), &model)
+    };
+    let q = &model.model.layers[1].self_attn.q_proj;
+    let BaseLinear::Dense(q) = &q.base else {
+        unreachable!("dense tiny Llama")
+    };
+    let id = q.weight.id;
+    let full: Vec<f32> = grads()
+        .get::<2>(id)
+        .unwrap()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let masked = |step: usize| -> Vec<f32> {
+        let mut g = grads();
+        let mut hook = config.gradient_mask(&model, 7).unwrap().unwrap();
+        hook.on_gradients(&model, &mut g, step);
+        g.get::<2>(id)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let step3 = masked(3);
+    let mut kept = 0;
+    for (m, f) in step3.iter().zip(&full) {
+        if *m != 0.0 {
+            assert!(
+                (m - f / 0.25).abs() <= 1e-6 * f.abs().max(1e-3),
+                "{m} vs {f}/0.25"
+            );
+            kept += 1;
+        }
+    }
+    let share = kept as f64 / full.len() as f64;
+    assert!((share - 0.25).abs() < 0.05, "kept {share}");
+    assert_eq!(masked(3), step3, "the same step draws the same mask");
+    assert_ne!(masked(4), step3, "another step draws another mask");
+
+    let bad = SelectConfig {
+        density: Some(0.0),
+        ..SelectConfig::default()
+    };
+    let e = bad.apply(llama(&Device::flex()), "default").unwrap_err();
+    assert!(e.to_string().contains("density 0"), "{e}");
+}

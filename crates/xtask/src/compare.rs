@@ -32,9 +32,10 @@ use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
 /// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 20] = [
+pub const METHODS: [&str; 21] = [
     "full",
     "select",
+    "child-tuning-f",
     "lora",
     "qlora",
     "dora",
@@ -60,7 +61,14 @@ pub const METHODS: [&str; 20] = [
 fn without_peft_peer(method: &str) -> bool {
     matches!(
         method,
-        "select" | "relora" | "ssf" | "pfeiffer" | "houlsby" | "parallel-adapter" | "fusion"
+        "select"
+            | "child-tuning-f"
+            | "relora"
+            | "ssf"
+            | "pfeiffer"
+            | "houlsby"
+            | "parallel-adapter"
+            | "fusion"
     )
 }
 
@@ -111,7 +119,7 @@ fn fused_adapters<M: SiteHost + Module + 'static, E: Clone>(
 fn learning_rate(method: &str) -> f64 {
     match method {
         // Whole weights train: full fine-tuning's rate.
-        "full" | "select" => 5e-5,
+        "full" | "select" | "child-tuning-f" => 5e-5,
         // Vectors scaling features: (IA)^3's and SSF's usual rate.
         "ia3" | "ssf" => 1e-2,
         // The parallel adapter's output is scaled by 4 and it is wide (reduction 2): at 1e-3
