@@ -134,10 +134,11 @@ def qlora_base():
         return LlamaForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
 
 
-def adamw_steps(model, after_step=None):
+def adamw_steps(model, after_step=None, on_gradients=None):
     """One training step of `model`'s trainable parameters per call, as the Rust twin's
     `Trainer`: AdamW lr 1e-4, gradient clipping at 1.0, the fixed batch of token ids.
-    `after_step(opt, step)` runs after each optimizer step, gradients still in place."""
+    `on_gradients(params)` runs between the backward pass and clipping; `after_step(opt,
+    step)` after each optimizer step, gradients still in place."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
@@ -148,6 +149,8 @@ def adamw_steps(model, after_step=None):
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if on_gradients is not None:
+            on_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step[0] += 1
@@ -241,6 +244,27 @@ def train_step(method):
     else:
         model = get_peft_model(random_llama(), lora_config())
     return adamw_steps(model)
+
+
+def train_step_select(child_tuning_f):
+    """Selective fine-tuning in plain PyTorch (PEFT has none), as the Rust twin: the last of
+    the four layers trained whole; or, for Child-Tuning-F, every layer and the final norm, each
+    gradient entry kept with probability 0.3 and scaled by 1/0.3 (the paper's
+    ChildTuningAdamW mask)."""
+    model = random_llama()
+    for name, p in model.named_parameters():
+        if child_tuning_f:
+            p.requires_grad_(".layers." in name or name == "model.norm.weight")
+        else:
+            p.requires_grad_(name.startswith("model.layers.3."))
+    density = 0.3
+
+    @torch.no_grad()
+    def mask(params):
+        for p in params:
+            p.grad.mul_(torch.bernoulli(torch.full_like(p.grad, density)) / density)
+
+    return adamw_steps(model, on_gradients=mask if child_tuning_f else None)
 
 
 def train_step_adapterhub_fusion():
@@ -349,6 +373,8 @@ WORKLOADS = {
     "train_step/dora": lambda: train_step("dora"),
     "train_step/adalora": train_step_adalora,
     "train_step/relora": train_step_relora,
+    "train_step/select": lambda: train_step_select(False),
+    "train_step/child_tuning_f": lambda: train_step_select(True),
     "init/pissa": lambda: init_pissa("pissa"),
     "init/pissa_niter_4": lambda: init_pissa("pissa_niter_4"),
     "train_step/ia3": lambda: train_step("ia3"),

@@ -155,6 +155,16 @@ pub const WORKLOADS: &[Workload] = &[
         BATCH * SEQ,
     ),
     w(
+        "train_step/select",
+        "AdamW step, the last layer of four trained whole (attention, MLP, norms)",
+        BATCH * SEQ,
+    ),
+    w(
+        "train_step/child_tuning_f",
+        "AdamW step, Child-Tuning-F: every layer trained whole through a fresh Bernoulli(0.3) gradient mask",
+        BATCH * SEQ,
+    ),
+    w(
         "train_step/relora",
         "AdamW step, ReLoRA r=16 on q,v restarting every 10 steps (merge, new factors, optimizer state pruned)",
         BATCH * SEQ,
@@ -327,6 +337,20 @@ fn lora_config() -> LoraConfig {
     LoraConfig::new(RANK, ALPHA, &["q_proj", "v_proj"])
 }
 
+/// The selections of `train_step/select` (the last of the four layers) and
+/// `train_step/child_tuning_f` (every layer, gradients kept with probability 0.3), as
+/// `scripts/bench_peer.py` has them.
+fn select_config(id: &str) -> peft_select::SelectConfig {
+    use peft_select::SelectConfig;
+    match id {
+        "train_step/select" => SelectConfig::new(&["attention", "mlp", "norms"], &[3]),
+        _ => SelectConfig {
+            density: Some(0.3),
+            ..SelectConfig::default()
+        },
+    }
+}
+
 /// ReLoRA's restart interval and warmup in `train_step/relora` (as `scripts/bench_peer.py`).
 const RELORA_STEPS: usize = 10;
 const RELORA_WARMUP: usize = 2;
@@ -494,6 +518,8 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
         | "train_step/dora"
         | "train_step/adalora"
         | "train_step/relora"
+        | "train_step/select"
+        | "train_step/child_tuning_f"
         | "train_step/ia3"
         | "train_step/ln_tuning"
         | "train_step/beft"
@@ -515,6 +541,8 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 }
                 .apply(model, "default")?,
                 "train_step/adalora" => adalora_config().apply(model, "default")?,
+                "train_step/select" => select_config(id).apply(model, "default")?,
+                "train_step/child_tuning_f" => select_config(id).apply(model, "default")?,
                 "train_step/ia3" => peft_adapter::Ia3Config::default().apply(model, "default")?,
                 "train_step/ln_tuning" => {
                     peft_select::LnTuningConfig::default().apply(model, "default")?
@@ -572,6 +600,10 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                     trainer = trainer
                         .with_hook(AdaLoraPenalty(c.clone()))
                         .with_hook(c.allocator("default"));
+                }
+                "train_step/child_tuning_f" => {
+                    let mask = select_config(id).gradient_mask(trainer.model(), 0)?;
+                    trainer = trainer.with_hook(mask.expect("a density"));
                 }
                 "train_step/relora" => {
                     let c = peft_lora::ReloraConfig {
