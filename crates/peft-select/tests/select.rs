@@ -202,31 +202,40 @@ fn child_tuning_f_masks_gradients_with_a_fresh_mask_per_step() {
         .into_data()
         .try_to_vec::<f32>()
         .unwrap();
-    let masked = |step: usize| -> Vec<f32> {
-        let mut g = grads();
-        let mut hook = config.gradient_mask(&model, 7).unwrap().unwrap();
-        hook.on_gradients(&model, &mut g, step);
-        g.get::<2>(id)
-            .unwrap()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap()
-    };
-    let step3 = masked(3);
-    let mut kept = 0;
-    for (m, f) in step3.iter().zip(&full) {
-        if *m != 0.0 {
-            assert!(
-                (m - f / 0.25).abs() <= 1e-6 * f.abs().max(1e-3),
-                "{m} vs {f}/0.25"
-            );
-            kept += 1;
+    // The CPU backend's host loop, and the device generator other devices use.
+    for device_rng in [false, true] {
+        let masked = |step: usize| -> Vec<f32> {
+            let mut g = grads();
+            let mut hook = config.gradient_mask(&model, 7).unwrap().unwrap();
+            if device_rng {
+                hook = hook.with_device_rng();
+            }
+            hook.on_gradients(&model, &mut g, step);
+            g.get::<2>(id)
+                .unwrap()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+        };
+        let step3 = masked(3);
+        let mut kept = 0;
+        for (m, f) in step3.iter().zip(&full) {
+            if *m != 0.0 {
+                assert!(
+                    (m - f / 0.25).abs() <= 1e-6 * f.abs().max(1e-3),
+                    "{m} vs {f}/0.25"
+                );
+                kept += 1;
+            }
         }
+        let share = kept as f64 / full.len() as f64;
+        assert!(
+            (share - 0.25).abs() < 0.05,
+            "kept {share} (device rng: {device_rng})"
+        );
+        assert_eq!(masked(3), step3, "the same step draws the same mask");
+        assert_ne!(masked(4), step3, "another step draws another mask");
     }
-    let share = kept as f64 / full.len() as f64;
-    assert!((share - 0.25).abs() < 0.05, "kept {share}");
-    assert_eq!(masked(3), step3, "the same step draws the same mask");
-    assert_ne!(masked(4), step3, "another step draws another mask");
 
     let bad = SelectConfig {
         density: Some(0.0),
