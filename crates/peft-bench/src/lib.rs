@@ -541,8 +541,9 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 }
                 .apply(model, "default")?,
                 "train_step/adalora" => adalora_config().apply(model, "default")?,
-                "train_step/select" => select_config(id).apply(model, "default")?,
-                "train_step/child_tuning_f" => select_config(id).apply(model, "default")?,
+                "train_step/select" | "train_step/child_tuning_f" => {
+                    select_config(id).apply(model, "default")?
+                }
                 "train_step/ia3" => peft_adapter::Ia3Config::default().apply(model, "default")?,
                 "train_step/ln_tuning" => {
                     peft_select::LnTuningConfig::default().apply(model, "default")?

@@ -392,21 +392,21 @@ impl LlamaForCausalLM {
             normal([config.vocab_size, config.hidden_size]),
         );
         // The keys and shapes are the skeleton's sites.
-        let mut skeleton = Self::skeleton(config.clone());
-        for (path, site) in skeleton.sites_mut() {
+        let skeleton = Self::skeleton(config.clone());
+        for (path, site) in skeleton.sites() {
             match site {
-                SiteMut::Linear(l) | SiteMut::Head(l) => {
+                Site::Linear(l) | Site::Head(l) => {
                     let out = l.base.d_output();
                     t.insert(format!("{path}.weight"), normal([out, l.base.d_input()]));
                     if l.base.bias().is_some() {
                         t.insert(format!("{path}.bias"), zeros(out));
                     }
                 }
-                SiteMut::Norm(n) => t.insert(
+                Site::Norm(n) => t.insert(
                     format!("{path}.weight"),
                     ones(n.base.weight.val().dims()[0]),
                 ),
-                SiteMut::Prompt(_) | SiteMut::Sublayer(_) => {}
+                Site::Prompt(_) | Site::Sublayer(_) => {}
             }
         }
         Self::from_tensors(config, t, Path::new("<random weights>"), device)

@@ -230,25 +230,18 @@ impl SelectConfig {
                 Some(t) => t.matches(&path)?,
                 None => false,
             };
+            // Bias-only selection of a module without a bias would train nothing.
+            let has_bias = match &site {
+                Site::Linear(l) | Site::Head(l) => l.base.bias().is_some(),
+                Site::Norm(n) => n.base.bias.is_some(),
+                Site::Prompt(_) | Site::Sublayer(_) => false,
+            };
             if in_group || targeted {
                 out.push((path, Part::Whole));
-            } else if self.has("biases") {
+            } else if self.has("biases") && has_bias {
                 out.push((path, Part::Bias));
             }
         }
-        // A bias-only entry of a module without a bias trains nothing: drop it.
-        let sites = model.sites();
-        out.retain(|(path, part)| {
-            *part == Part::Whole
-                || sites.iter().any(|(p, s)| {
-                    p == path
-                        && match s {
-                            Site::Linear(l) | Site::Head(l) => l.base.bias().is_some(),
-                            Site::Norm(n) => n.base.bias.is_some(),
-                            _ => false,
-                        }
-                })
-        });
         if out.is_empty() {
             return Err(PeftError::Config(format!(
                 "selection: no module of this {model_type} model is selected by module_groups \
@@ -279,9 +272,7 @@ impl<M: SiteHost> Tuner<M> for SelectConfig {
             };
             match site {
                 SiteMut::Linear(l) | SiteMut::Head(l) => {
-                    if l.claim_bias(&path, "selection")? && *part == Part::Bias {
-                        continue;
-                    }
+                    l.claim_bias(&path, "selection")?;
                     if *part == Part::Whole {
                         if l.base.is_quantized() {
                             return Err(PeftError::Config(format!(
