@@ -24,15 +24,23 @@ pub enum StoredDtype {
     /// Raw bytes (packed 4-bit weights and serialized quantization state), held as bytes in
     /// [`HostTensor::bytes`] so a 4-bit checkpoint costs its size in memory, not four times it.
     U8,
+    /// 32-bit integers (sparse adapters' indices), held little-endian in [`HostTensor::bytes`].
+    I32,
 }
 
 impl StoredDtype {
+    /// Whether values live in [`HostTensor::data`] (f32 of any float dtype) rather than bytes.
+    pub fn is_float(self) -> bool {
+        !matches!(self, StoredDtype::U8 | StoredDtype::I32)
+    }
+
     fn to_safetensors(self) -> Dtype {
         match self {
             StoredDtype::F32 => Dtype::F32,
             StoredDtype::F16 => Dtype::F16,
             StoredDtype::BF16 => Dtype::BF16,
             StoredDtype::U8 => Dtype::U8,
+            StoredDtype::I32 => Dtype::I32,
         }
     }
 
@@ -43,12 +51,14 @@ impl StoredDtype {
             StoredDtype::F16 => "F16",
             StoredDtype::BF16 => "BF16",
             StoredDtype::U8 => "U8",
+            StoredDtype::I32 => "I32",
         }
     }
 }
 
 /// A tensor on the host: row-major values, its shape and the dtype it is stored in. Float
-/// dtypes hold f32 values in `data`; `U8` holds its bytes in `bytes`. The other field is empty.
+/// dtypes hold f32 values in `data`; `U8` and `I32` hold their bytes in `bytes`. The other
+/// field is empty.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
     pub shape: Vec<usize>,
@@ -95,6 +105,7 @@ impl HostTensor {
         assert_eq!(self.shape.len(), D, "rank mismatch");
         let values = match self.dtype {
             StoredDtype::U8 => self.bytes.iter().map(|&b| b as f32).collect(),
+            StoredDtype::I32 => self.i32_values().map(|v| v as f32).collect(),
             _ => self.data.clone(),
         };
         Tensor::from_data(TensorData::new(values, self.shape.clone()), device)
@@ -103,7 +114,7 @@ impl HostTensor {
     /// The transpose of a rank-2 tensor (Hugging Face `[out, in]` <-> burn `[in, out]`).
     pub fn transposed(&self) -> Self {
         assert_eq!(self.shape.len(), 2, "transpose needs a matrix");
-        assert_ne!(self.dtype, StoredDtype::U8, "transpose of a byte tensor");
+        assert!(self.dtype.is_float(), "transpose of a byte tensor");
         let (rows, cols) = (self.shape[0], self.shape[1]);
         let mut out = vec![0f32; self.data.len()];
         for r in 0..rows {
@@ -136,11 +147,39 @@ impl HostTensor {
         }
     }
 
+    /// An `I32` tensor.
+    pub fn from_i32(shape: Vec<usize>, values: &[i32]) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "shape {shape:?} does not fit {} values",
+            values.len()
+        );
+        Self {
+            shape,
+            data: Vec::new(),
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            dtype: StoredDtype::I32,
+        }
+    }
+
+    /// The values of an `I32` tensor (empty for other dtypes).
+    pub fn i32_values(&self) -> impl Iterator<Item = i32> + '_ {
+        let bytes = if self.dtype == StoredDtype::I32 {
+            &self.bytes[..]
+        } else {
+            &[]
+        };
+        bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
     /// Same float values, stored as `dtype` when written (float dtypes only).
     pub fn with_dtype(mut self, dtype: StoredDtype) -> Self {
         assert!(
-            self.dtype != StoredDtype::U8 && dtype != StoredDtype::U8,
-            "U8 tensors are built with from_bytes"
+            self.dtype.is_float() && dtype.is_float(),
+            "byte and integer tensors are built with from_bytes / from_i32"
         );
         self.dtype = dtype;
         self
@@ -160,7 +199,7 @@ impl HostTensor {
                 .iter()
                 .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
                 .collect(),
-            StoredDtype::U8 => return Cow::Borrowed(&self.bytes),
+            StoredDtype::U8 | StoredDtype::I32 => return Cow::Borrowed(&self.bytes),
         })
     }
 }
@@ -211,11 +250,11 @@ impl TensorMap {
             path: path.to_path_buf(),
             key: key.to_string(),
         })?;
-        if tensor.dtype == StoredDtype::U8 {
+        if !tensor.dtype.is_float() {
             return Err(PeftError::Dtype {
                 path: path.to_path_buf(),
                 key: key.to_string(),
-                dtype: "U8 (a float dtype is needed here)".into(),
+                dtype: format!("{} (a float dtype is needed here)", tensor.dtype.name()),
             });
         }
         if tensor.shape != expected {
@@ -258,6 +297,17 @@ impl TensorMap {
                 // Bytes stay bytes: 4-bit checkpoints store packed weights and state as U8.
                 Dtype::U8 => {
                     map.insert(key, HostTensor::from_bytes(view.shape().to_vec(), raw));
+                    continue;
+                }
+                // Sparse adapters' indices; models' integer buffers are skipped below.
+                Dtype::I32 if !skip_integers => {
+                    let t = HostTensor {
+                        shape: view.shape().to_vec(),
+                        data: Vec::new(),
+                        bytes: raw.to_vec(),
+                        dtype: StoredDtype::I32,
+                    };
+                    map.insert(key, t);
                     continue;
                 }
                 Dtype::F32 => (
@@ -382,9 +432,14 @@ mod tests {
             HostTensor::new(vec![2], vec![0.5, -2.0]).with_dtype(StoredDtype::BF16),
         );
         map.insert("c", HostTensor::from_bytes(vec![3, 1], [0u8, 7, 255]));
+        map.insert("d", HostTensor::from_i32(vec![3], &[0, -5, i32::MAX]));
         map.write_safetensors(&path).unwrap();
         let back = TensorMap::read_safetensors(&path).unwrap();
         assert_eq!(back, map);
+        let d: Vec<i32> = back.get("d").unwrap().i32_values().collect();
+        assert_eq!(d, [0, -5, i32::MAX]);
+        // A model's integer buffers are not weights.
+        assert!(TensorMap::read_safetensors_weights(&path).unwrap().get("d").is_none());
     }
 
     #[test]

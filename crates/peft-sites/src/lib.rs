@@ -4,7 +4,8 @@
 //! models (`peft-models`) and the method crates, so neither depends on the other:
 //!
 //! - [`TunedLinear`]: a frozen linear (dense or 4-bit) with named [`LinearPart`]s: LoRA (and
-//!   DoRA, [`dora`]), input/output scales ((IA)^3), added biases.
+//!   DoRA, [`dora`]), input/output scales ((IA)^3), added biases, sparse deltas at fixed
+//!   positions of the weight ([`sparse`]: parameter selection).
 //! - [`TunedNorm`]: a frozen norm with named trainable copies (LN tuning).
 //! - [`PromptSite`]: virtual tokens before the input embeddings (prompt tuning, P-tuning) or
 //!   as keys/values of every attention layer (prefix tuning), from named [`PromptEncoder`]s.
@@ -26,6 +27,7 @@ pub mod norm;
 pub mod ops;
 pub mod prompt;
 pub mod saved;
+pub mod sparse;
 
 pub use bottleneck::{
     AdapterNorm, BnActivation, BnInit, BnScaling, BnShape, BnWiring, Bottleneck, ResidualFrom,
@@ -40,3 +42,4 @@ pub use linear::{
 pub use mixed::{BASE_ROW, set_row_adapters};
 pub use norm::{NormWeights, TunedNorm};
 pub use prompt::{PromptEncoder, PromptPlace, PromptSite};
+pub use sparse::{SparseDelta, Support};

@@ -13,6 +13,7 @@ use peft_core::{PeftError, Result};
 use peft_quant::BaseLinear;
 
 use crate::dora::{self, Magnitude};
+use crate::sparse::SparseDelta;
 
 /// Trainable parts are f32 whatever the base's type: their updates are small against their
 /// values, which f16/bf16 would round away (and AdamW's second moment would underflow).
@@ -146,6 +147,8 @@ pub enum LinearPart {
     Bias(FeatureVector),
     /// `base(x) ⊙ scale + shift` (SSF).
     ScaleShift(ScaleShift),
+    /// `+ x·Sᵀ`: trainable values at fixed positions of the weight (parameter selection).
+    Sparse(SparseDelta),
 }
 
 impl LinearPart {
@@ -156,6 +159,7 @@ impl LinearPart {
             Self::InputScale(_) | Self::OutputScale(_) => "input/output scale",
             Self::Bias(_) => "bias",
             Self::ScaleShift(_) => "scale and shift",
+            Self::Sparse(_) => "sparse delta",
         }
     }
 }
@@ -337,6 +341,7 @@ impl TunedLinear {
                 let g = ss.vectors(dtype).0.unsqueeze_dim::<2>(0);
                 if undo { w / g } else { w * g }
             }
+            LinearPart::Sparse(s) => s.fold_into(w, undo),
         };
         self.base.set_weight(w, false)?;
         if let LinearPart::Lora(LoraAdapter {
@@ -430,6 +435,7 @@ impl TunedLinear {
                 }
                 LinearPart::Bias(b) => y = y + b.broadcast::<D>(dtype),
                 LinearPart::ScaleShift(ss) => y = y + ss.shift.broadcast::<D>(dtype),
+                LinearPart::Sparse(s) => y = y + s.delta(x.clone()),
                 LinearPart::InputScale(_) | LinearPart::OutputScale(_) => {}
             }
         }
@@ -509,6 +515,14 @@ mod tests {
                 shift: vector(5),
             }),
         );
+        let support = crate::sparse::Support::new(5, 6, vec![0, 7, 13, 29], "test").unwrap();
+        l.add_part(
+            "sparse",
+            LinearPart::Sparse(SparseDelta::new(
+                support,
+                Tensor::random([4], Distribution::Default, device),
+            )),
+        );
         l
     }
 
@@ -530,8 +544,12 @@ mod tests {
             ss.scale.value.val().unsqueeze::<2>(),
             ss.shift.value.val().unsqueeze::<2>(),
         );
+        let LinearPart::Sparse(sparse) = l.part("sparse").unwrap() else {
+            unreachable!()
+        };
         let expected = l.base.forward(x.clone() * vec("in")) * vec("out") * g
             + l.lora("lora").unwrap().delta(x.clone())
+            + sparse.delta(x.clone())
             + vec("bias")
             + b;
         l.forward(x)
@@ -550,16 +568,16 @@ mod tests {
         // LoRA sees the unscaled input and adds after the output scale: merge it last. The
         // scale and shift scales what is merged before it, then adds: after the scales,
         // before the biases.
-        for name in ["in", "out", "ss", "bias"] {
+        for name in ["in", "out", "ss", "bias", "sparse"] {
             l.merge(name).unwrap();
             assert_eq!(l.merged.last().unwrap(), name);
         }
-        l.set_active(&["lora", "in", "out", "ss", "bias"]).unwrap();
+        l.set_active(&["lora", "in", "out", "ss", "bias", "sparse"]).unwrap();
         let partly = l.forward(x.clone());
         partly
             .into_data()
             .assert_approx_eq::<f32>(&side.into_data(), Tolerance::absolute(1e-5));
-        for name in ["bias", "ss", "out", "in"] {
+        for name in ["sparse", "bias", "ss", "out", "in"] {
             l.unmerge(name).unwrap();
         }
         l.base
@@ -616,6 +634,7 @@ mod tests {
                     ss.scale.value.val().grad(&grads).is_some()
                         && ss.shift.value.val().grad(&grads).is_some()
                 }
+                LinearPart::Sparse(s) => s.values.val().grad(&grads).is_some(),
             };
             assert!(has, "{} part has no gradient", part.kind());
         }

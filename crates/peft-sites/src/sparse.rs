@@ -1,0 +1,513 @@
+//! A sparse delta on a linear: trainable values at fixed positions of the weight, the way
+//! parameter selection (PaFi, FishMask, Child-Tuning-D; Hugging Face PEFT's `SUPERTUNING`)
+//! trains a subset of a frozen weight.
+//!
+//! The positions are flat indices into the Hugging Face weight `[out, in]` (`o·in + i`), as
+//! PEFT's `supertuning_indices` hold them. The forward pass adds `x·Sᵀ` to the base's output,
+//! where `S` is zero except `S[o_j, i_j] = v_j`: the same as training those entries of the
+//! weight, since the base is frozen and only the values get gradients.
+//!
+//! On the CPU backend this is a backend operation with its own backward pass
+//! ([`SparseDeltaOps`]): it keeps only the input and the `[k]` values for the backward, and
+//! computes `∂x = g·S` and `∂v_j = Σ_rows x[·, i_j]·g[·, o_j]` directly, so the memory of a
+//! step grows with the number of selected entries, never with the weight. Other devices
+//! compose it from `select` / `select_assign`, which autodiff differentiates; that keeps a
+//! `[rows, k]` product per layer for the backward.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{
+    Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, Flex, backend_extension,
+    tensor::FloatTensor,
+};
+use burn::module::{Module, Param};
+use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use peft_core::params::trainable;
+use peft_core::tensors::HostTensor;
+use peft_core::{PeftError, Result};
+use rayon::prelude::*;
+
+use crate::linear::ADAPTER_DTYPE;
+
+/// The fixed positions of a sparse delta in a weight `[d_out, d_in]`.
+#[derive(Debug, PartialEq)]
+pub struct Support {
+    pub d_out: usize,
+    pub d_in: usize,
+    /// Flat positions `o·d_in + i` into the Hugging Face weight, in the values' order.
+    pub flat: Vec<u32>,
+    /// `o_j` of each position.
+    rows: Vec<u32>,
+    /// `i_j` of each position.
+    cols: Vec<u32>,
+}
+
+impl Support {
+    /// Positions `flat` in a `[d_out, d_in]` weight; `what` names them in errors (a key, a
+    /// module path). Positions past the weight are an error; repeated positions add up, as
+    /// PEFT's `scatter_add` does.
+    pub fn new(d_out: usize, d_in: usize, flat: Vec<u32>, what: &str) -> Result<Self> {
+        let numel = d_out * d_in;
+        if let Some((j, &p)) = flat.iter().enumerate().find(|(_, p)| **p as usize >= numel) {
+            return Err(PeftError::Config(format!(
+                "{what}: index {p} (entry {j}) is past the weight's {numel} entries \
+                 ([{d_out}, {d_in}]); is the adapter for another base model?"
+            )));
+        }
+        let rows = flat.iter().map(|&p| p / d_in as u32).collect();
+        let cols = flat.iter().map(|&p| p % d_in as u32).collect();
+        Ok(Self {
+            d_out,
+            d_in,
+            flat,
+            rows,
+            cols,
+        })
+    }
+
+    /// Positions read from an `I32` tensor (`supertuning_indices`).
+    pub fn from_host(d_out: usize, d_in: usize, t: &HostTensor, what: &str) -> Result<Self> {
+        let mut flat = Vec::with_capacity(t.numel());
+        for v in t.i32_values() {
+            let p = u32::try_from(v).map_err(|_| {
+                PeftError::Config(format!("{what}: negative index {v} in the sparse support"))
+            })?;
+            flat.push(p);
+        }
+        if flat.len() != t.numel() || t.shape.len() != 1 {
+            return Err(PeftError::Config(format!(
+                "{what}: indices must be a 1-d I32 tensor, found {} of shape {:?}",
+                t.dtype.name(),
+                t.shape
+            )));
+        }
+        Self::new(d_out, d_in, flat, what)
+    }
+
+    /// The positions as an `I32` tensor `[k]`.
+    pub fn to_host(&self) -> HostTensor {
+        let v: Vec<i32> = self.flat.iter().map(|&p| p as i32).collect();
+        HostTensor::from_i32(vec![v.len()], &v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.flat.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flat.is_empty()
+    }
+}
+
+/// A shared handle to a [`Support`], passed to the backend operation.
+#[derive(Clone, Debug)]
+pub struct SupportHandle(pub Arc<Support>);
+
+/// Trainable values at the fixed positions of a frozen weight.
+#[derive(Module, Debug)]
+pub struct SparseDelta {
+    /// `[k]`, f32 (PEFT's `supertuning_values`).
+    pub values: Param<Tensor<1>>,
+    #[module(skip)]
+    pub support: SupportHandle,
+}
+
+impl SparseDelta {
+    /// Values `values` (trainable, f32) at `support`.
+    pub fn new(support: Support, values: Tensor<1>) -> Self {
+        assert_eq!(values.dims()[0], support.len(), "one value per position");
+        Self {
+            values: trainable(values.cast(ADAPTER_DTYPE)),
+            support: SupportHandle(Arc::new(support)),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.support.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.support.0.is_empty()
+    }
+
+    /// `x·Sᵀ` (`[.., in] -> [.., out]`), in the input's dtype.
+    pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = x.cast(ADAPTER_DTYPE);
+        let y = if is_cpu(&x.device()) {
+            Tensor::from_dispatch(<Dispatch as SparseDeltaOps>::sparse_delta(
+                x.into_dispatch(),
+                self.values.val().into_dispatch(),
+                self.support.clone(),
+            ))
+        } else {
+            self.delta_composed(x)
+        };
+        y.cast(dtype)
+    }
+
+    /// The delta from burn's indexing ops (devices without the host kernel).
+    fn delta_composed<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let s = &self.support.0;
+        let device = x.device();
+        let mut dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let index = |v: &[u32]| {
+            let v: Vec<i64> = v.iter().map(|&p| p as i64).collect();
+            let n = v.len();
+            Tensor::<1, Int>::from_data(TensorData::new(v, [n]), &device)
+        };
+        let picked = x.reshape([rows, s.d_in]).select(1, index(&s.cols))
+            * self.values.val().unsqueeze::<2>();
+        let y = Tensor::<2>::zeros([rows, s.d_out], (&device, ADAPTER_DTYPE)).select_assign(
+            1,
+            index(&s.rows),
+            picked,
+            IndexingUpdateOp::Add,
+        );
+        dims[D - 1] = s.d_out;
+        y.reshape(dims)
+    }
+
+    /// `w[o_j, i_j] += v_j` (`undo`: `-=`) on a burn-layout weight `[in, out]`; every other
+    /// entry keeps its bits.
+    pub fn fold_into(&self, w: Tensor<2>, undo: bool) -> Tensor<2> {
+        let s = &self.support.0;
+        let (device, dtype) = (w.device(), w.dtype());
+        let mut data = HostTensor::from_tensor(w).data;
+        let values = HostTensor::from_tensor(self.values.val()).data;
+        for (j, v) in values.iter().enumerate() {
+            // burn's [in, out] layout: entry (o, i) sits at i·out + o.
+            let at = s.cols[j] as usize * s.d_out + s.rows[j] as usize;
+            if undo {
+                data[at] -= v;
+            } else {
+                data[at] += v;
+            }
+        }
+        Tensor::<2>::from_data(TensorData::new(data, [s.d_in, s.d_out]), &device).cast(dtype)
+    }
+}
+
+/// Whether `device` (or the device an autodiff device wraps) is the CPU backend, which has
+/// the host kernels of [`SparseDeltaOps`].
+fn is_cpu(device: &Device) -> bool {
+    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+}
+
+/// The sparse delta as a backend operation (CPU backend and its autodiff).
+#[backend_extension(Flex, Autodiff)]
+pub trait SparseDeltaOps: Backend {
+    /// `y [.., out] = x [.., in] · Sᵀ`, `S[o_j, i_j] = values[j]`.
+    fn sparse_delta(
+        x: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        support: SupportHandle,
+    ) -> FloatTensor<Self>;
+
+    /// `g [.., out] · S -> [.., in]` (the input's gradient).
+    fn sparse_delta_transposed(
+        g: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        support: SupportHandle,
+    ) -> FloatTensor<Self>;
+
+    /// `[k]`: `Σ_rows x[·, i_j]·g[·, o_j]` (the values' gradient).
+    fn sparse_delta_values_grad(
+        x: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        support: SupportHandle,
+    ) -> FloatTensor<Self>;
+}
+
+/// A float tensor's values as f32 with its shape.
+fn host_f32(t: FlexTensor) -> (Vec<f32>, Vec<usize>) {
+    let data = t.into_data().convert_dtype(DType::F32);
+    let shape = data.shape().to_vec();
+    (data.try_into_vec::<f32>().expect("converted to f32"), shape)
+}
+
+/// Rows per parallel task: enough work per task to pay for the split.
+fn rows_per_task(row_len: usize, k: usize) -> usize {
+    (16_384 / (row_len + k).max(1)).max(1)
+}
+
+/// `out[r, dst_j] += src[r, src_j]·v_j` for every row: the forward (`src = x`, `dst = o`) and
+/// the input gradient (`src = g`, `dst = i`).
+fn scatter_rows(
+    src: &[f32],
+    src_len: usize,
+    src_idx: &[u32],
+    dst_len: usize,
+    dst_idx: &[u32],
+    values: &[f32],
+) -> Vec<f32> {
+    let rows = src.len() / src_len.max(1);
+    let mut out = vec![0f32; rows * dst_len];
+    let per = rows_per_task(src_len + dst_len, values.len());
+    out.par_chunks_mut(dst_len * per)
+        .zip(src.par_chunks(src_len * per))
+        .for_each(|(out, src)| {
+            for (o, s) in out.chunks_exact_mut(dst_len).zip(src.chunks_exact(src_len)) {
+                for j in 0..values.len() {
+                    o[dst_idx[j] as usize] += s[src_idx[j] as usize] * values[j];
+                }
+            }
+        });
+    out
+}
+
+impl SparseDeltaOps for Flex {
+    fn sparse_delta(x: FlexTensor, values: FlexTensor, support: SupportHandle) -> FlexTensor {
+        let s = &support.0;
+        let (x, mut shape) = host_f32(x);
+        let (v, _) = host_f32(values);
+        assert_eq!(
+            shape.last(),
+            Some(&s.d_in),
+            "input's last dimension does not fit the sparse delta's weight [{}, {}]",
+            s.d_out,
+            s.d_in
+        );
+        let y = scatter_rows(&x, s.d_in, &s.cols, s.d_out, &s.rows, &v);
+        *shape.last_mut().expect("rank >= 1") = s.d_out;
+        FlexTensor::from_data(TensorData::new(y, shape))
+    }
+
+    fn sparse_delta_transposed(
+        g: FlexTensor,
+        values: FlexTensor,
+        support: SupportHandle,
+    ) -> FlexTensor {
+        let s = &support.0;
+        let (g, mut shape) = host_f32(g);
+        let (v, _) = host_f32(values);
+        let gx = scatter_rows(&g, s.d_out, &s.rows, s.d_in, &s.cols, &v);
+        *shape.last_mut().expect("rank >= 1") = s.d_in;
+        FlexTensor::from_data(TensorData::new(gx, shape))
+    }
+
+    fn sparse_delta_values_grad(x: FlexTensor, g: FlexTensor, support: SupportHandle) -> FlexTensor {
+        let s = &support.0;
+        let (x, _) = host_f32(x);
+        let (g, _) = host_f32(g);
+        let rows = x.len() / s.d_in.max(1);
+        let mut gv = vec![0f32; s.len()];
+        // Each task owns a run of entries and walks every row: the rows of x and g it reads
+        // are contiguous, and no two tasks write the same entry.
+        gv.par_chunks_mut(1024).enumerate().for_each(|(c, out)| {
+            let j0 = c * 1024;
+            for r in 0..rows {
+                let (xr, gr) = (&x[r * s.d_in..][..s.d_in], &g[r * s.d_out..][..s.d_out]);
+                for (t, acc) in out.iter_mut().enumerate() {
+                    let j = j0 + t;
+                    *acc += xr[s.cols[j] as usize] * gr[s.rows[j] as usize];
+                }
+            }
+        });
+        FlexTensor::from_data(TensorData::new(gv, [s.len()]))
+    }
+}
+
+/// The backward pass of `y = x·Sᵀ`: `∂x = g·S`, `∂v = Σ_rows x[·, i]·g[·, o]`.
+#[derive(Debug)]
+struct SparseDeltaBackward;
+
+impl<B: Backend + SparseDeltaOps> Backward<B, 2> for SparseDeltaBackward {
+    /// The input (when the values train), the values (when the input needs a gradient) and
+    /// the positions.
+    type State = (
+        Option<B::FloatTensorPrimitive>,
+        Option<B::FloatTensorPrimitive>,
+        SupportHandle,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let (x, values, support) = ops.state;
+        let s2 = support.clone();
+        binary::<B, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            |g| B::sparse_delta_transposed(g, values.expect("kept for ∂x"), support),
+            |g| B::sparse_delta_values_grad(x.expect("kept for ∂v"), g, s2),
+        );
+    }
+}
+
+impl<B: Backend + SparseDeltaOps, C: CheckpointStrategy> SparseDeltaOps for Autodiff<B, C> {
+    fn sparse_delta(
+        x: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        support: SupportHandle,
+    ) -> FloatTensor<Self> {
+        let (x_tracked, v_tracked) = (x.is_tracked(), values.is_tracked());
+        let parents = [x.node(), values.node()];
+        let (x, values) = (x.into_primitive(), values.into_primitive());
+        let y = B::sparse_delta(x.clone(), values.clone(), support.clone());
+        match SparseDeltaBackward
+            .prepare::<C>(parents)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (v_tracked.then_some(x), x_tracked.then_some(values), support);
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn sparse_delta_transposed(
+        g: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        support: SupportHandle,
+    ) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::sparse_delta_transposed(
+            g.into_primitive(),
+            values.into_primitive(),
+            support,
+        ))
+    }
+
+    fn sparse_delta_values_grad(
+        x: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        support: SupportHandle,
+    ) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::sparse_delta_values_grad(
+            x.into_primitive(),
+            g.into_primitive(),
+            support,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, Tolerance};
+    use proptest::prelude::*;
+
+    /// The dense `[out, in]` matrix of a sparse delta.
+    fn dense(d: &SparseDelta) -> Tensor<2> {
+        let s = &d.support.0;
+        let device = d.values.device();
+        let w = Tensor::<2>::zeros([s.d_in, s.d_out], &device);
+        d.fold_into(w, false).transpose()
+    }
+
+    fn random_support(d_out: usize, d_in: usize, k: usize, seed: u64) -> Support {
+        // A deterministic shuffle of all positions, cut to k (unique, in no order).
+        let mut all: Vec<u32> = (0..(d_out * d_in) as u32).collect();
+        let mut state = seed | 1;
+        for i in (1..all.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            all.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        all.truncate(k);
+        Support::new(d_out, d_in, all, "test").unwrap()
+    }
+
+    fn check(d_out: usize, d_in: usize, k: usize, rows: usize, seed: u64, device: &Device) {
+        device.seed(seed);
+        let support = random_support(d_out, d_in, k, seed);
+        let delta = SparseDelta::new(
+            support,
+            Tensor::random([k], Distribution::Default, device),
+        );
+        let x = Tensor::<3>::random([2, rows, d_in], Distribution::Default, device).require_grad();
+        let g = Tensor::<3>::random([2, rows, d_out], Distribution::Default, device);
+        let y = delta.delta(x.clone());
+        let grads = (y.clone() * g.clone()).sum().backward();
+        let (gx, gv) = (
+            x.grad(&grads).unwrap(),
+            delta.values.val().grad(&grads).unwrap(),
+        );
+        // The same with the dense matrix: y = x·Sᵀ, ∂S = gᵀ·x gathered at the positions.
+        let s = dense(&delta).detach().require_grad();
+        let x2 = x.clone().detach().require_grad();
+        let y2 = x2.clone().matmul(s.clone().transpose().unsqueeze::<3>());
+        let grads2 = (y2.clone() * g).sum().backward();
+        let tol = Tolerance::absolute(1e-4);
+        y.into_data()
+            .assert_approx_eq::<f32>(&y2.into_data(), tol);
+        gx.into_data()
+            .assert_approx_eq::<f32>(&x2.grad(&grads2).unwrap().into_data(), tol);
+        let gs = HostTensor::from_tensor(s.grad(&grads2).unwrap()).data;
+        let expected: Vec<f32> = delta.support.0.flat.iter().map(|&p| gs[p as usize]).collect();
+        gv.into_data().assert_approx_eq::<f32>(
+            &TensorData::new(expected, [k]),
+            tol,
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn the_host_kernels_match_the_dense_product(
+            d_out in 1usize..9, d_in in 1usize..9, frac in 0.05f64..1.0, rows in 1usize..5,
+            seed in 0u64..1000,
+        ) {
+            let k = ((d_out * d_in) as f64 * frac).ceil() as usize;
+            check(d_out, d_in, k, rows, seed, &Device::flex().autodiff());
+        }
+    }
+
+    #[test]
+    fn the_composed_path_matches_the_host_kernels() {
+        let device = Device::flex();
+        device.seed(3);
+        let delta = SparseDelta::new(
+            random_support(7, 5, 12, 3),
+            Tensor::random([12], Distribution::Default, &device),
+        );
+        let x = Tensor::<3>::random([2, 3, 5], Distribution::Default, &device);
+        delta
+            .delta(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&delta.delta_composed(x).into_data(), Tolerance::absolute(1e-6));
+    }
+
+    #[test]
+    fn folding_touches_only_the_positions() {
+        let device = Device::flex();
+        let support = Support::new(3, 4, vec![0, 5, 11], "t").unwrap();
+        let delta = SparseDelta::new(support, Tensor::from_floats([1.0, 2.0, 3.0], &device));
+        let w = Tensor::<2>::from_floats(
+            [[0.5, -0.0, 2.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0], [9.0, 10.0, 11.0]],
+            &device,
+        );
+        let before = HostTensor::from_tensor(w.clone()).data;
+        let after = HostTensor::from_tensor(delta.fold_into(w, false)).data;
+        // HF (o, i): 0 -> (0, 0), 5 -> (1, 1), 11 -> (2, 3); burn [in, out] at i·3 + o.
+        let changed = [0usize, 4, 11];
+        for (at, (b, a)) in before.iter().zip(&after).enumerate() {
+            if changed.contains(&at) {
+                assert_ne!(b.to_bits(), a.to_bits(), "entry {at}");
+            } else {
+                assert_eq!(b.to_bits(), a.to_bits(), "entry {at} moved");
+            }
+        }
+    }
+
+    #[test]
+    fn positions_past_the_weight_are_refused_with_the_name() {
+        let err = Support::new(2, 3, vec![0, 6], "model.layers.0.q_proj")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.layers.0.q_proj") && err.contains("index 6"), "{err}");
+    }
+}
