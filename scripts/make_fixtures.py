@@ -468,6 +468,12 @@ METHOD_CASES = {
     "loftq2_llama": dict(model="llama", cfg=lambda: __import__("peft").LoraConfig(
         r=4, lora_alpha=8, init_lora_weights="loftq", target_modules=["q_proj", "v_proj", "down_proj"],
         loftq_config=__import__("peft").LoftQConfig(loftq_bits=4, loftq_iter=2))),
+    # Sparse deltas (PEFT's SUPERTUNING; our PaFi is its select_top=False): random values, so
+    # the delta changes the output; the Llama also has the gradients of its loss.
+    "pafi_llama": dict(model="llama", cfg=lambda: __import__("peft").SupertuningConfig(
+        sparsity=0.9, select_top=False, init_weights=False, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "supertuning_bert": dict(model="bert", cfg=lambda: __import__("peft").SupertuningConfig(
+        task_type="SEQ_CLS", sparsity=0.95, init_weights=False, target_modules=["query", "value", "output.dense"])),
 }
 
 
@@ -636,7 +642,7 @@ def make_methods(cases=None):
                     p.add_(0.05 * p.abs().mean() * torch.randn_like(p))  # trained factors moved
                 elif p.requires_grad and "lora_magnitude_vector" in n:
                     p.mul_(1 + 0.1 * torch.randn_like(p))  # trained magnitudes are not the norms
-        grads = method_grads(model, llama_ids) if case == "dora_llama" else None
+        grads = method_grads(model, llama_ids) if case in ("dora_llama", "pafi_llama") else None
         model.eval()
         ids = llama_ids if kind == "llama" else bert_ids
         d = os.path.join(out, case)
@@ -923,7 +929,7 @@ if __name__ == "__main__":
     ap.add_argument("--verify-4bit", nargs=2, metavar=("MODEL_DIR", "CASE"))
     ap.add_argument("--verify-method", nargs="+", metavar="ARG",
                     help="ADAPTER_DIR EXPECTED [BASE.gguf [TOLERANCE]]")
-    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora", "combine", "pissa", "loftq", "adalora"])
+    ap.add_argument("--only", choices=["tiny", "train", "bert", "bnb", "bnb_llama", "bnb_bert", "smollm2", "methods", "prompts", "prompts_smollm2", "proxy", "dora", "combine", "pissa", "loftq", "adalora", "sparse"])
     a = ap.parse_args()
     if a.verify:
         sys.exit(0 if verify(*a.verify) else 1)
@@ -963,5 +969,7 @@ if __name__ == "__main__":
         make_methods(["pissa_llama", "olora_llama"])
     if a.only == "loftq":
         make_methods(["loftq_llama", "loftq2_llama"])
+    if a.only == "sparse":
+        make_methods(["pafi_llama", "supertuning_bert"])
     if a.only in (None, "proxy"):
         make_proxy()

@@ -14,14 +14,21 @@
 //!   target modules, `layers_to_transform`) train in full; `peft_type` `SELECT`. With
 //!   `density`, Child-Tuning-F ([`child_tuning`]): a fresh Bernoulli mask on their gradients
 //!   every step.
+//! - [`SparseConfig`]: fixed masks saved as sparse adapters (Hugging Face `SUPERTUNING`):
+//!   PaFi (smallest magnitudes), FishMask and Child-Tuning-D (largest Fisher information,
+//!   [`fisher`]), Super-Tuning (largest magnitudes). Only the selected entries train and
+//!   have optimizer state.
 
 pub mod beft;
 pub mod bitfit;
 pub mod child_tuning;
+pub mod fisher;
 pub mod ln_tuning;
 pub mod select;
+pub mod sparse;
 
 pub use beft::BeftConfig;
 pub use bitfit::BitFitConfig;
 pub use ln_tuning::LnTuningConfig;
 pub use select::SelectConfig;
+pub use sparse::{Selection, SparseConfig};

@@ -572,7 +572,8 @@ mod tests {
             l.merge(name).unwrap();
             assert_eq!(l.merged.last().unwrap(), name);
         }
-        l.set_active(&["lora", "in", "out", "ss", "bias", "sparse"]).unwrap();
+        l.set_active(&["lora", "in", "out", "ss", "bias", "sparse"])
+            .unwrap();
         let partly = l.forward(x.clone());
         partly
             .into_data()

@@ -22,11 +22,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{
-    Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, Flex, backend_extension,
-    tensor::FloatTensor,
+    Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension, tensor::FloatTensor,
 };
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
+use peft_core::device::is_cpu;
 use peft_core::params::trainable;
 use peft_core::tensors::HostTensor;
 use peft_core::{PeftError, Result};
@@ -194,12 +194,6 @@ impl SparseDelta {
     }
 }
 
-/// Whether `device` (or the device an autodiff device wraps) is the CPU backend, which has
-/// the host kernels of [`SparseDeltaOps`].
-fn is_cpu(device: &Device) -> bool {
-    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
-}
-
 /// The sparse delta as a backend operation (CPU backend and its autodiff).
 #[backend_extension(Flex, Autodiff)]
 pub trait SparseDeltaOps: Backend {
@@ -292,7 +286,11 @@ impl SparseDeltaOps for Flex {
         FlexTensor::from_data(TensorData::new(gx, shape))
     }
 
-    fn sparse_delta_values_grad(x: FlexTensor, g: FlexTensor, support: SupportHandle) -> FlexTensor {
+    fn sparse_delta_values_grad(
+        x: FlexTensor,
+        g: FlexTensor,
+        support: SupportHandle,
+    ) -> FlexTensor {
         let s = &support.0;
         let (x, _) = host_f32(x);
         let (g, _) = host_f32(g);
@@ -396,7 +394,7 @@ impl<B: Backend + SparseDeltaOps, C: CheckpointStrategy> SparseDeltaOps for Auto
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, Tolerance};
+    use burn::tensor::{Device, Distribution, Tolerance};
     use proptest::prelude::*;
 
     /// The dense `[out, in]` matrix of a sparse delta.
@@ -424,10 +422,7 @@ mod tests {
     fn check(d_out: usize, d_in: usize, k: usize, rows: usize, seed: u64, device: &Device) {
         device.seed(seed);
         let support = random_support(d_out, d_in, k, seed);
-        let delta = SparseDelta::new(
-            support,
-            Tensor::random([k], Distribution::Default, device),
-        );
+        let delta = SparseDelta::new(support, Tensor::random([k], Distribution::Default, device));
         let x = Tensor::<3>::random([2, rows, d_in], Distribution::Default, device).require_grad();
         let g = Tensor::<3>::random([2, rows, d_out], Distribution::Default, device);
         let y = delta.delta(x.clone());
@@ -442,16 +437,19 @@ mod tests {
         let y2 = x2.clone().matmul(s.clone().transpose().unsqueeze::<3>());
         let grads2 = (y2.clone() * g).sum().backward();
         let tol = Tolerance::absolute(1e-4);
-        y.into_data()
-            .assert_approx_eq::<f32>(&y2.into_data(), tol);
+        y.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
         gx.into_data()
             .assert_approx_eq::<f32>(&x2.grad(&grads2).unwrap().into_data(), tol);
         let gs = HostTensor::from_tensor(s.grad(&grads2).unwrap()).data;
-        let expected: Vec<f32> = delta.support.0.flat.iter().map(|&p| gs[p as usize]).collect();
-        gv.into_data().assert_approx_eq::<f32>(
-            &TensorData::new(expected, [k]),
-            tol,
-        );
+        let expected: Vec<f32> = delta
+            .support
+            .0
+            .flat
+            .iter()
+            .map(|&p| gs[p as usize])
+            .collect();
+        gv.into_data()
+            .assert_approx_eq::<f32>(&TensorData::new(expected, [k]), tol);
     }
 
     proptest! {
@@ -475,10 +473,10 @@ mod tests {
             Tensor::random([12], Distribution::Default, &device),
         );
         let x = Tensor::<3>::random([2, 3, 5], Distribution::Default, &device);
-        delta
-            .delta(x.clone())
-            .into_data()
-            .assert_approx_eq::<f32>(&delta.delta_composed(x).into_data(), Tolerance::absolute(1e-6));
+        delta.delta(x.clone()).into_data().assert_approx_eq::<f32>(
+            &delta.delta_composed(x).into_data(),
+            Tolerance::absolute(1e-6),
+        );
     }
 
     #[test]
@@ -487,7 +485,12 @@ mod tests {
         let support = Support::new(3, 4, vec![0, 5, 11], "t").unwrap();
         let delta = SparseDelta::new(support, Tensor::from_floats([1.0, 2.0, 3.0], &device));
         let w = Tensor::<2>::from_floats(
-            [[0.5, -0.0, 2.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0], [9.0, 10.0, 11.0]],
+            [
+                [0.5, -0.0, 2.0],
+                [3.0, 4.0, 5.0],
+                [6.0, 7.0, 8.0],
+                [9.0, 10.0, 11.0],
+            ],
             &device,
         );
         let before = HostTensor::from_tensor(w.clone()).data;
@@ -508,6 +511,9 @@ mod tests {
         let err = Support::new(2, 3, vec![0, 6], "model.layers.0.q_proj")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("model.layers.0.q_proj") && err.contains("index 6"), "{err}");
+        assert!(
+            err.contains("model.layers.0.q_proj") && err.contains("index 6"),
+            "{err}"
+        );
     }
 }
