@@ -7,7 +7,7 @@ use peft_models::load::load_causal_lm;
 use peft_models::train::{eval_loss, lm_batch_loss};
 
 use crate::data::read_examples;
-use crate::train::{Run, hold_out, maybe_quantize, train_loop};
+use crate::train::{Run, apply_method, hold_out, maybe_quantize, train_loop};
 
 /// Train the causal LM of `run`; the held-out loss is measured at every checkpoint.
 pub fn train(mut run: Run) -> Result<()> {
@@ -37,7 +37,7 @@ pub fn train(mut run: Run) -> Result<()> {
         &model_path.display().to_string(),
     )?;
     let model = crate::train::load_fused(&run, model)?;
-    let model = run.method.tuner().apply(model, "default")?;
+    let model = apply_method(&run, model, &train_set, |m, b| lm_batch_loss(m, b, pad))?;
     eprintln!(
         "{} examples for training, {} held out; {}",
         train_set.len(),

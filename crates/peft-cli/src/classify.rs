@@ -14,7 +14,7 @@ use peft_models::data::read_labeled_csv;
 use peft_models::load::load_bert_classifier;
 use peft_models::tokenizer::TextTokenizer;
 
-use crate::train::{Run, hold_out, train_loop};
+use crate::train::{Run, apply_method, hold_out, train_loop};
 
 /// Token ids and class index of one text.
 type Encoded = (Vec<u32>, i64);
@@ -92,7 +92,17 @@ pub(crate) fn train(run: Run) -> Result<()> {
     let model = crate::train::maybe_quantize(model, run.quant)?;
     let mut run = run;
     run.method = run.method.resolved_for(&model)?;
-    let model = run.method.tuner().apply(model, "default")?;
+    let loss_fn = |m: &BertForSequenceClassification, batch: &[Encoded]| {
+        let ids: Vec<Vec<u32>> = batch.iter().map(|e| e.0.clone()).collect();
+        let (tokens, mask) = encode_batch(&ids, &m.device());
+        let y: Vec<i64> = batch.iter().map(|e| e.1).collect();
+        let y = Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &m.device());
+        (
+            m.loss(tokens, mask, y),
+            batch.iter().map(|e| e.0.len()).sum(),
+        )
+    };
+    let model = apply_method(&run, model, &train_set, loss_fn)?;
     eprintln!(
         "{} labels {labels:?}; {} texts for training, {} held out; {}",
         labels.len(),
@@ -101,30 +111,15 @@ pub(crate) fn train(run: Run) -> Result<()> {
         peft_lora::param_report(&model)
     );
     let n = labels.len();
-    train_loop(
-        &run,
-        model,
-        &train_set,
-        |m: &BertForSequenceClassification, batch: &[Encoded]| {
-            let ids: Vec<Vec<u32>> = batch.iter().map(|e| e.0.clone()).collect();
-            let (tokens, mask) = encode_batch(&ids, &m.device());
-            let y: Vec<i64> = batch.iter().map(|e| e.1).collect();
-            let y = Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &m.device());
-            (
-                m.loss(tokens, mask, y),
-                batch.iter().map(|e| e.0.len()).sum(),
-            )
-        },
-        |m| {
-            let mut metrics = serde_json::Map::new();
-            if !eval_set.is_empty() {
-                let (acc, f1) = peft_models::bert::accuracy_and_macro_f1(m, &eval_set, n);
-                metrics.insert("eval_accuracy".into(), acc.into());
-                metrics.insert("eval_macro_f1".into(), f1.into());
-            }
-            metrics
-        },
-    )
+    train_loop(&run, model, &train_set, loss_fn, |m| {
+        let mut metrics = serde_json::Map::new();
+        if !eval_set.is_empty() {
+            let (acc, f1) = peft_models::bert::accuracy_and_macro_f1(m, &eval_set, n);
+            metrics.insert("eval_accuracy".into(), acc.into());
+            metrics.insert("eval_macro_f1".into(), f1.into());
+        }
+        metrics
+    })
 }
 
 /// `peft eval --task classification`: accuracy and macro-F1 of a trained adapter.

@@ -10,7 +10,9 @@ use peft_core::train::{TrainHook, Trainer};
 use peft_core::tuner::Tuner;
 use peft_lora::{AdaLoraConfig, LoraConfig, ReloraConfig};
 use peft_prompt::{PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig};
-use peft_select::{BeftConfig, BitFitConfig, LnTuningConfig, SelectConfig};
+use peft_select::{
+    BeftConfig, BitFitConfig, LnTuningConfig, SelectConfig, Selection, SparseConfig,
+};
 use peft_sites::SiteHost;
 use serde_json::{Map, Value};
 
@@ -89,6 +91,26 @@ pub const METHODS: &[Method] = &[
         name: "child-tuning-f",
         peft_type: "SELECT",
         about: "Child-Tuning-F: the selected weights train in full through a fresh Bernoulli(density) gradient mask each step (--set density=0.3)",
+    },
+    Method {
+        name: "pafi",
+        peft_type: "SUPERTUNING",
+        about: "PaFi: the smallest-magnitude fraction of each target weight trains, as a sparse adapter (--set density=0.01)",
+    },
+    Method {
+        name: "fishmask",
+        peft_type: "SUPERTUNING",
+        about: "FishMask: the entries of largest Fisher information (squared gradients of fisher_samples single examples) train, as a sparse adapter (--set density=0.01 --set fisher_samples=64)",
+    },
+    Method {
+        name: "child-tuning-d",
+        peft_type: "SUPERTUNING",
+        about: "Child-Tuning-D: the entries of largest Fisher information over the training batches train, as a sparse adapter (--set density=0.01)",
+    },
+    Method {
+        name: "supertuning",
+        peft_type: "SUPERTUNING",
+        about: "Hugging Face PEFT's Super-Tuning: the largest-magnitude fraction of each target weight trains (--set density=0.01)",
     },
     Method {
         name: "prompt-tuning",
@@ -170,6 +192,8 @@ pub enum MethodConfig {
     LnTuning(LnTuningConfig),
     BitFit(BitFitConfig),
     Select(SelectConfig),
+    /// Fixed sparse masks (PaFi, FishMask, Child-Tuning-D, Super-Tuning).
+    Sparse(SparseConfig),
     Beft(BeftConfig),
     PromptTuning(PromptTuningConfig),
     PTuning(PromptEncoderConfig),
@@ -205,6 +229,7 @@ impl MethodConfig {
             "LN_TUNING" => Self::LnTuning(LnTuningConfig::from_json(config)?),
             "BITFIT" => Self::BitFit(BitFitConfig::from_json(config)?),
             "SELECT" => Self::Select(SelectConfig::from_json(config)?),
+            "SUPERTUNING" => Self::Sparse(SparseConfig::from_json(config)?),
             "BEFT" => Self::Beft(BeftConfig::from_json(config)?),
             "PROMPT_TUNING" => Self::PromptTuning(PromptTuningConfig::from_json(config)?),
             "P_TUNING" => Self::PTuning(PromptEncoderConfig::from_json(config)?),
@@ -251,6 +276,23 @@ impl MethodConfig {
                 ..Default::default()
             }),
             "beft" => Self::Beft(BeftConfig::default()),
+            // PEFT's default sparsity (1% of each weight trains); the selection papers train
+            // every linear of the blocks.
+            "pafi" | "fishmask" | "child-tuning-d" | "supertuning" => {
+                let (selection, top) = match name {
+                    "pafi" => (Selection::Magnitude, false),
+                    "fishmask" => (Selection::Fishmask, true),
+                    "child-tuning-d" => (Selection::ChildTuningD, true),
+                    _ => (Selection::Magnitude, true),
+                };
+                let mut c = SparseConfig::with_density(0.01, selection, top)?;
+                if name != "supertuning" {
+                    c.target_modules = Some(peft_core::target::ModuleSelector::Pattern(
+                        "all-linear".into(),
+                    ));
+                }
+                Self::Sparse(c)
+            }
             "prompt-tuning" => Self::PromptTuning(PromptTuningConfig::default()),
             "p-tuning" => Self::PTuning(PromptEncoderConfig::default()),
             "prefix-tuning" => Self::PrefixTuning(PrefixTuningConfig::default()),
@@ -279,6 +321,7 @@ impl MethodConfig {
             Self::LnTuning(c) => c,
             Self::BitFit(c) => c,
             Self::Select(c) => c,
+            Self::Sparse(c) => c,
             Self::Beft(c) => c,
             Self::PromptTuning(c) => c,
             Self::PTuning(c) => c,
@@ -299,6 +342,7 @@ impl MethodConfig {
             Self::LnTuning(c) => serde_json::to_value(c),
             Self::BitFit(c) => serde_json::to_value(c),
             Self::Select(c) => serde_json::to_value(c),
+            Self::Sparse(c) => serde_json::to_value(c),
             Self::Beft(c) => serde_json::to_value(c),
             Self::PromptTuning(c) => serde_json::to_value(c),
             Self::PTuning(c) => serde_json::to_value(c),
@@ -319,6 +363,7 @@ impl MethodConfig {
             Self::Ia3(c) => Self::Ia3(c.with_defaults(model_type)?),
             Self::LnTuning(c) => Self::LnTuning(c.with_defaults(model_type)?),
             Self::Beft(c) => Self::Beft(c.with_defaults(model_type)?),
+            Self::Sparse(c) => Self::Sparse(c.with_defaults(model_type)?),
             Self::Ssf(c) => Self::Ssf(c.with_defaults(model_type)?),
             Self::PromptTuning(c) => Self::PromptTuning(c.resolved_for(model)?),
             Self::PTuning(c) => Self::PTuning(c.resolved_for(model)?),
@@ -448,6 +493,16 @@ impl MethodConfig {
         }
         .expect("configs are objects");
         for (key, value) in options {
+            if let (Self::Sparse(_), "density") = (self, key.as_str()) {
+                // A density d is PEFT's sparsity 1 − d.
+                let d = value
+                    .as_f64()
+                    .ok_or_else(|| usage!("--set density={value}: expected a number in (0, 1]"))?;
+                let c = SparseConfig::with_density(d, Selection::Magnitude, true)
+                    .map_err(|e| usage!("--set {e}"))?;
+                obj.insert("sparsity".into(), c.sparsity.into());
+                continue;
+            }
             if !known.contains(key) {
                 return Err(usage!(
                     "--set {key}: {method} has no option `{key}` (valid: {})",
@@ -480,6 +535,16 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
         MethodConfig::LnTuning(_) => MethodConfig::LnTuning(LnTuningConfig::default()),
         MethodConfig::BitFit(_) => MethodConfig::BitFit(BitFitConfig::default()),
         MethodConfig::Select(_) => MethodConfig::Select(SelectConfig::default()),
+        MethodConfig::Sparse(_) => {
+            let mut keys: Vec<String> = MethodConfig::Sparse(SparseConfig::default())
+                .to_json()
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            keys.extend(["density".to_string(), "fisher_samples".to_string()]);
+            keys.retain(|k| !skip.contains(&k.as_str()));
+            return keys;
+        }
         MethodConfig::Beft(_) => MethodConfig::Beft(BeftConfig::default()),
         MethodConfig::PromptTuning(_) => MethodConfig::PromptTuning(Default::default()),
         MethodConfig::PTuning(_) => MethodConfig::PTuning(Default::default()),

@@ -550,6 +550,14 @@ fn trained_adapters_load_in_python_peft_with_the_same_logits_and_greedy_text() {
         .into_iter()
         .map(|(m, _, lr)| (m, lr, &[][..]))
         .chain([("beft", "0.05", &[][..])])
+        .chain([
+            ("pafi", "0.05", &["density=0.05"][..]),
+            (
+                "fishmask",
+                "0.05",
+                &["density=0.05", "fisher_samples=8"][..],
+            ),
+        ])
         .chain(prompt_options.map(|(m, o)| (m, "0.01", o)));
     for (method, lr, options) in runs {
         let out = tmp.path().join(method);
@@ -855,4 +863,151 @@ fn adalora_allocates_its_budget_and_saves_the_kept_ranks() {
     assert!(stderr(&o).contains("AdaLoRA"), "{}", stderr(&o));
 
     agrees_on_tiny_in_python(&out, &[2]);
+}
+
+/// The I32 positions of every sparse delta of an adapter folder, by key.
+fn sparse_indices(dir: &Path) -> Vec<(String, Vec<i32>)> {
+    let files = peft_core::adapter_io::load_adapter(dir).unwrap();
+    files
+        .tensors
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.ends_with(".supertuning_indices"))
+        .map(|(k, t)| (k.clone(), t.i32_values().collect()))
+        .collect()
+}
+
+/// `--method pafi`, `fishmask` and `child-tuning-d`: 5% of every linear trains, saved as PEFT
+/// SUPERTUNING sparse adapters about 5% of the dense size; they lower the loss, resume exactly
+/// (the mask comes back from the checkpoint), generate, and merge into their entries only.
+#[test]
+fn sparse_selections_train_resume_generate_and_merge_into_their_entries_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let base_loss = eval_loss(&tiny(), None, &data);
+    let runs: [(&str, &str, &[&str]); 3] = [
+        ("pafi", "magnitude", &[]),
+        ("fishmask", "fishmask", &["--set", "fisher_samples=16"]),
+        ("child-tuning-d", "child_tuning_d", &[]),
+    ];
+    let mut masks = Vec::new();
+    for (method, selection, extra) in runs {
+        let out = tmp.path().join(method);
+        let mut args = train(method, "0.05", s(&data), s(&out));
+        args.extend(["--set", "density=0.05"]);
+        args.extend(extra);
+        let o = peft(&args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+        assert_eq!(files.config["peft_type"], "SUPERTUNING");
+        assert_eq!(files.config["selection"], selection);
+        assert!((files.config["sparsity"].as_f64().unwrap() - 0.95).abs() < 1e-12);
+        // Every linear of both layers, 5% of each: q, o 64x64 -> 204; k, v 32x64 -> 102;
+        // gate, up, down 128x64 -> 409.
+        let idx = sparse_indices(&out);
+        assert_eq!(idx.len(), 14, "{method}");
+        let total: usize = idx.iter().map(|(_, v)| v.len()).sum();
+        assert_eq!(total, 2 * (2 * 204 + 2 * 102 + 3 * 409), "{method}");
+        let bytes = std::fs::metadata(out.join("adapter_model.safetensors"))
+            .unwrap()
+            .len() as usize;
+        assert!(
+            bytes < total * 8 + 8192,
+            "{method}: {bytes} bytes for {total} entries"
+        );
+        let loss = eval_loss(&tiny(), Some(&out), &data);
+        assert!(
+            loss < base_loss - 0.01,
+            "{method}: loss {loss} vs base {base_loss}"
+        );
+        masks.push(idx);
+
+        // Stopped after the checkpoint at step 4 and resumed: the same adapter.
+        let part = tmp.path().join(format!("{method}-part"));
+        let mut first = train(method, "0.05", s(&data), s(&part));
+        first.extend(["--set", "density=0.05"]);
+        first.extend(extra);
+        first.extend(["--stop-after", "4"]);
+        let o = peft(&first);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let mut resume = train(method, "0.05", s(&data), s(&part));
+        resume.extend(["--set", "density=0.05"]);
+        resume.extend(extra);
+        resume.push("--resume");
+        let o = peft(&resume);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        assert_eq!(sparse_indices(&part), sparse_indices(&out), "{method}");
+        assert_eq!(adapter_values(&part), adapter_values(&out), "{method}");
+
+        let o = peft(&[
+            "generate",
+            "--model",
+            model(),
+            "--adapter",
+            s(&out),
+            "--prompt",
+            "hello what",
+            "--max-new-tokens",
+            "4",
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+
+        let merged = tmp.path().join(format!("{method}-merged"));
+        let o = peft(&[
+            "merge",
+            "--model",
+            model(),
+            "--adapter",
+            s(&out),
+            "--out",
+            s(&merged),
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let read = |dir: &Path| {
+            peft_core::tensors::TensorMap::read_safetensors(&dir.join("model.safetensors")).unwrap()
+        };
+        let (base, after) = (read(&tiny()), read(&merged));
+        let mut changed = 0;
+        for (k, t) in &base.tensors {
+            let module = k.trim_end_matches(".weight");
+            let key = format!("base_model.model.{module}.supertuning_indices");
+            let mask: Vec<usize> = sparse_indices(&out)
+                .into_iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.into_iter().map(|i| i as usize).collect())
+                .unwrap_or_default();
+            for (at, (x, y)) in t.data.iter().zip(&after.get(k).unwrap().data).enumerate() {
+                if x.to_bits() != y.to_bits() {
+                    assert!(
+                        mask.contains(&at),
+                        "{method}: {k}[{at}] moved outside the mask"
+                    );
+                    changed += 1;
+                }
+            }
+        }
+        assert!(
+            changed > total / 2,
+            "{method}: {changed} entries changed of {total}"
+        );
+    }
+    // Three selections, three different masks.
+    assert_ne!(masks[0], masks[1]);
+    assert_ne!(masks[1], masks[2]);
+
+    for (bad, said) in [
+        ("density=0", "density 0"),
+        ("density=1.5", "(0, 1]"),
+        ("fisher_samples=1000", "fisher_samples=1000"),
+    ] {
+        let out = tmp.path().join("bad");
+        let mut args = train("fishmask", "0.05", s(&data), s(&out));
+        args.extend(["--set", bad, "--overwrite"]);
+        let o = peft(&args);
+        assert!(
+            !o.status.success() && stderr(&o).contains(said),
+            "{bad}: {}",
+            stderr(&o)
+        );
+    }
 }

@@ -95,7 +95,8 @@ pub struct SparseConfig {
     /// Ours: how the positions were chosen.
     #[serde(default)]
     pub selection: Selection,
-    /// Ours: examples (FishMask) or at most examples (Child-Tuning-D) of the Fisher estimate.
+    /// Ours: the examples of the Fisher estimate: FishMask's single examples (unset: 64, or
+    /// all of a smaller training set), Child-Tuning-D's first examples (unset: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fisher_samples: Option<usize>,
     #[serde(default)]
