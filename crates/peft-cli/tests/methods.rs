@@ -1011,3 +1011,78 @@ fn sparse_selections_train_resume_generate_and_merge_into_their_entries_only() {
         );
     }
 }
+
+/// The Fisher-scored selections on the BERT classifier: the mask is chosen with the
+/// classification loss, the head trains whole beside it, and the adapter classifies.
+#[test]
+fn fisher_selections_train_a_bert_classifier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bert = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/bert_tiny/model");
+    let data = common::sentiment_csv(tmp.path());
+    for method in ["fishmask", "child-tuning-d"] {
+        let out = tmp.path().join(method);
+        let o = peft(&[
+            "train",
+            "--task",
+            "classification",
+            "--method",
+            method,
+            "--model",
+            s(&bert),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "60",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.01",
+            "--warmup",
+            "3",
+            "--save-every",
+            "30",
+            "--set",
+            "density=0.1",
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("Fisher information of"),
+            "{}",
+            stderr(&o)
+        );
+        let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+        assert_eq!(files.config["peft_type"], "SUPERTUNING");
+        assert!(
+            files
+                .tensors
+                .get("base_model.model.classifier.weight")
+                .is_some()
+        );
+        assert!(
+            files
+                .tensors
+                .keys()
+                .any(|k| k.ends_with("attention.self.query.supertuning_indices")),
+            "{method}"
+        );
+        let o = peft(&[
+            "eval",
+            "--task",
+            "classification",
+            "--model",
+            s(&bert),
+            "--adapter",
+            s(&out),
+            "--data",
+            s(&data),
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let scores: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(
+            scores["accuracy"].as_f64().unwrap() > 0.9,
+            "{method}: {scores}"
+        );
+    }
+}
