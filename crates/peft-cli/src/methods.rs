@@ -607,6 +607,65 @@ pub fn with_method_hooks<M: SiteHost + Module + 'static>(
     }
 }
 
+/// What choosing a Fisher-scored mask took.
+#[derive(Debug, Clone, Copy)]
+pub struct FisherRun {
+    /// Linear weights scored.
+    pub weights: usize,
+    pub examples: usize,
+    pub batches: usize,
+    pub seconds: f64,
+}
+
+/// Attach `method` to `model` as [`Tuner::apply`] does, except that Fisher-scored masks
+/// (FishMask, Child-Tuning-D) are first chosen from `train_set` with the training loss
+/// `loss_fn`: FishMask over single examples (the first `fisher_samples`, default 64 or all of
+/// a smaller set), Child-Tuning-D over batches of `batch_size` (the first `fisher_samples`,
+/// default all). `progress(done, of)` follows the batches.
+pub fn apply_with_data<M: SiteHost + Module + 'static, E: Clone>(
+    method: &MethodConfig,
+    model: M,
+    train_set: &[E],
+    batch_size: usize,
+    loss_fn: impl Fn(&M, &[E]) -> Tensor<1>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(M, Option<FisherRun>)> {
+    let MethodConfig::Sparse(c) = method else {
+        return Ok((method.tuner().apply(model, "default")?, None));
+    };
+    if !c.selection.needs_fisher() {
+        return Ok((method.tuner().apply(model, "default")?, None));
+    }
+    let single = c.selection == Selection::Fishmask;
+    let n = match (c.fisher_samples, single) {
+        (Some(n), _) => n,
+        (None, true) => train_set.len().min(64),
+        (None, false) => train_set.len(),
+    };
+    if n > train_set.len() {
+        return Err(usage!(
+            "--set fisher_samples={n}: the training data has {} examples",
+            train_set.len()
+        ));
+    }
+    let per = if single { 1 } else { batch_size.max(1) };
+    let batches: Vec<Vec<E>> = train_set[..n].chunks(per).map(|b| b.to_vec()).collect();
+    let paths = c.targets(&model)?;
+    let started = std::time::Instant::now();
+    let count = batches.len();
+    let (model, scores) =
+        peft_select::fisher::fisher_scores(model, &paths, &batches, loss_fn, |done| {
+            progress(done, count)
+        })?;
+    let run = FisherRun {
+        weights: paths.len(),
+        examples: n,
+        batches: count,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((c.apply_scored(model, "default", &scores)?, Some(run)))
+}
+
 /// Parse `key=value` (`--set`): the value as JSON when it is JSON, else as a string.
 pub fn parse_option(text: &str) -> Result<(String, Value)> {
     let (key, value) = text.split_once('=').ok_or_else(|| {

@@ -803,71 +803,42 @@ pub(crate) fn hold_out<E: Clone>(train: Vec<E>, eval: Option<Vec<E>>) -> (Vec<E>
     }
 }
 
-/// Attach the method to `model`. Fisher-scored masks (FishMask, Child-Tuning-D) are chosen
-/// here from `train_set` with the training loss; a resumed run takes its mask from the
-/// checkpoint instead.
+/// Attach the method to `model`; Fisher-scored masks (FishMask, Child-Tuning-D) are chosen
+/// from `train_set` with the training loss first, with progress. A resumed run takes its mask
+/// from the checkpoint instead.
 pub(crate) fn apply_method<M: SiteHost + Module + 'static, E: Clone>(
     run: &Run,
     model: M,
     train_set: &[E],
     loss_fn: impl Fn(&M, &[E]) -> (burn::tensor::Tensor<1>, usize),
 ) -> Result<M> {
-    let MethodConfig::Sparse(c) = &run.method else {
-        return Ok(run.method.tuner().apply(model, "default")?);
-    };
-    if !c.selection.needs_fisher() || run.resume_from.is_some() {
+    if run.resume_from.is_some() {
         return Ok(run.method.tuner().apply(model, "default")?);
     }
-    let batches: Vec<Vec<E>> = match c.selection {
-        // FishMask: single examples, the first fisher_samples of the data (default 64, or
-        // all of a smaller set).
-        peft_select::Selection::Fishmask => {
-            let n = c.fisher_samples.unwrap_or(train_set.len().min(64));
-            if n > train_set.len() {
-                return Err(usage!(
-                    "--set fisher_samples={n}: the training data has {} examples",
-                    train_set.len()
-                ));
-            }
-            train_set[..n].iter().map(|e| vec![e.clone()]).collect()
-        }
-        // Child-Tuning-D: the training batches over the data (at most fisher_samples examples).
-        _ => {
-            let n = c.fisher_samples.unwrap_or(train_set.len());
-            if n > train_set.len() {
-                return Err(usage!(
-                    "--set fisher_samples={n}: the training data has {} examples",
-                    train_set.len()
-                ));
-            }
-            train_set[..n]
-                .chunks(run.config.batch_size.max(1))
-                .map(|b| b.to_vec())
-                .collect()
-        }
-    };
-    let paths = c.targets(&model)?;
-    let bar = ProgressBar::new(batches.len() as u64);
+    let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("Fisher information {bar:30} {pos}/{len} [{elapsed_precise}]")
             .expect("template"),
     );
-    let started = Instant::now();
-    let (model, scores) = peft_select::fisher::fisher_scores(
+    let (model, fisher) = methods::apply_with_data(
+        &run.method,
         model,
-        &paths,
-        &batches,
+        train_set,
+        run.config.batch_size,
         |m, b| loss_fn(m, b).0,
-        |i| bar.set_position(i as u64),
+        |done, of| {
+            bar.set_length(of as u64);
+            bar.set_position(done as u64)
+        },
     )?;
     bar.finish_and_clear();
-    eprintln!(
-        "Fisher information of {} weights over {} batches in {:.1} s",
-        paths.len(),
-        batches.len(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(c.apply_scored(model, "default", &scores)?)
+    if let Some(f) = fisher {
+        eprintln!(
+            "Fisher information of {} weights over {} examples in {} batches: {:.1} s",
+            f.weights, f.examples, f.batches, f.seconds
+        );
+    }
+    Ok(model)
 }
 
 /// The loop both tasks share: resume, steps with progress, metrics, checkpoints, final
