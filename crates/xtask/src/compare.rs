@@ -31,11 +31,23 @@ use peft_quant::QuantSpec;
 use peft_sites::SiteHost;
 use serde_json::{Value, json};
 
-/// The rows, in report order: full fine-tuning, then the methods of the registry.
-pub const METHODS: [&str; 21] = [
+/// The rows, in report order: full fine-tuning, then the methods of the registry. A row
+/// `method@p` runs the method at density `p` percent.
+pub const METHODS: [&str; 32] = [
     "full",
     "select",
-    "child-tuning-f",
+    "child-tuning-f@0.5",
+    "child-tuning-f@1",
+    "child-tuning-f@5",
+    "pafi@0.5",
+    "pafi@1",
+    "pafi@5",
+    "fishmask@0.5",
+    "fishmask@1",
+    "fishmask@5",
+    "child-tuning-d@0.5",
+    "child-tuning-d@1",
+    "child-tuning-d@5",
     "lora",
     "qlora",
     "dora",
@@ -56,13 +68,30 @@ pub const METHODS: [&str; 21] = [
     "fusion",
 ];
 
-/// Methods Hugging Face PEFT does not have (SSF, AdapterHub's bottleneck adapters): no
-/// `--peer` run.
-fn without_peft_peer(method: &str) -> bool {
+/// A row's method and density (`pafi@1`: PaFi at 1%).
+fn method_and_density(row: &str) -> Result<(&str, Option<f64>)> {
+    match row.split_once('@') {
+        None => Ok((row, None)),
+        Some((m, pct)) => {
+            let pct: f64 = pct
+                .parse()
+                .with_context(|| format!("row {row}: the density after @ is a percentage"))?;
+            Ok((m, Some(pct / 100.0)))
+        }
+    }
+}
+
+/// Methods Hugging Face PEFT does not have (selection by Fisher information or layers, SSF,
+/// AdapterHub's bottleneck adapters): no `--peer` run. PaFi's peer is PEFT's `SUPERTUNING`
+/// with `select_top=False`, the same masks.
+fn without_peft_peer(row: &str) -> bool {
+    let method = row.split('@').next().unwrap_or(row);
     matches!(
         method,
         "select"
             | "child-tuning-f"
+            | "fishmask"
+            | "child-tuning-d"
             | "relora"
             | "ssf"
             | "pfeiffer"
@@ -116,10 +145,12 @@ fn fused_adapters<M: SiteHost + Module + 'static, E: Clone>(
 
 /// The learning rate of each method (the budget, steps and batch, is the same for all; the
 /// rate is each method's own usual one).
-fn learning_rate(method: &str) -> f64 {
-    match method {
+fn learning_rate(row: &str) -> f64 {
+    match row.split('@').next().unwrap_or(row) {
         // Whole weights train: full fine-tuning's rate.
         "full" | "select" | "child-tuning-f" => 5e-5,
+        // A few entries of each weight train: ten times that.
+        "pafi" | "fishmask" | "child-tuning-d" => 5e-4,
         // Vectors scaling features: (IA)^3's and SSF's usual rate.
         "ia3" | "ssf" => 1e-2,
         // The parallel adapter's output is scaled by 4 and it is wide (reduction 2): at 1e-3
@@ -147,6 +178,9 @@ pub struct Row {
     pub step_peak_bytes: u64,
     /// Held-out metrics, by name.
     pub metrics: BTreeMap<String, f64>,
+    /// Seconds spent choosing a Fisher-scored mask before training (FishMask, Child-Tuning-D).
+    #[serde(default)]
+    pub mask_seconds: Option<f64>,
     /// Why the method could not run on this task (e.g. BitFit on a model without biases).
     pub error: Option<String>,
     /// The same run in Hugging Face PEFT (`--peer`).
@@ -376,10 +410,12 @@ struct PeerSpec<'a> {
 /// The method's config for a task, from the registry with the task's settings (`None` for
 /// full fine-tuning).
 fn method_config(
-    method: &str,
+    row: &str,
     classification: bool,
     num_layers: usize,
+    train_examples: usize,
 ) -> Result<Option<MethodConfig>> {
+    let (method, density) = method_and_density(row)?;
     if method == "full" {
         return Ok(None);
     }
@@ -443,7 +479,13 @@ fn method_config(
         "ln-tuning" if classification => {
             options.push(("target_modules".into(), json!(["LayerNorm"])))
         }
+        // The Fisher information over the examples the run trains on (the paper: the
+        // training data).
+        "child-tuning-d" => options.push(("fisher_samples".into(), json!(train_examples))),
         _ => {}
+    }
+    if let Some(d) = density {
+        options.push(("density".into(), json!(d)));
     }
     let config = MethodConfig::default_for(method)?.with_options(&options)?;
     Ok(Some(config))
@@ -496,6 +538,7 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
         step_ms: 0.0,
         step_peak_bytes: 0,
         metrics: BTreeMap::new(),
+        mask_seconds: None,
         error: None,
         peer: None,
         peer_error: None,
@@ -510,13 +553,24 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
     } else {
         model
     };
-    let method_config = method_config(method, classification, num_layers(&model))?
+    let trained_on = (config.steps * config.batch_size).min(train_set.len());
+    let method_config = method_config(method, classification, num_layers(&model), trained_on)?
         .map(|c| c.resolved_for(&model))
         .transpose()?;
     let model = match &method_config {
         None => unfreeze_all(model),
-        Some(c) => match c.tuner::<M>().apply(model, "default") {
-            Ok(m) => m,
+        Some(c) => match peft_cli::methods::apply_with_data(
+            c,
+            model,
+            train_set,
+            config.batch_size,
+            |m, b| loss_fn(m, b).0,
+            |_, _| {},
+        ) {
+            Ok((m, fisher)) => {
+                row.mask_seconds = fisher.map(|f| f.seconds);
+                m
+            }
             Err(e) => {
                 row.error = Some(e.to_string());
                 return Ok(row);
@@ -833,9 +887,13 @@ fn table(rows: &[&Row]) -> String {
             .iter()
             .map(|k| r.metrics.get(k).map_or("—".into(), |v| format!("{v:.4}")))
             .collect();
+        let name = match r.mask_seconds {
+            Some(t) => format!("{} (mask {t:.1} s)", r.method),
+            None => r.method.clone(),
+        };
         s += &format!(
             "| {} | {} | {:.3} | {:.2} MiB | {:.0} ms | {:.0} MiB | {} |\n",
-            r.method,
+            name,
             r.trainable,
             r.trainable_percent,
             mib(r.saved_bytes),
@@ -1010,10 +1068,36 @@ mod tests {
             .find(|r| r.method == "lora" && r.task == "chat")
             .unwrap();
         assert!(lora.trainable * 10 < full.trainable && lora.saved_bytes * 10 < full.saved_bytes);
+        // Sparse rows: trainable entries grow with the density, the step's memory stays far
+        // below full fine-tuning's, and the Fisher-scored ones timed their mask.
+        for task in ["sentiment", "chat"] {
+            let get = |m: &str| {
+                rows.iter()
+                    .find(|r| r.method == m && r.task == task)
+                    .unwrap()
+            };
+            let full = get("full");
+            for m in ["pafi", "fishmask", "child-tuning-d"] {
+                let (a, b, c) = (
+                    get(&format!("{m}@0.5")),
+                    get(&format!("{m}@1")),
+                    get(&format!("{m}@5")),
+                );
+                assert!(
+                    a.trainable < b.trainable && b.trainable < c.trainable,
+                    "{m}"
+                );
+                assert!(
+                    c.step_peak_bytes * 2 < full.step_peak_bytes,
+                    "{m}@5 {c:?} vs {full:?}"
+                );
+                assert_eq!(c.mask_seconds.is_some(), m != "pafi", "{m}");
+            }
+        }
         write_report(&rows, out.path(), true).unwrap();
         let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
         for m in METHODS {
-            assert!(md.contains(&format!("| {m} |")), "{md}");
+            assert!(md.contains(&format!("| {m} ")), "{md}");
         }
         assert!(out.path().join("chart.svg").exists() && out.path().join("results.json").exists());
     }
@@ -1030,6 +1114,7 @@ mod tests {
             step_ms,
             step_peak_bytes: 1,
             metrics: BTreeMap::new(),
+            mask_seconds: None,
             error: None,
             peer: None,
             peer_error: None,
