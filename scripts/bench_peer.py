@@ -226,7 +226,12 @@ def train_step(method):
 
     from peft import BeftConfig, IA3Config, LNTuningConfig, PrefixTuningConfig, PromptTuningConfig
 
+    from peft import SupertuningConfig
+
     others = {"ia3": IA3Config, "ln_tuning": LNTuningConfig, "beft": BeftConfig,
+              # PaFi: the smallest-magnitude 6.25% of q and v, as many values as LoRA r=16.
+              "pafi": lambda: SupertuningConfig(sparsity=0.9375, select_top=False,
+                                                target_modules=["q_proj", "v_proj"]),
               # 20 virtual tokens, as the Rust twin's default.
               "prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
               "prefix_tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)}
@@ -375,6 +380,7 @@ WORKLOADS = {
     "train_step/relora": train_step_relora,
     "train_step/select": lambda: train_step_select(False),
     "train_step/child_tuning_f": lambda: train_step_select(True),
+    "train_step/pafi": lambda: train_step("pafi"),
     "init/pissa": lambda: init_pissa("pissa"),
     "init/pissa_niter_4": lambda: init_pissa("pissa_niter_4"),
     "train_step/ia3": lambda: train_step("ia3"),

@@ -165,6 +165,11 @@ pub const WORKLOADS: &[Workload] = &[
         BATCH * SEQ,
     ),
     w(
+        "train_step/pafi",
+        "AdamW step, PaFi: the smallest-magnitude 6.25% of q,v train as a sparse delta (as many values as LoRA r=16)",
+        BATCH * SEQ,
+    ),
+    w(
         "train_step/relora",
         "AdamW step, ReLoRA r=16 on q,v restarting every 10 steps (merge, new factors, optimizer state pruned)",
         BATCH * SEQ,
@@ -351,6 +356,19 @@ fn select_config(id: &str) -> peft_select::SelectConfig {
     }
 }
 
+/// `train_step/pafi`: the smallest-magnitude 6.25% of q and v (16384 values per weight, as
+/// many as LoRA r=16 has), as `scripts/bench_peer.py` sets PEFT's SUPERTUNING.
+fn pafi_config() -> peft_select::SparseConfig {
+    peft_select::SparseConfig {
+        target_modules: Some(peft_core::target::ModuleSelector::List(vec![
+            "q_proj".into(),
+            "v_proj".into(),
+        ])),
+        ..peft_select::SparseConfig::with_density(0.0625, peft_select::Selection::Magnitude, false)
+            .expect("a valid density")
+    }
+}
+
 /// ReLoRA's restart interval and warmup in `train_step/relora` (as `scripts/bench_peer.py`).
 const RELORA_STEPS: usize = 10;
 const RELORA_WARMUP: usize = 2;
@@ -520,6 +538,7 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
         | "train_step/relora"
         | "train_step/select"
         | "train_step/child_tuning_f"
+        | "train_step/pafi"
         | "train_step/ia3"
         | "train_step/ln_tuning"
         | "train_step/beft"
@@ -544,6 +563,7 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                 "train_step/select" | "train_step/child_tuning_f" => {
                     select_config(id).apply(model, "default")?
                 }
+                "train_step/pafi" => pafi_config().apply(model, "default")?,
                 "train_step/ia3" => peft_adapter::Ia3Config::default().apply(model, "default")?,
                 "train_step/ln_tuning" => {
                     peft_select::LnTuningConfig::default().apply(model, "default")?
