@@ -20,6 +20,7 @@
 
 pub mod adapter_io;
 pub mod alloc;
+pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod folder;

@@ -439,7 +439,12 @@ mod tests {
         let d: Vec<i32> = back.get("d").unwrap().i32_values().collect();
         assert_eq!(d, [0, -5, i32::MAX]);
         // A model's integer buffers are not weights.
-        assert!(TensorMap::read_safetensors_weights(&path).unwrap().get("d").is_none());
+        assert!(
+            TensorMap::read_safetensors_weights(&path)
+                .unwrap()
+                .get("d")
+                .is_none()
+        );
     }
 
     #[test]

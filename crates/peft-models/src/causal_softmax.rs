@@ -4,7 +4,7 @@
 //! Composed from burn ops it is a scaling, a mask fill and a softmax (max, subtract, `expf` per
 //! value, sum, divide) forward, their backward passes after, and autodiff keeps several
 //! `[batch, heads, queries, keys]` tensors. On the CPU this operation reads the scores once
-//! forward (writing the weights with the vectorized exponential of [`crate::cpu`]) and the
+//! forward (writing the weights with the vectorized exponential of [`peft_core::cpu`]) and the
 //! weights and their gradient once backward, and keeps only the weights. Other devices use the
 //! burn composition.
 
@@ -19,7 +19,8 @@ use burn::tensor::{Bool, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use crate::cpu::{LANES, dot, exp, f32_values, flex_tensor, max, simd_dispatch};
+use peft_core::cpu::{LANES, dot, exp, f32_values, flex_tensor, max};
+use peft_core::simd_dispatch;
 
 /// `softmax(scale · scores)` along the last axis of `scores [batch, heads, queries, keys]`,
 /// where query `i` sees keys `0..=i + keys - queries` (the queries are the last ones of the

@@ -24,7 +24,6 @@ pub mod assets;
 pub mod bert;
 pub mod causal_softmax;
 pub mod config;
-mod cpu;
 pub mod data;
 pub mod generate;
 pub mod gguf;

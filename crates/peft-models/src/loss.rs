@@ -20,7 +20,7 @@ use burn::tensor::{Int, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use crate::cpu::{f32_values, flex_tensor};
+use peft_core::cpu::{f32_values, flex_tensor};
 
 /// `logsumexp(logits[i]) - logits[i, targets[i]]` for every row `i` of `logits [n, v]`: the
 /// negative log-likelihood of each row's target. Differentiable in `logits`.
@@ -176,9 +176,10 @@ impl<B: Backend + CrossEntropyOps, C: CheckpointStrategy> CrossEntropyOps for Au
 }
 
 /// Row kernels written as loops the compiler vectorizes (lane-wise accumulators, the
-/// arithmetic exponential of [`crate::cpu`]), dispatched to the widest vector instructions.
+/// arithmetic exponential of [`peft_core::cpu`]), dispatched to the widest vector instructions.
 mod vector {
-    use crate::cpu::{LANES, exp, max, simd_dispatch};
+    use peft_core::cpu::{LANES, exp, max};
+    use peft_core::simd_dispatch;
 
     /// `(max(row), Σ e^(row - max))`.
     #[inline(always)]

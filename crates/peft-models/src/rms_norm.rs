@@ -17,7 +17,8 @@ use burn::tensor::{DType, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use crate::cpu::{backward_pair, dot, f32_values, flex_tensor, simd_dispatch};
+use peft_core::cpu::{backward_pair, dot, f32_values, flex_tensor};
+use peft_core::simd_dispatch;
 
 /// `x / sqrt(mean(x²) + eps) · weight` over the last axis of `x`, normalized in f32 whatever
 /// the type of `x` (as transformers does) and returned in that type. Differentiable in `x` and

@@ -4,7 +4,7 @@
 //! about eight more passes backward, and autodiff keeps the sigmoid and SiLU outputs besides
 //! `gate` and `up`. On the CPU this operation reads `gate` and `up` once forward and once
 //! backward (both gradients in the same pass) with the vectorized exponential of
-//! [`crate::cpu`], and keeps only `gate` and `up` for the backward pass. Other devices use the
+//! [`peft_core::cpu`], and keeps only `gate` and `up` for the backward pass. Other devices use the
 //! burn composition.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -18,7 +18,8 @@ use burn::tensor::activation::silu;
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use crate::cpu::{backward_pair, exp, f32_values, flex_tensor, simd_dispatch};
+use peft_core::cpu::{backward_pair, exp, f32_values, flex_tensor};
+use peft_core::simd_dispatch;
 
 /// `silu(gate) · up = gate · sigmoid(gate) · up`, element by element. Differentiable in both.
 ///

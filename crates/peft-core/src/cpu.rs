@@ -1,6 +1,5 @@
-//! What the fused CPU operations ([`crate::loss`], [`crate::swiglu`],
-//! [`crate::causal_softmax`], [`crate::rms_norm`]) share: an exponential and a dot product the
-//! compiler vectorizes (libm's `expf` is a call per value), a runtime pick of the widest vector
+//! What the fused CPU operations (peft-models' loss, SwiGLU, causal softmax and RMSNorm;
+//! peft-sites' sparse deltas) share: an exponential and a dot product the compiler vectorizes (libm's `expf` is a call per value), a runtime pick of the widest vector
 //! instructions the processor has, f32 views of flex tensors and back, and the backward step
 //! of an operation whose one kernel yields the gradients of both its inputs.
 
@@ -15,13 +14,13 @@ use burn::tensor::{DType, Shape, TensorData};
 
 /// Accumulator lanes: one AVX-512 register of f32. Loops that sum into `LANES` separate
 /// accumulators vectorize (a float sum is not reassociated otherwise).
-pub(crate) const LANES: usize = 16;
+pub const LANES: usize = 16;
 
 /// `e^x` to within 2 ulp over the f32 range where it is normal (arguments are clamped to
 /// `[-87, 88]`): `2^k · e^r` with `k = round(x / ln 2)`, `r` reduced in two parts
 /// (Cody–Waite) and `e^r` a degree-7 polynomial (the Cephes `expf` coefficients).
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -53,7 +52,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 
 /// `max(row)` (`-inf` for an empty row), with lane-wise maxima (which vectorize).
 #[inline(always)]
-pub(crate) fn max(row: &[f32]) -> f32 {
+pub fn max(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -69,7 +68,7 @@ pub(crate) fn max(row: &[f32]) -> f32 {
 
 /// `Σ a · b` over the common length, with lane-wise accumulators (which vectorize).
 #[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut sums = [0f32; LANES];
@@ -90,6 +89,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `fn $name(args) -> ret` that runs the `#[inline(always)]` function `$body` compiled for
 /// AVX-512F, else AVX2 + FMA, when the processor has them (checked at run time), else as
 /// built. The body is written once, as plain loops the compiler vectorizes.
+#[macro_export]
 macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path) => {
         $(#[$meta])*
@@ -117,11 +117,10 @@ macro_rules! simd_dispatch {
         }
     };
 }
-pub(crate) use simd_dispatch;
 
 /// The values of `t` as f32 in logical order: borrowed when `t` already is contiguous f32,
 /// converted otherwise.
-pub(crate) fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
+pub fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
     match t.as_slice::<f32>() {
         Some(x) => Cow::Borrowed(x),
         None => {
@@ -132,14 +131,14 @@ pub(crate) fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
 }
 
 /// `values` (f32) as a flex tensor of `shape` in `dtype`: the way back from [`f32_values`].
-pub(crate) fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> FlexTensor {
+pub fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape).convert_dtype(dtype))
 }
 
 /// The backward step of a two-input operation whose kernel `gradients` computes both inputs'
 /// gradients from the kept state and the output's gradient in one pass (burn's `binary` runs
 /// one closure per input).
-pub(crate) fn backward_pair<B: Backend, S>(
+pub fn backward_pair<B: Backend, S>(
     ops: Ops<S, 2>,
     grads: &mut Gradients,
     gradients: impl FnOnce(S, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>),
