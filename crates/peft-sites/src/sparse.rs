@@ -47,6 +47,10 @@ pub struct Support {
     rows: Vec<u32>,
     /// `i_j` of each position.
     cols: Vec<u32>,
+    /// The entries ordered by `o_j` (then `j`), and by `i_j`: the kernels sum each output's
+    /// entries in a local accumulator.
+    by_row: Vec<u32>,
+    by_col: Vec<u32>,
 }
 
 impl Support {
@@ -61,14 +65,22 @@ impl Support {
                  ([{d_out}, {d_in}]); is the adapter for another base model?"
             )));
         }
-        let rows = flat.iter().map(|&p| p / d_in as u32).collect();
-        let cols = flat.iter().map(|&p| p % d_in as u32).collect();
+        let rows: Vec<u32> = flat.iter().map(|&p| p / d_in as u32).collect();
+        let cols: Vec<u32> = flat.iter().map(|&p| p % d_in as u32).collect();
+        let order = |key: &[u32]| {
+            let mut perm: Vec<u32> = (0..key.len() as u32).collect();
+            perm.sort_by_key(|&j| key[j as usize]);
+            perm
+        };
+        let (by_row, by_col) = (order(&rows), order(&cols));
         Ok(Self {
             d_out,
             d_in,
             flat,
             rows,
             cols,
+            by_row,
+            by_col,
         })
     }
 
@@ -246,14 +258,17 @@ fn transpose_into(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
 }
 
 /// One block of rows of [`scatter_rows`]: `dst[r, dst_j] += src[r, src_j]·v_j`, through the
-/// transposed block so each entry is an `axpy` over the rows.
+/// transposed block: the entries of one destination column (`order` groups them) are summed
+/// as vectorized `axpy`s over the rows into a local accumulator, stored once.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn scatter_block(
     src: &[f32],
     src_len: usize,
     src_idx: &[u32],
     dst_len: usize,
     dst_idx: &[u32],
+    order: &[u32],
     values: &[f32],
     dst: &mut [f32],
 ) {
@@ -269,20 +284,30 @@ fn scatter_block(
     let mut src_t = vec![0f32; src.len()];
     transpose_into(src, rows, src_len, &mut src_t);
     let mut dst_t = vec![0f32; dst.len()];
-    for j in 0..values.len() {
-        let (s, d) = (src_idx[j] as usize * rows, dst_idx[j] as usize * rows);
-        let v = values[j];
-        for (o, &x) in dst_t[d..d + rows].iter_mut().zip(&src_t[s..s + rows]) {
-            *o += v * x;
+    let mut acc = [0f32; BLOCK_ROWS];
+    let acc = &mut acc[..rows];
+    let mut at = 0;
+    while at < order.len() {
+        let d = dst_idx[order[at] as usize];
+        acc.fill(0.0);
+        while at < order.len() && dst_idx[order[at] as usize] == d {
+            let j = order[at] as usize;
+            let (s, v) = (src_idx[j] as usize * rows, values[j]);
+            for (o, &x) in acc.iter_mut().zip(&src_t[s..s + rows]) {
+                *o += v * x;
+            }
+            at += 1;
         }
+        dst_t[d as usize * rows..][..rows].copy_from_slice(acc);
     }
     transpose_into(&dst_t, dst_len, rows, dst);
 }
 
 simd_dispatch! {
+    #[allow(clippy::too_many_arguments)]
     fn scatter_block_simd(
         src: &[f32], src_len: usize, src_idx: &[u32], dst_len: usize, dst_idx: &[u32],
-        values: &[f32], dst: &mut [f32],
+        order: &[u32], values: &[f32], dst: &mut [f32],
     ) => scatter_block
 }
 
@@ -295,6 +320,7 @@ fn scatter_rows(
     src_idx: &[u32],
     dst_len: usize,
     dst_idx: &[u32],
+    order: &[u32],
     values: &[f32],
 ) -> Vec<f32> {
     let rows = src.len() / src_len.max(1);
@@ -305,7 +331,7 @@ fn scatter_rows(
     out.par_chunks_mut(dst_len * BLOCK_ROWS)
         .zip(src.par_chunks(src_len * BLOCK_ROWS))
         .for_each(|(dst, src)| {
-            scatter_block_simd(src, src_len, src_idx, dst_len, dst_idx, values, dst)
+            scatter_block_simd(src, src_len, src_idx, dst_len, dst_idx, order, values, dst)
         });
     out
 }
@@ -358,7 +384,7 @@ impl SparseDeltaOps for Flex {
             s.d_in
         );
         let (x, v) = (f32_values(&x), f32_values(&values));
-        let y = scatter_rows(&x, s.d_in, &s.cols, s.d_out, &s.rows, &v);
+        let y = scatter_rows(&x, s.d_in, &s.cols, s.d_out, &s.rows, &s.by_row, &v);
         *shape.last_mut().expect("rank >= 1") = s.d_out;
         flex_tensor(y, shape, DType::F32)
     }
@@ -371,7 +397,7 @@ impl SparseDeltaOps for Flex {
         let s = &support.0;
         let mut shape = g.layout().shape().to_vec();
         let (g, v) = (f32_values(&g), f32_values(&values));
-        let gx = scatter_rows(&g, s.d_out, &s.rows, s.d_in, &s.cols, &v);
+        let gx = scatter_rows(&g, s.d_out, &s.rows, s.d_in, &s.cols, &s.by_col, &v);
         *shape.last_mut().expect("rank >= 1") = s.d_in;
         flex_tensor(gx, shape, DType::F32)
     }
@@ -609,3 +635,4 @@ mod tests {
         );
     }
 }
+
