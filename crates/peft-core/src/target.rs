@@ -63,6 +63,14 @@ impl LayerIndices {
     fn is_empty(&self) -> bool {
         matches!(self, LayerIndices::Many(v) if v.is_empty())
     }
+
+    /// The largest index, if any.
+    pub fn max(&self) -> Option<usize> {
+        match self {
+            LayerIndices::One(i) => Some(*i),
+            LayerIndices::Many(v) => v.iter().copied().max(),
+        }
+    }
 }
 
 /// `layers_pattern`: one name or a list.

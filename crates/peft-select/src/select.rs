@@ -202,6 +202,16 @@ impl SelectConfig {
                  name the modules with target_modules"
             )));
         }
+        if let Some(max) = self.layers_to_transform.as_ref().and_then(|l| l.max()) {
+            let layers = model.num_layers();
+            if max >= layers {
+                return Err(PeftError::Config(format!(
+                    "layers_to_transform: layer {max} is past this {model_type} model's {layers} \
+                     layers (0..={})",
+                    layers.saturating_sub(1)
+                )));
+            }
+        }
         let mut out = Vec::new();
         for (path, site) in model.sites() {
             let kind = site.kind();

@@ -158,7 +158,7 @@ fn bad_selections_are_clear_errors() {
     let e = err(SelectConfig::new(&["attn"], &[]));
     assert!(e.contains("`attn`") && e.contains("attention, mlp"), "{e}");
     let e = err(SelectConfig::new(&["attention"], &[99]));
-    assert!(e.contains("no module") && e.contains("99"), "{e}");
+    assert!(e.contains("layer 99") && e.contains("0..=1"), "{e}");
     // The tiny Llama has no biases.
     let e = err(SelectConfig::new(&["biases"], &[]));
     assert!(e.contains("no module"), "{e}");
@@ -243,4 +243,17 @@ fn child_tuning_f_masks_gradients_with_a_fresh_mask_per_step() {
     };
     let e = bad.apply(llama(&Device::flex()), "default").unwrap_err();
     assert!(e.to_string().contains("density 0"), "{e}");
+}
+
+#[test]
+fn a_layer_past_the_model_is_named_with_the_range() {
+    let device = Device::flex();
+    let err = SelectConfig::new(&["attention"], &[1, 7])
+        .apply(llama(&device), "default")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layer 7") && err.contains("2 layers") && err.contains("0..=1"),
+        "{err}"
+    );
 }

@@ -157,6 +157,15 @@ pub trait SiteHost {
             .collect()
     }
 
+    /// The number of numbered layers: one more than the highest index in a site's path.
+    fn num_layers(&self) -> usize {
+        self.sites()
+            .iter()
+            .filter_map(|(path, _)| path.split('.').find_map(|part| part.parse::<usize>().ok()))
+            .max()
+            .map_or(0, |i| i + 1)
+    }
+
     /// The linear site at `path`.
     fn linear_mut(&mut self, path: &str) -> Option<&mut TunedLinear> {
         self.sites_mut().into_iter().find_map(|(p, s)| match s {

@@ -491,17 +491,6 @@ fn method_config(
     Ok(Some(config))
 }
 
-/// The number of numbered layers of `model` (one more than the highest layer index in a
-/// site's path).
-fn num_layers<M: SiteHost>(model: &M) -> usize {
-    model
-        .sites()
-        .iter()
-        .filter_map(|(path, _)| path.split('.').find_map(|part| part.parse::<usize>().ok()))
-        .max()
-        .map_or(0, |i| i + 1)
-}
-
 fn bar(len: u64, label: String) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
@@ -554,7 +543,7 @@ fn run_method<M: SiteHost + Module + 'static, E: Clone>(
         model
     };
     let trained_on = (config.steps * config.batch_size).min(train_set.len());
-    let method_config = method_config(method, classification, num_layers(&model), trained_on)?
+    let method_config = method_config(method, classification, model.num_layers(), trained_on)?
         .map(|c| c.resolved_for(&model))
         .transpose()?;
     let model = match &method_config {
