@@ -85,7 +85,7 @@ pub const METHODS: &[Method] = &[
     Method {
         name: "select",
         peft_type: "SELECT",
-        about: "layer and module selection: chosen existing weights train in full (--set module_groups=[\"attention\",\"mlp\",\"norms\",\"biases\",\"head\"] --set layers_to_transform=[...])",
+        about: "layer and module selection: chosen existing weights train in full (--set module_groups=[\"attention\",\"mlp\",\"norms\",\"biases\",\"head\",\"embeddings\"] --set layers_to_transform=[...])",
     },
     Method {
         name: "child-tuning-f",

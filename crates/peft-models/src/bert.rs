@@ -514,4 +514,37 @@ impl SiteHost for BertForSequenceClassification {
     fn input_embeddings(&self) -> Option<Tensor<2>> {
         Some(self.word_embeddings.val())
     }
+
+    fn embeddings(&self) -> Vec<(String, &Param<Tensor<2>>)> {
+        let e = self;
+        vec![
+            ("bert.embeddings.word_embeddings".into(), &e.word_embeddings),
+            (
+                "bert.embeddings.position_embeddings".into(),
+                &e.position_embeddings,
+            ),
+            (
+                "bert.embeddings.token_type_embeddings".into(),
+                &e.token_type_embeddings,
+            ),
+        ]
+    }
+
+    fn embeddings_mut(&mut self) -> Vec<(String, &mut Param<Tensor<2>>)> {
+        let e = self;
+        vec![
+            (
+                "bert.embeddings.word_embeddings".into(),
+                &mut e.word_embeddings,
+            ),
+            (
+                "bert.embeddings.position_embeddings".into(),
+                &mut e.position_embeddings,
+            ),
+            (
+                "bert.embeddings.token_type_embeddings".into(),
+                &mut e.token_type_embeddings,
+            ),
+        ]
+    }
 }

@@ -682,4 +682,13 @@ impl SiteHost for LlamaForCausalLM {
     fn input_embeddings(&self) -> Option<Tensor<2>> {
         Some(self.model.embed_tokens.val())
     }
+
+    /// With tied embeddings the output head is this table too.
+    fn embeddings(&self) -> Vec<(String, &Param<Tensor<2>>)> {
+        vec![("model.embed_tokens".into(), &self.model.embed_tokens)]
+    }
+
+    fn embeddings_mut(&mut self) -> Vec<(String, &mut Param<Tensor<2>>)> {
+        vec![("model.embed_tokens".into(), &mut self.model.embed_tokens)]
+    }
 }

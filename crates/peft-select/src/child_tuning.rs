@@ -24,7 +24,7 @@ pub struct GradientMask {
     /// The probability of keeping a gradient entry.
     pub density: f64,
     seed: u64,
-    /// The selected sites' paths; their trainable parameters are masked.
+    /// The selected sites' and embedding tables' paths; their trainable parameters are masked.
     paths: Vec<String>,
     /// Draw with burn's device generator even on the CPU backend (the path other devices take).
     device_rng: bool,
@@ -168,6 +168,22 @@ impl<M: SiteHost + Module> TrainHook<M> for GradientMask {
                 index += 1;
                 self.mask::<1>(grads, id, mix(step_seed ^ mix(index)));
             }
+        }
+        // Selected embedding tables, after the sites (so site masks do not depend on them).
+        for (path, table) in model.embeddings() {
+            if !self.paths.contains(&path) {
+                continue;
+            }
+            if !seeded {
+                if let Some(g) = grads.get::<2>(table.id) {
+                    if self.device_rng || !is_cpu(&g.device()) {
+                        g.device().seed(step_seed);
+                    }
+                    seeded = true;
+                }
+            }
+            index += 1;
+            self.mask::<2>(grads, table.id, mix(step_seed ^ mix(index)));
         }
     }
 }

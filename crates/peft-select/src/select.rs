@@ -27,7 +27,7 @@ fn default_groups() -> Vec<String> {
 }
 
 /// The module groups `module_groups` may name.
-pub const GROUPS: [&str; 5] = ["attention", "mlp", "norms", "biases", "head"];
+pub const GROUPS: [&str; 6] = ["attention", "mlp", "norms", "biases", "head", "embeddings"];
 
 /// Layer and module selection's config, in the shape of a Hugging Face PEFT config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,7 +38,8 @@ pub struct SelectConfig {
     pub task_type: Option<String>,
     /// Groups of modules whose weights (and biases) train, of [`GROUPS`]: the attention
     /// projections, the feed-forward linears, the norms, every bias (only the biases, as
-    /// BitFit), the output head. Default: attention, mlp and norms.
+    /// BitFit), the output head, the embedding tables (outside the numbered layers, so not
+    /// with `layers_to_transform`). Default: attention, mlp and norms.
     #[serde(default = "default_groups")]
     pub module_groups: Vec<String>,
     /// More modules that train in full (suffix match or regex), beyond the groups.
@@ -165,7 +166,8 @@ impl SelectConfig {
         let Some(density) = self.density else {
             return Ok(None);
         };
-        let paths = self.selected(model)?.into_iter().map(|(p, _)| p).collect();
+        let mut paths: Vec<String> = self.selected(model)?.into_iter().map(|(p, _)| p).collect();
+        paths.extend(self.selected_embeddings(model)?);
         Ok(Some(crate::child_tuning::GradientMask::new(
             density, seed, paths,
         )))
@@ -252,7 +254,7 @@ impl SelectConfig {
                 out.push((path, Part::Bias));
             }
         }
-        if out.is_empty() {
+        if out.is_empty() && self.selected_embeddings(model)?.is_empty() {
             return Err(PeftError::Config(format!(
                 "selection: no module of this {model_type} model is selected by module_groups \
                  {:?}, target_modules {:?} and layers_to_transform {:?}",
@@ -260,6 +262,28 @@ impl SelectConfig {
                 self.target_modules.as_ref().map(|t| t.to_string()),
                 self.layers_to_transform
             )));
+        }
+        Ok(out)
+    }
+
+    /// The embedding tables selected (the `embeddings` group), by path.
+    fn selected_embeddings<M: SiteHost>(&self, model: &M) -> Result<Vec<String>> {
+        if !self.has("embeddings") {
+            return Ok(Vec::new());
+        }
+        let spec = self.spec();
+        let mut out = Vec::new();
+        for (path, _) in model.embeddings() {
+            let excluded = match &self.exclude_modules {
+                Some(ex) => ex.matches(&path)?,
+                None => false,
+            };
+            if !excluded
+                && !peft_core::target::in_saved_module(&path, &spec.modules_to_save)
+                && spec.layer_allowed(&path)?
+            {
+                out.push(path);
+            }
         }
         Ok(out)
     }
@@ -310,6 +334,12 @@ impl<M: SiteHost> Tuner<M> for SelectConfig {
                 SiteMut::Prompt(_) | SiteMut::Sublayer(_) => {}
             }
         }
+        let embeddings = self.selected_embeddings(&model)?;
+        for (path, table) in model.embeddings_mut() {
+            if embeddings.contains(&path) {
+                *table = trainable(table.val().detach());
+            }
+        }
         saved::train_whole(&mut model, &self.saved_modules())?;
         Ok(model)
     }
@@ -336,6 +366,12 @@ impl<M: SiteHost> Tuner<M> for SelectConfig {
             }
             if let Some(b) = bias {
                 out.insert(key(&path, "bias"), HostTensor::from_tensor(b));
+            }
+        }
+        let embeddings = self.selected_embeddings(model)?;
+        for (path, table) in model.embeddings() {
+            if embeddings.contains(&path) {
+                out.insert(key(&path, "weight"), HostTensor::from_tensor(table.val()));
             }
         }
         saved::put_whole(model, &self.saved_modules(), &mut out);
@@ -381,6 +417,14 @@ impl<M: SiteHost> Tuner<M> for SelectConfig {
                     }
                 }
                 SiteMut::Prompt(_) | SiteMut::Sublayer(_) => {}
+            }
+        }
+        let embeddings = self.selected_embeddings(&model)?;
+        for (path, table) in model.embeddings_mut() {
+            if embeddings.contains(&path) {
+                let (device, dims) = (table.device(), table.val().dims());
+                let t = tensors.take_shaped(file, &key(&path, "weight"), &dims)?;
+                *table = trainable(t.to_tensor(&device));
             }
         }
         saved::take_whole(&mut model, &self.saved_modules(), &mut tensors, file)?;

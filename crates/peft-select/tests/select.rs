@@ -165,9 +165,9 @@ fn bad_selections_are_clear_errors() {
     let e = err(SelectConfig::new(&[], &[]));
     assert!(e.contains("module_groups or target_modules"), "{e}");
 
-    let json = serde_json::json!({"peft_type": "SELECT", "module_groups": ["mlp", "embeddings"]});
+    let json = serde_json::json!({"peft_type": "SELECT", "module_groups": ["mlp", "embedding"]});
     let e = SelectConfig::from_json(&json).unwrap_err().to_string();
-    assert!(e.contains("`embeddings`"), "{e}");
+    assert!(e.contains("`embedding`") && e.contains("embeddings"), "{e}");
     let json = serde_json::json!({"peft_type": "LORA"});
     assert!(SelectConfig::from_json(&json).is_err());
 }
@@ -256,4 +256,43 @@ fn a_layer_past_the_model_is_named_with_the_range() {
         err.contains("layer 7") && err.contains("2 layers") && err.contains("0..=1"),
         "{err}"
     );
+}
+
+/// The `embeddings` group: the embedding tables train whole (Llama's `embed_tokens`, BERT's
+/// three tables), every other tensor stays bit-identical, and the saved state loads back.
+#[test]
+fn the_embeddings_group_trains_the_tables_only() {
+    let device = Device::flex().autodiff();
+    let config = SelectConfig::new(&["embeddings"], &[]);
+    let base = llama(&device).to_tensors();
+    let model = config.apply(llama(&device), "default").unwrap();
+    assert_eq!(ParamReport::of(&model).trainable, 128 * 64);
+    let (first, last, model) = train(model, 4);
+    assert!(last < first, "loss {first} -> {last}");
+    let after = model.to_tensors();
+    for (k, t) in &base.tensors {
+        let same = after.get(k).unwrap().data == t.data;
+        assert_eq!(same, k != "model.embed_tokens.weight", "{k}");
+    }
+    let state = config.state(&model, "default").unwrap();
+    let keys: Vec<&String> = state.keys().collect();
+    assert_eq!(keys, ["base_model.model.model.embed_tokens.weight"]);
+    let loaded = config
+        .load_state(
+            config.apply(llama(&device), "default").unwrap(),
+            "default",
+            state,
+            Path::new("adapter_model.safetensors"),
+        )
+        .unwrap();
+    let err = max_abs_diff(
+        loaded.forward(ids(&device), None),
+        model.forward(ids(&device), None),
+    );
+    assert_eq!(err, 0.0);
+
+    let m = config.apply(bert(&device), "default").unwrap();
+    let c = &m.config;
+    let tables = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * c.hidden_size;
+    assert_eq!(ParamReport::of(&m).trainable, tables);
 }

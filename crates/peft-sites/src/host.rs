@@ -237,6 +237,19 @@ pub trait SiteHost {
         None
     }
 
+    /// The embedding tables (not sites: nothing attaches to them) by Hugging Face path
+    /// (`model.embed_tokens`), for methods that train them whole.
+    fn embeddings(&self) -> Vec<(String, &burn::module::Param<burn::tensor::Tensor<2>>)> {
+        Vec::new()
+    }
+
+    /// [`SiteHost::embeddings`], mutable.
+    fn embeddings_mut(
+        &mut self,
+    ) -> Vec<(String, &mut burn::module::Param<burn::tensor::Tensor<2>>)> {
+        Vec::new()
+    }
+
     /// The linear sites as target candidates, with the kind `target_modules` matching needs.
     fn module_paths(&self) -> Vec<(String, ModuleKind)> {
         self.sites()
