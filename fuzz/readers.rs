@@ -52,6 +52,7 @@ pub const READERS: &[(&str, fn(&[u8]) -> Outcome)] = &[
     ("jsonl", jsonl),
     ("csv", csv),
     ("chatterbot_yaml", chatterbot_yaml),
+    ("sparse_adapter", sparse_adapter),
 ];
 
 /// The repository's `fixtures/` folder, found upwards from the crate being built.
@@ -195,6 +196,29 @@ pub fn adapter_config(bytes: &[u8]) -> Outcome {
     config.apply(model, "default").map(drop).map_err(err)
 }
 
+/// A sparse adapter's tensors (PEFT `SUPERTUNING`: values and I32 indices per linear) loaded
+/// onto the tiny Llama with the PaFi fixture's config: indices past a weight, counts that
+/// differ, wrong dtypes and unknown keys must each be one line.
+pub fn sparse_adapter(bytes: &[u8]) -> Outcome {
+    let path = Path::new("adapter_model.safetensors");
+    let tensors = TensorMap::from_safetensors_bytes(path, bytes).map_err(err)?;
+    let config_bytes = fixture("methods_tiny/pafi_llama/adapter/adapter_config.json");
+    let value = peft_core::adapter_io::parse_config(path, &config_bytes).map_err(err)?;
+    let config = peft_select::SparseConfig::from_json(&value).map_err(err)?;
+    let model = LlamaForCausalLM::from_tensors(
+        tiny_config().clone(),
+        tiny_tensors().clone(),
+        path,
+        &Device::flex(),
+    )
+    .map_err(err)?;
+    let model = config.apply(model, "default").map_err(err)?;
+    config
+        .load_state(model, "default", tensors, path)
+        .map(drop)
+        .map_err(err)
+}
+
 /// A bitsandbytes quant-state JSON, in place of the one of a real 4-bit weight.
 pub fn quant_state(bytes: &[u8]) -> Outcome {
     let key = "model.layers.0.mlp.up_proj.weight";
@@ -263,6 +287,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("quant_state", state),
         ("jsonl", b"{\"question\": \"the capital\", \"answer\": \"paris\"}\n{\"text\": \"the cat is good\"}\n{\"instruction\": \"what\", \"input\": \"day\", \"output\": \"good\"}\n".to_vec()),
         ("csv", b"text,label\n\"the, cat\",positive\ndog,negative\n".to_vec()),
+        ("sparse_adapter", fixture("methods_tiny/pafi_llama/adapter/adapter_model.safetensors")),
         ("chatterbot_yaml", b"categories:\n- x\nconversations:\n- - Hi\n  - Hello\n- - What is 2?\n  - 2\n".to_vec()),
     ]
 }

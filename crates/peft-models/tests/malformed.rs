@@ -385,6 +385,54 @@ fn malformed_tokenizer_and_adapter_config() {
 }
 
 #[test]
+fn malformed_sparse_adapter() {
+    use peft_core::tensors::{HostTensor, TensorMap};
+    let fixture = fixtures().join("methods_tiny/pafi_llama/adapter/adapter_model.safetensors");
+    let base = TensorMap::read_safetensors(&fixture).unwrap();
+    let key = "base_model.model.model.layers.0.self_attn.v_proj.supertuning_indices";
+    let bytes = |edit: &dyn Fn(&mut TensorMap)| {
+        let mut t = base.clone();
+        edit(&mut t);
+        t.to_safetensors_bytes(&[]).unwrap()
+    };
+    // An index past the weight (another base model).
+    let past = bytes(&|t| {
+        let old = t.remove(key).unwrap();
+        let mut v: Vec<i32> = old.i32_values().collect();
+        v[3] = 1 << 20;
+        t.insert(key, HostTensor::from_i32(old.shape.clone(), &v));
+    });
+    refused("sparse_adapter", &past, &["v_proj", "past the weight"]);
+    // A negative index.
+    let negative = bytes(&|t| {
+        let old = t.remove(key).unwrap();
+        let mut v: Vec<i32> = old.i32_values().collect();
+        v[0] = -1;
+        t.insert(key, HostTensor::from_i32(old.shape.clone(), &v));
+    });
+    refused("sparse_adapter", &negative, &["negative index -1"]);
+    // Values and indices of different counts.
+    let short = bytes(&|t| {
+        let k = key.replace("indices", "values");
+        let old = t.remove(&k).unwrap();
+        t.insert(k, HostTensor::new(vec![3], old.data[..3].to_vec()));
+    });
+    refused("sparse_adapter", &short, &["supertuning_values", "[3]"]);
+    // Indices stored as floats.
+    let floats = bytes(&|t| {
+        let old = t.remove(key).unwrap();
+        let v: Vec<f32> = old.i32_values().map(|i| i as f32).collect();
+        t.insert(key, HostTensor::new(old.shape.clone(), v));
+    });
+    refused("sparse_adapter", &floats, &["v_proj", "I32"]);
+    // A missing tensor.
+    let missing = bytes(&|t| {
+        t.remove(key);
+    });
+    refused("sparse_adapter", &missing, &[key]);
+}
+
+#[test]
 fn malformed_quant_state() {
     let state = |v: Value| serde_json::to_vec(&v).unwrap();
     let good = json!({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [128, 64],
