@@ -200,6 +200,19 @@ impl TargetSpec {
     }
 }
 
+/// Hugging Face PEFT's default LoRA targets for `model_type` (its LoRA mapping, which AdaLoRA
+/// and Super-Tuning reuse), or `None` for a model type it has none for.
+pub fn lora_default_targets(model_type: &str) -> Option<ModuleSelector> {
+    let names: &[&str] = match model_type {
+        "llama" | "mistral" | "qwen2" => &["q_proj", "v_proj"],
+        "bert" | "roberta" => &["query", "value"],
+        _ => return None,
+    };
+    Some(ModuleSelector::List(
+        names.iter().map(|s| s.to_string()).collect(),
+    ))
+}
+
 /// Whether the module at `path` is, or sits inside, a module named in `modules_to_save`
 /// (a name matches a module whose path ends with it at a dot boundary). One rule for both
 /// sides: such modules are never adapted, and they are trained and saved whole.

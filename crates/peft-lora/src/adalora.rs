@@ -169,18 +169,11 @@ impl AdaLoraConfig {
     pub fn with_defaults(&self, model_type: &str) -> Result<Self> {
         let mut c = self.clone();
         if c.target_modules.is_none() {
-            let names: &[&str] = match model_type {
-                "llama" | "mistral" | "qwen2" => &["q_proj", "v_proj"],
-                "bert" | "roberta" => &["query", "value"],
-                other => {
-                    return Err(PeftError::Config(format!(
-                        "AdaLoRA has no default target_modules for `{other}` models: give target_modules"
-                    )));
-                }
-            };
-            c.target_modules = Some(ModuleSelector::List(
-                names.iter().map(|s| s.to_string()).collect(),
-            ));
+            c.target_modules = Some(peft_core::target::lora_default_targets(model_type).ok_or_else(|| {
+                PeftError::Config(format!(
+                    "AdaLoRA has no default target_modules for `{model_type}` models: give target_modules"
+                ))
+            })?);
         }
         Ok(c)
     }

@@ -372,21 +372,31 @@ simd_dispatch! {
     ) => values_grad_block
 }
 
+/// `t [.., src_len]` through [`scatter_rows`] to `[.., dst_len]` (the forward and the input
+/// gradient are the same operation with the roles of the two dimensions swapped).
+fn scatter_op(
+    t: FlexTensor,
+    values: FlexTensor,
+    (src_len, src_idx): (usize, &[u32]),
+    (dst_len, dst_idx): (usize, &[u32]),
+    order: &[u32],
+) -> FlexTensor {
+    let mut shape = t.layout().shape().to_vec();
+    assert_eq!(
+        shape.last(),
+        Some(&src_len),
+        "input's last dimension does not fit the sparse delta ({src_len} expected)"
+    );
+    let (t, v) = (f32_values(&t), f32_values(&values));
+    let out = scatter_rows(&t, src_len, src_idx, dst_len, dst_idx, order, &v);
+    *shape.last_mut().expect("rank >= 1") = dst_len;
+    flex_tensor(out, shape, DType::F32)
+}
+
 impl SparseDeltaOps for Flex {
     fn sparse_delta(x: FlexTensor, values: FlexTensor, support: SupportHandle) -> FlexTensor {
         let s = &support.0;
-        let mut shape = x.layout().shape().to_vec();
-        assert_eq!(
-            shape.last(),
-            Some(&s.d_in),
-            "input's last dimension does not fit the sparse delta's weight [{}, {}]",
-            s.d_out,
-            s.d_in
-        );
-        let (x, v) = (f32_values(&x), f32_values(&values));
-        let y = scatter_rows(&x, s.d_in, &s.cols, s.d_out, &s.rows, &s.by_row, &v);
-        *shape.last_mut().expect("rank >= 1") = s.d_out;
-        flex_tensor(y, shape, DType::F32)
+        scatter_op(x, values, (s.d_in, &s.cols), (s.d_out, &s.rows), &s.by_row)
     }
 
     fn sparse_delta_transposed(
@@ -395,11 +405,7 @@ impl SparseDeltaOps for Flex {
         support: SupportHandle,
     ) -> FlexTensor {
         let s = &support.0;
-        let mut shape = g.layout().shape().to_vec();
-        let (g, v) = (f32_values(&g), f32_values(&values));
-        let gx = scatter_rows(&g, s.d_out, &s.rows, s.d_in, &s.cols, &s.by_col, &v);
-        *shape.last_mut().expect("rank >= 1") = s.d_in;
-        flex_tensor(gx, shape, DType::F32)
+        scatter_op(g, values, (s.d_out, &s.rows), (s.d_in, &s.cols), &s.by_col)
     }
 
     fn sparse_delta_values_grad(
