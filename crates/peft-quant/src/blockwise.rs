@@ -7,23 +7,15 @@ use rayon::prelude::*;
 use crate::code_lut::CodeLut;
 use crate::codebook::{QuantType, dynamic_map};
 use crate::decode::decode_nibbles;
+use crate::encode::{Slots, block_absmax, encode_blocks, slot};
 
 /// Block sizes bitsandbytes accepts.
 pub const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 /// Block size of the second-level (scale) quantization.
 pub const NESTED_BLOCKSIZE: usize = 256;
 
-/// Slot of `x` among sorted midpoints: how many are strictly below it (torch.bucketize).
-#[inline(always)]
-fn bucket(x: f32, bounds: &[f32; 15]) -> usize {
-    bounds.iter().map(|&b| (b < x) as usize).sum()
-}
-
-/// Scale of one block, guarded against zero blocks as bitsandbytes does.
-#[inline]
-fn block_absmax(block: &[f32]) -> f32 {
-    block.iter().fold(0f32, |m, v| m.max(v.abs()))
-}
+/// Values per parallel task when encoding (whole blocks).
+const VALUES_PER_TASK: usize = 16384;
 
 /// Quantize `data` to packed 4-bit codes (first value in the high nibble, an odd tail padded
 /// with the code of 0) and one f32 scale per block.
@@ -34,33 +26,33 @@ pub fn quantize_4bit(
 ) -> Result<(Vec<u8>, Vec<f32>)> {
     check_blocksize(blocksize)?;
     let (bounds, order) = qtype.bounds();
+    let slots = Slots { bounds, order };
     let n = data.len();
-    let n_blocks = n.div_ceil(blocksize);
-    let mut absmax = vec![0f32; n_blocks];
-    let mut codes = vec![0u8; n + n % 2];
-    // Blocks are even-sized, so each block packs into its own bytes.
-    codes[..n]
-        .par_chunks_mut(blocksize)
-        .zip(data.par_chunks(blocksize))
-        .zip(absmax.par_iter_mut())
-        .enumerate()
-        .for_each(|(i, ((out, block), am))| {
-            let full = (i + 1) * blocksize <= n;
-            let raw = block_absmax(block);
-            let m = raw.max(1e-38);
-            // The reference keeps a full block's raw maximum but the tail's clamped one.
-            *am = if full { raw } else { m };
-            // Full blocks multiply by the reciprocal, the tail divides (as the reference does).
-            let recip = 1.0 / m;
-            for (o, &v) in out.iter_mut().zip(block) {
-                let scaled = if full { v * recip } else { v / m }.clamp(-1.0, 1.0);
-                *o = order[bucket(scaled, &bounds)];
-            }
-        });
-    if n % 2 == 1 {
-        codes[n] = order[bucket(0.0, &bounds)];
+    let full = n / blocksize;
+    let mut absmax = vec![0f32; n.div_ceil(blocksize)];
+    let mut packed = vec![0u8; n.div_ceil(2)];
+    // Whole blocks (even-sized, so each packs into its own bytes), in parallel tasks of whole
+    // blocks.
+    let per_task = (VALUES_PER_TASK / blocksize).max(1);
+    let whole = full * blocksize;
+    packed[..whole / 2]
+        .par_chunks_mut(per_task * blocksize / 2)
+        .zip(data[..whole].par_chunks(per_task * blocksize))
+        .zip(absmax[..full].par_chunks_mut(per_task))
+        .for_each(|((out, values), am)| encode_blocks(values, blocksize, &slots, out, am));
+    // The tail: the reference keeps its clamped maximum and divides by it (a whole block keeps
+    // the raw maximum and multiplies by its reciprocal); an odd last value pairs with the code
+    // of 0.
+    if whole < n {
+        let tail = &data[whole..];
+        let m = block_absmax(tail).max(1e-38);
+        absmax[full] = m;
+        let code = |v: f32| order[slot(v / m, &bounds)];
+        for (i, pair) in tail.chunks(2).enumerate() {
+            let second = pair.get(1).map_or(order[slot(0.0, &bounds)], |&v| code(v));
+            packed[whole / 2 + i] = (code(pair[0]) << 4) | second;
+        }
     }
-    let packed = codes.chunks_exact(2).map(|p| (p[0] << 4) | p[1]).collect();
     Ok((packed, absmax))
 }
 

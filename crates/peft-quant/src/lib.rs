@@ -23,6 +23,7 @@ pub mod checkpoint;
 mod code_lut;
 mod codebook;
 mod decode;
+mod encode;
 #[cfg(feature = "cube")]
 mod gpu;
 pub mod kernel;

@@ -1,0 +1,321 @@
+//! Turning whole blocks of values into packed 4-bit codes and their scales: the inner loop of
+//! every quantization. Each block's scale is its largest magnitude; each value, multiplied by
+//! the scale's reciprocal, takes the slot among the 15 sorted midpoints between codes that
+//! bitsandbytes' `bucketize` gives it (how many midpoints are strictly below it), mapped to the
+//! code's index; two codes share a byte, the first in the high nibble.
+//!
+//! The scalar loop is the reference. The vector paths (picked at run time through
+//! `peft_core::cpu::isa`) give the same bytes and scales: they use the same product and the
+//! same strict comparisons, and find the slot by a branchless binary search over the
+//! midpoints instead of counting them (AVX-512: one 16-entry table permute per step; AVX2: the
+//! median picks a half, then three steps in 8-entry tables).
+
+/// The 15 midpoints, sorted (ties allowed), and the code index of each of the 16 slots.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slots {
+    pub bounds: [f32; 15],
+    pub order: [u8; 16],
+}
+
+/// Values per vector step: 32 values, 16 packed bytes.
+const STEP: usize = 32;
+
+/// Encode `data` (whole blocks of `blocksize` values, a multiple of 32) into `packed`
+/// (`data.len() / 2` bytes) and `absmax` (one raw block maximum per block).
+pub(crate) fn encode_blocks(
+    data: &[f32],
+    blocksize: usize,
+    slots: &Slots,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) {
+    debug_assert!(blocksize % STEP == 0 && data.len() % blocksize == 0);
+    debug_assert_eq!(packed.len() * 2, data.len());
+    debug_assert_eq!(absmax.len() * blocksize, data.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        use peft_core::cpu::{Isa, isa};
+        match isa() {
+            // SAFETY: `isa` reports only what the CPU has (AVX-512F, BW and VL come together on
+            // every AVX-512 x86 processor that has the table permutes used here; checked).
+            Isa::Avx512 if has_avx512bw_vl() => {
+                return unsafe { x86::encode_avx512(data, blocksize, slots, packed, absmax) };
+            }
+            // SAFETY: as above (AVX2).
+            Isa::Avx512 | Isa::Avx2 => {
+                return unsafe { x86::encode_avx2(data, blocksize, slots, packed, absmax) };
+            }
+            Isa::Scalar => {}
+        }
+    }
+    encode_scalar(data, blocksize, slots, packed, absmax);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512bw_vl() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// Largest magnitude of `block`, a NaN left out (as `f32::max` does).
+#[inline]
+pub(crate) fn block_absmax(block: &[f32]) -> f32 {
+    block.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// The slot of `x`: how many midpoints are strictly below it (0 for NaN).
+#[inline(always)]
+pub(crate) fn slot(x: f32, bounds: &[f32; 15]) -> usize {
+    bounds.iter().map(|&b| (b < x) as usize).sum()
+}
+
+/// The reference loop.
+fn encode_scalar(
+    data: &[f32],
+    blocksize: usize,
+    slots: &Slots,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) {
+    for ((block, out), am) in data
+        .chunks_exact(blocksize)
+        .zip(packed.chunks_exact_mut(blocksize / 2))
+        .zip(absmax.iter_mut())
+    {
+        let raw = block_absmax(block);
+        *am = raw;
+        let recip = 1.0 / raw.max(1e-38);
+        let code = |v: f32| slots.order[slot(v * recip, &slots.bounds)];
+        for (o, pair) in out.iter_mut().zip(block.chunks_exact(2)) {
+            *o = (code(pair[0]) << 4) | code(pair[1]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{STEP, Slots};
+
+    /// The midpoints padded to 16 with +inf (never below a value, so a slot stays <= 15).
+    fn table(slots: &Slots) -> [f32; 16] {
+        let mut t = [f32::INFINITY; 16];
+        t[..15].copy_from_slice(&slots.bounds);
+        t
+    }
+
+    /// 32 slots as bytes in value order (`lo` the first 16) through `order`, paired into 16
+    /// bytes (first code in the high nibble) and stored at `out`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_pairs(bytes: __m256i, order: __m256i, out: *mut u8) {
+        let codes = _mm256_shuffle_epi8(order, bytes);
+        // Each 16-bit lane holds (first, second) as (low, high) byte.
+        let pairs = _mm256_or_si256(
+            _mm256_slli_epi16::<4>(_mm256_and_si256(codes, _mm256_set1_epi16(0xff))),
+            _mm256_srli_epi16::<8>(codes),
+        );
+        let narrowed = _mm256_packus_epi16(pairs, pairs);
+        let narrowed = _mm256_permute4x64_epi64::<0b1000>(narrowed);
+        unsafe { _mm_storeu_si128(out.cast(), _mm256_castsi256_si128(narrowed)) };
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F, BW and VL; lengths as [`super::encode_blocks`] says.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn encode_avx512(
+        data: &[f32],
+        blocksize: usize,
+        slots: &Slots,
+        packed: &mut [u8],
+        absmax: &mut [f32],
+    ) {
+        let t = table(slots);
+        let (order16, table) = unsafe {
+            (
+                _mm_loadu_si128(slots.order.as_ptr().cast()),
+                _mm512_loadu_ps(t.as_ptr()),
+            )
+        };
+        let order = _mm256_set_m128i(order16, order16);
+        let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+        for ((block, out), am) in data
+            .chunks_exact(blocksize)
+            .zip(packed.chunks_exact_mut(blocksize / 2))
+            .zip(absmax.iter_mut())
+        {
+            let mut m = _mm512_setzero_ps();
+            for c in block.chunks_exact(16) {
+                let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+                let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask));
+                // maxps returns its second operand when the first is NaN: a NaN is skipped.
+                m = _mm512_max_ps(a, m);
+            }
+            let raw = _mm512_reduce_max_ps(m);
+            *am = raw;
+            let recip = _mm512_set1_ps(1.0 / raw.max(1e-38));
+            for (vals, o) in block.chunks_exact(STEP).zip(out.chunks_exact_mut(STEP / 2)) {
+                let (s0, s1) = unsafe {
+                    (
+                        _mm512_mul_ps(_mm512_loadu_ps(vals.as_ptr()), recip),
+                        _mm512_mul_ps(_mm512_loadu_ps(vals.as_ptr().add(16)), recip),
+                    )
+                };
+                let (mut i0, mut i1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for step in [8, 4, 2, 1] {
+                    let (next0, next1) = (
+                        _mm512_add_epi32(i0, _mm512_set1_epi32(step)),
+                        _mm512_add_epi32(i1, _mm512_set1_epi32(step)),
+                    );
+                    let back = _mm512_set1_epi32(step - 1);
+                    let b0 = _mm512_permutexvar_ps(_mm512_add_epi32(i0, back), table);
+                    let b1 = _mm512_permutexvar_ps(_mm512_add_epi32(i1, back), table);
+                    i0 = _mm512_mask_mov_epi32(i0, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(b0, s0), next0);
+                    i1 = _mm512_mask_mov_epi32(i1, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(b1, s1), next1);
+                }
+                let bytes = _mm256_set_m128i(_mm512_cvtepi32_epi8(i1), _mm512_cvtepi32_epi8(i0));
+                unsafe { store_pairs(bytes, order, o.as_mut_ptr()) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; lengths as [`super::encode_blocks`] says.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn encode_avx2(
+        data: &[f32],
+        blocksize: usize,
+        slots: &Slots,
+        packed: &mut [u8],
+        absmax: &mut [f32],
+    ) {
+        let t = table(slots);
+        let order16 = unsafe { _mm_loadu_si128(slots.order.as_ptr().cast()) };
+        let order = _mm256_set_m128i(order16, order16);
+        let (lo_t, hi_t) = unsafe {
+            (
+                _mm256_loadu_ps(t.as_ptr()),
+                _mm256_loadu_ps(t.as_ptr().add(8)),
+            )
+        };
+        let median = _mm256_set1_ps(t[7]);
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for ((block, out), am) in data
+            .chunks_exact(blocksize)
+            .zip(packed.chunks_exact_mut(blocksize / 2))
+            .zip(absmax.iter_mut())
+        {
+            let mut m = _mm256_setzero_ps();
+            for c in block.chunks_exact(8) {
+                let a = _mm256_and_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, abs_mask);
+                m = _mm256_max_ps(a, m);
+            }
+            let mut lanes = [0f32; 8];
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+            let raw = lanes.iter().fold(0f32, |m, &x| m.max(x));
+            *am = raw;
+            let recip = _mm256_set1_ps(1.0 / raw.max(1e-38));
+            for (vals, o) in block.chunks_exact(STEP).zip(out.chunks_exact_mut(STEP / 2)) {
+                let mut slot = [_mm256_setzero_si256(); 4];
+                for (q, slot) in slot.iter_mut().enumerate() {
+                    let s =
+                        _mm256_mul_ps(unsafe { _mm256_loadu_ps(vals.as_ptr().add(8 * q)) }, recip);
+                    // Above the median: the upper half (slots 8..15) and its table.
+                    let upper = _mm256_cmp_ps::<_CMP_LT_OQ>(median, s);
+                    let mut i = _mm256_and_si256(_mm256_castps_si256(upper), _mm256_set1_epi32(8));
+                    for step in [4, 2, 1] {
+                        let k = _mm256_add_epi32(i, _mm256_set1_epi32(step - 1));
+                        let b = _mm256_blendv_ps(
+                            _mm256_permutevar8x32_ps(lo_t, k),
+                            _mm256_permutevar8x32_ps(hi_t, k),
+                            upper,
+                        );
+                        let below = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(b, s));
+                        i = _mm256_add_epi32(i, _mm256_and_si256(below, _mm256_set1_epi32(step)));
+                    }
+                    *slot = i;
+                }
+                // Packing works within 128-bit halves: values 0-3, 8-11, 16-19, 24-27 | 4-7,
+                // 12-15, 20-23, 28-31; the dword permute puts them back in order.
+                let b = _mm256_packus_epi16(
+                    _mm256_packus_epi32(slot[0], slot[1]),
+                    _mm256_packus_epi32(slot[2], slot[3]),
+                );
+                let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                unsafe { store_pairs(b, order, o.as_mut_ptr()) };
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::{Slots, encode_scalar};
+        use super::*;
+        use crate::codebook::QuantType;
+
+        /// Values that probe every edge: random magnitudes, values exactly on midpoints (times
+        /// the block's scale), zeros, a zero block, NaN, infinities, subnormals.
+        fn probe(blocks: usize, blocksize: usize, scale_bounds: &[f32; 15]) -> Vec<f32> {
+            let mut state = 0x2545_f491_4f6c_dd1du64;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let mut v: Vec<f32> = (0..blocks * blocksize)
+                .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.3)
+                .collect();
+            // Block 1: the midpoints themselves with a max of exactly 1.
+            for (i, x) in v[blocksize..2 * blocksize].iter_mut().enumerate() {
+                *x = if i == 0 { 1.0 } else { scale_bounds[i % 15] };
+            }
+            v[2 * blocksize..3 * blocksize].fill(0.0);
+            v[3 * blocksize + 5] = f32::NAN;
+            v[4 * blocksize + 7] = f32::INFINITY;
+            v[5 * blocksize + 1] = f32::NEG_INFINITY;
+            v[6 * blocksize + 3] = 1e-40;
+            v[6 * blocksize + 4] = -0.0;
+            v
+        }
+
+        /// Each vector path (where this CPU has it) gives the scalar loop's bytes and scales.
+        #[test]
+        fn vector_paths_equal_the_scalar_loop() {
+            for qtype in [QuantType::Nf4, QuantType::Fp4] {
+                let (bounds, order) = qtype.bounds();
+                let slots = Slots { bounds, order };
+                for blocksize in [32, 64, 256] {
+                    let data = probe(8, blocksize, &bounds);
+                    let n = data.len();
+                    let (mut want_p, mut want_a) = (vec![0u8; n / 2], vec![0f32; n / blocksize]);
+                    encode_scalar(&data, blocksize, &slots, &mut want_p, &mut want_a);
+                    let mut paths: Vec<(
+                        &str,
+                        unsafe fn(&[f32], usize, &Slots, &mut [u8], &mut [f32]),
+                    )> = Vec::new();
+                    if super::super::has_avx512bw_vl() {
+                        paths.push(("avx512", encode_avx512));
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        paths.push(("avx2", encode_avx2));
+                    }
+                    for (name, path) in paths {
+                        let (mut p, mut a) = (vec![0xAAu8; n / 2], vec![f32::NAN; n / blocksize]);
+                        unsafe { path(&data, blocksize, &slots, &mut p, &mut a) };
+                        assert_eq!(p, want_p, "{name} {qtype:?} blocksize {blocksize}: codes");
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&a),
+                            bits(&want_a),
+                            "{name} {qtype:?} blocksize {blocksize}: scales"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
