@@ -84,6 +84,18 @@ def linear(wid):
     return run
 
 
+def one_thread(run):
+    """`run` on one thread, the others' count restored after (`linear/plain_fwd_1t`)."""
+    def single():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            run()
+        finally:
+            torch.set_num_threads(threads)
+    return single
+
+
 def merge():
     from peft import get_peft_model
 
@@ -360,6 +372,7 @@ def generate_mixed(batched):
 
 WORKLOADS = {
     "linear/plain_fwd": lambda: linear("linear/plain_fwd"),
+    "linear/plain_fwd_1t": lambda: one_thread(linear("linear/plain_fwd")),
     "linear/lora_fwd": lambda: linear("linear/lora_fwd"),
     "linear/plain_fwd_bwd": lambda: linear("linear/plain_fwd_bwd"),
     "linear/lora_fwd_bwd": lambda: linear("linear/lora_fwd_bwd"),
@@ -447,7 +460,15 @@ if __name__ == "__main__":
         serve()
     elif cmd == "memory" and len(sys.argv) == 3:
         memory(sys.argv[2])
+    elif cmd == "isa":
+        # What caps the instruction sets: ATen's dispatch reports its own; MKL and oneDNN only
+        # follow their environment variables (`cargo xtask bench --isa avx2` sets them).
+        print(json.dumps({
+            "ATen kernels": torch.backends.cpu.get_cpu_capability(),
+            "MKL": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "auto"),
+            "oneDNN": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"),
+        }))
     elif cmd == "list":
         print("\n".join(WORKLOADS))
     else:
-        raise SystemExit("usage: bench_peer.py <serve | memory ID | list>")
+        raise SystemExit("usage: bench_peer.py <serve | memory ID | list | isa>")

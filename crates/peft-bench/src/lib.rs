@@ -84,6 +84,11 @@ pub const WORKLOADS: &[Workload] = &[
         0,
     ),
     w(
+        "linear/plain_fwd_1t",
+        "same forward on one thread (how the product scales to two: cores or SMT siblings)",
+        0,
+    ),
+    w(
         "linear/lora_fwd",
         "same with LoRA r=16 on the side path, forward",
         0,
@@ -404,6 +409,12 @@ fn quant_matrix() -> HostTensor {
     HostTensor::new(vec![QUANT_DIM, QUANT_DIM], data)
 }
 
+/// A workload's closure handed to a rayon pool's `install`, which needs `Send`.
+struct RunOnPool<'a>(&'a mut Box<dyn FnMut()>);
+// SAFETY: `install` blocks the calling thread until the closure returns, so the closure is only
+// ever used by one thread at a time, and the flex tensors it holds are plain host buffers.
+unsafe impl Send for RunOnPool<'_> {}
+
 /// Set up workload `id` on `device` (a plain device; training workloads add autodiff) and
 /// return the closure one iteration runs. The closure waits for the device to finish.
 pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
@@ -437,6 +448,21 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                     let _ = layer.forward(x.clone());
                 }
                 sync();
+            })
+        }
+        "linear/plain_fwd_1t" => {
+            let mut forward = prepare("linear/plain_fwd", device)?;
+            let one = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .map_err(|e| anyhow::anyhow!("a one-thread pool: {e}"))?;
+            Box::new(move || {
+                let run = RunOnPool(&mut forward);
+                one.install(move || {
+                    // The whole wrapper moves in (a field alone would be captured otherwise).
+                    let run = run;
+                    (run.0)()
+                })
             })
         }
         "merge/merge_unmerge" => {

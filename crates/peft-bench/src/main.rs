@@ -7,6 +7,8 @@
 //! - `peft-bench memory ID [--device ..]`: in this fresh process, the resident memory before
 //!   and the peak during one iteration, as one JSON line.
 //! - `peft-bench list`: the workload ids.
+//! - `peft-bench isa`: the instruction sets the processor has, our kernels use
+//!   (`PEFT_CPU_ISA` caps them) and the dense products use, as one JSON line.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -71,6 +73,15 @@ fn main() -> Result<()> {
                 "{}",
                 serde_json::json!({ "id": id, "rss_before": m.rss_before, "rss_peak": m.rss_peak,
                     "alloc_before": m.alloc_before, "alloc_peak": m.alloc_peak })
+            );
+            Ok(())
+        }
+        Some("isa") => {
+            use peft_core::cpu::{Isa, gemm_isa, isa};
+            println!(
+                "{}",
+                serde_json::json!({ "processor": Isa::detected().name(), "own kernels": isa().name(),
+                    "dense products (gemm)": gemm_isa().name() })
             );
             Ok(())
         }

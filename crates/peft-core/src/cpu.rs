@@ -86,9 +86,82 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             .sum::<f32>()
 }
 
+/// The widest x86 vector instructions the CPU kernels use (`scalar` elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain code as built (no run-time vector path).
+    Scalar,
+    /// AVX2 + FMA (256-bit vectors).
+    Avx2,
+    /// AVX-512F (512-bit vectors).
+    Avx512,
+}
+
+impl Isa {
+    /// `avx512`, `avx2` or `scalar`: what `PEFT_CPU_ISA` takes and reports print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// What the processor has, ignoring `PEFT_CPU_ISA`.
+    pub fn detected() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+}
+
+/// The instruction set our own CPU kernels run with: what the processor has, capped by the
+/// environment variable `PEFT_CPU_ISA` (`avx2` or `scalar`), so that an AVX-512 machine can
+/// imitate one without it (`cargo xtask bench --isa avx2`). Read once per process; an unknown
+/// value is ignored with a warning. The dense products (`gemm`, inside burn's CPU backend)
+/// choose their kernels on their own: see [`gemm_isa`].
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let detected = Isa::detected();
+        let cap = match std::env::var("PEFT_CPU_ISA").ok().as_deref() {
+            None | Some("") | Some("avx512") => Isa::Avx512,
+            Some("avx2") => Isa::Avx2,
+            Some("scalar") => Isa::Scalar,
+            Some(other) => {
+                eprintln!("warning: PEFT_CPU_ISA={other:?} is not avx512, avx2 or scalar; ignored");
+                Isa::Avx512
+            }
+        };
+        detected.min(cap)
+    })
+}
+
+/// The instruction set of the dense products (`gemm` in burn's CPU backend). Its AVX-512
+/// kernels are compiled in only with peft-core's `avx512-gemm` feature (on in the `peft` and
+/// `peft-bench` binaries) and then used whenever the processor has AVX-512F, whatever
+/// `PEFT_CPU_ISA` says; without the feature it uses AVX2 + FMA.
+pub fn gemm_isa() -> Isa {
+    let detected = Isa::detected();
+    if cfg!(feature = "avx512-gemm") {
+        detected
+    } else {
+        detected.min(Isa::Avx2)
+    }
+}
+
 /// `fn $name(args) -> ret` that runs the `#[inline(always)]` function `$body` compiled for
-/// AVX-512F, else AVX2 + FMA, when the processor has them (checked at run time), else as
-/// built. The body is written once, as plain loops the compiler vectorizes.
+/// AVX-512F, else AVX2 + FMA, as [`isa`] allows (checked at run time), else as built. The
+/// body is written once, as plain loops the compiler vectorizes.
 #[macro_export]
 macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path) => {
@@ -104,13 +177,12 @@ macro_rules! simd_dispatch {
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the processor has AVX-512F.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the processor has AVX2 and FMA.
-                    return unsafe { avx2($($arg),*) };
+                match $crate::cpu::isa() {
+                    // SAFETY: `isa` reports only what the processor has.
+                    $crate::cpu::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above (AVX2 and FMA).
+                    $crate::cpu::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::cpu::Isa::Scalar => {}
                 }
             }
             $body($($arg),*)

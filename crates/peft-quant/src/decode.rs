@@ -1,7 +1,8 @@
 //! Turning packed 4-bit codes into values through a block's 16-entry table (the code scaled by
 //! the block's absmax). This is the inner loop of every CPU dequantization, so it uses the
 //! CPU's table-permute instructions where it has them (AVX-512: 16 values per instruction;
-//! AVX2: 8), picked at run time; the scalar loop is the reference and the fallback.
+//! AVX2: 8), picked at run time (`peft_core::cpu::isa`); the scalar loop is the reference and
+//! the fallback.
 
 /// `out[j] = table[nibble(first + j)]`, where value `i` of `packed` is the high nibble of byte
 /// `i / 2` when `i` is even and the low nibble when it is odd (bitsandbytes' order).
@@ -29,13 +30,13 @@ fn decode_bytes(bytes: &[u8], table: &[f32; 16], out: &mut [f32]) {
     debug_assert_eq!(out.len(), 2 * bytes.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { x86::decode_avx512(bytes, table, out) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { x86::decode_avx2(bytes, table, out) };
+        use peft_core::cpu::{Isa, isa};
+        match isa() {
+            // SAFETY: `isa` reports only what the CPU has (AVX-512F).
+            Isa::Avx512 => return unsafe { x86::decode_avx512(bytes, table, out) },
+            // SAFETY: as above (AVX2).
+            Isa::Avx2 => return unsafe { x86::decode_avx2(bytes, table, out) },
+            Isa::Scalar => {}
         }
     }
     decode_scalar(bytes, table, out);

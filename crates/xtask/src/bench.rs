@@ -153,14 +153,20 @@ fn memory(mut cmd: Command, side: &str, id: &str) -> Result<Memory> {
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    };
+    let cpu = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    // Family and model tell processor generations apart where the name does not ("AMD EPYC":
+    // family 25 is Zen 3 or Zen 4, 26 is Zen 5).
+    let cpu = match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!("{cpu} (family {f}, model {m})"),
+        _ => cpu,
+    };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -173,7 +179,45 @@ fn machine() -> String {
         })
         .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
         .unwrap_or_default();
-    format!("{cpu}, {cores} cores, {mem} RAM; {THREADS} threads on each side")
+    format!(
+        "{cpu}, {cores} cores, {mem} RAM; {THREADS} threads on each side. {}",
+        cpu0_topology()
+    )
+}
+
+/// What the OS says the first CPU shares with others (its SMT siblings and caches), which
+/// decides how a dense product scales to two threads; `linear/plain_fwd_1t` measures it.
+fn cpu0_topology() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let base = "/sys/devices/system/cpu/cpu0";
+    let siblings =
+        read(&format!("{base}/topology/thread_siblings_list")).unwrap_or_else(|| "unknown".into());
+    let mut caches = Vec::new();
+    for i in 0..8 {
+        let dir = format!("{base}/cache/index{i}");
+        let (Some(level), Some(kind), Some(size)) = (
+            read(&format!("{dir}/level")),
+            read(&format!("{dir}/type")),
+            read(&format!("{dir}/size")),
+        ) else {
+            continue;
+        };
+        if kind == "Instruction" {
+            continue;
+        }
+        let shared = read(&format!("{dir}/shared_cpu_list")).unwrap_or_default();
+        caches.push(format!("L{level} {size} (CPUs {shared})"));
+    }
+    let caches = if caches.is_empty() {
+        "caches not reported".to_string()
+    } else {
+        caches.join(", ")
+    };
+    format!("CPU 0: SMT siblings {siblings}; {caches}")
 }
 
 struct Options {
@@ -186,6 +230,33 @@ struct Options {
     gpu: Option<bool>,
     /// The GPU's peak memory bandwidth in GB/s (`--gpu-peak-gbps`), else looked up by name.
     gpu_peak: Option<f64>,
+    /// `--isa avx2`: both sides without AVX-512, so an AVX-512 machine imitates an AVX2 one.
+    avx2: bool,
+}
+
+/// The environment that keeps each side off AVX-512 under `--isa avx2`: our kernels
+/// (`peft_core::cpu::isa`; gemm's are left out of the build instead), and PyTorch's own
+/// kernels, MKL and oneDNN.
+const OURS_AVX2_ENV: [(&str, &str); 1] = [("PEFT_CPU_ISA", "avx2")];
+const PEER_AVX2_ENV: [(&str, &str); 3] = [
+    ("ATEN_CPU_CAPABILITY", "avx2"),
+    ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+    ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+];
+
+/// What one side reports of the instruction sets it ran with (`isa` subcommand of either
+/// worker: one JSON object of strings).
+fn isa_report(mut cmd: Command, side: &str) -> Result<Value> {
+    let out = cmd
+        .arg("isa")
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("asking the {side} worker for its instruction sets"))?;
+    if !out.status.success() {
+        bail!("the {side} worker could not report its instruction sets");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| format!("{side} isa report `{text}`"))
 }
 
 fn options(args: &[String]) -> Result<Options> {
@@ -196,6 +267,7 @@ fn options(args: &[String]) -> Result<Options> {
         only: None,
         gpu: None,
         gpu_peak: None,
+        avx2: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -215,6 +287,11 @@ fn options(args: &[String]) -> Result<Options> {
                 }
                 o.gpu_peak = Some(v);
             }
+            "--isa" => match it.next().map(String::as_str) {
+                Some("avx2") => o.avx2 = true,
+                Some("native") => o.avx2 = false,
+                other => bail!("--isa takes avx2 or native, got {other:?}"),
+            },
             "--rounds" => {
                 o.rounds = it
                     .next()
@@ -230,7 +307,7 @@ fn options(args: &[String]) -> Result<Options> {
                 )
             }
             other => bail!(
-                "unknown bench option `{other}` (expected --peer, --gpu, --no-gpu, --gpu-peak-gbps GBPS, --rounds N, --only PREFIX[,PREFIX...], --no-criterion)"
+                "unknown bench option `{other}` (expected --peer, --gpu, --no-gpu, --gpu-peak-gbps GBPS, --rounds N, --only PREFIX[,PREFIX...], --no-criterion, --isa avx2|native)"
             ),
         }
     }
@@ -324,7 +401,15 @@ pub fn bench(args: &[String]) -> Result<()> {
     let report_dir = target_dir().join("bench-report");
     std::fs::create_dir_all(&report_dir)
         .with_context(|| format!("creating {}", report_dir.display()))?;
-    let threads = [("RAYON_NUM_THREADS", THREADS)];
+    let mut our_env = vec![("RAYON_NUM_THREADS", THREADS)];
+    // Under `--isa avx2` our side is built without gemm's AVX-512 kernels (the binaries'
+    // default feature `avx512-gemm`) and told to keep its own kernels to AVX2.
+    let no_avx512_gemm: &[&str] = if o.avx2 {
+        our_env.extend(OURS_AVX2_ENV);
+        &["--no-default-features"]
+    } else {
+        &[]
+    };
 
     let criterion = if o.criterion && !selected.is_empty() {
         let mut bench_args = vec![
@@ -336,12 +421,13 @@ pub fn bench(args: &[String]) -> Result<()> {
             "--bench",
             "hot_paths",
         ];
+        bench_args.extend(no_avx512_gemm);
         // Criterion's filter is a regular expression: the prefixes as alternatives.
         let filter = o.only.as_ref().map(|p| p.replace(',', "|"));
         if let Some(f) = &filter {
             bench_args.extend(["--", f.as_str()]);
         }
-        cargo(&bench_args, &threads)?;
+        cargo(&bench_args, &our_env)?;
         criterion_medians(&selected)?
     } else {
         Vec::new()
@@ -351,24 +437,25 @@ pub fn bench(args: &[String]) -> Result<()> {
     if (o.peer && !selected.is_empty()) || run_gpu {
         // One worker binary for both sides; with the GPU run it also has the wgpu backend.
         let features = if run_gpu { "wgpu" } else { "" };
-        cargo(
-            &[
-                "build",
-                "-p",
-                "peft-bench",
-                "--profile",
-                "dev",
-                "--bin",
-                "peft-bench",
-                "--features",
-                features,
-            ],
-            &[],
-        )?;
+        let mut build_args = vec![
+            "build",
+            "-p",
+            "peft-bench",
+            "--profile",
+            "dev",
+            "--bin",
+            "peft-bench",
+            "--features",
+            features,
+        ];
+        build_args.extend(no_avx512_gemm);
+        cargo(&build_args, &[])?;
     }
 
     let mut pairs = Vec::new();
     let mut memory_rows = Vec::new();
+    // Each side's instruction sets, as its worker reports them.
+    let mut isa: Vec<(String, Value)> = Vec::new();
     if o.peer && !selected.is_empty() {
         // Each workload's peer: Hugging Face PEFT, or AdapterHub (its own venv) for the
         // bottleneck adapters PEFT does not have.
@@ -399,8 +486,29 @@ pub fn bench(args: &[String]) -> Result<()> {
             c.env("RAYON_NUM_THREADS", THREADS)
                 .env("OMP_NUM_THREADS", THREADS)
                 .env("PEFT_BENCH_THREADS", THREADS);
+            if o.avx2 {
+                let env: &[(&str, &str)] = if python.is_none() {
+                    &OURS_AVX2_ENV
+                } else {
+                    &PEER_AVX2_ENV
+                };
+                c.envs(env.iter().copied());
+            }
             c
         };
+        isa.push(("peft".into(), isa_report(side(None, &[]), "peft")?));
+        if let Some(p) = &python {
+            isa.push((
+                "PEFT (PyTorch)".into(),
+                isa_report(side(Some(p), &[]), "python")?,
+            ));
+        }
+        if let Some(p) = &ah_python {
+            isa.push((
+                "AdapterHub (PyTorch)".into(),
+                isa_report(side(Some(p), &[]), "python (AdapterHub)")?,
+            ));
+        }
         let peer_of = |id: &str| {
             if adapterhub_peer(id) {
                 ah_python.as_ref()
@@ -484,10 +592,11 @@ pub fn bench(args: &[String]) -> Result<()> {
         None
     };
 
-    let report = render(&o, &criterion, &pairs, &memory_rows, gpu.as_ref());
+    let report = render(&o, &criterion, &pairs, &memory_rows, &isa, gpu.as_ref());
     std::fs::write(report_dir.join("report.md"), &report)?;
     let results = json!({
         "machine": machine(),
+        "isa": isa.iter().map(|(side, v)| json!({"side": side, "report": v})).collect::<Vec<_>>(),
         "criterion_ms": criterion.iter().map(|(id, ms)| json!({"id": id, "median_ms": ms})).collect::<Vec<_>>(),
         "pairs": pairs.iter().map(|p| json!({"id": p.workload.id, "ours_ms": p.ours, "peer_ms": p.peer})).collect::<Vec<_>>(),
         "memory_mib": memory_rows.iter().map(|(id, m, t)| json!({"id": id,
@@ -641,6 +750,7 @@ fn render(
     criterion: &[(String, f64)],
     pairs: &[Pair],
     memory: &[(&str, Memory, Memory)],
+    isa: &[(String, Value)],
     gpu: Option<&GpuRun>,
 ) -> String {
     let mut s = String::new();
@@ -649,6 +759,26 @@ fn render(
         "Machine: {}. Build: dev profile (dependencies and peft-bench at opt-level 3).\n\n",
         machine()
     );
+    if o.avx2 {
+        s += "`--isa avx2`: both sides kept off AVX-512 (ours built without gemm's AVX-512 \
+              kernels and run with PEFT_CPU_ISA=avx2; PyTorch run with ATEN_CPU_CAPABILITY=avx2, \
+              MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2).\n\n";
+    }
+    if !isa.is_empty() {
+        s += "Instruction sets each side reported:\n";
+        for (side, v) in isa {
+            let fields: Vec<String> = v
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {}", v.as_str().unwrap_or("?")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            s += &format!("- {side}: {}\n", fields.join(", "));
+        }
+        s += "\n";
+    }
     let what = |id: &str| {
         WORKLOADS
             .iter()

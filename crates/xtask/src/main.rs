@@ -15,6 +15,7 @@
 //!   under `target/compare/`.
 //! - `cargo xtask bench [--peer]`: criterion benchmarks, and with `--peer` the same work side
 //!   by side with Hugging Face PEFT and bitsandbytes; a report under `target/bench-report/`.
+//!   `--isa avx2` keeps both sides off AVX-512, so an AVX-512 machine imitates an AVX2 one.
 
 mod bench;
 mod compare;
@@ -135,7 +136,13 @@ pub(crate) fn test_phases(gpu_backends: bool) -> Vec<Phase> {
     if gpu_backends {
         // CUDA cannot be built offline (cubecl-cuda downloads LLVM); type-check it instead.
         phases.push(Phase {
-            args: vec!["check", "-p", "peft-models", "--features", "cuda"],
+            args: vec![
+                "check",
+                "-p",
+                "peft-models",
+                "--features",
+                "cuda,peft-core/avx512-gemm",
+            ],
             envs: vec![("DOCS_RS", "1")],
         });
         // The 4-bit kernels, the LoRA layer and QLoRA with an f16 compute type on wgpu (Vulkan;
@@ -152,7 +159,9 @@ pub(crate) fn test_phases(gpu_backends: bool) -> Vec<Phase> {
                 "-p",
                 "peft-models",
                 "--features",
-                "peft-quant/wgpu,peft-lora/wgpu,peft-models/wgpu",
+                // With the binaries' `avx512-gemm`, so burn's CPU backend is the build the
+                // workspace phases use.
+                "peft-quant/wgpu,peft-lora/wgpu,peft-models/wgpu,peft-core/avx512-gemm",
                 "--test",
                 "wgpu",
                 "--test",
@@ -294,7 +303,7 @@ fn main() -> Result<()> {
         Some("fetch") => fetch().map(|(m, d)| println!("{}\n{}", m.display(), d.display())),
         _ => bail!(
             "usage: cargo xtask <demo [--steps N] | test [--no-gpu-backends] [--no-fuzz] | sweep | fetch | \
-             bench [--peer] [--rounds N] [--only PREFIX[,PREFIX]] [--no-criterion] | \
+             bench [--peer] [--rounds N] [--only PREFIX[,PREFIX]] [--no-criterion] [--isa avx2|native] | \
              fuzz [--seconds N] [--only NAME] [--sanitizer none|address] | \
              compare [--quick] [--peer] [--task sentiment|chat] [--only M1,M2] [--out DIR]>"
         ),
