@@ -12,7 +12,11 @@ fn report(cap: Option<&str>) -> serde_json::Value {
         cmd.env("PEFT_CPU_ISA", c);
     }
     let out = cmd.output().expect("running peft-bench isa");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
@@ -22,7 +26,10 @@ fn the_environment_caps_our_kernels_and_the_report_says_so() {
     let native = report(None);
     assert_eq!(native["processor"], detected.name());
     assert_eq!(native["own kernels"], detected.name());
-    assert_eq!(report(Some("avx2"))["own kernels"], detected.min(Isa::Avx2).name());
+    assert_eq!(
+        report(Some("avx2"))["own kernels"],
+        detected.min(Isa::Avx2).name()
+    );
     assert_eq!(report(Some("scalar"))["own kernels"], "scalar");
     // An unknown value is ignored (with a warning), not a failure.
     assert_eq!(report(Some("sse9"))["own kernels"], detected.name());
