@@ -57,6 +57,19 @@ fn has_avx512bw_vl() -> bool {
         && std::arch::is_x86_feature_detected!("avx512vl")
 }
 
+/// Each block's values, its packed bytes and its scale.
+fn whole_blocks<'a>(
+    data: &'a [f32],
+    blocksize: usize,
+    packed: &'a mut [u8],
+    absmax: &'a mut [f32],
+) -> impl Iterator<Item = (&'a [f32], &'a mut [u8], &'a mut f32)> {
+    data.chunks_exact(blocksize)
+        .zip(packed.chunks_exact_mut(blocksize / 2))
+        .zip(absmax.iter_mut())
+        .map(|((block, out), am)| (block, out, am))
+}
+
 /// Largest magnitude of `block`, a NaN left out (as `f32::max` does).
 #[inline]
 pub(crate) fn block_absmax(block: &[f32]) -> f32 {
@@ -77,11 +90,7 @@ fn encode_scalar(
     packed: &mut [u8],
     absmax: &mut [f32],
 ) {
-    for ((block, out), am) in data
-        .chunks_exact(blocksize)
-        .zip(packed.chunks_exact_mut(blocksize / 2))
-        .zip(absmax.iter_mut())
-    {
+    for (block, out, am) in whole_blocks(data, blocksize, packed, absmax) {
         let raw = block_absmax(block);
         *am = raw;
         let recip = 1.0 / raw.max(1e-38);
@@ -96,7 +105,7 @@ fn encode_scalar(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{STEP, Slots};
+    use super::{STEP, Slots, whole_blocks};
 
     /// The midpoints padded to 16 with +inf (never below a value, so a slot stays <= 15).
     fn table(slots: &Slots) -> [f32; 16] {
@@ -140,11 +149,7 @@ mod x86 {
         };
         let order = _mm256_set_m128i(order16, order16);
         let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
-        for ((block, out), am) in data
-            .chunks_exact(blocksize)
-            .zip(packed.chunks_exact_mut(blocksize / 2))
-            .zip(absmax.iter_mut())
-        {
+        for (block, out, am) in whole_blocks(data, blocksize, packed, absmax) {
             let mut m = _mm512_setzero_ps();
             for c in block.chunks_exact(16) {
                 let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
@@ -201,11 +206,7 @@ mod x86 {
         };
         let median = _mm256_set1_ps(t[7]);
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-        for ((block, out), am) in data
-            .chunks_exact(blocksize)
-            .zip(packed.chunks_exact_mut(blocksize / 2))
-            .zip(absmax.iter_mut())
-        {
+        for (block, out, am) in whole_blocks(data, blocksize, packed, absmax) {
             let mut m = _mm256_setzero_ps();
             for c in block.chunks_exact(8) {
                 let a = _mm256_and_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, abs_mask);
