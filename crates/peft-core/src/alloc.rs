@@ -12,7 +12,7 @@
 //! allocates a fresh output for every operation, and glibc's defaults hand a freed block of a
 //! megabyte or more back to the OS, so the next one faults its pages in again, on every
 //! thread: a 512x512x512 product with two threads took a median 2.6-3.3 ms that way and
-//! 1.7-1.8 ms with the memory kept (`linear/plain_fwd`, observed on a 2-core Zen 4).
+//! 1.3-1.8 ms with the memory kept (`linear/plain_fwd`, observed on a 2-core Zen 4).
 //!
 //! It also counts the bytes it has handed out ([`live_bytes`]) and their high-water mark
 //! ([`peak_bytes`], restarted by [`reset_peak`]): the memory a training step needs, without
