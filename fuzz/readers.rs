@@ -92,6 +92,17 @@ fn tiny_tokenizer() -> &'static TextTokenizer {
     })
 }
 
+/// The tiny Llama built from its fixture tensors (`path` names the file being read in errors).
+fn tiny_llama(path: &Path) -> Result<LlamaForCausalLM, String> {
+    LlamaForCausalLM::from_tensors(
+        tiny_config().clone(),
+        tiny_tensors().clone(),
+        path,
+        &Device::flex(),
+    )
+    .map_err(err)
+}
+
 fn tiny_tensors() -> &'static TensorMap {
     static T: OnceLock<TensorMap> = OnceLock::new();
     T.get_or_init(|| {
@@ -170,13 +181,7 @@ pub fn tokenizer(bytes: &[u8]) -> Outcome {
 pub fn adapter_config(bytes: &[u8]) -> Outcome {
     let path = Path::new("adapter_config.json");
     let value = peft_core::adapter_io::parse_config(path, bytes).map_err(err)?;
-    let model = LlamaForCausalLM::from_tensors(
-        tiny_config().clone(),
-        tiny_tensors().clone(),
-        path,
-        &Device::flex(),
-    )
-    .map_err(err)?;
+    let model = tiny_llama(path)?;
     if !peft_core::adapter_io::is_adapterhub_config(&value) {
         let config = peft_lora::LoraConfig::from_json(&value).map_err(err)?;
         return config.apply(model, "default").map(drop).map_err(err);
@@ -205,13 +210,7 @@ pub fn sparse_adapter(bytes: &[u8]) -> Outcome {
     let config_bytes = fixture("methods_tiny/pafi_llama/adapter/adapter_config.json");
     let value = peft_core::adapter_io::parse_config(path, &config_bytes).map_err(err)?;
     let config = peft_select::SparseConfig::from_json(&value).map_err(err)?;
-    let model = LlamaForCausalLM::from_tensors(
-        tiny_config().clone(),
-        tiny_tensors().clone(),
-        path,
-        &Device::flex(),
-    )
-    .map_err(err)?;
+    let model = tiny_llama(path)?;
     let model = config.apply(model, "default").map_err(err)?;
     config
         .load_state(model, "default", tensors, path)
