@@ -128,12 +128,11 @@ impl Isa {
 /// environment variable `PEFT_CPU_ISA` (`avx2` or `scalar`), so that an AVX-512 machine can
 /// imitate one without it (`cargo xtask bench --isa avx2`). Read once per process; an unknown
 /// value is ignored with a warning. The dense products (`gemm`, inside burn's CPU backend)
-/// choose their kernels on their own: see [`gemm_isa`].
+/// choose their kernels by a rule of their own: see [`gemm_isa`].
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
-        let detected = Isa::detected();
-        let cap = match std::env::var("PEFT_CPU_ISA").ok().as_deref() {
+        let cap = match isa_setting().as_deref() {
             None | Some("") | Some("avx512") => Isa::Avx512,
             Some("avx2") => Isa::Avx2,
             Some("scalar") => Isa::Scalar,
@@ -142,20 +141,59 @@ pub fn isa() -> Isa {
                 Isa::Avx512
             }
         };
-        detected.min(cap)
+        Isa::detected().min(cap)
     })
 }
 
-/// The instruction set of the dense products (`gemm` in burn's CPU backend). Its AVX-512
-/// kernels are compiled in only with peft-core's `avx512-gemm` feature (on in the `peft` and
-/// `peft-bench` binaries) and then used whenever the processor has AVX-512F, whatever
-/// `PEFT_CPU_ISA` says; without the feature it uses AVX2 + FMA.
+fn isa_setting() -> Option<String> {
+    std::env::var("PEFT_CPU_ISA").ok()
+}
+
+/// The instruction set of the dense products (`gemm` in burn's CPU backend, patched in this
+/// workspace: `vendor/gemm-f32`). Its AVX-512 kernels run where the processor has AVX-512F,
+/// except on AMD Zen 4 (family 19h), which splits each 512-bit operation in two and runs
+/// gemm's AVX2 + FMA kernels faster, and except when `PEFT_CPU_ISA` is `avx2` or `scalar`
+/// (`avx512` forces them, even on Zen 4). Otherwise AVX2 + FMA. A build without the
+/// workspace's patch (a crate depending on peft-core from elsewhere) runs gemm's AVX-512
+/// kernels wherever there is AVX-512F, whatever this says.
 pub fn gemm_isa() -> Isa {
     let detected = Isa::detected();
-    if cfg!(feature = "avx512-gemm") {
-        detected
+    let avx512 = match isa_setting().as_deref() {
+        Some("avx512") => true,
+        Some("avx2") | Some("scalar") => false,
+        _ => !splits_512_bit_operations(),
+    };
+    if detected == Isa::Avx512 && avx512 {
+        Isa::Avx512
     } else {
         detected.min(Isa::Avx2)
+    }
+}
+
+/// An AMD processor of family 19h (Zen 3 and Zen 4; of these only Zen 4 has AVX-512), whose
+/// 512-bit operations run as two 256-bit halves.
+pub fn splits_512_bit_operations() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID is available on every x86_64 processor.
+        let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1)) };
+        let amd = [vendor.ebx, vendor.edx, vendor.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .eq(*b"AuthenticAMD");
+        let base = (signature.eax >> 8) & 0xf;
+        let family = if base == 0xf {
+            base + ((signature.eax >> 20) & 0xff)
+        } else {
+            base
+        };
+        amd && family == 0x19
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -245,5 +283,16 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
         assert!(exp(1000.0).is_finite());
+    }
+
+    /// This account of the dense products' kernels is the one the patched gemm acts on.
+    #[test]
+    fn gemm_isa_is_what_gemm_chooses() {
+        assert_eq!(
+            gemm_f32::isa::splits_512_bit_operations(),
+            splits_512_bit_operations()
+        );
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(gemm_isa().name(), gemm_f32::isa::kernels());
     }
 }

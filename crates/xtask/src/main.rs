@@ -136,13 +136,7 @@ pub(crate) fn test_phases(gpu_backends: bool) -> Vec<Phase> {
     if gpu_backends {
         // CUDA cannot be built offline (cubecl-cuda downloads LLVM); type-check it instead.
         phases.push(Phase {
-            args: vec![
-                "check",
-                "-p",
-                "peft-models",
-                "--features",
-                "cuda,peft-core/avx512-gemm",
-            ],
+            args: vec!["check", "-p", "peft-models", "--features", "cuda"],
             envs: vec![("DOCS_RS", "1")],
         });
         // The 4-bit kernels, the LoRA layer and QLoRA with an f16 compute type on wgpu (Vulkan;
@@ -159,9 +153,7 @@ pub(crate) fn test_phases(gpu_backends: bool) -> Vec<Phase> {
                 "-p",
                 "peft-models",
                 "--features",
-                // With the binaries' `avx512-gemm`, so burn's CPU backend is the build the
-                // workspace phases use.
-                "peft-quant/wgpu,peft-lora/wgpu,peft-models/wgpu,peft-core/avx512-gemm",
+                "peft-quant/wgpu,peft-lora/wgpu,peft-models/wgpu",
                 "--test",
                 "wgpu",
                 "--test",
