@@ -63,6 +63,8 @@ fn serve(args: &[String]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Nothing has run in parallel yet, so the pool does not exist.
+    peft_core::cpu::join_thread_pool().context("joining the thread pool")?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),

@@ -763,6 +763,10 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    // Before anything runs in parallel, so the pool does not exist yet.
+    if let Err(e) = peft_core::cpu::join_thread_pool() {
+        eprintln!("warning: the main thread works outside the thread pool: {e}");
+    }
     // A panic is a bug, but the user still gets one line, not a backtrace: the hook is silent
     // (a library may catch a panic of its own dependency and turn it into an error) and `main`
     // reports one that reaches it.

@@ -228,6 +228,23 @@ macro_rules! simd_dispatch {
     };
 }
 
+/// Make the calling thread one of the threads of rayon's global pool (the pool burn's CPU
+/// backend and our kernels run their parallel loops on), with as many threads in all as
+/// rayon would start (`RAYON_NUM_THREADS`, else one per core). Call it first thing in a
+/// program's main thread, before anything runs in parallel.
+///
+/// Otherwise the main thread only hands each parallel operation to the pool and sleeps until
+/// it is done: every product then waits for pool threads to wake, and a 1 ms product is
+/// often run by one of them alone while the other is still waking. As a pool thread, the
+/// main thread starts the work itself and the others join in.
+///
+/// An error when the global pool already exists (it is then left as it is).
+pub fn join_thread_pool() -> Result<(), rayon::ThreadPoolBuildError> {
+    rayon::ThreadPoolBuilder::new()
+        .use_current_thread()
+        .build_global()
+}
+
 /// The values of `t` as f32 in logical order: borrowed when `t` already is contiguous f32,
 /// converted otherwise.
 pub fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {

@@ -25,6 +25,7 @@ pub mod device;
 pub mod error;
 pub mod folder;
 pub mod linear;
+pub mod matmul;
 pub mod optim;
 pub mod params;
 pub mod target;

@@ -40,7 +40,7 @@ impl FrozenLinear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        crate::matmul::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
 
     /// The weight in Hugging Face layout `[out, in]`.

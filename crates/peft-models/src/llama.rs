@@ -497,9 +497,7 @@ impl LlamaForCausalLM {
     fn head(&self, h: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => {
-                burn::tensor::module::linear(h, self.model.embed_tokens.val().transpose(), None)
-            }
+            None => peft_core::matmul::linear(h, self.model.embed_tokens.val().transpose(), None),
         }
     }
 

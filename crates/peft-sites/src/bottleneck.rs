@@ -253,9 +253,8 @@ impl Bottleneck {
             Some(n) => n.forward(x),
             None => x,
         };
-        let down =
-            burn::tensor::module::linear(x, self.down_weight.val(), Some(self.down_bias.val()));
-        let up = burn::tensor::module::linear(
+        let down = peft_core::matmul::linear(x, self.down_weight.val(), Some(self.down_bias.val()));
+        let up = peft_core::matmul::linear(
             self.activation.apply(down),
             self.up_weight.val(),
             Some(self.up_bias.val()),

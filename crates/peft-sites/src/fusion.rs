@@ -20,7 +20,7 @@ pub struct FusionDense {
 
 impl FusionDense {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        peft_core::matmul::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
 }
 

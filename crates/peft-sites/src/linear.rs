@@ -62,11 +62,11 @@ impl LoraAdapter {
     pub fn side_path<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let x = x.cast(ADAPTER_DTYPE);
-        let mut xa = burn::tensor::module::linear(x, self.a.val(), None);
+        let mut xa = peft_core::matmul::linear(x, self.a.val(), None);
         if let Some(e) = &self.singular {
             xa = xa * e.value.val().unsqueeze::<D>();
         }
-        burn::tensor::module::linear(xa, self.b.val(), None)
+        peft_core::matmul::linear(xa, self.b.val(), None)
             .mul_scalar(self.scale)
             .cast(dtype)
     }
