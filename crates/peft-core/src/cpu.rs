@@ -230,19 +230,82 @@ macro_rules! simd_dispatch {
 
 /// Make the calling thread one of the threads of rayon's global pool (the pool burn's CPU
 /// backend and our kernels run their parallel loops on), with as many threads in all as
-/// rayon would start (`RAYON_NUM_THREADS`, else one per core). Call it first thing in a
-/// program's main thread, before anything runs in parallel.
+/// rayon would start (`RAYON_NUM_THREADS`, else one per CPU the process may use). Call it
+/// first thing in a program's main thread, before anything runs in parallel.
 ///
-/// Otherwise the main thread only hands each parallel operation to the pool and sleeps until
-/// it is done: every product then waits for pool threads to wake, and a 1 ms product is
-/// often run by one of them alone while the other is still waking. As a pool thread, the
-/// main thread starts the work itself and the others join in.
+/// Otherwise the main thread hands each parallel operation to the pool and sleeps until it is
+/// done, so every operation waits for a pool thread to wake. As a pool thread, the main
+/// thread starts the work itself and the others join in.
+///
+/// When the pool has one thread per CPU the process may use (the default), each thread is
+/// also kept on its own CPU (`PEFT_PIN_THREADS=0` leaves them free). Without that, after a
+/// pause of some tens of milliseconds Linux often woke the second thread on the first one's
+/// CPU and left it there for the next tens of milliseconds, so a short product ran at one
+/// thread's speed (a 512x512x512 forward on 2 threads: 1.8-2.5 ms instead of 1.2 in bursts
+/// after a 100 ms pause; observed on a 2-core VM).
 ///
 /// An error when the global pool already exists (it is then left as it is).
 pub fn join_thread_pool() -> Result<(), rayon::ThreadPoolBuildError> {
-    rayon::ThreadPoolBuilder::new()
-        .use_current_thread()
-        .build_global()
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let builder = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .use_current_thread();
+    let cpus = affinity::allowed_cpus();
+    let pin = threads > 1
+        && cpus.len() == threads
+        && std::env::var("PEFT_PIN_THREADS").as_deref() != Ok("0");
+    if !pin {
+        return builder.build_global();
+    }
+    let for_workers = cpus.clone();
+    builder
+        .start_handler(move |i| affinity::pin_to(for_workers[i]))
+        .build_global()?;
+    // The calling thread is thread 0 (rayon runs no start handler for it).
+    affinity::pin_to(cpus[0]);
+    Ok(())
+}
+
+/// The CPUs a thread may run on (Linux; elsewhere none are listed and nothing is pinned).
+mod affinity {
+    /// The CPUs this process may run on, in increasing order.
+    pub fn allowed_cpus() -> Vec<usize> {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+                return Vec::new();
+            }
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+                .collect()
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            Vec::new()
+        }
+    }
+
+    /// Keep the calling thread on `cpu` (advice: a failure leaves it free).
+    pub fn pin_to(cpu: usize) {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: as above; `cpu` comes from the allowed set, below CPU_SETSIZE.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            unsafe {
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = cpu;
+    }
 }
 
 /// The values of `t` as f32 in logical order: borrowed when `t` already is contiguous f32,
