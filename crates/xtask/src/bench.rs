@@ -47,11 +47,12 @@ fn iterations(id: &str) -> usize {
 }
 
 /// Untimed iterations before each timed burst: as many as it has for the workloads of a few
-/// milliseconds. After the pause between bursts the machine runs slowly for a few tens of
-/// milliseconds (observed on a 2-core VM, without the other side running: a 2.8 ms linear
-/// forward and backward took 3.5-8 ms in the bursts that followed a 100 ms pause, 2.8-3.0 ms
-/// after a 10 ms one), which would otherwise be most of what such a burst measures. The
-/// longer workloads (training steps, generation) outlast it and get none.
+/// milliseconds. After the pause between bursts two-thread work often runs slowly for some
+/// tens of milliseconds (observed on a 2-core VM, without the other side running and before
+/// our threads were pinned: a 2.8 ms linear forward and backward took 3.5-8 ms in the bursts
+/// that followed a 100 ms pause, 2.8-3.0 ms after a 10 ms one), which would otherwise be most
+/// of what such a burst measures; both sides get the same start. The longer workloads
+/// (training steps, generation) outlast it and get none.
 fn warm_up(id: &str) -> usize {
     match iterations(id) {
         n if n >= 5 => n,
