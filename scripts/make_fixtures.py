@@ -632,6 +632,16 @@ def make_methods(cases=None):
         else:
             model = get_peft_model(method_base(kind), spec["cfg"]())
             init = None
+        d = os.path.join(out, case)
+        shutil.rmtree(d, ignore_errors=True)
+        converts = case in ("pissa_llama", "olora_llama")
+        if converts:
+            # PEFT's recipe for converting to plain LoRA: the initial adapter, saved before
+            # training as `init_lora_weights=True` (so loading it leaves the base alone).
+            cfg = model.peft_config["default"]
+            init_flag, cfg.init_lora_weights = cfg.init_lora_weights, True
+            model.save_pretrained(os.path.join(d, "initial"))
+            cfg.init_lora_weights = init_flag
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad and "ln_tuning_layers" in n:
@@ -645,10 +655,14 @@ def make_methods(cases=None):
         grads = method_grads(model, llama_ids) if case in ("dora_llama", "pafi_llama") else None
         model.eval()
         ids = llama_ids if kind == "llama" else bert_ids
-        d = os.path.join(out, case)
-        shutil.rmtree(d, ignore_errors=True)
         model.save_pretrained(os.path.join(d, "adapter"))
         strip_machine_paths(os.path.join(d, "adapter"))
+        if converts:
+            # The trained adapter as a rank-2r LoRA of the original base.
+            model.save_pretrained(os.path.join(d, "converted"),
+                                  path_initial_model_for_weight_conversion=os.path.join(d, "initial"))
+            strip_machine_paths(os.path.join(d, "converted"))
+            strip_machine_paths(os.path.join(d, "initial"))
         save_file({"input_ids": ids.to(torch.int64).contiguous(), **method_outputs(model, kind, ids)},
                   os.path.join(d, "expected.safetensors"))
         if grads is not None:

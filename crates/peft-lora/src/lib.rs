@@ -12,6 +12,7 @@
 //! - DoRA (`use_dora`): a magnitude per output row on a LoRA adapter (`peft_sites::dora`).
 //! - [`adalora`]: AdaLoRA's SVD-form update, orthogonality penalty and rank budget.
 //! - [`relora`]: ReLoRA's cycles of merge and restart.
+//! - [`convert`]: PiSSA / OLoRA adapters as plain LoRA adapters of the original base.
 //! - [`combine`]: weighted combinations of LoRA adapters (PEFT's `add_weighted_adapter`).
 //! - [`lorahub`]: LoRAHub, adapters of other tasks composed for a new one from a few examples.
 //!
@@ -30,6 +31,7 @@
 pub mod adalora;
 pub mod combine;
 mod config;
+pub mod convert;
 mod layer;
 pub mod linalg;
 pub mod lorahub;

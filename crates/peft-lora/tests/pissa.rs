@@ -118,3 +118,83 @@ fn pissa_needs_a_float_base_and_bad_names_are_errors() {
         "{err}"
     );
 }
+
+/// PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)`: the trained adapter
+/// and the initial one (`initial/`) give PEFT's converted rank-2r adapter (`converted/`) bit for
+/// bit, and that adapter on the original base answers as the PiSSA / OLoRA model does.
+#[test]
+fn conversion_to_plain_lora_is_peft_s_and_applies_to_the_original_base() {
+    let device = Device::flex();
+    for case in ["pissa_llama", "olora_llama"] {
+        let dir = fixtures().join("methods_tiny").join(case);
+        let trained = load_adapter(&dir.join("adapter")).unwrap();
+        let initial = load_adapter(&dir.join("initial")).unwrap();
+        let peft = load_adapter(&dir.join("converted")).unwrap();
+        let config = LoraConfig::from_json(&trained.config).unwrap();
+        let (ours, tensors) =
+            peft_lora::convert::to_plain_lora(&config, &trained.tensors, &initial.tensors).unwrap();
+
+        let theirs = LoraConfig::from_json(&peft.config).unwrap();
+        assert_eq!(
+            (ours.r, ours.lora_alpha, &ours.init_lora_weights),
+            (theirs.r, theirs.lora_alpha, &theirs.init_lora_weights),
+            "{case}"
+        );
+        let keys: Vec<_> = tensors.keys().collect();
+        assert_eq!(keys, peft.tensors.keys().collect::<Vec<_>>(), "{case}");
+        for (key, t) in &tensors.tensors {
+            let p = peft.tensors.get(key).unwrap();
+            assert_eq!(t.shape, p.shape, "{case} {key}");
+            assert!(
+                t.data
+                    .iter()
+                    .zip(&p.data)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{case} {key}: not PEFT's values"
+            );
+        }
+
+        // A plain LoRA on the unchanged base: the same logits as the PiSSA / OLoRA model.
+        let exp = Expected::read(&dir.join("expected.safetensors")).unwrap();
+        let model = ours.apply(llama(&device), "default").unwrap();
+        let model = ours
+            .load_state(model, "default", tensors, &dir.join("converted"))
+            .unwrap();
+        let err = max_abs_diff(model.forward(exp.ids(&device), None), exp.logits(&device));
+        assert!(err < 1e-4, "{case}: max |converted - PEFT's PiSSA| = {err}");
+    }
+}
+
+/// Our own initialisation (including the randomized SVD) converts the same way: after a change
+/// of the factors, the converted adapter on the original base gives the trained model's output.
+#[test]
+fn our_adapters_convert_to_the_same_model() {
+    let device = Device::flex();
+    let exp =
+        Expected::read(&fixtures().join("methods_tiny/pissa_llama/expected.safetensors")).unwrap();
+    for init in ["pissa", "pissa_niter_4", "olora"] {
+        let c = config(init);
+        let model = c.apply(llama(&device), "default").unwrap();
+        let initial = c.state(&model, "default").unwrap();
+        // "Training": every factor moves.
+        let mut trained = initial.clone();
+        for (i, t) in trained.tensors.values_mut().enumerate() {
+            for (j, x) in t.data.iter_mut().enumerate() {
+                *x += 0.05 * (((i * 31 + j * 17) % 13) as f32 / 13.0 - 0.5);
+            }
+        }
+        let model = c
+            .load_state(model, "default", trained.clone(), "trained".as_ref())
+            .unwrap();
+        let want = model.forward(exp.ids(&device), None);
+
+        let (plain, tensors) = peft_lora::convert::to_plain_lora(&c, &trained, &initial).unwrap();
+        assert_eq!((plain.r, plain.lora_alpha), (8, 16.0));
+        let converted = plain.apply(llama(&device), "default").unwrap();
+        let converted = plain
+            .load_state(converted, "default", tensors, "converted".as_ref())
+            .unwrap();
+        let err = max_abs_diff(converted.forward(exp.ids(&device), None), want);
+        assert!(err < 1e-4, "{init}: max |converted - trained| = {err}");
+    }
+}
