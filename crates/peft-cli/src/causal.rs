@@ -7,7 +7,7 @@ use peft_models::load::load_causal_lm;
 use peft_models::train::{eval_loss, lm_batch_loss};
 
 use crate::data::read_examples;
-use crate::train::{Run, apply_method, hold_out, maybe_quantize, train_loop};
+use crate::train::{Run, apply_method, hold_out, train_loop};
 
 /// Train the causal LM of `run`; the held-out loss is measured at every checkpoint.
 pub fn train(mut run: Run) -> Result<()> {
@@ -31,7 +31,7 @@ pub fn train(mut run: Run) -> Result<()> {
         .transpose()?;
     let (train_set, eval_set) = hold_out(train_set, eval);
     let pad = tok.eos_ids.first().copied().unwrap_or(0);
-    let model = maybe_quantize(loaded.model, run.quant)?;
+    let model = loaded.model;
     run.method = run.method.resolved_for(&model)?.with_text_ids(
         |text| Ok(tok.encode_with_special(text, usize::MAX)?),
         &model_path.display().to_string(),

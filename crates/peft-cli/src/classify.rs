@@ -89,7 +89,6 @@ pub(crate) fn train(run: Run) -> Result<()> {
     let (train_set, eval_set) = hold_out(train_set, eval);
     std::fs::create_dir_all(&run.out).with_context(|| format!("{}", run.out.display()))?;
     write_atomic(&labels_path, serde_json::to_string(&labels)?.as_bytes())?;
-    let model = crate::train::maybe_quantize(model, run.quant)?;
     let mut run = run;
     run.method = run.method.resolved_for(&model)?;
     let loss_fn = |m: &BertForSequenceClassification, batch: &[Encoded]| {

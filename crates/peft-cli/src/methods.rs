@@ -375,6 +375,12 @@ impl MethodConfig {
         })
     }
 
+    /// Whether the method initialises its weights from the base's and changes the base (PiSSA,
+    /// OLoRA, LoftQ): it needs the full-precision weights, so a 4-bit base is quantized after it.
+    pub fn initialises_from_base(&self) -> bool {
+        matches!(self, Self::Lora(c) if matches!(c.base_init(), Ok(Some(_))))
+    }
+
     /// Positions the method's virtual tokens take ahead of every sequence (0 for methods
     /// without them).
     pub fn virtual_tokens(&self) -> usize {

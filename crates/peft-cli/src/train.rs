@@ -10,7 +10,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::adapter_io::load_adapter;
+use peft_core::adapter_io::{adapter_dir, load_adapter, save_adapter};
 use peft_core::target::ModuleSelector;
 use peft_core::train::{Schedule, StepReport, TrainConfig, Trainer};
 use peft_core::tuner::TRAINING_EXTRAS_FILE;
@@ -150,6 +150,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = false)]
     #[serde(default)]
     pub skip_nonfinite: bool,
+    /// PiSSA / OLoRA: save the trained adapter as a plain LoRA of rank 2r that applies to the
+    /// original base (PEFT's `path_initial_model_for_weight_conversion`); the checkpoint keeps the
+    /// PiSSA / OLoRA form.
+    #[arg(long, default_value_t = false)]
+    #[serde(default)]
+    pub convert_to_lora: bool,
     /// With --method fusion: the bottleneck adapter folders to fuse (two or more,
     /// comma-separated); they stay frozen, only the fusion trains.
     #[arg(long, value_delimiter = ',')]
@@ -235,6 +241,7 @@ impl TrainArgs {
         self.double_quant |= file.double_quant;
         self.resume |= file.resume;
         self.skip_nonfinite |= file.skip_nonfinite;
+        self.convert_to_lora |= file.convert_to_lora;
         Ok(self)
     }
 
@@ -590,6 +597,19 @@ pub fn run(
     let method_config = method_config(&a, &method, classification)?
         .fusing(a.fuse.as_deref().unwrap_or_default(), &fused)
         .map_err(|e| usage!("{e:#}"))?;
+    if a.convert_to_lora {
+        let MethodConfig::Lora(c) = &method_config else {
+            return Err(usage!(
+                "--convert-to-lora: only PiSSA and OLoRA adapters (--method pissa|olora) convert to plain LoRA, not --method {method}"
+            ));
+        };
+        peft_lora::convert::check_convertible(c).map_err(|e| usage!("--convert-to-lora: {e}"))?;
+        if quant.is_some() {
+            eprintln!(
+                "note: --convert-to-lora with a 4-bit base: the converted adapter on the original weights differs from the trained model by the quantization error of the residual (PEFT warns the same)"
+            );
+        }
+    }
     if classification && matches!(method_config, MethodConfig::Fusion(_)) {
         return Err(usage!(
             "--method fusion trains on causal-lm data here (classification: not yet)"
@@ -803,15 +823,22 @@ pub(crate) fn hold_out<E: Clone>(train: Vec<E>, eval: Option<Vec<E>>) -> (Vec<E>
     }
 }
 
-/// Attach the method to `model`; Fisher-scored masks (FishMask, Child-Tuning-D) are chosen
-/// from `train_set` with the training loss first, with progress. A resumed run takes its mask
-/// from the checkpoint instead.
+/// Attach the method to `model` and quantize the base when asked (`--quantize`): first for
+/// most methods, last for those that initialise from the full-precision base (PiSSA, OLoRA,
+/// LoftQ: the residual, or LoftQ's values, is what gets quantized, as in PEFT's recipes).
+/// Fisher-scored masks (FishMask, Child-Tuning-D) are chosen from `train_set` with the training
+/// loss first, with progress. A resumed run takes its mask from the checkpoint instead.
 pub(crate) fn apply_method<M: SiteHost + Module + 'static, E: Clone>(
     run: &Run,
     model: M,
     train_set: &[E],
     loss_fn: impl Fn(&M, &[E]) -> (burn::tensor::Tensor<1>, usize),
 ) -> Result<M> {
+    if run.method.initialises_from_base() {
+        let model = run.method.tuner().apply(model, "default")?;
+        return maybe_quantize(model, run.quant);
+    }
+    let model = maybe_quantize(model, run.quant)?;
     if run.resume_from.is_some() {
         return Ok(run.method.tuner().apply(model, "default")?);
     }
@@ -852,6 +879,12 @@ pub(crate) fn train_loop<M: SiteHost + Module + 'static, E: Clone>(
 ) -> Result<()> {
     let (method, out, config) = (&run.method, &run.out, &run.config);
     let tuner = method.tuner::<M>();
+    // The factors right after initialisation (a resumed run initialises again, identically).
+    let initial = if run.args.convert_to_lora {
+        Some(tuner.state(&model, "default")?)
+    } else {
+        None
+    };
     if let Some(ckpt) = &run.resume_from {
         let files = load_adapter(ckpt)?;
         model = tuner.load_state(model, "default", files.tensors, &files.weights)?;
@@ -942,7 +975,24 @@ pub(crate) fn train_loop<M: SiteHost + Module + 'static, E: Clone>(
     }
     bar.finish();
     let model = trainer.into_model();
-    tuner.save(&model, "default", out)?;
+    match (&initial, method) {
+        (Some(initial), MethodConfig::Lora(c)) => {
+            let trained = tuner.state(&model, "default")?;
+            let (plain, tensors) = peft_lora::convert::to_plain_lora(c, &trained, initial)?;
+            save_adapter(
+                &adapter_dir(out, "default"),
+                &Tuner::<M>::config_json(&plain),
+                &tensors,
+            )?;
+            eprintln!(
+                "saved as a plain LoRA adapter of rank {} on the original base (the adapter as trained, init_lora_weights {}, stays in {})",
+                plain.r,
+                serde_json::to_string(&c.init_lora_weights)?,
+                out.join(CHECKPOINT).display()
+            );
+        }
+        _ => tuner.save(&model, "default", out)?,
+    }
     plot_loss(&metrics_path, &out.join("loss.svg"))?;
     eprintln!(
         "adapter, metrics.jsonl and loss.svg written to {}",

@@ -1086,3 +1086,211 @@ fn fisher_selections_train_a_bert_classifier() {
         );
     }
 }
+
+/// `--convert-to-lora`: a PiSSA or OLoRA run saves a plain LoRA of rank 2r for the original
+/// base (PEFT's `path_initial_model_for_weight_conversion`), which gives the loss of the adapter
+/// as trained; the checkpoint keeps the trained form, an interrupted run resumes to the same
+/// file, and Python PEFT loads it as a plain LoRA.
+#[test]
+fn pissa_and_olora_save_as_plain_lora_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    for method in ["pissa", "olora"] {
+        let native = tmp.path().join(format!("{method}-native"));
+        let o = peft(&train(method, "0.01", s(&data), s(&native)));
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let plain = tmp.path().join(format!("{method}-plain"));
+        let mut args = train(method, "0.01", s(&data), s(&plain));
+        args.push("--convert-to-lora");
+        let o = peft(&args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("plain LoRA adapter of rank 32"),
+            "{}",
+            stderr(&o)
+        );
+
+        let config = peft_core::adapter_io::load_adapter(&plain).unwrap().config;
+        assert_eq!(
+            (
+                &config["init_lora_weights"],
+                &config["r"],
+                &config["lora_alpha"]
+            ),
+            (
+                &serde_json::json!(true),
+                &serde_json::json!(32),
+                &serde_json::json!(64)
+            ),
+            "{method}"
+        );
+        let ckpt = peft_core::adapter_io::load_adapter(&plain.join("checkpoint"))
+            .unwrap()
+            .config;
+        assert_eq!(ckpt["init_lora_weights"], method);
+        let want = eval_loss(&tiny(), Some(&native), &data);
+        let got = eval_loss(&tiny(), Some(&plain), &data);
+        assert!(
+            (got - want).abs() < 1e-4,
+            "{method}: converted {got} vs as trained {want}"
+        );
+
+        let part = tmp.path().join(format!("{method}-part"));
+        let mut args = train(method, "0.01", s(&data), s(&part));
+        args.extend(["--convert-to-lora", "--stop-after", "4"]);
+        assert!(peft(&args).status.success());
+        let mut args = train(method, "0.01", s(&data), s(&part));
+        args.extend(["--convert-to-lora", "--resume"]);
+        let o = peft(&args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        assert_eq!(adapter_values(&part), adapter_values(&plain), "{method}");
+        agrees_on_tiny_in_python(&plain, &[]);
+    }
+
+    // Methods that leave the base alone, or quantize it (LoftQ), have nothing to convert.
+    for (method, extra, expected) in [
+        ("lora", vec![], "init_lora_weights = true"),
+        ("ia3", vec![], "--method ia3"),
+        (
+            "lora",
+            vec![
+                "--set",
+                "init_lora_weights=loftq",
+                "--set",
+                r#"loftq_config={"loftq_bits":4,"loftq_iter":1}"#,
+            ],
+            "LoftQ",
+        ),
+    ] {
+        let bad = tmp.path().join("bad");
+        let mut args = train(method, "0.01", s(&data), s(&bad));
+        args.push("--convert-to-lora");
+        args.extend(extra);
+        let o = peft(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("--convert-to-lora") && err.contains(expected),
+            "{err}"
+        );
+    }
+}
+
+/// PiSSA, OLoRA and LoftQ over a 4-bit base from the command line: initialised on the
+/// full-precision weights, then the residual (LoftQ: its NF4 values) is quantized, as PEFT's
+/// recipes do; training lowers the loss. On BERT the classifier, trained whole, stays dense.
+#[test]
+fn base_initialisations_train_over_a_4bit_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    for (name, extra) in [
+        ("pissa", vec!["--method", "pissa"]),
+        ("olora", vec!["--method", "olora"]),
+        (
+            "loftq",
+            vec![
+                "--method",
+                "lora",
+                "--set",
+                "init_lora_weights=loftq",
+                "--set",
+                r#"loftq_config={"loftq_bits":4,"loftq_iter":1}"#,
+            ],
+        ),
+    ] {
+        let out = tmp.path().join(name);
+        let mut args = train("lora", "0.01", s(&data), s(&out));
+        args.splice(1..3, extra);
+        args.extend(["--quantize", "nf4"]);
+        let o = peft(&args);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{name}: {err}");
+        assert!(err.contains("quantized to nf4"), "{err}");
+        let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["eval_loss"].as_f64())
+            .flatten()
+            .collect();
+        assert!(
+            losses.len() >= 2 && losses[losses.len() - 1] < losses[0],
+            "{name}: held-out losses {losses:?}"
+        );
+    }
+
+    let bert = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/bert_tiny/model");
+    let csv = common::sentiment_csv(tmp.path());
+    let out = tmp.path().join("bert-pissa");
+    let o = peft(&[
+        "train",
+        "--task",
+        "classification",
+        "--method",
+        "pissa",
+        "--model",
+        s(&bert),
+        "--data",
+        s(&csv),
+        "--out",
+        s(&out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--quantize",
+        "nf4",
+        "--convert-to-lora",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = peft_core::adapter_io::load_adapter(&out).unwrap();
+    let head = files
+        .tensors
+        .get("base_model.model.classifier.weight")
+        .unwrap();
+    let start = peft_core::adapter_io::load_adapter(&out.join("checkpoint")).unwrap();
+    assert_eq!(
+        head.data,
+        start
+            .tensors
+            .get("base_model.model.classifier.weight")
+            .unwrap()
+            .data,
+        "the converted adapter keeps the trained head"
+    );
+    assert_eq!(files.config["r"], 32);
+    // The head trains: after one step it is not where it ends.
+    let one = tmp.path().join("bert-pissa-1");
+    let o = peft(&[
+        "train",
+        "--task",
+        "classification",
+        "--method",
+        "pissa",
+        "--model",
+        s(&bert),
+        "--data",
+        s(&csv),
+        "--out",
+        s(&one),
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--quantize",
+        "nf4",
+        "--save-every",
+        "1",
+        "--stop-after",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after_one = peft_core::adapter_io::load_adapter(&one.join("checkpoint")).unwrap();
+    assert_ne!(
+        after_one
+            .tensors
+            .get("base_model.model.classifier.weight")
+            .unwrap()
+            .data,
+        head.data
+    );
+}

@@ -25,33 +25,7 @@ pub fn to_plain_lora(
     trained: &TensorMap,
     initial: &TensorMap,
 ) -> Result<(LoraConfig, TensorMap)> {
-    match config.base_init()? {
-        Some(BaseInit::Pissa { .. } | BaseInit::Olora) => {}
-        Some(BaseInit::Loftq { .. }) => {
-            return Err(PeftError::Config(
-                "init_lora_weights = \"loftq\": LoftQ replaces the base with its 4-bit values, not with W − s·B·A, so the adapter has no plain-LoRA form on the original base".into(),
-            ));
-        }
-        None => {
-            return Err(PeftError::Config(format!(
-                "init_lora_weights = {}: only PiSSA and OLoRA adapters change the base; this one already applies to the original weights",
-                serde_json::to_string(&config.init_lora_weights).expect("serialises")
-            )));
-        }
-    }
-    if config.use_dora {
-        return Err(PeftError::Config(
-            "use_dora: a DoRA adapter's update is not B·A, so it has no plain-LoRA form".into(),
-        ));
-    }
-    if config.use_rslora && (!config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty())
-    {
-        return Err(PeftError::Config(
-            "use_rslora with rank_pattern or alpha_pattern cannot be converted (PEFT refuses it too)"
-                .into(),
-        ));
-    }
-
+    check_convertible(config)?;
     let mut tensors = TensorMap::new();
     let mut factors = 0;
     for (key, t) in &trained.tensors {
@@ -89,6 +63,38 @@ pub fn to_plain_lora(
     converted.rank_pattern.values_mut().for_each(|r| *r *= 2);
     converted.alpha_pattern.values_mut().for_each(|a| *a *= 2.0);
     Ok((converted, tensors))
+}
+
+/// Whether adapters of `config` can be converted by [`to_plain_lora`] (checked before training,
+/// so a run that cannot be converted does not start).
+pub fn check_convertible(config: &LoraConfig) -> Result<()> {
+    match config.base_init()? {
+        Some(BaseInit::Pissa { .. } | BaseInit::Olora) => {}
+        Some(BaseInit::Loftq { .. }) => {
+            return Err(PeftError::Config(
+                "init_lora_weights = \"loftq\": LoftQ replaces the base with its 4-bit values, not with W − s·B·A, so the adapter has no plain-LoRA form on the original base".into(),
+            ));
+        }
+        None => {
+            return Err(PeftError::Config(format!(
+                "init_lora_weights = {}: only PiSSA and OLoRA adapters change the base; this one already applies to the original weights",
+                serde_json::to_string(&config.init_lora_weights).expect("serialises")
+            )));
+        }
+    }
+    if config.use_dora {
+        return Err(PeftError::Config(
+            "use_dora: a DoRA adapter's update is not B·A, so it has no plain-LoRA form".into(),
+        ));
+    }
+    if config.use_rslora && (!config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty()) {
+        return Err(PeftError::Config(
+            "use_rslora with rank_pattern or alpha_pattern cannot be converted (PEFT refuses it too)"
+                .into(),
+        ));
+    }
+
+    Ok(())
 }
 
 enum Factor {

@@ -193,7 +193,8 @@ impl<M: SiteHost> Tuner<M> for LoraConfig {
 }
 
 /// Quantize the base weight of every linear slot to 4 bits (QLoRA's frozen base). Embeddings,
-/// norms and the output head keep full precision, as bitsandbytes leaves them.
+/// norms and the output head keep full precision, as bitsandbytes leaves them, and so do linears
+/// being trained whole.
 pub fn quantize_base<M: SiteHost>(mut model: M, spec: QuantSpec) -> Result<M> {
     let paths: Vec<String> = model
         .module_paths()
@@ -205,6 +206,10 @@ pub fn quantize_base<M: SiteHost>(mut model: M, spec: QuantSpec) -> Result<M> {
         let Some(s) = model.linear_mut(&path) else {
             continue;
         };
+        // A module trained whole (`modules_to_save`) keeps its dense, trainable weight.
+        if matches!(&s.base, BaseLinear::Dense(l) if l.weight.is_require_grad()) {
+            continue;
+        }
         s.base
             .quantize(spec)
             .map_err(|e| PeftError::Other(format!("quantizing `{path}`: {e}")))?;

@@ -109,3 +109,56 @@ fn loftq_settings_and_bases_it_cannot_take_are_errors() {
     let err = c.apply(q, "d").unwrap_err().to_string();
     assert!(err.contains("full-precision"), "{err}");
 }
+
+/// LoftQ + QLoRA (`peft train --quantize nf4` with LoftQ): the base LoftQ leaves holds NF4
+/// values, so quantizing it to NF4 with blocks of 64 keeps every value; double quantization
+/// only rounds the block scales (8-bit).
+#[test]
+fn the_loftq_base_quantizes_to_itself() {
+    let device = Device::flex();
+    let config = LoraConfig::from_json(&serde_json::json!({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}
+    }))
+    .unwrap();
+    let bases = |m: &peft_models::llama::LlamaForCausalLM| -> Vec<Vec<f32>> {
+        m.linears()
+            .into_iter()
+            .filter(|(_, s)| s.lora("default").is_some())
+            .map(|(_, s)| s.base.weight_hf().data)
+            .collect()
+    };
+    let before = bases(&config.apply(llama(&device), "default").unwrap());
+    let plain = QuantSpec {
+        double_quant: false,
+        ..QuantSpec::default()
+    };
+    for spec in [plain, QuantSpec::default()] {
+        let q = quantize_base(config.apply(llama(&device), "default").unwrap(), spec).unwrap();
+        let after: Vec<Vec<f32>> = q
+            .linears()
+            .into_iter()
+            .filter(|(_, s)| s.lora("default").is_some())
+            .map(|(_, s)| {
+                assert!(s.base.is_quantized());
+                s.base.weight_hf().data
+            })
+            .collect();
+        if spec.double_quant {
+            for (a, b) in after.iter().zip(&before) {
+                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let err = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err < 0.01 * scale,
+                    "double quantization moved a value by {err}"
+                );
+            }
+        } else {
+            assert_eq!(after, before, "NF4 values survive quantization");
+        }
+    }
+}
