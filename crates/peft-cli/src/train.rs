@@ -641,11 +641,6 @@ pub fn run(
     let resume_from = if a.resume {
         match find_checkpoint(&out) {
             Some(ckpt) => {
-                if let MethodConfig::AdaLora(_) = method_config {
-                    return Err(usage!(
-                        "--resume: AdaLoRA runs cannot be resumed yet (the importance estimates of the rank allocation are not in the checkpoint); start anew with --overwrite"
-                    ));
-                }
                 check_resume_settings(&ckpt, &config, &method_config)?;
                 Some(ckpt)
             }
@@ -886,13 +881,7 @@ pub(crate) fn train_loop<M: SiteHost + Module + 'static, E: Clone>(
         None
     };
     if let Some(ckpt) = &run.resume_from {
-        let files = load_adapter(ckpt)?;
-        model = tuner.load_state(model, "default", files.tensors, &files.weights)?;
-        let extras = ckpt.join(TRAINING_EXTRAS_FILE);
-        if extras.exists() {
-            let tensors = peft_core::tensors::TensorMap::read_safetensors(&extras)?;
-            model = tuner.load_training_extras(model, "default", tensors, &extras)?;
-        }
+        model = tuner.load_checkpoint(model, "default", ckpt)?;
     }
     let mut trainer = methods::with_method_hooks(Trainer::new(model, config.clone()), method);
     if let Some(ckpt) = &run.resume_from {

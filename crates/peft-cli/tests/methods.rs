@@ -793,8 +793,8 @@ fn relora_trains_in_cycles_saves_one_lora_adapter_and_resumes_exactly() {
 
 /// AdaLoRA through the CLI: `total_step` follows `--steps`, the budget shrinks from 4 ranks per
 /// module to 2 on average, the adapter is saved cut to the kept ranks with PEFT's
-/// `rank_pattern`, lowers the loss, merges to the same loss, and loads in Python PEFT;
-/// resuming is refused (the importance estimates are not checkpointed).
+/// `rank_pattern`, lowers the loss, merges to the same loss, resumes exactly (the uncut factors
+/// and the importance estimates are in the checkpoint), and loads in Python PEFT.
 #[test]
 fn adalora_allocates_its_budget_and_saves_the_kept_ranks() {
     let tmp = tempfile::tempdir().unwrap();
@@ -856,11 +856,46 @@ fn adalora_allocates_its_budget_and_saves_the_kept_ranks() {
         "merged {merged_loss} vs {loss}"
     );
 
-    let mut args = train("adalora", "0.2", s(&data), s(&out));
-    args.push("--resume");
-    let o = peft(&args);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("AdaLoRA"), "{}", stderr(&o));
+    // Interrupted after step 3 (inside the cubic schedule) or step 6 (after the final masks
+    // were fixed) and resumed: the same adapter, masks and pattern as the run in one go.
+    for stop in ["3", "6"] {
+        let part = tmp.path().join(format!("adalora-part{stop}"));
+        let mut args = train("adalora", "0.2", s(&data), s(&part));
+        args.extend([
+            "--set",
+            "init_r=4",
+            "--set",
+            "target_r=2",
+            "--set",
+            "tinit=1",
+            "--set",
+            "tfinal=2",
+        ]);
+        let mut first = args.clone();
+        let every = first.iter().position(|a| *a == "--save-every").unwrap();
+        first[every + 1] = "1";
+        first.extend(["--stop-after", stop]);
+        let o = peft(&first);
+        assert!(o.status.success(), "{}", stderr(&o));
+        args.push("--resume");
+        let o = peft(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("resuming at step {stop}")),
+            "{}",
+            stderr(&o)
+        );
+        let resumed = peft_core::adapter_io::load_adapter(&part).unwrap();
+        assert_eq!(
+            resumed.config["rank_pattern"], files.config["rank_pattern"],
+            "stop {stop}"
+        );
+        assert_eq!(
+            adapter_values(&part),
+            adapter_values(&out),
+            "stop {stop}: resume is exact"
+        );
+    }
 
     agrees_on_tiny_in_python(&out, &[2]);
 }

@@ -71,6 +71,20 @@ pub trait Tuner<M> {
         Ok(model)
     }
 
+    /// Put a run's checkpoint folder `dir` (written as [`Tuner::save`] plus
+    /// [`TRAINING_EXTRAS_FILE`] when [`Tuner::training_extras`] has any) back into adapter
+    /// `name`, which [`Tuner::apply`] has created with the run's config.
+    fn load_checkpoint(&self, model: M, name: &str, dir: &Path) -> Result<M> {
+        let files = load_adapter(dir)?;
+        let model = self.load_state(model, name, files.tensors, &files.weights)?;
+        let extras = dir.join(TRAINING_EXTRAS_FILE);
+        if !extras.exists() {
+            return Ok(model);
+        }
+        let tensors = TensorMap::read_safetensors(&extras)?;
+        self.load_training_extras(model, name, tensors, &extras)
+    }
+
     /// A term the method adds to the training loss of adapter `name` (e.g. AdapterFusion's
     /// regularisation); none by default. Trainers add it through
     /// [`crate::train::TrainHook::extra_loss`].

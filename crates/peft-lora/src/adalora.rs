@@ -399,6 +399,78 @@ impl<M: SiteHost> Tuner<M> for AdaLoraConfig {
         Ok(model)
     }
 
+    /// The uncut factors and the keep-masks (1 kept, 0 pruned): the saved adapter holds only
+    /// the kept ranks, but pruned ranks keep training and can come back at the next allocation.
+    fn training_extras(&self, model: &M, name: &str) -> Result<TensorMap> {
+        let mut out = TensorMap::new();
+        for (path, s) in model.linears() {
+            let Some(a) = s.lora(name) else { continue };
+            let Some(e) = &a.singular else { continue };
+            let key = |w: &str| format!("{KEY_PREFIX}{path}.lora_{w}.full");
+            out.insert(key("A"), HostTensor::from_tensor(a.a.val()).transposed());
+            out.insert(key("B"), HostTensor::from_tensor(a.b.val()).transposed());
+            let ev = HostTensor::from_tensor(e.value.val());
+            let r = ev.numel();
+            if let Some(keep) = &e.keep {
+                let k = keep.iter().map(|k| if *k { 1.0 } else { 0.0 }).collect();
+                out.insert(
+                    format!("{KEY_PREFIX}{path}.lora_E.keep"),
+                    HostTensor::new(vec![r], k),
+                );
+            }
+            out.insert(key("E"), ev);
+        }
+        Ok(out)
+    }
+
+    /// The uncut factors and masks from [`Tuner::training_extras`] (the checkpoint's adapter
+    /// file holds only the kept ranks); the whole-trained modules from the adapter file.
+    fn load_checkpoint(&self, mut model: M, name: &str, dir: &Path) -> Result<M> {
+        let files = peft_core::adapter_io::load_adapter(dir)?;
+        let extras = dir.join(peft_core::tuner::TRAINING_EXTRAS_FILE);
+        if !extras.exists() {
+            return Err(PeftError::format(
+                &extras,
+                "missing: an AdaLoRA checkpoint keeps its uncut factors there (this one was written before resuming AdaLoRA was possible; start anew)",
+            ));
+        }
+        let mut tensors = TensorMap::read_safetensors(&extras)?;
+        for path in adapted(&model, name) {
+            let s = model.linear_mut(&path).expect("adapted");
+            let device = s.base.device();
+            let (d_in, d_out) = (s.base.d_input(), s.base.d_output());
+            let Some(LinearPart::Lora(a)) = s.part_mut(name) else {
+                unreachable!("adapted")
+            };
+            let r = a.rank();
+            let key = |w: &str| format!("{KEY_PREFIX}{path}.lora_{w}.full");
+            let ta = tensors.take_shaped(&extras, &key("A"), &[r, d_in])?;
+            let tb = tensors.take_shaped(&extras, &key("B"), &[d_out, r])?;
+            let te = tensors.take_shaped(&extras, &key("E"), &[r])?;
+            let keep_key = format!("{KEY_PREFIX}{path}.lora_E.keep");
+            let keep = match tensors.get(&keep_key) {
+                Some(_) => Some(tensors.take_shaped(&extras, &keep_key, &[r])?),
+                None => None,
+            }
+            .map(|k| k.data.iter().map(|x| *x != 0.0).collect());
+            // The same parameters, new values: the optimizer state stays attached to them.
+            a.a = Param::initialized(a.a.id, ta.transposed().to_tensor(&device).require_grad());
+            a.b = Param::initialized(a.b.id, tb.transposed().to_tensor(&device).require_grad());
+            let e = a.singular.as_mut().expect("adapted");
+            e.value = Param::initialized(e.value.id, te.to_tensor(&device).require_grad());
+            e.keep = keep;
+        }
+        saved::ensure_used(&tensors, &extras)?;
+        let mut weights = files.tensors;
+        saved::take_whole(
+            &mut model,
+            &self.modules_to_save.clone().unwrap_or_default(),
+            &mut weights,
+            &files.weights,
+        )?;
+        Ok(model)
+    }
+
     /// `orth_reg_weight · mean over A and B of ‖P·Pᵀ − I‖_F` (not squared), as PEFT adds it.
     fn extra_loss(&self, model: &M, name: &str) -> Option<Tensor<1>> {
         if self.orth_reg_weight <= 0.0 {
@@ -636,7 +708,32 @@ impl RankAllocator {
     }
 }
 
+/// What [`RankAllocator`] carries from step to step, for checkpoints.
+#[derive(Serialize, Deserialize)]
+struct AllocatorState {
+    ipt: HashMap<String, Vec<f32>>,
+    unc: HashMap<String, Vec<f32>>,
+    final_pattern: Option<HashMap<String, Vec<bool>>>,
+}
+
 impl<M: SiteHost + Module> TrainHook<M> for RankAllocator {
+    /// The smoothed importance and uncertainty of every entry, and the final masks once fixed.
+    fn state(&self) -> serde_json::Value {
+        serde_json::to_value(AllocatorState {
+            ipt: self.ipt.clone(),
+            unc: self.unc.clone(),
+            final_pattern: self.final_pattern.clone(),
+        })
+        .expect("allocator state serialises")
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        let s: AllocatorState = serde_json::from_value(state.clone())
+            .map_err(|e| PeftError::Config(format!("AdaLoRA rank allocator state: {e}")))?;
+        (self.ipt, self.unc, self.final_pattern) = (s.ipt, s.unc, s.final_pattern);
+        Ok(())
+    }
+
     fn on_gradients(&mut self, model: &M, grads: &mut GradientsParams, step: usize) {
         self.grads.clear();
         if step >= self.total() - self.config.tfinal {
