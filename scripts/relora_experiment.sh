@@ -8,6 +8,9 @@
 # and safetensors ($PEFT_REF_PYTHON, the reference venv of scripts/ref_venv.sh).
 #
 #     scripts/relora_experiment.sh [WORK_DIR]     # ~15 minutes on 2 CPU cores
+#
+# RANK, STEPS, LR and CYCLE (ReLoRA's restart period) override those settings, e.g.
+# `RANK=2 STEPS=160 CYCLE=40 scripts/relora_experiment.sh`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 models="${PEFT_MODELS_DIR:-$root/models}"
@@ -35,10 +38,13 @@ for name, rows in (("train", train), ("heldout", held[:200])):
         f.writelines(json.dumps(p) + "\n" for p in rows)
 EOF
 
-common=(--model "$model" --overwrite --steps 80 --batch-size 8 --lr 1e-3 --warmup 5 --save-every 80
-        --max-len 128 --r 8 --alpha 16 --target q_proj,v_proj --data "$work/train.jsonl")
+rank="${RANK:-8}" steps="${STEPS:-80}" lr="${LR:-1e-3}" cycle="${CYCLE:-20}"
+echo "rank $rank, $steps steps at lr $lr; ReLoRA restarts every $cycle steps"
+common=(--model "$model" --overwrite --steps "$steps" --batch-size 8 --lr "$lr" --warmup 5
+        --save-every "$steps" --max-len 128 --r "$rank" --alpha "$((2 * rank))" --target q_proj,v_proj
+        --data "$work/train.jsonl")
 "$peft" train "${common[@]}" --method lora --out "$work/lora"
-"$peft" train "${common[@]}" --method relora --set relora_steps=20 --set relora_warmup=5 --out "$work/relora"
+"$peft" train "${common[@]}" --method relora --set relora_steps="$cycle" --set relora_warmup=5 --out "$work/relora"
 
 held="$work/heldout.jsonl"
 echo "held-out loss on chatterbot ($(wc -l < "$held") pairs):"

@@ -1,6 +1,7 @@
 //! SSF, scaling and shifting features (Lian et al., 2022): a learned scale and shift of every
-//! output feature of the chosen linear layers and LayerNorms, `y ⊙ γ + β`, merged exactly into
-//! the layer before it (`W ⊙ γ`, `b ⊙ γ + β`). Hugging Face PEFT has no SSF: its files here are
+//! output feature of the chosen linear layers and norms, `y ⊙ γ + β`, merged exactly into the
+//! layer before it (`W ⊙ γ`, `b ⊙ γ + β`). An RMSNorm has no shift of its own: merged, its shift
+//! moves on into the biases of the linears that read it (the model's `complete_biases`). Hugging Face PEFT has no SSF: its files here are
 //! PEFT-shaped (`adapter_config.json` with `peft_type` `SSF`, keys
 //! `base_model.model.<path>.ssf_scale` / `.ssf_shift`).
 
@@ -30,7 +31,7 @@ pub struct SsfConfig {
     pub peft_type: String,
     #[serde(default)]
     pub task_type: Option<String>,
-    /// Linears and LayerNorms whose output is scaled and shifted; `None`: the model type's
+    /// Linears and norms whose output is scaled and shifted; `None`: the model type's
     /// default ([`SsfConfig::with_defaults`]).
     #[serde(default)]
     pub target_modules: Option<ModuleSelector>,
@@ -57,8 +58,9 @@ impl Default for SsfConfig {
     }
 }
 
-/// The default targets per `model_type`: every linear of the layers (Llama, whose RMSNorms
-/// have no shift to fold into), and for BERT its linears and LayerNorms too.
+/// The default targets per `model_type`, as the paper places SSF after every operation: the
+/// linears and norms of the layers (Llama: not the final `model.norm`, whose merged shift
+/// would need a bias on the output head).
 pub fn default_targets(model_type: &str) -> Option<&'static [&'static str]> {
     match model_type {
         "llama" | "mistral" => Some(&[
@@ -69,6 +71,8 @@ pub fn default_targets(model_type: &str) -> Option<&'static [&'static str]> {
             "gate_proj",
             "up_proj",
             "down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
         ]),
         "bert" => Some(&["query", "key", "value", "dense", "LayerNorm"]),
         _ => None,

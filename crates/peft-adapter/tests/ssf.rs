@@ -38,9 +38,9 @@ fn ssf_starts_as_the_base_and_trains_only_its_vectors() {
         .apply(llama(&device), "default")
         .unwrap();
     assert_eq!(max_abs_diff(model.forward(ids(&device), None), base), 0.0);
-    // q, k, v, o (64, 32, 32, 64 outputs), gate, up (128), down (64): a scale and a shift
-    // each, 2 layers.
-    let per_layer = 64 + 32 + 32 + 64 + 128 + 128 + 64;
+    // q, k, v, o (64, 32, 32, 64 outputs), gate, up (128), down (64) and the two RMSNorms
+    // (64 each): a scale and a shift each, 2 layers.
+    let per_layer = 64 + 32 + 32 + 64 + 128 + 128 + 64 + 2 * 64;
     assert_eq!(ParamReport::of(&model).trainable, 2 * 2 * per_layer);
     let grads = model.forward(ids(&device), None).sum().backward();
     for (path, l) in model.linears() {
@@ -63,11 +63,12 @@ fn llama_merges_exactly_and_its_checkpoint_holds_the_new_biases() {
     assert!(max_abs_diff(unmerged.clone(), llama(&device).forward(ids(&device), None)) > 1e-3);
     // Save and load: the same model.
     let state = config.state(&model, "default").unwrap();
-    assert!(
-        state
-            .keys()
-            .any(|k| k == "base_model.model.model.layers.0.self_attn.q_proj.ssf_scale")
-    );
+    for key in [
+        "base_model.model.model.layers.0.self_attn.q_proj.ssf_scale",
+        "base_model.model.model.layers.1.post_attention_layernorm.ssf_shift",
+    ] {
+        assert!(state.keys().any(|k| k == key), "{key}");
+    }
     let again = config.apply(llama(&device), "default").unwrap();
     let again = config
         .load_state(again, "default", state, Path::new("state"))
@@ -114,24 +115,56 @@ fn bert_layernorms_and_linears_merge_exactly() {
     assert!(err < 1e-5, "merged vs unmerged: {err}");
 }
 
+/// An RMSNorm's shift alone (no linear targeted): merged, it moves into the biases of the
+/// linears after the norm, exactly; on the final norm it would need a bias on the output head,
+/// which a Llama checkpoint cannot hold: an error naming the norm.
 #[test]
-fn rmsnorm_targets_and_unknown_adapters_are_clear_errors() {
+fn rmsnorm_shifts_move_into_the_next_linears_and_the_final_norm_is_refused() {
     let device = Device::flex();
-    let config = SsfConfig {
-        target_modules: Some(peft_core::target::ModuleSelector::List(vec![
-            "input_layernorm".into(),
-        ])),
+    device.seed(11);
+    let only = |names: &[&str]| SsfConfig {
+        target_modules: Some(peft_core::target::ModuleSelector::List(
+            names.iter().map(|s| s.to_string()).collect(),
+        )),
+        init_ssf_weights: false,
         ..Default::default()
     };
-    let err = config
-        .apply(llama(&device), "default")
+    let config = only(&["input_layernorm", "post_attention_layernorm"]);
+    let model = config.apply(llama(&device), "default").unwrap();
+    let unmerged = model.forward(ids(&device), None);
+    assert!(max_abs_diff(unmerged.clone(), llama(&device).forward(ids(&device), None)) > 1e-3);
+    let plain = merge_and_unload(config.merge(model, "default").unwrap())
+        .unwrap()
+        .complete_biases()
+        .unwrap();
+    assert!(plain.config.attention_bias && plain.config.mlp_bias);
+    let back = LlamaForCausalLM::from_tensors(
+        plain.config.clone(),
+        plain.to_tensors(),
+        Path::new("x"),
+        &device,
+    )
+    .unwrap();
+    let err = max_abs_diff(back.forward(ids(&device), None), unmerged);
+    assert!(err < 1e-5, "checkpoint vs unmerged: {err}");
+
+    let config = only(&["model.norm"]);
+    let model = config.apply(llama(&device), "default").unwrap();
+    let err = merge_and_unload(config.merge(model, "default").unwrap())
+        .unwrap()
+        .complete_biases()
         .err()
         .unwrap()
         .to_string();
     assert!(
-        err.contains("model.layers.0.input_layernorm") && err.contains("RMSNorm"),
+        err.contains("model.norm") && err.contains("output head"),
         "{err}"
     );
+}
+
+#[test]
+fn unknown_adapters_are_clear_errors() {
+    let device = Device::flex();
     let err = SsfConfig::default()
         .merge(llama(&device), "nope")
         .err()

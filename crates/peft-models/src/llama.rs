@@ -41,9 +41,40 @@ trait RmsForward {
 }
 
 impl RmsForward for RmsNorm {
-    /// Normalised in f32 whatever the input's type (as transformers does), then scaled in it.
+    /// Normalised in f32 whatever the input's type (as transformers does), then scaled in it;
+    /// shifted where SSF gives the norm a shift.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        rms_norm(x, self.weights().weight.val(), self.eps)
+        let (weight, shift) = self.scale_shift();
+        let y = rms_norm(x, weight, self.eps);
+        match shift {
+            Some(b) => {
+                let n = b.dims()[0];
+                y + b.reshape([1, 1, n])
+            }
+            None => y,
+        }
+    }
+}
+
+/// Add `W·shift` to the bias of each linear (making one where there is none): the same output
+/// as the linear of an input shifted by `shift`.
+fn add_input_shift(linears: &mut [&mut LinearSlot], shift: Tensor<1>) {
+    for l in linears {
+        let device = l.base.device();
+        let n = shift.dims()[0];
+        let w = l.base.dense_weight(&device); // [in, out]
+        let moved = shift
+            .clone()
+            .to_device(&device)
+            .cast(w.dtype())
+            .reshape([1, n])
+            .matmul(w)
+            .reshape([l.base.d_output()]);
+        let bias = match l.base.bias() {
+            Some(b) => b.val() + moved.cast(b.val().dtype()),
+            None => moved,
+        };
+        *l.base.bias_mut() = Some(peft_core::params::frozen(bias.detach()));
     }
 }
 
@@ -433,6 +464,7 @@ impl LlamaForCausalLM {
     /// (gate, up, down) switch on for the whole model, with zero biases where a layer had none.
     /// A bias on the output head has no place in a Llama checkpoint: an error.
     pub fn complete_biases(mut self) -> Result<Self> {
+        self.fold_norm_shifts()?;
         // `attention_bias` covers the linears of `self_attn`, `mlp_bias` those of `mlp`.
         let in_group = |path: &str, group: &str| path.contains(&format!(".{group}."));
         let has = |group: &str, m: &Self| {
@@ -465,6 +497,34 @@ impl LlamaForCausalLM {
             }
         }
         Ok(self)
+    }
+
+    /// A Llama checkpoint's RMSNorms have no shift: one a merge gave them (SSF's) moves into
+    /// the biases of the linears that read the norm, `W·(n + β) = W·n + W·β` (q, k, v after
+    /// `input_layernorm`, gate and up after `post_attention_layernorm`). The final norm feeds
+    /// the output head, which cannot hold a bias: an error.
+    fn fold_norm_shifts(&mut self) -> Result<()> {
+        if self.model.norm.base.bias.is_some() {
+            return Err(PeftError::Other(
+                "a shift merged into model.norm would need a bias on the output head, which a \
+                 Llama checkpoint cannot hold; leave `model.norm` out of SSF's targets"
+                    .into(),
+            ));
+        }
+        for layer in &mut self.model.layers {
+            if let Some(shift) = layer.input_layernorm.base.bias.take() {
+                let a = &mut layer.self_attn;
+                add_input_shift(
+                    &mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj],
+                    shift.val(),
+                );
+            }
+            if let Some(shift) = layer.post_attention_layernorm.base.bias.take() {
+                let m = &mut layer.mlp;
+                add_input_shift(&mut [&mut m.gate_proj, &mut m.up_proj], shift.val());
+            }
+        }
+        Ok(())
     }
 
     /// The `quantization_config` entry of `config.json` when linear weights are 4-bit (what

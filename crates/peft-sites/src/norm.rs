@@ -50,8 +50,9 @@ pub struct TunedNorm {
     /// The copy swapped into `base` by a merge (the original then sits in its place).
     #[module(skip)]
     pub merged: Option<String>,
-    /// SSF: named scales and shifts of the norm's output, `norm(x) ⊙ scale + shift`, for a
-    /// norm with a shift of its own (LayerNorm); at most one active.
+    /// SSF: named scales and shifts of the norm's output, `norm(x) ⊙ scale + shift`; at most
+    /// one active. Merged, the shift becomes the norm's (an RMSNorm then has one, which the
+    /// model moves into the linears reading it before saving a checkpoint).
     pub scale_shifts: Vec<ScaleShift>,
     #[module(skip)]
     pub scale_shift_names: Vec<String>,
@@ -142,14 +143,8 @@ impl TunedNorm {
         Some(&mut self.scale_shifts[i])
     }
 
-    /// Add (or replace) SSF's scale and shift called `name` and make it the active one. The
-    /// norm must have a shift of its own to fold it into (a LayerNorm, not an RMSNorm).
+    /// Add (or replace) SSF's scale and shift called `name` and make it the active one.
     pub fn add_scale_shift(&mut self, name: &str, ss: ScaleShift) -> Result<()> {
-        if self.base.bias.is_none() {
-            return Err(PeftError::Config(
-                "an RMSNorm has no shift to take SSF's: target linears or LayerNorms".into(),
-            ));
-        }
         if let Some(i) = self.scale_shift_names.iter().position(|n| n == name) {
             self.scale_shifts.remove(i);
             self.scale_shift_names.remove(i);
