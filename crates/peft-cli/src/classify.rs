@@ -1,7 +1,7 @@
 //! Sequence classification from the command line: a BERT folder, a CSV of texts and labels,
 //! LoRA on the encoder and a trained classification head (PEFT `modules_to_save`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -101,6 +101,7 @@ pub(crate) fn train(run: Run) -> Result<()> {
             batch.iter().map(|e| e.0.len()).sum(),
         )
     };
+    let model = crate::train::load_fused(&run, model)?;
     let model = apply_method(&run, model, &train_set, loss_fn)?;
     eprintln!(
         "{} labels {labels:?}; {} texts for training, {} held out; {}",
@@ -121,31 +122,66 @@ pub(crate) fn train(run: Run) -> Result<()> {
     })
 }
 
-/// `peft eval --task classification`: accuracy and macro-F1 of a trained adapter.
+/// `peft eval --task classification`: accuracy and macro-F1 of a trained adapter, or of an
+/// AdapterFusion (`fusion`, trained with its head) over the bottleneck adapters `adapters`.
+#[allow(clippy::too_many_arguments)]
 pub fn eval(
     model_dir: &Path,
-    adapter: &Path,
+    adapters: &[PathBuf],
+    fusion: Option<&Path>,
     data: &Path,
     text_col: &str,
     label_col: &str,
     max_len: Option<usize>,
     device: &burn::tensor::Device,
 ) -> Result<serde_json::Value> {
-    let labels = read_labels(adapter)?;
-    let files = load_adapter(adapter)?;
-    let config =
-        MethodConfig::from_json(&files.config).with_context(|| format!("{}", adapter.display()))?;
-    let (model, tok) = load_bert_classifier(model_dir, labels.len(), device)?;
-    let max_len = peft_cli::usage::max_len(
-        max_len,
-        128,
-        model.config.max_position_embeddings,
-        config.virtual_tokens(),
-    )?;
-    let model = config.tuner().apply_and_load(model, "default", files)?;
+    let (model, tok, labels, max_len) = match fusion {
+        None => {
+            let adapter = &adapters[0];
+            let labels = read_labels(adapter)?;
+            let files = load_adapter(adapter)?;
+            let config = MethodConfig::from_json(&files.config)
+                .with_context(|| format!("{}", adapter.display()))?;
+            let (model, tok) = load_bert_classifier(model_dir, labels.len(), device)?;
+            let max_len = check_max_len(&model, max_len, config.virtual_tokens())?;
+            let model = config.tuner().apply_and_load(model, "default", files)?;
+            (model, tok, labels, max_len)
+        }
+        Some(fusion) => {
+            let labels = read_labels(fusion)?;
+            let (mut model, tok) = load_bert_classifier(model_dir, labels.len(), device)?;
+            let (mut names, mut configs) = (Vec::new(), Vec::new());
+            for dir in adapters {
+                let name = dir
+                    .file_name()
+                    .map_or("adapter".into(), |n| n.to_string_lossy().into_owned());
+                let (m, config) = crate::train::load_bottleneck_without_head(model, dir, &name)?;
+                model = m;
+                names.push(name);
+                configs.push(config);
+            }
+            let max_len = check_max_len(&model, max_len, 0)?;
+            let model = crate::fuse(model, fusion, &names, &configs)?;
+            (model, tok, labels, max_len)
+        }
+    };
     let set = encode(data, text_col, label_col, &labels, &tok, max_len)?;
     let (acc, f1) = peft_models::bert::accuracy_and_macro_f1(&model, &set, labels.len());
     Ok(serde_json::json!({"accuracy": acc, "macro_f1": f1, "examples": set.len()}))
+}
+
+/// `--max-len` (default 128) within the model's positions less the virtual tokens.
+fn check_max_len(
+    model: &BertForSequenceClassification,
+    max_len: Option<usize>,
+    virtual_tokens: usize,
+) -> Result<usize> {
+    peft_cli::usage::max_len(
+        max_len,
+        128,
+        model.config.max_position_embeddings,
+        virtual_tokens,
+    )
 }
 
 /// The class names a classification run wrote beside its adapter.

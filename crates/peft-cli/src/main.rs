@@ -142,7 +142,7 @@ enum Command {
     Eval {
         #[arg(long)]
         model: PathBuf,
-        /// Adapter folder; several with --fusion (causal-lm).
+        /// Adapter folder; several with --fusion.
         #[arg(long)]
         adapter: Vec<PathBuf>,
         /// An AdapterFusion folder over the --adapter folders (AdapterHub's layout).
@@ -336,6 +336,18 @@ fn load_fusion(
     names: &[String],
     configs: &[MethodConfig],
 ) -> Result<LoadedModel> {
+    loaded.model = fuse(loaded.model, fusion, names, configs)?;
+    Ok(loaded)
+}
+
+/// Load the AdapterFusion folder `fusion` into `model`, over its loaded bottleneck adapters
+/// (`names` as loaded, `configs` their configs), as the active composition `fusion`.
+pub(crate) fn fuse<M: peft_sites::SiteHost>(
+    model: M,
+    fusion: &Path,
+    names: &[String],
+    configs: &[MethodConfig],
+) -> Result<M> {
     let files = load_adapter(fusion)?;
     let MethodConfig::Fusion(mut config) =
         MethodConfig::from_json(&files.config).with_context(|| format!("{}", fusion.display()))?
@@ -370,8 +382,7 @@ fn load_fusion(
         internal.push(names[i].clone());
     }
     config.loaded_as = Some(internal);
-    loaded.model = config.apply_and_load(loaded.model, "fusion", files)?;
-    Ok(loaded)
+    Ok(config.apply_and_load(model, "fusion", files)?)
 }
 
 /// Use adapter `name` alone: at every site that holds part of it, that part; elsewhere none.
@@ -537,19 +548,20 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let dev = device(&cli.device)?;
             if task == "classification" {
-                let [adapter] = adapter.as_slice() else {
+                if fusion.is_none() && adapter.len() != 1 {
                     return Err(usage!(
-                        "classification takes one --adapter (the head is trained with it)"
+                        "classification takes one --adapter (the head is trained with it), or several with --fusion"
                     ));
-                };
-                if fusion.is_some() || proxy.proxy_base.is_some() || proxy.proxy_expert.is_some() {
-                    return Err(usage!("--fusion and proxy-tuning: causal-lm only"));
+                }
+                if proxy.proxy_base.is_some() || proxy.proxy_expert.is_some() {
+                    return Err(usage!("proxy-tuning: causal-lm only"));
                 }
                 println!(
                     "{}",
                     classify::eval(
                         &model,
-                        adapter,
+                        &adapter,
+                        fusion.as_deref(),
                         &data,
                         &text_column,
                         &label_column,

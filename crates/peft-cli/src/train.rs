@@ -430,14 +430,42 @@ fn fused_configs(a: &TrainArgs, method: &str) -> Result<Vec<MethodConfig>> {
 /// Load the `--fuse` adapters, frozen by the fusion later, under their AdapterHub names.
 pub(crate) fn load_fused<M: SiteHost>(run: &Run, mut model: M) -> Result<M> {
     for dir in run.args.fuse.iter().flatten() {
-        let files = load_adapter(dir)?;
-        if let MethodConfig::Bottleneck(c) = MethodConfig::from_json(&files.config)? {
-            model = c
-                .apply_and_load(model, &c.name, files)
-                .with_context(|| format!("--fuse {}", dir.display()))?;
-        }
+        let name = MethodConfig::from_json(&load_adapter(dir)?.config).map(|c| match c {
+            MethodConfig::Bottleneck(b) => b.name,
+            _ => String::new(),
+        })?;
+        model = load_bottleneck_without_head(model, dir, &name)
+            .with_context(|| format!("--fuse {}", dir.display()))?
+            .0;
     }
     Ok(model)
+}
+
+/// Load the bottleneck adapter folder `dir` as adapter `name`, leaving out the head saved with
+/// it: a fusion over it has its own (a classifier for other labels, or the model's own LM head).
+pub(crate) fn load_bottleneck_without_head<M: SiteHost>(
+    model: M,
+    dir: &Path,
+    name: &str,
+) -> Result<(M, MethodConfig)> {
+    let mut files = load_adapter(dir)?;
+    let config =
+        MethodConfig::from_json(&files.config).with_context(|| format!("{}", dir.display()))?;
+    let MethodConfig::Bottleneck(c) = &config else {
+        return Err(usage!(
+            "{}: a {} adapter; AdapterFusion fuses bottleneck adapters",
+            dir.display(),
+            config.to_json()["peft_type"].as_str().unwrap_or("?")
+        ));
+    };
+    files
+        .tensors
+        .tensors
+        .retain(|k, _| k.contains(".adapters."));
+    let mut c = c.clone();
+    c.modules_to_save = None;
+    let model = c.apply_and_load(model, name, files)?;
+    Ok((model, config))
 }
 
 const CHECKPOINT: &str = "checkpoint";
@@ -609,11 +637,6 @@ pub fn run(
                 "note: --convert-to-lora with a 4-bit base: the converted adapter on the original weights differs from the trained model by the quantization error of the residual (PEFT warns the same)"
             );
         }
-    }
-    if classification && matches!(method_config, MethodConfig::Fusion(_)) {
-        return Err(usage!(
-            "--method fusion trains on causal-lm data here (classification: not yet)"
-        ));
     }
     let config = TrainConfig {
         learning_rate: a.lr.unwrap_or(2e-4),

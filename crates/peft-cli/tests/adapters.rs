@@ -464,3 +464,139 @@ fn bert_classifiers_merge_into_a_folder_with_the_same_logits() {
         assert!(err < 1e-5, "{method}: merged vs adapter: {err}");
     }
 }
+
+/// AdapterFusion on the tiny BERT classifier, as the AdapterFusion paper uses it: two Pfeiffer
+/// adapters trained as classifiers of their own (one with a third label), fused for the
+/// sentiment task with a new classifier trained beside the fusion and saved as its static
+/// head; it classifies, resumes exactly, and `peft eval` scores it over the same adapters.
+#[test]
+fn fusion_trains_a_bert_classifier_with_its_own_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sentiment_csv(tmp.path());
+    // A second task with three labels: its head cannot serve the fusion's two.
+    let three = tmp.path().join("three.csv");
+    let text = std::fs::read_to_string(&data).unwrap();
+    let mut rows: Vec<String> = text.lines().map(String::from).collect();
+    for r in rows.iter_mut().skip(1).step_by(3) {
+        *r = r
+            .replace("negative", "neutral")
+            .replace("positive", "neutral");
+    }
+    std::fs::write(&three, rows.join("\n") + "\n").unwrap();
+    let classify = |method: &str, csv: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--task",
+            "classification",
+            "--method",
+            method,
+            "--model",
+            s(&tiny_bert()).to_string().leak(),
+            "--data",
+            s(csv).to_string().leak(),
+            "--out",
+            s(out).to_string().leak(),
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.01",
+            "--steps",
+            "40",
+            "--warmup",
+            "3",
+            "--save-every",
+            "20",
+        ];
+        args.extend_from_slice(extra);
+        peft(&args)
+    };
+    let (a, b) = (tmp.path().join("task_a"), tmp.path().join("task_b"));
+    for (csv, out) in [(&data, &a), (&three, &b)] {
+        let o = classify("pfeiffer", csv, out, &["--set", "reduction_factor=4"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let fuse = format!("{},{}", s(&a), s(&b));
+    let fusion = tmp.path().join("fusion");
+    let o = classify("fusion", &data, &fusion, &["--fuse", &fuse]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "adapter_fusion_config.json",
+        "model_adapter_fusion.safetensors",
+        "model_head.safetensors",
+        "head_config.json",
+        "labels.json",
+    ] {
+        assert!(fusion.join(f).exists(), "{f}");
+    }
+    let files = peft_core::adapter_io::load_adapter(&fusion).unwrap();
+    assert_eq!(
+        files.tensors.get("classifier.weight").unwrap().shape,
+        [2, 32]
+    );
+    assert!(
+        files
+            .tensors
+            .keys()
+            .any(|k| k.contains(".output.adapter_fusion_layer.task_a,task_b.query."))
+    );
+
+    let part = tmp.path().join("fusion-part");
+    let o = classify(
+        "fusion",
+        &data,
+        &part,
+        &["--fuse", &fuse, "--stop-after", "20"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = classify("fusion", &data, &part, &["--fuse", &fuse, "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        adapter_values(&part),
+        adapter_values(&fusion),
+        "resume is exact"
+    );
+
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--task",
+            "classification",
+            "--model",
+            s(&tiny_bert()).to_string().leak(),
+            "--data",
+            s(&data).to_string().leak(),
+        ];
+        args.extend_from_slice(extra);
+        peft(&args)
+    };
+    let o = eval(&[
+        "--adapter",
+        s(&a),
+        "--adapter",
+        s(&b),
+        "--fusion",
+        s(&fusion),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let scores: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    eprintln!("fusion: {scores}");
+    assert!(scores["accuracy"].as_f64().unwrap() > 0.9, "{scores}");
+    // The trained metrics agree with what eval computes on the same model.
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(fusion.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(last["eval_accuracy"].as_f64().is_some(), "{last}");
+
+    // Without the fusion, two adapters are one too many; a fusion missing one of its adapters
+    // names it.
+    let o = eval(&["--adapter", s(&a), "--adapter", s(&b)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = eval(&["--adapter", s(&a), "--fusion", s(&fusion)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("task_b"), "{}", stderr(&o));
+}

@@ -129,11 +129,12 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFiles> {
             ));
         }
         let weights = dir.join(ADAPTERHUB_FUSION_WEIGHTS);
-        let tensors = read_weights(
+        let mut tensors = read_weights(
             &weights,
             "pytorch_model_adapter_fusion.bin",
             "save_adapter_fusion(..., use_safetensors=True)",
         )?;
+        add_head(dir, &mut tensors, ADAPTERHUB_FUSION_WEIGHTS)?;
         return Ok(AdapterFiles {
             config,
             tensors,
@@ -189,24 +190,33 @@ fn load_adapterhub(dir: &Path, config: Value) -> Result<AdapterFiles> {
         "pytorch_adapter.bin",
         "save_adapter(..., use_safetensors=True)",
     )?;
-    let head = dir.join(ADAPTERHUB_HEAD_FILE);
-    if head.exists() {
-        for (key, t) in TensorMap::read_safetensors(&head)?.tensors {
-            if tensors.get(&key).is_some() {
-                return Err(PeftError::format(
-                    &head,
-                    format!("`{key}` is also in {ADAPTERHUB_WEIGHTS_FILE}"),
-                ));
-            }
-            tensors.insert(key, t);
-        }
-    }
+    add_head(dir, &mut tensors, ADAPTERHUB_WEIGHTS_FILE)?;
     Ok(AdapterFiles {
         config,
         tensors,
         dir: dir.to_path_buf(),
         weights,
     })
+}
+
+/// Add the static head's tensors of `dir` (`model_head.safetensors`, when there is one) to
+/// `tensors`, read from `weights_file`: their keys (e.g. `classifier.weight`) never meet the
+/// adapter's or the fusion's.
+fn add_head(dir: &Path, tensors: &mut TensorMap, weights_file: &str) -> Result<()> {
+    let head = dir.join(ADAPTERHUB_HEAD_FILE);
+    if !head.exists() {
+        return Ok(());
+    }
+    for (key, t) in TensorMap::read_safetensors(&head)?.tensors {
+        if tensors.get(&key).is_some() {
+            return Err(PeftError::format(
+                &head,
+                format!("`{key}` is also in {weights_file}"),
+            ));
+        }
+        tensors.insert(key, t);
+    }
+    Ok(())
 }
 
 /// Parse the bytes of an `adapter_config.json` (`path` names it in errors): a JSON object with
@@ -246,11 +256,25 @@ pub fn method_config<T: serde::de::DeserializeOwned>(
 }
 
 /// Write an AdapterHub fusion folder: `model_adapter_fusion.safetensors` and
-/// `adapter_fusion_config.json`.
-pub fn save_adapterhub_fusion(dir: &Path, config: &Value, tensors: &TensorMap) -> Result<()> {
+/// `adapter_fusion_config.json`, and the static head trained with it when `head` has tensors.
+pub fn save_adapterhub_fusion(
+    dir: &Path,
+    config: &Value,
+    tensors: &TensorMap,
+    head: Option<(&Value, &TensorMap)>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
     tensors.write_safetensors(&dir.join(ADAPTERHUB_FUSION_WEIGHTS))?;
+    write_head(dir, head)?;
     write_json(&dir.join(ADAPTERHUB_FUSION_CONFIG), config)
+}
+
+fn write_head(dir: &Path, head: Option<(&Value, &TensorMap)>) -> Result<()> {
+    if let Some((head_config, head_tensors)) = head {
+        head_tensors.write_safetensors(&dir.join(ADAPTERHUB_HEAD_FILE))?;
+        write_json(&dir.join(ADAPTERHUB_HEAD_CONFIG), head_config)?;
+    }
+    Ok(())
 }
 
 /// Write an AdapterHub folder: `adapter.safetensors` and the config (sorted keys, as
@@ -263,10 +287,7 @@ pub fn save_adapterhub(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
     tensors.write_safetensors(&dir.join(ADAPTERHUB_WEIGHTS_FILE))?;
-    if let Some((head_config, head_tensors)) = head {
-        head_tensors.write_safetensors(&dir.join(ADAPTERHUB_HEAD_FILE))?;
-        write_json(&dir.join(ADAPTERHUB_HEAD_CONFIG), head_config)?;
-    }
+    write_head(dir, head)?;
     write_json(&dir.join(CONFIG_FILE), config)
 }
 

@@ -10,7 +10,7 @@ use peft_core::params::trainable;
 use peft_core::tensors::{HostTensor, TensorMap};
 use peft_core::tuner::Tuner;
 use peft_core::{PeftError, Result};
-use peft_sites::{FusionDense, FusionLayer, FusionWiring, SiteHost};
+use peft_sites::{FusionDense, FusionLayer, FusionWiring, SiteHost, saved};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -99,6 +99,11 @@ pub struct FusionConfig {
     pub name: String,
     #[serde(default = "version")]
     pub version: String,
+    /// Modules trained whole beside the fusion and saved as AdapterHub's static head
+    /// (`model_head.safetensors`), e.g. a new classifier. Not an AdapterHub field; AdapterHub
+    /// ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
     /// The names the fused adapters have in the model here, when not their AdapterHub names
     /// (e.g. loaded under their folder names).
     #[serde(skip)]
@@ -129,17 +134,18 @@ impl FusionConfig {
             model_type: None,
             name: adapters.join(","),
             version: version(),
+            modules_to_save: None,
             loaded_as: None,
             extra: Map::new(),
         })
     }
 
-    /// Read an `adapter_fusion_config.json` value; the registry's common keys
-    /// (`task_type`, `base_model_name_or_path`, `modules_to_save`) are dropped or mapped.
+    /// Read an `adapter_fusion_config.json` value; the registry's common keys (`task_type`,
+    /// `base_model_name_or_path`) are dropped or mapped.
     pub fn from_json(value: &Value) -> Result<Self> {
         let mut value = value.clone();
         if let Some(obj) = value.as_object_mut() {
-            for k in ["task_type", "peft_type", "modules_to_save"] {
+            for k in ["task_type", "peft_type"] {
                 obj.remove(k);
             }
             if let Some(Value::String(name)) = obj.remove("base_model_name_or_path") {
@@ -163,6 +169,11 @@ impl FusionConfig {
 
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).expect("FusionConfig serialises")
+    }
+
+    /// The modules trained whole beside the fusion.
+    pub fn saved_modules(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
     }
 
     /// The fused adapters' names in the model.
@@ -291,6 +302,7 @@ impl<M: SiteHost> Tuner<M> for FusionConfig {
             );
             site.add_fusion(name, layer)?;
         }
+        saved::train_whole(&mut model, &self.saved_modules())?;
         Ok(model)
     }
 
@@ -308,6 +320,7 @@ impl<M: SiteHost> Tuner<M> for FusionConfig {
         if out.is_empty() {
             return Err(PeftError::UnknownAdapter(name.into()));
         }
+        saved::put_whole_under(model, &self.saved_modules(), &mut out, "");
         Ok(out)
     }
 
@@ -340,7 +353,9 @@ impl<M: SiteHost> Tuner<M> for FusionConfig {
                 }
             }
         }
-        peft_sites::saved::ensure_used(&tensors, file)?;
+        // A static head saved beside the fusion: the classifier trained with it.
+        super::model::take_static_head(&mut model, &mut tensors, file)?;
+        saved::ensure_used(&tensors, file)?;
         Ok(model)
     }
 
@@ -349,10 +364,23 @@ impl<M: SiteHost> Tuner<M> for FusionConfig {
     }
 
     fn save(&self, model: &M, name: &str, root: &Path) -> Result<()> {
+        let mut tensors = self.state(model, name)?;
+        let head = super::model::split_head(&mut tensors, |k| k.contains(".adapter_fusion_layer."));
+        let head_config = super::model::head_config(
+            model,
+            &self.saved_modules(),
+            self.hidden_size,
+            [
+                &self.model_class,
+                &Some(self.model_name.clone()),
+                &self.model_type,
+            ],
+        );
         save_adapterhub_fusion(
             &adapter_dir(root, name),
             &self.to_json(),
-            &self.state(model, name)?,
+            &tensors,
+            (!head.is_empty()).then_some((&head_config, &head)),
         )
     }
 }

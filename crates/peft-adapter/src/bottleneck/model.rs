@@ -155,26 +155,79 @@ impl BottleneckConfig {
 
     /// AdapterHub's `head_config.json` for the saved head modules.
     fn head_config<M: SiteHost>(&self, model: &M) -> Value {
-        let labels = model
-            .linears()
-            .into_iter()
-            .find(|(p, _)| self.saved_modules().contains(p))
-            .map_or(0, |(_, l)| l.base.d_output());
-        let label2id: serde_json::Map<String, Value> = (0..labels)
-            .map(|i| (format!("LABEL_{i}"), json!(i)))
-            .collect();
-        json!({
-            "config": null,
-            "hidden_size": self.hidden_size,
-            "label2id": label2id,
-            "model_class": self.model_class,
-            "model_name": self.model_name,
-            "model_type": self.model_type,
-            "name": null,
-            "num_labels": labels,
-            "version": ADAPTERHUB_VERSION,
-        })
+        head_config(
+            model,
+            &self.saved_modules(),
+            self.hidden_size,
+            [
+                &self.model_class,
+                &Some(self.model_name.clone()),
+                &self.model_type,
+            ],
+        )
     }
+}
+
+/// AdapterHub's `head_config.json` for the static head (`saved`: its modules) trained beside an
+/// adapter or a fusion; `facts`: the model class, name and type of its config.
+pub(crate) fn head_config<M: SiteHost>(
+    model: &M,
+    saved: &[String],
+    hidden_size: Option<usize>,
+    facts: [&Option<String>; 3],
+) -> Value {
+    let labels = model
+        .linears()
+        .into_iter()
+        .find(|(p, _)| saved.contains(p))
+        .map_or(0, |(_, l)| l.base.d_output());
+    let label2id: serde_json::Map<String, Value> = (0..labels)
+        .map(|i| (format!("LABEL_{i}"), json!(i)))
+        .collect();
+    let [model_class, model_name, model_type] = facts;
+    json!({
+        "config": null,
+        "hidden_size": hidden_size,
+        "label2id": label2id,
+        "model_class": model_class,
+        "model_name": model_name,
+        "model_type": model_type,
+        "name": null,
+        "num_labels": labels,
+        "version": ADAPTERHUB_VERSION,
+    })
+}
+
+/// Take the static head saved beside an adapter or a fusion out of `tensors` (keys
+/// `<path>.weight` of the model's head or linear sites: ours, or AdapterHub's
+/// `model_head.safetensors`) into the model, where those modules train whole again.
+pub(crate) fn take_static_head<M: SiteHost>(
+    model: &mut M,
+    tensors: &mut TensorMap,
+    file: &Path,
+) -> Result<()> {
+    let heads: Vec<String> = model
+        .sites()
+        .into_iter()
+        .filter(|(p, s)| {
+            matches!(s.kind(), SiteKind::Head | SiteKind::Linear)
+                && tensors.get(&format!("{p}.weight")).is_some()
+        })
+        .map(|(p, _)| p)
+        .collect();
+    saved::train_whole(model, &heads)?;
+    saved::take_whole_under(model, &heads, tensors, file, "")
+}
+
+/// Split the static head's tensors (keys `belongs` does not claim) off `tensors`.
+pub(crate) fn split_head(tensors: &mut TensorMap, belongs: impl Fn(&str) -> bool) -> TensorMap {
+    let mut head = TensorMap::new();
+    let keys: Vec<String> = tensors.keys().filter(|k| !belongs(k)).cloned().collect();
+    for k in keys {
+        let t = tensors.remove(&k).expect("listed");
+        head.insert(k, t);
+    }
+    head
 }
 
 impl<M: SiteHost> Tuner<M> for BottleneckConfig {
@@ -238,19 +291,8 @@ impl<M: SiteHost> Tuner<M> for BottleneckConfig {
             let a = site.adapter_mut(name).expect("holds it");
             take_adapter(a, &prefix, &mut tensors, file)?;
         }
-        // A static head saved beside the adapter: the classifier trained with it (ours, or
-        // AdapterHub's `model_head.safetensors`).
-        let heads: Vec<String> = model
-            .sites()
-            .into_iter()
-            .filter(|(p, s)| {
-                matches!(s.kind(), SiteKind::Head | SiteKind::Linear)
-                    && tensors.get(&format!("{p}.weight")).is_some()
-            })
-            .map(|(p, _)| p)
-            .collect();
-        saved::train_whole(&mut model, &heads)?;
-        saved::take_whole_under(&mut model, &heads, &mut tensors, file, "")?;
+        // A static head saved beside the adapter: the classifier trained with it.
+        take_static_head(&mut model, &mut tensors, file)?;
         // AdapterHub also saves a causal LM's frozen output head; with tied embeddings the
         // model has no separate head to put it in, and it is the embedding table anyway.
         if model.site_paths(SiteKind::Head).is_empty() {
@@ -262,16 +304,7 @@ impl<M: SiteHost> Tuner<M> for BottleneckConfig {
 
     fn save(&self, model: &M, name: &str, root: &Path) -> Result<()> {
         let mut tensors = self.state(model, name)?;
-        let mut head = TensorMap::new();
-        let head_keys: Vec<String> = tensors
-            .keys()
-            .filter(|k| !k.contains(".adapters."))
-            .cloned()
-            .collect();
-        for k in head_keys {
-            let t = tensors.remove(&k).expect("listed");
-            head.insert(k, t);
-        }
+        let head = split_head(&mut tensors, |k| k.contains(".adapters."));
         let head_config = self.head_config(model);
         save_adapterhub(
             &adapter_dir(root, name),
