@@ -146,6 +146,7 @@ impl PromptTuningConfig {
     }
 
     fn check(&self) -> Result<()> {
+        self.check_tokenizer_kwargs()?;
         match self.prompt_tuning_init.as_str() {
             "RANDOM" | "SAMPLE_VOCAB" => Ok(()),
             "TEXT" if self.prompt_tuning_init_text.is_some() => Ok(()),
@@ -155,6 +156,51 @@ impl PromptTuningConfig {
             other => Err(PeftError::Config(format!(
                 "prompt_tuning_init `{other}`: expected RANDOM, TEXT or SAMPLE_VOCAB"
             ))),
+        }
+    }
+}
+
+/// `tokenizer_kwargs` that only say how to find or load the tokenizer: the `TEXT` init reads
+/// the model's `tokenizer.json`, so they change nothing here.
+const LOADING_KWARGS: [&str; 8] = [
+    "use_fast",
+    "trust_remote_code",
+    "revision",
+    "cache_dir",
+    "local_files_only",
+    "token",
+    "padding_side",
+    "truncation_side",
+];
+
+impl PromptTuningConfig {
+    /// PEFT passes `tokenizer_kwargs` to `AutoTokenizer.from_pretrained` for the `TEXT` init
+    /// only, and refuses them otherwise. Options that would change how the text is tokenized
+    /// are refused here, naming them, rather than silently ignored.
+    fn check_tokenizer_kwargs(&self) -> Result<()> {
+        let Some(kwargs) = &self.tokenizer_kwargs else {
+            return Ok(());
+        };
+        if kwargs.is_null() {
+            return Ok(());
+        }
+        if self.prompt_tuning_init != "TEXT" {
+            return Err(PeftError::Config(format!(
+                "tokenizer_kwargs is only used with prompt_tuning_init TEXT (this config's is {})",
+                self.prompt_tuning_init
+            )));
+        }
+        let serde_json::Value::Object(map) = kwargs else {
+            return Err(PeftError::Config(format!(
+                "tokenizer_kwargs must be an object of keyword arguments, got {kwargs}"
+            )));
+        };
+        match map.keys().find(|k| !LOADING_KWARGS.contains(&k.as_str())) {
+            Some(k) => Err(PeftError::Config(format!(
+                "tokenizer_kwargs `{k}`: the TEXT init tokenizes with the model's tokenizer.json as it is; only options about loading it are accepted ({})",
+                LOADING_KWARGS.join(", ")
+            ))),
+            None => Ok(()),
         }
     }
 }
@@ -284,6 +330,30 @@ mod tests {
         assert!(
             PromptTuningConfig::from_json(&serde_json::json!({"prompt_tuning_init": "TEXT"}))
                 .is_err()
+        );
+        // tokenizer_kwargs: with TEXT only, and only options about loading the tokenizer.
+        let text = serde_json::json!({
+            "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hi",
+            "tokenizer_kwargs": {"use_fast": true, "trust_remote_code": false}
+        });
+        PromptTuningConfig::from_json(&text).unwrap();
+        let mut prefix_space = text.clone();
+        prefix_space["tokenizer_kwargs"]["add_prefix_space"] = true.into();
+        let err = PromptTuningConfig::from_json(&prefix_space)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`add_prefix_space`") && err.contains("use_fast"),
+            "{err}"
+        );
+        let err = PromptTuningConfig::from_json(&serde_json::json!({
+            "prompt_tuning_init": "RANDOM", "tokenizer_kwargs": {"use_fast": true}
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("only used with prompt_tuning_init TEXT"),
+            "{err}"
         );
         let err = PromptEncoderConfig::from_json(&serde_json::json!({"peft_type": "LORA"}))
             .unwrap_err()
