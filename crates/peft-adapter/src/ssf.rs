@@ -58,9 +58,10 @@ impl Default for SsfConfig {
     }
 }
 
-/// The default targets per `model_type`, as the paper places SSF after every operation: the
-/// linears and norms of the layers (Llama: not the final `model.norm`, whose merged shift
-/// would need a bias on the output head).
+/// The default targets per `model_type`: every linear of the layers, and for BERT its
+/// LayerNorms too. A Llama's RMSNorms are opt-in (`input_layernorm`,
+/// `post_attention_layernorm`): with them, SmolLM2's held-out chat loss after the compare
+/// run's 40 steps at 1e-2 was 2.61 instead of 1.64 (observed once).
 pub fn default_targets(model_type: &str) -> Option<&'static [&'static str]> {
     match model_type {
         "llama" | "mistral" => Some(&[
@@ -71,8 +72,6 @@ pub fn default_targets(model_type: &str) -> Option<&'static [&'static str]> {
             "gate_proj",
             "up_proj",
             "down_proj",
-            "input_layernorm",
-            "post_attention_layernorm",
         ]),
         "bert" => Some(&["query", "key", "value", "dense", "LayerNorm"]),
         _ => None,

@@ -38,9 +38,9 @@ fn ssf_starts_as_the_base_and_trains_only_its_vectors() {
         .apply(llama(&device), "default")
         .unwrap();
     assert_eq!(max_abs_diff(model.forward(ids(&device), None), base), 0.0);
-    // q, k, v, o (64, 32, 32, 64 outputs), gate, up (128), down (64) and the two RMSNorms
-    // (64 each): a scale and a shift each, 2 layers.
-    let per_layer = 64 + 32 + 32 + 64 + 128 + 128 + 64 + 2 * 64;
+    // q, k, v, o (64, 32, 32, 64 outputs), gate, up (128), down (64): a scale and a shift
+    // each, 2 layers.
+    let per_layer = 64 + 32 + 32 + 64 + 128 + 128 + 64;
     assert_eq!(ParamReport::of(&model).trainable, 2 * 2 * per_layer);
     let grads = model.forward(ids(&device), None).sum().backward();
     for (path, l) in model.linears() {
@@ -57,7 +57,11 @@ fn ssf_starts_as_the_base_and_trains_only_its_vectors() {
 fn llama_merges_exactly_and_its_checkpoint_holds_the_new_biases() {
     let device = Device::flex();
     device.seed(9);
-    let config = random_init();
+    // The default linears and both RMSNorms of each layer.
+    let mut config = random_init().with_defaults("llama").unwrap();
+    if let Some(peft_core::target::ModuleSelector::List(names)) = &mut config.target_modules {
+        names.extend(["input_layernorm".into(), "post_attention_layernorm".into()]);
+    }
     let model = config.apply(llama(&device), "default").unwrap();
     let unmerged = model.forward(ids(&device), None);
     assert!(max_abs_diff(unmerged.clone(), llama(&device).forward(ids(&device), None)) > 1e-3);
