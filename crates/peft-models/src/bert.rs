@@ -7,7 +7,9 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
+
+use crate::gelu::gelu;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use peft_core::params::frozen;
 use peft_core::tensors::{HostTensor, TensorMap};

@@ -25,6 +25,7 @@ pub mod bert;
 pub mod causal_softmax;
 pub mod config;
 pub mod data;
+pub mod gelu;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
