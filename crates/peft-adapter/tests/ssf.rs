@@ -23,6 +23,17 @@ fn ids(device: &Device) -> Tensor<2, Int> {
         .ids(device)
 }
 
+/// The model a Hugging Face checkpoint of `model` (its config and tensors) loads as.
+fn read_back(model: &LlamaForCausalLM, device: &Device) -> LlamaForCausalLM {
+    LlamaForCausalLM::from_tensors(
+        model.config.clone(),
+        model.to_tensors(),
+        Path::new("x"),
+        device,
+    )
+    .unwrap()
+}
+
 fn random_init() -> SsfConfig {
     SsfConfig {
         init_ssf_weights: false,
@@ -88,13 +99,7 @@ fn llama_merges_exactly_and_its_checkpoint_holds_the_new_biases() {
     assert!(plain.config.attention_bias && plain.config.mlp_bias);
     let err = max_abs_diff(plain.forward(ids(&device), None), unmerged.clone());
     assert!(err < 1e-5, "merged vs unmerged: {err}");
-    let back = LlamaForCausalLM::from_tensors(
-        plain.config.clone(),
-        plain.to_tensors(),
-        Path::new("x"),
-        &device,
-    )
-    .unwrap();
+    let back = read_back(&plain, &device);
     let err = max_abs_diff(back.forward(ids(&device), None), unmerged);
     assert!(err < 1e-5, "checkpoint vs unmerged: {err}");
 }
@@ -142,13 +147,7 @@ fn rmsnorm_shifts_move_into_the_next_linears_and_the_final_norm_is_refused() {
         .complete_biases()
         .unwrap();
     assert!(plain.config.attention_bias && plain.config.mlp_bias);
-    let back = LlamaForCausalLM::from_tensors(
-        plain.config.clone(),
-        plain.to_tensors(),
-        Path::new("x"),
-        &device,
-    )
-    .unwrap();
+    let back = read_back(&plain, &device);
     let err = max_abs_diff(back.forward(ids(&device), None), unmerged);
     assert!(err < 1e-5, "checkpoint vs unmerged: {err}");
 

@@ -155,7 +155,8 @@ pub fn eval(
                 let name = dir
                     .file_name()
                     .map_or("adapter".into(), |n| n.to_string_lossy().into_owned());
-                let (m, config) = crate::train::load_bottleneck_without_head(model, dir, &name)?;
+                let (m, config) =
+                    crate::train::load_bottleneck_without_head(model, dir, Some(&name))?;
                 model = m;
                 names.push(name);
                 configs.push(config);

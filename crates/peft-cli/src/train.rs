@@ -430,23 +430,20 @@ fn fused_configs(a: &TrainArgs, method: &str) -> Result<Vec<MethodConfig>> {
 /// Load the `--fuse` adapters, frozen by the fusion later, under their AdapterHub names.
 pub(crate) fn load_fused<M: SiteHost>(run: &Run, mut model: M) -> Result<M> {
     for dir in run.args.fuse.iter().flatten() {
-        let name = MethodConfig::from_json(&load_adapter(dir)?.config).map(|c| match c {
-            MethodConfig::Bottleneck(b) => b.name,
-            _ => String::new(),
-        })?;
-        model = load_bottleneck_without_head(model, dir, &name)
+        model = load_bottleneck_without_head(model, dir, None)
             .with_context(|| format!("--fuse {}", dir.display()))?
             .0;
     }
     Ok(model)
 }
 
-/// Load the bottleneck adapter folder `dir` as adapter `name`, leaving out the head saved with
-/// it: a fusion over it has its own (a classifier for other labels, or the model's own LM head).
+/// Load the bottleneck adapter folder `dir` as adapter `name` (`None`: its AdapterHub name),
+/// leaving out the head saved with it: a fusion over it has its own (a classifier for other
+/// labels, or the model's own LM head).
 pub(crate) fn load_bottleneck_without_head<M: SiteHost>(
     model: M,
     dir: &Path,
-    name: &str,
+    name: Option<&str>,
 ) -> Result<(M, MethodConfig)> {
     let mut files = load_adapter(dir)?;
     let config =
@@ -464,7 +461,8 @@ pub(crate) fn load_bottleneck_without_head<M: SiteHost>(
         .retain(|k, _| k.contains(".adapters."));
     let mut c = c.clone();
     c.modules_to_save = None;
-    let model = c.apply_and_load(model, name, files)?;
+    let name = name.unwrap_or(&c.name).to_string();
+    let model = c.apply_and_load(model, &name, files)?;
     Ok((model, config))
 }
 
