@@ -674,11 +674,41 @@ impl LlamaForCausalLM {
 
     /// Mean cross-entropy of predicting `tokens[:, t+1]` from `tokens[:, ..=t]`, counting only
     /// positions where `loss_mask[:, t+1]` is 1 (e.g. answer tokens, not padding).
+    ///
+    /// Logits are computed only at the positions whose loss counts: the LM head is the largest
+    /// product of a small model's step, and a chat batch's prompts and padding are often half
+    /// of its positions. The loss and every gradient are those of all positions' logits (a
+    /// position outside the mask contributes exactly zero either way).
     pub fn causal_lm_loss(&self, tokens: Tensor<2, Int>, loss_mask: Tensor<2>) -> Tensor<1> {
-        let s = tokens.dims()[1];
-        let logits = self.forward(tokens.clone().narrow(1, 0, s - 1), None);
-        shifted_lm_loss(logits, tokens, loss_mask)
+        let [b, s] = tokens.dims();
+        let h = self.hidden_states(tokens.clone().narrow(1, 0, s - 1), None);
+        let weights = loss_mask.narrow(1, 1, s - 1).cast(DType::F32);
+        let kept = counted_rows(weights.clone());
+        if kept.len() == b * (s - 1) || kept.is_empty() {
+            return masked_mean_nll(self.head(h), tokens.narrow(1, 1, s - 1), weights);
+        }
+        let hidden = h.dims()[2];
+        let n = kept.len();
+        let rows = Tensor::<1, Int>::from_data(TensorData::new(kept, [n]), &tokens.device());
+        let all = b * (s - 1);
+        let h = h.reshape([all, hidden]).select(0, rows.clone());
+        let targets = tokens.narrow(1, 1, s - 1).reshape([all]).select(0, rows.clone());
+        let weights = weights.reshape([all]).select(0, rows);
+        masked_mean_nll(
+            self.head(h.reshape([1, n, hidden])),
+            targets.reshape([1, n]),
+            weights.reshape([1, n]),
+        )
     }
+}
+
+/// Flat indices of the rows of `weights [b, s]` that are not zero.
+fn counted_rows(weights: Tensor<2>) -> Vec<i64> {
+    let w = weights
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("an f32 loss mask");
+    (0..w.len() as i64).filter(|&i| w[i as usize] != 0.0).collect()
 }
 
 /// The loss of [`LlamaForCausalLM::causal_lm_loss`] from the logits of `tokens[:, ..s-1]`
@@ -688,18 +718,25 @@ pub fn shifted_lm_loss(
     tokens: Tensor<2, Int>,
     loss_mask: Tensor<2>,
 ) -> Tensor<1> {
-    let [b, s] = tokens.dims();
-    let targets = tokens.narrow(1, 1, s - 1);
+    let s = tokens.dims()[1];
+    masked_mean_nll(
+        logits,
+        tokens.narrow(1, 1, s - 1),
+        loss_mask.narrow(1, 1, s - 1).cast(DType::F32),
+    )
+}
+
+/// The mean of the cross-entropies of `logits [b, s, v]` at `targets [b, s]`, weighted by
+/// `weights [b, s]` and divided by the weights' sum (at least 1).
+fn masked_mean_nll(logits: Tensor<3>, targets: Tensor<2, Int>, weights: Tensor<2>) -> Tensor<1> {
+    let [b, s, v] = logits.dims();
     // The loss in f32 whatever the compute type (as transformers does).
-    let mask = loss_mask.narrow(1, 1, s - 1).cast(DType::F32);
-    let v = logits.dims()[2];
-    let rows = b * (s - 1);
     let nll = cross_entropy_rows(
-        logits.cast(DType::F32).reshape([rows, v]),
-        targets.reshape([rows]),
+        logits.cast(DType::F32).reshape([b * s, v]),
+        targets.reshape([b * s]),
     );
-    let count = mask.clone().sum().clamp_min(1.0);
-    nll.reshape([b, s - 1]).mul(mask).sum().div(count)
+    let count = weights.clone().sum().clamp_min(1.0);
+    nll.reshape([b, s]).mul(weights).sum().div(count)
 }
 
 site_table!(DecoderLayer {
