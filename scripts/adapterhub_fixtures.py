@@ -10,7 +10,7 @@ fixtures/adapterhub_tiny/<case>/: a bottleneck adapter saved by AdapterHub
 BERT classifier (bert_tiny/model), its weights moved by noise so that it changes the output,
 with the input ids, AdapterHub's logits and, for the Llama, 8 greedy tokens after the first row.
 fixtures/adapterhub_tiny/fusion_*/: two Pfeiffer adapters (a/, b/) and their AdapterFusion
-(fusion/), dynamic and static, with the fused model's outputs.
+(fusion/), dynamic, static and dynamic with temperature, with the fused model's outputs.
 """
 import argparse
 import json
@@ -23,6 +23,24 @@ from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "fixtures")
+
+
+def portable_configs(folder):
+    """Rewrite the JSON and Markdown files under `folder` so that paths inside this checkout
+    (the base model's name, recorded by AdapterHub and PEFT, and in PEFT's model card) are
+    relative to the repository root: no machine path is committed."""
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            if not name.endswith((".json", ".md")):
+                continue
+            path = os.path.join(dirpath, name)
+            with open(path) as f:
+                text = f.read()
+            portable = text.replace(json.dumps(ROOT + os.sep)[1:-1], "")
+            if portable != text:
+                with open(path, "w") as f:
+                    f.write(portable)
+
 
 CASES = {
     # name: (model, config builder)
@@ -110,6 +128,7 @@ def make(cases=None):
                 os.remove(os.path.join(d, "adapter", f))
         save_file({"input_ids": ids.to(torch.int64).contiguous(), **outputs(model, kind, ids)},
                   os.path.join(d, "expected.safetensors"))
+        portable_configs(d)
         print(case, "->", d)
 
 
@@ -118,7 +137,12 @@ FUSION_CASES = {
     "fusion_llama": ("llama", "dynamic"),
     "fusion_bert": ("bert", "dynamic"),
     "fusion_static_llama": ("llama", "static"),
+    # dynamic with temperature=True: the scores are divided by T = 50, 49.95, ... down to 1.
+    "fusion_temperature_llama": ("llama", "temperature"),
 }
+
+# Forward passes before `logits_floor` in a temperature case: T has reached 1 by then.
+TEMPERATURE_PASSES = 1000
 
 
 def make_fusions(cases=None):
@@ -134,7 +158,8 @@ def make_fusions(cases=None):
         model = base_model(kind)
         for name in ("a", "b"):
             model.add_adapter(name, config=adapters.SeqBnConfig(reduction_factor=4))
-        model.add_adapter_fusion(Fuse("a", "b"), config=preset)
+        config = adapters.DynamicAdapterFusionConfig(temperature=True) if preset == "temperature" else preset
+        model.add_adapter_fusion(Fuse("a", "b"), config=config)
         model.set_active_adapters(Fuse("a", "b"))
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -148,8 +173,22 @@ def make_fusions(cases=None):
         for name in ("a", "b"):
             model.save_adapter(os.path.join(d, name), name, use_safetensors=True, with_head=False)
         model.save_adapter_fusion(os.path.join(d, "fusion"), "a,b", use_safetensors=True, with_head=False)
-        save_file({"input_ids": ids.to(torch.int64).contiguous(), **outputs(model, kind, ids)},
+        if preset == "temperature":
+            # Every forward pass lowers T by 0.05: the logits at T = 50 (the first pass),
+            # 25 (pass 501) and 1 (pass 1001; T reaches 1 at pass 981).
+            with torch.no_grad():
+                passes = []
+                for part in range(3):
+                    if part:
+                        for _ in range(TEMPERATURE_PASSES // 2 - 1):
+                            model(input_ids=ids[:1, :1])
+                    passes.append(model(input_ids=ids).logits.contiguous())
+            expected = dict(zip(("logits", "logits_mid", "logits_floor"), passes))
+        else:
+            expected = outputs(model, kind, ids)
+        save_file({"input_ids": ids.to(torch.int64).contiguous(), **expected},
                   os.path.join(d, "expected.safetensors"))
+        portable_configs(d)
         print(case, "->", d)
 
 

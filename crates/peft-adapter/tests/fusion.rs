@@ -1,5 +1,5 @@
 //! AdapterFusion against AdapterHub `adapters` 1.3.0: two Pfeiffer adapters and their fusion
-//! saved by AdapterHub (dynamic and static, tiny Llama and tiny BERT) load here with the same
+//! saved by AdapterHub (dynamic, static and with temperature, tiny Llama and tiny BERT) load here with the same
 //! logits and save back bit for bit; training moves only the fusion; ours load in AdapterHub
 //! (fixtures: scripts/adapterhub_fixtures.py, `adapterhub_tiny/fusion_*`).
 
@@ -36,6 +36,41 @@ fn fused<M: SiteHost>(dir: &Path, mut model: M) -> (M, FusionConfig) {
     let config = FusionConfig::from_json(&files.config).unwrap();
     let model = config.apply_and_load(model, "f", files).unwrap();
     (model, config)
+}
+
+/// `temperature: true`: AdapterHub divides the scores by 50, then by 0.05 less at every
+/// forward pass down to 1; a loaded fusion starts again at 50.
+#[test]
+fn fusion_temperature_falls_per_forward_as_in_adapterhub() {
+    let device = Device::flex();
+    let dir = case_dir("fusion_temperature_llama");
+    let path = dir.join("expected.safetensors");
+    let exp = Expected::read(&path).unwrap();
+    let tensors = peft_core::tensors::TensorMap::read_safetensors_weights(&path).unwrap();
+    let want = |key: &str| tensors.get(key).unwrap().to_tensor::<3>(&device);
+    let (model, config) = fused(&dir, llama(&device));
+    assert!(config.config.temperature);
+    let ids = exp.ids(&device);
+    // The logits at T = 50 (pass 1), 25 (pass 501) and 1 (pass 1001), as the fixture took them.
+    let one = ids.clone().narrow(0, 0, 1).narrow(1, 0, 1);
+    for (part, key) in ["logits", "logits_mid", "logits_floor"].into_iter().enumerate() {
+        if part > 0 {
+            for _ in 0..499 {
+                model.forward(one.clone(), None);
+            }
+        }
+        let err = max_abs_diff(model.forward(ids.clone(), None), want(key));
+        assert!(err < 1e-5, "{key}: max |ours - AdapterHub| = {err}");
+    }
+    for (_, s) in model.sublayers() {
+        if let Some(f) = s.fusion("f") {
+            assert_eq!(f.temperature.current(), Some(1.0));
+        }
+    }
+    // The temperature is not saved: loaded again, the fusion starts at 50.
+    let (again, _) = fused(&dir, llama(&device));
+    let err = max_abs_diff(again.forward(ids, None), exp.logits(&device));
+    assert!(err < 1e-5, "reloaded: max |ours - AdapterHub| = {err}");
 }
 
 #[test]

@@ -286,6 +286,24 @@ fn fusion_of_two_adapters_trains_generates_and_evaluates() {
         adapter_values(&fusion),
         "resume is exact"
     );
+    // AdapterHub's temperature (the scores divided by 50, then 0.05 less per forward pass):
+    // another fusion, and a resumed run goes on at the temperature it had reached.
+    let warm = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["--fuse", fuse.as_str(), "--set", "temperature=true"];
+        args.extend(extra);
+        let o = train("fusion", &mix, out, &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let (t_full, t_part) = (tmp.path().join("fusion-t"), tmp.path().join("fusion-t-part"));
+    warm(&t_full, &[]);
+    assert_ne!(adapter_values(&t_full), adapter_values(&fusion));
+    warm(&t_part, &["--stop-after", "4"]);
+    warm(&t_part, &["--resume"]);
+    assert_eq!(
+        adapter_values(&t_part),
+        adapter_values(&t_full),
+        "resume with the temperature is exact"
+    );
 
     let model = tiny();
     let run = |cmd: &str, extra: &[&str]| {

@@ -371,7 +371,7 @@ fn malformed_tokenizer_and_adapter_config() {
     };
     refused(
         "adapter_config",
-        &fusion("temperature", json!(true)),
+        &fusion("temperature", json!("warm")),
         &["temperature"],
     );
     refused("adapter_config", &fusion("query", json!("yes")), &["query"]);

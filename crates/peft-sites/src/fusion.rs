@@ -2,6 +2,8 @@
 //! adapters at one sub-layer site, computed as AdapterHub `adapters` 1.3.0's `BertFusion` does
 //! (shared `formats.md` §B.3).
 
+use std::sync::{Arc, Mutex};
+
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
@@ -35,6 +37,82 @@ pub struct FusionWiring {
     /// Add the residual to the adapters' outputs (keys and values) instead of the result.
     pub residual_before: bool,
     pub value_before_softmax: bool,
+    /// Scores divided by a temperature that falls from 50 to 1 ([`FusionTemperature`]).
+    pub temperature: bool,
+}
+
+/// AdapterHub's fusion temperature: 50 at first, then after every forward pass 0.05 lower,
+/// down to 1 (it keeps no count of training steps: evaluation and generation passes lower
+/// it too). AdapterHub does not save it, so a loaded fusion starts again at 50; a run's
+/// checkpoint here keeps the number of passes ([`Self::passes`]), so a resumed run goes on
+/// where it stopped. Clones of a layer share one temperature, as AdapterHub's one module
+/// does in training and evaluation.
+#[derive(Debug, Clone, Default)]
+pub struct FusionTemperature(Option<Arc<Mutex<Falling>>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Falling {
+    t: f64,
+    passes: u64,
+}
+
+impl FusionTemperature {
+    /// AdapterHub's `T` at the start.
+    pub const START: f64 = 50.0;
+    /// The fall per forward pass (AdapterHub's `T / 1000`).
+    pub const STEP: f64 = Self::START / 1000.0;
+    /// Passes after which the temperature has reached 1 for good.
+    pub const FLOOR_PASSES: u64 = 1000;
+
+    /// A falling temperature when `on`, else none (AdapterHub's constant `T = 1`).
+    pub fn new(on: bool) -> Self {
+        Self(on.then(|| {
+            Arc::new(Mutex::new(Falling {
+                t: Self::START,
+                passes: 0,
+            }))
+        }))
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Falling) -> R) -> Option<R> {
+        let mut state = self.0.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
+        Some(f(&mut state))
+    }
+
+    /// The temperature of this forward pass, lowering it for the next; `None` when off.
+    pub fn take(&self) -> Option<f64> {
+        self.with(|s| {
+            let now = s.t;
+            // AdapterHub's `T = max(T - T0/1000, 1)`, in f64 as Python computes it.
+            s.t = (now - Self::STEP).max(1.0);
+            s.passes += 1;
+            now
+        })
+    }
+
+    /// The temperature the next forward pass will use; `None` when off.
+    pub fn current(&self) -> Option<f64> {
+        self.with(|s| s.t)
+    }
+
+    /// Forward passes taken so far (at most [`Self::FLOOR_PASSES`] are counted; `None` when
+    /// off).
+    pub fn passes(&self) -> Option<u64> {
+        self.with(|s| s.passes.min(Self::FLOOR_PASSES))
+    }
+
+    /// Restart from 50 and take `passes` passes (a resumed run).
+    pub fn set_passes(&self, passes: u64) {
+        self.with(|s| {
+            *s = Falling {
+                t: Self::START,
+                passes: 0,
+            }
+        });
+        for _ in 0..passes.min(Self::FLOOR_PASSES) {
+            self.take();
+        }
+    }
 }
 
 /// One fusion layer: query, key and value projections over the fused adapters' outputs.
@@ -52,6 +130,8 @@ pub struct FusionLayer {
     /// Dropout on the attention scores while training.
     #[module(skip)]
     pub dropout: f64,
+    #[module(skip)]
+    pub temperature: FusionTemperature,
 }
 
 impl FusionLayer {
@@ -95,6 +175,7 @@ impl FusionLayer {
                 weight: value,
                 bias: None,
             }),
+            temperature: FusionTemperature::new(wiring.temperature),
             wiring,
             adapters,
             dropout,
@@ -148,6 +229,9 @@ impl FusionLayer {
             .or(self.value.as_ref())
             .is_some_and(|l| l.weight.is_require_grad());
         scores = dropout_while_training(scores, self.dropout, training);
+        if let Some(t) = self.temperature.take() {
+            scores = scores.div_scalar(t as f32);
+        }
         let p = softmax(scores, 2);
         // p is [batch, seq, adapters, 1]: weight each adapter's value and sum them.
         let [b, s, _, hd] = v.dims();

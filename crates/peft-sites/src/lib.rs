@@ -34,7 +34,7 @@ pub use bottleneck::{
     SubNorm, SublayerPlace, SublayerSite,
 };
 pub use dora::Magnitude;
-pub use fusion::{FusionDense, FusionLayer, FusionWiring};
+pub use fusion::{FusionDense, FusionLayer, FusionTemperature, FusionWiring};
 pub use host::{Site, SiteHost, SiteKind, SiteMut, merge_and_unload, unmerge_all};
 pub use linear::{
     ADAPTER_DTYPE, FeatureVector, LinearPart, LoraAdapter, ScaleShift, Singular, TunedLinear,

@@ -26,7 +26,8 @@ pub struct FusionSettings {
     /// Add `0.01·||I − V||²` to the loss.
     pub regularization: bool,
     pub residual_before: bool,
-    /// A softmax temperature falling from 50 to 1 during training (not supported).
+    /// Divide the scores by a temperature that falls from 50 to 1, 0.05 per forward pass
+    /// (`peft_sites::FusionTemperature`).
     pub temperature: bool,
     pub value_before_softmax: bool,
     /// The value matrix starts as the identity.
@@ -77,6 +78,7 @@ impl FusionSettings {
             query_before_ln: self.query_before_ln,
             residual_before: self.residual_before,
             value_before_softmax: self.value_before_softmax,
+            temperature: self.temperature,
         }
     }
 }
@@ -154,11 +156,6 @@ impl FusionConfig {
         }
         let config: Self = peft_core::error::from_json_value(value)
             .map_err(|e| PeftError::Config(format!("adapter_fusion_config.json: {e}")))?;
-        if config.config.temperature {
-            return Err(PeftError::Config(
-                "fusion option temperature is not supported yet".into(),
-            ));
-        }
         if !(config.config.query || config.config.key || config.config.value) {
             return Err(PeftError::Config(
                 "a fusion with neither query, key nor value has nothing to learn".into(),
@@ -231,6 +228,9 @@ impl FusionConfig {
             .reduce(|a, b| a + b)
     }
 }
+
+/// The training-extras key (after a layer's prefix) of its temperature's forward passes.
+const TEMPERATURE_PASSES: &str = "temperature_passes";
 
 fn dense_tensors(d: &FusionDense, prefix: &str, out: &mut TensorMap) {
     out.insert(
@@ -361,6 +361,44 @@ impl<M: SiteHost> Tuner<M> for FusionConfig {
 
     fn extra_loss(&self, model: &M, name: &str) -> Option<Tensor<1>> {
         self.regularization(model, name)
+    }
+
+    /// With `temperature`, each layer's count of forward passes (AdapterHub saves none), so
+    /// that a resumed run divides by the temperature it had reached.
+    fn training_extras(&self, model: &M, name: &str) -> Result<TensorMap> {
+        let mut out = TensorMap::new();
+        for (path, site) in model.sublayers() {
+            if let Some(passes) = site.fusion(name).and_then(|f| f.temperature.passes()) {
+                out.insert(
+                    format!("{}{TEMPERATURE_PASSES}", self.prefix(&path)),
+                    HostTensor::new(vec![1], vec![passes as f32]),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn load_training_extras(
+        &self,
+        mut model: M,
+        name: &str,
+        mut tensors: TensorMap,
+        path: &Path,
+    ) -> Result<M> {
+        let paths: Vec<String> = model.sublayers().into_iter().map(|(p, _)| p).collect();
+        for site in paths {
+            let key = format!("{}{TEMPERATURE_PASSES}", self.prefix(&site));
+            let Some(f) = model.sublayer_mut(&site).and_then(|s| s.fusion_mut(name)) else {
+                continue;
+            };
+            if f.temperature.passes().is_none() {
+                continue;
+            }
+            let passes = tensors.take_shaped(path, &key, &[1])?.data[0];
+            f.temperature.set_passes(passes as u64);
+        }
+        saved::ensure_used(&tensors, path)?;
+        Ok(model)
     }
 
     fn save(&self, model: &M, name: &str, root: &Path) -> Result<()> {
