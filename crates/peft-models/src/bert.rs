@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::softmax;
+use crate::causal_softmax::key_biased_softmax;
 
 use crate::gelu::gelu;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
@@ -364,12 +364,7 @@ impl BertForSequenceClassification {
                 .reshape([1, 1, h]);
         x = self.embeddings_norm.forward(x);
         // Padding keys get a large negative score, so softmax gives them zero weight.
-        let t = start + s;
-        let bias = mask
-            .neg()
-            .add_scalar(1.0)
-            .mul_scalar(-1e9)
-            .reshape([b, 1, 1, t]);
+        let bias = mask.neg().add_scalar(1.0).mul_scalar(-1e9);
         for (i, l) in self.layers.iter().enumerate() {
             let heads = |slot: &LinearSlot, x: Tensor<3>| {
                 slot.forward(x).reshape([b, s, nh, hd]).swap_dims(1, 2)
@@ -381,8 +376,8 @@ impl BertForSequenceClassification {
                 k = Tensor::cat(vec![kv[i].0.clone(), k], 2);
                 v = Tensor::cat(vec![kv[i].1.clone(), v], 2);
             }
-            let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt()) + bias.clone();
-            let ctx = softmax(scores, 3)
+            let scores = q.matmul(k.swap_dims(2, 3));
+            let ctx = key_biased_softmax(scores, 1.0 / (hd as f64).sqrt(), bias.clone())
                 .matmul(v)
                 .swap_dims(1, 2)
                 .reshape([b, s, h]);

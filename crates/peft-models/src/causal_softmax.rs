@@ -1,5 +1,6 @@
 //! The attention weights of a causal decoder, `softmax(scale · scores)` over the positions each
-//! query may see, as one operation.
+//! query may see, as one operation; and those of an encoder over a padded batch,
+//! `softmax(scale · scores + key_bias)` ([`key_biased_softmax`]).
 //!
 //! Composed from burn ops it is a scaling, a mask fill and a softmax (max, subtract, `expf` per
 //! value, sum, divide) forward, their backward passes after, and autodiff keeps several
@@ -47,13 +48,42 @@ pub fn causal_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
     }
 }
 
+/// `softmax(scale · scores + key_bias)` along the last axis of `scores [batch, heads, queries,
+/// keys]`, with `key_bias [batch, keys]` the same for every head and query (e.g. a large
+/// negative number on padding keys, as BERT masks them). Differentiable in `scores` (not in
+/// `key_bias`). On the CPU one pass forward and one backward, keeping only the weights.
+pub fn key_biased_softmax(scores: Tensor<4>, scale: f64, key_bias: Tensor<2>) -> Tensor<4> {
+    let [b, _, _, t] = scores.dims();
+    assert_eq!(key_bias.dims(), [b, t], "key bias: one value per batch row and key");
+    if is_cpu(&scores.device()) {
+        Tensor::from_dispatch(<Dispatch as CausalSoftmaxOps>::key_biased_softmax(
+            scores.into_dispatch(),
+            key_bias.detach().into_dispatch(),
+            scale as f32,
+        ))
+    } else {
+        softmax(
+            scores.mul_scalar(scale) + key_bias.reshape([b, 1, 1, t]),
+            3,
+        )
+    }
+}
+
 /// The operation and its gradient as backend operations.
 #[backend_extension(Flex, Autodiff)]
 pub trait CausalSoftmaxOps: Backend {
     /// The weights `[batch, heads, queries, keys]` (see [`causal_softmax`]).
     fn causal_softmax(scores: FloatTensor<Self>, scale: f32) -> FloatTensor<Self>;
 
-    /// The gradient in the scores from the weights `p` and their gradient `grad`:
+    /// The weights `[batch, heads, queries, keys]` (see [`key_biased_softmax`]).
+    fn key_biased_softmax(
+        scores: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
+
+    /// The gradient in the scores (of either operation) from the weights `p` and their
+    /// gradient `grad`:
     /// `scale · p · (grad - Σ_keys grad · p)`.
     fn causal_softmax_backward(
         p: FloatTensor<Self>,
@@ -90,6 +120,32 @@ fn forward_body(row: &[f32], n: usize, scale: f32, out: &mut [f32]) {
     out_hidden.fill(0.0);
 }
 
+/// `out = softmax(scale · row + bias)` (`scale > 0`).
+#[inline(always)]
+fn biased_forward_body(row: &[f32], bias: &[f32], scale: f32, out: &mut [f32]) {
+    for ((o, &x), &b) in out.iter_mut().zip(row).zip(bias) {
+        *o = scale * x + b;
+    }
+    let max = max(out);
+    let mut sums = [0f32; LANES];
+    let mut chunks = out.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (o, s) in c.iter_mut().zip(sums.iter_mut()) {
+            *o = exp(*o - max);
+            *s += *o;
+        }
+    }
+    let mut sum = sums.iter().sum::<f32>();
+    for o in chunks.into_remainder() {
+        *o = exp(*o - max);
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
 /// `out = scale · p · (g - Σ g · p)` over one row.
 #[inline(always)]
 fn backward_body(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) {
@@ -101,6 +157,10 @@ fn backward_body(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) {
 
 simd_dispatch! {
     fn forward_row(row: &[f32], n: usize, scale: f32, out: &mut [f32]) => forward_body
+}
+
+simd_dispatch! {
+    fn biased_forward_row(row: &[f32], bias: &[f32], scale: f32, out: &mut [f32]) => biased_forward_body
 }
 
 simd_dispatch! {
@@ -125,6 +185,32 @@ impl CausalSoftmaxOps for Flex {
                         // Query i of its (batch, head) sees keys 0..=i + t - s.
                         let i = (task * ROWS_PER_TASK + r) % s;
                         forward_row(row, i + t - s + 1, scale, out);
+                    }
+                });
+        }
+        flex_tensor(out, shape, dtype)
+    }
+
+    fn key_biased_softmax(
+        scores: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let (dtype, shape) = (scores.dtype(), scores.layout().shape().clone());
+        let t = shape[3];
+        // Rows of one batch row: every head and query.
+        let per_batch = shape[1] * shape[2];
+        let (x, bias) = (f32_values(&scores), f32_values(&key_bias));
+        let mut out = vec![0f32; x.len()];
+        if t > 0 {
+            out.par_chunks_mut(t * ROWS_PER_TASK)
+                .zip(x.par_chunks(t * ROWS_PER_TASK))
+                .enumerate()
+                .for_each(|(task, (out, x))| {
+                    for (r, (out, row)) in out.chunks_mut(t).zip(x.chunks(t)).enumerate() {
+                        let batch = (task * ROWS_PER_TASK + r) / per_batch;
+                        let bias = &bias[batch * t..(batch + 1) * t];
+                        biased_forward_row(row, bias, scale, out);
                     }
                 });
         }
@@ -191,6 +277,28 @@ impl<B: Backend + CausalSoftmaxOps, C: CheckpointStrategy> CausalSoftmaxOps for 
         }
     }
 
+    fn key_biased_softmax(
+        scores: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let parent = scores.node();
+        let scores = scores.into_primitive();
+        let key_bias = key_bias.into_primitive();
+        // The same backward as the causal weights': the bias is a constant.
+        match CausalSoftmaxBackward
+            .prepare::<C>([parent])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let p = B::key_biased_softmax(scores, key_bias, scale);
+                prep.finish((p.clone(), scale), p)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::key_biased_softmax(scores, key_bias, scale)),
+        }
+    }
+
     fn causal_softmax_backward(
         p: FloatTensor<Self>,
         grad: FloatTensor<Self>,
@@ -207,7 +315,7 @@ impl<B: Backend + CausalSoftmaxOps, C: CheckpointStrategy> CausalSoftmaxOps for 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution, Tolerance};
+    use burn::tensor::{Device, Distribution, TensorData, Tolerance};
 
     /// The burn composition the operation replaces.
     fn reference(scores: Tensor<4>, scale: f64) -> Tensor<4> {
@@ -257,6 +365,49 @@ mod tests {
                 let seen = r % s + t - s + 1;
                 assert!(row[seen..].iter().all(|&w| w == 0.0), "{shape:?} row {r}");
             }
+        }
+    }
+
+    /// Equal to scale + broadcast key bias + softmax from burn ops, value and gradient: rows
+    /// longer than the vector width, padding keys (bias -1e9) anywhere in a row, several
+    /// batch rows with their own bias, and a partial task.
+    #[test]
+    fn key_biased_matches_the_burn_composition_forward_and_backward() {
+        let device = Device::flex().autodiff();
+        device.seed(11);
+        for (shape, scale) in [([3, 2, 29, 45], 0.125), ([2, 4, 7, 7], 0.5)] {
+            let [b, _, _, t] = shape;
+            let scores = Tensor::<4>::random(shape, Distribution::Normal(0.0, 3.0), &device);
+            let weights = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            // Batch row r pads its last r·3 keys and also its key 1 when r is odd.
+            let bias: Vec<f32> = (0..b * t)
+                .map(|i| {
+                    let (r, k) = (i / t, i % t);
+                    if k + r * 3 >= t || (r % 2 == 1 && k == 1) {
+                        -1e9
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let bias = Tensor::<2>::from_data(TensorData::new(bias, [b, t]), &device);
+
+            let a = scores.clone().detach().require_grad();
+            let p = key_biased_softmax(a.clone(), scale, bias.clone());
+            let ga = a
+                .grad(&(p.clone() * weights.clone()).sum().backward())
+                .unwrap();
+
+            let c = scores.detach().require_grad();
+            let q = softmax(
+                c.clone().mul_scalar(scale) + bias.reshape([b, 1, 1, t]),
+                3,
+            );
+            let gc = c.grad(&(q.clone() * weights).sum().backward()).unwrap();
+
+            let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-6);
+            p.into_data().assert_approx_eq::<f32>(&q.into_data(), tol);
+            ga.into_data().assert_approx_eq::<f32>(&gc.into_data(), tol);
         }
     }
 }
