@@ -170,25 +170,38 @@ simd_dispatch! {
 /// Rows per parallel task: a row of attention scores is short.
 const ROWS_PER_TASK: usize = 64;
 
+/// `row_op(r, row, out)` for every row `r` of the last axis of `scores`, in parallel tasks of
+/// [`ROWS_PER_TASK`] rows; the outputs as a tensor of the scores' shape.
+fn map_rows(
+    scores: &FloatTensor<Flex>,
+    row_op: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) -> FloatTensor<Flex> {
+    let (dtype, shape) = (scores.dtype(), scores.layout().shape().clone());
+    let t = shape[shape.len() - 1];
+    let x = f32_values(scores);
+    let mut out = vec![0f32; x.len()];
+    if t > 0 {
+        out.par_chunks_mut(t * ROWS_PER_TASK)
+            .zip(x.par_chunks(t * ROWS_PER_TASK))
+            .enumerate()
+            .for_each(|(task, (out, x))| {
+                for (r, (out, row)) in out.chunks_mut(t).zip(x.chunks(t)).enumerate() {
+                    row_op(task * ROWS_PER_TASK + r, row, out);
+                }
+            });
+    }
+    flex_tensor(out, shape, dtype)
+}
+
 impl CausalSoftmaxOps for Flex {
     fn causal_softmax(scores: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        let (dtype, shape) = (scores.dtype(), scores.layout().shape().clone());
+        let shape = scores.layout().shape().clone();
         let (s, t) = (shape[2], shape[3]);
-        let x = f32_values(&scores);
-        let mut out = vec![0f32; x.len()];
-        if t > 0 {
-            out.par_chunks_mut(t * ROWS_PER_TASK)
-                .zip(x.par_chunks(t * ROWS_PER_TASK))
-                .enumerate()
-                .for_each(|(task, (out, x))| {
-                    for (r, (out, row)) in out.chunks_mut(t).zip(x.chunks(t)).enumerate() {
-                        // Query i of its (batch, head) sees keys 0..=i + t - s.
-                        let i = (task * ROWS_PER_TASK + r) % s;
-                        forward_row(row, i + t - s + 1, scale, out);
-                    }
-                });
-        }
-        flex_tensor(out, shape, dtype)
+        map_rows(&scores, |r, row, out| {
+            // Query i of its (batch, head) sees keys 0..=i + t - s.
+            let i = r % s;
+            forward_row(row, i + t - s + 1, scale, out);
+        })
     }
 
     fn key_biased_softmax(
@@ -196,25 +209,15 @@ impl CausalSoftmaxOps for Flex {
         key_bias: FloatTensor<Self>,
         scale: f32,
     ) -> FloatTensor<Self> {
-        let (dtype, shape) = (scores.dtype(), scores.layout().shape().clone());
+        let shape = scores.layout().shape().clone();
         let t = shape[3];
         // Rows of one batch row: every head and query.
         let per_batch = shape[1] * shape[2];
-        let (x, bias) = (f32_values(&scores), f32_values(&key_bias));
-        let mut out = vec![0f32; x.len()];
-        if t > 0 {
-            out.par_chunks_mut(t * ROWS_PER_TASK)
-                .zip(x.par_chunks(t * ROWS_PER_TASK))
-                .enumerate()
-                .for_each(|(task, (out, x))| {
-                    for (r, (out, row)) in out.chunks_mut(t).zip(x.chunks(t)).enumerate() {
-                        let batch = (task * ROWS_PER_TASK + r) / per_batch;
-                        let bias = &bias[batch * t..(batch + 1) * t];
-                        biased_forward_row(row, bias, scale, out);
-                    }
-                });
-        }
-        flex_tensor(out, shape, dtype)
+        let bias = f32_values(&key_bias);
+        map_rows(&scores, |r, row, out| {
+            let batch = r / per_batch;
+            biased_forward_row(row, &bias[batch * t..(batch + 1) * t], scale, out);
+        })
     }
 
     fn causal_softmax_backward(
@@ -260,43 +263,41 @@ impl<B: Backend + CausalSoftmaxOps> Backward<B, 1> for CausalSoftmaxBackward {
     }
 }
 
+/// Attention weights `weights(scores)` on the autodiff backend, keeping only them (and `scale`)
+/// for the backward pass, which both operations share.
+fn tracked_weights<B: Backend + CausalSoftmaxOps, C: CheckpointStrategy>(
+    scores: FloatTensor<Autodiff<B, C>>,
+    scale: f32,
+    weights: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let parent = scores.node();
+    let scores = scores.into_primitive();
+    match CausalSoftmaxBackward
+        .prepare::<C>([parent])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let p = weights(scores);
+            prep.finish((p.clone(), scale), p)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(weights(scores)),
+    }
+}
+
 impl<B: Backend + CausalSoftmaxOps, C: CheckpointStrategy> CausalSoftmaxOps for Autodiff<B, C> {
     fn causal_softmax(scores: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        let parent = scores.node();
-        let scores = scores.into_primitive();
-        match CausalSoftmaxBackward
-            .prepare::<C>([parent])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let p = B::causal_softmax(scores, scale);
-                prep.finish((p.clone(), scale), p)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::causal_softmax(scores, scale)),
-        }
+        tracked_weights::<B, C>(scores, scale, |x| B::causal_softmax(x, scale))
     }
 
+    /// The bias is a constant: no gradient reaches it.
     fn key_biased_softmax(
         scores: FloatTensor<Self>,
         key_bias: FloatTensor<Self>,
         scale: f32,
     ) -> FloatTensor<Self> {
-        let parent = scores.node();
-        let scores = scores.into_primitive();
         let key_bias = key_bias.into_primitive();
-        // The same backward as the causal weights': the bias is a constant.
-        match CausalSoftmaxBackward
-            .prepare::<C>([parent])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let p = B::key_biased_softmax(scores, key_bias, scale);
-                prep.finish((p.clone(), scale), p)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::key_biased_softmax(scores, key_bias, scale)),
-        }
+        tracked_weights::<B, C>(scores, scale, |x| B::key_biased_softmax(x, key_bias, scale))
     }
 
     fn causal_softmax_backward(
