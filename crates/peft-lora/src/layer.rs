@@ -382,8 +382,11 @@ mod tests {
         l.add_adapter("k", 4, 8.0, false, 0.0, LoraInit::Default);
         let g = l.lora("g").unwrap();
         let std: f32 = g.a.val().powi_scalar(2).mean().sqrt().into_scalar();
+        // 1600 draws: the estimate's own spread is 0.25/√3200 ≈ 0.0044, and other tests draw
+        // from the same generator at the same time, so allow 4.5 of it (0.02); kaiming's std
+        // here would be 0.029 and N(0, 1)'s 1.
         assert!(
-            (std - 0.25).abs() < 0.01,
+            (std - 0.25).abs() < 0.02,
             "gaussian A std {std}, expected 1/r"
         );
         let k = l.lora("k").unwrap();
