@@ -122,7 +122,8 @@ FUSION_CASES = {
     "fusion_llama": ("llama", "dynamic"),
     "fusion_bert": ("bert", "dynamic"),
     "fusion_static_llama": ("llama", "static"),
-    # dynamic with temperature=True: the scores are divided by T = 50, 49.95, ... down to 1.
+    # dynamic with temperature=True: the scores are divided by T = 50, 49.95, ... down to 1
+    # (logits at T = 50, 25 and 1).
     "fusion_temperature_llama": ("llama", "temperature"),
 }
 
