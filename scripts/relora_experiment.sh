@@ -10,7 +10,8 @@
 #     scripts/relora_experiment.sh [WORK_DIR]     # ~15 minutes on 2 CPU cores
 #
 # RANK, STEPS, LR and CYCLE (ReLoRA's restart period) override those settings, e.g.
-# `RANK=2 STEPS=160 CYCLE=40 scripts/relora_experiment.sh`.
+# `RANK=2 STEPS=160 CYCLE=40 scripts/relora_experiment.sh`; METHODS picks the runs (default
+# "lora relora") and RELORA_SET adds ReLoRA settings (e.g. "reset_adam_steps=false").
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 models="${PEFT_MODELS_DIR:-$root/models}"
@@ -43,22 +44,27 @@ echo "rank $rank, $steps steps at lr $lr; ReLoRA restarts every $cycle steps"
 common=(--model "$model" --overwrite --steps "$steps" --batch-size 8 --lr "$lr" --warmup 5
         --save-every "$steps" --max-len 128 --r "$rank" --alpha "$((2 * rank))" --target q_proj,v_proj
         --data "$work/train.jsonl")
-"$peft" train "${common[@]}" --method lora --out "$work/lora"
-"$peft" train "${common[@]}" --method relora --set relora_steps="$cycle" --set relora_warmup=5 --out "$work/relora"
+methods="${METHODS:-lora relora}"
+relora_set=(--set relora_steps="$cycle" --set relora_warmup=5)
+for s in ${RELORA_SET:-}; do relora_set+=(--set "$s"); done
+for m in $methods; do
+  if [ "$m" = relora ]; then extra=("${relora_set[@]}"); else extra=(); fi
+  "$peft" train "${common[@]}" --method "$m" "${extra[@]}" --out "$work/$m"
+done
 
 held="$work/heldout.jsonl"
 echo "held-out loss on chatterbot ($(wc -l < "$held") pairs):"
-for m in lora relora; do
+for m in $methods; do
   printf '%-7s' "$m:"; "$peft" eval --model "$model" --adapter "$work/$m" --data "$held" --max-len 128
 done
 
-"$python" - "$work" <<'EOF'
+"$python" - "$work" "$methods" <<'EOF'
 import json, os, sys
 import numpy as np
 from safetensors.numpy import load_file
 
 work = sys.argv[1]
-for m in ("lora", "relora"):
+for m in sys.argv[2].split():
     cfg = json.load(open(os.path.join(work, m, "adapter_config.json")))
     t = load_file(os.path.join(work, m, "adapter_model.safetensors"))
     ranks = []
