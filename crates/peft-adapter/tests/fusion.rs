@@ -53,7 +53,10 @@ fn fusion_temperature_falls_per_forward_as_in_adapterhub() {
     let ids = exp.ids(&device);
     // The logits at T = 50 (pass 1), 25 (pass 501) and 1 (pass 1001), as the fixture took them.
     let one = ids.clone().narrow(0, 0, 1).narrow(1, 0, 1);
-    for (part, key) in ["logits", "logits_mid", "logits_floor"].into_iter().enumerate() {
+    for (part, key) in ["logits", "logits_mid", "logits_floor"]
+        .into_iter()
+        .enumerate()
+    {
         if part > 0 {
             for _ in 0..499 {
                 model.forward(one.clone(), None);

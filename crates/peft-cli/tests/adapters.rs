@@ -294,7 +294,10 @@ fn fusion_of_two_adapters_trains_generates_and_evaluates() {
         let o = train("fusion", &mix, out, &args);
         assert!(o.status.success(), "{}", stderr(&o));
     };
-    let (t_full, t_part) = (tmp.path().join("fusion-t"), tmp.path().join("fusion-t-part"));
+    let (t_full, t_part) = (
+        tmp.path().join("fusion-t"),
+        tmp.path().join("fusion-t-part"),
+    );
     warm(&t_full, &[]);
     assert_ne!(adapter_values(&t_full), adapter_values(&fusion));
     warm(&t_part, &["--stop-after", "4"]);

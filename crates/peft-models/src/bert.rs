@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-use burn::module::{Module, Param};
 use crate::causal_softmax::key_biased_softmax;
+use burn::module::{Module, Param};
 
 use crate::gelu::gelu;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};

@@ -54,7 +54,11 @@ pub fn causal_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
 /// `key_bias`). On the CPU one pass forward and one backward, keeping only the weights.
 pub fn key_biased_softmax(scores: Tensor<4>, scale: f64, key_bias: Tensor<2>) -> Tensor<4> {
     let [b, _, _, t] = scores.dims();
-    assert_eq!(key_bias.dims(), [b, t], "key bias: one value per batch row and key");
+    assert_eq!(
+        key_bias.dims(),
+        [b, t],
+        "key bias: one value per batch row and key"
+    );
     if is_cpu(&scores.device()) {
         Tensor::from_dispatch(<Dispatch as CausalSoftmaxOps>::key_biased_softmax(
             scores.into_dispatch(),
@@ -62,10 +66,7 @@ pub fn key_biased_softmax(scores: Tensor<4>, scale: f64, key_bias: Tensor<2>) ->
             scale as f32,
         ))
     } else {
-        softmax(
-            scores.mul_scalar(scale) + key_bias.reshape([b, 1, 1, t]),
-            3,
-        )
+        softmax(scores.mul_scalar(scale) + key_bias.reshape([b, 1, 1, t]), 3)
     }
 }
 
@@ -400,10 +401,7 @@ mod tests {
                 .unwrap();
 
             let c = scores.detach().require_grad();
-            let q = softmax(
-                c.clone().mul_scalar(scale) + bias.reshape([b, 1, 1, t]),
-                3,
-            );
+            let q = softmax(c.clone().mul_scalar(scale) + bias.reshape([b, 1, 1, t]), 3);
             let gc = c.grad(&(q.clone() * weights).sum().backward()).unwrap();
 
             let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-6);

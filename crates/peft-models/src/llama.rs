@@ -692,7 +692,10 @@ impl LlamaForCausalLM {
         let rows = Tensor::<1, Int>::from_data(TensorData::new(kept, [n]), &tokens.device());
         let all = b * (s - 1);
         let h = h.reshape([all, hidden]).select(0, rows.clone());
-        let targets = tokens.narrow(1, 1, s - 1).reshape([all]).select(0, rows.clone());
+        let targets = tokens
+            .narrow(1, 1, s - 1)
+            .reshape([all])
+            .select(0, rows.clone());
         let weights = weights.reshape([all]).select(0, rows);
         masked_mean_nll(
             self.head(h.reshape([1, n, hidden])),
@@ -708,7 +711,9 @@ fn counted_rows(weights: Tensor<2>) -> Vec<i64> {
         .into_data()
         .try_to_vec::<f32>()
         .expect("an f32 loss mask");
-    (0..w.len() as i64).filter(|&i| w[i as usize] != 0.0).collect()
+    (0..w.len() as i64)
+        .filter(|&i| w[i as usize] != 0.0)
+        .collect()
 }
 
 /// The loss of [`LlamaForCausalLM::causal_lm_loss`] from the logits of `tokens[:, ..s-1]`

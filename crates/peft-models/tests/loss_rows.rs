@@ -27,7 +27,11 @@ fn loss_and_grad(m: &LlamaForCausalLM, mask: &[f32], all_rows: bool) -> (Tensor<
     let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
     let mask = Tensor::<2>::from_data(TensorData::new(mask.to_vec(), [b, s]), &device);
     let loss = if all_rows {
-        shifted_lm_loss(m.forward(tokens.clone().narrow(1, 0, s - 1), None), tokens, mask)
+        shifted_lm_loss(
+            m.forward(tokens.clone().narrow(1, 0, s - 1), None),
+            tokens,
+            mask,
+        )
     } else {
         m.causal_lm_loss(tokens, mask)
     };
