@@ -202,20 +202,29 @@ pub fn adapter_config(bytes: &[u8]) -> Outcome {
 }
 
 /// A sparse adapter's tensors (PEFT `SUPERTUNING`: values and I32 indices per linear) loaded
-/// onto the tiny Llama with the PaFi fixture's config: indices past a weight, counts that
-/// differ, wrong dtypes and unknown keys must each be one line.
+/// onto the tiny Llama with the PaFi fixture's config, and then as our `SUPERTUNING_PACKED`
+/// (U8 LEB128 gaps): indices past a weight, counts that differ, cut or overlong gaps, wrong
+/// dtypes and unknown keys must each be one line.
 pub fn sparse_adapter(bytes: &[u8]) -> Outcome {
     let path = Path::new("adapter_model.safetensors");
     let tensors = TensorMap::from_safetensors_bytes(path, bytes).map_err(err)?;
     let config_bytes = fixture("methods_tiny/pafi_llama/adapter/adapter_config.json");
     let value = peft_core::adapter_io::parse_config(path, &config_bytes).map_err(err)?;
     let config = peft_select::SparseConfig::from_json(&value).map_err(err)?;
-    let model = tiny_llama(path)?;
-    let model = config.apply(model, "default").map_err(err)?;
-    config
+    let flat = (|| {
+        let model = config.apply(tiny_llama(path)?, "default").map_err(err)?;
+        config
+            .load_state(model, "default", tensors.clone(), path)
+            .map(drop)
+            .map_err(err)
+    })();
+    let packed = config.packed(true);
+    let model = packed.apply(tiny_llama(path)?, "default").map_err(err)?;
+    packed
         .load_state(model, "default", tensors, path)
         .map(drop)
         .map_err(err)
+        .or(flat)
 }
 
 /// A bitsandbytes quant-state JSON, in place of the one of a real 4-bit weight.
@@ -287,8 +296,31 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("jsonl", b"{\"question\": \"the capital\", \"answer\": \"paris\"}\n{\"text\": \"the cat is good\"}\n{\"instruction\": \"what\", \"input\": \"day\", \"output\": \"good\"}\n".to_vec()),
         ("csv", b"text,label\n\"the, cat\",positive\ndog,negative\n".to_vec()),
         ("sparse_adapter", fixture("methods_tiny/pafi_llama/adapter/adapter_model.safetensors")),
+        ("sparse_adapter", packed_sparse_seed()),
         ("chatterbot_yaml", b"categories:\n- x\nconversations:\n- - Hi\n  - Hello\n- - What is 2?\n  - 2\n".to_vec()),
     ]
+}
+
+/// The PaFi fixture in our packed layout (`SUPERTUNING_PACKED`: U8 LEB128 gaps).
+fn packed_sparse_seed() -> Vec<u8> {
+    let path = Path::new("adapter_model.safetensors");
+    let dir = "methods_tiny/pafi_llama/adapter";
+    let config = fixture(&format!("{dir}/adapter_config.json"));
+    let value = peft_core::adapter_io::parse_config(path, &config).expect("fixture config");
+    let config = peft_select::SparseConfig::from_json(&value).expect("fixture config");
+    let weights = fixture(&format!("{dir}/adapter_model.safetensors"));
+    let tensors = TensorMap::from_safetensors_bytes(path, &weights).expect("fixture weights");
+    let model = config
+        .apply(tiny_llama(path).expect("tiny"), "default")
+        .expect("apply");
+    let model = config
+        .load_state(model, "default", tensors, path)
+        .expect("fixture loads");
+    let packed = config.packed(true);
+    packed
+        .state(&model, "default")
+        .and_then(|t| t.to_safetensors_bytes(&[]))
+        .expect("packed seed")
 }
 
 /// A small valid GGUF file (Llama metadata, a gpt2 tokenizer, F32/F16/Q8_0/Q4_0/Q4_1 tensors):

@@ -229,7 +229,7 @@ impl MethodConfig {
             "LN_TUNING" => Self::LnTuning(LnTuningConfig::from_json(config)?),
             "BITFIT" => Self::BitFit(BitFitConfig::from_json(config)?),
             "SELECT" => Self::Select(SelectConfig::from_json(config)?),
-            "SUPERTUNING" => Self::Sparse(SparseConfig::from_json(config)?),
+            "SUPERTUNING" | "SUPERTUNING_PACKED" => Self::Sparse(SparseConfig::from_json(config)?),
             "BEFT" => Self::Beft(BeftConfig::from_json(config)?),
             "PROMPT_TUNING" => Self::PromptTuning(PromptTuningConfig::from_json(config)?),
             "P_TUNING" => Self::PTuning(PromptEncoderConfig::from_json(config)?),
@@ -509,6 +509,15 @@ impl MethodConfig {
                 obj.insert("sparsity".into(), c.sparsity.into());
                 continue;
             }
+            if let (Self::Sparse(_), "pack_indices") = (self, key.as_str()) {
+                // Our packed layout is its own peft_type, so PEFT refuses it by name.
+                let packed = value
+                    .as_bool()
+                    .ok_or_else(|| usage!("--set pack_indices={value}: expected true or false"))?;
+                let c = SparseConfig::default().packed(packed);
+                obj.insert("peft_type".into(), c.peft_type.into());
+                continue;
+            }
             if !known.contains(key) {
                 return Err(usage!(
                     "--set {key}: {method} has no option `{key}` (valid: {})",
@@ -547,7 +556,7 @@ fn known_fields(config: &MethodConfig) -> Vec<String> {
                 .as_object()
                 .map(|m| m.keys().cloned().collect())
                 .unwrap_or_default();
-            keys.extend(["density".to_string(), "fisher_samples".to_string()]);
+            keys.extend(["density", "fisher_samples", "pack_indices"].map(String::from));
             keys.retain(|k| !skip.contains(&k.as_str()));
             return keys;
         }

@@ -1047,6 +1047,90 @@ fn sparse_selections_train_resume_generate_and_merge_into_their_entries_only() {
     }
 }
 
+/// `--set pack_indices=true`: the same PaFi run saved as our `SUPERTUNING_PACKED` (sorted
+/// positions as LEB128 gaps): under 3/4 of PEFT's layout on disk, the same held-out loss (to
+/// rounding) and the same merged model; `peft merge` and `generate` read it; a bad value names the option.
+#[test]
+fn packed_sparse_adapter_trains_and_loads_like_the_flat_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = train("pafi", "0.05", s(&data), s(&out));
+        args.extend(["--set", "density=0.05"]);
+        args.extend(extra);
+        let o = peft(&args);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        out
+    };
+    let flat = run("flat", &[]);
+    let packed = run("packed", &["--set", "pack_indices=true"]);
+    let files = peft_core::adapter_io::load_adapter(&packed).unwrap();
+    assert_eq!(files.config["peft_type"], "SUPERTUNING_PACKED");
+    assert!(files.config.get("pack_indices").is_none());
+    assert_eq!(
+        files
+            .tensors
+            .keys()
+            .filter(|k| k.ends_with(".supertuning_packed_indices"))
+            .count(),
+        14
+    );
+    let size = |dir: &Path| {
+        std::fs::metadata(dir.join("adapter_model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(
+        size(&packed) * 4 < size(&flat) * 3,
+        "{} bytes packed against {} flat",
+        size(&packed),
+        size(&flat)
+    );
+    // Within rounding: the values are summed in position order once packed.
+    let (lp, lf) = (
+        eval_loss(&tiny(), Some(&packed), &data),
+        eval_loss(&tiny(), Some(&flat), &data),
+    );
+    assert!((lp - lf).abs() < 1e-6 * lf, "{lp} against {lf}");
+    let merge = |adapter: &Path, name: &str| {
+        let out = tmp.path().join(name);
+        let o = peft(&[
+            "merge",
+            "--model",
+            model(),
+            "--adapter",
+            s(adapter),
+            "--out",
+            s(&out),
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        peft_core::tensors::TensorMap::read_safetensors(&out.join("model.safetensors")).unwrap()
+    };
+    assert_eq!(merge(&packed, "m-packed"), merge(&flat, "m-flat"));
+    let o = peft(&[
+        "generate",
+        "--model",
+        model(),
+        "--adapter",
+        s(&packed),
+        "--prompt",
+        "hello what",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let mut args = train("pafi", "0.05", s(&data), "unused");
+    args.extend(["--set", "pack_indices=yes"]);
+    let o = peft(&args);
+    assert!(
+        !o.status.success() && stderr(&o).contains("pack_indices=\"yes\": expected true or false"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// The Fisher-scored selections on the BERT classifier: the mask is chosen with the
 /// classification loss, the head trains whole beside it, and the adapter classifies.
 #[test]

@@ -10,6 +10,13 @@
 //! `[k]`, flat positions into the `[out, in]` weight), so Python PEFT loads every one of
 //! them. How the positions were chosen is kept in our own key `selection` (PEFT ignores it
 //! with a warning).
+//!
+//! PEFT's layout costs 8 bytes per entry (an I32 position and an f32 value): a 1% mask is
+//! 2% of the f32 weights it selects from. Our own `peft_type` `SUPERTUNING_PACKED` (the same
+//! config otherwise; [`SparseConfig::packed`], `--set pack_indices=true`) stores the positions
+//! sorted, as LEB128 gaps in a U8 tensor `<path>.supertuning_packed_indices`, the values in
+//! that order: about 5.3 bytes per entry at 1% density. Python PEFT refuses that type by name
+//! rather than misreading it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,14 +24,19 @@ use std::path::Path;
 use burn::tensor::{Distribution, Tensor};
 use peft_core::adapter_io::KEY_PREFIX;
 use peft_core::target::{ModuleSelector, TargetSpec};
-use peft_core::tensors::TensorMap;
+use peft_core::tensors::{HostTensor, TensorMap};
 use peft_core::tuner::Tuner;
 use peft_core::{PeftError, Result};
 use peft_sites::{LinearPart, SiteHost, SparseDelta, Support, saved};
 use serde::{Deserialize, Serialize};
 
+/// PEFT's type: I32 positions.
+pub const SUPERTUNING: &str = "SUPERTUNING";
+/// Ours: the same adapter with its positions packed ([`Support::to_packed`]).
+pub const SUPERTUNING_PACKED: &str = "SUPERTUNING_PACKED";
+
 fn supertuning_type() -> String {
-    "SUPERTUNING".into()
+    SUPERTUNING.into()
 }
 
 fn default_sparsity() -> f64 {
@@ -121,6 +133,10 @@ fn indices_key(path: &str) -> String {
     format!("{KEY_PREFIX}{path}.supertuning_indices")
 }
 
+fn packed_indices_key(path: &str) -> String {
+    format!("{KEY_PREFIX}{path}.supertuning_packed_indices")
+}
+
 /// Scores in the Hugging Face layout `[out·in]` per linear path (Fisher information).
 pub type Scores = BTreeMap<String, Vec<f32>>;
 
@@ -137,11 +153,33 @@ impl SparseConfig {
         })
     }
 
-    /// Parse an `adapter_config.json` value; fields of other methods are an error.
+    /// Parse an `adapter_config.json` value (`SUPERTUNING` or `SUPERTUNING_PACKED`); fields
+    /// of other methods are an error.
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        let c: Self = peft_core::adapter_io::method_config(value, "SUPERTUNING", "a SUPERTUNING")?;
+        let ty = match value.get("peft_type").and_then(serde_json::Value::as_str) {
+            Some(SUPERTUNING_PACKED) => SUPERTUNING_PACKED,
+            _ => SUPERTUNING,
+        };
+        let c: Self = peft_core::adapter_io::method_config(value, ty, "a SUPERTUNING")?;
         c.validate()?;
         Ok(c)
+    }
+
+    /// The same config saving its positions packed (`SUPERTUNING_PACKED`), or in PEFT's
+    /// layout (`SUPERTUNING`).
+    pub fn packed(mut self, packed: bool) -> Self {
+        self.peft_type = if packed {
+            SUPERTUNING_PACKED
+        } else {
+            SUPERTUNING
+        }
+        .into();
+        self
+    }
+
+    /// Whether the positions are saved packed.
+    pub fn packs_indices(&self) -> bool {
+        self.peft_type == SUPERTUNING_PACKED
     }
 
     /// Check the values a user can get wrong.
@@ -156,6 +194,12 @@ impl SparseConfig {
             return Err(PeftError::Config(
                 "SUPERTUNING: r (the \"Supra\" LoRA beside the sparse values) is not supported; \
                  train a LoRA adapter alongside instead"
+                    .into(),
+            ));
+        }
+        if self.packs_indices() && !self.save_precomputed_indices {
+            return Err(PeftError::Config(
+                "SUPERTUNING_PACKED saves the positions: save_precomputed_indices must be true"
                     .into(),
             ));
         }
@@ -304,7 +348,11 @@ fn adapted<M: SiteHost>(model: &M, name: &str) -> Vec<String> {
 
 impl<M: SiteHost> Tuner<M> for SparseConfig {
     fn peft_type(&self) -> &'static str {
-        "SUPERTUNING"
+        if self.packs_indices() {
+            SUPERTUNING_PACKED
+        } else {
+            SUPERTUNING
+        }
     }
 
     fn config_json(&self) -> serde_json::Value {
@@ -320,10 +368,15 @@ impl<M: SiteHost> Tuner<M> for SparseConfig {
         let mut out = TensorMap::new();
         for (path, site) in model.linears() {
             if let Some(LinearPart::Sparse(s)) = site.part(name) {
-                out.insert(
-                    values_key(&path),
-                    peft_core::tensors::HostTensor::from_tensor(s.values.val()),
-                );
+                let values = HostTensor::from_tensor(s.values.val());
+                if self.packs_indices() {
+                    let (positions, order) = s.support.0.to_packed();
+                    let sorted = order.iter().map(|&j| values.data[j]).collect();
+                    out.insert(values_key(&path), HostTensor::new(values.shape, sorted));
+                    out.insert(packed_indices_key(&path), positions);
+                    continue;
+                }
+                out.insert(values_key(&path), values);
                 if self.save_precomputed_indices {
                     out.insert(indices_key(&path), s.support.0.to_host());
                 }
@@ -350,25 +403,42 @@ impl<M: SiteHost> Tuner<M> for SparseConfig {
             let Some(LinearPart::Sparse(s)) = site.part_mut(name) else {
                 unreachable!()
             };
-            let support = match tensors.remove(&indices_key(&path)) {
-                Some(t) => Support::from_host(
+            let packed = self
+                .packs_indices()
+                .then(|| tensors.remove(&packed_indices_key(&path)));
+            let support = match packed {
+                Some(Some(t)) => Support::from_packed(
                     d_out,
                     d_in,
                     &t,
-                    &format!("{} `{}`", file.display(), indices_key(&path)),
+                    &format!("{} `{}`", file.display(), packed_indices_key(&path)),
                 )?,
-                None if !self.save_precomputed_indices
-                    && self.selection == Selection::Magnitude =>
-                {
-                    // PEFT recomputes magnitude masks from the base; apply did the same.
-                    Support::new(d_out, d_in, s.support.0.flat.clone(), &path)?
-                }
-                None => {
+                Some(None) => {
                     return Err(PeftError::MissingTensor {
                         path: file.to_path_buf(),
-                        key: indices_key(&path),
+                        key: packed_indices_key(&path),
                     });
                 }
+                None => match tensors.remove(&indices_key(&path)) {
+                    Some(t) => Support::from_host(
+                        d_out,
+                        d_in,
+                        &t,
+                        &format!("{} `{}`", file.display(), indices_key(&path)),
+                    )?,
+                    None if !self.save_precomputed_indices
+                        && self.selection == Selection::Magnitude =>
+                    {
+                        // PEFT recomputes magnitude masks from the base; apply did the same.
+                        Support::new(d_out, d_in, s.support.0.flat.clone(), &path)?
+                    }
+                    None => {
+                        return Err(PeftError::MissingTensor {
+                            path: file.to_path_buf(),
+                            key: indices_key(&path),
+                        });
+                    }
+                },
             };
             let v = tensors.take_shaped(file, &values_key(&path), &[support.len()])?;
             *s = SparseDelta::new(support, v.to_tensor(&device));

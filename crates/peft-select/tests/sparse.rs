@@ -109,6 +109,102 @@ fn python_adapter_gives_the_same_logits_and_greedy_text_and_saves_back() {
     assert_eq!(saved.config["peft_type"], "SUPERTUNING");
 }
 
+/// Our packed layout (`SUPERTUNING_PACKED`): the same adapter in under three quarters of the
+/// bytes, loading to the same model (up to the order of each output's sum); a flat file under the packed type names the missing key.
+#[test]
+fn packed_adapter_is_smaller_and_loads_to_the_same_model() {
+    let device = Device::flex();
+    let exp = Expected::read(&case_dir("pafi_llama").join("expected.safetensors")).unwrap();
+    let model = loaded("pafi_llama", llama(&device));
+    let (config, theirs) = python_config("pafi_llama");
+    let packed = config.clone().packed(true);
+    let out = tempfile::tempdir().unwrap();
+    packed.save(&model, "default", out.path()).unwrap();
+    let saved = load_adapter(out.path()).unwrap();
+    assert_eq!(saved.config["peft_type"], "SUPERTUNING_PACKED");
+    let mut positions = 0;
+    for (k, t) in &saved.tensors.tensors {
+        assert!(!k.ends_with(".supertuning_indices"), "{k}");
+        if k.ends_with(".supertuning_packed_indices") {
+            assert_eq!(t.dtype, StoredDtype::U8, "{k}");
+            positions += 1;
+            // The same (position, value) pairs as PEFT's file, in position order.
+            let flat_key = k.replace("packed_indices", "indices");
+            let values_key = k.replace("packed_indices", "values");
+            let mut pairs: Vec<(i32, f32)> = theirs
+                .get(&flat_key)
+                .unwrap()
+                .i32_values()
+                .zip(theirs.get(&values_key).unwrap().data.iter().copied())
+                .collect();
+            pairs.sort_by_key(|p| p.0);
+            let values: Vec<f32> = pairs.iter().map(|p| p.1).collect();
+            assert_eq!(saved.tensors.get(&values_key).unwrap().data, values, "{k}");
+        }
+    }
+    assert_eq!(positions, 6, "q, v and down of both layers");
+    let size = |dir: &Path| std::fs::metadata(dir.join(WEIGHTS_FILE)).unwrap().len();
+    let flat_dir = case_dir("pafi_llama").join("adapter");
+    assert!(
+        size(out.path()) * 4 < size(&flat_dir) * 3,
+        "{} bytes packed against {} flat",
+        size(out.path()),
+        size(&flat_dir)
+    );
+
+    // Loaded from the packed folder: bit for bit the model loaded from PEFT's.
+    let files = load_adapter(out.path()).unwrap();
+    let back = SparseConfig::from_json(&files.config).unwrap();
+    assert!(back.packs_indices());
+    let again = back.apply(llama(&device), "default").unwrap();
+    let again = back
+        .load_state(
+            again,
+            "default",
+            files.tensors,
+            &out.path().join(WEIGHTS_FILE),
+        )
+        .unwrap();
+    // Only the order of each output's sum differs.
+    let logits = |m: &LlamaForCausalLM| m.forward(exp.ids(&device), None);
+    let err = max_abs_diff(logits(&again), logits(&model));
+    assert!(err < 1e-6, "packed against flat: {err}");
+    // And saved flat again, PEFT's file bit for bit.
+    let flat_again = tempfile::tempdir().unwrap();
+    config.save(&again, "default", flat_again.path()).unwrap();
+    let resaved = load_adapter(flat_again.path()).unwrap();
+    for (k, t) in &theirs.tensors {
+        let pairs = |m: &TensorMap| -> Vec<(i32, u32)> {
+            if !k.ends_with(".supertuning_indices") {
+                return Vec::new();
+            }
+            let v = m.get(&k.replace("indices", "values")).unwrap();
+            let mut p: Vec<(i32, u32)> = m
+                .get(k)
+                .unwrap()
+                .i32_values()
+                .zip(v.data.iter().map(|x| x.to_bits()))
+                .collect();
+            p.sort();
+            p
+        };
+        assert_eq!(pairs(&resaved.tensors), pairs(&theirs), "{k}");
+        assert_eq!(
+            resaved.tensors.get(k).map(|r| r.shape.clone()),
+            Some(t.shape.clone())
+        );
+    }
+
+    // PEFT's flat file under the packed type: the missing key is named.
+    let model = packed.apply(llama(&device), "default").unwrap();
+    let err = packed
+        .load_state(model, "default", theirs, &flat_dir.join(WEIGHTS_FILE))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("supertuning_packed_indices"), "{err}");
+}
+
 #[test]
 fn value_gradients_match_pytorch() {
     let device = Device::flex().autodiff();

@@ -109,6 +109,67 @@ impl Support {
         HostTensor::from_i32(vec![v.len()], &v)
     }
 
+    /// The positions packed: sorted, each the gap from the one before (the first from 0) as
+    /// an unsigned LEB128 varint, in a `U8` tensor (about 1.3 bytes per position at 1%
+    /// density, against the 4 of [`Support::to_host`]). Also returns the order of the values
+    /// that goes with them: `order[j]` is the entry of this support at sorted place `j`.
+    pub fn to_packed(&self) -> (HostTensor, Vec<usize>) {
+        let mut order: Vec<usize> = (0..self.flat.len()).collect();
+        order.sort_by_key(|&j| self.flat[j]);
+        let mut bytes = Vec::with_capacity(self.flat.len() * 2);
+        let mut last = 0u32;
+        for &j in &order {
+            let mut gap = self.flat[j] - last;
+            last = self.flat[j];
+            while gap >= 0x80 {
+                bytes.push((gap as u8 & 0x7f) | 0x80);
+                gap >>= 7;
+            }
+            bytes.push(gap as u8);
+        }
+        (HostTensor::from_bytes(vec![bytes.len()], bytes), order)
+    }
+
+    /// Positions read from the `U8` tensor of [`Support::to_packed`]; `what` names it in errors.
+    pub fn from_packed(d_out: usize, d_in: usize, t: &HostTensor, what: &str) -> Result<Self> {
+        if t.dtype != peft_core::tensors::StoredDtype::U8 || t.shape.len() != 1 {
+            return Err(PeftError::Config(format!(
+                "{what}: packed indices must be a 1-d U8 tensor, found {} of shape {:?}",
+                t.dtype.name(),
+                t.shape
+            )));
+        }
+        let mut flat = Vec::new();
+        let (mut at, mut gap, mut shift) = (0u64, 0u64, 0u32);
+        for (i, &b) in t.bytes.iter().enumerate() {
+            // A u32 gap needs at most 5 bytes; past that (or past u32) the data is not ours.
+            if shift > 28 {
+                return Err(PeftError::Config(format!(
+                    "{what}: byte {i} continues a gap beyond 5 bytes (not packed indices)"
+                )));
+            }
+            gap |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 != 0 {
+                shift += 7;
+                continue;
+            }
+            at += gap;
+            if at > u64::from(u32::MAX) {
+                return Err(PeftError::Config(format!(
+                    "{what}: position {at} (byte {i}) is past any weight"
+                )));
+            }
+            flat.push(at as u32);
+            (gap, shift) = (0, 0);
+        }
+        if shift != 0 {
+            return Err(PeftError::Config(format!(
+                "{what}: the last gap is cut off (its final byte has the continuation bit)"
+            )));
+        }
+        Self::new(d_out, d_in, flat, what)
+    }
+
     pub fn len(&self) -> usize {
         self.flat.len()
     }
@@ -574,6 +635,66 @@ mod tests {
             .collect();
         gv.into_data()
             .assert_approx_eq::<f32>(&TensorData::new(expected, [k]), tol);
+    }
+
+    #[test]
+    fn packed_positions_are_sorted_leb128_gaps() {
+        let s = Support::new(4, 100, vec![300, 5, 5, 399], "t").unwrap();
+        let (t, order) = s.to_packed();
+        // Sorted 5, 5, 300, 399: gaps 5, 0, 295 (0x27 | 0x80, then 2) and 99.
+        assert_eq!(t.bytes, vec![5, 0, 0xa7, 0x02, 99]);
+        assert_eq!(t.dtype, peft_core::tensors::StoredDtype::U8);
+        assert_eq!(order, vec![1, 2, 0, 3]);
+        let back = Support::from_packed(4, 100, &t, "t").unwrap();
+        assert_eq!(back.flat, vec![5, 5, 300, 399]);
+    }
+
+    #[test]
+    fn bad_packed_positions_are_refused_naming_the_key() {
+        let err = |bytes: Vec<u8>, d_out: usize| {
+            let t = HostTensor::from_bytes(vec![bytes.len()], bytes);
+            Support::from_packed(d_out, 10, &t, "k.supertuning_index_gaps")
+                .unwrap_err()
+                .to_string()
+        };
+        let cut = err(vec![5, 0x85], 4);
+        assert!(
+            cut.contains("k.supertuning_index_gaps") && cut.contains("cut off"),
+            "{cut}"
+        );
+        let long = err(vec![0xff; 6], 4);
+        assert!(long.contains("beyond 5 bytes"), "{long}");
+        let past = err(vec![39, 1], 4);
+        assert!(
+            past.contains("index 40") && past.contains("[4, 10]"),
+            "{past}"
+        );
+        let huge = err(
+            vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0xff, 0xff, 0xff, 0xff, 0x0f],
+            4,
+        );
+        assert!(huge.contains("past any weight"), "{huge}");
+        let i32s = HostTensor::from_i32(vec![2], &[1, 2]);
+        let wrong = Support::from_packed(4, 10, &i32s, "k")
+            .unwrap_err()
+            .to_string();
+        assert!(wrong.contains("U8") && wrong.contains("I32"), "{wrong}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn packed_positions_read_back_in_sorted_order(
+            d_out in 1usize..300, d_in in 1usize..300, frac in 0.0f64..1.0, seed in 0u64..1000,
+        ) {
+            let k = ((d_out * d_in) as f64 * frac * 0.1) as usize;
+            let s = random_support(d_out, d_in, k, seed);
+            let (t, order) = s.to_packed();
+            let back = Support::from_packed(d_out, d_in, &t, "t").unwrap();
+            let expected: Vec<u32> = order.iter().map(|&j| s.flat[j]).collect();
+            prop_assert!(expected.windows(2).all(|w| w[0] <= w[1]));
+            prop_assert_eq!(back.flat, expected);
+        }
     }
 
     proptest! {
