@@ -272,7 +272,7 @@ impl SparseConfig {
                     config.sparsity
                 )));
             }
-            let flat = match scores.get(&path) {
+            let mut flat = match scores.get(&path) {
                 Some(s) => {
                     if s.len() != d_out * d_in {
                         return Err(PeftError::Config(format!(
@@ -288,6 +288,11 @@ impl SparseConfig {
                     top_k(&mag, k, config.select_top)
                 }
             };
+            if config.packs_indices() {
+                // The order a packed file keeps: the values and their optimizer state stay in
+                // place when a run resumes from its checkpoint.
+                flat.sort_unstable();
+            }
             let values = if config.init_weights {
                 Tensor::zeros([k], &device)
             } else {
