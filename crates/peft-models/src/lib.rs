@@ -16,9 +16,9 @@
 //! - [`assets`]: models and data fetched from the Python package registry.
 //! - [`data`]: question/answer pairs (chatterbot corpus).
 //! - [`train`]: the causal-LM training loop (AdamW, schedule, accumulation, clipping).
-//! - [`loss`], [`swiglu`], [`causal_softmax`], [`rms_norm`]: the softmax cross-entropy, the
-//!   SwiGLU activation, the causal attention weights and RMSNorm as single operations with CPU
-//!   kernels.
+//! - [`loss`], [`swiglu`], [`causal_softmax`], [`rms_norm`], [`rope`]: the softmax
+//!   cross-entropy, the SwiGLU activation, the causal attention weights, RMSNorm and the rotary
+//!   position embedding as single operations with CPU kernels.
 
 pub mod assets;
 pub mod bert;
@@ -34,6 +34,7 @@ pub mod loss;
 pub mod proxy;
 pub mod reference;
 pub mod rms_norm;
+pub mod rope;
 pub mod slot;
 pub mod swiglu;
 pub mod tokenizer;

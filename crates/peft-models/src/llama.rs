@@ -243,12 +243,11 @@ fn padded_positions(
         .collect()
 }
 
+/// RoPE of `x` `[batch, seq, heads, head_dim]` with the tables of [`rope_rows`]
+/// `[rows, 1, seq, head_dim]`.
 fn apply_rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
-    let d = x.dims()[3];
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.clone().narrow(3, d / 2, d / 2);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos + rotated * sin
+    let [rows, _, seq, d] = cos.dims();
+    crate::rope::rope(x, cos.reshape([rows, seq, d]), sin.reshape([rows, seq, d]))
 }
 
 impl Attention {
@@ -262,24 +261,16 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, s, h, d])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, s, kvh, d])
-            .swap_dims(1, 2);
-        let v = self
+        // RoPE on the projections' own layout `[b, s, heads, d]`, then heads first.
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
+        let q = apply_rope(q, rope.0.clone(), rope.1.clone()).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, d]);
+        let mut k = apply_rope(k, rope.0, rope.1).swap_dims(1, 2);
+        let mut v = self
             .v_proj
             .forward(x)
             .reshape([b, s, kvh, d])
             .swap_dims(1, 2);
-        let q = apply_rope(q, rope.0.clone(), rope.1.clone());
-        let mut k = apply_rope(k, rope.0, rope.1);
-        let mut v = v;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
