@@ -325,6 +325,20 @@ pub fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> F
     FlexTensor::from_data(TensorData::new(values, shape).convert_dtype(dtype))
 }
 
+/// The backward step of a one-input operation: `gradient` turns the kept state and the
+/// output's gradient into the input's gradient (only when the input is tracked).
+pub fn backward_single<B: Backend, S>(
+    ops: Ops<S, 1>,
+    grads: &mut Gradients,
+    gradient: impl FnOnce(S, FloatTensor<B>) -> FloatTensor<B>,
+) {
+    let grad = grads.consume::<B>(&ops.node);
+    let [parent] = ops.parents;
+    if let Some(node) = parent {
+        grads.register::<B>(node.id, gradient(ops.state, grad));
+    }
+}
+
 /// The backward step of a two-input operation whose kernel `gradients` computes both inputs'
 /// gradients from the kept state and the output's gradient in one pass (burn's `binary` runs
 /// one closure per input).

@@ -14,7 +14,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
-use peft_core::cpu::{exp, f32_values, flex_tensor};
+use peft_core::cpu::{backward_single, exp, f32_values, flex_tensor};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -127,11 +127,7 @@ impl<B: Backend + GeluOps> Backward<B, 1> for GeluBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let grad = grads.consume::<B>(&ops.node);
-        let [parent] = ops.parents;
-        if let Some(node) = parent {
-            grads.register::<B>(node.id, B::fused_gelu_backward(ops.state, grad));
-        }
+        backward_single::<B, _>(ops, grads, |x, grad| B::fused_gelu_backward(x, grad));
     }
 }
 

@@ -13,7 +13,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
-use peft_core::cpu::{f32_values, flex_tensor};
+use peft_core::cpu::{backward_single, f32_values, flex_tensor};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -133,12 +133,9 @@ impl<B: Backend + RopeOps> Backward<B, 1> for RopeBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let grad = grads.consume::<B>(&ops.node);
-        let [parent] = ops.parents;
-        if let Some(node) = parent {
-            let (cos, sin, transpose) = ops.state;
-            grads.register::<B>(node.id, B::rope(grad, cos, sin, !transpose));
-        }
+        backward_single::<B, _>(ops, grads, |(cos, sin, transpose), grad| {
+            B::rope(grad, cos, sin, !transpose)
+        });
     }
 }
 
