@@ -6,10 +6,7 @@
 
 use std::path::Path;
 
-use crate::causal_softmax::key_biased_softmax;
 use burn::module::{Module, Param};
-
-use crate::gelu::gelu;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use peft_core::params::frozen;
 use peft_core::tensors::{HostTensor, TensorMap};
@@ -22,6 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use peft_quant::checkpoint::weight_shape;
 
+use crate::causal_softmax::key_biased_softmax;
+use crate::gelu::gelu;
 use crate::slot::{
     LinearSlot, placeholder_linear, placeholder_norm, put_sites, quantization_config, take_sites,
 };

@@ -175,7 +175,7 @@ impl KvCache {
     }
 }
 
-/// RoPE tables `[1, 1, seq, head_dim]` for positions `start..start+seq` (Hugging Face layout:
+/// RoPE tables `[1, seq, head_dim]` for positions `start..start+seq` (Hugging Face layout:
 /// the two halves of a head rotate together).
 fn rope_tables(
     start: usize,
@@ -183,18 +183,18 @@ fn rope_tables(
     head_dim: usize,
     theta: f64,
     device: &Device,
-) -> (Tensor<4>, Tensor<4>) {
+) -> (Tensor<3>, Tensor<3>) {
     let positions: Vec<usize> = (start..start + seq).collect();
     rope_rows(&[positions], head_dim, theta, device)
 }
 
-/// RoPE tables `[rows, 1, seq, head_dim]`, row `r` at the position ids `positions[r]`.
+/// RoPE tables `[rows, seq, head_dim]`, row `r` at the position ids `positions[r]`.
 fn rope_rows(
     positions: &[Vec<usize>],
     head_dim: usize,
     theta: f64,
     device: &Device,
-) -> (Tensor<4>, Tensor<4>) {
+) -> (Tensor<3>, Tensor<3>) {
     let half = head_dim / 2;
     let (rows, seq) = (positions.len(), positions[0].len());
     let mut cos = Vec::with_capacity(rows * seq * head_dim);
@@ -207,7 +207,7 @@ fn rope_rows(
             sin.push(angle.sin());
         }
     }
-    let shape = [rows, 1, seq, head_dim];
+    let shape = [rows, seq, head_dim];
     (
         Tensor::from_data(TensorData::new(cos, shape), device),
         Tensor::from_data(TensorData::new(sin, shape), device),
@@ -243,19 +243,12 @@ fn padded_positions(
         .collect()
 }
 
-/// RoPE of `x` `[batch, seq, heads, head_dim]` with the tables of [`rope_rows`]
-/// `[rows, 1, seq, head_dim]`.
-fn apply_rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
-    let [rows, _, seq, d] = cos.dims();
-    crate::rope::rope(x, cos.reshape([rows, seq, d]), sin.reshape([rows, seq, d]))
-}
-
 impl Attention {
     /// `key_bias` `[batch, 1, 1, keys]`: added to the scores (large negative on padding).
     fn forward(
         &self,
         x: Tensor<3>,
-        rope: (Tensor<4>, Tensor<4>),
+        rope: (Tensor<3>, Tensor<3>),
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
         key_bias: Option<Tensor<4>>,
     ) -> Tensor<3> {
@@ -263,9 +256,9 @@ impl Attention {
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // RoPE on the projections' own layout `[b, s, heads, d]`, then heads first.
         let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
-        let q = apply_rope(q, rope.0.clone(), rope.1.clone()).swap_dims(1, 2);
+        let q = crate::rope::rope(q, rope.0.clone(), rope.1.clone()).swap_dims(1, 2);
         let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, d]);
-        let mut k = apply_rope(k, rope.0, rope.1).swap_dims(1, 2);
+        let mut k = crate::rope::rope(k, rope.0, rope.1).swap_dims(1, 2);
         let mut v = self
             .v_proj
             .forward(x)

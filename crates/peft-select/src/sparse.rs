@@ -408,23 +408,17 @@ impl<M: SiteHost> Tuner<M> for SparseConfig {
             let Some(LinearPart::Sparse(s)) = site.part_mut(name) else {
                 unreachable!()
             };
-            let packed = self
-                .packs_indices()
-                .then(|| tensors.remove(&packed_indices_key(&path)));
-            let support = match packed {
-                Some(Some(t)) => Support::from_packed(
-                    d_out,
-                    d_in,
-                    &t,
-                    &format!("{} `{}`", file.display(), packed_indices_key(&path)),
-                )?,
-                Some(None) => {
-                    return Err(PeftError::MissingTensor {
+            let support = if self.packs_indices() {
+                let key = packed_indices_key(&path);
+                let t = tensors
+                    .remove(&key)
+                    .ok_or_else(|| PeftError::MissingTensor {
                         path: file.to_path_buf(),
-                        key: packed_indices_key(&path),
-                    });
-                }
-                None => match tensors.remove(&indices_key(&path)) {
+                        key: key.clone(),
+                    })?;
+                Support::from_packed(d_out, d_in, &t, &format!("{} `{key}`", file.display()))?
+            } else {
+                match tensors.remove(&indices_key(&path)) {
                     Some(t) => Support::from_host(
                         d_out,
                         d_in,
@@ -443,7 +437,7 @@ impl<M: SiteHost> Tuner<M> for SparseConfig {
                             key: indices_key(&path),
                         });
                     }
-                },
+                }
             };
             let v = tensors.take_shaped(file, &values_key(&path), &[support.len()])?;
             *s = SparseDelta::new(support, v.to_tensor(&device));
