@@ -21,6 +21,7 @@
 //!   position embedding as single operations with CPU kernels.
 
 pub mod assets;
+pub mod attention;
 pub mod bert;
 pub mod causal_softmax;
 pub mod config;

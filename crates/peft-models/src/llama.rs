@@ -18,7 +18,7 @@ use peft_sites::{
     site_table,
 };
 
-use crate::causal_softmax::causal_softmax;
+use crate::attention::causal_attention;
 use crate::config::LlamaConfig;
 use crate::loss::cross_entropy_rows;
 use crate::rms_norm::rms_norm;
@@ -244,13 +244,13 @@ fn padded_positions(
 }
 
 impl Attention {
-    /// `key_bias` `[batch, 1, 1, keys]`: added to the scores (large negative on padding).
+    /// `key_bias` `[batch, keys]`: added to the scores (large negative on padding).
     fn forward(
         &self,
         x: Tensor<3>,
         rope: (Tensor<3>, Tensor<3>),
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
-        key_bias: Option<Tensor<4>>,
+        key_bias: Option<Tensor<2>>,
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -271,29 +271,8 @@ impl Attention {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let t = k.dims()[2];
-        let rep = h / kvh;
-        let (k, v) = if rep > 1 {
-            (
-                k.unsqueeze_dim::<5>(2)
-                    .expand([b, kvh, rep, t, d])
-                    .reshape([b, h, t, d]),
-                v.unsqueeze_dim::<5>(2)
-                    .expand([b, kvh, rep, t, d])
-                    .reshape([b, h, t, d]),
-            )
-        } else {
-            (k, v)
-        };
-        // Query i (absolute position t - s + i) sees keys 0..=t - s + i. Softmax in f32
-        // whatever the compute type (as transformers does).
-        let mut scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
-        if let Some(bias) = key_bias {
-            scores = scores + bias;
-        }
-        let out = causal_softmax(scores, 1.0 / (d as f64).sqrt())
-            .cast(v.dtype())
-            .matmul(v);
+        // Query i (absolute position t - s + i) sees keys 0..=t - s + i.
+        let out = causal_attention(q, k, v, key_bias, 1.0 / (d as f64).sqrt());
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
@@ -622,7 +601,7 @@ impl LlamaForCausalLM {
                 .flatten()
                 .map(|&m| if m > 0.5 { 0.0 } else { -1e9 })
                 .collect();
-            let bias = Tensor::<4>::from_data(TensorData::new(bias, [b, 1, 1, t]), &device);
+            let bias = Tensor::<2>::from_data(TensorData::new(bias, [b, t]), &device);
             if let Some(c) = cache.as_mut() {
                 c.padding = Some((keys, next));
             }
