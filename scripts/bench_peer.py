@@ -84,6 +84,23 @@ def linear(wid):
     return run
 
 
+def attention():
+    """Causal attention as transformers' Llama runs it (SDPA, `is_causal`), forward + backward."""
+    torch.manual_seed(1)
+    heads, head_dim = 8, 64
+    # Heads-first views of token-major tensors, as the model passes them.
+    q, k, v = (torch.randn(BATCH, SEQ, heads, head_dim) for _ in range(3))
+
+    def run():
+        qs, ks, vs = (x.detach().requires_grad_(True) for x in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), is_causal=True
+        )
+        out.sum().backward()
+        assert qs.grad is not None and ks.grad is not None and vs.grad is not None
+    return run
+
+
 def one_thread(run):
     """`run` on one thread, the others' count restored after (`linear/plain_fwd_1t`)."""
     def single():
@@ -376,6 +393,7 @@ WORKLOADS = {
     "linear/lora_fwd": lambda: linear("linear/lora_fwd"),
     "linear/plain_fwd_bwd": lambda: linear("linear/plain_fwd_bwd"),
     "linear/lora_fwd_bwd": lambda: linear("linear/lora_fwd_bwd"),
+    "attention/causal_fwd_bwd": attention,
     "merge/merge_unmerge": merge,
     "nf4/quantize": lambda: nf4("nf4/quantize"),
     "nf4/dequantize": lambda: nf4("nf4/dequantize"),

@@ -104,6 +104,11 @@ pub const WORKLOADS: &[Workload] = &[
         0,
     ),
     w(
+        "attention/causal_fwd_bwd",
+        "causal attention of the benchmark Llama (batch 4, 8 heads, 128 tokens, head size 64), forward + backward",
+        0,
+    ),
+    w(
         "merge/merge_unmerge",
         "merge then unmerge LoRA r=16 on q,v of the 4-layer Llama",
         0,
@@ -446,6 +451,35 @@ pub fn prepare(id: &str, device: &Device) -> Result<Box<dyn FnMut()>> {
                     let _ = x.grad(&grads).expect("input gradient");
                 } else {
                     let _ = layer.forward(x.clone());
+                }
+                sync();
+            })
+        }
+        "attention/causal_fwd_bwd" => {
+            let device = device.clone().autodiff();
+            device.seed(1);
+            let (heads, head_dim) = (8, 64);
+            // As the model passes them: heads-first views of the projections' token-major output.
+            let input = || {
+                Tensor::<4>::random(
+                    [BATCH, SEQ, heads, head_dim],
+                    Distribution::Normal(0.0, 1.0),
+                    &device,
+                )
+            };
+            let (q, k, v) = (input(), input(), input());
+            Box::new(move || {
+                let [q, k, v] = [&q, &k, &v].map(|x| x.clone().require_grad());
+                let out = peft_models::attention::causal_attention(
+                    q.clone().swap_dims(1, 2),
+                    k.clone().swap_dims(1, 2),
+                    v.clone().swap_dims(1, 2),
+                    None,
+                    1.0 / (head_dim as f64).sqrt(),
+                );
+                let grads = out.sum().backward();
+                for x in [&q, &k, &v] {
+                    let _ = x.grad(&grads).expect("input gradient");
                 }
                 sync();
             })
