@@ -1,5 +1,6 @@
 """Two builds of `peft-bench` (e.g. before and after a change) on the same workloads, rounds
-interleaved (the order alternates each round), medians and the ratio new/old:
+interleaved (the order alternates each round), medians and the ratio new/old, and the same of the
+10th percentiles:
 
     bench_ab.py OLD_BIN NEW_BIN ROUNDS ITERATIONS ID [ID ...]
 
@@ -20,4 +21,7 @@ for p in procs.values():
     p.stdin.close(); p.wait()
 for i in ids:
     o, n = statistics.median(ms[("old", i)]), statistics.median(ms[("new", i)])
-    print(f"{i:40s} old {o:9.2f} ms  new {n:9.2f} ms  new/old {n/o:.3f}")
+    # The tenth percentile: interference only adds time, so the fast end is steadier.
+    lo = {k: sorted(ms[(k, i)])[len(ms[(k, i)]) // 10] for k in ("old", "new")}
+    print(f"{i:40s} old {o:9.2f} ms  new {n:9.2f} ms  new/old {n/o:.3f}"
+          f"  (10th percentile {lo['old']:.2f} / {lo['new']:.2f}: {lo['new']/lo['old']:.3f})")
