@@ -320,6 +320,25 @@ pub fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
     }
 }
 
+/// `n` zeros for a kernel's output, written by every thread of the pool: `vec![0.0; n]` is a
+/// memset on the calling thread alone while the others wait, and the fused kernels' outputs
+/// are megabytes (a training step of the benchmark Llama zero-filled about 100 MB this way).
+pub fn zeros(n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    /// Values per parallel task (128 KiB); below one task the calling thread writes them.
+    const CHUNK: usize = 1 << 15;
+    if n <= CHUNK {
+        return vec![0.0; n];
+    }
+    let mut values = Vec::with_capacity(n);
+    values.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the loop above wrote all `n` values.
+    unsafe { values.set_len(n) };
+    values
+}
+
 /// `values` (f32) as a flex tensor of `shape` in `dtype`: the way back from [`f32_values`].
 pub fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape).convert_dtype(dtype))
@@ -377,6 +396,17 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
         assert!(exp(1000.0).is_finite());
+    }
+
+    /// Every value zero at every length: below one task, one task exactly, and a partial
+    /// last task.
+    #[test]
+    fn zeros_are_zeros() {
+        for n in [0, 5, 1 << 15, (1 << 17) + 3] {
+            let z = zeros(n);
+            assert_eq!(z.len(), n);
+            assert!(z.iter().all(|&v| v.to_bits() == 0), "{n}");
+        }
     }
 
     /// This account of the dense products' kernels is the one the patched gemm acts on.

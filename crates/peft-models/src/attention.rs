@@ -19,7 +19,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
-use peft_core::cpu::{LANES, dot, exp, max};
+use peft_core::cpu::{LANES, dot, exp, max, zeros};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -350,8 +350,8 @@ fn attention_forward(
     let Dims { b, h, kvh, s, t, d } = dims;
     let rep = h / kvh;
     let (qv, kv, vv) = (View::of(q), View::of(k), View::of(v));
-    let mut p = vec![0f32; b * h * s * t];
-    let mut out = vec![0f32; b * s * h * d];
+    let mut p = zeros(b * h * s * t);
+    let mut out = zeros(b * s * h * d);
     let (p_out, o_out) = (Out::of(&mut p, t), Out::of(&mut out, h * d));
     (0..dims.tasks()).into_par_iter().for_each(|task| {
         let (bi, g) = (task / kvh, task % kvh);
@@ -438,7 +438,7 @@ impl AttentionOps for Flex {
         let rep = h / kvh;
         let (qv, kv, vv, gv) = (View::of(&q), View::of(&k), View::of(&v), View::of(&grad));
         let p = peft_core::cpu::f32_values(&p);
-        let sized = |need: bool, n: usize| if need { vec![0f32; n] } else { Vec::new() };
+        let sized = |need: bool, n: usize| if need { zeros(n) } else { Vec::new() };
         let mut dq = sized(need_q, b * s * h * d);
         let mut dk = sized(need_k, b * t * kvh * d);
         let mut dv = sized(need_v, b * t * kvh * d);

@@ -20,7 +20,7 @@ use burn::tensor::{Bool, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{LANES, dot, exp, f32_values, flex_tensor, max};
+use peft_core::cpu::{LANES, dot, exp, f32_values, flex_tensor, max, zeros};
 use peft_core::simd_dispatch;
 
 /// `softmax(scale · scores)` along the last axis of `scores [batch, heads, queries, keys]`,
@@ -180,7 +180,7 @@ fn map_rows(
     let (dtype, shape) = (scores.dtype(), scores.layout().shape().clone());
     let t = shape[shape.len() - 1];
     let x = f32_values(scores);
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeros(x.len());
     if t > 0 {
         out.par_chunks_mut(t * ROWS_PER_TASK)
             .zip(x.par_chunks(t * ROWS_PER_TASK))
@@ -229,7 +229,7 @@ impl CausalSoftmaxOps for Flex {
         let (dtype, shape) = (p.dtype(), p.layout().shape().clone());
         let t = shape[3];
         let (p, g) = (f32_values(&p), f32_values(&grad));
-        let mut out = vec![0f32; p.len()];
+        let mut out = zeros(p.len());
         if t > 0 {
             let chunk = t * ROWS_PER_TASK;
             out.par_chunks_mut(chunk)

@@ -14,7 +14,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
-use peft_core::cpu::{backward_single, exp, f32_values, flex_tensor};
+use peft_core::cpu::{backward_single, exp, f32_values, flex_tensor, zeros};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -96,7 +96,7 @@ impl GeluOps for Flex {
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let (dtype, shape) = (x.dtype(), x.layout().shape().clone());
         let v = f32_values(&x);
-        let mut out = vec![0f32; v.len()];
+        let mut out = zeros(v.len());
         out.par_chunks_mut(CHUNK)
             .zip(v.par_chunks(CHUNK))
             .for_each(|(o, v)| forward_chunk(v, o));
@@ -106,7 +106,7 @@ impl GeluOps for Flex {
     fn fused_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         let (dtype, shape) = (x.dtype(), x.layout().shape().clone());
         let (v, g) = (f32_values(&x), f32_values(&grad));
-        let mut dx = vec![0f32; v.len()];
+        let mut dx = zeros(v.len());
         dx.par_chunks_mut(CHUNK)
             .zip(v.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
             .for_each(|(d, (v, g))| backward_chunk(v, g, d));
@@ -170,7 +170,7 @@ mod tests {
         let phi = |x: f64| 0.5 * libm::erfc(-x / std::f64::consts::SQRT_2);
         let mut x: Vec<f32> = (0..=48_000).map(|i| -12.0 + i as f32 / 2000.0).collect();
         x.extend([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0]);
-        let (mut y, mut d) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        let (mut y, mut d) = (zeros(x.len()), zeros(x.len()));
         forward_chunk(&x, &mut y);
         backward_chunk(&x, &vec![1.0; x.len()], &mut d);
         for ((&v, &got), &dgot) in x.iter().zip(&y).zip(&d) {

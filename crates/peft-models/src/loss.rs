@@ -20,7 +20,7 @@ use burn::tensor::{Int, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{f32_values, flex_tensor};
+use peft_core::cpu::{f32_values, flex_tensor, zeros};
 
 /// `logsumexp(logits[i]) - logits[i, targets[i]]` for every row `i` of `logits [n, v]`: the
 /// negative log-likelihood of each row's target. Differentiable in `logits`.
@@ -108,7 +108,7 @@ impl CrossEntropyOps for Flex {
         let shape = logits.layout().shape().clone();
         let (x, v, t) = host_inputs(&logits, targets);
         let g = f32_values(&grad);
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = zeros(x.len());
         dx.par_chunks_mut(v.max(1))
             .zip(x.par_chunks(v.max(1)))
             .zip(&t)

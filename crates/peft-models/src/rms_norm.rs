@@ -17,7 +17,7 @@ use burn::tensor::{DType, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{backward_pair, dot, f32_values, flex_tensor};
+use peft_core::cpu::{backward_pair, dot, f32_values, flex_tensor, zeros};
 use peft_core::simd_dispatch;
 
 /// `x / sqrt(mean(x²) + eps) · weight` over the last axis of `x`, normalized in f32 whatever
@@ -138,7 +138,7 @@ impl RmsNormOps for Flex {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
         let (dtype, shape) = (x.dtype(), x.layout().shape().clone());
         let (xs, w) = (f32_values(&x), f32_values(&weight));
-        let mut out = vec![0f32; xs.len()];
+        let mut out = zeros(xs.len());
         let chunk = (w.len() * ROWS_PER_TASK).max(1);
         out.par_chunks_mut(chunk)
             .zip(xs.par_chunks(chunk))
@@ -156,7 +156,7 @@ impl RmsNormOps for Flex {
         let w_dtype = weight.dtype();
         let (xs, w, g) = (f32_values(&x), f32_values(&weight), f32_values(&grad));
         let n = w.len();
-        let mut dx = vec![0f32; xs.len()];
+        let mut dx = zeros(xs.len());
         let chunk = (n * ROWS_PER_TASK).max(1);
         // Each task sums its rows' weight gradient; the partial sums are added after.
         let partials: Vec<Vec<f32>> = dx

@@ -13,7 +13,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
-use peft_core::cpu::{backward_single, f32_values, flex_tensor};
+use peft_core::cpu::{backward_single, f32_values, flex_tensor, zeros};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -107,7 +107,7 @@ impl RopeOps for Flex {
         let [_, s, h, d]: [usize; 4] = shape.dims();
         let rows = cos.layout().shape().dims::<3>()[0];
         let (xv, cv, sv) = (f32_values(&x), f32_values(&cos), f32_values(&sin));
-        let mut out = vec![0f32; xv.len()];
+        let mut out = zeros(xv.len());
         // One task per position of one sequence: its heads share the table row.
         out.par_chunks_mut(h * d)
             .zip(xv.par_chunks(h * d))

@@ -18,7 +18,7 @@ use burn::tensor::activation::silu;
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{backward_pair, exp, f32_values, flex_tensor};
+use peft_core::cpu::{backward_pair, exp, f32_values, flex_tensor, zeros};
 use peft_core::simd_dispatch;
 
 /// `silu(gate) · up = gate · sigmoid(gate) · up`, element by element. Differentiable in both.
@@ -98,7 +98,7 @@ impl SwigluOps for Flex {
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let (dtype, shape) = (gate.dtype(), gate.layout().shape().clone());
         let (a, u) = (f32_values(&gate), f32_values(&up));
-        let mut out = vec![0f32; a.len()];
+        let mut out = zeros(a.len());
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (a, u))| forward_chunk(a, u, o));
@@ -112,7 +112,7 @@ impl SwigluOps for Flex {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (dtype, shape) = (gate.dtype(), gate.layout().shape().clone());
         let (a, u, g) = (f32_values(&gate), f32_values(&up), f32_values(&grad));
-        let (mut d_gate, mut d_up) = (vec![0f32; a.len()], vec![0f32; a.len()]);
+        let (mut d_gate, mut d_up) = (zeros(a.len()), zeros(a.len()));
         d_gate
             .par_chunks_mut(CHUNK)
             .zip(d_up.par_chunks_mut(CHUNK))
