@@ -66,6 +66,30 @@ pub fn max(row: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }
 
+/// `x = softmax(x)` in place: the maximum subtracted, the exponentials summed in lane-wise
+/// accumulators (which vectorize), then one scaling pass.
+#[inline(always)]
+pub fn softmax_in_place(x: &mut [f32]) {
+    let max = max(x);
+    let mut sums = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (v, s) in c.iter_mut().zip(sums.iter_mut()) {
+            *v = exp(*v - max);
+            *s += *v;
+        }
+    }
+    let mut sum = sums.iter().sum::<f32>();
+    for v in chunks.into_remainder() {
+        *v = exp(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
 /// `Σ a · b` over the common length, with lane-wise accumulators (which vectorize).
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {

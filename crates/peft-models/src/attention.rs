@@ -19,7 +19,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
-use peft_core::cpu::{LANES, dot, exp, max, zeros};
+use peft_core::cpu::{dot, softmax_in_place, zeros};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -260,24 +260,7 @@ fn softmax_body(row: &mut [f32], bias: &[f32], n: usize) {
             *x += b;
         }
     }
-    let max = max(seen);
-    let mut sums = [0f32; LANES];
-    let mut chunks = seen.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (x, s) in c.iter_mut().zip(sums.iter_mut()) {
-            *x = exp(*x - max);
-            *s += *x;
-        }
-    }
-    let mut sum = sums.iter().sum::<f32>();
-    for x in chunks.into_remainder() {
-        *x = exp(*x - max);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    for x in seen.iter_mut() {
-        *x *= inv;
-    }
+    softmax_in_place(seen);
     hidden.fill(0.0);
 }
 

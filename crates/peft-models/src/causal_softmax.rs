@@ -20,7 +20,7 @@ use burn::tensor::{Bool, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{LANES, dot, exp, f32_values, flex_tensor, max, zeros};
+use peft_core::cpu::{LANES, dot, exp, f32_values, flex_tensor, max, softmax_in_place, zeros};
 use peft_core::simd_dispatch;
 
 /// `softmax(scale · scores)` along the last axis of `scores [batch, heads, queries, keys]`,
@@ -127,24 +127,7 @@ fn biased_forward_body(row: &[f32], bias: &[f32], scale: f32, out: &mut [f32]) {
     for ((o, &x), &b) in out.iter_mut().zip(row).zip(bias) {
         *o = scale * x + b;
     }
-    let max = max(out);
-    let mut sums = [0f32; LANES];
-    let mut chunks = out.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (o, s) in c.iter_mut().zip(sums.iter_mut()) {
-            *o = exp(*o - max);
-            *s += *o;
-        }
-    }
-    let mut sum = sums.iter().sum::<f32>();
-    for o in chunks.into_remainder() {
-        *o = exp(*o - max);
-        sum += *o;
-    }
-    let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
+    softmax_in_place(out);
 }
 
 /// `out = scale · p · (g - Σ g · p)` over one row.
