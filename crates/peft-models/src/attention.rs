@@ -563,17 +563,16 @@ impl<B: Backend + AttentionOps> Backward<B, 3> for AttentionBackward {
     }
 }
 
+/// The output of an attention call and its weights, on backend `B`.
+type OutputAndWeights<B> = (FloatTensor<B>, FloatTensor<B>);
+
 /// The attention on the autodiff backend: `forward` on the inner tensors, keeping them and
 /// the weights (and `scale`) for the backward pass, which both operations share.
 fn tracked_attention<B: Backend + AttentionOps, C: CheckpointStrategy>(
     [q, k, v]: [FloatTensor<Autodiff<B, C>>; 3],
     scale: f32,
-    forward: impl FnOnce(
-        FloatTensor<B>,
-        FloatTensor<B>,
-        FloatTensor<B>,
-    ) -> (FloatTensor<B>, FloatTensor<B>),
-) -> (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>>) {
+    forward: impl FnOnce(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> OutputAndWeights<B>,
+) -> OutputAndWeights<Autodiff<B, C>> {
     let parents = [q.node(), k.node(), v.node()];
     let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
     let (out, p) = forward(q.clone(), k.clone(), v.clone());
