@@ -121,6 +121,61 @@ const PARALLEL_FROM: usize = 192 * 192 * 192;
 /// `[512, 16]·[16, 512]` 97, 132 and 77 µs (2 threads; observed).
 const SPLIT_FROM: usize = 1 << 20;
 
+/// A strided f32 matrix as [`product_into`] reads it: the address of its first value, its row
+/// stride and its column stride (in values).
+pub type Strided = (*const f32, isize, isize);
+
+/// `dst = scale · a·b`, or `dst += scale · a·b` when `accumulate`: `a` `[m, k]`, `b` `[k, n]`,
+/// `dst` `[m, n]` with adjacent columns and rows `dst_rs` apart. One gemm call, on all threads
+/// when `parallel`, else on the calling one; nothing happens when `m` or `n` is 0.
+///
+/// # Safety
+/// Every operand's strides must stay inside its storage, and no other thread may touch `dst`'s
+/// values meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn product_into(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Strided,
+    b: Strided,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // gemm takes each operand's column stride before its row stride.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.0,
+            a.2,
+            a.1,
+            b.0,
+            b.2,
+            b.1,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            if parallel {
+                gemm::Parallelism::Rayon(0)
+            } else {
+                gemm::Parallelism::None
+            },
+        );
+    }
+}
+
 /// `a·b` into a new contiguous `[a.rows, b.cols]` f32 tensor.
 fn product(a: Operand, b: Operand) -> FlexTensor {
     assert_eq!(
@@ -146,31 +201,28 @@ fn product(a: Operand, b: Operand) -> FlexTensor {
             unsafe { b.values.as_ptr().add(b.offset) } as usize,
             out.as_mut_ptr() as usize,
         );
-        let block = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, par| unsafe {
-            gemm::gemm(
-                rows.len(),
-                cols.len(),
-                k,
+        let block = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, parallel| unsafe {
+            product_into(
+                (rows.len(), cols.len(), k),
                 (dst as *mut f32).add(rows.start * n + cols.start),
-                1,
-                n as isize,
+                n,
                 false,
-                (a_at as *const f32).offset(rows.start as isize * a.row_stride),
-                a.col_stride,
-                a.row_stride,
-                (b_at as *const f32).offset(cols.start as isize * b.col_stride),
-                b.col_stride,
-                b.row_stride,
-                0.0,
+                (
+                    (a_at as *const f32).offset(rows.start as isize * a.row_stride),
+                    a.row_stride,
+                    a.col_stride,
+                ),
+                (
+                    (b_at as *const f32).offset(cols.start as isize * b.col_stride),
+                    b.row_stride,
+                    b.col_stride,
+                ),
                 1.0,
-                false,
-                false,
-                false,
-                par,
+                parallel,
             )
         };
         if size >= PARALLEL_FROM {
-            block(0..m, 0..n, gemm::Parallelism::Rayon(0));
+            block(0..m, 0..n, true);
         } else if size >= SPLIT_FROM && threads > 1 {
             use rayon::prelude::*;
             let by_rows = m >= n;
@@ -179,13 +231,13 @@ fn product(a: Operand, b: Operand) -> FlexTensor {
             (0..long.div_ceil(share)).into_par_iter().for_each(|i| {
                 let part = i * share..((i + 1) * share).min(long);
                 if by_rows {
-                    block(part, 0..n, gemm::Parallelism::None)
+                    block(part, 0..n, false)
                 } else {
-                    block(0..m, part, gemm::Parallelism::None)
+                    block(0..m, part, false)
                 }
             });
         } else {
-            block(0..m, 0..n, gemm::Parallelism::None);
+            block(0..m, 0..n, false);
         }
         unsafe { out.set_len(len) };
     }

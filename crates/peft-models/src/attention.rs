@@ -21,6 +21,7 @@ use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 use peft_core::cpu::{dot, softmax_in_place, zeros};
 use peft_core::device::is_cpu;
+use peft_core::matmul::product_into;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
 
@@ -206,51 +207,6 @@ impl Out {
     }
 }
 
-/// `dst = scale · a·b (+ dst when `accumulate`)` on one thread, `a` `[m, k]` and `b` `[k, n]`
-/// given by their first value and (row, column) strides, `dst` by its first value and row
-/// stride.
-///
-/// # Safety
-/// Every operand's strides must stay inside its storage, and no other thread may touch `dst`'s
-/// values meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    a: (*const f32, isize, isize),
-    b: (*const f32, isize, isize),
-    scale: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.0,
-            a.2,
-            a.1,
-            b.0,
-            b.2,
-            b.1,
-            if accumulate { 1.0 } else { 0.0 },
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
 /// `row[..n] = softmax(row[..n] + bias[..n])` (`bias` empty: none), `row[n..] = 0`.
 #[inline(always)]
 fn softmax_body(row: &mut [f32], bias: &[f32], n: usize) {
@@ -345,7 +301,7 @@ fn attention_forward(
                 // SAFETY: the views come from the tensors' layouts; this task alone
                 // writes head `hh` of batch row `bi` of `p` and `out`.
                 unsafe {
-                    product(
+                    product_into(
                         (rows, keys, d),
                         p_out.row(p_head, i0),
                         t,
@@ -353,6 +309,7 @@ fn attention_forward(
                         (qv.at(bi, hh, i0), qv.strides[2], qv.strides[3]),
                         (kv.at(bi, g, 0), kv.strides[3], kv.strides[2]),
                         scale,
+                        false,
                     );
                 }
                 for r in 0..rows {
@@ -367,7 +324,7 @@ fn attention_forward(
                     );
                 }
                 unsafe {
-                    product(
+                    product_into(
                         (rows, d, keys),
                         o_out.row((bi * s * h + hh) * d, i0),
                         h * d,
@@ -375,6 +332,7 @@ fn attention_forward(
                         (p_out.row(p_head, i0), t as isize, 1),
                         (vv.at(bi, g, 0), vv.strides[2], vv.strides[3]),
                         1.0,
+                        false,
                     );
                 }
             }
@@ -447,7 +405,7 @@ impl AttentionOps for Flex {
                     unsafe {
                         if need_v {
                             // ∂V[..keys] += P[rows, ..keys]ᵀ · ∂O[rows]
-                            product(
+                            product_into(
                                 (keys, d, rows),
                                 dv_out.row(kv_at, 0),
                                 kvh * d,
@@ -455,13 +413,14 @@ impl AttentionOps for Flex {
                                 (p_rows.0, 1, t as isize),
                                 grad_rows,
                                 1.0,
+                                false,
                             );
                         }
                         if !(need_q || need_k) {
                             continue;
                         }
                         // ∂P = ∂O[rows] · V[..keys]ᵀ, then the softmax's backward.
-                        product(
+                        product_into(
                             (rows, keys, d),
                             ds.as_mut_ptr(),
                             keys,
@@ -469,6 +428,7 @@ impl AttentionOps for Flex {
                             grad_rows,
                             (vv.at(bi, g, 0), vv.strides[3], vv.strides[2]),
                             1.0,
+                            false,
                         );
                     }
                     for r in 0..rows {
@@ -481,7 +441,7 @@ impl AttentionOps for Flex {
                     unsafe {
                         if need_q {
                             // ∂Q[rows] = ∂S · K[..keys]
-                            product(
+                            product_into(
                                 (rows, d, keys),
                                 dq_out.row((bi * s * h + hh) * d, i0),
                                 h * d,
@@ -489,11 +449,12 @@ impl AttentionOps for Flex {
                                 ds_rows,
                                 (kv.at(bi, g, 0), kv.strides[2], kv.strides[3]),
                                 1.0,
+                                false,
                             );
                         }
                         if need_k {
                             // ∂K[..keys] += ∂Sᵀ · Q[rows]
-                            product(
+                            product_into(
                                 (keys, d, rows),
                                 dk_out.row(kv_at, 0),
                                 kvh * d,
@@ -501,6 +462,7 @@ impl AttentionOps for Flex {
                                 (ds.as_ptr(), 1, keys as isize),
                                 (qv.at(bi, hh, i0), qv.strides[2], qv.strides[3]),
                                 1.0,
+                                false,
                             );
                         }
                     }
