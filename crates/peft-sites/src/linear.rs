@@ -66,9 +66,13 @@ impl LoraAdapter {
         if let Some(e) = &self.singular {
             xa = xa * e.value.val().unsqueeze::<D>();
         }
-        peft_core::matmul::linear(xa, self.b.val(), None)
-            .mul_scalar(self.scale)
-            .cast(dtype)
+        // The scale goes on B (`r × out` values) rather than on the `tokens × out` product.
+        let b = if self.scale == 1.0 {
+            self.b.val()
+        } else {
+            self.b.val().mul_scalar(self.scale)
+        };
+        peft_core::matmul::linear(xa, b, None).cast(dtype)
     }
 
     /// `scale · A·B`, the `[in, out]` update a merge adds to the base weight (f32).
