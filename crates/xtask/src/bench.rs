@@ -25,6 +25,11 @@ pub(crate) fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// The quickest of the times (NaN when there are none).
+fn quickest(v: &[f64]) -> f64 {
+    v.iter().copied().reduce(f64::min).unwrap_or(f64::NAN)
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -813,8 +818,11 @@ fn render(
         s += &format!(
             "## Side by side with Hugging Face PEFT 0.21.2 / transformers 5.23 / bitsandbytes 0.50.2 (torch 2.15, CPU)\n\n\
              {} interleaved rounds; medians over every iteration of every round. Ratio = peer time / our time \
-             (above 1: we are faster). The bottleneck adapters' and fusion's peer (`train_step/pfeiffer`, `houlsby`, `parallel_adapter`, `fusion`) \
-             is AdapterHub `adapters` 1.3.0 on transformers 4.57.6 (PEFT has none).\n\n| work | ours | peer | ratio |\n|---|---|---|---|\n",
+             (above 1: we are faster). The last column is the same ratio of each side's quickest iteration: interference from \
+             other work on the machine only adds time, so on a shared or virtual machine it shows more steadily what each side's \
+             code can do. The bottleneck adapters' and fusion's peer (`train_step/pfeiffer`, `houlsby`, `parallel_adapter`, `fusion`) \
+             is AdapterHub `adapters` 1.3.0 on transformers 4.57.6 (PEFT has none).\n\n\
+             | work | ours | peer | ratio | quickest: ours / peer (ratio) |\n|---|---|---|---|---|\n",
             o.rounds
         );
         for p in pairs {
@@ -824,14 +832,18 @@ fn render(
                 0 => String::new(),
                 t => format!(" ({:.0} tok/s)", t as f64 / (ms / 1e3)),
             };
+            let (qa, qb) = (quickest(&p.ours), quickest(&p.peer));
             s += &format!(
-                "| `{id}`: {} | {}{} | {}{} | {:.2} |\n",
+                "| `{id}`: {} | {}{} | {}{} | {:.2} | {} / {} ({:.2}) |\n",
                 what(id),
                 fmt_ms(a),
                 rate(a),
                 fmt_ms(b),
                 rate(b),
-                b / a
+                b / a,
+                fmt_ms(qa),
+                fmt_ms(qb),
+                qb / qa
             );
         }
         let step = |id: &str, peer: bool| {
@@ -847,7 +859,7 @@ fn render(
             step("train_step/full", true),
         ) {
             s += &format!(
-                "| LoRA step time / full fine-tuning step time | {:.2} | {:.2} | |\n",
+                "| LoRA step time / full fine-tuning step time | {:.2} | {:.2} | | |\n",
                 lo / fo,
                 lp / fp
             );
@@ -858,9 +870,9 @@ fn render(
                 100.0 * c / d
             );
             if let (Some(dp), Some(cp)) = (step("nf4/dequantize", true), step("nf4/copy", true)) {
-                s += &format!("{:.0}% | |\n", 100.0 * cp / dp);
+                s += &format!("{:.0}% | | |\n", 100.0 * cp / dp);
             } else {
-                s += "| |\n";
+                s += "| | |\n";
             }
         }
         if !memory.is_empty() {
