@@ -1,5 +1,6 @@
-//! A decoder's causal attention, `softmax(scale · Q·Kᵀ + key_bias)·V` over the keys each query
-//! may see, as one operation.
+//! Attention, `softmax(scale · Q·Kᵀ + key_bias)·V` over the keys each query may see, as one
+//! operation: a decoder's causal attention ([`causal_attention`]) and an encoder's, where every
+//! query sees every key ([`encoder_attention`]).
 //!
 //! Composed from burn ops it is a copy of each of Q, K and V into heads-first layout (and of K
 //! and V once more per query head under grouped-query attention), two batched products over
@@ -25,6 +26,8 @@ use peft_core::matmul::product_into;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
 
+use burn::tensor::activation::softmax;
+
 use crate::causal_softmax::causal_softmax;
 
 /// Attention of queries `q` `[batch, heads, s, head_dim]` over keys `k` and values `v`
@@ -43,6 +46,32 @@ pub fn causal_attention(
     key_bias: Option<Tensor<2>>,
     scale: f64,
 ) -> Tensor<4> {
+    attention(q, k, v, key_bias, scale, true)
+}
+
+/// The same as [`causal_attention`] with every query seeing every key (an encoder's attention,
+/// e.g. BERT's with its padding mask as the key bias).
+///
+/// # Panics
+/// When the shapes do not fit together as for [`causal_attention`].
+pub fn encoder_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    key_bias: Option<Tensor<2>>,
+    scale: f64,
+) -> Tensor<4> {
+    attention(q, k, v, key_bias, scale, false)
+}
+
+fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    key_bias: Option<Tensor<2>>,
+    scale: f64,
+    causal: bool,
+) -> Tensor<4> {
     let [b, h, s, d] = q.dims();
     let [_, kvh, t, _] = k.dims();
     assert!(
@@ -53,7 +82,7 @@ pub fn causal_attention(
             && h % kvh == 0
             && s <= t
             && key_bias.as_ref().is_none_or(|m| m.dims() == [b, t]),
-        "causal attention: queries {:?}, keys {:?}, values {:?}, key bias {:?}",
+        "attention: queries {:?}, keys {:?}, values {:?}, key bias {:?}",
         q.dims(),
         k.dims(),
         v.dims(),
@@ -64,7 +93,7 @@ pub fn causal_attention(
             .iter()
             .all(|&t| t == DType::F32);
     if !f32_on_cpu {
-        return composed(q, k, v, key_bias, scale);
+        return composed(q, k, v, key_bias, scale, causal);
     }
     let (q, k, v, scale) = (
         q.into_dispatch(),
@@ -73,13 +102,14 @@ pub fn causal_attention(
         scale as f32,
     );
     let (out, _weights) = match key_bias {
-        None => <Dispatch as AttentionOps>::causal_attention(q, k, v, scale),
-        Some(m) => <Dispatch as AttentionOps>::key_biased_causal_attention(
+        None => <Dispatch as AttentionOps>::fused_attention(q, k, v, scale, causal),
+        Some(m) => <Dispatch as AttentionOps>::key_biased_fused_attention(
             q,
             k,
             v,
             m.detach().into_dispatch(),
             scale,
+            causal,
         ),
     };
     Tensor::from_dispatch(out)
@@ -93,6 +123,7 @@ fn composed(
     v: Tensor<4>,
     key_bias: Option<Tensor<2>>,
     scale: f64,
+    causal: bool,
 ) -> Tensor<4> {
     let [b, h, _, d] = q.dims();
     let [_, kvh, t, _] = k.dims();
@@ -112,43 +143,49 @@ fn composed(
         // The scale applies to the scores only: the bias enters unscaled.
         scores = scores + bias.reshape([b, 1, 1, t]).div_scalar(scale);
     }
-    causal_softmax(scores, scale).cast(v.dtype()).matmul(v)
+    let weights = if causal {
+        causal_softmax(scores, scale)
+    } else {
+        softmax(scores.mul_scalar(scale), 3)
+    };
+    weights.cast(v.dtype()).matmul(v)
 }
 
 /// The operation and its gradient as backend operations (f32).
 #[backend_extension(Flex, Autodiff)]
 pub trait AttentionOps: Backend {
-    /// The output of [`causal_attention`] without a key bias and the attention weights
-    /// `[batch, heads, s, t]`.
-    fn causal_attention(
+    /// The output of [`causal_attention`] (`causal`) or [`encoder_attention`] without a key
+    /// bias, and the attention weights `[batch, heads, s, t]`.
+    fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         scale: f32,
+        causal: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// The same with a key bias `[batch, t]` (a constant: no gradient reaches it).
-    fn key_biased_causal_attention(
+    fn key_biased_fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         key_bias: FloatTensor<Self>,
         scale: f32,
+        causal: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// The gradients in `q`, `k` and `v` from the weights `p` and the output's gradient
     /// `grad`; one that `need_q`, `need_k` or `need_v` leaves out is an empty tensor.
     #[allow(clippy::too_many_arguments)]
-    fn causal_attention_backward(
+    fn fused_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         p: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         scale: f32,
-        need_q: bool,
-        need_k: bool,
-        need_v: bool,
+        causal: bool,
+        need: [bool; 3],
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -237,7 +274,8 @@ simd_dispatch! {
     fn softmax_backward_row(p: &[f32], g: &mut [f32], scale: f32) => softmax_backward_body
 }
 
-/// The sizes of one call: batch, query heads, key/value heads, queries, keys, head size.
+/// The sizes of one call: batch, query heads, key/value heads, queries, keys, head size; and
+/// whether query `i` sees only keys `0..=i + t - s` (else all).
 #[derive(Clone, Copy)]
 struct Dims {
     b: usize,
@@ -246,21 +284,39 @@ struct Dims {
     s: usize,
     t: usize,
     d: usize,
+    causal: bool,
 }
 
 impl Dims {
-    fn of(q: &FlexTensor, k: &FlexTensor) -> Self {
+    fn of(q: &FlexTensor, k: &FlexTensor, causal: bool) -> Self {
         let [b, h, s, d]: [usize; 4] = q.layout().shape().dims();
         let [_, kvh, t, _]: [usize; 4] = k.layout().shape().dims();
-        Dims { b, h, kvh, s, t, d }
+        Dims {
+            b,
+            h,
+            kvh,
+            s,
+            t,
+            d,
+            causal,
+        }
+    }
+
+    /// The keys query `i` sees (a prefix of them).
+    fn seen(&self, i: usize) -> usize {
+        if self.causal {
+            i + self.t - self.s + 1
+        } else {
+            self.t
+        }
     }
 
     /// Query blocks `(first row, rows, keys seen by the block)`.
     fn blocks(&self) -> impl Iterator<Item = (usize, usize, usize)> {
-        let (s, t) = (self.s, self.t);
-        (0..s).step_by(ROW_BLOCK).map(move |i0| {
-            let rows = ROW_BLOCK.min(s - i0);
-            (i0, rows, (i0 + rows + t - s).min(t))
+        let dims = *self;
+        (0..dims.s).step_by(ROW_BLOCK).map(move |i0| {
+            let rows = ROW_BLOCK.min(dims.s - i0);
+            (i0, rows, dims.seen(i0 + rows - 1))
         })
     }
 
@@ -284,9 +340,12 @@ fn attention_forward(
     v: &FlexTensor,
     bias: Option<&[f32]>,
     scale: f32,
+    causal: bool,
 ) -> (FlexTensor, FlexTensor) {
-    let dims = Dims::of(q, k);
-    let Dims { b, h, kvh, s, t, d } = dims;
+    let dims = Dims::of(q, k, causal);
+    let Dims {
+        b, h, kvh, s, t, d, ..
+    } = dims;
     let rep = h / kvh;
     let (qv, kv, vv) = (View::of(q), View::of(k), View::of(v));
     let mut p = zeros(b * h * s * t);
@@ -316,7 +375,7 @@ fn attention_forward(
                     let i = i0 + r;
                     // SAFETY: as above; row `i` of this head's weights.
                     let row = unsafe { std::slice::from_raw_parts_mut(p_out.row(p_head, i), t) };
-                    let seen = i + t - s + 1;
+                    let seen = dims.seen(i);
                     softmax_row(
                         row,
                         if bias.is_empty() { bias } else { &bias[..seen] },
@@ -343,39 +402,42 @@ fn attention_forward(
 }
 
 impl AttentionOps for Flex {
-    fn causal_attention(
+    fn fused_attention(
         q: FlexTensor,
         k: FlexTensor,
         v: FlexTensor,
         scale: f32,
+        causal: bool,
     ) -> (FlexTensor, FlexTensor) {
-        attention_forward(&q, &k, &v, None, scale)
+        attention_forward(&q, &k, &v, None, scale, causal)
     }
 
-    fn key_biased_causal_attention(
+    fn key_biased_fused_attention(
         q: FlexTensor,
         k: FlexTensor,
         v: FlexTensor,
         key_bias: FlexTensor,
         scale: f32,
+        causal: bool,
     ) -> (FlexTensor, FlexTensor) {
         let bias = peft_core::cpu::f32_values(&key_bias);
-        attention_forward(&q, &k, &v, Some(&bias), scale)
+        attention_forward(&q, &k, &v, Some(&bias), scale, causal)
     }
 
-    fn causal_attention_backward(
+    fn fused_attention_backward(
         q: FlexTensor,
         k: FlexTensor,
         v: FlexTensor,
         p: FlexTensor,
         grad: FlexTensor,
         scale: f32,
-        need_q: bool,
-        need_k: bool,
-        need_v: bool,
+        causal: bool,
+        [need_q, need_k, need_v]: [bool; 3],
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let dims = Dims::of(&q, &k);
-        let Dims { b, h, kvh, s, t, d } = dims;
+        let dims = Dims::of(&q, &k, causal);
+        let Dims {
+            b, h, kvh, s, t, d, ..
+        } = dims;
         let rep = h / kvh;
         let (qv, kv, vv, gv) = (View::of(&q), View::of(&k), View::of(&v), View::of(&grad));
         let p = peft_core::cpu::f32_values(&p);
@@ -489,12 +551,14 @@ impl AttentionOps for Flex {
 struct AttentionBackward;
 
 impl<B: Backend + AttentionOps> Backward<B, 3> for AttentionBackward {
+    /// Q, K, V, the weights, the scale and whether the attention is causal.
     type State = (
         FloatTensor<B>,
         FloatTensor<B>,
         FloatTensor<B>,
         FloatTensor<B>,
         f32,
+        bool,
     );
 
     fn backward(
@@ -504,19 +568,10 @@ impl<B: Backend + AttentionOps> Backward<B, 3> for AttentionBackward {
         _checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<B>(&ops.node);
-        let (q, k, v, p, scale) = ops.state;
+        let (q, k, v, p, scale, causal) = ops.state;
         let [nq, nk, nv] = ops.parents;
-        let (dq, dk, dv) = B::causal_attention_backward(
-            q,
-            k,
-            v,
-            p,
-            grad,
-            scale,
-            nq.is_some(),
-            nk.is_some(),
-            nv.is_some(),
-        );
+        let need = [nq.is_some(), nk.is_some(), nv.is_some()];
+        let (dq, dk, dv) = B::fused_attention_backward(q, k, v, p, grad, scale, causal, need);
         for (node, gradient) in [(nq, dq), (nk, dk), (nv, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, gradient);
@@ -533,6 +588,7 @@ type OutputAndWeights<B> = (FloatTensor<B>, FloatTensor<B>);
 fn tracked_attention<B: Backend + AttentionOps, C: CheckpointStrategy>(
     [q, k, v]: [FloatTensor<Autodiff<B, C>>; 3],
     scale: f32,
+    causal: bool,
     forward: impl FnOnce(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> OutputAndWeights<B>,
 ) -> OutputAndWeights<Autodiff<B, C>> {
     let parents = [q.node(), k.node(), v.node()];
@@ -544,58 +600,58 @@ fn tracked_attention<B: Backend + AttentionOps, C: CheckpointStrategy>(
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((q, k, v, p, scale), out),
+        OpsKind::Tracked(prep) => prep.finish((q, k, v, p, scale, causal), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     (out, weights)
 }
 
 impl<B: Backend + AttentionOps, C: CheckpointStrategy> AttentionOps for Autodiff<B, C> {
-    fn causal_attention(
+    fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         scale: f32,
+        causal: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        tracked_attention::<B, C>([q, k, v], scale, |q, k, v| {
-            B::causal_attention(q, k, v, scale)
+        tracked_attention::<B, C>([q, k, v], scale, causal, |q, k, v| {
+            B::fused_attention(q, k, v, scale, causal)
         })
     }
 
-    fn key_biased_causal_attention(
+    fn key_biased_fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         key_bias: FloatTensor<Self>,
         scale: f32,
+        causal: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let key_bias = key_bias.into_primitive();
-        tracked_attention::<B, C>([q, k, v], scale, |q, k, v| {
-            B::key_biased_causal_attention(q, k, v, key_bias, scale)
+        tracked_attention::<B, C>([q, k, v], scale, causal, |q, k, v| {
+            B::key_biased_fused_attention(q, k, v, key_bias, scale, causal)
         })
     }
 
-    fn causal_attention_backward(
+    fn fused_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         p: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         scale: f32,
-        need_q: bool,
-        need_k: bool,
-        need_v: bool,
+        causal: bool,
+        need: [bool; 3],
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (dq, dk, dv) = B::causal_attention_backward(
+        let (dq, dk, dv) = B::fused_attention_backward(
             q.into_primitive(),
             k.into_primitive(),
             v.into_primitive(),
             p.into_primitive(),
             grad.into_primitive(),
             scale,
-            need_q,
-            need_k,
-            need_v,
+            causal,
+            need,
         );
         (
             <Self as AutodiffBackend>::from_inner(dq),
@@ -617,7 +673,7 @@ mod tests {
     /// Value and the three gradients equal the burn composition's: a training case longer
     /// than one row block (a partial last block), grouped-query attention, a KV-cache case
     /// with fewer queries than keys, one query, padding keys, and inputs that are heads-first
-    /// views of token-major tensors (as the model passes them) or contiguous.
+    /// views of token-major tensors (as the model passes them) or contiguous; causal and not.
     #[test]
     fn matches_the_burn_composition_forward_and_backward() {
         let device = Device::flex().autodiff();
@@ -647,32 +703,35 @@ mod tests {
             let w = random([b, h, s, d], &device);
             let scale = 1.0 / (d as f64).sqrt();
 
-            let run = |fused: bool| {
+            let run = |fused: bool, causal: bool| {
                 let (q, k, v) = (
                     q.clone().detach().require_grad(),
                     k.clone().detach().require_grad(),
                     v.clone().detach().require_grad(),
                 );
+                let (q_, k_, v_, bias) = (q.clone(), k.clone(), v.clone(), bias.clone());
                 let out = if fused {
-                    causal_attention(q.clone(), k.clone(), v.clone(), bias.clone(), scale)
+                    attention(q_, k_, v_, bias, scale, causal)
                 } else {
-                    composed(q.clone(), k.clone(), v.clone(), bias.clone(), scale)
+                    composed(q_, k_, v_, bias, scale, causal)
                 };
                 let grads = (out.clone() * w.clone()).sum().backward();
                 let g = |x: &Tensor<4>| x.grad(&grads).unwrap().into_data();
                 (out.into_data(), g(&q), g(&k), g(&v))
             };
-            let (fused, reference) = (run(true), run(false));
-            let tol = Tolerance::<f32>::rel_abs(1e-4, 1e-5);
-            let case = format!("b {b} h {h} kvh {kvh} s {s} t {t} d {d}");
-            for (name, got, want) in [
-                ("output", fused.0, reference.0),
-                ("∂q", fused.1, reference.1),
-                ("∂k", fused.2, reference.2),
-                ("∂v", fused.3, reference.3),
-            ] {
-                assert_eq!(got.shape(), want.shape(), "{case}: {name}");
-                got.assert_approx_eq::<f32>(&want, tol);
+            for causal in [true, false] {
+                let (fused, reference) = (run(true, causal), run(false, causal));
+                let tol = Tolerance::<f32>::rel_abs(1e-4, 1e-5);
+                let case = format!("b {b} h {h} kvh {kvh} s {s} t {t} d {d} causal {causal}");
+                for (name, got, want) in [
+                    ("output", fused.0, reference.0),
+                    ("∂q", fused.1, reference.1),
+                    ("∂k", fused.2, reference.2),
+                    ("∂v", fused.3, reference.3),
+                ] {
+                    assert_eq!(got.shape(), want.shape(), "{case}: {name}");
+                    got.assert_approx_eq::<f32>(&want, tol);
+                }
             }
         }
     }
@@ -692,7 +751,7 @@ mod tests {
             .sum()
             .backward();
         assert!(k.grad(&grads).is_none());
-        let reference = composed(q.clone(), k, v.clone(), None, 0.5)
+        let reference = composed(q.clone(), k, v.clone(), None, 0.5, true)
             .sum()
             .backward();
         let tol = Tolerance::<f32>::rel_abs(1e-4, 1e-5);
@@ -705,7 +764,7 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "causal attention: queries [1, 3, 2, 4], keys [1, 2, 5, 4]")]
+    #[should_panic(expected = "attention: queries [1, 3, 2, 4], keys [1, 2, 5, 4]")]
     fn heads_must_group_evenly() {
         let device = Device::flex();
         let _ = causal_attention(

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use peft_quant::checkpoint::weight_shape;
 
-use crate::causal_softmax::key_biased_softmax;
+use crate::attention::encoder_attention;
 use crate::gelu::gelu;
 use crate::slot::{
     LinearSlot, placeholder_linear, placeholder_norm, put_sites, quantization_config, take_sites,
@@ -375,9 +375,7 @@ impl BertForSequenceClassification {
                 k = Tensor::cat(vec![kv[i].0.clone(), k], 2);
                 v = Tensor::cat(vec![kv[i].1.clone(), v], 2);
             }
-            let scores = q.matmul(k.swap_dims(2, 3));
-            let ctx = key_biased_softmax(scores, 1.0 / (hd as f64).sqrt(), bias.clone())
-                .matmul(v)
+            let ctx = encoder_attention(q, k, v, Some(bias.clone()), 1.0 / (hd as f64).sqrt())
                 .swap_dims(1, 2)
                 .reshape([b, s, h]);
             x = l.attention_adapters.forward(

@@ -1,6 +1,6 @@
 //! The attention weights of a causal decoder, `softmax(scale · scores)` over the positions each
-//! query may see, as one operation; and those of an encoder over a padded batch,
-//! `softmax(scale · scores + key_bias)` ([`key_biased_softmax`]).
+//! query may see, as one operation (the CPU's fused attention, [`crate::attention`], computes
+//! them itself; this serves the burn composition that other tensor types take).
 //!
 //! Composed from burn ops it is a scaling, a mask fill and a softmax (max, subtract, `expf` per
 //! value, sum, divide) forward, their backward passes after, and autodiff keeps several
@@ -20,7 +20,7 @@ use burn::tensor::{Bool, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{LANES, dot, exp, f32_values, flex_tensor, max, softmax_in_place, zeros};
+use peft_core::cpu::{LANES, dot, exp, f32_values, flex_tensor, max, zeros};
 use peft_core::simd_dispatch;
 
 /// `softmax(scale · scores)` along the last axis of `scores [batch, heads, queries, keys]`,
@@ -48,42 +48,13 @@ pub fn causal_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
     }
 }
 
-/// `softmax(scale · scores + key_bias)` along the last axis of `scores [batch, heads, queries,
-/// keys]`, with `key_bias [batch, keys]` the same for every head and query (e.g. a large
-/// negative number on padding keys, as BERT masks them). Differentiable in `scores` (not in
-/// `key_bias`). On the CPU one pass forward and one backward, keeping only the weights.
-pub fn key_biased_softmax(scores: Tensor<4>, scale: f64, key_bias: Tensor<2>) -> Tensor<4> {
-    let [b, _, _, t] = scores.dims();
-    assert_eq!(
-        key_bias.dims(),
-        [b, t],
-        "key bias: one value per batch row and key"
-    );
-    if is_cpu(&scores.device()) {
-        Tensor::from_dispatch(<Dispatch as CausalSoftmaxOps>::key_biased_softmax(
-            scores.into_dispatch(),
-            key_bias.detach().into_dispatch(),
-            scale as f32,
-        ))
-    } else {
-        softmax(scores.mul_scalar(scale) + key_bias.reshape([b, 1, 1, t]), 3)
-    }
-}
-
 /// The operation and its gradient as backend operations.
 #[backend_extension(Flex, Autodiff)]
 pub trait CausalSoftmaxOps: Backend {
     /// The weights `[batch, heads, queries, keys]` (see [`causal_softmax`]).
     fn causal_softmax(scores: FloatTensor<Self>, scale: f32) -> FloatTensor<Self>;
 
-    /// The weights `[batch, heads, queries, keys]` (see [`key_biased_softmax`]).
-    fn key_biased_softmax(
-        scores: FloatTensor<Self>,
-        key_bias: FloatTensor<Self>,
-        scale: f32,
-    ) -> FloatTensor<Self>;
-
-    /// The gradient in the scores (of either operation) from the weights `p` and their
+    /// The gradient in the scores from the weights `p` and their
     /// gradient `grad`:
     /// `scale · p · (grad - Σ_keys grad · p)`.
     fn causal_softmax_backward(
@@ -121,15 +92,6 @@ fn forward_body(row: &[f32], n: usize, scale: f32, out: &mut [f32]) {
     out_hidden.fill(0.0);
 }
 
-/// `out = softmax(scale · row + bias)` (`scale > 0`).
-#[inline(always)]
-fn biased_forward_body(row: &[f32], bias: &[f32], scale: f32, out: &mut [f32]) {
-    for ((o, &x), &b) in out.iter_mut().zip(row).zip(bias) {
-        *o = scale * x + b;
-    }
-    softmax_in_place(out);
-}
-
 /// `out = scale · p · (g - Σ g · p)` over one row.
 #[inline(always)]
 fn backward_body(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) {
@@ -141,10 +103,6 @@ fn backward_body(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) {
 
 simd_dispatch! {
     fn forward_row(row: &[f32], n: usize, scale: f32, out: &mut [f32]) => forward_body
-}
-
-simd_dispatch! {
-    fn biased_forward_row(row: &[f32], bias: &[f32], scale: f32, out: &mut [f32]) => biased_forward_body
 }
 
 simd_dispatch! {
@@ -185,22 +143,6 @@ impl CausalSoftmaxOps for Flex {
             // Query i of its (batch, head) sees keys 0..=i + t - s.
             let i = r % s;
             forward_row(row, i + t - s + 1, scale, out);
-        })
-    }
-
-    fn key_biased_softmax(
-        scores: FloatTensor<Self>,
-        key_bias: FloatTensor<Self>,
-        scale: f32,
-    ) -> FloatTensor<Self> {
-        let shape = scores.layout().shape().clone();
-        let t = shape[3];
-        // Rows of one batch row: every head and query.
-        let per_batch = shape[1] * shape[2];
-        let bias = f32_values(&key_bias);
-        map_rows(&scores, |r, row, out| {
-            let batch = r / per_batch;
-            biased_forward_row(row, &bias[batch * t..(batch + 1) * t], scale, out);
         })
     }
 
@@ -248,7 +190,7 @@ impl<B: Backend + CausalSoftmaxOps> Backward<B, 1> for CausalSoftmaxBackward {
 }
 
 /// Attention weights `weights(scores)` on the autodiff backend, keeping only them (and `scale`)
-/// for the backward pass, which both operations share.
+/// for the backward pass.
 fn tracked_weights<B: Backend + CausalSoftmaxOps, C: CheckpointStrategy>(
     scores: FloatTensor<Autodiff<B, C>>,
     scale: f32,
@@ -274,16 +216,6 @@ impl<B: Backend + CausalSoftmaxOps, C: CheckpointStrategy> CausalSoftmaxOps for 
         tracked_weights::<B, C>(scores, scale, |x| B::causal_softmax(x, scale))
     }
 
-    /// The bias is a constant: no gradient reaches it.
-    fn key_biased_softmax(
-        scores: FloatTensor<Self>,
-        key_bias: FloatTensor<Self>,
-        scale: f32,
-    ) -> FloatTensor<Self> {
-        let key_bias = key_bias.into_primitive();
-        tracked_weights::<B, C>(scores, scale, |x| B::key_biased_softmax(x, key_bias, scale))
-    }
-
     fn causal_softmax_backward(
         p: FloatTensor<Self>,
         grad: FloatTensor<Self>,
@@ -300,7 +232,7 @@ impl<B: Backend + CausalSoftmaxOps, C: CheckpointStrategy> CausalSoftmaxOps for 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution, TensorData, Tolerance};
+    use burn::tensor::{Device, Distribution, Tolerance};
 
     /// The burn composition the operation replaces.
     fn reference(scores: Tensor<4>, scale: f64) -> Tensor<4> {
@@ -350,46 +282,6 @@ mod tests {
                 let seen = r % s + t - s + 1;
                 assert!(row[seen..].iter().all(|&w| w == 0.0), "{shape:?} row {r}");
             }
-        }
-    }
-
-    /// Equal to scale + broadcast key bias + softmax from burn ops, value and gradient: rows
-    /// longer than the vector width, padding keys (bias -1e9) anywhere in a row, several
-    /// batch rows with their own bias, and a partial task.
-    #[test]
-    fn key_biased_matches_the_burn_composition_forward_and_backward() {
-        let device = Device::flex().autodiff();
-        device.seed(11);
-        for (shape, scale) in [([3, 2, 29, 45], 0.125), ([2, 4, 7, 7], 0.5)] {
-            let [b, _, _, t] = shape;
-            let scores = Tensor::<4>::random(shape, Distribution::Normal(0.0, 3.0), &device);
-            let weights = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
-            // Batch row r pads its last r·3 keys and also its key 1 when r is odd.
-            let bias: Vec<f32> = (0..b * t)
-                .map(|i| {
-                    let (r, k) = (i / t, i % t);
-                    if k + r * 3 >= t || (r % 2 == 1 && k == 1) {
-                        -1e9
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let bias = Tensor::<2>::from_data(TensorData::new(bias, [b, t]), &device);
-
-            let a = scores.clone().detach().require_grad();
-            let p = key_biased_softmax(a.clone(), scale, bias.clone());
-            let ga = a
-                .grad(&(p.clone() * weights.clone()).sum().backward())
-                .unwrap();
-
-            let c = scores.detach().require_grad();
-            let q = softmax(c.clone().mul_scalar(scale) + bias.reshape([b, 1, 1, t]), 3);
-            let gc = c.grad(&(q.clone() * weights).sum().backward()).unwrap();
-
-            let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-6);
-            p.into_data().assert_approx_eq::<f32>(&q.into_data(), tol);
-            ga.into_data().assert_approx_eq::<f32>(&gc.into_data(), tol);
         }
     }
 }
