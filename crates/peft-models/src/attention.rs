@@ -19,14 +19,13 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
+use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 use peft_core::cpu::{dot, softmax_in_place, zeros};
 use peft_core::device::is_cpu;
 use peft_core::matmul::product_into;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
-
-use burn::tensor::activation::softmax;
 
 use crate::causal_softmax::causal_softmax;
 
