@@ -20,7 +20,7 @@ use burn::tensor::{Bool, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{LANES, dot, exp, f32_values, flex_tensor, max, zeros};
+use peft_core::cpu::{dot, f32_values, flex_tensor, softmax_in_place, zeros};
 use peft_core::simd_dispatch;
 
 /// `softmax(scale · scores)` along the last axis of `scores [batch, heads, queries, keys]`,
@@ -69,25 +69,10 @@ pub trait CausalSoftmaxOps: Backend {
 fn forward_body(row: &[f32], n: usize, scale: f32, out: &mut [f32]) {
     let (seen, hidden) = row.split_at(n);
     let (out_seen, out_hidden) = out.split_at_mut(n);
-    let max = max(seen);
-    let tail = seen.chunks_exact(LANES).remainder();
-    let mut sums = [0f32; LANES];
-    let mut outs = out_seen.chunks_exact_mut(LANES);
-    for (o, c) in (&mut outs).zip(seen.chunks_exact(LANES)) {
-        for ((o, s), &x) in o.iter_mut().zip(sums.iter_mut()).zip(c) {
-            *o = exp(scale * (x - max));
-            *s += *o;
-        }
+    for (o, &x) in out_seen.iter_mut().zip(seen) {
+        *o = scale * x;
     }
-    let mut sum = sums.iter().sum::<f32>();
-    for (o, &x) in outs.into_remainder().iter_mut().zip(tail) {
-        *o = exp(scale * (x - max));
-        sum += *o;
-    }
-    let inv = 1.0 / sum;
-    for o in out_seen.iter_mut() {
-        *o *= inv;
-    }
+    softmax_in_place(out_seen);
     debug_assert_eq!(hidden.len(), out_hidden.len());
     out_hidden.fill(0.0);
 }
