@@ -19,6 +19,7 @@
 
 pub mod bottleneck;
 pub mod dora;
+pub mod feature_scale;
 pub mod fusion;
 pub mod host;
 pub mod linear;

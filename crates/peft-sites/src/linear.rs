@@ -111,6 +111,12 @@ impl FeatureVector {
     fn broadcast<const D: usize>(&self, dtype: DType) -> Tensor<D> {
         self.value.val().cast(dtype).unsqueeze::<D>()
     }
+
+    /// `x ⊙ vector` over the last dimension of `x`, in the type of `x`.
+    fn scale<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        crate::feature_scale::scale_features(x, self.value.val().cast(dtype))
+    }
 }
 
 /// A learned scale and shift of every output feature (SSF): `y ⊙ scale + shift`.
@@ -411,7 +417,7 @@ impl TunedLinear {
             if let LinearPart::InputScale(l) = part
                 && self.live(i)
             {
-                input = input * l.broadcast::<D>(dtype);
+                input = l.scale(input);
             }
         }
         let mut y = self.base.forward(input);
@@ -421,8 +427,8 @@ impl TunedLinear {
                 continue;
             }
             match part {
-                LinearPart::OutputScale(l) => y = y * l.broadcast::<D>(dtype),
-                LinearPart::ScaleShift(ss) => y = y * ss.scale.broadcast::<D>(dtype),
+                LinearPart::OutputScale(l) => y = l.scale(y),
+                LinearPart::ScaleShift(ss) => y = ss.scale.scale(y),
                 _ => {}
             }
         }
