@@ -1,7 +1,9 @@
 //! `peft-bench`: runs the workloads of [`peft_bench`] for `cargo xtask bench`.
 //!
 //! - `peft-bench serve [--device cpu|wgpu]`: reads `ID ITERATIONS` lines on stdin and answers
-//!   each with one JSON line `{"id": .., "ms": [..]}`, the time of every iteration. A workload
+//!   each with one JSON line `{"id": .., "ms": [..], "gflop": ..}`, the time of every
+//!   iteration and the dense products' arithmetic in one (`peft_core::matmul::multiply_adds`;
+//!   0 on the GPU, whose products do not go through it). A workload
 //!   is set up (and run once to warm up) on its first request and kept for later ones, so
 //!   `xtask` can interleave rounds with the Python peer, which speaks the same protocol.
 //! - `peft-bench memory ID [--device ..]`: in this fresh process, the resident memory before
@@ -49,6 +51,7 @@ fn serve(args: &[String]) -> Result<()> {
             ready.insert(id.to_string(), run);
         }
         let run = ready.get_mut(id).expect("prepared above");
+        let multiply_adds = peft_core::matmul::multiply_adds();
         let ms: Vec<f64> = (0..iters)
             .map(|_| {
                 let t = Instant::now();
@@ -56,7 +59,15 @@ fn serve(args: &[String]) -> Result<()> {
                 t.elapsed().as_secs_f64() * 1e3
             })
             .collect();
-        writeln!(out, "{}", serde_json::json!({ "id": id, "ms": ms }))?;
+        // The dense products' arithmetic per iteration (2 flops a multiply-add).
+        let gflop = (peft_core::matmul::multiply_adds() - multiply_adds) as f64 * 2.0
+            / iters.max(1) as f64
+            / 1e9;
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "id": id, "ms": ms, "gflop": gflop })
+        )?;
         out.flush()?;
     }
     Ok(())

@@ -19,6 +19,7 @@ use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_
 use burn::tensor::{DType, Shape, Tensor};
 
 use crate::device::is_cpu;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// `x·W + b` over the last dimension of `x` (`[..., in]`), with `W` `[in, out]` and `b`
 /// `[out]`: what `burn::tensor::module::linear` computes, faster on the CPU.
@@ -121,6 +122,16 @@ const PARALLEL_FROM: usize = 192 * 192 * 192;
 /// `[512, 16]·[16, 512]` 97, 132 and 77 µs (2 threads; observed).
 const SPLIT_FROM: usize = 1 << 20;
 
+/// Multiply-adds done by [`product_into`] since the process started (each `m·n·k`), on every
+/// thread: how much arithmetic a piece of work needed, to set its time against the product's
+/// peak speed (`cargo xtask bench`). One relaxed atomic addition per call.
+static MULTIPLY_ADDS: AtomicU64 = AtomicU64::new(0);
+
+/// The multiply-adds [`product_into`] has done so far in this process.
+pub fn multiply_adds() -> u64 {
+    MULTIPLY_ADDS.load(Ordering::Relaxed)
+}
+
 /// A strided f32 matrix as [`product_into`] reads it: the address of its first value, its row
 /// stride and its column stride (in values).
 pub type Strided = (*const f32, isize, isize);
@@ -146,6 +157,7 @@ pub unsafe fn product_into(
     if m == 0 || n == 0 {
         return;
     }
+    MULTIPLY_ADDS.fetch_add((m * n * k) as u64, Ordering::Relaxed);
     // gemm takes each operand's column stride before its row stride.
     unsafe {
         gemm::gemm(

@@ -89,6 +89,9 @@ struct Worker {
     child: Child,
     input: ChildStdin,
     output: BufReader<ChildStdout>,
+    /// The dense products' GFLOP of one iteration of each workload, where the worker reports
+    /// it (ours; the latest answer).
+    gflop: std::collections::HashMap<String, f64>,
 }
 
 impl Worker {
@@ -104,6 +107,7 @@ impl Worker {
             child,
             input,
             output,
+            gflop: Default::default(),
         })
     }
 
@@ -137,6 +141,9 @@ impl Worker {
             .iter()
             .filter_map(Value::as_f64)
             .collect();
+        if let Some(g) = v["gflop"].as_f64() {
+            self.gflop.insert(id.to_string(), g);
+        }
         Ok(ms)
     }
 }
@@ -402,6 +409,8 @@ struct Pair {
     workload: &'static Workload,
     ours: Vec<f64>,
     peer: Vec<f64>,
+    /// Our dense products' GFLOP per iteration (0 or absent: none went through them).
+    gflop: Option<f64>,
 }
 
 /// Whether `--only` (comma-separated id prefixes) selects workload `id`.
@@ -555,6 +564,7 @@ pub fn bench(args: &[String]) -> Result<()> {
                 workload: w,
                 ours: Vec::new(),
                 peer: Vec::new(),
+                gflop: None,
             })
             .collect();
         for round in 0..o.rounds {
@@ -576,6 +586,9 @@ pub fn bench(args: &[String]) -> Result<()> {
                     p.ours.extend(ours.run(p.workload.id, n)?);
                 }
             }
+        }
+        for p in &mut pairs {
+            p.gflop = ours.gflop.get(p.workload.id).copied();
         }
         drop((ours, peft_peer, ah_peer));
         for w in selected.iter().filter(|w| w.id.starts_with("train_step/")) {
@@ -619,7 +632,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         "machine": machine(),
         "isa": isa.iter().map(|(side, v)| json!({"side": side, "report": v})).collect::<Vec<_>>(),
         "criterion_ms": criterion.iter().map(|(id, ms)| json!({"id": id, "median_ms": ms})).collect::<Vec<_>>(),
-        "pairs": pairs.iter().map(|p| json!({"id": p.workload.id, "ours_ms": p.ours, "peer_ms": p.peer})).collect::<Vec<_>>(),
+        "pairs": pairs.iter().map(|p| json!({"id": p.workload.id, "ours_ms": p.ours, "peer_ms": p.peer, "gflop": p.gflop})).collect::<Vec<_>>(),
         "memory_mib": memory_rows.iter().map(|(id, m, t)| json!({"id": id,
             "ours": {"rss": [m.rss_before, m.rss_peak], "alloc": [m.alloc_before, m.alloc_peak]},
             "peer": {"rss": [t.rss_before, t.rss_peak]}})).collect::<Vec<_>>(),
@@ -766,6 +779,54 @@ fn render_gpu(g: &GpuRun, rounds: usize) -> String {
     s + "\n"
 }
 
+/// Each training step's dense-product arithmetic set against the products' speed in the same
+/// run (the quickest `linear/plain_fwd`: a 512-row product on every thread, the shape of the
+/// benchmark model's): the time the products alone would take at that speed, and so the
+/// highest ratio to the peer the step could reach if everything else in it took no time.
+/// Empty without `linear/plain_fwd` or our arithmetic counts.
+fn floor_section(pairs: &[Pair]) -> String {
+    let rate = |p: &Pair| Some(p.gflop.filter(|&g| g > 0.0)? / (quickest(&p.ours) / 1e3));
+    let Some(peak) = pairs
+        .iter()
+        .find(|p| p.workload.id == "linear/plain_fwd")
+        .and_then(rate)
+    else {
+        return String::new();
+    };
+    let mut s = format!(
+        "\n### The training steps against the dense products' speed\n\n\
+         The products' speed in this run: {peak:.0} GFLOP/s (the quickest `linear/plain_fwd`). \
+         GFLOP: the dense products' arithmetic in one of our steps (2 per multiply-add; the \
+         attention's products included). Floor: that arithmetic at that speed, the time of the \
+         products alone. Ceiling: the peer's quickest step over the floor, the ratio the step \
+         could reach if nothing but its products took time (the peer does at least the same \
+         arithmetic: the method's products).\n\n\
+         | step | GFLOP | ours: quickest, GFLOP/s (of the products' speed) | floor | peer: quickest | ratio (quickest) | ceiling |\n\
+         |---|---|---|---|---|---|---|\n"
+    );
+    for p in pairs
+        .iter()
+        .filter(|p| p.workload.id.starts_with("train_step/"))
+    {
+        let (Some(g), Some(r)) = (p.gflop, rate(p)) else {
+            continue;
+        };
+        let (ours, peer) = (quickest(&p.ours), quickest(&p.peer));
+        let floor = g / peak * 1e3;
+        s += &format!(
+            "| `{}` | {g:.1} | {} at {r:.0} ({:.0}%) | {} | {} | {:.2} | {:.2} |\n",
+            p.workload.id,
+            fmt_ms(ours),
+            100.0 * r / peak,
+            fmt_ms(floor),
+            fmt_ms(peer),
+            peer / ours,
+            peer / floor
+        );
+    }
+    s
+}
+
 fn render(
     o: &Options,
     criterion: &[(String, f64)],
@@ -875,6 +936,7 @@ fn render(
                 s += "| | |\n";
             }
         }
+        s += &floor_section(pairs);
         if !memory.is_empty() {
             s += "\n### Memory of one training step (fresh process each, after two warm-up steps)\n\n\
                   Ours: the allocator's live bytes before the step and their high-water mark during it (reset at its \
