@@ -438,6 +438,18 @@ mod tests {
         );
     }
 
+    /// A forward and backward of a tracked linear count their three products' multiply-adds
+    /// (other tests may add theirs meanwhile: at least these).
+    #[test]
+    fn products_count_their_multiply_adds() {
+        let device = Device::flex().autodiff();
+        let x = random([6, 5], &device).require_grad();
+        let w = random([5, 7], &device).require_grad();
+        let before = multiply_adds();
+        let _ = linear(x, w, None).sum().backward();
+        assert!(multiply_adds() - before >= 3 * 6 * 5 * 7);
+    }
+
     #[test]
     #[should_panic(expected = "the input has 3 features, the weight 4")]
     fn mismatched_features_are_refused() {

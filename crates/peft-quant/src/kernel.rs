@@ -70,7 +70,8 @@ fn rows_per_tile(m: usize, n: usize, k: usize) -> usize {
 }
 
 /// `dst[m, c] (+)= lhs[m, inner] · rhs[inner, c]` with explicit strides (row, column), on one
-/// thread (the callers already run tiles in parallel).
+/// thread (the callers already run tiles in parallel): [`peft_core::matmul::product_into`],
+/// which also counts the arithmetic.
 ///
 /// # Safety
 /// Every element the sizes and strides address must lie inside the buffers, and no other
@@ -91,26 +92,15 @@ unsafe fn gemm_f32(
     rhs_cs: isize,
 ) {
     unsafe {
-        gemm::gemm(
-            m,
-            c,
-            inner,
+        peft_core::matmul::product_into(
+            (m, c, inner),
             dst,
-            1,
-            dst_rs,
+            dst_rs as usize,
             accumulate,
-            lhs,
-            lhs_cs,
-            lhs_rs,
-            rhs,
-            rhs_cs,
-            rhs_rs,
-            1.0f32,
-            1.0f32,
+            (lhs, lhs_rs, lhs_cs),
+            (rhs, rhs_rs, rhs_cs),
+            1.0,
             false,
-            false,
-            false,
-            gemm::Parallelism::None,
         );
     }
 }
