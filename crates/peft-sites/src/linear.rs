@@ -420,7 +420,42 @@ impl TunedLinear {
                 input = l.scale(input);
             }
         }
-        let mut y = self.base.forward(input);
+        // Without scales, a sparse delta on a dense base folds into the base's product.
+        let scaled = self.parts.iter().enumerate().any(|(i, part)| {
+            self.live(i)
+                && matches!(
+                    part,
+                    LinearPart::InputScale(_)
+                        | LinearPart::OutputScale(_)
+                        | LinearPart::ScaleShift(_)
+                )
+        });
+        let mut folded = None;
+        let mut y = match &self.base {
+            BaseLinear::Dense(base) if !scaled => {
+                let tuned = self
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, part)| match part {
+                        LinearPart::Sparse(s) if self.live(i) => {
+                            Some((i, s.tuned_product(&input, &base.weight.val())?))
+                        }
+                        _ => None,
+                    });
+                match tuned {
+                    Some((i, y)) => {
+                        folded = Some(i);
+                        match &base.bias {
+                            Some(b) => y + b.val().unsqueeze(),
+                            None => y,
+                        }
+                    }
+                    None => self.base.forward(input),
+                }
+            }
+            _ => self.base.forward(input),
+        };
         // Scales first, then what adds: the order of the parts does not change the result.
         for (i, part) in self.parts.iter().enumerate() {
             if !self.live(i) {
@@ -445,6 +480,7 @@ impl TunedLinear {
                 }
                 LinearPart::Bias(b) => y = y + b.broadcast::<D>(dtype),
                 LinearPart::ScaleShift(ss) => y = y + ss.shift.broadcast::<D>(dtype),
+                LinearPart::Sparse(_) if folded == Some(i) => {}
                 LinearPart::Sparse(s) => y = y + s.delta(x.clone()),
                 LinearPart::InputScale(_) | LinearPart::OutputScale(_) => {}
             }

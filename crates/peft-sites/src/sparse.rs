@@ -28,6 +28,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 use peft_core::cpu::{dot, f32_values, flex_tensor};
 use peft_core::device::is_cpu;
+use peft_core::matmul::DenseProductOps;
 use peft_core::params::trainable;
 use peft_core::simd_dispatch;
 use peft_core::tensors::HostTensor;
@@ -226,6 +227,36 @@ impl SparseDelta {
         y.cast(dtype)
     }
 
+    /// `x·(W + Sᵀ)` for the frozen burn-layout weight `w` `[in, out]` of the layer this delta
+    /// is on: the base's product with the delta folded into a copy of its weight, one dense
+    /// product each way instead of the base's product plus this delta's sparse kernels (a
+    /// PaFi training step of the benchmark Llama spent about 9% of its samples in those,
+    /// observed). `None` where that does not apply (another device, another type than f32, a
+    /// weight that trains): then [`delta`](Self::delta) goes beside the base.
+    pub fn tuned_product<const D: usize>(&self, x: &Tensor<D>, w: &Tensor<2>) -> Option<Tensor<D>> {
+        let f32_on_cpu = is_cpu(&x.device()) && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+        if !f32_on_cpu || w.is_require_grad() || D < 2 {
+            return None;
+        }
+        let s = &self.support.0;
+        let mut dims = x.dims();
+        assert_eq!(
+            dims[D - 1],
+            s.d_in,
+            "input's last dimension does not fit the sparse delta ({} expected)",
+            s.d_in
+        );
+        let rows = dims[..D - 1].iter().product();
+        let y = Tensor::<2>::from_dispatch(<Dispatch as SparseDeltaOps>::sparse_tuned_product(
+            x.clone().reshape([rows, s.d_in]).into_dispatch(),
+            w.clone().into_dispatch(),
+            self.values.val().into_dispatch(),
+            self.support.clone(),
+        ));
+        dims[D - 1] = s.d_out;
+        Some(y.reshape(dims))
+    }
+
     /// The delta from burn's indexing ops (devices without the host kernel).
     fn delta_composed<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let s = &self.support.0;
@@ -290,6 +321,23 @@ pub trait SparseDeltaOps: Backend {
     fn sparse_delta_values_grad(
         x: FloatTensor<Self>,
         g: FloatTensor<Self>,
+        support: SupportHandle,
+    ) -> FloatTensor<Self>;
+
+    /// `x [rows, in] · (W + Sᵀ)` for a frozen burn-layout weight `W` `[in, out]`: the base's
+    /// product and the delta's in one dense product.
+    fn sparse_tuned_product(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        support: SupportHandle,
+    ) -> FloatTensor<Self>;
+
+    /// `g [rows, out] · (W + Sᵀ)ᵀ -> [rows, in]` (the input's gradient of the above).
+    fn sparse_tuned_input_grad(
+        g: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        values: FloatTensor<Self>,
         support: SupportHandle,
     ) -> FloatTensor<Self>;
 }
@@ -454,7 +502,45 @@ fn scatter_op(
     flex_tensor(out, shape, DType::F32)
 }
 
+/// `W + Sᵀ` as a new `[in, out]` tensor: a copy of the frozen weight with the values added
+/// at their positions (the weight itself is left alone).
+fn folded_weight(w: &FlexTensor, values: &FlexTensor, s: &Support) -> FlexTensor {
+    assert_eq!(
+        w.layout().shape().to_vec(),
+        [s.d_in, s.d_out],
+        "the weight does not fit the sparse delta"
+    );
+    let mut data = f32_values(w).into_owned();
+    let v = f32_values(values);
+    for ((&o, &i), &v) in s.rows.iter().zip(&s.cols).zip(v.iter()) {
+        data[i as usize * s.d_out + o as usize] += v;
+    }
+    flex_tensor(data, [s.d_in, s.d_out], DType::F32)
+}
+
 impl SparseDeltaOps for Flex {
+    fn sparse_tuned_product(
+        x: FlexTensor,
+        w: FlexTensor,
+        values: FlexTensor,
+        support: SupportHandle,
+    ) -> FlexTensor {
+        let w = folded_weight(&w, &values, &support.0);
+        <Flex as DenseProductOps>::dense_product(x, w)
+    }
+
+    fn sparse_tuned_input_grad(
+        g: FlexTensor,
+        w: FlexTensor,
+        values: FlexTensor,
+        support: SupportHandle,
+    ) -> FlexTensor {
+        // Folded again rather than kept from the forward pass: a copy of the weight costs
+        // less than holding one per layer until the backward pass.
+        let w = folded_weight(&w, &values, &support.0);
+        <Flex as DenseProductOps>::dense_product_input_grad(g, w)
+    }
+
     fn sparse_delta(x: FlexTensor, values: FlexTensor, support: SupportHandle) -> FlexTensor {
         let s = &support.0;
         scatter_op(x, values, (s.d_in, &s.cols), (s.d_out, &s.rows), &s.by_row)
@@ -528,7 +614,91 @@ impl<B: Backend + SparseDeltaOps> Backward<B, 2> for SparseDeltaBackward {
     }
 }
 
+/// The backward pass of `y = x·(W + Sᵀ)` with `W` frozen: `∂x = g·(W + Sᵀ)ᵀ`,
+/// `∂v = Σ_rows x[·, i]·g[·, o]`.
+#[derive(Debug)]
+struct SparseTunedBackward;
+
+impl<B: Backend + SparseDeltaOps> Backward<B, 2> for SparseTunedBackward {
+    /// The input (when the values train), the frozen weight and the values (when the input
+    /// needs a gradient), and the positions.
+    type State = (
+        Option<B::FloatTensorPrimitive>,
+        Option<(B::FloatTensorPrimitive, B::FloatTensorPrimitive)>,
+        SupportHandle,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let (x, weight_values, support) = ops.state;
+        let s2 = support.clone();
+        binary::<B, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            |g| {
+                let (w, values) = weight_values.expect("kept for ∂x");
+                B::sparse_tuned_input_grad(g, w, values, support)
+            },
+            |g| B::sparse_delta_values_grad(x.expect("kept for ∂v"), g, s2),
+        );
+    }
+}
+
 impl<B: Backend + SparseDeltaOps, C: CheckpointStrategy> SparseDeltaOps for Autodiff<B, C> {
+    fn sparse_tuned_product(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        support: SupportHandle,
+    ) -> FloatTensor<Self> {
+        assert!(
+            !w.is_tracked(),
+            "sparse_tuned_product: the weight must be frozen"
+        );
+        let (x_tracked, v_tracked) = (x.is_tracked(), values.is_tracked());
+        let parents = [x.node(), values.node()];
+        let (x, w, values) = (
+            x.into_primitive(),
+            w.into_primitive(),
+            values.into_primitive(),
+        );
+        let y = B::sparse_tuned_product(x.clone(), w.clone(), values.clone(), support.clone());
+        match SparseTunedBackward
+            .prepare::<C>(parents)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (
+                    v_tracked.then_some(x),
+                    x_tracked.then_some((w, values)),
+                    support,
+                );
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn sparse_tuned_input_grad(
+        g: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        support: SupportHandle,
+    ) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::sparse_tuned_input_grad(
+            g.into_primitive(),
+            w.into_primitive(),
+            values.into_primitive(),
+            support,
+        ))
+    }
+
     fn sparse_delta(
         x: FloatTensor<Self>,
         values: FloatTensor<Self>,
@@ -635,6 +805,53 @@ mod tests {
             .collect();
         gv.into_data()
             .assert_approx_eq::<f32>(&TensorData::new(expected, [k]), tol);
+    }
+
+    /// The base's product with the delta folded into its weight equals the base's product
+    /// plus the delta, in value and in the gradients of the input and the values (repeated
+    /// positions included); the weight itself keeps its values.
+    #[test]
+    fn the_folded_product_is_the_base_plus_the_delta() {
+        let device = Device::default().autodiff();
+        let (d_out, d_in, rows) = (24, 40, 37);
+        let mut support = random_support(d_out, d_in, 60, 11);
+        support = Support::new(
+            d_out,
+            d_in,
+            [support.flat.clone(), support.flat[..5].to_vec()].concat(),
+            "test",
+        )
+        .unwrap();
+        let k = support.len();
+        let delta = SparseDelta::new(support, Tensor::random([k], Distribution::Default, &device));
+        let w = Tensor::<2>::random([d_in, d_out], Distribution::Default, &device);
+        let before = w.to_data();
+        let x = Tensor::<3>::random([2, rows, d_in], Distribution::Default, &device).require_grad();
+        let g = Tensor::<3>::random([2, rows, d_out], Distribution::Default, &device);
+        let ours = delta
+            .tuned_product(&x, &w)
+            .expect("f32 on the CPU, a frozen weight");
+        let grads = (ours.clone() * g.clone()).sum().backward();
+        let x2 = x.clone().detach().require_grad();
+        let want = x2.clone().matmul(w.clone().unsqueeze::<3>()) + delta.delta(x2.clone());
+        let grads2 = (want.clone() * g).sum().backward();
+        let tol = Tolerance::absolute(1e-4);
+        ours.into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), tol);
+        x.grad(&grads)
+            .unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&x2.grad(&grads2).unwrap().into_data(), tol);
+        delta
+            .values
+            .val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&delta.values.val().grad(&grads2).unwrap().into_data(), tol);
+        w.to_data().assert_eq(&before, true);
+        // A weight that trains is not folded.
+        assert!(delta.tuned_product(&x, &w.require_grad()).is_none());
     }
 
     #[test]
