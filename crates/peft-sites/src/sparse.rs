@@ -10,9 +10,12 @@
 //! On the CPU backend this is a backend operation with its own backward pass
 //! ([`SparseDeltaOps`]): it keeps only the input and the `[k]` values for the backward, and
 //! computes `∂x = g·S` and `∂v_j = Σ_rows x[·, i_j]·g[·, o_j]` directly, so the memory of a
-//! step grows with the number of selected entries, never with the weight. Other devices
-//! compose it from `select` / `select_assign`, which autodiff differentiates; that keeps a
-//! `[rows, k]` product per layer for the backward.
+//! step grows with the number of selected entries, never with the weight. On a dense f32
+//! base whose output no scale touches, the layer instead folds the values into a copy of the
+//! base's weight ([`SparseDelta::tuned_product`]): one dense product each way in place of the
+//! base's product plus the sparse kernels, the copy made again for the backward pass rather
+//! than kept. Other devices compose it from `select` / `select_assign`, which autodiff
+//! differentiates; that keeps a `[rows, k]` product per layer for the backward.
 
 use std::sync::Arc;
 
