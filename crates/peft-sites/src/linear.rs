@@ -420,19 +420,21 @@ impl TunedLinear {
                 input = l.scale(input);
             }
         }
-        // Without scales, a sparse delta on a dense base folds into the base's product.
-        let scaled = self.parts.iter().enumerate().any(|(i, part)| {
+        // A sparse delta on a dense base folds into the base's product, unless a live part
+        // works on the base's output (a scale, DoRA's magnitude) rather than adding to it.
+        let on_base_output = self.parts.iter().enumerate().any(|(i, part)| {
             self.live(i)
-                && matches!(
-                    part,
+                && match part {
                     LinearPart::InputScale(_)
-                        | LinearPart::OutputScale(_)
-                        | LinearPart::ScaleShift(_)
-                )
+                    | LinearPart::OutputScale(_)
+                    | LinearPart::ScaleShift(_) => true,
+                    LinearPart::Lora(a) => a.magnitude.is_some(),
+                    _ => false,
+                }
         });
         let mut folded = None;
         let mut y = match &self.base {
-            BaseLinear::Dense(base) if !scaled => {
+            BaseLinear::Dense(base) if !on_base_output => {
                 let tuned = self
                     .parts
                     .iter()
@@ -598,6 +600,28 @@ mod tests {
             + sparse.delta(x.clone())
             + vec("bias")
             + b;
+        l.forward(x)
+            .into_data()
+            .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));
+    }
+
+    /// With nothing working on the base's output, the sparse delta folds into the base's
+    /// product: the same sum as the parts one by one.
+    #[test]
+    fn a_sparse_delta_folds_into_an_unscaled_base() {
+        let device = Device::flex();
+        let mut l = layer(&device);
+        l.set_active(&["lora", "bias", "sparse"]).unwrap();
+        let x = Tensor::<2>::random([4, 6], Distribution::Default, &device);
+        let (LinearPart::Sparse(sparse), LinearPart::Bias(bias)) =
+            (l.part("sparse").unwrap(), l.part("bias").unwrap())
+        else {
+            unreachable!()
+        };
+        let expected = l.base.forward(x.clone())
+            + l.lora("lora").unwrap().delta(x.clone())
+            + sparse.delta(x.clone())
+            + bias.value.val().unsqueeze::<2>();
         l.forward(x)
             .into_data()
             .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));

@@ -586,48 +586,17 @@ impl SparseDeltaOps for Flex {
     }
 }
 
-/// The backward pass of `y = x·Sᵀ`: `∂x = g·S`, `∂v = Σ_rows x[·, i]·g[·, o]`.
+/// The backward pass of `y = x·Sᵀ` (no weight kept) and of `y = x·(W + Sᵀ)` with `W` frozen
+/// (the weight kept): `∂x = g·S` or `g·(W + Sᵀ)ᵀ`, `∂v = Σ_rows x[·, i]·g[·, o]`.
 #[derive(Debug)]
 struct SparseDeltaBackward;
 
 impl<B: Backend + SparseDeltaOps> Backward<B, 2> for SparseDeltaBackward {
-    /// The input (when the values train), the values (when the input needs a gradient) and
-    /// the positions.
+    /// The input (when the values train); the frozen weight, if the product has one, and the
+    /// values (when the input needs a gradient); the positions.
     type State = (
         Option<B::FloatTensorPrimitive>,
-        Option<B::FloatTensorPrimitive>,
-        SupportHandle,
-    );
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
-        let (x, values, support) = ops.state;
-        let s2 = support.clone();
-        binary::<B, _, _>(
-            ops.parents,
-            ops.node,
-            grads,
-            |g| B::sparse_delta_transposed(g, values.expect("kept for ∂x"), support),
-            |g| B::sparse_delta_values_grad(x.expect("kept for ∂v"), g, s2),
-        );
-    }
-}
-
-/// The backward pass of `y = x·(W + Sᵀ)` with `W` frozen: `∂x = g·(W + Sᵀ)ᵀ`,
-/// `∂v = Σ_rows x[·, i]·g[·, o]`.
-#[derive(Debug)]
-struct SparseTunedBackward;
-
-impl<B: Backend + SparseDeltaOps> Backward<B, 2> for SparseTunedBackward {
-    /// The input (when the values train), the frozen weight and the values (when the input
-    /// needs a gradient), and the positions.
-    type State = (
-        Option<B::FloatTensorPrimitive>,
-        Option<(B::FloatTensorPrimitive, B::FloatTensorPrimitive)>,
+        Option<(Option<B::FloatTensorPrimitive>, B::FloatTensorPrimitive)>,
         SupportHandle,
     );
 
@@ -643,9 +612,9 @@ impl<B: Backend + SparseDeltaOps> Backward<B, 2> for SparseTunedBackward {
             ops.parents,
             ops.node,
             grads,
-            |g| {
-                let (w, values) = weight_values.expect("kept for ∂x");
-                B::sparse_tuned_input_grad(g, w, values, support)
+            |g| match weight_values.expect("kept for ∂x") {
+                (Some(w), values) => B::sparse_tuned_input_grad(g, w, values, support),
+                (None, values) => B::sparse_delta_transposed(g, values, support),
             },
             |g| B::sparse_delta_values_grad(x.expect("kept for ∂v"), g, s2),
         );
@@ -671,7 +640,7 @@ impl<B: Backend + SparseDeltaOps, C: CheckpointStrategy> SparseDeltaOps for Auto
             values.into_primitive(),
         );
         let y = B::sparse_tuned_product(x.clone(), w.clone(), values.clone(), support.clone());
-        match SparseTunedBackward
+        match SparseDeltaBackward
             .prepare::<C>(parents)
             .compute_bound()
             .stateful()
@@ -679,7 +648,7 @@ impl<B: Backend + SparseDeltaOps, C: CheckpointStrategy> SparseDeltaOps for Auto
             OpsKind::Tracked(prep) => {
                 let state = (
                     v_tracked.then_some(x),
-                    x_tracked.then_some((w, values)),
+                    x_tracked.then_some((Some(w), values)),
                     support,
                 );
                 prep.finish(state, y)
@@ -717,7 +686,11 @@ impl<B: Backend + SparseDeltaOps, C: CheckpointStrategy> SparseDeltaOps for Auto
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let state = (v_tracked.then_some(x), x_tracked.then_some(values), support);
+                let state = (
+                    v_tracked.then_some(x),
+                    x_tracked.then_some((None, values)),
+                    support,
+                );
                 prep.finish(state, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(y),
