@@ -344,6 +344,18 @@ pub fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
     }
 }
 
+/// The element-wise sum of per-task partial sums (each of length `n`), added in task order:
+/// the same result whatever the thread count.
+pub fn sum_partials(partials: &[Vec<f32>], n: usize) -> Vec<f32> {
+    let mut sum = vec![0f32; n];
+    for p in partials {
+        for (s, v) in sum.iter_mut().zip(p) {
+            *s += v;
+        }
+    }
+    sum
+}
+
 /// `n` zeros for a kernel's output, written by every thread of the pool: `vec![0.0; n]` is a
 /// memset on the calling thread alone while the others wait, and the fused kernels' outputs
 /// are megabytes (a training step of the benchmark Llama zero-filled about 100 MB this way).

@@ -17,7 +17,7 @@ use burn::tensor::{DType, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{backward_pair, dot, f32_values, flex_tensor, zeros};
+use peft_core::cpu::{backward_pair, dot, f32_values, flex_tensor, sum_partials, zeros};
 use peft_core::simd_dispatch;
 
 /// `x / sqrt(mean(x²) + eps) · weight` over the last axis of `x`, normalized in f32 whatever
@@ -168,12 +168,7 @@ impl RmsNormOps for Flex {
                 dw
             })
             .collect();
-        let mut dw = vec![0f32; n];
-        for p in &partials {
-            for (s, v) in dw.iter_mut().zip(p) {
-                *s += v;
-            }
-        }
+        let dw = sum_partials(&partials, n);
         (flex_tensor(dx, shape, dtype), flex_tensor(dw, [n], w_dtype))
     }
 }

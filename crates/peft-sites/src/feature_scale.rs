@@ -18,7 +18,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
-use peft_core::cpu::{f32_values, flex_tensor, zeros};
+use peft_core::cpu::{f32_values, flex_tensor, sum_partials, zeros};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -74,12 +74,6 @@ fn forward_body(x: &[f32], scale: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Per row: `dx = g ⊙ scale`.
-#[inline(always)]
-fn input_grad_body(grad: &[f32], scale: &[f32], dx: &mut [f32]) {
-    forward_body(grad, scale, dx)
-}
-
 /// `d_scale += Σ_rows g ⊙ x`.
 #[inline(always)]
 fn scale_grad_body(x: &[f32], grad: &[f32], d_scale: &mut [f32]) {
@@ -96,10 +90,6 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    fn input_grad_rows(grad: &[f32], scale: &[f32], dx: &mut [f32]) => input_grad_body
-}
-
-simd_dispatch! {
     fn scale_grad_rows(x: &[f32], grad: &[f32], d_scale: &mut [f32]) => scale_grad_body
 }
 
@@ -110,6 +100,17 @@ fn task_values(n: usize) -> usize {
     VALUES_PER_TASK.next_multiple_of(n).max(n)
 }
 
+/// Rows of `xs` times `scale`, in parallel: the forward pass, and the input's gradient
+/// (`g ⊙ scale`).
+fn scaled_rows(xs: &[f32], scale: &[f32]) -> Vec<f32> {
+    let mut out = zeros(xs.len());
+    let chunk = task_values(scale.len());
+    out.par_chunks_mut(chunk)
+        .zip(xs.par_chunks(chunk))
+        .for_each(|(out, x)| forward_rows(x, scale, out));
+    out
+}
+
 fn empty() -> FlexTensor {
     FlexTensor::from_data(TensorData::new(Vec::<f32>::new(), Shape::new([0])))
 }
@@ -118,12 +119,7 @@ impl FeatureScaleOps for Flex {
     fn scale_features(x: FlexTensor, scale: FlexTensor) -> FlexTensor {
         let shape = x.layout().shape().clone();
         let (xs, l) = (f32_values(&x), f32_values(&scale));
-        let mut out = zeros(xs.len());
-        let chunk = task_values(l.len());
-        out.par_chunks_mut(chunk)
-            .zip(xs.par_chunks(chunk))
-            .for_each(|(out, x)| forward_rows(x, &l, out));
-        flex_tensor(out, shape, DType::F32)
+        flex_tensor(scaled_rows(&xs, &l), shape, DType::F32)
     }
 
     fn scale_features_backward(
@@ -138,11 +134,7 @@ impl FeatureScaleOps for Flex {
         let (l, g) = (f32_values(&scale), f32_values(&grad));
         let chunk = task_values(n);
         let dx = if need_x {
-            let mut dx = zeros(g.len());
-            dx.par_chunks_mut(chunk)
-                .zip(g.par_chunks(chunk))
-                .for_each(|(dx, g)| input_grad_rows(g, &l, dx));
-            flex_tensor(dx, shape, DType::F32)
+            flex_tensor(scaled_rows(&g, &l), shape, DType::F32)
         } else {
             empty()
         };
@@ -158,13 +150,7 @@ impl FeatureScaleOps for Flex {
                     d
                 })
                 .collect();
-            let mut d = vec![0f32; n];
-            for p in &partials {
-                for (s, v) in d.iter_mut().zip(p) {
-                    *s += v;
-                }
-            }
-            flex_tensor(d, [n], DType::F32)
+            flex_tensor(sum_partials(&partials, n), [n], DType::F32)
         } else {
             empty()
         };

@@ -29,7 +29,7 @@ use burn::backend::{
 };
 use burn::module::{Module, Param};
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
-use peft_core::cpu::{dot, f32_values, flex_tensor};
+use peft_core::cpu::{dot, f32_values, flex_tensor, sum_partials};
 use peft_core::device::is_cpu;
 use peft_core::matmul::DenseProductOps;
 use peft_core::params::trainable;
@@ -576,13 +576,7 @@ impl SparseDeltaOps for Flex {
                 out
             })
             .collect();
-        let mut gv = vec![0f32; s.len()];
-        for p in partials {
-            for (a, b) in gv.iter_mut().zip(p) {
-                *a += b;
-            }
-        }
-        flex_tensor(gv, [s.len()], DType::F32)
+        flex_tensor(sum_partials(&partials, s.len()), [s.len()], DType::F32)
     }
 }
 
