@@ -615,6 +615,37 @@ impl<B: Backend + SparseDeltaOps> Backward<B, 2> for SparseDeltaBackward {
     }
 }
 
+/// `forward(x, values)` on the autodiff backend, keeping for [`SparseDeltaBackward`] the input
+/// (when the values train) and, when the input needs a gradient, the frozen weight of a folded
+/// product (if any) with the values.
+fn tracked_sparse<B: Backend + SparseDeltaOps, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    values: FloatTensor<Autodiff<B, C>>,
+    weight: Option<FloatTensor<B>>,
+    support: SupportHandle,
+    forward: impl FnOnce(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let (x_tracked, v_tracked) = (x.is_tracked(), values.is_tracked());
+    let parents = [x.node(), values.node()];
+    let (x, values) = (x.into_primitive(), values.into_primitive());
+    let y = forward(x.clone(), values.clone());
+    match SparseDeltaBackward
+        .prepare::<C>(parents)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let state = (
+                v_tracked.then_some(x),
+                x_tracked.then_some((weight, values)),
+                support,
+            );
+            prep.finish(state, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
 impl<B: Backend + SparseDeltaOps, C: CheckpointStrategy> SparseDeltaOps for Autodiff<B, C> {
     fn sparse_tuned_product(
         x: FloatTensor<Self>,
@@ -626,29 +657,10 @@ impl<B: Backend + SparseDeltaOps, C: CheckpointStrategy> SparseDeltaOps for Auto
             !w.is_tracked(),
             "sparse_tuned_product: the weight must be frozen"
         );
-        let (x_tracked, v_tracked) = (x.is_tracked(), values.is_tracked());
-        let parents = [x.node(), values.node()];
-        let (x, w, values) = (
-            x.into_primitive(),
-            w.into_primitive(),
-            values.into_primitive(),
-        );
-        let y = B::sparse_tuned_product(x.clone(), w.clone(), values.clone(), support.clone());
-        match SparseDeltaBackward
-            .prepare::<C>(parents)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = (
-                    v_tracked.then_some(x),
-                    x_tracked.then_some((Some(w), values)),
-                    support,
-                );
-                prep.finish(state, y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        let w = w.into_primitive();
+        tracked_sparse::<B, C>(x, values, Some(w.clone()), support.clone(), |x, values| {
+            B::sparse_tuned_product(x, w, values, support)
+        })
     }
 
     fn sparse_tuned_input_grad(
@@ -670,25 +682,9 @@ impl<B: Backend + SparseDeltaOps, C: CheckpointStrategy> SparseDeltaOps for Auto
         values: FloatTensor<Self>,
         support: SupportHandle,
     ) -> FloatTensor<Self> {
-        let (x_tracked, v_tracked) = (x.is_tracked(), values.is_tracked());
-        let parents = [x.node(), values.node()];
-        let (x, values) = (x.into_primitive(), values.into_primitive());
-        let y = B::sparse_delta(x.clone(), values.clone(), support.clone());
-        match SparseDeltaBackward
-            .prepare::<C>(parents)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = (
-                    v_tracked.then_some(x),
-                    x_tracked.then_some((None, values)),
-                    support,
-                );
-                prep.finish(state, y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        tracked_sparse::<B, C>(x, values, None, support.clone(), |x, values| {
+            B::sparse_delta(x, values, support)
+        })
     }
 
     fn sparse_delta_transposed(
