@@ -393,6 +393,43 @@ impl TunedLinear {
         self.active.contains(name) && !self.merged.contains(name)
     }
 
+    /// The base's output with the first live sparse delta folded into its product
+    /// ([`SparseDelta::tuned_product`]) and that part's index, where it applies: a dense base,
+    /// and no live part that works on the base's output (a scale, DoRA's magnitude) rather than
+    /// adding to it.
+    fn folded_sparse<const D: usize>(&self, x: &Tensor<D>) -> Option<(usize, Tensor<D>)> {
+        let BaseLinear::Dense(base) = &self.base else {
+            return None;
+        };
+        let on_base_output = self.parts.iter().enumerate().any(|(i, part)| {
+            self.live(i)
+                && match part {
+                    LinearPart::InputScale(_)
+                    | LinearPart::OutputScale(_)
+                    | LinearPart::ScaleShift(_) => true,
+                    LinearPart::Lora(a) => a.magnitude.is_some(),
+                    _ => false,
+                }
+        });
+        if on_base_output {
+            return None;
+        }
+        let (i, y) = self
+            .parts
+            .iter()
+            .enumerate()
+            .find_map(|(i, part)| match part {
+                LinearPart::Sparse(s) if self.live(i) => {
+                    Some((i, s.tuned_product(x, &base.weight.val())?))
+                }
+                _ => None,
+            })?;
+        Some(match &base.bias {
+            Some(b) => (i, y + b.val().unsqueeze()),
+            None => (i, y),
+        })
+    }
+
     /// `base(x ⊙ Π in-scales) ⊙ Π out-scales + Σ LoRA deltas(x) + Σ biases`, over the active
     /// parts that are not merged.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
@@ -420,43 +457,9 @@ impl TunedLinear {
                 input = l.scale(input);
             }
         }
-        // A sparse delta on a dense base folds into the base's product, unless a live part
-        // works on the base's output (a scale, DoRA's magnitude) rather than adding to it.
-        let on_base_output = self.parts.iter().enumerate().any(|(i, part)| {
-            self.live(i)
-                && match part {
-                    LinearPart::InputScale(_)
-                    | LinearPart::OutputScale(_)
-                    | LinearPart::ScaleShift(_) => true,
-                    LinearPart::Lora(a) => a.magnitude.is_some(),
-                    _ => false,
-                }
-        });
-        let mut folded = None;
-        let mut y = match &self.base {
-            BaseLinear::Dense(base) if !on_base_output => {
-                let tuned = self
-                    .parts
-                    .iter()
-                    .enumerate()
-                    .find_map(|(i, part)| match part {
-                        LinearPart::Sparse(s) if self.live(i) => {
-                            Some((i, s.tuned_product(&input, &base.weight.val())?))
-                        }
-                        _ => None,
-                    });
-                match tuned {
-                    Some((i, y)) => {
-                        folded = Some(i);
-                        match &base.bias {
-                            Some(b) => y + b.val().unsqueeze(),
-                            None => y,
-                        }
-                    }
-                    None => self.base.forward(input),
-                }
-            }
-            _ => self.base.forward(input),
+        let (folded, mut y) = match self.folded_sparse(&input) {
+            Some((i, y)) => (Some(i), y),
+            None => (None, self.base.forward(input)),
         };
         // Scales first, then what adds: the order of the parts does not change the result.
         for (i, part) in self.parts.iter().enumerate() {
