@@ -122,6 +122,18 @@ const PARALLEL_FROM: usize = 192 * 192 * 192;
 /// `[512, 16]·[16, 512]` 97, 132 and 77 µs (2 threads; observed).
 const SPLIT_FROM: usize = 1 << 20;
 
+/// Large products with at least this many rows (and 128 output columns a thread) run as one
+/// one-thread gemm per thread, each over its share of the output's columns, at multiples of
+/// 64 (the AVX-512 kernel's panel). gemm packs the operand that spans the output's columns
+/// (the weight, in a forward or input-gradient product) once per call and thread; its own
+/// split hands each thread a share of the rows, so both packed all of it. With AVX-512 FMA on
+/// two ports (Intel) that packing was about a tenth of a training step; split here, each
+/// thread packs only its half: LoRA and full fine-tuning steps 0.95-0.96 of the time, the
+/// 512x512 forward 0.90-1.00 (`scripts/bench_ab.py`, 6 rounds of 3; under `PEFT_CPU_ISA=avx2`
+/// 0.99-1.01; observed). Prefills of a few tokens keep gemm's split (generation 1.01-1.02 of
+/// the time with them split too).
+const COLUMN_SPLIT_ROWS: usize = 64;
+
 /// Multiply-adds done by [`product_into`] since the process started (each `m·n·k`), on every
 /// thread: how much arithmetic a piece of work needed, to set its time against the product's
 /// peak speed (`cargo xtask bench`). One relaxed atomic addition per call.
@@ -233,7 +245,13 @@ fn product(a: Operand, b: Operand) -> FlexTensor {
                 parallel,
             )
         };
-        if size >= PARALLEL_FROM {
+        if size >= PARALLEL_FROM && threads > 1 && m >= COLUMN_SPLIT_ROWS && n >= threads * 128 {
+            use rayon::prelude::*;
+            let share = n.div_ceil(threads).next_multiple_of(64);
+            (0..n.div_ceil(share)).into_par_iter().for_each(|i| {
+                block(0..m, i * share..((i + 1) * share).min(n), false)
+            });
+        } else if size >= PARALLEL_FROM {
             block(0..m, 0..n, true);
         } else if size >= SPLIT_FROM && threads > 1 {
             use rayon::prelude::*;
@@ -353,6 +371,11 @@ mod tests {
             (2, 3, 5, 7, false),
             (2, 96, 200, 130, true),
             (1, 24, 300, 400, false),
+            // Large enough for all threads: gemm's own split (200 columns), and one gemm a
+            // thread over a share of the columns that is not a multiple of 64 (700, and 300
+            // for the input gradient; the weight gradient is [300, 700]).
+            (2, 96, 300, 200, true),
+            (1, 96, 300, 700, false),
             (1, 1, 1, 1, true),
         ] {
             let x = random([batch, seq, d_in], &device);
@@ -377,7 +400,7 @@ mod tests {
             };
             let ours = run(&|x, w, b| linear(x, w, b));
             let burns = run(&|x, w, b| burn::tensor::module::linear(x, w, b));
-            // Sums of up to 192 products, in gemm's order here and burn's there.
+            // Sums of up to 300 products, in gemm's order here and burn's there.
             let tol = Tolerance::<f32>::rel_abs(1e-4, 1e-4);
             ours.0.assert_approx_eq::<f32>(&burns.0, tol);
             ours.1.assert_approx_eq::<f32>(&burns.1, tol);
