@@ -8,7 +8,7 @@
 //! `peft_core::cpu::isa`) give the same bytes and scales: they use the same product and the
 //! same strict comparisons, and find the slot by a branchless binary search over the
 //! midpoints instead of counting them (AVX-512: one 16-entry table permute per step; AVX2: the
-//! median picks a half, then three steps in 8-entry tables).
+//! median picks a half, a blend of two constants a quarter, then two 8-entry tables).
 
 /// The 15 midpoints, sorted (ties allowed), and the code index of each of the 16 slots.
 #[derive(Debug, Clone, Copy)]
@@ -198,13 +198,17 @@ mod x86 {
         let t = table(slots);
         let order16 = unsafe { _mm_loadu_si128(slots.order.as_ptr().cast()) };
         let order = _mm256_set_m128i(order16, order16);
-        let (lo_t, hi_t) = unsafe {
-            (
-                _mm256_loadu_ps(t.as_ptr()),
-                _mm256_loadu_ps(t.as_ptr().add(8)),
-            )
-        };
-        let median = _mm256_set1_ps(t[7]);
+        // The binary search's probes: step 8 compares with t[7]; step 4 with t[3] or t[11] (a
+        // blend of two constants); step 2 with t[i + 1], i in {0, 4, 8, 12}, and step 1 with
+        // t[i], i even: each an 8-entry table indexed by j = i / 2, which the search keeps
+        // instead of i (i = 2j + the last comparison).
+        let odd = _mm256_setr_ps(t[1], t[1], t[5], t[5], t[9], t[9], t[13], t[13]);
+        let even = _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14]);
+        let (median, low_quarter, high_quarter) = (
+            _mm256_set1_ps(t[7]),
+            _mm256_set1_ps(t[3]),
+            _mm256_set1_ps(t[11]),
+        );
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         for (block, out, am) in whole_blocks(data, blocksize, packed, absmax) {
             let mut m = _mm256_setzero_ps();
@@ -222,20 +226,20 @@ mod x86 {
                 for (q, slot) in slot.iter_mut().enumerate() {
                     let s =
                         _mm256_mul_ps(unsafe { _mm256_loadu_ps(vals.as_ptr().add(8 * q)) }, recip);
-                    // Above the median: the upper half (slots 8..15) and its table.
+                    // Each comparison's mask (all ones where the probe is below), and'ed with
+                    // a step, adds the step.
                     let upper = _mm256_cmp_ps::<_CMP_LT_OQ>(median, s);
-                    let mut i = _mm256_and_si256(_mm256_castps_si256(upper), _mm256_set1_epi32(8));
-                    for step in [4, 2, 1] {
-                        let k = _mm256_add_epi32(i, _mm256_set1_epi32(step - 1));
-                        let b = _mm256_blendv_ps(
-                            _mm256_permutevar8x32_ps(lo_t, k),
-                            _mm256_permutevar8x32_ps(hi_t, k),
-                            upper,
-                        );
-                        let below = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(b, s));
-                        i = _mm256_add_epi32(i, _mm256_and_si256(below, _mm256_set1_epi32(step)));
-                    }
-                    *slot = i;
+                    let mut j = _mm256_and_si256(_mm256_castps_si256(upper), _mm256_set1_epi32(4));
+                    let quarter = _mm256_blendv_ps(low_quarter, high_quarter, upper);
+                    let quarter = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(quarter, s));
+                    j = _mm256_add_epi32(j, _mm256_and_si256(quarter, _mm256_set1_epi32(2)));
+                    let eighth = _mm256_permutevar8x32_ps(odd, j);
+                    let eighth = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(eighth, s));
+                    j = _mm256_add_epi32(j, _mm256_and_si256(eighth, _mm256_set1_epi32(1)));
+                    let last = _mm256_permutevar8x32_ps(even, j);
+                    let last = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(last, s));
+                    // i = 2j + 1 where the last probe is below (its mask is -1).
+                    *slot = _mm256_sub_epi32(_mm256_add_epi32(j, j), last);
                 }
                 // Packing works within 128-bit halves: values 0-3, 8-11, 16-19, 24-27 | 4-7,
                 // 12-15, 20-23, 28-31; the dword permute puts them back in order.
