@@ -170,6 +170,7 @@ pub unsafe fn product_into(
         return;
     }
     MULTIPLY_ADDS.fetch_add((m * n * k) as u64, Ordering::Relaxed);
+    let _flush = crate::cpu::FlushDenormals::new();
     // gemm takes each operand's column stride before its row stride.
     unsafe {
         gemm::gemm(
