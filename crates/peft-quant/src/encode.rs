@@ -7,8 +7,8 @@
 //! The scalar loop is the reference. The vector paths (picked at run time through
 //! `peft_core::cpu::isa`) give the same bytes and scales: they use the same product and the
 //! same strict comparisons, and find the slot by a branchless binary search over the
-//! midpoints instead of counting them (AVX-512: one 16-entry table permute per step; AVX2: the
-//! median picks a half, a blend of two constants a quarter, then two 8-entry tables).
+//! midpoints instead of counting them (the median picks a half and a blend of two constants a
+//! quarter, then two table steps: 16-entry tables with AVX-512, 8-entry ones with AVX2).
 
 /// The 15 midpoints, sorted (ties allowed), and the code index of each of the 16 slots.
 #[derive(Debug, Clone, Copy)]
@@ -130,6 +130,50 @@ mod x86 {
         unsafe { _mm_storeu_si128(out.cast(), _mm256_castsi256_si128(narrowed)) };
     }
 
+    /// The binary search's probes for 16 values at a time: step 8 compares with t[7], step 4
+    /// with t[3] or t[11] (a blend of two constants), step 2 with t[i + 1] and step 1 with t[i]
+    /// (16-entry table permutes indexed by the slot found so far).
+    struct Probes512 {
+        median: __m512,
+        low_quarter: __m512,
+        high_quarter: __m512,
+        next: __m512,
+        at: __m512,
+    }
+
+    impl Probes512 {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn new(t: &[f32; 16]) -> Self {
+            let mut next = [f32::INFINITY; 16];
+            next[..15].copy_from_slice(&t[1..]);
+            unsafe {
+                Self {
+                    median: _mm512_set1_ps(t[7]),
+                    low_quarter: _mm512_set1_ps(t[3]),
+                    high_quarter: _mm512_set1_ps(t[11]),
+                    next: _mm512_loadu_ps(next.as_ptr()),
+                    at: _mm512_loadu_ps(t.as_ptr()),
+                }
+            }
+        }
+    }
+
+    /// The slots of 16 scaled values: how many midpoints are strictly below each.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn slots_avx512(s: __m512, p: &Probes512) -> __m512i {
+        // Each mask marks the values its probe is below; a masked add takes the step there.
+        let upper = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(p.median, s);
+        let i = _mm512_maskz_mov_epi32(upper, _mm512_set1_epi32(8));
+        let quarter = _mm512_mask_blend_ps(upper, p.low_quarter, p.high_quarter);
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(quarter, s);
+        let i = _mm512_mask_add_epi32(i, below, i, _mm512_set1_epi32(4));
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_permutexvar_ps(i, p.next), s);
+        let i = _mm512_mask_add_epi32(i, below, i, _mm512_set1_epi32(2));
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_permutexvar_ps(i, p.at), s);
+        _mm512_mask_add_epi32(i, below, i, _mm512_set1_epi32(1))
+    }
+
     /// # Safety
     /// The CPU must have AVX-512F, BW and VL; lengths as [`super::encode_blocks`] says.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -140,13 +184,8 @@ mod x86 {
         packed: &mut [u8],
         absmax: &mut [f32],
     ) {
-        let t = table(slots);
-        let (order16, table) = unsafe {
-            (
-                _mm_loadu_si128(slots.order.as_ptr().cast()),
-                _mm512_loadu_ps(t.as_ptr()),
-            )
-        };
+        let probes = unsafe { Probes512::new(&table(slots)) };
+        let order16 = unsafe { _mm_loadu_si128(slots.order.as_ptr().cast()) };
         let order = _mm256_set_m128i(order16, order16);
         let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
         for (block, out, am) in whole_blocks(data, blocksize, packed, absmax) {
@@ -167,18 +206,7 @@ mod x86 {
                         _mm512_mul_ps(_mm512_loadu_ps(vals.as_ptr().add(16)), recip),
                     )
                 };
-                let (mut i0, mut i1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                for step in [8, 4, 2, 1] {
-                    let (next0, next1) = (
-                        _mm512_add_epi32(i0, _mm512_set1_epi32(step)),
-                        _mm512_add_epi32(i1, _mm512_set1_epi32(step)),
-                    );
-                    let back = _mm512_set1_epi32(step - 1);
-                    let b0 = _mm512_permutexvar_ps(_mm512_add_epi32(i0, back), table);
-                    let b1 = _mm512_permutexvar_ps(_mm512_add_epi32(i1, back), table);
-                    i0 = _mm512_mask_mov_epi32(i0, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(b0, s0), next0);
-                    i1 = _mm512_mask_mov_epi32(i1, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(b1, s1), next1);
-                }
+                let (i0, i1) = unsafe { (slots_avx512(s0, &probes), slots_avx512(s1, &probes)) };
                 let bytes = _mm256_set_m128i(_mm512_cvtepi32_epi8(i1), _mm512_cvtepi32_epi8(i0));
                 unsafe { store_pairs(bytes, order, o.as_mut_ptr()) };
             }
