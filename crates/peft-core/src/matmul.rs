@@ -124,14 +124,14 @@ const SPLIT_FROM: usize = 1 << 20;
 
 /// Large products with at least this many rows (and 128 output columns a thread) run as one
 /// one-thread gemm per thread, each over its share of the output's columns, at multiples of
-/// 64 (the AVX-512 kernel's panel). gemm packs the operand that spans the output's columns
-/// (the weight, in a forward or input-gradient product) once per call and thread; its own
-/// split hands each thread a share of the rows, so both packed all of it. With AVX-512 FMA on
-/// two ports (Intel) that packing was about a tenth of a training step; split here, each
-/// thread packs only its half: LoRA and full fine-tuning steps 0.95-0.96 of the time, the
-/// 512x512 forward 0.90-1.00 (`scripts/bench_ab.py`, 6 rounds of 3; under `PEFT_CPU_ISA=avx2`
-/// 0.99-1.01; observed). Prefills of a few tokens keep gemm's split (generation 1.01-1.02 of
-/// the time with them split too).
+/// 64 (the AVX-512 kernel's panel), instead of gemm's own split over the output's rows. Each
+/// thread then packs only its share of the operand that spans the columns (the weight, in a
+/// forward or input-gradient product). That was the reason to try it, but a profile of a LoRA
+/// step kept gemm's packing near a tenth of the samples either way, so why it is faster is not
+/// pinned down. Measured on an Intel AVX-512 machine: LoRA and full fine-tuning steps 0.95-0.96
+/// of the time, the 512x512 forward 0.90-1.00 (`scripts/bench_ab.py`, 6 rounds of 3; under
+/// `PEFT_CPU_ISA=avx2` 0.99-1.01; observed). Prefills of a few tokens keep gemm's split
+/// (generation with them split too: 1.04 of the time in one A/B, observed).
 const COLUMN_SPLIT_ROWS: usize = 64;
 
 /// Multiply-adds done by [`product_into`] since the process started (each `m·n·k`), on every
