@@ -413,69 +413,6 @@ pub fn backward_pair<B: Backend, S>(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    /// Under the guard a product that would be subnormal is 0, on this thread and on every
-    /// thread of the global pool; after it, this thread computes subnormals again.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn flush_denormals_is_scoped_to_its_guard_here_and_set_on_the_pool() {
-        use std::hint::black_box;
-        let subnormal_product = || black_box(1e-38f32) * black_box(0.25f32);
-        assert!(subnormal_product() > 0.0, "subnormals are computed by default");
-        {
-            let _flush = FlushDenormals::new();
-            assert_eq!(subnormal_product(), 0.0);
-            // A subnormal operand counts as 0 too (DAZ), though the product would be normal.
-            assert_eq!(black_box(1e-39f32) * black_box(1e10f32), 0.0);
-        }
-        assert!(subnormal_product() > 0.0, "the guard restores this thread's flags");
-        let pool = rayon::broadcast(|_| black_box(1e-38f32) * black_box(0.25f32));
-        assert!(pool.iter().all(|&p| p == 0.0), "pool threads flush: {pool:?}");
-    }
-
-    use super::*;
-
-    /// Within 2 ulp of the correctly rounded `e^x` (f64 reference) across the clamped range,
-    /// including tiny results.
-    #[test]
-    fn exponential_is_within_two_ulp() {
-        let mut worst = 0u32;
-        for i in 0..=200_000 {
-            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
-            let want = (x as f64).exp() as f32;
-            let got = exp(x);
-            worst = worst.max(got.to_bits().abs_diff(want.to_bits()));
-        }
-        assert!(worst <= 2, "worst error {worst} ulp");
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
-        assert!(exp(1000.0).is_finite());
-    }
-
-    /// Every value zero at every length: below one task, one task exactly, and a partial
-    /// last task.
-    #[test]
-    fn zeros_are_zeros() {
-        for n in [0, 5, 1 << 15, (1 << 17) + 3] {
-            let z = zeros(n);
-            assert_eq!(z.len(), n);
-            assert!(z.iter().all(|&v| v.to_bits() == 0), "{n}");
-        }
-    }
-
-    /// This account of the dense products' kernels is the one the patched gemm acts on.
-    #[test]
-    fn gemm_isa_is_what_gemm_chooses() {
-        assert_eq!(
-            gemm_f32::isa::splits_512_bit_operations(),
-            splits_512_bit_operations()
-        );
-        #[cfg(target_arch = "x86_64")]
-        assert_eq!(gemm_isa().name(), gemm_f32::isa::kernels());
-    }
-}
-
 /// Subnormal floats treated as zero, in and out (x86's MXCSR flags FTZ and DAZ), on the calling
 /// thread while the guard lives and, from the first guard on, on every thread of rayon's global
 /// pool. On Intel processors an arithmetic operation that meets or makes a subnormal takes a
@@ -517,7 +454,10 @@ impl FlushDenormals {
             // own flags are set below).
             static POOL_FLUSHES: std::sync::atomic::AtomicBool =
                 std::sync::atomic::AtomicBool::new(false);
-            if !POOL_FLUSHES.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            // A load first: every product passes here, and a swap would write the shared flag.
+            if !POOL_FLUSHES.load(std::sync::atomic::Ordering::Relaxed)
+                && !POOL_FLUSHES.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
                 rayon::broadcast(|_| mxcsr::set(mxcsr::get() | mxcsr::FTZ_DAZ));
             }
             let saved = mxcsr::get();
@@ -539,5 +479,77 @@ impl Drop for FlushDenormals {
     fn drop(&mut self) {
         #[cfg(target_arch = "x86_64")]
         mxcsr::set(self.saved);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Under the guard a product that would be subnormal is 0, on this thread and on every
+    /// thread of the global pool; after it, this thread computes subnormals again.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn flush_denormals_is_scoped_to_its_guard_here_and_set_on_the_pool() {
+        use std::hint::black_box;
+        let subnormal_product = || black_box(1e-38f32) * black_box(0.25f32);
+        assert!(
+            subnormal_product() > 0.0,
+            "subnormals are computed by default"
+        );
+        {
+            let _flush = FlushDenormals::new();
+            assert_eq!(subnormal_product(), 0.0);
+            // A subnormal operand counts as 0 too (DAZ), though the product would be normal.
+            assert_eq!(black_box(1e-39f32) * black_box(1e10f32), 0.0);
+        }
+        assert!(
+            subnormal_product() > 0.0,
+            "the guard restores this thread's flags"
+        );
+        let pool = rayon::broadcast(|_| black_box(1e-38f32) * black_box(0.25f32));
+        assert!(
+            pool.iter().all(|&p| p == 0.0),
+            "pool threads flush: {pool:?}"
+        );
+    }
+
+    /// Within 2 ulp of the correctly rounded `e^x` (f64 reference) across the clamped range,
+    /// including tiny results.
+    #[test]
+    fn exponential_is_within_two_ulp() {
+        let mut worst = 0u32;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp() as f32;
+            let got = exp(x);
+            worst = worst.max(got.to_bits().abs_diff(want.to_bits()));
+        }
+        assert!(worst <= 2, "worst error {worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
+        assert!(exp(1000.0).is_finite());
+    }
+
+    /// Every value zero at every length: below one task, one task exactly, and a partial
+    /// last task.
+    #[test]
+    fn zeros_are_zeros() {
+        for n in [0, 5, 1 << 15, (1 << 17) + 3] {
+            let z = zeros(n);
+            assert_eq!(z.len(), n);
+            assert!(z.iter().all(|&v| v.to_bits() == 0), "{n}");
+        }
+    }
+
+    /// This account of the dense products' kernels is the one the patched gemm acts on.
+    #[test]
+    fn gemm_isa_is_what_gemm_chooses() {
+        assert_eq!(
+            gemm_f32::isa::splits_512_bit_operations(),
+            splits_512_bit_operations()
+        );
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(gemm_isa().name(), gemm_f32::isa::kernels());
     }
 }

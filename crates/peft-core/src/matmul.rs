@@ -246,19 +246,20 @@ fn product(a: Operand, b: Operand) -> FlexTensor {
                 parallel,
             )
         };
-        if size >= PARALLEL_FROM && threads > 1 && m >= COLUMN_SPLIT_ROWS && n >= threads * 128 {
-            use rayon::prelude::*;
-            let share = n.div_ceil(threads).next_multiple_of(64);
-            (0..n.div_ceil(share)).into_par_iter().for_each(|i| {
-                block(0..m, i * share..((i + 1) * share).min(n), false)
-            });
-        } else if size >= PARALLEL_FROM {
+        let column_split =
+            size >= PARALLEL_FROM && threads > 1 && m >= COLUMN_SPLIT_ROWS && n >= threads * 128;
+        if size >= PARALLEL_FROM && !column_split {
             block(0..m, 0..n, true);
         } else if size >= SPLIT_FROM && threads > 1 {
             use rayon::prelude::*;
-            let by_rows = m >= n;
+            // Large products by columns at multiples of 64; smaller ones along the longer side.
+            let by_rows = !column_split && m >= n;
             let long = if by_rows { m } else { n };
-            let share = long.div_ceil(threads);
+            let share = if column_split {
+                n.div_ceil(threads).next_multiple_of(64)
+            } else {
+                long.div_ceil(threads)
+            };
             (0..long.div_ceil(share)).into_par_iter().for_each(|i| {
                 let part = i * share..((i + 1) * share).min(long);
                 if by_rows {
