@@ -231,7 +231,7 @@ struct Out {
 }
 
 impl Out {
-    fn of(values: &mut [f32], row_stride: usize) -> Self {
+    fn of(values: &mut Vec<f32>, row_stride: usize) -> Self {
         Out {
             base: values.as_mut_ptr() as usize,
             row_stride,
@@ -347,8 +347,17 @@ fn attention_forward(
     } = dims;
     let rep = h / kvh;
     let (qv, kv, vv) = (View::of(q), View::of(k), View::of(v));
-    let mut p = zeros(b * h * s * t);
-    let mut out = zeros(b * s * h * d);
+    let (np, no) = (b * h * s * t, b * s * h * d);
+    // Below, the products and the softmax write every value (no fill pass needed first), as
+    // long as there are keys; with none there is nothing to write, and the output is zeros.
+    let unfilled = |n| {
+        if t > 0 {
+            Vec::with_capacity(n)
+        } else {
+            zeros(n)
+        }
+    };
+    let (mut p, mut out) = (unfilled(np), unfilled(no));
     let (p_out, o_out) = (Out::of(&mut p, t), Out::of(&mut out, h * d));
     (0..dims.tasks()).into_par_iter().for_each(|task| {
         let (bi, g) = (task / kvh, task % kvh);
@@ -372,8 +381,13 @@ fn attention_forward(
                 }
                 for r in 0..rows {
                     let i = i0 + r;
-                    // SAFETY: as above; row `i` of this head's weights.
-                    let row = unsafe { std::slice::from_raw_parts_mut(p_out.row(p_head, i), t) };
+                    // SAFETY: as above; row `i` of this head's weights, whose first `keys`
+                    // values the product wrote and the rest are zeroed here.
+                    let row = unsafe {
+                        let row = p_out.row(p_head, i);
+                        std::ptr::write_bytes(row.add(keys), 0, t - keys);
+                        std::slice::from_raw_parts_mut(row, t)
+                    };
                     let seen = dims.seen(i);
                     softmax_row(
                         row,
@@ -396,6 +410,11 @@ fn attention_forward(
             }
         }
     });
+    // SAFETY: every value was written above (or the vectors are zeros already).
+    unsafe {
+        p.set_len(np);
+        out.set_len(no);
+    }
     let p = FlexTensor::from_data(TensorData::new(p, [b, h, s, t]));
     (token_major(out, [b, h, s, d]), p)
 }
@@ -440,10 +459,16 @@ impl AttentionOps for Flex {
         let rep = h / kvh;
         let (qv, kv, vv, gv) = (View::of(&q), View::of(&k), View::of(&v), View::of(&grad));
         let p = peft_core::cpu::f32_values(&p);
-        let sized = |need: bool, n: usize| if need { zeros(n) } else { Vec::new() };
-        let mut dq = sized(need_q, b * s * h * d);
-        let mut dk = sized(need_k, b * t * kvh * d);
-        let mut dv = sized(need_v, b * t * kvh * d);
+        // No fill pass: ∂Q is all written by products (when there are keys; zeros otherwise),
+        // and each task zeroes its own rows of ∂K and ∂V before adding into them.
+        let sized = |need: bool, n: usize| match need {
+            false => (Vec::new(), 0),
+            true if t > 0 => (Vec::with_capacity(n), n),
+            true => (zeros(n), n),
+        };
+        let (mut dq, nq) = sized(need_q, b * s * h * d);
+        let (mut dk, nk) = sized(need_k, b * t * kvh * d);
+        let (mut dv, nv) = sized(need_v, b * t * kvh * d);
         let (dq_out, dk_out, dv_out) = (
             Out::of(&mut dq, h * d),
             Out::of(&mut dk, kvh * d),
@@ -453,6 +478,12 @@ impl AttentionOps for Flex {
         (0..dims.tasks()).into_par_iter().for_each(|task| {
             let (bi, g) = (task / kvh, task % kvh);
             let kv_at = (bi * t * kvh + g) * d;
+            for (need, out) in [(need_k, &dk_out), (need_v, &dv_out)] {
+                for j in 0..t * usize::from(need) {
+                    // SAFETY: row `j` of key/value head `g` of batch row `bi`: this task's.
+                    unsafe { std::ptr::write_bytes(out.row(kv_at, j), 0, d) };
+                }
+            }
             // The scores' gradient of one block of rows.
             let mut ds = vec![0f32; ROW_BLOCK * t];
             for hh in g * rep..(g + 1) * rep {
@@ -530,6 +561,12 @@ impl AttentionOps for Flex {
                 }
             }
         });
+        // SAFETY: every value of each gradient was written above (or it is zeros already).
+        unsafe {
+            dq.set_len(nq);
+            dk.set_len(nk);
+            dv.set_len(nv);
+        }
         let gradient = |need: bool, values: Vec<f32>, dims: [usize; 4]| {
             if need {
                 token_major(values, dims)

@@ -20,7 +20,7 @@ use burn::tensor::{Bool, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{dot, f32_values, flex_tensor, softmax_in_place, zeros};
+use peft_core::cpu::{dot, f32_values, flex_tensor, par_fill, softmax_in_place};
 use peft_core::simd_dispatch;
 
 /// `softmax(scale · scores)` along the last axis of `scores [batch, heads, queries, keys]`,
@@ -106,17 +106,13 @@ fn map_rows(
     let (dtype, shape) = (scores.dtype(), scores.layout().shape().clone());
     let t = shape[shape.len() - 1];
     let x = f32_values(scores);
-    let mut out = zeros(x.len());
-    if t > 0 {
-        out.par_chunks_mut(t * ROWS_PER_TASK)
-            .zip(x.par_chunks(t * ROWS_PER_TASK))
-            .enumerate()
-            .for_each(|(task, (out, x))| {
-                for (r, (out, row)) in out.chunks_mut(t).zip(x.chunks(t)).enumerate() {
-                    row_op(task * ROWS_PER_TASK + r, row, out);
-                }
-            });
-    }
+    let chunk = (t * ROWS_PER_TASK).max(1);
+    let inputs = x.par_chunks(chunk).enumerate();
+    let out = par_fill(x.len(), chunk, inputs, |out, (task, x)| {
+        for (r, (out, row)) in out.chunks_mut(t).zip(x.chunks(t)).enumerate() {
+            row_op(task * ROWS_PER_TASK + r, row, out);
+        }
+    });
     flex_tensor(out, shape, dtype)
 }
 
@@ -139,17 +135,13 @@ impl CausalSoftmaxOps for Flex {
         let (dtype, shape) = (p.dtype(), p.layout().shape().clone());
         let t = shape[3];
         let (p, g) = (f32_values(&p), f32_values(&grad));
-        let mut out = zeros(p.len());
-        if t > 0 {
-            let chunk = t * ROWS_PER_TASK;
-            out.par_chunks_mut(chunk)
-                .zip(p.par_chunks(chunk).zip(g.par_chunks(chunk)))
-                .for_each(|(out, (p, g))| {
-                    for ((out, p), g) in out.chunks_mut(t).zip(p.chunks(t)).zip(g.chunks(t)) {
-                        backward_row(p, g, scale, out);
-                    }
-                });
-        }
+        let chunk = (t * ROWS_PER_TASK).max(1);
+        let inputs = p.par_chunks(chunk).zip(g.par_chunks(chunk));
+        let out = par_fill(p.len(), chunk, inputs, |out, (p, g)| {
+            for ((out, p), g) in out.chunks_mut(t).zip(p.chunks(t)).zip(g.chunks(t)) {
+                backward_row(p, g, scale, out);
+            }
+        });
         flex_tensor(out, shape, dtype)
     }
 }

@@ -14,7 +14,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
-use peft_core::cpu::{backward_single, exp, f32_values, flex_tensor, zeros};
+use peft_core::cpu::{backward_single, exp, f32_values, flex_tensor, par_fill};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -96,20 +96,17 @@ impl GeluOps for Flex {
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let (dtype, shape) = (x.dtype(), x.layout().shape().clone());
         let v = f32_values(&x);
-        let mut out = zeros(v.len());
-        out.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|(o, v)| forward_chunk(v, o));
+        let out = par_fill(v.len(), CHUNK, v.par_chunks(CHUNK), |o, v| {
+            forward_chunk(v, o)
+        });
         flex_tensor(out, shape, dtype)
     }
 
     fn fused_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         let (dtype, shape) = (x.dtype(), x.layout().shape().clone());
         let (v, g) = (f32_values(&x), f32_values(&grad));
-        let mut dx = zeros(v.len());
-        dx.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(d, (v, g))| backward_chunk(v, g, d));
+        let inputs = v.par_chunks(CHUNK).zip(g.par_chunks(CHUNK));
+        let dx = par_fill(v.len(), CHUNK, inputs, |d, (v, g)| backward_chunk(v, g, d));
         flex_tensor(dx, shape, dtype)
     }
 }

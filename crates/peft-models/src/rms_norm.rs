@@ -17,7 +17,7 @@ use burn::tensor::{DType, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{backward_pair, dot, f32_values, flex_tensor, sum_partials, zeros};
+use peft_core::cpu::{backward_pair, dot, f32_values, flex_tensor, par_fill, sum_partials};
 use peft_core::simd_dispatch;
 
 /// `x / sqrt(mean(x²) + eps) · weight` over the last axis of `x`, normalized in f32 whatever
@@ -138,11 +138,10 @@ impl RmsNormOps for Flex {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
         let (dtype, shape) = (x.dtype(), x.layout().shape().clone());
         let (xs, w) = (f32_values(&x), f32_values(&weight));
-        let mut out = zeros(xs.len());
         let chunk = (w.len() * ROWS_PER_TASK).max(1);
-        out.par_chunks_mut(chunk)
-            .zip(xs.par_chunks(chunk))
-            .for_each(|(out, x)| forward_rows(x, &w, eps, out));
+        let out = par_fill(xs.len(), chunk, xs.par_chunks(chunk), |out, x| {
+            forward_rows(x, &w, eps, out)
+        });
         flex_tensor(out, shape, dtype)
     }
 
@@ -156,18 +155,16 @@ impl RmsNormOps for Flex {
         let w_dtype = weight.dtype();
         let (xs, w, g) = (f32_values(&x), f32_values(&weight), f32_values(&grad));
         let n = w.len();
-        let mut dx = zeros(xs.len());
         let chunk = (n * ROWS_PER_TASK).max(1);
         // Each task sums its rows' weight gradient; the partial sums are added after.
-        let partials: Vec<Vec<f32>> = dx
-            .par_chunks_mut(chunk)
-            .zip(xs.par_chunks(chunk).zip(g.par_chunks(chunk)))
-            .map(|(dx, (x, g))| {
-                let mut dw = vec![0f32; n];
-                backward_rows(x, &w, g, eps, dx, &mut dw);
-                dw
-            })
-            .collect();
+        let mut partials = vec![vec![0f32; n]; xs.len().div_ceil(chunk)];
+        let inputs = xs
+            .par_chunks(chunk)
+            .zip(g.par_chunks(chunk))
+            .zip(partials.par_iter_mut());
+        let dx = par_fill(xs.len(), chunk, inputs, |dx, ((x, g), dw)| {
+            backward_rows(x, &w, g, eps, dx, dw)
+        });
         let dw = sum_partials(&partials, n);
         (flex_tensor(dx, shape, dtype), flex_tensor(dw, [n], w_dtype))
     }

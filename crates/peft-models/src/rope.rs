@@ -13,7 +13,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
-use peft_core::cpu::{backward_single, f32_values, flex_tensor, zeros};
+use peft_core::cpu::{backward_single, f32_values, flex_tensor, par_fill};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -107,19 +107,16 @@ impl RopeOps for Flex {
         let [_, s, h, d]: [usize; 4] = shape.dims();
         let rows = cos.layout().shape().dims::<3>()[0];
         let (xv, cv, sv) = (f32_values(&x), f32_values(&cos), f32_values(&sin));
-        let mut out = zeros(xv.len());
         // One task per position of one sequence: its heads share the table row.
-        out.par_chunks_mut(h * d)
-            .zip(xv.par_chunks(h * d))
-            .enumerate()
-            .for_each(|(at, (y, x))| {
-                let (seq, pos) = (at / s, at % s);
-                let t = (if rows == 1 { 0 } else { seq } * s + pos) * d;
-                let (c, sn) = (&cv[t..t + d], &sv[t..t + d]);
-                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                    rotate(x, c, sn, y, transpose);
-                }
-            });
+        let inputs = xv.par_chunks((h * d).max(1)).enumerate();
+        let out = par_fill(xv.len(), h * d, inputs, |y, (at, x)| {
+            let (seq, pos) = (at / s, at % s);
+            let t = (if rows == 1 { 0 } else { seq } * s + pos) * d;
+            let (c, sn) = (&cv[t..t + d], &sv[t..t + d]);
+            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                rotate(x, c, sn, y, transpose);
+            }
+        });
         flex_tensor(out, shape, dtype)
     }
 }

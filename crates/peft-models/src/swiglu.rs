@@ -18,7 +18,7 @@ use burn::tensor::activation::silu;
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{backward_pair, exp, f32_values, flex_tensor, zeros};
+use peft_core::cpu::{backward_pair, exp, f32_values, flex_tensor, par_fill, par_fill_pair};
 use peft_core::simd_dispatch;
 
 /// `silu(gate) · up = gate · sigmoid(gate) · up`, element by element. Differentiable in both.
@@ -98,10 +98,8 @@ impl SwigluOps for Flex {
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let (dtype, shape) = (gate.dtype(), gate.layout().shape().clone());
         let (a, u) = (f32_values(&gate), f32_values(&up));
-        let mut out = zeros(a.len());
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (a, u))| forward_chunk(a, u, o));
+        let inputs = a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK));
+        let out = par_fill(a.len(), CHUNK, inputs, |o, (a, u)| forward_chunk(a, u, o));
         flex_tensor(out, shape, dtype)
     }
 
@@ -112,16 +110,13 @@ impl SwigluOps for Flex {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (dtype, shape) = (gate.dtype(), gate.layout().shape().clone());
         let (a, u, g) = (f32_values(&gate), f32_values(&up), f32_values(&grad));
-        let (mut d_gate, mut d_up) = (zeros(a.len()), zeros(a.len()));
-        d_gate
-            .par_chunks_mut(CHUNK)
-            .zip(d_up.par_chunks_mut(CHUNK))
-            .zip(
-                a.par_chunks(CHUNK)
-                    .zip(u.par_chunks(CHUNK))
-                    .zip(g.par_chunks(CHUNK)),
-            )
-            .for_each(|((dg, du), ((a, u), g))| backward_chunk(a, u, g, dg, du));
+        let inputs = a
+            .par_chunks(CHUNK)
+            .zip(u.par_chunks(CHUNK))
+            .zip(g.par_chunks(CHUNK));
+        let (d_gate, d_up) = par_fill_pair(a.len(), CHUNK, inputs, |dg, du, ((a, u), g)| {
+            backward_chunk(a, u, g, dg, du)
+        });
         (
             flex_tensor(d_gate, shape.clone(), dtype),
             flex_tensor(d_up, shape, dtype),
