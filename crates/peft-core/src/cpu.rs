@@ -375,7 +375,7 @@ pub fn zeros(n: usize) -> Vec<f32> {
     values
 }
 
-/// `n` values of a kernel's output, written by `write` on the pool chunk by chunk (`chunk`
+/// `n` values of a kernel's output (f32, or bytes), written by `write` on the pool chunk by chunk (`chunk`
 /// values each, the last one shorter), each chunk with the item of `inputs` at its index.
 ///
 /// There is no fill pass first: each task zeroes its own chunk just before `write` gets it,
@@ -385,13 +385,14 @@ pub fn zeros(n: usize) -> Vec<f32> {
 ///
 /// # Panics
 /// When `inputs` has fewer items than there are chunks.
-pub fn par_fill<I>(
+pub fn par_fill<T, I>(
     n: usize,
     chunk: usize,
     inputs: I,
-    write: impl Fn(&mut [f32], I::Item) + Sync + Send,
-) -> Vec<f32>
+    write: impl Fn(&mut [T], I::Item) + Sync + Send,
+) -> Vec<T>
 where
+    T: Copy + Default + Send + Sync,
     I: rayon::iter::IndexedParallelIterator,
 {
     use rayon::prelude::*;
@@ -448,11 +449,11 @@ fn chunks_for(n: usize, chunk: usize, inputs: usize) -> usize {
     chunk
 }
 
-/// `c` zeroed, as the initialised values it then is.
-fn zeroed(c: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
-    c.fill(std::mem::MaybeUninit::new(0.0));
-    // SAFETY: every value of `c` was just written; f32 and MaybeUninit<f32> share a layout.
-    unsafe { &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+/// `c` set to zeros (`T::default()`), as the initialised values it then is.
+fn zeroed<T: Copy + Default>(c: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
+    c.fill(std::mem::MaybeUninit::new(T::default()));
+    // SAFETY: every value of `c` was just written; T and MaybeUninit<T> share a layout.
+    unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
 }
 
 /// `values` (f32) as a flex tensor of `shape` in `dtype`: the way back from [`f32_values`].
