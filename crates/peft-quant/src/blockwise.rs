@@ -105,21 +105,26 @@ pub fn quantize_blockwise_8bit(
 ) -> (Vec<u8>, Vec<f32>) {
     let n = data.len();
     let lut = CodeLut::new(code);
-    let mut q = vec![0u8; n];
     let mut absmax = vec![0f32; n.div_ceil(blocksize)];
-    q.par_chunks_mut(blocksize)
-        .zip(data.par_chunks(blocksize))
-        .zip(absmax.par_iter_mut())
-        .for_each(|((out, block), am)| {
+    // Tasks of several blocks: one task per block (256 values, for the nested scales) spent
+    // more time handing out tasks than coding.
+    let per_task = (VALUES_PER_TASK / blocksize).max(1);
+    let tasks = data
+        .par_chunks(per_task * blocksize)
+        .zip(absmax.par_chunks_mut(per_task));
+    let q = par_fill(n, per_task * blocksize, tasks, |out, (values, am)| {
+        let blocks = out.chunks_mut(blocksize).zip(values.chunks(blocksize));
+        for ((out, block), am) in blocks.zip(am) {
             *am = block_absmax(block);
             if *am == 0.0 {
-                return;
+                continue;
             }
             let recip = 1.0 / *am;
             for (o, &v) in out.iter_mut().zip(block) {
                 *o = lut.code_of(v * recip);
             }
-        });
+        }
+    });
     (q, absmax)
 }
 
