@@ -658,7 +658,7 @@ mod tests {
     #[should_panic(expected = "par_fill: 1 inputs for 2 chunks")]
     fn par_fill_needs_an_input_for_every_chunk() {
         use rayon::prelude::*;
-        let _ = par_fill(9, 8, [0u8].par_iter(), |_, _| {});
+        let _ = par_fill(9, 8, [0u8].par_iter(), |_: &mut [f32], _| {});
     }
 
     /// This account of the dense products' kernels is the one the patched gemm acts on.
