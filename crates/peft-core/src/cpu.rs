@@ -375,8 +375,9 @@ pub fn zeros(n: usize) -> Vec<f32> {
     values
 }
 
-/// `n` values of a kernel's output (f32, or bytes), written by `write` on the pool chunk by chunk (`chunk`
-/// values each, the last one shorter), each chunk with the item of `inputs` at its index.
+/// `n` values of a kernel's output (f32, or bytes), written by `write` on the pool chunk by
+/// chunk (`chunk` values each, the last one shorter), each chunk with the item of `inputs` at
+/// its index.
 ///
 /// There is no fill pass first: each task zeroes its own chunk just before `write` gets it,
 /// while the chunk is in cache. A vector made by [`zeros`] is one more pass over memory for
