@@ -298,8 +298,8 @@ pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_no
 
 /// The gradient arithmetic of [`clip_grad_norm`] as backend operations: on the CPU one
 /// parallel pass each. burn's ops walk each gradient on one thread, twice for its norm (`powi`,
-/// then `sum`) and once more to scale it: a full fine-tuning step of the benchmark Llama (20M
-/// parameters) took 0.96 of the time with these (`scripts/bench_ab.py`, observed).
+/// then `sum`) and once more to scale it: a full fine-tuning step of the benchmark Llama (about
+/// 21M parameters) took 0.96 of the time with these (`scripts/bench_ab.py`, observed).
 #[backend_extension(Flex, Autodiff)]
 pub trait GradientOps: Backend {
     /// `Σ x²`, as a one-value f32 tensor.
