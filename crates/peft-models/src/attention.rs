@@ -326,6 +326,17 @@ impl Dims {
     }
 }
 
+/// Room for `n` output values that the kernel writes in full (no fill pass first), as long as
+/// there are keys (`t > 0`); with none there is nothing to write, and the output is zeros.
+/// Either way its length is set once the kernel is done.
+fn unfilled(n: usize, t: usize) -> Vec<f32> {
+    if t > 0 {
+        Vec::with_capacity(n)
+    } else {
+        zeros(n)
+    }
+}
+
 /// `[b, x, y, d]` values written as `[b, y, x, d]` memory, returned as the `[b, x, y, d]` view
 /// of it (the layout the projections produce and consume).
 fn token_major(values: Vec<f32>, [b, x, y, d]: [usize; 4]) -> FlexTensor {
@@ -348,16 +359,8 @@ fn attention_forward(
     let rep = h / kvh;
     let (qv, kv, vv) = (View::of(q), View::of(k), View::of(v));
     let (np, no) = (b * h * s * t, b * s * h * d);
-    // Below, the products and the softmax write every value (no fill pass needed first), as
-    // long as there are keys; with none there is nothing to write, and the output is zeros.
-    let unfilled = |n| {
-        if t > 0 {
-            Vec::with_capacity(n)
-        } else {
-            zeros(n)
-        }
-    };
-    let (mut p, mut out) = (unfilled(np), unfilled(no));
+    // Below, the products and the softmax write every value.
+    let (mut p, mut out) = (unfilled(np, t), unfilled(no, t));
     let (p_out, o_out) = (Out::of(&mut p, t), Out::of(&mut out, h * d));
     (0..dims.tasks()).into_par_iter().for_each(|task| {
         let (bi, g) = (task / kvh, task % kvh);
@@ -459,12 +462,11 @@ impl AttentionOps for Flex {
         let rep = h / kvh;
         let (qv, kv, vv, gv) = (View::of(&q), View::of(&k), View::of(&v), View::of(&grad));
         let p = peft_core::cpu::f32_values(&p);
-        // No fill pass: ∂Q is all written by products (when there are keys; zeros otherwise),
-        // and each task zeroes its own rows of ∂K and ∂V before adding into them.
+        // ∂Q is all written by products, and each task zeroes its own rows of ∂K and ∂V before
+        // adding into them.
         let sized = |need: bool, n: usize| match need {
             false => (Vec::new(), 0),
-            true if t > 0 => (Vec::with_capacity(n), n),
-            true => (zeros(n), n),
+            true => (unfilled(n, t), n),
         };
         let (mut dq, nq) = sized(need_q, b * s * h * d);
         let (mut dk, nk) = sized(need_k, b * t * kvh * d);

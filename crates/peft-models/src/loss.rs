@@ -113,8 +113,9 @@ impl CrossEntropyOps for Flex {
         let shape = logits.layout().shape().clone();
         let (x, v, t) = host_inputs(&logits, targets);
         let (nll, g) = (f32_values(&nll), f32_values(&grad));
-        let inputs = x.par_chunks(v.max(1)).zip(&t).zip(&*nll).zip(&*g);
-        let dx = par_fill(x.len(), v, inputs, |out, (((row, &t), &nll), &g)| {
+        let row_len = v.max(1);
+        let inputs = x.par_chunks(row_len).zip(&t).zip(&*nll).zip(&*g);
+        let dx = par_fill(x.len(), row_len, inputs, |out, (((row, &t), &nll), &g)| {
             // softmax(row) = e^(row - logsumexp(row)), and logsumexp(row) = nll + row[t].
             vector::scaled_exp(row, nll + row[t], g, out);
             out[t] -= g;

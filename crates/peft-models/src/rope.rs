@@ -108,8 +108,9 @@ impl RopeOps for Flex {
         let rows = cos.layout().shape().dims::<3>()[0];
         let (xv, cv, sv) = (f32_values(&x), f32_values(&cos), f32_values(&sin));
         // One task per position of one sequence: its heads share the table row.
-        let inputs = xv.par_chunks((h * d).max(1)).enumerate();
-        let out = par_fill(xv.len(), h * d, inputs, |y, (at, x)| {
+        let chunk = (h * d).max(1);
+        let inputs = xv.par_chunks(chunk).enumerate();
+        let out = par_fill(xv.len(), chunk, inputs, |y, (at, x)| {
             let (seq, pos) = (at / s, at % s);
             let t = (if rows == 1 { 0 } else { seq } * s + pos) * d;
             let (c, sn) = (&cv[t..t + d], &sv[t..t + d]);

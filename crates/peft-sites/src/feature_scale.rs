@@ -18,7 +18,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
-use peft_core::cpu::{f32_values, flex_tensor, sum_partials, zeros};
+use peft_core::cpu::{f32_values, flex_tensor, par_fill, sum_partials};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -103,12 +103,10 @@ fn task_values(n: usize) -> usize {
 /// Rows of `xs` times `scale`, in parallel: the forward pass, and the input's gradient
 /// (`g ⊙ scale`).
 fn scaled_rows(xs: &[f32], scale: &[f32]) -> Vec<f32> {
-    let mut out = zeros(xs.len());
     let chunk = task_values(scale.len());
-    out.par_chunks_mut(chunk)
-        .zip(xs.par_chunks(chunk))
-        .for_each(|(out, x)| forward_rows(x, scale, out));
-    out
+    par_fill(xs.len(), chunk, xs.par_chunks(chunk), |out, x| {
+        forward_rows(x, scale, out)
+    })
 }
 
 fn empty() -> FlexTensor {
