@@ -2,6 +2,8 @@
 
 pub mod gemm;
 pub mod isa;
+#[macro_use]
+mod kernel;
 pub mod microkernel;
 
 #[macro_use]

@@ -149,19 +149,19 @@ pub mod fma {
             _mm_cvtss_f32(r)
         }
 
-        microkernel!(["fma"], 2, x1x1, 1, 1);
-        microkernel!(["fma"], 2, x1x2, 1, 2);
-        microkernel!(["fma"], 2, x1x3, 1, 3);
-        microkernel!(["fma"], 2, x1x4, 1, 4);
-        microkernel!(["fma"], 2, x1x5, 1, 5);
-        microkernel!(["fma"], 2, x1x6, 1, 6);
+        strided_microkernel!(["fma"], x1x1, 1, 1);
+        strided_microkernel!(["fma"], x1x2, 1, 2);
+        strided_microkernel!(["fma"], x1x3, 1, 3);
+        strided_microkernel!(["fma"], x1x4, 1, 4);
+        strided_microkernel!(["fma"], x1x5, 1, 5);
+        strided_microkernel!(["fma"], x1x6, 1, 6);
 
-        microkernel!(["fma"], 2, x2x1, 2, 1);
-        microkernel!(["fma"], 2, x2x2, 2, 2);
-        microkernel!(["fma"], 2, x2x3, 2, 3);
-        microkernel!(["fma"], 2, x2x4, 2, 4);
-        microkernel!(["fma"], 2, x2x5, 2, 5);
-        microkernel!(["fma"], 2, x2x6, 2, 6);
+        strided_microkernel!(["fma"], x2x1, 2, 1);
+        strided_microkernel!(["fma"], x2x2, 2, 2);
+        strided_microkernel!(["fma"], x2x3, 2, 3);
+        strided_microkernel!(["fma"], x2x4, 2, 4);
+        strided_microkernel!(["fma"], x2x5, 2, 5);
+        strided_microkernel!(["fma"], x2x6, 2, 6);
 
         microkernel_fn_array! {
             [x1x1, x1x2, x1x3, x1x4, x1x5, x1x6,],
@@ -280,33 +280,33 @@ pub mod avx512f {
             _mm_cvtss_f32(r)
         }
 
-        microkernel!(["avx512f"], 4, x1x1, 1, 1);
-        microkernel!(["avx512f"], 4, x1x2, 1, 2);
-        microkernel!(["avx512f"], 4, x1x3, 1, 3);
-        microkernel!(["avx512f"], 4, x1x4, 1, 4);
-        microkernel!(["avx512f"], 4, x1x5, 1, 5);
-        microkernel!(["avx512f"], 4, x1x6, 1, 6);
+        strided_microkernel!(["avx512f"], x1x1, 1, 1);
+        strided_microkernel!(["avx512f"], x1x2, 1, 2);
+        strided_microkernel!(["avx512f"], x1x3, 1, 3);
+        strided_microkernel!(["avx512f"], x1x4, 1, 4);
+        strided_microkernel!(["avx512f"], x1x5, 1, 5);
+        strided_microkernel!(["avx512f"], x1x6, 1, 6);
 
-        microkernel!(["avx512f"], 4, x2x1, 2, 1);
-        microkernel!(["avx512f"], 4, x2x2, 2, 2);
-        microkernel!(["avx512f"], 4, x2x3, 2, 3);
-        microkernel!(["avx512f"], 4, x2x4, 2, 4);
-        microkernel!(["avx512f"], 4, x2x5, 2, 5);
-        microkernel!(["avx512f"], 4, x2x6, 2, 6);
+        strided_microkernel!(["avx512f"], x2x1, 2, 1);
+        strided_microkernel!(["avx512f"], x2x2, 2, 2);
+        strided_microkernel!(["avx512f"], x2x3, 2, 3);
+        strided_microkernel!(["avx512f"], x2x4, 2, 4);
+        strided_microkernel!(["avx512f"], x2x5, 2, 5);
+        strided_microkernel!(["avx512f"], x2x6, 2, 6);
 
-        microkernel!(["avx512f"], 4, x3x1, 3, 1);
-        microkernel!(["avx512f"], 4, x3x2, 3, 2);
-        microkernel!(["avx512f"], 4, x3x3, 3, 3);
-        microkernel!(["avx512f"], 4, x3x4, 3, 4);
-        microkernel!(["avx512f"], 4, x3x5, 3, 5);
-        microkernel!(["avx512f"], 4, x3x6, 3, 6);
+        strided_microkernel!(["avx512f"], x3x1, 3, 1);
+        strided_microkernel!(["avx512f"], x3x2, 3, 2);
+        strided_microkernel!(["avx512f"], x3x3, 3, 3);
+        strided_microkernel!(["avx512f"], x3x4, 3, 4);
+        strided_microkernel!(["avx512f"], x3x5, 3, 5);
+        strided_microkernel!(["avx512f"], x3x6, 3, 6);
 
-        microkernel!(["avx512f"], 4, x4x1, 4, 1);
-        microkernel!(["avx512f"], 4, x4x2, 4, 2);
-        microkernel!(["avx512f"], 4, x4x3, 4, 3);
-        microkernel!(["avx512f"], 4, x4x4, 4, 4);
-        microkernel!(["avx512f"], 4, x4x5, 4, 5);
-        microkernel!(["avx512f"], 4, x4x6, 4, 6);
+        strided_microkernel!(["avx512f"], x4x1, 4, 1);
+        strided_microkernel!(["avx512f"], x4x2, 4, 2);
+        strided_microkernel!(["avx512f"], x4x3, 4, 3);
+        strided_microkernel!(["avx512f"], x4x4, 4, 4);
+        strided_microkernel!(["avx512f"], x4x5, 4, 5);
+        strided_microkernel!(["avx512f"], x4x6, 4, 6);
 
         microkernel_fn_array! {
             [x1x1, x1x2, x1x3, x1x4, x1x5, x1x6,],
