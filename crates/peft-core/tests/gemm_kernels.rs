@@ -135,30 +135,28 @@ fn check_case(
     }
 }
 
-#[test]
-fn avx2_fma_kernels_match_a_triple_loop() {
-    if !std::arch::is_x86_feature_detected!("fma") {
-        return;
-    }
-    use gemm_f32::microkernel::fma::f32::{MR_DIV_N, NR, UKR};
-    for (mi, row) in UKR.iter().enumerate().take(MR_DIV_N) {
-        for (ni, &kernel) in row.iter().enumerate().take(NR) {
-            let name = format!("fma x{}x{}", mi + 1, ni + 1);
-            check_kernel(&name, kernel, (mi + 1) * 8, ni + 1);
+/// Checks every kernel of a table: row `i` holds tiles of `(i + 1)·lanes` rows, column `j`
+/// tiles of `j + 1` columns.
+fn check_table<const COLS: usize>(isa: &str, table: &[[Kernel; COLS]], lanes: usize) {
+    assert!(COLS > 0 && !table.is_empty(), "{isa}: no kernels");
+    for (mi, row) in table.iter().enumerate() {
+        for (ni, &kernel) in row.iter().enumerate() {
+            let name = format!("{isa} x{}x{}", mi + 1, ni + 1);
+            check_kernel(&name, kernel, (mi + 1) * lanes, ni + 1);
         }
     }
 }
 
 #[test]
-fn avx512_kernels_match_a_triple_loop() {
-    if !std::arch::is_x86_feature_detected!("avx512f") {
-        return;
+fn avx2_fma_kernels_match_a_triple_loop() {
+    if std::arch::is_x86_feature_detected!("fma") {
+        check_table("fma", &gemm_f32::microkernel::fma::f32::UKR, 8);
     }
-    use gemm_f32::microkernel::avx512f::f32::{MR_DIV_N, NR, UKR};
-    for (mi, row) in UKR.iter().enumerate().take(MR_DIV_N) {
-        for (ni, &kernel) in row.iter().enumerate().take(NR) {
-            let name = format!("avx512 x{}x{}", mi + 1, ni + 1);
-            check_kernel(&name, kernel, (mi + 1) * 16, ni + 1);
-        }
+}
+
+#[test]
+fn avx512_kernels_match_a_triple_loop() {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        check_table("avx512", &gemm_f32::microkernel::avx512f::f32::UKR, 16);
     }
 }
