@@ -43,16 +43,25 @@ fn check_kernel(name: &str, kernel: Kernel, mr: usize, nr: usize) {
             }
             // Right operand (k × nr): (row stride, column stride).
             let rhs_layouts: [(isize, isize); 3] = [
-                (1, k as isize + 3),        // contiguous depth (an activation row per column)
-                (nr as isize + 1, 1),       // contiguous columns (a packed panel)
-                (2, 2 * k as isize + 5),    // neither
+                (1, k as isize + 3),     // contiguous depth (an activation row per column)
+                (nr as isize + 1, 1),    // contiguous columns (a packed panel)
+                (2, 2 * k as isize + 5), // neither
             ];
             for (rhs_rs, rhs_cs) in rhs_layouts {
                 // Destination (m × n): column-major tile or row-major.
                 for (dst_rs, dst_cs) in [(1isize, mr as isize + 2), (n as isize + 1, 1)] {
                     for alpha_status in [0u8, 1, 2] {
                         check_case(
-                            name, kernel, mr, k, m, n, rhs_rs, rhs_cs, dst_rs, dst_cs,
+                            name,
+                            kernel,
+                            (mr, nr),
+                            k,
+                            m,
+                            n,
+                            rhs_rs,
+                            rhs_cs,
+                            dst_rs,
+                            dst_cs,
                             alpha_status,
                         );
                     }
@@ -66,7 +75,7 @@ fn check_kernel(name: &str, kernel: Kernel, mr: usize, nr: usize) {
 fn check_case(
     name: &str,
     kernel: Kernel,
-    mr: usize,
+    (mr, nr): (usize, usize),
     k: usize,
     m: usize,
     n: usize,
@@ -78,7 +87,9 @@ fn check_case(
 ) {
     let lhs_cs = mr + 4; // packed lhs: depth step of a panel, with a gap
     let lhs: Vec<f32> = (0..lhs_cs * k.max(1)).map(|i| value(i, 1)).collect();
-    let rhs_len = (k.max(1) - 1) * rhs_rs as usize + (n - 1) * rhs_cs as usize + 1;
+    // A kernel reads all `nr` columns (and `mr` rows of the packed lhs) whatever of the tile
+    // it writes back.
+    let rhs_len = (k.max(1) - 1) * rhs_rs as usize + (nr - 1) * rhs_cs as usize + 1;
     let rhs: Vec<f32> = (0..rhs_len).map(|i| value(i, 2)).collect();
     let dst_len = (m - 1) * dst_rs as usize + (n - 1) * dst_cs as usize + 1;
     let before: Vec<f32> = (0..dst_len).map(|i| value(i, 3)).collect();
