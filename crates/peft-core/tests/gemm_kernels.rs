@@ -6,26 +6,7 @@
 
 #![cfg(target_arch = "x86_64")]
 
-type Kernel = unsafe fn(
-    usize,
-    usize,
-    usize,
-    *mut f32,
-    *const f32,
-    *const f32,
-    isize,
-    isize,
-    isize,
-    isize,
-    isize,
-    f32,
-    f32,
-    u8,
-    bool,
-    bool,
-    bool,
-    *const f32,
-);
+type Kernel = gemm_common::microkernel::MicroKernelFn<f32>;
 
 /// A value in [-1, 1) from an index, different for every (index, salt).
 fn value(index: usize, salt: usize) -> f32 {
