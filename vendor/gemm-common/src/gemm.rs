@@ -701,6 +701,24 @@ pub unsafe fn gemm_basic_generic<
 
                     let mut j = 0;
                     did_pack_lhs.fill(false);
+                    // peft patch (PATCHED.md): on one thread, every panel of this block of
+                    // rows is packed at once, so that `pack_lhs` can read a left operand with
+                    // contiguous rows in the order of its memory.
+                    if do_pack_lhs && n_threads == 1 && lhs_rs == 1 {
+                        pack_lhs::<T, N, MR, _>(
+                            simd,
+                            m_chunk,
+                            k_chunk,
+                            packed_lhs,
+                            lhs.wrapping_offset(
+                                row_outer as isize * lhs_rs + depth_outer as isize * lhs_cs,
+                            ),
+                            lhs_cs,
+                            lhs_rs,
+                            packed_lhs_stride,
+                        );
+                        did_pack_lhs[..n_row_mini_chunks].fill(true);
+                    }
                     while j < n_col_mini_chunks {
                         let mut i = 0;
                         while i < n_row_mini_chunks {

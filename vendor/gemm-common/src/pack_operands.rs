@@ -304,10 +304,51 @@ pub unsafe fn pack_lhs<T: Copy, const N: usize, const MR: usize, S: Simd>(
         }
         return;
     }
+    // peft patch (PATCHED.md): where the rows are contiguous (a forward product's weight),
+    // several full panels are packed in the order of the source's memory, one step of depth
+    // (a contiguous run of `m` values) at a time, instead of panel by panel, which read one
+    // cache line from each of `k` distant places in turn.
+    if src_rs == 1 && m >= 2 * MR {
+        let full = m / MR;
+        S::vectorize(
+            #[inline(always)]
+            || pack_depth_major::<T, MR>(full, k, dst, src, src_cs, dst_stride),
+        );
+        if full * MR < m {
+            let (dst, src) = (dst.add(full * dst_stride), src.add(full * MR));
+            S::vectorize(
+                #[inline(always)]
+                || pack_generic::<T, N, MR>(m - full * MR, k, dst, src, src_cs, src_rs, dst_stride),
+            );
+        }
+        return;
+    }
     S::vectorize(
         #[inline(always)]
         || pack_generic::<T, N, MR>(m, k, dst, src, src_cs, src_rs, dst_stride),
     );
+}
+
+/// peft patch: `panels` full panels of `MR` contiguous rows, step of depth by step of depth:
+/// row `j`, depth `d` of panel `p` from `src + p·MR + j + d·src_cs` to
+/// `dst + p·dst_stride + d·MR + j`.
+#[inline(always)]
+unsafe fn pack_depth_major<T: Copy, const MR: usize>(
+    panels: usize,
+    k: usize,
+    dst: *mut T,
+    src: *const T,
+    src_cs: isize,
+    dst_stride: usize,
+) {
+    for d in 0..k {
+        let src = src.wrapping_offset(d as isize * src_cs);
+        let dst = dst.add(d * MR);
+        for p in 0..panels {
+            let val = (src.add(p * MR) as *const [T; MR]).read();
+            (dst.add(p * dst_stride) as *mut [T; MR]).write(val);
+        }
+    }
 }
 
 #[inline(never)]

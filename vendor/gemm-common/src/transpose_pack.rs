@@ -41,10 +41,12 @@ pub(crate) unsafe fn pack_panels(
     for p in 0..panels {
         let src = src.wrapping_offset((p * mr) as isize * src_rs);
         let dst = dst.add(p * dst_stride);
-        let mut d = 0;
-        while d < k8 {
-            let mut j = 0;
-            while j < mr {
+        // Eight rows at a time down the whole depth: eight sequential streams for the
+        // prefetcher, not `mr`.
+        let mut j = 0;
+        while j < mr {
+            let mut d = 0;
+            while d < k8 {
                 let s = src.wrapping_offset(j as isize * src_rs).add(d);
                 let rows = [
                     _mm256_loadu_ps(s),
@@ -61,9 +63,9 @@ pub(crate) unsafe fn pack_panels(
                 for (i, c) in cols.iter().enumerate() {
                     _mm256_storeu_ps(out.add(i * mr), *c);
                 }
-                j += 8;
+                d += 8;
             }
-            d += 8;
+            j += 8;
         }
         for d in k8..k {
             for j in 0..mr {
