@@ -75,31 +75,34 @@ const SHAPES: ([usize; 9], [usize; 8], [usize; 3]) = (
     [3, 37, 61],
 );
 
-#[test]
-fn left_operands_read_down_their_columns_pack_exactly() {
+/// Runs [`check`] on one thread for every shape of [`SHAPES`].
+fn check_every_shape(rows_contiguous: bool) {
     for m in SHAPES.0 {
         for k in SHAPES.1 {
             for n in SHAPES.2 {
-                check(m, n, k, false, false);
+                check(m, n, k, false, rows_contiguous);
             }
         }
     }
+}
+
+#[test]
+fn left_operands_read_down_their_columns_pack_exactly() {
+    check_every_shape(false);
 }
 
 #[test]
 fn left_operands_with_contiguous_rows_pack_exactly() {
-    for m in SHAPES.0 {
-        for k in SHAPES.1 {
-            for n in SHAPES.2 {
-                check(m, n, k, false, true);
-            }
-        }
-    }
+    check_every_shape(true);
 }
 
 #[test]
 fn left_operands_pack_exactly_on_the_pool() {
-    for (m, n, k) in [(512usize, 512usize, 512usize), (520, 300, 777), (1376, 64, 512)] {
+    for (m, n, k) in [
+        (512usize, 512usize, 512usize),
+        (520, 300, 777),
+        (1376, 64, 512),
+    ] {
         check(m, n, k, true, false);
         check(m, n, k, true, true);
     }
