@@ -4,12 +4,8 @@
 //! of depth at a time); panel counts with and without a partial last panel, depths below, at
 //! and beyond a multiple of 8 and beyond one depth block, on one thread and on the pool.
 
-/// A value in [-1, 1) from an index, different for every (index, salt).
-fn value(index: usize, salt: usize) -> f32 {
-    let x = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (salt as u64) << 32;
-    let x = x ^ (x >> 29);
-    ((x.wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-}
+mod common;
+use common::value;
 
 /// `dst = lhs·rhs` with `lhs` `m × k` stored row by row (rows `k + 3` apart, so the depth is
 /// contiguous and the rows are not) or, when `rows_contiguous`, column by column (columns

@@ -277,12 +277,17 @@ pub unsafe fn pack_lhs<T: Copy, const N: usize, const MR: usize, S: Simd>(
 ) {
     let dst = dst.0;
     let src = src.0;
-    // peft patch (PATCHED.md): a left operand whose depth is contiguous and whose rows are not
-    // (an input gradient's weight, read down its columns) is packed by 8x8 transposes, not one
-    // value at a time; a last partial panel as before.
+    // peft patch (PATCHED.md): full panels packed faster where the layout allows, the rest
+    // (a last partial panel, or everything) as released.
+    let full = m / MR;
+    // A left operand whose depth is contiguous and whose rows are not (an input gradient's
+    // weight, read down its columns): by 8x8 transposes, not one value at a time.
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if crate::transpose_pack::applies::<T>(MR, k, src_cs, src_rs) {
-        let full = m / MR;
+    let transposed = crate::transpose_pack::applies::<T>(MR, k, src_cs, src_rs);
+    #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+    let transposed = false;
+    let packed = if transposed {
+        #[cfg(all(feature = "std", target_arch = "x86_64"))]
         crate::transpose_pack::pack_panels(
             full,
             MR,
@@ -292,41 +297,29 @@ pub unsafe fn pack_lhs<T: Copy, const N: usize, const MR: usize, S: Simd>(
             src_rs,
             dst_stride,
         );
-        if full * MR < m {
-            let (dst, src) = (
-                dst.add(full * dst_stride),
-                src.wrapping_offset((full * MR) as isize * src_rs),
-            );
-            S::vectorize(
-                #[inline(always)]
-                || pack_generic::<T, N, MR>(m - full * MR, k, dst, src, src_cs, src_rs, dst_stride),
-            );
-        }
-        return;
-    }
-    // peft patch (PATCHED.md): where the rows are contiguous (a forward product's weight),
-    // several full panels are packed in the order of the source's memory, one step of depth
-    // (a contiguous run of `m` values) at a time, instead of panel by panel, which read one
-    // cache line from each of `k` distant places in turn.
-    if src_rs == 1 && m >= 2 * MR {
-        let full = m / MR;
+        full
+    } else if src_rs == 1 && full >= 2 {
+        // Contiguous rows (a forward product's weight): several panels in the order of the
+        // source's memory, one step of depth (a contiguous run) at a time, instead of panel
+        // by panel, which read one cache line from each of `k` distant places in turn.
         S::vectorize(
             #[inline(always)]
             || pack_depth_major::<T, MR>(full, k, dst, src, src_cs, dst_stride),
         );
-        if full * MR < m {
-            let (dst, src) = (dst.add(full * dst_stride), src.add(full * MR));
-            S::vectorize(
-                #[inline(always)]
-                || pack_generic::<T, N, MR>(m - full * MR, k, dst, src, src_cs, src_rs, dst_stride),
-            );
-        }
-        return;
+        full
+    } else {
+        0
+    };
+    if packed * MR < m {
+        let (dst, src) = (
+            dst.add(packed * dst_stride),
+            src.wrapping_offset((packed * MR) as isize * src_rs),
+        );
+        S::vectorize(
+            #[inline(always)]
+            || pack_generic::<T, N, MR>(m - packed * MR, k, dst, src, src_cs, src_rs, dst_stride),
+        );
     }
-    S::vectorize(
-        #[inline(always)]
-        || pack_generic::<T, N, MR>(m, k, dst, src, src_cs, src_rs, dst_stride),
-    );
 }
 
 /// peft patch: `panels` full panels of `MR` contiguous rows, step of depth by step of depth:
