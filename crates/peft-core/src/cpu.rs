@@ -1,7 +1,8 @@
 //! What the fused CPU operations (peft-models' loss, SwiGLU, causal softmax and RMSNorm;
 //! peft-sites' sparse deltas) share: an exponential and a dot product the compiler vectorizes (libm's `expf` is a call per value), a runtime pick of the widest vector
-//! instructions the processor has, f32 views of flex tensors and back, and the backward step
-//! of an operation whose one kernel yields the gradients of both its inputs.
+//! instructions the processor has, f32 views of flex tensors and back, outputs written in
+//! parallel without a fill pass ([`fill`]), and the backward step of an operation whose one
+//! kernel yields the gradients of both its inputs.
 
 use std::borrow::Cow;
 
@@ -11,6 +12,11 @@ use burn::backend::autodiff::ops::Ops;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::tensor::{DType, Shape, TensorData};
+
+pub mod fill;
+pub use fill::{
+    par_fill, par_fill_pair, write_each, write_each_pair, write_rows, write_split, zeroed, zeros,
+};
 
 /// Accumulator lanes: one AVX-512 register of f32. Loops that sum into `LANES` separate
 /// accumulators vectorize (a float sum is not reassociated otherwise).
@@ -221,22 +227,22 @@ pub fn splits_512_bit_operations() -> bool {
     }
 }
 
-/// `fn $name(args) -> ret` that runs the `#[inline(always)]` function `$body` compiled for
+/// `fn $name<'lifetimes>(args) -> ret` that runs the `#[inline(always)]` function `$body` compiled for
 /// AVX-512F, else AVX2 + FMA, as [`isa`] allows (checked at run time), else as built. The
 /// body is written once, as plain loops the compiler vectorizes.
 #[macro_export]
 macro_rules! simd_dispatch {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident $(<$($lt:lifetime),+>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path) => {
         $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name $(<$($lt),+>)? ($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                fn avx512 $(<$($lt),+>)? ($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                fn avx2 $(<$($lt),+>)? ($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
                 match $crate::cpu::isa() {
@@ -354,107 +360,6 @@ pub fn sum_partials(partials: &[Vec<f32>], n: usize) -> Vec<f32> {
         }
     }
     sum
-}
-
-/// `n` zeros for a kernel's output, written by every thread of the pool: `vec![0.0; n]` is a
-/// memset on the calling thread alone while the others wait, and the fused kernels' outputs
-/// are megabytes (a training step of the benchmark Llama zero-filled about 100 MB this way).
-pub fn zeros(n: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    /// Values per parallel task (128 KiB); below one task the calling thread writes them.
-    const CHUNK: usize = 1 << 15;
-    if n <= CHUNK {
-        return vec![0.0; n];
-    }
-    let mut values = Vec::with_capacity(n);
-    values.spare_capacity_mut()[..n]
-        .par_chunks_mut(CHUNK)
-        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
-    // SAFETY: the loop above wrote all `n` values.
-    unsafe { values.set_len(n) };
-    values
-}
-
-/// `n` values of a kernel's output (f32, or bytes), written by `write` on the pool chunk by
-/// chunk (`chunk` values each, the last one shorter), each chunk with the item of `inputs` at
-/// its index.
-///
-/// There is no fill pass first: each task zeroes its own chunk just before `write` gets it,
-/// while the chunk is in cache. A vector made by [`zeros`] is one more pass over memory for
-/// every output, which `write` then brings back in (about 100 MB a training step of the
-/// benchmark Llama).
-///
-/// # Panics
-/// When `inputs` has fewer items than there are chunks.
-pub fn par_fill<T, I>(
-    n: usize,
-    chunk: usize,
-    inputs: I,
-    write: impl Fn(&mut [T], I::Item) + Sync + Send,
-) -> Vec<T>
-where
-    T: Copy + Default + Send + Sync,
-    I: rayon::iter::IndexedParallelIterator,
-{
-    use rayon::prelude::*;
-    let chunk = chunks_for(n, chunk, inputs.len());
-    let mut out = Vec::with_capacity(n);
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(chunk)
-        .zip(inputs)
-        .for_each(|(o, item)| write(zeroed(o), item));
-    // SAFETY: the loop above zeroed all `n` values (it ran over every chunk: `inputs` has an
-    // item for each).
-    unsafe { out.set_len(n) };
-    out
-}
-
-/// [`par_fill`] for a kernel with two outputs of `n` values each, chunked alike (`write`
-/// gets the same chunk of both).
-///
-/// # Panics
-/// When `inputs` has fewer items than there are chunks.
-pub fn par_fill_pair<I>(
-    n: usize,
-    chunk: usize,
-    inputs: I,
-    write: impl Fn(&mut [f32], &mut [f32], I::Item) + Sync + Send,
-) -> (Vec<f32>, Vec<f32>)
-where
-    I: rayon::iter::IndexedParallelIterator,
-{
-    use rayon::prelude::*;
-    let chunk = chunks_for(n, chunk, inputs.len());
-    let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    a.spare_capacity_mut()[..n]
-        .par_chunks_mut(chunk)
-        .zip(b.spare_capacity_mut()[..n].par_chunks_mut(chunk))
-        .zip(inputs)
-        .for_each(|((a, b), item)| write(zeroed(a), zeroed(b), item));
-    // SAFETY: as in `par_fill`, for both.
-    unsafe {
-        a.set_len(n);
-        b.set_len(n);
-    }
-    (a, b)
-}
-
-/// The chunk length of a [`par_fill`] (at least 1), checking that its inputs cover the chunks.
-fn chunks_for(n: usize, chunk: usize, inputs: usize) -> usize {
-    let chunk = chunk.max(1);
-    let chunks = n.div_ceil(chunk);
-    assert!(
-        inputs >= chunks,
-        "par_fill: {inputs} inputs for {chunks} chunks"
-    );
-    chunk
-}
-
-/// `c` set to zeros (`T::default()`), as the initialised values it then is.
-fn zeroed<T: Copy + Default>(c: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
-    c.fill(std::mem::MaybeUninit::new(T::default()));
-    // SAFETY: every value of `c` was just written; T and MaybeUninit<T> share a layout.
-    unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
 }
 
 /// `values` (f32) as a flex tensor of `shape` in `dtype`: the way back from [`f32_values`].
@@ -611,55 +516,6 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
         assert!(exp(1000.0).is_finite());
-    }
-
-    /// Every value zero at every length: below one task, one task exactly, and a partial
-    /// last task.
-    #[test]
-    fn zeros_are_zeros() {
-        for n in [0, 5, 1 << 15, (1 << 17) + 3] {
-            let z = zeros(n);
-            assert_eq!(z.len(), n);
-            assert!(z.iter().all(|&v| v.to_bits() == 0), "{n}");
-        }
-    }
-
-    /// Each chunk reaches `write` zeroed, with its own input, at every length (empty, one
-    /// chunk, a partial last chunk); the pair gets the same chunks of both outputs.
-    #[test]
-    fn par_fill_hands_each_chunk_its_input() {
-        use rayon::prelude::*;
-        for n in [0usize, 1, 7, 8, 1000, (1 << 16) + 5] {
-            let input: Vec<f32> = (0..n).map(|i| i as f32).collect();
-            let out = par_fill(n, 8, input.par_chunks(8), |o, x| {
-                assert!(o.iter().all(|&v| v == 0.0));
-                for (o, x) in o.iter_mut().zip(x) {
-                    *o = 2.0 * x;
-                }
-            });
-            assert_eq!(
-                out,
-                input.iter().map(|x| 2.0 * x).collect::<Vec<_>>(),
-                "{n}"
-            );
-            let (a, b) = par_fill_pair(n, 8, input.par_chunks(8).enumerate(), |a, b, (i, x)| {
-                assert_eq!((a.len(), b.len()), (x.len(), x.len()));
-                a.copy_from_slice(x);
-                b.fill(i as f32);
-            });
-            assert_eq!(a, input);
-            assert!(
-                b.iter().enumerate().all(|(j, &v)| v == (j / 8) as f32),
-                "{n}"
-            );
-        }
-    }
-
-    #[test]
-    #[should_panic(expected = "par_fill: 1 inputs for 2 chunks")]
-    fn par_fill_needs_an_input_for_every_chunk() {
-        use rayon::prelude::*;
-        let _ = par_fill(9, 8, [0u8].par_iter(), |_: &mut [f32], _| {});
     }
 
     /// This account of the dense products' kernels is the one the patched gemm acts on.

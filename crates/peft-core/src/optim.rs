@@ -11,7 +11,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cpu::{dot, f32_values, flex_tensor, par_fill};
+use crate::cpu::{dot, f32_values, flex_tensor, par_fill, write_each};
 use crate::device::is_cpu;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
@@ -330,11 +330,7 @@ impl GradientOps for Flex {
             v.len(),
             GRADIENT_CHUNK,
             v.par_chunks(GRADIENT_CHUNK),
-            |o, x| {
-                for (o, x) in o.iter_mut().zip(x) {
-                    *o = factor * x;
-                }
-            },
+            |o, x| write_each(o, x.iter().map(|x| factor * x)),
         );
         flex_tensor(out, shape, dtype)
     }

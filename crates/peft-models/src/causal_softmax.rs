@@ -9,6 +9,8 @@
 //! weights and their gradient once backward, and keeps only the weights. Other devices use the
 //! burn composition.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -20,7 +22,10 @@ use burn::tensor::{Bool, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{dot, f32_values, flex_tensor, par_fill, softmax_in_place};
+use peft_core::cpu::{
+    dot, f32_values, flex_tensor, par_fill, softmax_in_place, write_each, write_rows, write_split,
+    zeroed,
+};
 use peft_core::simd_dispatch;
 
 /// `softmax(scale · scores)` along the last axis of `scores [batch, heads, queries, keys]`,
@@ -66,32 +71,45 @@ pub trait CausalSoftmaxOps: Backend {
 
 /// `out[..n] = softmax(scale · row[..n])`, `out[n..] = 0` (`scale > 0`).
 #[inline(always)]
-fn forward_body(row: &[f32], n: usize, scale: f32, out: &mut [f32]) {
-    let (seen, hidden) = row.split_at(n);
-    let (out_seen, out_hidden) = out.split_at_mut(n);
-    for (o, &x) in out_seen.iter_mut().zip(seen) {
-        *o = scale * x;
-    }
-    softmax_in_place(out_seen);
-    debug_assert_eq!(hidden.len(), out_hidden.len());
-    out_hidden.fill(0.0);
+fn forward_body<'o>(
+    row: &[f32],
+    n: usize,
+    scale: f32,
+    out: &'o mut [MaybeUninit<f32>],
+) -> &'o mut [f32] {
+    // The keys a query sees: the softmax; the later ones (masked): zeros.
+    let seen = &row[..n];
+    write_split(
+        out,
+        n,
+        #[inline(always)]
+        |out| {
+            let out = write_each(out, seen.iter().map(|&x| scale * x));
+            softmax_in_place(out);
+            out
+        },
+        zeroed,
+    )
 }
 
 /// `out = scale · p · (g - Σ g · p)` over one row.
 #[inline(always)]
-fn backward_body(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) {
+fn backward_body<'o>(
+    p: &[f32],
+    g: &[f32],
+    scale: f32,
+    out: &'o mut [MaybeUninit<f32>],
+) -> &'o mut [f32] {
     let pg = dot(p, g);
-    for ((o, &p), &g) in out.iter_mut().zip(p).zip(g) {
-        *o = scale * p * (g - pg);
-    }
+    write_each(out, p.iter().zip(g).map(|(&p, &g)| scale * p * (g - pg)))
 }
 
 simd_dispatch! {
-    fn forward_row(row: &[f32], n: usize, scale: f32, out: &mut [f32]) => forward_body
+    fn forward_row<'o>(row: &[f32], n: usize, scale: f32, out: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] => forward_body
 }
 
 simd_dispatch! {
-    fn backward_row(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) => backward_body
+    fn backward_row<'o>(p: &[f32], g: &[f32], scale: f32, out: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] => backward_body
 }
 
 /// Rows per parallel task: a row of attention scores is short.
@@ -101,7 +119,7 @@ const ROWS_PER_TASK: usize = 64;
 /// [`ROWS_PER_TASK`] rows; the outputs as a tensor of the scores' shape.
 fn map_rows(
     scores: &FloatTensor<Flex>,
-    row_op: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+    row_op: impl for<'o> Fn(usize, &[f32], &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] + Sync,
 ) -> FloatTensor<Flex> {
     let (dtype, shape) = (scores.dtype(), scores.layout().shape().clone());
     let t = shape[shape.len() - 1];
@@ -109,9 +127,9 @@ fn map_rows(
     let chunk = (t * ROWS_PER_TASK).max(1);
     let inputs = x.par_chunks(chunk).enumerate();
     let out = par_fill(x.len(), chunk, inputs, |out, (task, x)| {
-        for (r, (out, row)) in out.chunks_mut(t).zip(x.chunks(t)).enumerate() {
-            row_op(task * ROWS_PER_TASK + r, row, out);
-        }
+        write_rows(out, t, |r, out| {
+            row_op(task * ROWS_PER_TASK + r, &x[r * t..][..out.len()], out)
+        })
     });
     flex_tensor(out, shape, dtype)
 }
@@ -123,7 +141,7 @@ impl CausalSoftmaxOps for Flex {
         map_rows(&scores, |r, row, out| {
             // Query i of its (batch, head) sees keys 0..=i + t - s.
             let i = r % s;
-            forward_row(row, i + t - s + 1, scale, out);
+            forward_row(row, i + t - s + 1, scale, out)
         })
     }
 
@@ -138,9 +156,10 @@ impl CausalSoftmaxOps for Flex {
         let chunk = (t * ROWS_PER_TASK).max(1);
         let inputs = p.par_chunks(chunk).zip(g.par_chunks(chunk));
         let out = par_fill(p.len(), chunk, inputs, |out, (p, g)| {
-            for ((out, p), g) in out.chunks_mut(t).zip(p.chunks(t)).zip(g.chunks(t)) {
-                backward_row(p, g, scale, out);
-            }
+            write_rows(out, t, |r, out| {
+                let n = out.len();
+                backward_row(&p[r * t..][..n], &g[r * t..][..n], scale, out)
+            })
         });
         flex_tensor(out, shape, dtype)
     }

@@ -7,6 +7,8 @@
 //! 1.2e-7 everywhere) and the vectorized exponential of [`peft_core::cpu`], reads the input once
 //! each way, and keeps only the input for the backward pass. Other devices use burn's `gelu`.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -14,7 +16,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
-use peft_core::cpu::{backward_single, exp, f32_values, flex_tensor, par_fill};
+use peft_core::cpu::{backward_single, exp, f32_values, flex_tensor, par_fill, write_each};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -70,26 +72,26 @@ fn cdf(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn forward_body(x: &[f32], out: &mut [f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = v * cdf(v);
-    }
+fn forward_body<'o>(x: &[f32], out: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] {
+    write_each(out, x.iter().map(|&v| v * cdf(v)))
 }
 
 /// `gelu'(x) = Φ(x) + x·φ(x)`, `φ(x) = e^(−x²/2)/√(2π)`.
 #[inline(always)]
-fn backward_body(x: &[f32], grad: &[f32], dx: &mut [f32]) {
-    for ((d, &v), &g) in dx.iter_mut().zip(x).zip(grad) {
-        *d = g * (cdf(v) + v * FRAC_1_SQRT_2PI * exp(-0.5 * v * v));
-    }
+fn backward_body<'o>(x: &[f32], grad: &[f32], dx: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] {
+    let values = x.iter().zip(grad);
+    write_each(
+        dx,
+        values.map(|(&v, &g)| g * (cdf(v) + v * FRAC_1_SQRT_2PI * exp(-0.5 * v * v))),
+    )
 }
 
 simd_dispatch! {
-    fn forward_chunk(x: &[f32], out: &mut [f32]) => forward_body
+    fn forward_chunk<'o>(x: &[f32], out: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] => forward_body
 }
 
 simd_dispatch! {
-    fn backward_chunk(x: &[f32], grad: &[f32], dx: &mut [f32]) => backward_body
+    fn backward_chunk<'o>(x: &[f32], grad: &[f32], dx: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] => backward_body
 }
 
 impl GeluOps for Flex {
@@ -167,10 +169,11 @@ mod tests {
         let phi = |x: f64| 0.5 * libm::erfc(-x / std::f64::consts::SQRT_2);
         let mut x: Vec<f32> = (0..=48_000).map(|i| -12.0 + i as f32 / 2000.0).collect();
         x.extend([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0]);
-        let (mut y, mut d) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-        forward_chunk(&x, &mut y);
-        backward_chunk(&x, &vec![1.0; x.len()], &mut d);
-        for ((&v, &got), &dgot) in x.iter().zip(&y).zip(&d) {
+        let uninit = || vec![MaybeUninit::uninit(); x.len()];
+        let (mut y, mut d) = (uninit(), uninit());
+        let y = forward_chunk(&x, &mut y);
+        let d = backward_chunk(&x, &vec![1.0; x.len()], &mut d);
+        for ((&v, &got), &dgot) in x.iter().zip(&*y).zip(&*d) {
             let v64 = v as f64;
             let want = v64 * phi(v64);
             let dwant =

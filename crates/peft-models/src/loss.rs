@@ -117,8 +117,9 @@ impl CrossEntropyOps for Flex {
         let inputs = x.par_chunks(row_len).zip(&t).zip(&*nll).zip(&*g);
         let dx = par_fill(x.len(), row_len, inputs, |out, (((row, &t), &nll), &g)| {
             // softmax(row) = e^(row - logsumexp(row)), and logsumexp(row) = nll + row[t].
-            vector::scaled_exp(row, nll + row[t], g, out);
+            let out = vector::scaled_exp(row, nll + row[t], g, out);
             out[t] -= g;
+            out
         });
         flex_tensor(dx, shape, dtype)
     }
@@ -182,7 +183,9 @@ impl<B: Backend + CrossEntropyOps, C: CheckpointStrategy> CrossEntropyOps for Au
 /// Row kernels written as loops the compiler vectorizes (lane-wise accumulators, the
 /// arithmetic exponential of [`peft_core::cpu`]), dispatched to the widest vector instructions.
 mod vector {
-    use peft_core::cpu::{LANES, exp, max};
+    use std::mem::MaybeUninit;
+
+    use peft_core::cpu::{LANES, exp, max, write_each};
     use peft_core::simd_dispatch;
 
     /// `(max(row), Σ e^(row - max))`.
@@ -203,10 +206,13 @@ mod vector {
 
     /// `out = scale · e^(row - shift)`.
     #[inline(always)]
-    fn scaled_exp_body(row: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
-        for (o, &x) in out.iter_mut().zip(row) {
-            *o = scale * exp(x - shift);
-        }
+    fn scaled_exp_body<'o>(
+        row: &[f32],
+        shift: f32,
+        scale: f32,
+        out: &'o mut [MaybeUninit<f32>],
+    ) -> &'o mut [f32] {
+        write_each(out, row.iter().map(|&x| scale * exp(x - shift)))
     }
 
     simd_dispatch! {
@@ -216,7 +222,7 @@ mod vector {
 
     simd_dispatch! {
         /// `out = scale · e^(row - shift)`.
-        pub fn scaled_exp(row: &[f32], shift: f32, scale: f32, out: &mut [f32]) => scaled_exp_body
+        pub fn scaled_exp<'o>(row: &[f32], shift: f32, scale: f32, out: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] => scaled_exp_body
     }
 
     #[cfg(test)]
@@ -239,8 +245,8 @@ mod vector {
                     (s as f64 - exact).abs() <= 1e-5 * exact,
                     "{len}: {s} vs {exact}"
                 );
-                let mut out = vec![0f32; len];
-                scaled_exp(&row, m, 0.5, &mut out);
+                let mut out = vec![MaybeUninit::uninit(); len];
+                let out = scaled_exp(&row, m, 0.5, &mut out);
                 for (o, &x) in out.iter().zip(&row) {
                     let want = 0.5 * ((x - m) as f64).exp();
                     assert!(

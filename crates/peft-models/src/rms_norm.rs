@@ -7,6 +7,8 @@
 //! (both gradients in the same pass) and keeps only its input. Other devices use the burn
 //! composition.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -17,7 +19,9 @@ use burn::tensor::{DType, Tensor};
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{backward_pair, dot, f32_values, flex_tensor, par_fill, sum_partials};
+use peft_core::cpu::{
+    backward_pair, dot, f32_values, flex_tensor, par_fill, sum_partials, write_each, write_rows,
+};
 use peft_core::simd_dispatch;
 
 /// `x / sqrt(mean(x²) + eps) · weight` over the last axis of `x`, normalized in f32 whatever
@@ -78,57 +82,63 @@ fn inverse_rms(row: &[f32], eps: f32) -> f32 {
 
 /// Rows of `x` normalized and scaled into `out`.
 #[inline(always)]
-fn forward_body(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+fn forward_body<'o>(
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &'o mut [MaybeUninit<f32>],
+) -> &'o mut [f32] {
     let n = weight.len();
-    for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let r = inverse_rms(row, eps);
-        for ((o, &x), &w) in out.iter_mut().zip(row).zip(weight) {
-            *o = x * r * w;
-        }
-    }
+    write_rows(
+        out,
+        n,
+        #[inline(always)]
+        |i, out| {
+            let row = &x[i * n..][..out.len()];
+            let r = inverse_rms(row, eps);
+            write_each(out, row.iter().zip(weight).map(|(&x, &w)| x * r * w))
+        },
+    )
 }
 
 /// Per row, with `gw = g · w`: `dx = r · gw - x · r³ · Σ(gw · x) / n`; `d_weight += g · x · r`
 /// summed over the rows.
 #[inline(always)]
-fn backward_body(
+fn backward_body<'o>(
     x: &[f32],
     weight: &[f32],
     grad: &[f32],
     eps: f32,
-    dx: &mut [f32],
+    dx: &'o mut [MaybeUninit<f32>],
     d_weight: &mut [f32],
-) {
+) -> &'o mut [f32] {
     let n = weight.len();
     let mut gw = vec![0f32; n];
-    for ((row, g), dx) in x
-        .chunks_exact(n)
-        .zip(grad.chunks_exact(n))
-        .zip(dx.chunks_exact_mut(n))
-    {
-        let r = inverse_rms(row, eps);
-        for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(weight) {
-            *gw = g * w;
-        }
-        let k = r * r * r * dot(&gw, row) / n as f32;
-        for (((dx, dw), (&x, &g)), &gw) in dx
-            .iter_mut()
-            .zip(d_weight.iter_mut())
-            .zip(row.iter().zip(g))
-            .zip(&gw)
-        {
-            *dx = r * gw - x * k;
-            *dw += g * x * r;
-        }
-    }
+    write_rows(
+        dx,
+        n,
+        #[inline(always)]
+        |i, dx| {
+            let (row, g) = (&x[i * n..][..dx.len()], &grad[i * n..][..dx.len()]);
+            let r = inverse_rms(row, eps);
+            for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(weight) {
+                *gw = g * w;
+            }
+            let k = r * r * r * dot(&gw, row) / n as f32;
+            for ((dw, &x), &g) in d_weight.iter_mut().zip(row).zip(g) {
+                *dw += g * x * r;
+            }
+            write_each(dx, row.iter().zip(&gw).map(|(&x, &gw)| r * gw - x * k))
+        },
+    )
 }
 
 simd_dispatch! {
-    fn forward_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) => forward_body
+    fn forward_rows<'o>(x: &[f32], weight: &[f32], eps: f32, out: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] => forward_body
 }
 
 simd_dispatch! {
-    fn backward_rows(x: &[f32], weight: &[f32], grad: &[f32], eps: f32, dx: &mut [f32], d_weight: &mut [f32]) => backward_body
+    fn backward_rows<'o>(x: &[f32], weight: &[f32], grad: &[f32], eps: f32, dx: &'o mut [MaybeUninit<f32>], d_weight: &mut [f32]) -> &'o mut [f32] => backward_body
 }
 
 /// Rows per parallel task.

@@ -6,6 +6,8 @@
 //! this operation reads `x` once each way and keeps nothing but the tables: its gradient is
 //! the inverse rotation of the output's gradient. Other devices use the burn composition.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -13,7 +15,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
-use peft_core::cpu::{backward_single, f32_values, flex_tensor, par_fill};
+use peft_core::cpu::{
+    backward_single, f32_values, flex_tensor, par_fill, write_each, write_rows, write_split,
+};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -72,28 +76,35 @@ pub trait RopeOps: Backend {
 /// One head: `y₁ = x₁c₁ − x₂s₁`, `y₂ = x₂c₂ + x₁s₂`; transposed `y₁ = x₁c₁ + x₂s₂`,
 /// `y₂ = x₂c₂ − x₁s₁` (halves of `d/2`).
 #[inline(always)]
-fn rotate_body(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32], transpose: bool) {
+fn rotate_body<'y>(
+    x: &[f32],
+    c: &[f32],
+    s: &[f32],
+    y: &'y mut [MaybeUninit<f32>],
+    transpose: bool,
+) -> &'y mut [f32] {
     let half = x.len() / 2;
     let (x1, x2) = x.split_at(half);
     let (c1, c2) = c.split_at(half);
     let (s1, s2) = s.split_at(half);
-    let (y1, y2) = y.split_at_mut(half);
-    // Two loops rather than a branch inside one, so each vectorizes.
-    if transpose {
-        for i in 0..half {
-            y1[i] = x1[i] * c1[i] + x2[i] * s2[i];
-            y2[i] = x2[i] * c2[i] - x1[i] * s1[i];
-        }
-    } else {
-        for i in 0..half {
-            y1[i] = x1[i] * c1[i] - x2[i] * s1[i];
-            y2[i] = x2[i] * c2[i] + x1[i] * s2[i];
-        }
-    }
+    // The sign of the sine terms, so that one loop per half (no branch inside) vectorizes.
+    let (sign1, sign2) = if transpose { (1.0, -1.0) } else { (-1.0, 1.0) };
+    let (s_first, s_second) = if transpose { (s2, s1) } else { (s1, s2) };
+    // Zips of slices (not index ranges), which the compiler turns into one vector loop each.
+    let first = x1.iter().zip(c1).zip(x2.iter().zip(s_first));
+    let second = x2.iter().zip(c2).zip(x1.iter().zip(s_second));
+    write_split(
+        y,
+        half,
+        #[inline(always)]
+        |y1| write_each(y1, first.map(|((&a, &c), (&b, &s))| a * c + sign1 * b * s)),
+        #[inline(always)]
+        |y2| write_each(y2, second.map(|((&a, &c), (&b, &s))| a * c + sign2 * b * s)),
+    )
 }
 
 simd_dispatch! {
-    fn rotate(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32], transpose: bool) => rotate_body
+    fn rotate<'y>(x: &[f32], c: &[f32], s: &[f32], y: &'y mut [MaybeUninit<f32>], transpose: bool) -> &'y mut [f32] => rotate_body
 }
 
 impl RopeOps for Flex {
@@ -114,9 +125,9 @@ impl RopeOps for Flex {
             let (seq, pos) = (at / s, at % s);
             let t = (if rows == 1 { 0 } else { seq } * s + pos) * d;
             let (c, sn) = (&cv[t..t + d], &sv[t..t + d]);
-            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                rotate(x, c, sn, y, transpose);
-            }
+            write_rows(y, d, |head, y| {
+                rotate(&x[head * d..][..y.len()], c, sn, y, transpose)
+            })
         });
         flex_tensor(out, shape, dtype)
     }

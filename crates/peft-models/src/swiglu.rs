@@ -7,6 +7,8 @@
 //! [`peft_core::cpu`], and keeps only `gate` and `up` for the backward pass. Other devices use the
 //! burn composition.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -18,7 +20,10 @@ use burn::tensor::activation::silu;
 use peft_core::device::is_cpu;
 use rayon::prelude::*;
 
-use peft_core::cpu::{backward_pair, exp, f32_values, flex_tensor, par_fill, par_fill_pair};
+use peft_core::cpu::{
+    backward_pair, exp, f32_values, flex_tensor, par_fill, par_fill_pair, write_each,
+    write_each_pair,
+};
 use peft_core::simd_dispatch;
 
 /// `silu(gate) · up = gate · sigmoid(gate) · up`, element by element. Differentiable in both.
@@ -64,34 +69,32 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn forward_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, &a), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = a * sigmoid(a) * u;
-    }
+fn forward_body<'o>(gate: &[f32], up: &[f32], out: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] {
+    write_each(out, gate.iter().zip(up).map(|(&a, &u)| a * sigmoid(a) * u))
 }
 
 /// `d_up = g · silu(a)`, `d_gate = g · u · s · (1 + a · (1 - s))` with `s = sigmoid(a)`.
 #[inline(always)]
-fn backward_body(gate: &[f32], up: &[f32], grad: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
-    for ((((dg, du), &a), &u), &g) in d_gate
-        .iter_mut()
-        .zip(d_up.iter_mut())
-        .zip(gate)
-        .zip(up)
-        .zip(grad)
-    {
+fn backward_body<'g, 'u>(
+    gate: &[f32],
+    up: &[f32],
+    grad: &[f32],
+    d_gate: &'g mut [MaybeUninit<f32>],
+    d_up: &'u mut [MaybeUninit<f32>],
+) -> (&'g mut [f32], &'u mut [f32]) {
+    let values = gate.iter().zip(up).zip(grad).map(|((&a, &u), &g)| {
         let s = sigmoid(a);
-        *du = g * a * s;
-        *dg = g * u * s * (1.0 + a * (1.0 - s));
-    }
+        (g * u * s * (1.0 + a * (1.0 - s)), g * a * s)
+    });
+    write_each_pair(d_gate, d_up, values)
 }
 
 simd_dispatch! {
-    fn forward_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) => forward_body
+    fn forward_chunk<'o>(gate: &[f32], up: &[f32], out: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] => forward_body
 }
 
 simd_dispatch! {
-    fn backward_chunk(gate: &[f32], up: &[f32], grad: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) => backward_body
+    fn backward_chunk<'g, 'u>(gate: &[f32], up: &[f32], grad: &[f32], d_gate: &'g mut [MaybeUninit<f32>], d_up: &'u mut [MaybeUninit<f32>]) -> (&'g mut [f32], &'u mut [f32]) => backward_body
 }
 
 impl SwigluOps for Flex {

@@ -8,7 +8,7 @@ use crate::code_lut::CodeLut;
 use crate::codebook::{QuantType, dynamic_map};
 use crate::decode::decode_nibbles;
 use crate::encode::{Slots, block_absmax, encode_blocks, slot};
-use peft_core::cpu::par_fill;
+use peft_core::cpu::{par_fill, zeroed};
 
 /// Block sizes bitsandbytes accepts.
 pub const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
@@ -43,7 +43,11 @@ pub fn quantize_4bit(
         whole / 2,
         per_task * blocksize / 2,
         tasks,
-        |out, (values, am)| encode_blocks(values, blocksize, &slots, out, am),
+        |out, (values, am)| {
+            let out = zeroed(out);
+            encode_blocks(values, blocksize, &slots, out, am);
+            out
+        },
     );
     packed.resize(n.div_ceil(2), 0);
     // The tail: the reference keeps its clamped maximum and divides by it (a whole block keeps
@@ -113,6 +117,8 @@ pub fn quantize_blockwise_8bit(
         .par_chunks(per_task * blocksize)
         .zip(absmax.par_chunks_mut(per_task));
     let q = par_fill(n, per_task * blocksize, tasks, |out, (values, am)| {
+        // Zeros first: a block whose maximum is 0 keeps them.
+        let out = zeroed(out);
         let blocks = out.chunks_mut(blocksize).zip(values.chunks(blocksize));
         for ((out, block), am) in blocks.zip(am) {
             *am = block_absmax(block);
@@ -124,6 +130,7 @@ pub fn quantize_blockwise_8bit(
                 *o = lut.code_of(v * recip);
             }
         }
+        out
     });
     (q, absmax)
 }

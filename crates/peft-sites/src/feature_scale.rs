@@ -10,6 +10,8 @@
 //! input's gradient `g ⊙ l` and the vector's `Σ_rows g ⊙ x` in one parallel pass. Other
 //! devices and types use burn's broadcast product.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -18,7 +20,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
-use peft_core::cpu::{f32_values, flex_tensor, par_fill, sum_partials};
+use peft_core::cpu::{f32_values, flex_tensor, par_fill, sum_partials, write_each, write_rows};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -65,13 +67,17 @@ pub trait FeatureScaleOps: Backend {
 
 /// Rows of `x` times `scale` into `out`.
 #[inline(always)]
-fn forward_body(x: &[f32], scale: &[f32], out: &mut [f32]) {
+fn forward_body<'o>(x: &[f32], scale: &[f32], out: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] {
     let n = scale.len();
-    for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        for ((o, &x), &l) in out.iter_mut().zip(row).zip(scale) {
-            *o = x * l;
-        }
-    }
+    write_rows(
+        out,
+        n,
+        #[inline(always)]
+        |i, out| {
+            let row = &x[i * n..][..out.len()];
+            write_each(out, row.iter().zip(scale).map(|(&x, &l)| x * l))
+        },
+    )
 }
 
 /// `d_scale += Σ_rows g ⊙ x`.
@@ -86,7 +92,7 @@ fn scale_grad_body(x: &[f32], grad: &[f32], d_scale: &mut [f32]) {
 }
 
 simd_dispatch! {
-    fn forward_rows(x: &[f32], scale: &[f32], out: &mut [f32]) => forward_body
+    fn forward_rows<'o>(x: &[f32], scale: &[f32], out: &'o mut [MaybeUninit<f32>]) -> &'o mut [f32] => forward_body
 }
 
 simd_dispatch! {
