@@ -327,6 +327,38 @@ mod tests {
         assert_eq!(split, &[0, 0, 7, 8, 9]);
     }
 
+    proptest::proptest! {
+        /// Any length, chunk, row length and split point: chunks written row by row, each
+        /// row in two parts (the first `mid` values, the rest), hold what a plain loop gives.
+        #[test]
+        fn chunks_rows_and_parts_hold_every_value(
+            n in 0usize..3000,
+            chunk in 1usize..700,
+            row_len in 1usize..64,
+            mid in 0usize..64,
+        ) {
+            let input: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let out = par_fill(n, chunk, input.par_chunks(chunk), |o, x| {
+                write_rows(o, row_len, |r, o| {
+                    let x = &x[r * row_len..][..o.len()];
+                    let mid = mid.min(o.len());
+                    write_split(
+                        o,
+                        mid,
+                        |a| write_each(a, x[..mid].iter().map(|v| v + 1.0)),
+                        |b| write_each(b, x[mid..].iter().map(|v| 2.0 * v)),
+                    )
+                })
+            });
+            let want: Vec<f32> = input
+                .iter()
+                .enumerate()
+                .map(|(i, v)| if (i % chunk) % row_len < mid { v + 1.0 } else { 2.0 * v })
+                .collect();
+            proptest::prop_assert_eq!(out, want);
+        }
+    }
+
     #[test]
     #[should_panic(expected = "handed back 1 values other than the 2")]
     fn write_rows_refuses_a_row_handed_back_short() {
