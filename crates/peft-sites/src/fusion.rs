@@ -5,13 +5,12 @@
 use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use peft_core::params::trainable;
 
 use crate::bottleneck::{Bottleneck, SubNorm};
+use crate::fusion_attention::fusion_attention;
 use crate::linear::ADAPTER_DTYPE;
-use crate::ops::dropout_while_training;
 
 /// A linear layer in burn's layout (`[in, out]`; AdapterHub's `.weight` is its transpose).
 #[derive(Module, Debug)]
@@ -220,22 +219,14 @@ impl FusionLayer {
             Some(l) if w.value_before_softmax => l.forward(ups),
             _ => ups,
         };
-        // scores[b, s, n] = q[b, s] · k[b, s, n]
-        let mut scores = (k * q.unsqueeze_dim::<4>(2)).sum_dim(3);
         let training = self
             .query
             .as_ref()
             .or(self.key.as_ref())
             .or(self.value.as_ref())
             .is_some_and(|l| l.weight.is_require_grad());
-        scores = dropout_while_training(scores, self.dropout, training);
-        if let Some(t) = self.temperature.take() {
-            scores = scores.div_scalar(t as f32);
-        }
-        let p = softmax(scores, 2);
-        // p is [batch, seq, adapters, 1]: weight each adapter's value and sum them.
-        let [b, s, _, hd] = v.dims();
-        let mut ctx = (v * p).sum_dim(2).reshape([b, s, hd]);
+        let temperature = self.temperature.take();
+        let mut ctx = fusion_attention(q, k, v, temperature, self.dropout, training);
         if let Some(l) = &self.value
             && !w.value_before_softmax
         {

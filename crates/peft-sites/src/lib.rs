@@ -21,6 +21,7 @@ pub mod bottleneck;
 pub mod dora;
 pub mod feature_scale;
 pub mod fusion;
+pub mod fusion_attention;
 pub mod host;
 pub mod linear;
 pub mod mixed;
