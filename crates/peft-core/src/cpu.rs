@@ -367,6 +367,11 @@ pub fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> F
     FlexTensor::from_data(TensorData::new(values, shape).convert_dtype(dtype))
 }
 
+/// An empty f32 tensor: what a backward kernel returns for a gradient it was not asked for.
+pub fn no_gradient() -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(Vec::<f32>::new(), Shape::new([0])))
+}
+
 /// The backward step of a one-input operation: `gradient` turns the kept state and the
 /// output's gradient into the input's gradient (only when the input is tracked).
 pub fn backward_single<B: Backend, S>(

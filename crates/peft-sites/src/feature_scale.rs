@@ -19,8 +19,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
-use burn::tensor::{DType, Shape, Tensor, TensorData};
-use peft_core::cpu::{f32_values, flex_tensor, par_fill, sum_partials, write_each, write_rows};
+use burn::tensor::{DType, Tensor};
+use peft_core::cpu::{
+    f32_values, flex_tensor, no_gradient, par_fill, sum_partials, write_each, write_rows,
+};
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
 use rayon::prelude::*;
@@ -115,10 +117,6 @@ fn scaled_rows(xs: &[f32], scale: &[f32]) -> Vec<f32> {
     })
 }
 
-fn empty() -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(Vec::<f32>::new(), Shape::new([0])))
-}
-
 impl FeatureScaleOps for Flex {
     fn scale_features(x: FlexTensor, scale: FlexTensor) -> FlexTensor {
         let shape = x.layout().shape().clone();
@@ -140,7 +138,7 @@ impl FeatureScaleOps for Flex {
         let dx = if need_x {
             flex_tensor(scaled_rows(&g, &l), shape, DType::F32)
         } else {
-            empty()
+            no_gradient()
         };
         let d_scale = if need_scale {
             let xs = f32_values(&x);
@@ -156,7 +154,7 @@ impl FeatureScaleOps for Flex {
                 .collect();
             flex_tensor(sum_partials(&partials, n), [n], DType::F32)
         } else {
-            empty()
+            no_gradient()
         };
         (dx, d_scale)
     }

@@ -19,9 +19,9 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Shape, Tensor};
 use peft_core::cpu::{
-    dot, f32_values, flex_tensor, par_fill, softmax_in_place, write_each, write_rows,
+    dot, f32_values, flex_tensor, no_gradient, par_fill, softmax_in_place, write_each, write_rows,
 };
 use peft_core::device::is_cpu;
 use peft_core::simd_dispatch;
@@ -241,10 +241,6 @@ fn all_weights(q: &[f32], k: &[f32], tokens: usize, n: usize, h: usize, t: f32) 
     p
 }
 
-fn empty() -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(Vec::<f32>::new(), Shape::new([0])))
-}
-
 impl FusionAttentionOps for Flex {
     fn fusion_attention(
         q: FlexTensor,
@@ -295,7 +291,7 @@ impl FusionAttentionOps for Flex {
             });
             flex_tensor(dq, shape, DType::F32)
         } else {
-            empty()
+            no_gradient()
         };
         // The keys' and the values' gradients: a token's row of `a` spread over its adapters.
         let spread_all = |a: &[f32], w: &[f32]| {
@@ -310,9 +306,13 @@ impl FusionAttentionOps for Flex {
         let dk = if need_k {
             spread_all(&qv, &ds)
         } else {
-            empty()
+            no_gradient()
         };
-        let dv = if need_v { spread_all(&g, &p) } else { empty() };
+        let dv = if need_v {
+            spread_all(&g, &p)
+        } else {
+            no_gradient()
+        };
         (dq, dk, dv)
     }
 }
