@@ -20,8 +20,8 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, Shape, Tensor, TensorData};
-use peft_core::cpu::{dot, softmax_in_place, zeros};
+use burn::tensor::{DType, Tensor, TensorData};
+use peft_core::cpu::{dot, no_gradient, softmax_in_place, zeros};
 use peft_core::device::is_cpu;
 use peft_core::matmul::product_into;
 use peft_core::simd_dispatch;
@@ -573,7 +573,7 @@ impl AttentionOps for Flex {
             if need {
                 token_major(values, dims)
             } else {
-                FlexTensor::from_data(TensorData::new(values, Shape::new([0])))
+                no_gradient()
             }
         };
         (
