@@ -35,6 +35,9 @@ pub struct FusionWiring {
     pub query_before_ln: bool,
     /// Add the residual to the adapters' outputs (keys and values) instead of the result.
     pub residual_before: bool,
+    /// AdapterHub applies the value matrix to each adapter's output before the mix; being
+    /// linear, it gives the same after it, where [`FusionLayer::forward`] applies it always
+    /// (kept for the config file).
     pub value_before_softmax: bool,
     /// Scores divided by a temperature that falls from 50 to 1 ([`FusionTemperature`]).
     pub temperature: bool,
@@ -207,17 +210,20 @@ impl FusionLayer {
             // AdapterHub adds it in place to the one tensor that serves as keys and values.
             ups = ups + residual.clone().unsqueeze_dim::<4>(2);
         }
+        let mut ctx = self.attend(query, ups);
+        if !w.residual_before {
+            ctx = ctx + residual;
+        }
+        last.post_forward(ctx, h, inp, norm).cast(dtype)
+    }
+
+    /// The fused context from the query's input `query` `[batch, seq, hidden]` and the
+    /// adapters' outputs `ups` `[batch, seq, adapters, hidden]`: AdapterHub's `BertFusion`
+    /// between its projections' inputs and the residual.
+    fn attend(&self, query: Tensor<3>, ups: Tensor<4>) -> Tensor<3> {
         let q = match &self.query {
             Some(l) => l.forward(query),
             None => query,
-        };
-        let k = match &self.key {
-            Some(l) => l.forward(ups.clone()),
-            None => ups.clone(),
-        };
-        let v = match &self.value {
-            Some(l) if w.value_before_softmax => l.forward(ups),
-            _ => ups,
         };
         let training = self
             .query
@@ -225,17 +231,29 @@ impl FusionLayer {
             .or(self.key.as_ref())
             .or(self.value.as_ref())
             .is_some_and(|l| l.weight.is_require_grad());
+        let drops = training && self.dropout > 0.0;
+        // The key and value projections are linear, so they need not run on every adapter's
+        // output. A score is q·(u·W_k + b_k) = (q·W_kᵀ)·u + q·b_k, and the last term is the
+        // same for every adapter, which the softmax over the adapters does not see: one product
+        // over the tokens instead of one over tokens × adapters (not with dropout on the scores,
+        // which scales that term with the rest). The values' Σ p·(u·W_v) is (Σ p·u)·W_v: mix,
+        // then one product, wherever AdapterHub applies W_v (`value_before_softmax`). The
+        // outputs are AdapterHub's up to rounding; the key's bias gets no gradient (its true
+        // one is zero) where the scores skip it.
+        let (q, k) = match &self.key {
+            Some(l) if drops => (q, l.forward(ups.clone())),
+            Some(l) => (
+                peft_core::matmul::linear(q, l.weight.val().transpose(), None),
+                ups.clone(),
+            ),
+            None => (q, ups.clone()),
+        };
         let temperature = self.temperature.take();
-        let mut ctx = fusion_attention(q, k, v, temperature, self.dropout, training);
-        if let Some(l) = &self.value
-            && !w.value_before_softmax
-        {
-            ctx = l.forward(ctx);
+        let ctx = fusion_attention(q, k, ups, temperature, self.dropout, training);
+        match &self.value {
+            Some(l) => l.forward(ctx),
+            None => ctx,
         }
-        if !w.residual_before {
-            ctx = ctx + residual;
-        }
-        last.post_forward(ctx, h, inp, norm).cast(dtype)
     }
 
     /// AdapterHub's fusion regularisation: `0.01 · ||I − V||²` (0 without a value matrix).
@@ -244,5 +262,84 @@ impl FusionLayer {
         let [n, _] = v.dims();
         let eye = Tensor::<2>::eye(n, &v.device()).cast(v.dtype());
         Some((eye - v).powi_scalar(2).sum().mul_scalar(0.01))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Tolerance;
+
+    fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+    }
+
+    /// The layer's context and every gradient equal AdapterHub's order (the key and value
+    /// projections on each adapter's output, then the attention), with a key bias that is not
+    /// zero, with and without the falling temperature; the key bias's true gradient is zero,
+    /// which is why the layer may leave it out.
+    #[test]
+    fn projecting_once_equals_adapterhubs_order() {
+        let device = Device::flex().autodiff();
+        device.seed(5);
+        let (b, s, n, h) = (2, 5, 3, 24);
+        for temperature in [false, true] {
+            let wiring = FusionWiring {
+                query: true,
+                key: true,
+                value: true,
+                query_before_ln: false,
+                residual_before: false,
+                value_before_softmax: true,
+                temperature,
+            };
+            let names = vec!["a".into(), "b".into(), "c".into()];
+            let mut layer = FusionLayer::new(h, wiring, false, names, 0.0, &device);
+            for d in [layer.query.as_mut().unwrap(), layer.key.as_mut().unwrap()] {
+                d.bias = Some(trainable(random([h], &device)));
+            }
+            let (query, ups) = (random([b, s, h], &device), random([b, s, n, h], &device));
+            let weights = random([b, s, h], &device);
+            let (wq, bq) = {
+                let d = layer.query.as_ref().unwrap();
+                (d.weight.val(), d.bias.as_ref().unwrap().val())
+            };
+            let (wk, bk) = {
+                let d = layer.key.as_ref().unwrap();
+                (d.weight.val(), d.bias.as_ref().unwrap().val())
+            };
+            let wv = layer.value.as_ref().unwrap().weight.val();
+            let run = |f: &dyn Fn(Tensor<3>, Tensor<4>) -> Tensor<3>| {
+                let (x, u) = (query.clone().require_grad(), ups.clone().require_grad());
+                let ctx = f(x.clone(), u.clone());
+                let g = (ctx.clone() * weights.clone()).sum().backward();
+                let grads: Vec<_> = [
+                    x.grad(&g).unwrap().into_data(),
+                    u.grad(&g).unwrap().into_data(),
+                ]
+                .into_iter()
+                .chain([&wq, &wk, &wv].map(|p| p.grad(&g).unwrap().into_data()))
+                .chain([bq.grad(&g).unwrap().into_data()])
+                .collect();
+                (ctx.into_data(), grads, bk.grad(&g))
+            };
+            // AdapterHub's order, at the temperature the layer's next pass will use.
+            let t = layer.temperature.current();
+            let reference = run(&|x, u| {
+                let q = layer.query.as_ref().unwrap().forward(x);
+                let k = layer.key.as_ref().unwrap().forward(u.clone());
+                let v = layer.value.as_ref().unwrap().forward(u);
+                fusion_attention(q, k, v, t, 0.0, true)
+            });
+            let ours = run(&|x, u| layer.attend(x, u));
+            let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-5);
+            ours.0.assert_approx_eq::<f32>(&reference.0, tol);
+            for (a, b) in ours.1.iter().zip(&reference.1) {
+                a.assert_approx_eq::<f32>(b, tol);
+            }
+            assert!(ours.2.is_none(), "the scores skip the key's bias");
+            let bias_grad = reference.2.expect("AdapterHub's order uses the key's bias");
+            assert!(bias_grad.abs().max().into_scalar::<f32>() < 1e-5);
+        }
     }
 }
