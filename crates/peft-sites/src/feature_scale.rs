@@ -234,11 +234,8 @@ impl<B: Backend + FeatureScaleOps, C: CheckpointStrategy> FeatureScaleOps for Au
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution, Tolerance};
-
-    fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
-        Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
-    }
+    use crate::test_support::random;
+    use burn::tensor::{Device, Tolerance};
 
     /// Equal to burn's broadcast product, value and both gradients, on the CPU autodiff
     /// device: rows shorter and longer than a vector register, one task and several with a

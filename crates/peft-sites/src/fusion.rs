@@ -268,11 +268,8 @@ impl FusionLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::random;
     use burn::tensor::Tolerance;
-
-    fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
-        Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
-    }
 
     /// The layer's context and every gradient equal AdapterHub's order (the key and value
     /// projections on each adapter's output, then the attention), with a key bias that is not

@@ -391,11 +391,8 @@ impl<B: Backend + FusionAttentionOps, C: CheckpointStrategy> FusionAttentionOps 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution, Tolerance};
-
-    fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
-        Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
-    }
+    use crate::test_support::random;
+    use burn::tensor::{Device, Tolerance};
 
     /// Equal to burn's composition, value and all three gradients, on the CPU autodiff device:
     /// one adapter and several, hidden sizes below and above a vector register, one task and

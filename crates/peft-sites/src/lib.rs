@@ -30,6 +30,8 @@ pub mod ops;
 pub mod prompt;
 pub mod saved;
 pub mod sparse;
+#[cfg(test)]
+mod test_support;
 
 pub use bottleneck::{
     AdapterNorm, BnActivation, BnInit, BnScaling, BnShape, BnWiring, Bottleneck, ResidualFrom,
